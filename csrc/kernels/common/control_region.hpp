@@ -1,0 +1,40 @@
+// The control region at the start of every rank's NVLink buffer: cross-rank barrier signals, the
+// count exchange of notify, and the head/tail counters of the intranode queues. Plain data, shared
+// by host (sizes, offsets) and device code. Payload bytes (num_nvl_bytes) follow it.
+#pragma once
+
+#include <cstdint>
+
+#include "deep_ep/config.hpp"
+
+namespace deep_ep {
+
+constexpr int kMaxChannels = 128;             // num_sms <= 256
+constexpr int kMaxIntranodeExperts = 8 * 1024;  // R <= 8 ranks, L <= 1024 local experts
+
+struct ControlRegion {
+  // barrier_signal[i]: written by rank i (release, system scope) with the barrier's epoch; read by
+  // the owner (acquire). Epochs only grow, so nothing is ever reset.
+  int barrier_signal[kNumMaxNvlPeers];
+  int pad0[32 - kNumMaxNvlPeers];
+
+  // Notify exchange, written by the owner before a barrier and read by every peer after it.
+  int num_tokens;                                               // owner's T
+  int pad1[31];
+  int num_tokens_per_rank[kNumMaxNvlPeers];                     // tokens the owner sends to each rank
+  int pad2[32 - kNumMaxNvlPeers];
+  int num_tokens_per_channel_rank[kMaxChannels][kNumMaxNvlPeers];  // same, per dispatch channel
+  int num_tokens_per_expert[kMaxIntranodeExperts];              // slots the owner sends to each expert
+
+  // Queue counters. Each is written by exactly one remote rank with st.release.sys and polled by the
+  // owner with ld.acquire.sys, so the payload stored before the release is visible after the acquire.
+  // All are zeroed by the owner between the two barriers of an op's prologue.
+  int dispatch_tail[kMaxChannels][kNumMaxNvlPeers];  // [channel][sender]: slots staged by sender
+  int dispatch_head[kMaxChannels][kNumMaxNvlPeers];  // [channel][receiver]: slots receiver is done with
+  int combine_tail[kMaxChannels][kNumMaxNvlPeers];   // [channel][expert rank]: rows pushed to the owner
+  int combine_head[kMaxChannels][kNumMaxNvlPeers];   // [channel][home rank]: rows the home rank consumed
+};
+
+constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;
+
+}  // namespace deep_ep

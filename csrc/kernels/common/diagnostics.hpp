@@ -1,0 +1,50 @@
+// Host-mapped diagnostics: how a kernel reports a bounded wait that expired or a bad value it met in
+// device memory (design.md decision 6). The first reporter wins; the host turns the record into an
+// exception naming rank, peer, channel and phase.
+#pragma once
+
+#include <cstdint>
+
+namespace deep_ep {
+
+enum class Phase : int {
+  kNone = 0,
+  kLayoutExpertRange,   // get_dispatch_layout met an expert id outside [-1, num_experts)
+  kBarrier,             // cross-rank barrier of an op's prologue
+  kNotifyCounts,        // notify waiting for peers' counts
+  kDispatchWaitSpace,   // dispatch sender waiting for receivers to free ring slots
+  kDispatchWaitData,    // dispatch receiver waiting for a sender to stage slots
+  kDispatchDrain,       // dispatch sender waiting for receivers to finish
+  kCombineWaitSpace,    // combine sender waiting for the home rank to free ring slots
+  kCombineWaitData,     // combine receiver waiting for an expert rank's rows
+  kDispatchExpertRange, // dispatch met an expert id outside [-1, num_experts)
+};
+
+inline const char* phase_name(Phase p) {
+  switch (p) {
+    case Phase::kNone: return "none";
+    case Phase::kLayoutExpertRange: return "get_dispatch_layout (expert id out of range)";
+    case Phase::kBarrier: return "barrier";
+    case Phase::kNotifyCounts: return "notify (count exchange)";
+    case Phase::kDispatchWaitSpace: return "dispatch send (waiting for free queue slots)";
+    case Phase::kDispatchWaitData: return "dispatch receive (waiting for staged tokens)";
+    case Phase::kDispatchDrain: return "dispatch send (waiting for receivers to drain)";
+    case Phase::kCombineWaitSpace: return "combine send (waiting for free queue slots)";
+    case Phase::kCombineWaitData: return "combine receive (waiting for rows)";
+    case Phase::kDispatchExpertRange: return "dispatch (expert id out of range)";
+  }
+  return "unknown";
+}
+
+// `claimed` is taken with atomicCAS by the first reporter, which fills the fields and then publishes
+// `ready = 1` after a system-scope fence; the host reads the fields only after it sees `ready`.
+struct DeviceDiagnostics {
+  int claimed;
+  int ready;
+  int phase;
+  int is_timeout;
+  int rank, peer, channel, token;
+  long long expected, observed;
+};
+
+}  // namespace deep_ep

@@ -1,0 +1,65 @@
+// Where the intranode dispatch and combine put their queues inside the payload of a rank's NVLink
+// buffer. Host code sizes buffers with it (Config hints, op checks); device code carves pointers.
+//
+// Dispatch stages each token once, in the sender's own buffer: per channel, a ring of Q slots
+// (Q = num_max_nvl_chunked_recv_tokens); every receiver pulls the slots whose destination mask names
+// it. Combine pushes each received row back into its home rank's buffer: per channel and expert
+// rank, a ring of Q slots.
+#pragma once
+
+#include <cstdint>
+
+namespace deep_ep::intranode {
+
+constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+struct DispatchQueueLayout {
+  int64_t row_stride;     // bytes per staged row, 16-aligned
+  int64_t rows_offset, scales_offset, topk_idx_offset, topk_weights_offset, meta_offset;
+  int64_t total_bytes;
+  int num_channels, num_slots, num_scales, num_topk;
+
+  // Each array is 128-byte aligned; slot s of channel c is element c * num_slots + s.
+  static DispatchQueueLayout make(int num_channels, int num_slots, int64_t row_bytes, int num_scales, int num_topk) {
+    DispatchQueueLayout l{};
+    l.num_channels = num_channels;
+    l.num_slots = num_slots;
+    l.num_scales = num_scales;
+    l.num_topk = num_topk;
+    l.row_stride = align_up(row_bytes, 16);
+    const int64_t slots = int64_t(num_channels) * num_slots;
+    int64_t off = 0;
+    l.rows_offset = off;          off = align_up(off + slots * l.row_stride, 128);
+    l.scales_offset = off;        off = align_up(off + slots * num_scales * 4, 128);
+    l.topk_idx_offset = off;      off = align_up(off + slots * num_topk * 4, 128);   // global expert ids, int32
+    l.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
+    l.meta_offset = off;          off = align_up(off + slots * 8, 128);              // {src_idx, dest_mask}
+    l.total_bytes = off;
+    return l;
+  }
+};
+
+struct CombineQueueLayout {
+  int64_t row_stride;
+  int64_t rows_offset, topk_weights_offset;
+  int64_t total_bytes;
+  int num_channels, num_ranks, num_slots, num_topk;
+
+  // Slot s of queue (channel c, expert rank j) is element (c * num_ranks + j) * num_slots + s.
+  static CombineQueueLayout make(int num_channels, int num_ranks, int num_slots, int64_t row_bytes, int num_topk) {
+    CombineQueueLayout l{};
+    l.num_channels = num_channels;
+    l.num_ranks = num_ranks;
+    l.num_slots = num_slots;
+    l.num_topk = num_topk;
+    l.row_stride = align_up(row_bytes, 16);
+    const int64_t slots = int64_t(num_channels) * num_ranks * num_slots;
+    int64_t off = 0;
+    l.rows_offset = off;          off = align_up(off + slots * l.row_stride, 128);
+    l.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
+    l.total_bytes = off;
+    return l;
+  }
+};
+
+}  // namespace deep_ep::intranode

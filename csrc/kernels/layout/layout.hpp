@@ -1,0 +1,20 @@
+// get_dispatch_layout (spec section 5): per-rank, per-node and per-expert counts and the
+// token-to-rank bitmap, from topk_idx.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/common/diagnostics.hpp"
+
+namespace deep_ep::layout {
+
+// Outputs must not alias; they are zeroed by the launch. num_tokens_per_rdma_rank may be null.
+// Expert ids outside [-1, num_experts) are reported in `diagnostics` and skipped.
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
+                                int num_experts, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
+                                int* num_tokens_per_expert, bool* is_token_in_rank, DeviceDiagnostics* diagnostics,
+                                int rank, cudaStream_t stream);
+
+}  // namespace deep_ep::layout

@@ -1,0 +1,250 @@
+// Buffer bootstrap and teardown: allocate this rank's communication memory, exchange handles over the
+// Group, open the peers' memory, learn which ranks share this GPU (design.md decisions 2, 3 and 5).
+#include "deep_ep/buffer.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "deep_ep/error.hpp"
+#include "runtime/buffer_internals.hpp"
+#include "runtime/cuda_check.hpp"
+
+namespace deep_ep {
+
+namespace {
+
+// What each rank tells the others at bootstrap. Fixed-size and trivially copyable: it travels as bytes.
+struct PeerInfo {
+  int pid;
+  int device_sms;
+  char hostname[64];
+  unsigned char device_uuid[16];
+  int use_fabric;
+  cudaIpcMemHandle_t ipc_handle;
+  cudaMemFabricHandle_t fabric_pool_handle;
+  cudaMemPoolPtrExportData fabric_ptr;
+  uint64_t base_ptr;
+  int64_t num_nvl_bytes, num_rdma_bytes;
+  int low_latency_mode;
+};
+
+int64_t default_timeout_ns(double timeout_s) {
+  if (timeout_s <= 0) {
+    const char* env = std::getenv("DEEP_EP_TIMEOUT_S");
+    timeout_s = env ? std::atof(env) : 60.0;
+    if (timeout_s <= 0) timeout_s = 60.0;
+  }
+  return static_cast<int64_t>(timeout_s * 1e9);
+}
+
+bool fabric_supported(int device) {
+  int handle_types = 0;
+  if (cudaDeviceGetAttribute(&handle_types, cudaDevAttrMemoryPoolSupportedHandleTypes, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return (handle_types & cudaMemHandleTypeFabric) != 0;
+}
+
+}  // namespace
+
+Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
+    : group_(std::move(group)), options_(options), internals_(std::make_unique<Internals>()) {
+  DEEP_EP_CHECK(group_ != nullptr, "Buffer needs a group");
+  rank_ = group_->rank();
+  num_ranks_ = group_->size();
+  DEEP_EP_CHECK(options.num_nvl_bytes >= 0 && options.num_nvl_bytes % 128 == 0,
+                "num_nvl_bytes must be a non-negative multiple of 128, got ", options.num_nvl_bytes);
+  DEEP_EP_CHECK(options.num_rdma_bytes >= 0 && options.num_rdma_bytes % 128 == 0,
+                "num_rdma_bytes must be a non-negative multiple of 128, got ", options.num_rdma_bytes);
+  DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers,
+                "this build of deep_ep supports groups of at most ", kNumMaxNvlPeers,
+                " ranks reachable by load/store (intranode); got a group of ", num_ranks_);
+  auto& in = *internals_;
+  in.timeout_ns = default_timeout_ns(options.timeout_s);
+
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(options.device));
+  cudaDeviceProp prop{};
+  DEEP_EP_CUDA_CHECK(cudaGetDeviceProperties(&prop, options.device));
+  num_device_sms_ = prop.multiProcessorCount;
+  if (options.use_fabric)
+    DEEP_EP_CHECK_AS(std::runtime_error, fabric_supported(options.device),
+                     "use_fabric=True, but cuda:", options.device,
+                     " (driver) does not support fabric memory handles; use the default CUDA IPC handles");
+
+  // One allocation: control region, then the NVLink payload, then the RDMA/low-latency payload.
+  in.rdma_payload_offset = in.nvl_payload_offset + options.num_nvl_bytes;
+  in.total_bytes = in.rdma_payload_offset + options.num_rdma_bytes;
+
+  PeerInfo mine{};
+  mine.pid = static_cast<int>(getpid());
+  mine.device_sms = num_device_sms_;
+  gethostname(mine.hostname, sizeof(mine.hostname) - 1);
+  std::memcpy(mine.device_uuid, prop.uuid.bytes, sizeof(mine.device_uuid));
+  mine.num_nvl_bytes = options.num_nvl_bytes;
+  mine.num_rdma_bytes = options.num_rdma_bytes;
+  mine.low_latency_mode = options.low_latency_mode;
+  mine.use_fabric = options.use_fabric;
+
+  cudaMemPool_t fabric_pool = nullptr;
+  if (options.use_fabric) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeFabric;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = options.device;
+    DEEP_EP_CUDA_CHECK(cudaMemPoolCreate(&fabric_pool, &props));
+    void* p = nullptr;
+    DEEP_EP_CUDA_CHECK(cudaMallocFromPoolAsync(&p, in.total_bytes, fabric_pool, nullptr));
+    DEEP_EP_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+    in.local_base = static_cast<char*>(p);
+    DEEP_EP_CUDA_CHECK(cudaMemPoolExportToShareableHandle(&mine.fabric_pool_handle, fabric_pool,
+                                                          cudaMemHandleTypeFabric, 0));
+    DEEP_EP_CUDA_CHECK(cudaMemPoolExportPointer(&mine.fabric_ptr, p));
+  } else {
+    void* p = nullptr;
+    DEEP_EP_CUDA_CHECK(cudaMalloc(&p, in.total_bytes));
+    in.local_base = static_cast<char*>(p);
+    DEEP_EP_CUDA_CHECK(cudaIpcGetMemHandle(&mine.ipc_handle, p));
+  }
+  // The control region starts zeroed: barrier epochs and queue counters count up from 0.
+  DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base, 0, kControlRegionBytes));
+  mine.base_ptr = reinterpret_cast<uint64_t>(in.local_base);
+
+  void* host = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaHostAlloc(&host, sizeof(HostMapped), cudaHostAllocMapped));
+  std::memset(host, 0, sizeof(HostMapped));
+  in.host = static_cast<HostMapped*>(host);
+  void* host_device = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(&host_device, host, 0));
+  in.host_device = static_cast<HostMapped*>(host_device);
+  DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const auto gathered = group_->all_gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)));
+  DEEP_EP_RUNTIME_CHECK(static_cast<int>(gathered.size()) == num_ranks_, "group all_gather returned ",
+                        gathered.size(), " entries for ", num_ranks_, " ranks");
+  std::vector<PeerInfo> peers(num_ranks_);
+  for (int r = 0; r < num_ranks_; ++r) {
+    DEEP_EP_RUNTIME_CHECK(gathered[r].size() == sizeof(PeerInfo), "bootstrap record of rank ", r, " has ",
+                          gathered[r].size(), " bytes, expected ", sizeof(PeerInfo));
+    std::memcpy(&peers[r], gathered[r].data(), sizeof(PeerInfo));
+  }
+  for (int r = 0; r < num_ranks_; ++r) {
+    DEEP_EP_CHECK(peers[r].num_nvl_bytes == options.num_nvl_bytes && peers[r].num_rdma_bytes == options.num_rdma_bytes,
+                  "all ranks must create Buffer with the same sizes: rank ", rank_, " has num_nvl_bytes=",
+                  options.num_nvl_bytes, " num_rdma_bytes=", options.num_rdma_bytes, ", rank ", r, " has ",
+                  peers[r].num_nvl_bytes, " and ", peers[r].num_rdma_bytes);
+    DEEP_EP_CHECK(peers[r].use_fabric == mine.use_fabric, "all ranks must agree on use_fabric (rank ", r, " differs)");
+  }
+
+  num_ranks_per_device_ = 0;
+  in.peer_bases.assign(num_ranks_, nullptr);
+  in.peer_is_ipc.assign(num_ranks_, false);
+  for (int r = 0; r < num_ranks_; ++r) {
+    const PeerInfo& p = peers[r];
+    if (std::memcmp(p.device_uuid, mine.device_uuid, sizeof(mine.device_uuid)) == 0) ++num_ranks_per_device_;
+    const bool same_process = p.pid == mine.pid && std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
+    if (r == rank_ || same_process) {
+      in.peer_bases[r] = reinterpret_cast<char*>(p.base_ptr);
+    } else if (options.use_fabric) {
+      cudaMemPool_t imported = nullptr;
+      DEEP_EP_CUDA_CHECK(cudaMemPoolImportFromShareableHandle(
+          &imported, const_cast<cudaMemFabricHandle_t*>(&p.fabric_pool_handle), cudaMemHandleTypeFabric, 0));
+      cudaMemAccessDesc access{};
+      access.location.type = cudaMemLocationTypeDevice;
+      access.location.id = options.device;
+      access.flags = cudaMemAccessFlagsProtReadWrite;
+      DEEP_EP_CUDA_CHECK(cudaMemPoolSetAccess(imported, &access, 1));
+      void* ptr = nullptr;
+      DEEP_EP_CUDA_CHECK(cudaMemPoolImportPointer(&ptr, imported, const_cast<cudaMemPoolPtrExportData*>(&p.fabric_ptr)));
+      in.peer_bases[r] = static_cast<char*>(ptr);
+    } else {
+      void* ptr = nullptr;
+      DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, p.ipc_handle, cudaIpcMemLazyEnablePeerAccess));
+      in.peer_bases[r] = static_cast<char*>(ptr);
+      in.peer_is_ipc[r] = true;
+    }
+  }
+  void* table = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaMalloc(&table, sizeof(char*) * num_ranks_));
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(table, in.peer_bases.data(), sizeof(char*) * num_ranks_, cudaMemcpyHostToDevice));
+  in.peer_bases_device = static_cast<char**>(table);
+  // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
+  group_->barrier();
+  available_ = true;
+}
+
+Buffer::~Buffer() {
+  try {
+    release(false);
+  } catch (...) {
+    // A destructor must not throw; destroy() is the path that reports errors.
+  }
+}
+
+void Buffer::destroy() {
+  DEEP_EP_RUNTIME_CHECK(available_, "Buffer.destroy(): the buffer was already destroyed");
+  release(true);
+}
+
+void Buffer::release(bool collective) {
+  if (!available_) return;
+  available_ = false;
+  auto& in = *internals_;
+  cudaSetDevice(options_.device);
+  if (collective) {
+    // No peer may still run a kernel that reads our memory when we free it.
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    group_->barrier();
+  } else {
+    cudaDeviceSynchronize();
+  }
+  for (int r = 0; r < num_ranks_; ++r)
+    if (in.peer_is_ipc[r]) cudaIpcCloseMemHandle(in.peer_bases[r]);
+  if (in.peer_bases_device) cudaFree(in.peer_bases_device);
+  if (in.local_base) cudaFree(in.local_base);
+  if (in.host) cudaFreeHost(in.host);
+  in = Internals{};
+  if (collective) group_->barrier();
+}
+
+void* Buffer::local_nvl_buffer() const {
+  DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
+  return internals_->local_base + internals_->nvl_payload_offset;
+}
+
+void* Buffer::local_rdma_buffer() const {
+  DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
+  return internals_->local_base + internals_->rdma_payload_offset;
+}
+
+void Buffer::check_device_errors() {
+  DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
+  auto& in = *internals_;
+  if (in.poisoned) throw std::runtime_error("deep_ep Buffer is unusable after an earlier error: " + in.poison_message);
+  volatile DeviceDiagnostics* d = &in.host->diagnostics;
+  if (!d->ready) return;
+  const Phase phase = static_cast<Phase>(d->phase);
+  std::string msg;
+  if (d->is_timeout) {
+    msg = detail::concat("deep_ep timeout on rank ", d->rank, ": waited for peer rank ", d->peer, " on channel ",
+                         d->channel, " in phase ", phase_name(phase), " (expected ", d->expected, ", observed ",
+                         d->observed, "); the buffer must be re-created");
+    in.poisoned = true;
+    in.poison_message = msg;
+    throw TimeoutError(msg);
+  }
+  msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
+                       " has expert id ", d->observed, ", expected -1 or a value in [0, ", d->expected,
+                       "); the invalid entries were skipped, outputs of that call are incomplete");
+  // A value error is reported once; the buffer stays usable.
+  d->ready = 0;
+  d->claimed = 0;
+  throw ValueError(msg);
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,47 @@
+// State of a Buffer shared by its op implementations (csrc/runtime/*_op.cpp). Not public API.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "deep_ep/buffer.hpp"
+#include "kernels/common/control_region.hpp"
+#include "kernels/common/diagnostics.hpp"
+
+namespace deep_ep {
+
+constexpr int kMaxLocalExperts = 1024;
+
+// Pinned host memory mapped into the device: the kernels write, the host polls.
+struct HostMapped {
+  DeviceDiagnostics diagnostics;
+  // Notify publishes the rows this rank will receive, then the per-local-expert counts, and last
+  // `counts_ready = epoch` (system-scope release). The host polls counts_ready.
+  volatile int counts_ready;
+  int num_recv_tokens;
+  int num_recv_tokens_per_expert[kMaxLocalExperts];
+};
+
+struct Buffer::Internals {
+  // [ControlRegion | nvl payload | rdma payload] in one cudaMalloc, shared through one IPC handle.
+  char* local_base = nullptr;
+  int64_t nvl_payload_offset = kControlRegionBytes;
+  int64_t rdma_payload_offset = 0;
+  int64_t total_bytes = 0;
+  std::vector<char*> peer_bases;         // [R]; own entry is local_base
+  std::vector<bool> peer_is_ipc;         // opened through cudaIpcOpenMemHandle (to close on release)
+  char** peer_bases_device = nullptr;    // device copy of peer_bases
+  HostMapped* host = nullptr;            // host view
+  HostMapped* host_device = nullptr;     // device view of the same memory
+  int barrier_epoch = 0;                 // grows by one per cross-rank barrier; same on every rank
+  int counts_epoch = 0;                  // grows by one per notify
+  int64_t timeout_ns = 0;
+  bool poisoned = false;
+  std::string poison_message;
+
+  ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
+  DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }
+};
+
+}  // namespace deep_ep

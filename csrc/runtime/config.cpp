@@ -1,0 +1,93 @@
+// Config validation, size hints and the recommended-config tables (spec section 2).
+#include "deep_ep/config.hpp"
+
+#include <algorithm>
+
+#include "deep_ep/error.hpp"
+#include "kernels/common/control_region.hpp"
+#include "kernels/intranode/buffer_layout.hpp"
+
+namespace deep_ep {
+
+Config::Config(int num_sms_, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv)
+    : num_sms(num_sms_),
+      num_max_nvl_chunked_send_tokens(nvl_send),
+      num_max_nvl_chunked_recv_tokens(nvl_recv),
+      num_max_rdma_chunked_send_tokens(rdma_send),
+      num_max_rdma_chunked_recv_tokens(rdma_recv) {
+  DEEP_EP_CHECK(num_sms >= 2 && num_sms % 2 == 0 && num_sms / 2 <= kMaxChannels,
+                "Config.num_sms must be even and in [2, ", 2 * kMaxChannels, "], got ", num_sms);
+  DEEP_EP_CHECK(nvl_send > 0 && nvl_send < nvl_recv,
+                "Config.num_max_nvl_chunked_send_tokens must be in (0, num_max_nvl_chunked_recv_tokens=", nvl_recv,
+                "), got ", nvl_send);
+  DEEP_EP_CHECK(rdma_send > 0 && rdma_send < rdma_recv,
+                "Config.num_max_rdma_chunked_send_tokens must be in (0, num_max_rdma_chunked_recv_tokens=",
+                rdma_recv, "), got ", rdma_send);
+  num_max_rdma_chunked_recv_tokens = (rdma_recv + rdma_send - 1) / rdma_send * rdma_send;
+  DEEP_EP_CHECK(rdma_send <= num_max_rdma_chunked_recv_tokens / 2,
+                "Config.num_max_rdma_chunked_send_tokens must be at most half of num_max_rdma_chunked_recv_tokens=",
+                num_max_rdma_chunked_recv_tokens, ", got ", rdma_send);
+}
+
+int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
+  DEEP_EP_CHECK(hidden_bytes > 0 && hidden_bytes % 2 == 0,
+                "hidden_bytes must be a positive multiple of 2 (hidden * 2 for bf16), got ", hidden_bytes);
+  DEEP_EP_CHECK(num_ranks >= 1, "num_ranks must be positive, got ", num_ranks);
+  const int nvl_ranks = std::min(num_ranks, kNumMaxNvlPeers);
+  // The largest op this config can run: bf16 rows of hidden_bytes, FP8 scales for hidden_bytes / 2
+  // channels, the maximum top-k.
+  const int num_scales = static_cast<int>(hidden_bytes / 256);
+  const auto dispatch = intranode::DispatchQueueLayout::make(num_channels(), num_max_nvl_chunked_recv_tokens,
+                                                             hidden_bytes, num_scales, kNumMaxTopk);
+  const auto combine = intranode::CombineQueueLayout::make(num_channels(), nvl_ranks,
+                                                           num_max_nvl_chunked_recv_tokens, hidden_bytes, kNumMaxTopk);
+  return intranode::align_up(std::max(dispatch.total_bytes, combine.total_bytes), 128);
+}
+
+int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
+  DEEP_EP_CHECK(hidden_bytes > 0, "hidden_bytes must be positive, got ", hidden_bytes);
+  DEEP_EP_CHECK(num_ranks >= 1, "num_ranks must be positive, got ", num_ranks);
+  if (num_ranks <= kNumMaxNvlPeers) return 0;
+  throw ValueError(detail::concat("get_rdma_buffer_size_hint: num_ranks=", num_ranks,
+                                  " needs internode normal mode, which this build of deep_ep does not provide"));
+}
+
+static void check_table_ranks(int num_ranks) {
+  static const int kRanks[] = {2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160};
+  DEEP_EP_CHECK(std::find(std::begin(kRanks), std::end(kRanks), num_ranks) != std::end(kRanks),
+                "no recommended config for num_ranks=", num_ranks,
+                " (expected one of 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)");
+}
+
+// Intranode queues are small on purpose: the whole in-flight ring of all ranks should stay in L2, so
+// staged bytes are written and read back there instead of in HBM.
+Config get_dispatch_config(int num_ranks, int num_sms) {
+  check_table_ranks(num_ranks);
+  if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 8, 64, 6, 256);
+  return Config(num_sms, 16, 256, 16, 128);
+}
+
+Config get_combine_config(int num_ranks, int num_sms) {
+  check_table_ranks(num_ranks);
+  if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 4, 16, 6, 256);
+  return Config(num_sms, 8, 256, 16, 128);
+}
+
+}  // namespace deep_ep
+
+#include "kernels/low_latency/buffer_layout.hpp"
+
+namespace deep_ep {
+
+int64_t get_low_latency_rdma_size_hint(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
+                                       int64_t num_experts) {
+  DEEP_EP_CHECK(num_max_dispatch_tokens_per_rank > 0, "num_max_dispatch_tokens_per_rank must be positive, got ",
+                num_max_dispatch_tokens_per_rank);
+  DEEP_EP_CHECK(hidden > 0 && hidden % 128 == 0, "hidden must be a positive multiple of 128, got ", hidden);
+  DEEP_EP_CHECK(num_ranks > 0, "num_ranks must be positive, got ", num_ranks);
+  DEEP_EP_CHECK(num_experts > 0 && num_experts % num_ranks == 0, "num_experts must be a positive multiple of num_ranks=",
+                num_ranks, ", got ", num_experts);
+  return low_latency::rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,97 @@
+// The host runtime of one rank: its communication buffer, its peers' buffers opened through CUDA IPC,
+// host-mapped counters for GPU-to-CPU handshakes, and the ops that launch kernels on a given stream.
+// Torch-free: tensors come in as TensorView and outputs are allocated through an Allocator.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "deep_ep/config.hpp"
+#include "deep_ep/group.hpp"
+#include "deep_ep/tensor.hpp"
+
+namespace deep_ep {
+
+struct DeviceDiagnostics;
+struct HostMapped;
+
+struct BufferOptions {
+  int64_t num_nvl_bytes = 0;
+  int64_t num_rdma_bytes = 0;
+  bool low_latency_mode = false;
+  int num_qps_per_rank = 24;
+  bool allow_nvlink_for_low_latency_mode = true;
+  bool allow_mnnvl = false;
+  bool use_fabric = false;
+  bool explicitly_destroy = false;
+  bool enable_shrink = false;
+  int device = 0;             // CUDA ordinal this rank runs on
+  double timeout_s = 0;       // bound of every device and host wait; 0 = DEEP_EP_TIMEOUT_S or 60 s
+};
+
+// Allocates an output named `name` (e.g. "recv_x") of the given dtype and shape on this rank's device,
+// ordered on the stream the op runs on. The Python layer hands out torch tensors.
+using Allocator = std::function<TensorView(const std::string& name, DType dtype, const std::vector<int64_t>& shape)>;
+
+struct LayoutOutputs {
+  TensorView num_tokens_per_rank;       // int32 [R]
+  std::optional<TensorView> num_tokens_per_rdma_rank;  // int32 [R / 8] when R > 8
+  TensorView num_tokens_per_expert;     // int32 [E]
+  TensorView is_token_in_rank;          // bool [T, R]
+};
+
+class Buffer {
+ public:
+  // Collective over `group`.
+  Buffer(std::shared_ptr<Group> group, const BufferOptions& options);
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  // Synchronizes the device, barriers with the peers, releases memory. Collective.
+  void destroy();
+  bool is_available() const { return available_; }
+
+  int rank() const { return rank_; }
+  int num_ranks() const { return num_ranks_; }
+  int device() const { return options_.device; }
+  int num_device_sms() const { return num_device_sms_; }
+  // Ranks of this group whose buffers live on the same GPU as this rank's (this rank included).
+  int num_ranks_per_device() const { return num_ranks_per_device_; }
+  const BufferOptions& options() const { return options_; }
+
+  // This rank's payload bytes (after the control region), for get_local_buffer_tensor.
+  void* local_nvl_buffer() const;
+  void* local_rdma_buffer() const;
+
+  // Raises if a kernel reported an error (expert id out of range, timeout) since the last check, or if
+  // an earlier timeout poisoned the buffer.
+  void check_device_errors();
+
+  // ---- ops ------------------------------------------------------------------------------------
+  void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const LayoutOutputs& outputs,
+                           cudaStream_t stream);
+
+  // Internal access for op implementations (csrc/runtime/*_op.cpp).
+  struct Internals;
+  Internals& internals() { return *internals_; }
+
+ private:
+  void release(bool collective);
+
+  std::shared_ptr<Group> group_;
+  BufferOptions options_;
+  int rank_ = 0, num_ranks_ = 1;
+  int num_device_sms_ = 0;
+  int num_ranks_per_device_ = 1;
+  bool available_ = false;
+  std::unique_ptr<Internals> internals_;
+};
+
+}  // namespace deep_ep

@@ -1,0 +1,46 @@
+// Normal-mode tuning knobs (spec section 2) and the exact buffer sizes they imply.
+// One Config describes one op's launch: num_sms blocks (num_sms / 2 channels for dispatch and combine;
+// the pair of blocks of V1 is a sender and a receiver role inside one block here, see
+// csrc/kernels/intranode/buffer_layout.hpp), chunk sizes of the per-channel queues.
+#pragma once
+
+#include <cstdint>
+
+namespace deep_ep {
+
+constexpr int kNumMaxNvlPeers = 8;
+constexpr int kNumMaxTopk = 128;  // size hints reserve this many top-k slots per token
+
+struct Config {
+  int num_sms = 20;
+  int num_max_nvl_chunked_send_tokens = 6;
+  int num_max_nvl_chunked_recv_tokens = 256;
+  int num_max_rdma_chunked_send_tokens = 6;
+  int num_max_rdma_chunked_recv_tokens = 256;
+
+  Config() = default;
+  // Validates like V1 (ValueError naming the field); rounds the RDMA recv chunk up to a multiple of
+  // the RDMA send chunk.
+  Config(int num_sms, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv);
+
+  int num_channels() const { return num_sms / 2; }
+
+  // Bytes of the per-rank NVLink buffer the intranode dispatch and combine need for rows of
+  // `hidden_bytes` (V1 callers pass hidden * 2) among `num_ranks` ranks: the max of the two layouts,
+  // a multiple of 128. Exact: an op with this config runs in a buffer of this size.
+  int64_t get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const;
+  // 0 for num_ranks <= 8 (no RDMA domain); internode normal mode is not part of this build and raises.
+  int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const;
+};
+
+// Recommended configs (spec section 2) for num_ranks in {2,4,8,16,24,32,48,64,96,128,144,160}.
+Config get_dispatch_config(int num_ranks, int num_sms);
+Config get_combine_config(int num_ranks, int num_sms);
+
+}  // namespace deep_ep
+
+namespace deep_ep {
+// Bytes of the RDMA payload low-latency mode needs (both halves), a multiple of 128 (spec section 3).
+int64_t get_low_latency_rdma_size_hint(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
+                                       int64_t num_experts);
+}  // namespace deep_ep

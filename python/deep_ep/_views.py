@@ -1,0 +1,18 @@
+"""Torch tensors to core TensorViews, with argument names in every error (design.md decision 7)."""
+
+from typing import Optional
+
+import torch
+
+from . import _C
+
+
+def view(t, arg: str) -> "_C.TensorView":
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    device = t.device.index if t.is_cuda else -1
+    return _C.make_view(t.data_ptr(), str(t.dtype), list(t.shape), list(t.stride()), device)
+
+
+def optional_view(t, arg: str) -> Optional["_C.TensorView"]:
+    return None if t is None else view(t, arg)

@@ -1,0 +1,40 @@
+"""`python -m deep_ep.bench`: benchmark deep_ep over the GPUs present.
+
+With one GPU, the ranks share it under a private MPS daemon (every "NVLink" byte is then an HBM byte),
+so the HBM copy bandwidth of the same GPU is measured first and reported next to every figure.
+Prints tables; the final table follows a line `=== SUMMARY ===`.
+"""
+
+import argparse
+import sys
+
+from deep_ep.testing import launch, visible_gpu_count
+
+from . import suite
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-ranks", type=int, default=8, help="ranks (processes); default 8")
+    parser.add_argument("--num-sms", type=int, default=16, help="SMs (blocks) per rank for normal mode")
+    parser.add_argument("--num-tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--num-topk", type=int, default=8)
+    parser.add_argument("--num-experts", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+
+    num_gpus = visible_gpu_count()
+    if num_gpus == 0:
+        print("deep_ep.bench: no CUDA device visible; nothing to benchmark")
+        return 1
+    print(f"deep_ep.bench: {args.num_ranks} ranks on {num_gpus} GPU(s), {args.num_sms} SMs per rank")
+    results = launch(suite.run_rank, args.num_ranks, args=(vars(args),), timeout_s=600, num_gpus=num_gpus)
+    rows = results[0]
+    print("\n=== SUMMARY ===")
+    suite.print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""deep_ep.Buffer: DeepEP V1's Buffer over the torch-free core (spec section 3).
+
+This module only adapts: it turns tensors into views, allocates outputs with torch's caching
+allocator on the right stream, and orders streams with events. Validation, layout and kernels are
+in C++.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+from ._views import view
+from .event import EventOverlap
+from .groups import make_group
+
+Config = _C.Config
+
+_NUM_MAX_NVL_PEERS = 8
+
+
+class Buffer:
+    """Communication buffers of one rank, and the expert-parallel ops on them.
+
+    Construction is collective over `group` (a torch.distributed ProcessGroup of any backend) or,
+    when `group` is None, over `comm` (an mpi4py communicator).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
+                 allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm=None) -> None:
+        core_group = make_group(group, comm)
+        if not torch.cuda.is_available():
+            raise RuntimeError("deep_ep.Buffer needs a CUDA device; none is visible")
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
+                            ("num_qps_per_rank", num_qps_per_rank)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        self.group = group
+        self.comm = comm
+        self.rank = core_group.rank
+        self.group_size = core_group.size
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.runtime = _C.Buffer(core_group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+                                 allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy,
+                                 enable_shrink, torch.cuda.current_device())
+        self._device = torch.device("cuda", self.runtime.device)
+        self._comm_stream = torch.cuda.Stream(device=self._device)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the buffers (collective). Only for buffers created with explicitly_destroy=True."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("Buffer.destroy() is only for buffers created with explicitly_destroy=True; "
+                               "other buffers are released when they are garbage-collected")
+        self.runtime.destroy()
+
+    def is_available(self) -> bool:
+        return self.runtime.is_available()
+
+    # ---- class-level configuration ---------------------------------------------------------------
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2 != 0:
+            raise ValueError(f"num_sms must be a positive even int, got {new_num_sms!r}")
+        cls.num_sms = new_num_sms
+
+    @classmethod
+    def get_dispatch_config(cls, num_ranks: int) -> Config:
+        return _C.get_dispatch_config(num_ranks, cls.num_sms)
+
+    @classmethod
+    def get_combine_config(cls, num_ranks: int) -> Config:
+        return _C.get_combine_config(num_ranks, cls.num_sms)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return True
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        return _C.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- raw access ----------------------------------------------------------------------------
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """This rank's payload buffer as a `dtype` tensor starting `offset` bytes in (as in V1)."""
+        raw = self.runtime.payload_tensor(use_rdma_buffer)
+        if offset < 0 or offset > raw.numel():
+            raise ValueError(f"offset must be in [0, {raw.numel()}] bytes, got {offset}")
+        element_size = torch.empty((), dtype=dtype).element_size()
+        raw = raw[offset:]
+        raw = raw[: raw.numel() // element_size * element_size]
+        tensor = raw.view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > tensor.numel():
+            raise ValueError(f"size {tuple(size)} needs {size.numel()} elements, the buffer has {tensor.numel()}")
+        return tensor[: size.numel()].view(size)
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        return self._comm_stream
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        return EventOverlap(torch.cuda.current_stream().record_event())
+
+    # ---- stream protocol shared by every op (spec section 4) ------------------------------------
+    def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        self.runtime.check_device_errors()
+        compute = torch.cuda.current_stream()
+        if previous_event is not None and previous_event.event is not None:
+            self._comm_stream.wait_event(previous_event.event)
+        else:
+            self._comm_stream.wait_stream(compute)
+        return compute, (self._comm_stream if allocate_on_comm_stream else compute)
+
+    def _end(self, compute: torch.cuda.Stream, async_finish: bool, tensors) -> EventOverlap:
+        event = self._comm_stream.record_event()
+        live = tuple(t for t in tensors if isinstance(t, torch.Tensor))
+        if async_finish:
+            # Inputs and outputs must outlive the comm stream's work: the caching allocator may
+            # otherwise hand their memory to the compute stream early.
+            for t in live:
+                t.record_stream(self._comm_stream)
+            return EventOverlap(event, extra_tensors=live)
+        compute.wait_stream(self._comm_stream)
+        return EventOverlap(None)
+
+    def _empty(self, shape, dtype, stream) -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            return torch.empty(shape, dtype=dtype, device=self._device)
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event)."""
+        topk_view = view(topk_idx, "topk_idx")
+        if topk_idx.dim() != 2:
+            raise ValueError(f"topk_idx must be 2-D [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool):
+            raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        num_ranks = self.group_size
+        num_tokens = topk_idx.size(0)
+        per_rank = self._empty((num_ranks,), torch.int32, alloc_stream)
+        per_rdma_rank = (self._empty((num_ranks // _NUM_MAX_NVL_PEERS,), torch.int32, alloc_stream)
+                         if num_ranks > _NUM_MAX_NVL_PEERS else None)
+        per_expert = self._empty((max(num_experts, 0),), torch.int32, alloc_stream)
+        in_rank = self._empty((num_tokens, num_ranks), torch.bool, alloc_stream)
+        self.runtime.get_dispatch_layout(topk_view, num_experts, view(per_rank, "num_tokens_per_rank"),
+                                         None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
+                                         view(per_expert, "num_tokens_per_expert"), view(in_rank, "is_token_in_rank"),
+                                         self._comm_stream.cuda_stream)
+        event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
+        return per_rank, per_rdma_rank, per_expert, in_rank, event

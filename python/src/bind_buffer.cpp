@@ -1,0 +1,80 @@
+// Bindings of deep_ep::Buffer: construction over a Group, teardown, raw buffer access and the ops.
+// Streams travel as integers (torch.cuda.Stream.cuda_stream); tensors as TensorView.
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "bindings.hpp"
+#include "deep_ep/buffer.hpp"
+#include "deep_ep/error.hpp"
+
+namespace deep_ep::python {
+
+namespace {
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+using ByteTensor = nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>>;
+
+ByteTensor payload_tensor(nb::handle self, bool use_rdma_buffer) {
+  Buffer& b = nb::cast<Buffer&>(self);
+  void* ptr = use_rdma_buffer ? b.local_rdma_buffer() : b.local_nvl_buffer();
+  const size_t n = static_cast<size_t>(use_rdma_buffer ? b.options().num_rdma_bytes : b.options().num_nvl_bytes);
+  // The Python Buffer object owns the memory: the tensor keeps it alive.
+  return ByteTensor(ptr, {n}, self, {}, nb::dtype<uint8_t>(), nb::device::cuda::value, b.device());
+}
+
+}  // namespace
+
+void bind_buffer(nb::module_& m) {
+  nb::class_<Buffer>(m, "Buffer")
+      .def(
+          "__init__",
+          [](Buffer* self, std::shared_ptr<Group> group, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
+             bool low_latency_mode, int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
+             bool use_fabric, bool explicitly_destroy, bool enable_shrink, int device, double timeout_s) {
+            BufferOptions o;
+            o.num_nvl_bytes = num_nvl_bytes;
+            o.num_rdma_bytes = num_rdma_bytes;
+            o.low_latency_mode = low_latency_mode;
+            o.num_qps_per_rank = num_qps_per_rank;
+            o.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode;
+            o.allow_mnnvl = allow_mnnvl;
+            o.use_fabric = use_fabric;
+            o.explicitly_destroy = explicitly_destroy;
+            o.enable_shrink = enable_shrink;
+            o.device = device;
+            o.timeout_s = timeout_s;
+            new (self) Buffer(std::move(group), o);
+          },
+          nb::arg("group"), nb::arg("num_nvl_bytes"), nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"),
+          nb::arg("num_qps_per_rank"), nb::arg("allow_nvlink_for_low_latency_mode"), nb::arg("allow_mnnvl"),
+          nb::arg("use_fabric"), nb::arg("explicitly_destroy"), nb::arg("enable_shrink"), nb::arg("device"),
+          nb::arg("timeout_s") = 0.0)
+      .def("destroy", &Buffer::destroy, nb::call_guard<nb::gil_scoped_release>())
+      .def("is_available", &Buffer::is_available)
+      .def_prop_ro("rank", &Buffer::rank)
+      .def_prop_ro("num_ranks", &Buffer::num_ranks)
+      .def_prop_ro("device", &Buffer::device)
+      .def_prop_ro("num_device_sms", &Buffer::num_device_sms)
+      .def_prop_ro("num_ranks_per_device", &Buffer::num_ranks_per_device)
+      .def("check_device_errors", &Buffer::check_device_errors)
+      .def("payload_tensor", &payload_tensor, nb::arg("use_rdma_buffer"))
+      .def(
+          "get_dispatch_layout",
+          [](Buffer& b, const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
+             std::optional<TensorView> num_tokens_per_rdma_rank, const TensorView& num_tokens_per_expert,
+             const TensorView& is_token_in_rank, uintptr_t stream) {
+            b.get_dispatch_layout(topk_idx, num_experts,
+                                  {num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank},
+                                  as_stream(stream));
+          },
+          nb::arg("topk_idx"), nb::arg("num_experts"), nb::arg("num_tokens_per_rank"),
+          nb::arg("num_tokens_per_rdma_rank").none(), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
+          nb::arg("stream"));
+}
+
+}  // namespace deep_ep::python

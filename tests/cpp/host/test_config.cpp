@@ -1,0 +1,81 @@
+// Config validation, size hints and recommended tables (spec section 2).
+#include <gtest/gtest.h>
+
+#include "deep_ep/config.hpp"
+#include "deep_ep/error.hpp"
+#include "kernels/intranode/buffer_layout.hpp"
+#include "kernels/low_latency/buffer_layout.hpp"
+
+using namespace deep_ep;
+
+TEST(Config, DefaultsMatchV1) {
+  Config c;
+  EXPECT_EQ(c.num_sms, 20);
+  EXPECT_EQ(c.num_max_nvl_chunked_send_tokens, 6);
+  EXPECT_EQ(c.num_max_nvl_chunked_recv_tokens, 256);
+  EXPECT_EQ(c.num_channels(), 10);
+}
+
+TEST(Config, RejectsOddNumSms) { EXPECT_THROW(Config(15, 6, 256, 6, 256), ValueError); }
+
+TEST(Config, RejectsSendChunkNotBelowRecvChunk) {
+  EXPECT_THROW(Config(20, 256, 256, 6, 256), ValueError);
+  EXPECT_THROW(Config(20, 0, 256, 6, 256), ValueError);
+  EXPECT_THROW(Config(20, 6, 256, 256, 256), ValueError);
+}
+
+TEST(Config, RoundsRdmaRecvUpToMultipleOfSend) {
+  Config c(20, 6, 256, 6, 256);
+  EXPECT_EQ(c.num_max_rdma_chunked_recv_tokens, 258);
+}
+
+TEST(Config, NvlHintIsMultipleOf128AndCoversBothLayouts) {
+  Config c(24, 8, 64, 6, 256);
+  const int64_t hidden_bytes = 7168 * 2;
+  const int64_t hint = c.get_nvl_buffer_size_hint(hidden_bytes, 8);
+  EXPECT_EQ(hint % 128, 0);
+  const auto d = intranode::DispatchQueueLayout::make(12, 64, hidden_bytes, 7168 / 128, kNumMaxTopk);
+  const auto m = intranode::CombineQueueLayout::make(12, 8, 64, hidden_bytes, kNumMaxTopk);
+  EXPECT_EQ(hint, std::max(d.total_bytes, m.total_bytes));
+}
+
+TEST(Config, NvlHintGrowsWithChannelsAndHidden) {
+  Config small(8, 4, 16, 6, 256), large(16, 4, 16, 6, 256);
+  EXPECT_LT(small.get_nvl_buffer_size_hint(4096, 8), large.get_nvl_buffer_size_hint(4096, 8));
+  EXPECT_LT(small.get_nvl_buffer_size_hint(4096, 8), small.get_nvl_buffer_size_hint(8192, 8));
+}
+
+TEST(Config, RdmaHintIsZeroIntranode) {
+  Config c;
+  EXPECT_EQ(c.get_rdma_buffer_size_hint(14336, 8), 0);
+  EXPECT_THROW(c.get_rdma_buffer_size_hint(14336, 16), ValueError);
+}
+
+TEST(Config, TablesCoverV1RankCounts) {
+  for (int r : {2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160}) {
+    EXPECT_EQ(get_dispatch_config(r, 20).num_sms, 20);
+    EXPECT_EQ(get_combine_config(r, 24).num_sms, 24);
+  }
+  EXPECT_THROW(get_dispatch_config(3, 20), ValueError);
+  EXPECT_THROW(get_combine_config(12, 20), ValueError);
+}
+
+TEST(DispatchQueueLayout, ArraysAreAlignedAndDisjoint) {
+  const auto l = intranode::DispatchQueueLayout::make(3, 5, 1000, 4, 9);
+  EXPECT_EQ(l.row_stride, 1008);
+  for (int64_t off : {l.rows_offset, l.scales_offset, l.topk_idx_offset, l.topk_weights_offset, l.meta_offset})
+    EXPECT_EQ(off % 128, 0);
+  EXPECT_GE(l.scales_offset, l.rows_offset + 15 * 1008);
+  EXPECT_GE(l.topk_idx_offset, l.scales_offset + 15 * 4 * 4);
+  EXPECT_GE(l.total_bytes, l.meta_offset + 15 * 8);
+}
+
+TEST(LowLatencyLayout, HintIsTwoHalvesAndMultipleOf128) {
+  const int64_t hint = get_low_latency_rdma_size_hint(128, 7168, 8, 288);
+  EXPECT_EQ(hint % 128, 0);
+  EXPECT_EQ(hint, 2 * low_latency::HalfLayout::make(128, 7168, 8, 288).bytes);
+  // The dispatch slots alone: 36 local experts x 8 ranks x 128 tokens x (bf16 row + scales + 16).
+  EXPECT_GE(hint / 2, 36LL * 8 * 128 * (7168 * 2 + 56 * 4 + 16));
+  EXPECT_THROW(get_low_latency_rdma_size_hint(128, 7000, 8, 288), ValueError);
+  EXPECT_THROW(get_low_latency_rdma_size_hint(128, 7168, 8, 100), ValueError);
+}

@@ -1,0 +1,68 @@
+"""Helpers shared by the GPU tests: bootstrap, random routing, tensor <-> reference conversions."""
+
+import numpy as np
+import torch
+
+from deep_ep.testing import destroy_process_group, init_process_group
+
+
+def setup(ctx, seed_base=0):
+    """Join the gloo group, select the GPU, seed torch per rank; returns the WORLD group."""
+    group = init_process_group(ctx)
+    torch.manual_seed(seed_base * 1000 + ctx.rank + 1)
+    return group
+
+
+def teardown():
+    destroy_process_group()
+
+
+def random_topk_idx(num_tokens, num_experts, num_topk, drop_prob=0.1, device="cuda"):
+    """Distinct experts per token, with some slots set to -1."""
+    if num_tokens == 0:
+        return torch.empty((0, num_topk), dtype=torch.int64, device=device)
+    scores = torch.rand(num_tokens, num_experts, device=device)
+    idx = scores.topk(num_topk, dim=1).indices.to(torch.int64)
+    drop = torch.rand(num_tokens, num_topk, device=device) < drop_prob
+    idx[drop] = -1
+    return idx.contiguous()
+
+
+def to_numpy(t):
+    """A CUDA or CPU tensor as a flat numpy array of its raw values (bf16 as uint16 bits, fp8/bool as uint8)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    if t.dtype in (torch.float8_e4m3fn, torch.bool):
+        return t.view(torch.uint8).numpy().reshape(-1)
+    return t.numpy().reshape(-1)
+
+
+def gather_numpy(group, array):
+    """All ranks' numpy arrays, in rank order (over the gloo group)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, array, group=group)
+    return out
+
+
+def assert_equal(name, got, expected):
+    got = np.asarray(got)
+    expected = np.asarray(expected)
+    if got.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
+    if not np.array_equal(got, expected):
+        bad = np.flatnonzero(got.reshape(-1) != expected.reshape(-1))
+        raise AssertionError(f"{name}: {bad.size} of {got.size} elements differ; first at {bad[0]}: "
+                             f"got {got.reshape(-1)[bad[0]]}, expected {expected.reshape(-1)[bad[0]]}")
+
+
+def expect_raises(exc_type, fragment, fn):
+    try:
+        fn()
+    except exc_type as error:
+        if fragment not in str(error):
+            raise AssertionError(f"expected {exc_type.__name__} mentioning {fragment!r}, got: {error}")
+        return
+    raise AssertionError(f"expected {exc_type.__name__} mentioning {fragment!r}, nothing was raised")

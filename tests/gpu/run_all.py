@@ -1,0 +1,87 @@
+"""GPU test suite runner: every test function runs on N ranks (one process each) sharing the GPUs
+present, under one private MPS daemon for the whole suite. Prints `RESULT <name> PASS|FAIL|SKIP
+<seconds> <detail>` per test and a summary table last. Needs torch and a CUDA device; no pytest.
+
+    python3 tests/gpu/run_all.py [--filter SUBSTRING] [--ranks 2,4,8] [--list]
+"""
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+MODULES = ["test_foundation", "test_intranode"]
+
+
+def collect(rank_counts):
+    """(name, fn, num_ranks, args, timeout_s) for every case of every module that exists."""
+    cases = []
+    for module_name in MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        for case in module.cases(rank_counts):
+            cases.append(case)
+    return cases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--filter", default="", help="run only tests whose name contains this substring")
+    parser.add_argument("--ranks", default="2,4,8", help="comma-separated rank counts")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+
+    from deep_ep.testing import MpsDaemon, RankFailure, launch, visible_gpu_count
+
+    rank_counts = [int(r) for r in args.ranks.split(",") if r]
+    cases = [c for c in collect(rank_counts) if args.filter in c[0]]
+    if args.list:
+        for c in cases:
+            print(c[0])
+        return 0
+    num_gpus = visible_gpu_count()
+    results = []
+    if num_gpus == 0:
+        for name, *_ in cases:
+            print(f"RESULT {name} SKIP 0.0 no CUDA device", flush=True)
+            results.append((name, "SKIP", 0.0))
+        return 0
+    needs_mps = any(c[2] > num_gpus for c in cases)
+    with (MpsDaemon() if needs_mps else contextlib.nullcontext()):
+        for name, fn, num_ranks, fn_args, timeout_s in cases:
+            start = time.time()
+            try:
+                launch(fn, num_ranks, args=fn_args, timeout_s=timeout_s, num_gpus=num_gpus)
+                status, detail = "PASS", ""
+            except RankFailure as error:
+                status, detail = "FAIL", str(error)
+            except Exception:  # the launcher itself failed
+                status, detail = "FAIL", traceback.format_exc()
+            seconds = time.time() - start
+            first_line = detail.strip().splitlines()[-1][:200] if detail.strip() else ""
+            print(f"RESULT {name} {status} {seconds:.1f} {first_line}", flush=True)
+            if status == "FAIL":
+                print(detail, flush=True)
+            results.append((name, status, seconds))
+
+    passed = sum(1 for r in results if r[1] == "PASS")
+    failed = sum(1 for r in results if r[1] == "FAIL")
+    print("\n=== GPU TEST SUMMARY ===")
+    for name, status, seconds in results:
+        print(f"{status:5s} {seconds:7.1f}s  {name}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
