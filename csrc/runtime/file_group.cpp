@@ -1,8 +1,6 @@
 // FileGroup: a bootstrap group over a shared directory (see group.hpp).
 #include <chrono>
 #include <cstdio>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "deep_ep/error.hpp"
@@ -27,10 +25,11 @@ std::vector<std::string> FileGroup::all_gather(const std::string& bytes) {
   {
     // Readers only ever see complete files: rename is atomic within a directory.
     const std::string tmp = mine + ".tmp";
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    DEEP_EP_RUNTIME_CHECK(out.good(), "FileGroup: cannot write ", tmp);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.close();
+    std::FILE* out = std::fopen(tmp.c_str(), "wb");
+    DEEP_EP_RUNTIME_CHECK(out != nullptr, "FileGroup: cannot write ", tmp);
+    const size_t written = std::fwrite(bytes.data(), 1, bytes.size(), out);
+    std::fclose(out);
+    DEEP_EP_RUNTIME_CHECK(written == bytes.size(), "FileGroup: short write to ", tmp);
     DEEP_EP_RUNTIME_CHECK(std::rename(tmp.c_str(), mine.c_str()) == 0, "FileGroup: cannot rename ", tmp);
   }
   std::vector<std::string> result(size_);
@@ -38,11 +37,13 @@ std::vector<std::string> FileGroup::all_gather(const std::string& bytes) {
   for (int peer = 0; peer < size_; ++peer) {
     const std::string path = round_path(dir_, round, peer);
     while (true) {
-      std::ifstream in(path, std::ios::binary);
-      if (in.good()) {
-        std::ostringstream os;
-        os << in.rdbuf();
-        result[peer] = os.str();
+      if (std::FILE* in = std::fopen(path.c_str(), "rb")) {
+        std::string content;
+        char chunk[4096];
+        size_t n;
+        while ((n = std::fread(chunk, 1, sizeof(chunk), in)) > 0) content.append(chunk, n);
+        std::fclose(in);
+        result[peer] = std::move(content);
         break;
       }
       if (std::chrono::steady_clock::now() > deadline)

@@ -1,7 +1,6 @@
 // TensorView helpers and argument validation (design.md decision 7).
 #include "deep_ep/tensor.hpp"
 
-#include <sstream>
 
 #include "deep_ep/error.hpp"
 
@@ -62,21 +61,17 @@ bool TensorView::is_contiguous() const {
 }
 
 static std::string join(const std::vector<int64_t>& v) {
-  std::ostringstream os;
-  os << '[';
+  std::string out = "[";
   for (size_t i = 0; i < v.size(); ++i) {
-    if (i) os << ", ";
-    if (v[i] == kAnySize) os << '*'; else os << v[i];
+    if (i) out += ", ";
+    out += v[i] == kAnySize ? std::string("*") : std::to_string(v[i]);
   }
-  os << ']';
-  return os.str();
+  return out + "]";
 }
 
 std::string TensorView::describe() const {
-  std::ostringstream os;
-  os << dtype_name(dtype) << ' ' << join(shape) << " strides " << join(strides) << " on "
-     << (device == kCpuDevice ? std::string("cpu") : "cuda:" + std::to_string(device));
-  return os.str();
+  return detail::concat(dtype_name(dtype), " ", join(shape), " strides ", join(strides), " on ",
+                        device == kCpuDevice ? std::string("cpu") : "cuda:" + std::to_string(device));
 }
 
 TensorView make_contiguous_view(void* data, DType dtype, std::vector<int64_t> shape, int device) {

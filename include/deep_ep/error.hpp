@@ -3,9 +3,10 @@
 // exceptions of the same names and everything else to RuntimeError.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace deep_ep {
 
@@ -28,11 +29,30 @@ class TimeoutError : public std::runtime_error {
 };
 
 namespace detail {
+// Message building without iostreams: the Python extension may be linked against a libstdc++ whose
+// locale facets are not initialized in the host process, and error paths must never crash.
+inline void append(std::string& out, const std::string& s) { out += s; }
+inline void append(std::string& out, const char* s) { out += s ? s : "(null)"; }
+inline void append(std::string& out, char c) { out += c; }
+inline void append(std::string& out, bool b) { out += b ? "true" : "false"; }
+template <typename T>
+std::enable_if_t<std::is_arithmetic_v<T>> append(std::string& out, T v) {
+  char buf[64];
+  if constexpr (std::is_floating_point_v<T>) {
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  } else if constexpr (std::is_signed_v<T>) {
+    std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%llu", static_cast<unsigned long long>(v));
+  }
+  out += buf;
+}
+
 template <typename... Args>
 std::string concat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string out;
+  (append(out, args), ...);
+  return out;
 }
 }  // namespace detail
 
