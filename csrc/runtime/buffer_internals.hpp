@@ -34,7 +34,6 @@ struct Buffer::Internals {
   char** peer_bases_device = nullptr;    // device copy of peer_bases
   HostMapped* host = nullptr;            // host view
   HostMapped* host_device = nullptr;     // device view of the same memory
-  int barrier_epoch = 0;                 // grows by one per cross-rank barrier; same on every rank
   int counts_epoch = 0;                  // grows by one per notify
   int64_t timeout_ns = 0;
   bool poisoned = false;

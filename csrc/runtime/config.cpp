@@ -15,8 +15,8 @@ Config::Config(int num_sms_, int nvl_send, int nvl_recv, int rdma_send, int rdma
       num_max_nvl_chunked_recv_tokens(nvl_recv),
       num_max_rdma_chunked_send_tokens(rdma_send),
       num_max_rdma_chunked_recv_tokens(rdma_recv) {
-  DEEP_EP_CHECK(num_sms >= 2 && num_sms % 2 == 0 && num_sms / 2 <= kMaxChannels,
-                "Config.num_sms must be even and in [2, ", 2 * kMaxChannels, "], got ", num_sms);
+  DEEP_EP_CHECK(num_sms >= 2 && num_sms % 2 == 0 && num_sms <= kMaxChannels,
+                "Config.num_sms must be even and in [2, ", kMaxChannels, "], got ", num_sms);
   DEEP_EP_CHECK(nvl_send > 0 && nvl_send < nvl_recv,
                 "Config.num_max_nvl_chunked_send_tokens must be in (0, num_max_nvl_chunked_recv_tokens=", nvl_recv,
                 "), got ", nvl_send);

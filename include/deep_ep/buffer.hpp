@@ -46,6 +46,39 @@ struct LayoutOutputs {
   TensorView is_token_in_rank;          // bool [T, R]
 };
 
+// Normal-mode intranode dispatch (spec section 6). Either the layout (non-cached) or the handle
+// (cached) is given. Outputs are allocated through the Allocator under the names recv_x,
+// recv_x_scales, recv_topk_idx, recv_topk_weights, and (non-cached) the handle's rank_prefix_matrix,
+// channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, send_head.
+struct IntranodeHandle {
+  TensorView rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank,
+      send_head;
+};
+
+struct IntranodeDispatchArgs {
+  TensorView x;                          // bf16 [T, H], or e4m3 [T, H] with x_scales
+  std::optional<TensorView> x_scales;    // float32 [T, H / 128], any strides
+  std::optional<TensorView> topk_idx, topk_weights;
+  std::optional<TensorView> num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert;
+  std::optional<IntranodeHandle> handle;  // cached mode
+  int expert_alignment = 1;
+  int num_worst_tokens = 0;
+  Config config;
+};
+
+struct IntranodeDispatchResult {
+  int num_rows = 0;                                // rows of the outputs
+  std::vector<int> num_recv_tokens_per_expert;     // empty in cached and num_worst_tokens modes
+};
+
+struct IntranodeCombineArgs {
+  TensorView x;                          // bf16 [N, H]
+  std::optional<TensorView> topk_weights;  // float32 [N, K]
+  std::optional<TensorView> bias_0, bias_1;  // bf16 [T, H]
+  IntranodeHandle handle;
+  Config config;
+};
+
 class Buffer {
  public:
   // Collective over `group`.
@@ -77,6 +110,12 @@ class Buffer {
   // ---- ops ------------------------------------------------------------------------------------
   void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const LayoutOutputs& outputs,
                            cudaStream_t stream);
+
+  // Allocates through `allocate` on this rank's device; kernels run on `stream`.
+  IntranodeDispatchResult intranode_dispatch(const IntranodeDispatchArgs& args, const Allocator& allocate,
+                                             cudaStream_t stream);
+  // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K].
+  void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
 
   // Internal access for op implementations (csrc/runtime/*_op.cpp).
   struct Internals;

@@ -1,7 +1,7 @@
 // Normal-mode tuning knobs (spec section 2) and the exact buffer sizes they imply.
-// One Config describes one op's launch: num_sms blocks (num_sms / 2 channels for dispatch and combine;
-// the pair of blocks of V1 is a sender and a receiver role inside one block here, see
-// csrc/kernels/intranode/buffer_layout.hpp), chunk sizes of the per-channel queues.
+// One Config describes one op's launch: num_sms blocks, one channel each (V1's pair of sender and
+// receiver blocks is a pair of warp roles inside one block here, see csrc/kernels/intranode/), and the
+// chunk sizes of the per-channel queues. num_sms stays even for V1 compatibility.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,8 @@ struct Config {
   // the RDMA send chunk.
   Config(int num_sms, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv);
 
-  int num_channels() const { return num_sms / 2; }
+  // One channel per block: each block stages its channel's tokens and receives that channel from every peer.
+  int num_channels() const { return num_sms; }
 
   // Bytes of the per-rank NVLink buffer the intranode dispatch and combine need for rows of
   // `hidden_bytes` (V1 callers pass hidden * 2) among `num_ranks` ranks: the max of the two layouts,

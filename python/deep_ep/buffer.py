@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
-from ._views import view
+from ._views import optional_view, view
 from .event import EventOverlap
 from .groups import make_group
 
@@ -169,3 +169,93 @@ class Buffer:
                                          self._comm_stream.cuda_stream)
         event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
         return per_rank, per_rdma_rank, per_expert, in_rank, event
+
+    # ---- normal-mode dispatch and combine (spec sections 6 and 7) -----------------------------
+    def _allocator(self, stream, outputs):
+        """The core's output allocator: torch tensors on `stream`, kept in `outputs` by name."""
+        def allocate(name, dtype_name, shape):
+            tensor = self._empty(tuple(shape), getattr(torch, dtype_name.split(".")[-1]), stream)
+            outputs[name] = tensor
+            return view(tensor, name)
+        return allocate
+
+    def dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to the ranks in `is_token_in_rank` (or the routing of `handle`).
+
+        Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
+        in cached mode (handle given) (recv_x, None, None, None, None, event).
+        """
+        if self.group_size > _NUM_MAX_NVL_PEERS:
+            raise ValueError(f"dispatch across {self.group_size} ranks needs internode mode, not in this build")
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"FP8 x must be a tuple (x_e4m3, x_scales), got a tuple of {len(x)}")
+            x_data, x_scales = x
+        else:
+            x_data, x_scales = x, None
+        if handle is not None and (not isinstance(handle, (tuple, list)) or len(handle) != 6):
+            raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        outputs = {}
+        num_rows, per_expert = self.runtime.intranode_dispatch(
+            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
+            optional_view(topk_weights, "topk_weights"), optional_view(num_tokens_per_rank, "num_tokens_per_rank"),
+            optional_view(is_token_in_rank, "is_token_in_rank"),
+            optional_view(num_tokens_per_expert, "num_tokens_per_expert"),
+            None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
+            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
+            self._comm_stream.cuda_stream)
+        recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
+        cached = handle is not None
+        if not cached:
+            handle = (outputs["rank_prefix_matrix"], outputs["channel_prefix_matrix"],
+                      outputs["recv_channel_prefix_matrix"], outputs["recv_src_idx"], is_token_in_rank,
+                      outputs["send_head"])
+        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                                  is_token_in_rank, num_tokens_per_expert,
+                                                  *outputs.values(), *handle))
+        if cached:
+            return recv_x, None, None, None, None, event
+        per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
+        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
+                event)
+
+    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
+                bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Sum each token's rows from the ranks it was dispatched to (plus `bias`).
+
+        Returns (combined_x, combined_topk_weights or None, event).
+        """
+        if self.group_size > _NUM_MAX_NVL_PEERS:
+            raise ValueError(f"combine across {self.group_size} ranks needs internode mode, not in this build")
+        config = self.get_combine_config(self.group_size) if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if not isinstance(handle, (tuple, list)) or len(handle) != 6:
+            raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
+        if bias is None:
+            biases = (None, None)
+        elif isinstance(bias, torch.Tensor):
+            biases = (bias, None)
+        elif isinstance(bias, (tuple, list)) and 1 <= len(bias) <= 2:
+            biases = (tuple(bias) + (None,))[:2]
+        else:
+            raise ValueError("bias must be None, a tensor, or a tuple of one or two tensors")
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        outputs = {}
+        self.runtime.intranode_combine(
+            view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
+            optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
+            self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
+        event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
+        return outputs["combined_x"], outputs.get("combined_topk_weights"), event

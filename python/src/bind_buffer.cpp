@@ -3,6 +3,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -25,6 +26,22 @@ ByteTensor payload_tensor(nb::handle self, bool use_rdma_buffer) {
   const size_t n = static_cast<size_t>(use_rdma_buffer ? b.options().num_rdma_bytes : b.options().num_nvl_bytes);
   // The Python Buffer object owns the memory: the tensor keeps it alive.
   return ByteTensor(ptr, {n}, self, {}, nb::dtype<uint8_t>(), nb::device::cuda::value, b.device());
+}
+
+// Python allocator: (name, dtype name, shape) -> TensorView of a tensor the Python side keeps.
+using PyAllocator = std::function<TensorView(const std::string&, const std::string&, const std::vector<int64_t>&)>;
+
+Allocator wrap(PyAllocator allocate) {
+  return [allocate = std::move(allocate)](const std::string& name, DType dtype, const std::vector<int64_t>& shape) {
+    return allocate(name, dtype_name(dtype), shape);
+  };
+}
+
+std::optional<IntranodeHandle> make_handle(const std::optional<std::vector<TensorView>>& views) {
+  if (!views) return std::nullopt;
+  DEEP_EP_CHECK(views->size() == 6, "an intranode handle has 6 tensors, got ", views->size());
+  const auto& v = *views;
+  return IntranodeHandle{v[0], v[1], v[2], v[3], v[4], v[5]};
 }
 
 }  // namespace
@@ -74,7 +91,49 @@ void bind_buffer(nb::module_& m) {
           },
           nb::arg("topk_idx"), nb::arg("num_experts"), nb::arg("num_tokens_per_rank"),
           nb::arg("num_tokens_per_rdma_rank").none(), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
-          nb::arg("stream"));
+          nb::arg("stream"))
+      .def(
+          "intranode_dispatch",
+          [](Buffer& b, const TensorView& x, std::optional<TensorView> x_scales, std::optional<TensorView> topk_idx,
+             std::optional<TensorView> topk_weights, std::optional<TensorView> num_tokens_per_rank,
+             std::optional<TensorView> is_token_in_rank, std::optional<TensorView> num_tokens_per_expert,
+             std::optional<std::vector<TensorView>> handle, int expert_alignment, int num_worst_tokens,
+             const Config& config, PyAllocator allocate, uintptr_t stream) {
+            IntranodeDispatchArgs a;
+            a.x = x;
+            a.x_scales = x_scales;
+            a.topk_idx = topk_idx;
+            a.topk_weights = topk_weights;
+            a.num_tokens_per_rank = num_tokens_per_rank;
+            a.is_token_in_rank = is_token_in_rank;
+            a.num_tokens_per_expert = num_tokens_per_expert;
+            a.handle = make_handle(handle);
+            a.expert_alignment = expert_alignment;
+            a.num_worst_tokens = num_worst_tokens;
+            a.config = config;
+            auto result = b.intranode_dispatch(a, wrap(std::move(allocate)), as_stream(stream));
+            return std::make_pair(result.num_rows, result.num_recv_tokens_per_expert);
+          },
+          nb::arg("x"), nb::arg("x_scales").none(), nb::arg("topk_idx").none(), nb::arg("topk_weights").none(),
+          nb::arg("num_tokens_per_rank").none(), nb::arg("is_token_in_rank").none(),
+          nb::arg("num_tokens_per_expert").none(), nb::arg("handle").none(), nb::arg("expert_alignment"),
+          nb::arg("num_worst_tokens"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
+      .def(
+          "intranode_combine",
+          [](Buffer& b, const TensorView& x, std::optional<TensorView> topk_weights, std::optional<TensorView> bias_0,
+             std::optional<TensorView> bias_1, std::vector<TensorView> handle, const Config& config,
+             PyAllocator allocate, uintptr_t stream) {
+            IntranodeCombineArgs a;
+            a.x = x;
+            a.topk_weights = topk_weights;
+            a.bias_0 = bias_0;
+            a.bias_1 = bias_1;
+            a.handle = *make_handle(handle);
+            a.config = config;
+            b.intranode_combine(a, wrap(std::move(allocate)), as_stream(stream));
+          },
+          nb::arg("x"), nb::arg("topk_weights").none(), nb::arg("bias_0").none(), nb::arg("bias_1").none(),
+          nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"));
 }
 
 }  // namespace deep_ep::python

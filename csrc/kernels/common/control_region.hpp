@@ -9,14 +9,17 @@
 
 namespace deep_ep {
 
-constexpr int kMaxChannels = 128;             // num_sms <= 256
+constexpr int kMaxChannels = 128;             // one channel per block: num_sms <= 128
 constexpr int kMaxIntranodeExperts = 8 * 1024;  // R <= 8 ranks, L <= 1024 local experts
 
 struct ControlRegion {
   // barrier_signal[i]: written by rank i (release, system scope) with the barrier's epoch; read by
   // the owner (acquire). Epochs only grow, so nothing is ever reset.
   int barrier_signal[kNumMaxNvlPeers];
-  int pad0[32 - kNumMaxNvlPeers];
+  // Epoch of the owner's last barrier, kept on the device (read and written only by the owner's
+  // single-block prologue kernels) so that CUDA graph replays keep counting up.
+  int barrier_epoch;
+  int pad0[31 - kNumMaxNvlPeers];
 
   // Notify exchange, written by the owner before a barrier and read by every peer after it.
   int num_tokens;                                               // owner's T

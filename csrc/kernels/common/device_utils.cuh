@@ -69,3 +69,59 @@ __device__ __forceinline__ bool wait_at_least(const int* counter, int target, in
 }
 
 }  // namespace deep_ep::device
+
+namespace deep_ep::device {
+
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+  int value;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+// Input tensors are read-only for the whole kernel: read them through the non-coherent path without
+// allocating in L1 (streamed once).
+__device__ __forceinline__ int4 ld_input(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+
+// Queue slots are rewritten by other ranks between laps: read them at L2 (the coherence point),
+// never from a possibly stale L1 line.
+__device__ __forceinline__ int4 ld_queue(const int4* ptr) { return __ldcg(ptr); }
+
+// Copies `num_int4` 16-byte words with a warp, kUnroll loads in flight per lane. `Load` picks the path.
+template <int kUnroll, typename Load>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int num_int4, int lane, Load load) {
+  int i = lane;
+  for (; i + 32 * (kUnroll - 1) < num_int4; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = load(src + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dst[i + 32 * u] = v[u];
+  }
+  for (; i < num_int4; i += 32) dst[i] = load(src + i);
+}
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// The n-th (0-based) set bit of `mask`.
+__device__ __forceinline__ int nth_set_bit(unsigned mask, int n) {
+  for (int i = 0; i < n; ++i) mask &= mask - 1;
+  return __ffs(mask) - 1;
+}
+
+// Named barrier among `num_threads` threads (a multiple of 32) of the block.
+__device__ __forceinline__ void named_barrier(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+// [begin, end) of the tokens of channel `c` among `num_channels`.
+__device__ __forceinline__ void channel_range(int c, int num_channels, int num_tokens, int& begin, int& end) {
+  begin = static_cast<int>(static_cast<int64_t>(num_tokens) * c / num_channels);
+  end = static_cast<int>(static_cast<int64_t>(num_tokens) * (c + 1) / num_channels);
+}
+
+}  // namespace deep_ep::device

@@ -13,7 +13,7 @@ TEST(Config, DefaultsMatchV1) {
   EXPECT_EQ(c.num_sms, 20);
   EXPECT_EQ(c.num_max_nvl_chunked_send_tokens, 6);
   EXPECT_EQ(c.num_max_nvl_chunked_recv_tokens, 256);
-  EXPECT_EQ(c.num_channels(), 10);
+  EXPECT_EQ(c.num_channels(), 20);
 }
 
 TEST(Config, RejectsOddNumSms) { EXPECT_THROW(Config(15, 6, 256, 6, 256), ValueError); }
@@ -34,8 +34,8 @@ TEST(Config, NvlHintIsMultipleOf128AndCoversBothLayouts) {
   const int64_t hidden_bytes = 7168 * 2;
   const int64_t hint = c.get_nvl_buffer_size_hint(hidden_bytes, 8);
   EXPECT_EQ(hint % 128, 0);
-  const auto d = intranode::DispatchQueueLayout::make(12, 64, hidden_bytes, 7168 / 128, kNumMaxTopk);
-  const auto m = intranode::CombineQueueLayout::make(12, 8, 64, hidden_bytes, kNumMaxTopk);
+  const auto d = intranode::DispatchQueueLayout::make(24, 64, hidden_bytes, 7168 / 128, kNumMaxTopk);
+  const auto m = intranode::CombineQueueLayout::make(24, 8, 64, hidden_bytes, kNumMaxTopk);
   EXPECT_EQ(hint, std::max(d.total_bytes, m.total_bytes));
 }
 

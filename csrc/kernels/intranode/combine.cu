@@ -1,0 +1,246 @@
+// Intranode combine. Block c owns channel c of every rank's tokens. Its sender warps (expert-rank
+// role) push the rows this rank received from home rank r in channel c, in order, into r's ring
+// (c, me); its receiver warps (home role) walk this rank's tokens of channel c in order and sum, in
+// float32 over expert ranks in increasing order, the rows arriving for each token, then add the
+// biases and round to bf16 once (the CPU reference's order, so results match bit for bit).
+//
+// Ring counters (ControlRegion, owner = the rank whose buffer holds them):
+//   combine_tail[c][j] in home rank r's region: rows expert rank j pushed into ring (c, j). Written by j
+//     (st.release.sys after a system fence of the writing warp); read by r with ld.acquire.sys.
+//   combine_head[c][r] in expert rank j's region: rows of ring (c, j) home rank r has consumed. Written
+//     by r (st.release.sys after its reads, once per token batch); read by j before reusing slots.
+#include <algorithm>
+
+#include <cuda_bf16.h>
+
+#include "kernels/common/control_region.hpp"
+#include "kernels/intranode/prologue.cuh"
+#include "runtime/cuda_check.hpp"
+
+namespace deep_ep::intranode {
+
+namespace {
+
+constexpr int kSendWarps = 4;
+constexpr int kRecvWarps = 8;
+constexpr int kThreads = 32 * (kSendWarps + kRecvWarps);
+constexpr int kRecvBarrier = 1;
+
+struct Ring {
+  uint16_t* rows;
+  float* topk_weights;
+};
+
+__device__ __forceinline__ Ring ring_of(const Peers& p, const CombineQueueLayout& l, int rank) {
+  char* base = p.bases[rank] + p.payload_offset;
+  return {reinterpret_cast<uint16_t*>(base + l.rows_offset), reinterpret_cast<float*>(base + l.topk_weights_offset)};
+}
+
+__device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, int j, int R) {
+  return i > 0 ? rank_prefix_matrix[(i - 1) * R + j] : 0;
+}
+
+// Each sender warp serves home ranks warp, warp + kSendWarps, ... in turn, a chunk at a time, so that
+// no home rank waits behind another's whole channel.
+__device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int warp,
+                           int lane) {
+  constexpr int kMaxOwned = (kNumMaxNvlPeers + kSendWarps - 1) / kSendWarps;
+  const int R = p.num_ranks, me = p.rank, C = a.num_channels, Q = a.num_slots;
+  const int row_int4 = a.hidden / 8;
+  int first_row[kMaxOwned], num_rows[kMaxOwned], pushed[kMaxOwned];
+#pragma unroll
+  for (int o = 0; o < kMaxOwned; ++o) {
+    const int r = warp + o * kSendWarps;
+    first_row[o] = num_rows[o] = pushed[o] = 0;
+    if (r < R) {
+      const int channel_begin = a.recv_channel_prefix_matrix[r * C + c];
+      const int channel_end = c + 1 < C ? a.recv_channel_prefix_matrix[r * C + c + 1]
+                                        : a.rank_prefix_matrix[r * R + me] - rank_begin(a.rank_prefix_matrix, r, me, R);
+      first_row[o] = rank_begin(a.rank_prefix_matrix, r, me, R) + channel_begin;
+      num_rows[o] = channel_end - channel_begin;
+    }
+  }
+  uint64_t idle_since = device::global_timer_ns();
+  while (true) {
+    bool pending = false, progressed = false;
+#pragma unroll
+    for (int o = 0; o < kMaxOwned; ++o) {
+      const int r = warp + o * kSendWarps;
+      if (r >= R || pushed[o] >= num_rows[o]) continue;
+      pending = true;
+      // Push as much as fits, up to a chunk: the home rank may need exactly these rows to finish a batch.
+      const int free_slots = device::ld_acquire_sys(&control_of(p, me)->combine_head[c][r]) + Q - pushed[o];
+      if (free_slots <= 0) continue;
+      const int n = min(min(a.send_chunk, free_slots), num_rows[o] - pushed[o]);
+      const Ring ring = ring_of(p, l, r);
+      const int64_t queue = static_cast<int64_t>(c) * R + me;
+      for (int k = 0; k < n; ++k) {
+        const int64_t row = first_row[o] + pushed[o] + k;
+        const int64_t slot = queue * Q + (pushed[o] + k) % Q;
+        device::warp_copy<8>(reinterpret_cast<int4*>(ring.rows + slot * (l.row_stride / 2)),
+                             reinterpret_cast<const int4*>(a.x + row * a.hidden), row_int4, lane, device::ld_input);
+        for (int k2 = lane; k2 < a.num_topk; k2 += 32)
+          ring.topk_weights[slot * a.num_topk + k2] = a.topk_weights[row * a.num_topk + k2];
+      }
+      pushed[o] += n;
+      __threadfence_system();
+      __syncwarp();
+      if (lane == 0) device::st_release_sys(&control_of(p, r)->combine_tail[c][me], pushed[o]);
+      progressed = true;
+    }
+    if (!pending) return;
+    if (progressed) {
+      idle_since = device::global_timer_ns();
+    } else if (*reinterpret_cast<volatile int*>(&p.diagnostics->claimed)) {
+      return;
+    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(p.timeout_ns)) {
+      int stuck = warp;
+#pragma unroll
+      for (int o = kMaxOwned - 1; o >= 0; --o)
+        if (warp + o * kSendWarps < R && pushed[o] < num_rows[o]) stuck = warp + o * kSendWarps;
+      if (lane == 0) device::report(p.diagnostics, Phase::kCombineWaitSpace, true, me, stuck, c, -1, 0, 0);
+      return;
+    }
+  }
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+__device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(f)));
+}
+
+__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    acc[2 * q] += bf16_bits_to_float(w[q] & 0xffffu);
+    acc[2 * q + 1] += bf16_bits_to_float(w[q] >> 16);
+  }
+}
+
+__device__ void run_receiver(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int rwarp,
+                             int lane) {
+  const int R = p.num_ranks, me = p.rank, Q = a.num_slots;
+  const int batch = min(32, Q);
+  const int row_int4 = a.hidden / 8;
+  int begin, end;
+  device::channel_range(c, a.num_channels, a.num_tokens, begin, end);
+  const Ring ring = ring_of(p, l, me);
+  ControlRegion* mine = control_of(p, me);
+  __shared__ int abort_flag;
+  if (rwarp == 0 && lane == 0) abort_flag = 0;
+  device::named_barrier(kRecvBarrier, kRecvWarps * 32);
+
+  int consumed[kNumMaxNvlPeers];  // rows of ring (c, j) consumed before this batch, same in every thread
+#pragma unroll
+  for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] = 0;
+
+  for (int t0 = begin; t0 < end; t0 += batch) {
+    const int n = min(batch, end - t0);
+    unsigned mask = 0;
+    if (lane < n) {
+      const bool* row = a.is_token_in_rank + static_cast<int64_t>(t0 + lane) * R;
+      for (int j = 0; j < R; ++j) mask |= static_cast<unsigned>(row[j]) << j;
+    }
+    unsigned lanes_of[kNumMaxNvlPeers];
+#pragma unroll
+    for (int j = 0; j < kNumMaxNvlPeers; ++j) lanes_of[j] = __ballot_sync(0xffffffffu, j < R && ((mask >> j) & 1u));
+
+    for (int k = rwarp; k < n; k += kRecvWarps) {
+      const int t = t0 + k;
+      const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
+      int slot_of[kNumMaxNvlPeers];
+      bool ok = true;
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+        slot_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+        if ((token_mask >> j) & 1u)
+          ok = ok && device::wait_at_least(&mine->combine_tail[c][j], slot_of[j] + 1, p.timeout_ns, p.diagnostics,
+                                           Phase::kCombineWaitData, me, j, c);
+      }
+      if (!__all_sync(0xffffffffu, ok)) {
+        if (lane == 0) abort_flag = 1;
+        break;
+      }
+      const int64_t row_int4_stride = l.row_stride / 16;
+      const int4* rows = reinterpret_cast<const int4*>(ring.rows);
+      int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden);
+      const int4* bias_0 = a.bias_0 ? reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden) : nullptr;
+      const int4* bias_1 = a.bias_1 ? reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden) : nullptr;
+      for (int col = lane; col < row_int4; col += 32) {
+        int4 v[kNumMaxNvlPeers];
+#pragma unroll
+        for (int j = 0; j < kNumMaxNvlPeers; ++j)
+          if ((token_mask >> j) & 1u)
+            v[j] = device::ld_queue(rows + ((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * row_int4_stride + col);
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < kNumMaxNvlPeers; ++j)
+          if ((token_mask >> j) & 1u) accumulate(acc, v[j]);
+        if (bias_0) accumulate(acc, device::ld_input(bias_0 + col));
+        if (bias_1) accumulate(acc, device::ld_input(bias_1 + col));
+        int4 o;
+        o.x = static_cast<int>(float_to_bf16_bits(acc[0]) | (float_to_bf16_bits(acc[1]) << 16));
+        o.y = static_cast<int>(float_to_bf16_bits(acc[2]) | (float_to_bf16_bits(acc[3]) << 16));
+        o.z = static_cast<int>(float_to_bf16_bits(acc[4]) | (float_to_bf16_bits(acc[5]) << 16));
+        o.w = static_cast<int>(float_to_bf16_bits(acc[6]) | (float_to_bf16_bits(acc[7]) << 16));
+        out[col] = o;
+      }
+      if (a.combined_topk_weights) {
+        for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
+          float w = 0.0f;
+#pragma unroll
+          for (int j = 0; j < kNumMaxNvlPeers; ++j)
+            if ((token_mask >> j) & 1u) {
+              const int64_t slot = (static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q;
+              w += __ldcg(&ring.topk_weights[slot * a.num_topk + k2]);
+            }
+          a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k2] = w;
+        }
+      }
+    }
+    // All reads of this batch are done before its slots are released.
+    device::named_barrier(kRecvBarrier, kRecvWarps * 32);
+    if (abort_flag) return;
+#pragma unroll
+    for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);
+    if (rwarp == 0 && lane < R) {
+      int value = 0;
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        if (j == lane) value = consumed[j];
+      device::st_release_sys(&control_of(p, lane)->combine_head[c][me], value);
+    }
+  }
+}
+
+// Two blocks per SM must fit: co-residency of up to 8 ranks x 24 SMs on one 132-SM GPU.
+__global__ void __launch_bounds__(kThreads, 2) combine_kernel(Peers p, CombineArgs a, CombineQueueLayout l) {
+  const int warp = threadIdx.x / 32, lane = device::lane_id();
+  if (warp < kSendWarps) {
+    run_sender(p, a, l, blockIdx.x, warp, lane);
+  } else {
+    run_receiver(p, a, l, blockIdx.x, warp - kSendWarps, lane);
+  }
+}
+
+}  // namespace
+
+int combine_threads_per_block() { return kThreads; }
+
+int max_resident_combine_blocks_per_sm() {
+  int blocks = 0;
+  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel, kThreads, 0));
+  return blocks;
+}
+
+void launch_combine(const Peers& peers, const CombineArgs& args, cudaStream_t stream) {
+  const auto layout = CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2,
+                                               args.num_topk);
+  combine_kernel<<<args.num_channels, kThreads, 0, stream>>>(peers, args, layout);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deep_ep::intranode

@@ -1,0 +1,96 @@
+// Launchers of the intranode normal-mode kernels (ranks reachable by load/store: NVLink peers or ranks
+// sharing one GPU). Protocol, per op:
+//   1. prologue: barrier (every rank finished its previous op), each rank zeroes its own queue
+//      counters, barrier (nobody writes a peer's counters before they are zeroed);
+//   2. notify (non-cached dispatch only, fused with the prologue): counts exchanged through the
+//      control regions, prefix matrices computed, the received count published to the host;
+//   3. dispatch: block c stages its channel's tokens once into its own ring, and pulls from every
+//      peer's ring of channel c the slots whose destination mask names it;
+//      combine: block c pushes the rows it received from each home rank in channel c back into that
+//      rank's ring (c, me), and sums the rows of its own tokens arriving from every expert rank.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/common/diagnostics.hpp"
+#include "kernels/intranode/buffer_layout.hpp"
+
+namespace deep_ep::intranode {
+
+struct Peers {
+  char** bases;            // device array [R]: each rank's NVLink buffer (control region first)
+  int64_t payload_offset;  // where the payload (queues) starts inside each buffer
+  int rank, num_ranks;
+  DeviceDiagnostics* diagnostics;
+  int64_t timeout_ns;
+};
+
+// Barrier, reset of this rank's queue counters, barrier.
+void launch_prologue(const Peers& peers, cudaStream_t stream);
+
+struct NotifyArgs {
+  const bool* is_token_in_rank;     // [T, R]
+  const int* num_tokens_per_rank;   // [R]
+  const int* num_tokens_per_expert; // [E]
+  int num_tokens, num_experts, num_channels, expert_alignment;
+  int* rank_prefix_matrix;          // out [R, R]
+  int* channel_prefix_matrix;       // out [R, C]: first position of channel c among my tokens to rank j
+  int* recv_channel_prefix_matrix;  // out [R, C]: first row of (source i, channel c) inside source i's block
+  // Host-mapped: num_recv_tokens, num_recv_tokens_per_expert[L], then counts_ready = counts_epoch.
+  int* host_num_recv_tokens;
+  int* host_num_recv_tokens_per_expert;
+  volatile int* host_counts_ready;
+  int counts_epoch;
+};
+
+// Prologue + count exchange.
+void launch_notify(const Peers& peers, const NotifyArgs& args, cudaStream_t stream);
+
+struct DispatchArgs {
+  const uint8_t* x;                 // [T, row_bytes]
+  const float* x_scales;            // [T, num_scales] with strides below, or null
+  int64_t scale_token_stride, scale_channel_stride;
+  const int64_t* topk_idx;          // [T, K] or null
+  const float* topk_weights;        // [T, K] or null
+  const bool* is_token_in_rank;     // [T, R]
+  const int* rank_prefix_matrix;    // [R, R]
+  const int* channel_prefix_matrix;       // [R, C]
+  const int* recv_channel_prefix_matrix;  // [R, C]
+  int num_tokens, row_bytes, num_scales, num_topk, num_experts;
+  int num_channels, num_slots, send_chunk;
+  int num_rows;                     // rows allocated in the outputs (N, or num_worst_tokens)
+  uint8_t* recv_x;                  // [num_rows, row_bytes]
+  float* recv_x_scales;             // [num_rows, num_scales] or null
+  int64_t* recv_topk_idx;           // [num_rows, K] or null
+  float* recv_topk_weights;         // [num_rows, K] or null
+  int* recv_src_idx;                // [num_rows]
+  int* send_head;                   // [T, R]: row of token t in rank j's output, -1 if not sent
+};
+
+void launch_dispatch(const Peers& peers, const DispatchArgs& args, cudaStream_t stream);
+
+struct CombineArgs {
+  const uint16_t* x;                // [N, hidden] bf16, this rank's received rows
+  const float* topk_weights;        // [N, K] or null
+  const uint16_t* bias_0;           // [T, hidden] or null
+  const uint16_t* bias_1;           // [T, hidden] or null
+  const bool* is_token_in_rank;     // [T, R] of this rank's tokens
+  const int* rank_prefix_matrix;    // [R, R]
+  const int* recv_channel_prefix_matrix;  // [R, C]
+  int num_tokens, num_recv_tokens, hidden, num_topk;
+  int num_channels, num_slots, send_chunk;
+  uint16_t* combined_x;             // [T, hidden]
+  float* combined_topk_weights;     // [T, K] or null
+};
+
+void launch_combine(const Peers& peers, const CombineArgs& args, cudaStream_t stream);
+
+// Blocks each launch uses, for the co-residency check (design.md decision 5).
+int dispatch_threads_per_block();
+int combine_threads_per_block();
+int max_resident_dispatch_blocks_per_sm();
+int max_resident_combine_blocks_per_sm();
+
+}  // namespace deep_ep::intranode

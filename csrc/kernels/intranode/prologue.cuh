@@ -1,0 +1,49 @@
+// Cross-rank barrier and counter reset shared by the intranode prologue and notify kernels.
+#pragma once
+
+#include "kernels/common/control_region.hpp"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/intranode/intranode.hpp"
+
+namespace deep_ep::intranode {
+
+__device__ __forceinline__ ControlRegion* control_of(const Peers& p, int rank) {
+  return reinterpret_cast<ControlRegion*>(p.bases[rank]);
+}
+
+// Block-wide barrier with every rank (single-block kernels only): thread j < R signals rank j and waits
+// for rank j's signal. Signal: st.release.sys of the new epoch into barrier_signal[my rank] of the
+// peer; wait: ld.acquire.sys of my barrier_signal[j] until it reaches the epoch. Every rank runs the
+// same sequence of barriers, so epochs agree. Returns false (on every thread) if any wait failed.
+__device__ __forceinline__ bool rank_barrier(const Peers& p) {
+  __shared__ int epoch;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = &control_of(p, p.rank)->barrier_epoch;
+    epoch = *counter + 1;
+    *counter = epoch;
+  }
+  __syncthreads();
+  bool ok = true;
+  if (threadIdx.x < p.num_ranks) {
+    device::st_release_sys(&control_of(p, threadIdx.x)->barrier_signal[p.rank], epoch);
+    ok = device::wait_at_least(&control_of(p, p.rank)->barrier_signal[threadIdx.x], epoch, p.timeout_ns,
+                               p.diagnostics, Phase::kBarrier, p.rank, threadIdx.x, -1);
+  }
+  return !__syncthreads_or(!ok);
+}
+
+// Zero this rank's queue counters. Only called between the two barriers of a prologue: no peer reads
+// or writes them then.
+__device__ __forceinline__ void reset_queue_counters(const Peers& p) {
+  ControlRegion* mine = control_of(p, p.rank);
+  constexpr int kCounters = kMaxChannels * kNumMaxNvlPeers;
+  for (int i = threadIdx.x; i < kCounters; i += blockDim.x) {
+    (&mine->dispatch_tail[0][0])[i] = 0;
+    (&mine->dispatch_head[0][0])[i] = 0;
+    (&mine->combine_tail[0][0])[i] = 0;
+    (&mine->combine_head[0][0])[i] = 0;
+  }
+}
+
+}  // namespace deep_ep::intranode

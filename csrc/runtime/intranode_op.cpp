@@ -1,0 +1,282 @@
+// Buffer::intranode_dispatch / intranode_combine: validation (design.md decision 7), the co-residency
+// check (decision 5), the GPU-to-CPU count handshake, output allocation, and the kernel launches.
+#include <chrono>
+#include <thread>
+
+#include "deep_ep/buffer.hpp"
+#include "deep_ep/error.hpp"
+#include "kernels/intranode/intranode.hpp"
+#include "runtime/buffer_internals.hpp"
+#include "runtime/cuda_check.hpp"
+
+namespace deep_ep {
+
+namespace {
+
+intranode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
+  return {in.peer_bases_device, in.nvl_payload_offset, b.rank(), b.num_ranks(), in.device_diagnostics(),
+          in.timeout_ns};
+}
+
+void check_co_residency(const Buffer& b, const Config& config, int blocks_per_sm, const char* op) {
+  const int capacity = b.num_device_sms() * blocks_per_sm;
+  const int needed = config.num_sms * b.num_ranks_per_device();
+  DEEP_EP_CHECK(needed <= capacity, op, ": config.num_sms=", config.num_sms, " for each of the ",
+                b.num_ranks_per_device(), " ranks sharing cuda:", b.device(), " needs ", needed,
+                " resident blocks, but the GPU holds at most ", capacity, " (", b.num_device_sms(), " SMs x ",
+                blocks_per_sm, " blocks); use a smaller num_sms");
+}
+
+void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
+  DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed, " bytes of NVLink buffer (num_sms=",
+                config.num_sms, ", num_max_nvl_chunked_recv_tokens=", config.num_max_nvl_chunked_recv_tokens,
+                ", rows of ", row_bytes, " bytes) but the Buffer has num_nvl_bytes=", b.options().num_nvl_bytes,
+                "; size it with Config.get_nvl_buffer_size_hint");
+}
+
+void check_handle(const IntranodeHandle& h, int R, int device, int64_t num_tokens) {
+  check_tensor(h.rank_prefix_matrix, "handle[0] (rank_prefix_matrix)", {DType::kInt32, {R, R}, true, device});
+  check_tensor(h.channel_prefix_matrix, "handle[1] (channel_prefix_matrix)",
+               {DType::kInt32, {R, kAnySize}, true, device});
+  const int64_t C = h.channel_prefix_matrix.size(1);
+  check_tensor(h.recv_channel_prefix_matrix, "handle[2] (recv_channel_prefix_matrix)", {DType::kInt32, {R, C}, true, device});
+  check_tensor(h.recv_src_idx, "handle[3] (recv_src_idx)", {DType::kInt32, {kAnySize}, true, device});
+  check_tensor(h.is_token_in_rank, "handle[4] (is_token_in_rank)", {DType::kBool, {num_tokens, R}, true, device});
+  check_tensor(h.send_head, "handle[5] (send_head)", {DType::kInt32, {num_tokens, R}, true, device});
+}
+
+}  // namespace
+
+IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& a, const Allocator& allocate,
+                                                   cudaStream_t stream) {
+  check_device_errors();
+  auto& in = *internals_;
+  const int R = num_ranks_, device = options_.device;
+  const Config& config = a.config;
+  const bool fp8 = a.x_scales.has_value();
+
+  // ---- x -----------------------------------------------------------------------------------------
+  DEEP_EP_CHECK(a.x.dim() == 2, "x must be 2-D [num_tokens, hidden], got ", a.x.describe());
+  check_tensor(a.x, "x", {fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {kAnySize, kAnySize}, true, device});
+  const int64_t T = a.x.size(0), H = a.x.size(1);
+  const int64_t row_bytes = H * dtype_size(a.x.dtype);
+  DEEP_EP_CHECK(H > 0 && row_bytes % 16 == 0, "x rows must be a positive multiple of 16 bytes, got hidden=", H, " (",
+                row_bytes, " bytes)");
+  int num_scales = 0;
+  int64_t scale_token_stride = 0, scale_channel_stride = 0;
+  if (fp8) {
+    DEEP_EP_CHECK(H % 128 == 0, "FP8 x needs hidden % 128 == 0 (one scale per 128 channels), got hidden=", H);
+    num_scales = static_cast<int>(H / 128);
+    check_tensor(*a.x_scales, "x_scales", {DType::kFloat32, {T, num_scales}, false, device});
+    scale_token_stride = a.x_scales->strides[0];
+    scale_channel_stride = a.x_scales->strides[1];
+  }
+
+  // ---- top-k -------------------------------------------------------------------------------------
+  DEEP_EP_CHECK(a.topk_idx.has_value() == a.topk_weights.has_value(),
+                "topk_idx and topk_weights must be given together (both or neither)");
+  int num_topk = 0;
+  if (a.topk_idx) {
+    DEEP_EP_CHECK(a.topk_idx->dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got ", a.topk_idx->describe());
+    num_topk = static_cast<int>(a.topk_idx->size(1));
+    DEEP_EP_CHECK(num_topk >= 1 && num_topk <= kNumMaxTopk, "num_topk must be in [1, ", kNumMaxTopk, "], got ", num_topk);
+    check_tensor(*a.topk_idx, "topk_idx", {DType::kInt64, {T, num_topk}, true, device});
+    check_tensor(*a.topk_weights, "topk_weights", {DType::kFloat32, {T, num_topk}, true, device});
+  }
+  DEEP_EP_CHECK(a.num_worst_tokens >= 0, "num_worst_tokens must be >= 0, got ", a.num_worst_tokens);
+  DEEP_EP_CHECK(a.expert_alignment >= 1, "expert_alignment must be >= 1, got ", a.expert_alignment);
+
+  // ---- routing: layout (non-cached) or handle (cached) ------------------------------------------------
+  const bool cached = a.handle.has_value();
+  int num_experts = 0;
+  const IntranodeHandle* handle = cached ? &*a.handle : nullptr;
+  if (cached) {
+    DEEP_EP_CHECK(!a.topk_idx, "cached dispatch (with a handle) takes no topk_idx/topk_weights");
+    DEEP_EP_CHECK(!a.num_tokens_per_rank && !a.num_tokens_per_expert,
+                  "cached dispatch (with a handle) takes no layout arguments");
+    check_handle(*handle, R, device, T);
+    DEEP_EP_CHECK(handle->channel_prefix_matrix.size(1) == config.num_channels(), "config.num_sms=", config.num_sms,
+                  " differs from the handle's ", handle->channel_prefix_matrix.size(1),
+                  " channels: cached dispatch must use the num_sms of the dispatch that made the handle");
+  } else {
+    DEEP_EP_CHECK(a.num_tokens_per_rank && a.is_token_in_rank && a.num_tokens_per_expert,
+                  "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert "
+                  "(from get_dispatch_layout)");
+    check_tensor(*a.num_tokens_per_rank, "num_tokens_per_rank", {DType::kInt32, {R}, true, device});
+    check_tensor(*a.is_token_in_rank, "is_token_in_rank", {DType::kBool, {T, R}, true, device});
+    DEEP_EP_CHECK(a.num_tokens_per_expert->dim() == 1, "num_tokens_per_expert must be 1-D, got ",
+                  a.num_tokens_per_expert->describe());
+    num_experts = static_cast<int>(a.num_tokens_per_expert->size(0));
+    check_tensor(*a.num_tokens_per_expert, "num_tokens_per_expert", {DType::kInt32, {num_experts}, true, device});
+    DEEP_EP_CHECK(num_experts > 0 && num_experts % R == 0 && num_experts / R <= kMaxLocalExperts &&
+                      num_experts <= kMaxIntranodeExperts,
+                  "num_tokens_per_expert must have num_experts entries, a multiple of num_ranks=", R, " with at most ",
+                  kMaxLocalExperts, " per rank; got ", num_experts);
+    DEEP_EP_CHECK(a.num_worst_tokens == 0 || a.topk_idx, "num_worst_tokens > 0 requires topk_idx and topk_weights");
+  }
+
+  const auto layout = intranode::DispatchQueueLayout::make(config.num_channels(), config.num_max_nvl_chunked_recv_tokens,
+                                                           row_bytes, num_scales, num_topk);
+  check_fits(*this, layout.total_bytes, config, row_bytes, "dispatch");
+  check_co_residency(*this, config, intranode::max_resident_dispatch_blocks_per_sm(), "dispatch");
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+  const auto peers = peers_of(*this, in);
+  const int C = config.num_channels();
+
+  IntranodeDispatchResult result;
+  TensorView rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head;
+  int num_recv_tokens = 0;
+  if (cached) {
+    rank_prefix_matrix = handle->rank_prefix_matrix;
+    channel_prefix_matrix = handle->channel_prefix_matrix;
+    recv_channel_prefix_matrix = handle->recv_channel_prefix_matrix;
+    send_head = handle->send_head;
+    result.num_rows = static_cast<int>(handle->recv_src_idx.size(0));
+    intranode::launch_prologue(peers, stream);
+  } else {
+    rank_prefix_matrix = allocate("rank_prefix_matrix", DType::kInt32, {R, R});
+    channel_prefix_matrix = allocate("channel_prefix_matrix", DType::kInt32, {R, C});
+    recv_channel_prefix_matrix = allocate("recv_channel_prefix_matrix", DType::kInt32, {R, C});
+    send_head = allocate("send_head", DType::kInt32, {T, R});
+    intranode::NotifyArgs n{};
+    n.is_token_in_rank = a.is_token_in_rank->ptr<bool>();
+    n.num_tokens_per_rank = a.num_tokens_per_rank->ptr<int>();
+    n.num_tokens_per_expert = a.num_tokens_per_expert->ptr<int>();
+    n.num_tokens = static_cast<int>(T);
+    n.num_experts = num_experts;
+    n.num_channels = C;
+    n.expert_alignment = a.expert_alignment;
+    n.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
+    n.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
+    n.recv_channel_prefix_matrix = recv_channel_prefix_matrix.ptr<int>();
+    n.host_num_recv_tokens = &in.host_device->num_recv_tokens;
+    n.host_num_recv_tokens_per_expert = in.host_device->num_recv_tokens_per_expert;
+    n.host_counts_ready = &in.host_device->counts_ready;
+    n.counts_epoch = ++in.counts_epoch;
+    intranode::launch_notify(peers, n, stream);
+    if (a.num_worst_tokens > 0) {
+      result.num_rows = a.num_worst_tokens;
+    } else {
+      // The GPU-to-CPU handshake: notify publishes the counts in host-mapped memory.
+      const auto start = std::chrono::steady_clock::now();
+      while (in.host->counts_ready != in.counts_epoch) {
+        check_device_errors();
+        if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(in.timeout_ns))
+          throw TimeoutError(detail::concat("deep_ep timeout on rank ", rank_, ": dispatch waited ",
+                                            in.timeout_ns / 1e9, " s for the received-token count of notify (phase ",
+                                            phase_name(Phase::kNotifyCounts), "); a peer rank did not join"));
+        std::this_thread::yield();
+      }
+      num_recv_tokens = in.host->num_recv_tokens;
+      result.num_rows = num_recv_tokens;
+      const int L = num_experts / R;
+      result.num_recv_tokens_per_expert.assign(in.host->num_recv_tokens_per_expert,
+                                               in.host->num_recv_tokens_per_expert + L);
+    }
+  }
+  const int64_t N = result.num_rows;
+  TensorView recv_x = allocate("recv_x", a.x.dtype, {N, H});
+  TensorView recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
+  if (fp8) recv_x_scales = allocate("recv_x_scales", DType::kFloat32, {N, num_scales});
+  if (num_topk) {
+    recv_topk_idx = allocate("recv_topk_idx", DType::kInt64, {N, num_topk});
+    recv_topk_weights = allocate("recv_topk_weights", DType::kFloat32, {N, num_topk});
+  }
+  if (cached) {
+    recv_src_idx = handle->recv_src_idx;
+  } else {
+    recv_src_idx = allocate("recv_src_idx", DType::kInt32, {N});
+  }
+
+  intranode::DispatchArgs d{};
+  d.x = a.x.ptr<uint8_t>();
+  d.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
+  d.scale_token_stride = scale_token_stride;
+  d.scale_channel_stride = scale_channel_stride;
+  d.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
+  d.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+  d.is_token_in_rank = cached ? handle->is_token_in_rank.ptr<bool>() : a.is_token_in_rank->ptr<bool>();
+  d.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
+  d.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
+  d.recv_channel_prefix_matrix = recv_channel_prefix_matrix.ptr<int>();
+  d.num_tokens = static_cast<int>(T);
+  d.row_bytes = static_cast<int>(row_bytes);
+  d.num_scales = num_scales;
+  d.num_topk = num_topk;
+  d.num_experts = num_experts;
+  d.num_channels = C;
+  d.num_slots = config.num_max_nvl_chunked_recv_tokens;
+  d.send_chunk = config.num_max_nvl_chunked_send_tokens;
+  d.num_rows = static_cast<int>(N);
+  d.recv_x = recv_x.ptr<uint8_t>();
+  d.recv_x_scales = fp8 ? recv_x_scales.ptr<float>() : nullptr;
+  d.recv_topk_idx = num_topk ? recv_topk_idx.ptr<int64_t>() : nullptr;
+  d.recv_topk_weights = num_topk ? recv_topk_weights.ptr<float>() : nullptr;
+  d.recv_src_idx = recv_src_idx.ptr<int>();
+  d.send_head = send_head.ptr<int>();
+  intranode::launch_dispatch(peers, d, stream);
+  return result;
+}
+
+void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& allocate, cudaStream_t stream) {
+  check_device_errors();
+  auto& in = *internals_;
+  const int R = num_ranks_, device = options_.device;
+  const Config& config = a.config;
+  DEEP_EP_CHECK(a.x.dim() == 2, "x must be 2-D [num_recv_tokens, hidden], got ", a.x.describe());
+  check_tensor(a.x, "x", {DType::kBFloat16, {kAnySize, kAnySize}, true, device});
+  const int64_t N = a.x.size(0), H = a.x.size(1);
+  DEEP_EP_CHECK(H > 0 && H % 8 == 0, "combine x rows must be a positive multiple of 16 bytes, got hidden=", H);
+  const IntranodeHandle& h = a.handle;
+  DEEP_EP_CHECK(h.is_token_in_rank.dim() == 2, "handle[4] (is_token_in_rank) must be 2-D, got ",
+                h.is_token_in_rank.describe());
+  const int64_t T = h.is_token_in_rank.size(0);
+  check_handle(h, R, device, T);
+  DEEP_EP_CHECK(N == h.recv_src_idx.size(0), "x must have one row per row received by the dispatch (",
+                h.recv_src_idx.size(0), "), got ", N);
+  const int C = static_cast<int>(h.channel_prefix_matrix.size(1));
+  DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
+                " channels: combine must use the num_sms of the dispatch that made the handle");
+  int num_topk = 0;
+  if (a.topk_weights) {
+    DEEP_EP_CHECK(a.topk_weights->dim() == 2, "topk_weights must be 2-D [num_recv_tokens, num_topk], got ",
+                  a.topk_weights->describe());
+    num_topk = static_cast<int>(a.topk_weights->size(1));
+    DEEP_EP_CHECK(num_topk >= 1 && num_topk <= kNumMaxTopk, "num_topk must be in [1, ", kNumMaxTopk, "], got ", num_topk);
+    check_tensor(*a.topk_weights, "topk_weights", {DType::kFloat32, {N, num_topk}, true, device});
+  }
+  if (a.bias_0) check_tensor(*a.bias_0, "bias[0]", {DType::kBFloat16, {T, H}, true, device});
+  if (a.bias_1) check_tensor(*a.bias_1, "bias[1]", {DType::kBFloat16, {T, H}, true, device});
+
+  const auto layout = intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
+  check_fits(*this, layout.total_bytes, config, H * 2, "combine");
+  check_co_residency(*this, config, intranode::max_resident_combine_blocks_per_sm(), "combine");
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+
+  TensorView combined_x = allocate("combined_x", DType::kBFloat16, {T, H});
+  TensorView combined_topk_weights;
+  if (num_topk) combined_topk_weights = allocate("combined_topk_weights", DType::kFloat32, {T, num_topk});
+
+  const auto peers = peers_of(*this, in);
+  intranode::launch_prologue(peers, stream);
+  intranode::CombineArgs c{};
+  c.x = a.x.ptr<uint16_t>();
+  c.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+  c.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+  c.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+  c.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+  c.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
+  c.recv_channel_prefix_matrix = h.recv_channel_prefix_matrix.ptr<int>();
+  c.num_tokens = static_cast<int>(T);
+  c.num_recv_tokens = static_cast<int>(N);
+  c.hidden = static_cast<int>(H);
+  c.num_topk = num_topk;
+  c.num_channels = C;
+  c.num_slots = config.num_max_nvl_chunked_recv_tokens;
+  c.send_chunk = config.num_max_nvl_chunked_send_tokens;
+  c.combined_x = combined_x.ptr<uint16_t>();
+  c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+  intranode::launch_combine(peers, c, stream);
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,245 @@
+"""GPU tests of intranode dispatch and combine against the CPU reference (2, 4, 8 ranks on the GPUs
+present; several ranks share a GPU under MPS)."""
+
+import os
+
+import torch
+
+import deep_ep
+from common import assert_equal, expect_raises, setup, teardown, to_numpy
+from intranode_cases import (check_dispatch, make_topk, make_x, reference_combine, reference_dispatch)
+
+NUM_EXPERTS = 256
+
+
+def _buffer(group, hidden, num_sms=None):
+    num_sms = num_sms or deep_ep.Buffer.num_sms
+    num_ranks = group.size() if hasattr(group, "size") else torch.distributed.get_world_size(group)
+    hint = max(deep_ep.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks),
+               deep_ep.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks))
+    return deep_ep.Buffer(group, num_nvl_bytes=hint, explicitly_destroy=True)
+
+
+def dispatch_combine(ctx, opts):
+    """One or more rounds of layout -> dispatch -> combine -> cached dispatch, each checked exactly."""
+    group = setup(ctx, seed_base=opts.get("seed", 0))
+    hidden, num_topk = opts.get("hidden", 7168), opts.get("num_topk", 8)
+    fp8, with_topk = opts.get("fp8", False), opts.get("with_topk", True)
+    routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
+    worst = opts.get("worst", False)
+    deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
+    buffer = _buffer(group, hidden)
+    for round_idx in range(opts.get("rounds", 1)):
+        num_tokens = opts.get("num_tokens", 300)
+        if opts.get("uneven", True):
+            num_tokens = max(0, num_tokens - 37 * ctx.rank)
+        if opts.get("empty_rank") is not None and ctx.rank == opts["empty_rank"]:
+            num_tokens = 0
+        x = make_x(num_tokens, hidden, fp8)
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
+        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        num_worst = ctx.num_ranks * opts.get("num_tokens", 300) if worst else 0
+        kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst)
+        if with_topk:
+            kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
+        if mode == "async":
+            kwargs.update(async_finish=True)
+        elif mode == "previous_event":
+            kwargs.update(previous_event=buffer.capture())
+        elif mode == "comm_alloc":
+            kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
+        if mode in ("async", "comm_alloc"):
+            event.current_stream_wait()
+        inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
+                                             opts.get("alignment", 1), num_worst)
+        label = f"rank {ctx.rank} round {round_idx}"
+        check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle,
+                       with_topk, num_worst, label)
+
+        # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
+        rows = (recv_x[0] if fp8 else recv_x).size(0)
+        expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+        bias = None
+        if opts.get("bias", 0) == 1:
+            bias = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+        elif opts.get("bias", 0) == 2:
+            bias = tuple(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))
+        combine_kwargs = {}
+        if mode == "async":
+            combine_kwargs.update(async_finish=True)
+        elif mode == "previous_event":
+            combine_kwargs.update(previous_event=buffer.capture())
+        combined_x, combined_weights, event = buffer.combine(
+            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **combine_kwargs)
+        if mode == "async":
+            event.current_stream_wait()
+        expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
+                                     bias, hidden, num_topk if with_topk else 0)[ctx.rank]
+        assert_equal(f"{label} combined_x", to_numpy(combined_x), expected.combined_x)
+        if with_topk:
+            assert_equal(f"{label} combined_topk_weights", to_numpy(combined_weights), expected.combined_topk_weights)
+            # Weights survive on exactly one rank each, so combine restores the originals of routed slots.
+            routed = in_rank.any(dim=1, keepdim=True) & (topk_idx >= 0)
+            assert torch.equal(torch.where(routed, topk_weights, 0.0), torch.where(routed, combined_weights, 0.0))
+        else:
+            assert combined_weights is None
+
+        # Cached dispatch with the handle: same routing, fresh x.
+        x2 = make_x(num_tokens, hidden, fp8)
+        cached = buffer.dispatch(x2, handle=handle)
+        assert cached[1] is None and cached[4] is None
+        _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
+                                         num_worst)
+        check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
+    torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
+
+
+def back_to_back(ctx, num_calls):
+    """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call."""
+    group = setup(ctx, seed_base=7)
+    hidden = 2048
+    buffer = _buffer(group, hidden)
+    for call in range(num_calls):
+        num_tokens = int(torch.randint(0, 160, ()).item())
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+        # Small integers: sums of bf16 copies are exact.
+        x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                     num_tokens_per_expert=per_expert)
+        combined, _, _ = buffer.combine(recv_x, handle)
+        expected = x.float() * in_rank.sum(dim=1, keepdim=True).float()
+        if not torch.equal(combined.float(), expected):
+            bad = (combined.float() != expected).nonzero()[0].tolist()
+            raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
+def cuda_graph(ctx):
+    """dispatch (num_worst_tokens) + combine captured in a CUDA graph, replayed with new inputs."""
+    group = setup(ctx, seed_base=11)
+    hidden, num_tokens, num_topk = 4096, 128, 8
+    buffer = _buffer(group, hidden)
+    num_worst = num_tokens * ctx.num_ranks
+    static_x = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    static_topk = torch.empty(num_tokens, num_topk, dtype=torch.int64, device="cuda")
+    static_w = torch.empty(num_tokens, num_topk, dtype=torch.float32, device="cuda")
+
+    def step():
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(static_topk, NUM_EXPERTS)
+        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+            static_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=static_topk, topk_weights=static_w, num_worst_tokens=num_worst)
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        return recv_x, recv_idx, in_rank, combined, combined_w
+
+    def fill():
+        static_x.copy_(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16))
+        static_topk.copy_(make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random"))
+        static_w.copy_(torch.rand(num_tokens, num_topk, device="cuda"))
+
+    fill()
+    step()  # warm-up outside the graph
+    torch.cuda.synchronize()
+    torch.distributed.barrier(group)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for replay in range(3):
+        fill()
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        graph.replay()
+        torch.cuda.synchronize()
+        recv_x, recv_idx, in_rank, combined, combined_w = outs
+        inputs, outputs = reference_dispatch(group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS,
+                                             1, num_worst)
+        check_dispatch(outputs[ctx.rank], recv_x, recv_idx, None, [], None, False, num_worst, f"replay {replay}")
+        expected = reference_combine(group, inputs, outputs, recv_x, None, None, hidden, 0)[ctx.rank]
+        assert_equal(f"replay {replay} combined_x", to_numpy(combined), expected.combined_x)
+    del graph
+    torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
+
+
+def timeout_names_rank_peer_phase(ctx):
+    """A rank that never joins: the others get TimeoutError naming rank, peer and phase; the process survives."""
+    os.environ["DEEP_EP_TIMEOUT_S"] = "4"
+    group = setup(ctx)
+    buffer = _buffer(group, 2048)
+    if ctx.rank != 0:
+        topk_idx = make_topk(64, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+        x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        try:
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+            raise AssertionError("dispatch without rank 0 must time out")
+        except TimeoutError as error:
+            text = str(error)
+            assert f"rank {ctx.rank}" in text and "peer rank 0" in text and "barrier" in text, text
+        torch.cuda.synchronize()  # the process and its CUDA context survive
+        expect_raises(RuntimeError, "unusable", lambda: buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS))
+    torch.distributed.barrier(group)
+    teardown()
+
+
+def bad_dispatch_inputs(ctx):
+    group = setup(ctx)
+    buffer = _buffer(group, 2048)
+    topk_idx = make_topk(32, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randn(32, 2048, device="cuda").to(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    expect_raises(TypeError, "x must be torch.bfloat16", lambda: buffer.dispatch(x.float(), **layout))
+    expect_raises(ValueError, "contiguous", lambda: buffer.dispatch(x.t().contiguous().t(), **layout))
+    expect_raises(ValueError, "both or neither", lambda: buffer.dispatch(x, topk_idx=topk_idx, **layout))
+    expect_raises(ValueError, "num_tokens_per_rank", lambda: buffer.dispatch(x))
+    expect_raises(TypeError, "cpu", lambda: buffer.dispatch(x.cpu(), **layout))
+    expect_raises(ValueError, "x_scales", lambda: buffer.dispatch((x.to(torch.float8_e4m3fn), torch.ones(32, 15, device="cuda")), **layout))
+    small = deep_ep.Buffer(group, num_nvl_bytes=1 << 16, explicitly_destroy=True)
+    expect_raises(ValueError, "get_nvl_buffer_size_hint", lambda: small.dispatch(x, **layout))
+    # The failed calls launched nothing: a valid call still works on both buffers' group.
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    expect_raises(ValueError, "num_sms", lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(10, 4, 16)))
+    combined, _, _ = buffer.combine(recv_x, handle)
+    assert torch.equal(combined.float(), x.float() * in_rank.sum(dim=1, keepdim=True).float())
+    small.destroy()
+    buffer.destroy()
+    teardown()
+
+
+def cases(rank_counts):
+    out = []
+    t = 240
+    for r in rank_counts:
+        base = f"intranode/r{r}"
+        out.append((f"{base}/bf16_topk", dispatch_combine, r, (dict(bias=1),), t))
+        out.append((f"{base}/fp8_topk", dispatch_combine, r, (dict(fp8=True, alignment=4),), t))
+        out.append((f"{base}/bf16_no_topk", dispatch_combine, r, (dict(with_topk=False, bias=2),), t))
+        out.append((f"{base}/fp8_worst_tokens", dispatch_combine, r, (dict(fp8=True, worst=True),), t))
+        out.append((f"{base}/async", dispatch_combine, r, (dict(mode="async", bias=2),), t))
+        out.append((f"{base}/previous_event", dispatch_combine, r, (dict(mode="previous_event"),), t))
+        out.append((f"{base}/comm_alloc", dispatch_combine, r, (dict(mode="comm_alloc"),), t))
+        out.append((f"{base}/edges", dispatch_combine, r, (dict(empty_rank=r - 1, hidden=2048, num_topk=1,
+                                                                  routing="one_rank"),), t))
+        out.append((f"{base}/all_minus_one_topk9_h4096", dispatch_combine, r,
+                    (dict(routing="all_minus_one", hidden=4096, num_topk=9),), t))
+        out.append((f"{base}/topk9_h4096_multi_round", dispatch_combine, r,
+                    (dict(hidden=4096, num_topk=9, rounds=3, num_sms=8),), t))
+        out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
+        out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
+        out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
+        out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
+    if 8 in rank_counts:
+        out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
+    return out
+
+
+os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
