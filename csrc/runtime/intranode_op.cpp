@@ -158,12 +158,14 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
       result.num_rows = a.num_worst_tokens;
     } else {
       // The GPU-to-CPU handshake: notify publishes the counts in host-mapped memory.
+      // The host waits longer than the device: a device-side timeout, which names the peer, wins.
       const auto start = std::chrono::steady_clock::now();
+      const auto limit = std::chrono::nanoseconds(2 * in.timeout_ns) + std::chrono::seconds(5);
       while (in.host->counts_ready != in.counts_epoch) {
         check_device_errors();
-        if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(in.timeout_ns))
+        if (std::chrono::steady_clock::now() - start > limit)
           throw TimeoutError(detail::concat("deep_ep timeout on rank ", rank_, ": dispatch waited ",
-                                            in.timeout_ns / 1e9, " s for the received-token count of notify (phase ",
+                                            2 * in.timeout_ns / 1e9 + 5, " s for the received-token count of notify (phase ",
                                             phase_name(Phase::kNotifyCounts), "); a peer rank did not join"));
         std::this_thread::yield();
       }

@@ -11,8 +11,12 @@ from deep_ep.testing import destroy_process_group, init_process_group
 
 _L2_FLUSH_BYTES = 256 << 20
 
-# Benchmarks of the communication ops: fn(ctx, group, opts, flush, copy_gbps) -> table rows.
-OP_BENCHES = []
+
+def _op_benches():
+    """Benchmarks of the communication ops: fn(ctx, group, opts, flush, copy_gbps) -> table rows."""
+    from .intranode import bench_intranode
+
+    return [bench_intranode]
 
 
 def time_op(fn, group, iters, flush):
@@ -68,7 +72,7 @@ def run_rank(ctx, opts):
     ms = time_op(lambda: buffer.get_dispatch_layout(topk_idx, opts["num_experts"]), group, opts["iters"], flush)
     rows.append(("get_dispatch_layout", f"{opts['num_tokens']} tok", "-", f"{ms * 1e3:.1f} us", "-"))
 
-    for bench in OP_BENCHES:
+    for bench in _op_benches():
         rows.extend(bench(ctx, group, opts, flush, copy_gbps))
     buffer.destroy()
     gathered = [None] * ctx.num_ranks

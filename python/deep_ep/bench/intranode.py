@@ -1,0 +1,81 @@
+"""Normal-mode intranode benchmark in the DeepSeek-V3 setting (design.md section 4): per-rank GB/s of
+logical bytes (dispatch: BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: bytes sent back), the
+time of one cached-handle call, SMs per rank, and the HBM copy ceiling of the same run."""
+
+import torch
+import torch.distributed as dist
+
+import deep_ep
+
+# DeepEP V1 in exactly this setting (8 ranks on one H100 under MPS, 16 SMs per rank), GB/s per rank.
+REFERENCE_GBPS = {"dispatch FP8": 92.0, "dispatch BF16": 93.0, "combine BF16": 107.0}
+
+
+def _fp8_cast(x):
+    """Per-128-channel FP8 cast with column-major scales, as DeepEP users pass them."""
+    t, h = x.shape
+    groups = x.float().view(t, h // 128, 128)
+    amax = groups.abs().amax(dim=2).clamp(min=1e-4)
+    scales = amax / 448.0
+    x_fp8 = (groups / scales.unsqueeze(2)).view(t, h).to(torch.float8_e4m3fn)
+    return x_fp8, scales.t().contiguous().t()
+
+
+def bench_intranode(ctx, group, opts, flush, copy_gbps):
+    from .suite import time_op
+
+    num_ranks = ctx.num_ranks
+    t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
+    deep_ep.Buffer.set_num_sms(opts["num_sms"])
+    dispatch_config = deep_ep.Buffer.get_dispatch_config(num_ranks)
+    combine_config = deep_ep.Buffer.get_combine_config(num_ranks)
+    nvl_bytes = max(dispatch_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
+                    combine_config.get_nvl_buffer_size_hint(h * 2, num_ranks))
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
+
+    torch.manual_seed(100 + ctx.rank)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    x_fp8 = _fp8_cast(x)
+    scores = torch.rand(t, e, device="cuda")
+    topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
+    topk_weights = torch.rand(t, k, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                      num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                                      topk_weights=topk_weights, config=dispatch_config)
+    num_recv = recv_x.size(0)
+    recv_bf16_bytes = num_recv * h * 2
+
+    iters = opts["iters"]
+    results = {}
+    results["dispatch FP8"] = (time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group,
+                                       iters, flush), recv_bf16_bytes * (1 + 4 / 128) / 2)
+    results["dispatch BF16"] = (time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group,
+                                        iters, flush), recv_bf16_bytes)
+    results["combine BF16"] = (time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters,
+                                       flush), recv_bf16_bytes)
+    non_cached_ms = time_op(lambda: buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config), group, iters, flush)
+
+    # Mean over ranks of each rank's median time.
+    local = torch.tensor([results[name][0] for name in REFERENCE_GBPS] + [non_cached_ms, float(num_recv)],
+                         dtype=torch.float64)
+    gathered = [None] * num_ranks
+    dist.all_gather_object(gathered, local.tolist(), group=group)
+    mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
+    mean_recv = mean[-1]
+    rows = []
+    size = f"{t} tok x {h}, top-{k}/{e}"
+    for i, name in enumerate(REFERENCE_GBPS):
+        ms = mean[i]
+        logical = results[name][1] / num_recv * mean_recv
+        gbps = logical / (ms * 1e-3) / 1e9
+        rows.append((f"{name} (cached)", size, str(opts["num_sms"]),
+                     f"{gbps:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                     f"{gbps / REFERENCE_GBPS[name]:.2f}x DeepEP ({REFERENCE_GBPS[name]:.0f}); "
+                     f"{num_ranks} ranks x {gbps:.0f} = {num_ranks * gbps:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
+    rows.append(("dispatch BF16 (with notify)", size, str(opts["num_sms"]), f"{mean[3] * 1e3:.0f} us",
+                 f"{mean_recv:.0f} rows received per rank"))
+    buffer.destroy()
+    return rows
