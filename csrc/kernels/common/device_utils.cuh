@@ -49,21 +49,33 @@ __device__ __forceinline__ void report(DeviceDiagnostics* diag, Phase phase, boo
   *reinterpret_cast<volatile int*>(&diag->ready) = 1;
 }
 
+// Whether some thread already reported an error. The record lives in host memory: reading it crosses
+// PCIe, so spinning code checks it only every kPollsPerSlowCheck polls.
+__device__ __forceinline__ bool error_reported(DeviceDiagnostics* diag) {
+  return *reinterpret_cast<volatile int*>(&diag->claimed) != 0;
+}
+
+constexpr int kPollsPerSlowCheck = 1024;
+
 // A bounded wait: spins while `counter` (read with acquire) is below `target`. Returns false after
 // reporting a timeout, or if another thread already reported an error (so every waiter unwinds).
+// Call it from one lane and share the outcome: the data behind the counter is then read by the other
+// lanes after a __syncwarp (or a named barrier), which orders their reads after this acquire.
 __device__ __forceinline__ bool wait_at_least(const int* counter, int target, int64_t timeout_ns,
                                               DeviceDiagnostics* diag, Phase phase, int rank, int peer,
                                               int channel) {
   int value = ld_acquire_sys(counter);
   if (value >= target) return true;
   const uint64_t start = global_timer_ns();
-  while (true) {
+  for (int polls = 1;; ++polls) {
     value = ld_acquire_sys(counter);
     if (value >= target) return true;
-    if (*reinterpret_cast<volatile int*>(&diag->claimed)) return false;
-    if (global_timer_ns() - start > static_cast<uint64_t>(timeout_ns)) {
-      report(diag, phase, true, rank, peer, channel, -1, target, value);
-      return false;
+    if (polls % kPollsPerSlowCheck == 0) {
+      if (error_reported(diag)) return false;
+      if (global_timer_ns() - start > static_cast<uint64_t>(timeout_ns)) {
+        report(diag, phase, true, rank, peer, channel, -1, target, value);
+        return false;
+      }
     }
   }
 }

@@ -61,7 +61,7 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
     }
   }
   uint64_t idle_since = device::global_timer_ns();
-  while (true) {
+  for (int polls = 1;; ++polls) {
     bool pending = false, progressed = false;
 #pragma unroll
     for (int o = 0; o < kMaxOwned; ++o) {
@@ -69,7 +69,11 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
       if (r >= R || pushed[o] >= num_rows[o]) continue;
       pending = true;
       // Push as much as fits, up to a chunk: the home rank may need exactly these rows to finish a batch.
-      const int free_slots = device::ld_acquire_sys(&control_of(p, me)->combine_head[c][r]) + Q - pushed[o];
+      int head = 0;
+      if (lane == 0) head = device::ld_acquire_sys(&control_of(p, me)->combine_head[c][r]);
+      __syncwarp();  // the warp's slot writes below are ordered after lane 0's acquire
+      head = __shfl_sync(0xffffffffu, head, 0);
+      const int free_slots = head + Q - pushed[o];
       if (free_slots <= 0) continue;
       const int n = min(min(a.send_chunk, free_slots), num_rows[o] - pushed[o]);
       const Ring ring = ring_of(p, l, r);
@@ -91,7 +95,9 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
     if (!pending) return;
     if (progressed) {
       idle_since = device::global_timer_ns();
-    } else if (*reinterpret_cast<volatile int*>(&p.diagnostics->claimed)) {
+    } else if (polls % device::kPollsPerSlowCheck != 0) {
+      continue;
+    } else if (device::error_reported(p.diagnostics)) {
       return;
     } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(p.timeout_ns)) {
       int stuck = warp;
@@ -156,11 +162,13 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j) {
         slot_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
-        if ((token_mask >> j) & 1u)
+        if (lane == 0 && ((token_mask >> j) & 1u))
           ok = ok && device::wait_at_least(&mine->combine_tail[c][j], slot_of[j] + 1, p.timeout_ns, p.diagnostics,
                                            Phase::kCombineWaitData, me, j, c);
       }
-      if (!__all_sync(0xffffffffu, ok)) {
+      // Lane 0's acquires order the whole warp's reads of the rows after the __syncwarp.
+      __syncwarp();
+      if (!__shfl_sync(0xffffffffu, ok, 0)) {
         if (lane == 0) abort_flag = 1;
         break;
       }

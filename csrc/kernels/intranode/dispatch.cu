@@ -155,10 +155,10 @@ __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const Dispat
   };
   int scanned = 0, received = 0;
   while (received < expected) {
-    if (sub == 0) {
+    if (sub == 0 && lane == 0) {
       const bool ok = device::wait_at_least(tail, scanned + 1, p.timeout_ns, p.diagnostics, Phase::kDispatchWaitData,
                                             me, i, c);
-      if (lane == 0) window_end[i] = ok ? device::ld_acquire_sys(tail) : -1;
+      window_end[i] = ok ? device::ld_acquire_sys(tail) : -1;
     }
     group_sync();
     const int available = window_end[i];
