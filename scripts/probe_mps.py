@@ -13,6 +13,6 @@ with MpsDaemon() as d:
             f.write("server list: " + r.stdout + r.stderr)
     threading.Thread(target=snap, daemon=True).start()
     for ranks in sys.argv[1:]:
-        subprocess.run([sys.executable, "-m", "deep_ep.bench", "--num-ranks", ranks, "--iters", "5"], check=False)
+        subprocess.run([sys.executable, "-m", "deep_ep.bench", "--num-ranks", ranks, "--iters", "5", "--sweep"], check=False)
     for name in os.listdir(d.log_dir):
         shutil.copy(os.path.join(d.log_dir, name), os.path.join(out, "mps_" + name))

@@ -18,13 +18,17 @@ intranode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
           in.timeout_ns};
 }
 
-void check_co_residency(const Buffer& b, const Config& config, int blocks_per_sm, const char* op) {
-  const int capacity = b.num_device_sms() * blocks_per_sm;
+// Every block of every rank sharing the GPU must be resident at once (they spin on each other). Returns
+// whether the wide shape fits; raises if not even the narrow one does.
+bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)(bool), const char* op) {
   const int needed = config.num_sms * b.num_ranks_per_device();
+  if (needed <= b.num_device_sms() * blocks_per_sm(true)) return true;
+  const int capacity = b.num_device_sms() * blocks_per_sm(false);
   DEEP_EP_CHECK(needed <= capacity, op, ": config.num_sms=", config.num_sms, " for each of the ",
                 b.num_ranks_per_device(), " ranks sharing cuda:", b.device(), " needs ", needed,
                 " resident blocks, but the GPU holds at most ", capacity, " (", b.num_device_sms(), " SMs x ",
-                blocks_per_sm, " blocks); use a smaller num_sms");
+                blocks_per_sm(false), " blocks); use a smaller num_sms");
+  return false;
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
@@ -118,7 +122,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   const auto layout = intranode::DispatchQueueLayout::make(config.num_channels(), config.num_max_nvl_chunked_recv_tokens,
                                                            row_bytes, num_scales, num_topk);
   check_fits(*this, layout.total_bytes, config, row_bytes, "dispatch");
-  check_co_residency(*this, config, intranode::max_resident_dispatch_blocks_per_sm(), "dispatch");
+  const bool wide = pick_wide_shape(*this, config, intranode::max_resident_dispatch_blocks_per_sm, "dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
   const int C = config.num_channels();
@@ -216,7 +220,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   d.recv_topk_weights = num_topk ? recv_topk_weights.ptr<float>() : nullptr;
   d.recv_src_idx = recv_src_idx.ptr<int>();
   d.send_head = send_head.ptr<int>();
-  intranode::launch_dispatch(peers, d, stream);
+  intranode::launch_dispatch(peers, d, wide, stream);
   return result;
 }
 
@@ -252,7 +256,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
 
   const auto layout = intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
   check_fits(*this, layout.total_bytes, config, H * 2, "combine");
-  check_co_residency(*this, config, intranode::max_resident_combine_blocks_per_sm(), "combine");
+  const bool wide = pick_wide_shape(*this, config, intranode::max_resident_combine_blocks_per_sm, "combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
 
   TensorView combined_x = allocate("combined_x", DType::kBFloat16, {T, H});
@@ -278,7 +282,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   c.send_chunk = config.num_max_nvl_chunked_send_tokens;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-  intranode::launch_combine(peers, c, stream);
+  intranode::launch_combine(peers, c, wide, stream);
 }
 
 }  // namespace deep_ep

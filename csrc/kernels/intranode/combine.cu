@@ -21,9 +21,14 @@ namespace deep_ep::intranode {
 
 namespace {
 
-constexpr int kSendWarps = 4;
-constexpr int kRecvWarps = 8;
-constexpr int kThreads = 32 * (kSendWarps + kRecvWarps);
+// Two shapes, picked per launch by the co-residency budget (design.md decision 5): Wide when one block
+// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise.
+struct Wide {
+  static constexpr int kSendWarps = 8, kRecvWarps = 8, kMinBlocksPerSm = 1;
+};
+struct Narrow {
+  static constexpr int kSendWarps = 4, kRecvWarps = 8, kMinBlocksPerSm = 2;
+};
 constexpr int kRecvBarrier = 1;
 
 struct Ring {
@@ -42,6 +47,7 @@ __device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, 
 
 // Each sender warp serves home ranks warp, warp + kSendWarps, ... in turn, a chunk at a time, so that
 // no home rank waits behind another's whole channel.
+template <int kSendWarps>
 __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int warp,
                            int lane) {
   constexpr int kMaxOwned = (kNumMaxNvlPeers + kSendWarps - 1) / kSendWarps;
@@ -126,6 +132,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v) {
   }
 }
 
+template <int kRecvWarps>
 __device__ void run_receiver(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int rwarp,
                              int lane) {
   const int R = p.num_ranks, me = p.rank, Q = a.num_slots;
@@ -224,30 +231,43 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
   }
 }
 
-// Two blocks per SM must fit: co-residency of up to 8 ranks x 24 SMs on one 132-SM GPU.
-__global__ void __launch_bounds__(kThreads, 2) combine_kernel(Peers p, CombineArgs a, CombineQueueLayout l) {
+template <typename Shape>
+__global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
+    combine_kernel(Peers p, CombineArgs a, CombineQueueLayout l) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  if (warp < kSendWarps) {
-    run_sender(p, a, l, blockIdx.x, warp, lane);
+  if (warp < Shape::kSendWarps) {
+    run_sender<Shape::kSendWarps>(p, a, l, blockIdx.x, warp, lane);
   } else {
-    run_receiver(p, a, l, blockIdx.x, warp - kSendWarps, lane);
+    run_receiver<Shape::kRecvWarps>(p, a, l, blockIdx.x, warp - Shape::kSendWarps, lane);
   }
 }
 
 }  // namespace
 
-int combine_threads_per_block() { return kThreads; }
+template <typename Shape>
+static int threads_of() {
+  return 32 * (Shape::kSendWarps + Shape::kRecvWarps);
+}
 
-int max_resident_combine_blocks_per_sm() {
+int max_resident_combine_blocks_per_sm(bool wide) {
   int blocks = 0;
-  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel, kThreads, 0));
+  if (wide) {
+    DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel<Wide>, threads_of<Wide>(), 0));
+  } else {
+    DEEP_EP_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel<Narrow>, threads_of<Narrow>(), 0));
+  }
   return blocks;
 }
 
-void launch_combine(const Peers& peers, const CombineArgs& args, cudaStream_t stream) {
+void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream) {
   const auto layout = CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2,
                                                args.num_topk);
-  combine_kernel<<<args.num_channels, kThreads, 0, stream>>>(peers, args, layout);
+  if (wide) {
+    combine_kernel<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+  } else {
+    combine_kernel<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+  }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -20,9 +20,14 @@ namespace deep_ep::intranode {
 
 namespace {
 
-constexpr int kSendWarps = 4;
-constexpr int kRecvWarps = 8;
-constexpr int kThreads = 32 * (kSendWarps + kRecvWarps);
+// Two shapes, picked per launch by the co-residency budget (design.md decision 5): Wide when one block
+// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise.
+struct Wide {
+  static constexpr int kSendWarps = 4, kRecvWarps = 16, kMinBlocksPerSm = 1;
+};
+struct Narrow {
+  static constexpr int kSendWarps = 4, kRecvWarps = 8, kMinBlocksPerSm = 2;
+};
 constexpr int kDone = 1 << 30;
 constexpr int kSendBarrier = 1;  // named barrier ids; 0 is __syncthreads
 constexpr int kRecvBarrierBase = 2;
@@ -51,6 +56,7 @@ __device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, 
   return i > 0 ? rank_prefix_matrix[(i - 1) * R + j] : 0;
 }
 
+template <int kSendWarps>
 __device__ void run_sender(const Peers& p, const DispatchArgs& a, const DispatchQueueLayout& l, int c, int warp,
                            int lane) {
   const int R = p.num_ranks, me = p.rank;
@@ -126,6 +132,7 @@ __device__ void run_sender(const Peers& p, const DispatchArgs& a, const Dispatch
   }
 }
 
+template <int kRecvWarps>
 __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const DispatchQueueLayout& l, int c, int rwarp,
                              int lane) {
   const int R = p.num_ranks, me = p.rank, C = a.num_channels;
@@ -207,14 +214,15 @@ __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const Dispat
   if (expected == 0 && sub == 0 && lane == 0) device::st_release_sys(head, kDone);
 }
 
-// Two blocks per SM must fit: co-residency of up to 8 ranks x 24 SMs on one 132-SM GPU.
-__global__ void __launch_bounds__(kThreads, 2) dispatch_kernel(Peers p, DispatchArgs a, DispatchQueueLayout l) {
+template <typename Shape>
+__global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
+    dispatch_kernel(Peers p, DispatchArgs a, DispatchQueueLayout l) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   const int c = blockIdx.x;
-  if (warp < kSendWarps) {
-    run_sender(p, a, l, c, warp, lane);
+  if (warp < Shape::kSendWarps) {
+    run_sender<Shape::kSendWarps>(p, a, l, c, warp, lane);
   } else {
-    run_receiver(p, a, l, c, warp - kSendWarps, lane);
+    run_receiver<Shape::kRecvWarps>(p, a, l, c, warp - Shape::kSendWarps, lane);
   }
   // num_worst_tokens: rows past the real count carry no expert.
   const int num_recv = a.rank_prefix_matrix[(p.num_ranks - 1) * p.num_ranks + p.rank];
@@ -230,18 +238,30 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_kernel(Peers p, Dispatch
 
 }  // namespace
 
-int dispatch_threads_per_block() { return kThreads; }
+template <typename Shape>
+static int threads_of() {
+  return 32 * (Shape::kSendWarps + Shape::kRecvWarps);
+}
 
-int max_resident_dispatch_blocks_per_sm() {
+int max_resident_dispatch_blocks_per_sm(bool wide) {
   int blocks = 0;
-  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel, kThreads, 0));
+  if (wide) {
+    DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel<Wide>, threads_of<Wide>(), 0));
+  } else {
+    DEEP_EP_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel<Narrow>, threads_of<Narrow>(), 0));
+  }
   return blocks;
 }
 
-void launch_dispatch(const Peers& peers, const DispatchArgs& args, cudaStream_t stream) {
+void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream) {
   const auto layout = DispatchQueueLayout::make(args.num_channels, args.num_slots, args.row_bytes, args.num_scales,
                                                 args.num_topk);
-  dispatch_kernel<<<args.num_channels, kThreads, 0, stream>>>(peers, args, layout);
+  if (wide) {
+    dispatch_kernel<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+  } else {
+    dispatch_kernel<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+  }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

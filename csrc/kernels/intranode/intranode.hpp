@@ -69,7 +69,8 @@ struct DispatchArgs {
   int* send_head;                   // [T, R]: row of token t in rank j's output, -1 if not sent
 };
 
-void launch_dispatch(const Peers& peers, const DispatchArgs& args, cudaStream_t stream);
+// wide: the one-block-per-SM shape (more warps); otherwise the two-blocks-per-SM shape.
+void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream);
 
 struct CombineArgs {
   const uint16_t* x;                // [N, hidden] bf16, this rank's received rows
@@ -85,12 +86,10 @@ struct CombineArgs {
   float* combined_topk_weights;     // [T, K] or null
 };
 
-void launch_combine(const Peers& peers, const CombineArgs& args, cudaStream_t stream);
+void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream);
 
-// Blocks each launch uses, for the co-residency check (design.md decision 5).
-int dispatch_threads_per_block();
-int combine_threads_per_block();
-int max_resident_dispatch_blocks_per_sm();
-int max_resident_combine_blocks_per_sm();
+// Resident blocks per SM of each shape, for the co-residency check (design.md decision 5).
+int max_resident_dispatch_blocks_per_sm(bool wide);
+int max_resident_combine_blocks_per_sm(bool wide);
 
 }  // namespace deep_ep::intranode

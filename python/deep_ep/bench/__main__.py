@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--num-topk", type=int, default=8)
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
     args = parser.parse_args()
 
     num_gpus = visible_gpu_count()

@@ -77,5 +77,32 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
                      f"{num_ranks} ranks x {gbps:.0f} = {num_ranks * gbps:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
     rows.append(("dispatch BF16 (with notify)", size, str(opts["num_sms"]), f"{mean[3] * 1e3:.0f} us",
                  f"{mean_recv:.0f} rows received per rank"))
+    if opts.get("sweep"):
+        rows.extend(_sweep(ctx, group, opts, flush, buffer_args=(x, x_fp8, recv_x, handle, num_recv)))
+    buffer.destroy()
+    return rows
+
+
+def _sweep(ctx, group, opts, flush, buffer_args):
+    """Time cached dispatch (BF16) and combine over queue shapes (send chunk, ring slots) at fixed num_sms."""
+    from .suite import time_op
+
+    x, _, recv_x, handle, num_recv = buffer_args
+    num_sms, h = opts["num_sms"], opts["hidden"]
+    shapes = [(4, 16), (8, 32), (8, 64), (16, 64), (16, 128), (32, 128), (32, 256)]
+    biggest = max(deep_ep.Config(num_sms, s, q).get_nvl_buffer_size_hint(h * 2, ctx.num_ranks) for s, q in shapes)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=biggest, explicitly_destroy=True)
+    rows = []
+    for send, slots in shapes:
+        config = deep_ep.Config(num_sms, send, slots)
+        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=config), group, 5, flush)
+        c = time_op(lambda: buffer.combine(recv_x, handle, config=config), group, 5, flush)
+        gathered = [None] * ctx.num_ranks
+        dist.all_gather_object(gathered, (d, c), group=group)
+        d = sum(g[0] for g in gathered) / len(gathered)
+        c = sum(g[1] for g in gathered) / len(gathered)
+        gb = num_recv * h * 2 / 1e9
+        rows.append((f"sweep send={send} slots={slots}", "BF16", str(num_sms),
+                     f"dispatch {gb / (d * 1e-3):.0f} GB/s, combine {gb / (c * 1e-3):.0f} GB/s", "-"))
     buffer.destroy()
     return rows

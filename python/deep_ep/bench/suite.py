@@ -19,8 +19,10 @@ def _op_benches():
     return [bench_intranode]
 
 
-def time_op(fn, group, iters, flush):
-    """Median milliseconds of fn() over `iters` runs, each preceded by an L2 flush and a barrier."""
+def time_op(fn, group, iters, flush, calls_per_sample=8):
+    """Milliseconds of one fn() call: the median over `iters` samples of `calls_per_sample` back-to-back calls,
+    each sample preceded by an L2 flush and a barrier. Several calls per sample amortize the ranks' start skew
+    (processes leave the CPU barrier at slightly different times)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -31,10 +33,11 @@ def time_op(fn, group, iters, flush):
         dist.barrier(group)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls_per_sample):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls_per_sample)
     return statistics.median(times)
 
 
