@@ -11,6 +11,9 @@ from intranode_cases import (check_dispatch, make_topk, make_x, reference_combin
 
 NUM_EXPERTS = 256
 
+# Bounded waits in tests fail fast; the timeout test lowers it further.
+os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
+
 
 def _buffer(group, hidden, num_sms=None):
     num_sms = num_sms or deep_ep.Buffer.num_sms
@@ -238,9 +241,21 @@ def cases(rank_counts):
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
+        out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
         out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
     return out
 
 
-os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
+
+def moe_layer_example(ctx):
+    """The README's example runs and matches its single-process reference."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "moe_layer.py"
+    spec = importlib.util.spec_from_file_location("moe_layer_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run_rank(ctx)
+

@@ -89,7 +89,7 @@ def _sweep(ctx, group, opts, flush, buffer_args):
 
     x, _, recv_x, handle, num_recv = buffer_args
     num_sms, h = opts["num_sms"], opts["hidden"]
-    shapes = [(4, 16), (8, 32), (8, 64), (16, 64), (16, 128), (32, 128), (32, 256)]
+    shapes = [(1, 2), (2, 4), (2, 8), (4, 8), (4, 16), (8, 32), (8, 64), (16, 128)]
     biggest = max(deep_ep.Config(num_sms, s, q).get_nvl_buffer_size_hint(h * 2, ctx.num_ranks) for s, q in shapes)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=biggest, explicitly_destroy=True)
     rows = []
