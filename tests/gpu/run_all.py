@@ -37,7 +37,8 @@ def collect(rank_counts):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--filter", default="", help="run only tests whose name contains this substring")
-    parser.add_argument("--ranks", default="2,4,8", help="comma-separated rank counts")
+    parser.add_argument("--ranks", default=os.environ.get("DEEP_EP_TEST_RANKS", "2,4,8"),
+                        help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
 
