@@ -41,10 +41,6 @@ __device__ __forceinline__ Ring ring_of(const Peers& p, const CombineQueueLayout
   return {reinterpret_cast<uint16_t*>(base + l.rows_offset), reinterpret_cast<float*>(base + l.topk_weights_offset)};
 }
 
-__device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, int j, int R) {
-  return i > 0 ? rank_prefix_matrix[(i - 1) * R + j] : 0;
-}
-
 // Each sender warp serves home ranks warp, warp + kSendWarps, ... in turn, a chunk at a time, so that
 // no home rank waits behind another's whole channel.
 template <int kSendWarps>
@@ -58,13 +54,9 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
   for (int o = 0; o < kMaxOwned; ++o) {
     const int r = warp + o * kSendWarps;
     first_row[o] = num_rows[o] = pushed[o] = 0;
-    if (r < R) {
-      const int channel_begin = a.recv_channel_prefix_matrix[r * C + c];
-      const int channel_end = c + 1 < C ? a.recv_channel_prefix_matrix[r * C + c + 1]
-                                        : a.rank_prefix_matrix[r * R + me] - rank_begin(a.rank_prefix_matrix, r, me, R);
-      first_row[o] = rank_begin(a.rank_prefix_matrix, r, me, R) + channel_begin;
-      num_rows[o] = channel_end - channel_begin;
-    }
+    if (r < R)
+      received_channel_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, r, me, c, C, R, first_row[o],
+                            num_rows[o]);
   }
   uint64_t idle_since = device::global_timer_ns();
   for (int polls = 1;; ++polls) {

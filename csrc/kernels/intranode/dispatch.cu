@@ -52,10 +52,6 @@ __device__ __forceinline__ Ring ring_of(const Peers& p, const DispatchQueueLayou
           reinterpret_cast<SlotMeta*>(base + l.meta_offset)};
 }
 
-__device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, int j, int R) {
-  return i > 0 ? rank_prefix_matrix[(i - 1) * R + j] : 0;
-}
-
 template <int kSendWarps>
 __device__ void run_sender(const Peers& p, const DispatchArgs& a, const DispatchQueueLayout& l, int c, int warp,
                            int lane) {
@@ -145,11 +141,8 @@ __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const Dispat
   const int L = a.num_experts > 0 ? a.num_experts / R : 0;
   const int row_int4 = a.row_bytes / 16;
 
-  const int channel_begin = a.recv_channel_prefix_matrix[i * C + c];
-  const int channel_end = c + 1 < C ? a.recv_channel_prefix_matrix[i * C + c + 1]
-                                    : a.rank_prefix_matrix[i * R + me] - rank_begin(a.rank_prefix_matrix, i, me, R);
-  const int expected = channel_end - channel_begin;
-  const int out_base = rank_begin(a.rank_prefix_matrix, i, me, R) + channel_begin;
+  int out_base, expected;
+  received_channel_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, i, me, c, C, R, out_base, expected);
   int* tail = &control_of(p, me)->dispatch_tail[c][i];
   int* head = &control_of(p, i)->dispatch_head[c][me];
 

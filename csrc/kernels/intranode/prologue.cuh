@@ -46,4 +46,21 @@ __device__ __forceinline__ void reset_queue_counters(const Peers& p) {
   }
 }
 
+// First output row, at rank j, of the tokens rank i sends it (rank_prefix_matrix is inclusive over senders).
+__device__ __forceinline__ int rank_begin(const int* rank_prefix_matrix, int i, int j, int R) {
+  return i > 0 ? rank_prefix_matrix[(i - 1) * R + j] : 0;
+}
+
+// The rows rank `me` received from `src` in channel c: [first_row, first_row + num_rows) of its outputs.
+__device__ __forceinline__ void received_channel_rows(const int* rank_prefix_matrix,
+                                                      const int* recv_channel_prefix_matrix, int src, int me, int c,
+                                                      int C, int R, int& first_row, int& num_rows) {
+  const int src_begin = rank_begin(rank_prefix_matrix, src, me, R);
+  const int channel_begin = recv_channel_prefix_matrix[src * C + c];
+  const int channel_end = c + 1 < C ? recv_channel_prefix_matrix[src * C + c + 1]
+                                    : rank_prefix_matrix[src * R + me] - src_begin;
+  first_row = src_begin + channel_begin;
+  num_rows = channel_end - channel_begin;
+}
+
 }  // namespace deep_ep::intranode
