@@ -49,24 +49,14 @@ class Combine(torch.autograd.Function):
         return grad_y, None, None
 
 
-def local_experts(recv_x, recv_w, recv_idx, weights):
-    """y[row] = sum over the row's local slots of weight * (x @ W_expert), in float32 then bf16."""
-    y = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
-    for slot in range(recv_idx.size(1)):
-        for e in range(weights.size(0)):
-            rows = recv_idx[:, slot] == e
-            if rows.any():
-                y[rows] += recv_w[rows, slot, None] * (recv_x[rows].float() @ weights[e])
-    return y.to(torch.bfloat16)
-
-
-def reference_layer(x, topk_weights, topk_idx, all_weights):
+def weighted_experts(x, slot_weights, slot_experts, expert_weights):
+    """out[row] = sum over the row's slots with an expert of weight * (x @ W_expert), in float32."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for slot in range(topk_idx.size(1)):
-        for e in range(all_weights.size(0)):
-            rows = topk_idx[:, slot] == e
+    for slot in range(slot_experts.size(1)):
+        for e in range(expert_weights.size(0)):
+            rows = slot_experts[:, slot] == e
             if rows.any():
-                out[rows] += topk_weights[rows, slot, None] * (x[rows].float() @ all_weights[e])
+                out[rows] += slot_weights[rows, slot, None] * (x[rows].float() @ expert_weights[e])
     return out
 
 
@@ -87,14 +77,14 @@ def run_rank(ctx):
     topk_weights = torch.rand(NUM_TOKENS, NUM_TOPK, device="cuda").requires_grad_()
 
     recv_x, recv_w, recv_idx, handle = Dispatch.apply(x, topk_weights, topk_idx, buffer)
-    y = local_experts(recv_x, recv_w, recv_idx, my_weights)
+    y = weighted_experts(recv_x, recv_w, recv_idx, my_weights).to(torch.bfloat16)  # local expert ids
     out = Combine.apply(y, handle, buffer)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
 
     x_ref = x.detach().clone().requires_grad_()
     w_ref = topk_weights.detach().clone().requires_grad_()
-    out_ref = reference_layer(x_ref, w_ref, topk_idx, all_weights)
+    out_ref = weighted_experts(x_ref, w_ref, topk_idx, all_weights)  # global expert ids
     out_ref.backward(grad_out.float())
 
     def rel_err(a, b):
