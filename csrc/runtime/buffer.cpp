@@ -113,6 +113,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   }
   // The control region starts zeroed: barrier epochs and queue counters count up from 0.
   DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base, 0, kControlRegionBytes));
+  // So does the RDMA payload: low-latency signals carry a tag counted from 1, and memory left over
+  // from an earlier buffer could otherwise hold a matching one.
+  if (options.num_rdma_bytes > 0)
+    DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base + in.rdma_payload_offset, 0, options.num_rdma_bytes));
   mine.base_ptr = reinterpret_cast<uint64_t>(in.local_base);
 
   void* host = nullptr;
@@ -238,9 +242,25 @@ void Buffer::check_device_errors() {
     in.poison_message = msg;
     throw TimeoutError(msg);
   }
-  msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
-                       " has expert id ", d->observed, ", expected -1 or a value in [0, ", d->expected,
-                       "); the invalid entries were skipped, outputs of that call are incomplete");
+  if (phase == Phase::kLowLatencyOverrun) {
+    // The ranks' low-latency state no longer agrees: only a collective clean recovers it.
+    msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": peer rank ", d->peer,
+                         " signalled op ", d->observed, " while op ", d->expected, " was expected; the buffer must be "
+                         "re-created");
+    in.poisoned = true;
+    in.poison_message = msg;
+    throw std::runtime_error(msg);
+  }
+  if (phase == Phase::kLowLatencyTooManyRows) {
+    msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
+                         " is row ", d->observed, " to expert ", d->channel, ", but a source rank has only ",
+                         d->expected, " slots per expert (a token lists that expert more than once); the extra rows "
+                         "were dropped, outputs of that call are incomplete");
+  } else {
+    msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
+                         " has expert id ", d->observed, ", expected -1 or a value in [0, ", d->expected,
+                         "); the invalid entries were skipped, outputs of that call are incomplete");
+  }
   // A value error is reported once; the buffer stays usable.
   d->ready = 0;
   d->claimed = 0;

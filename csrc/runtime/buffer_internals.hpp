@@ -36,6 +36,10 @@ struct Buffer::Internals {
   HostMapped* host_device = nullptr;     // device view of the same memory
   int counts_epoch = 0;                  // grows by one per notify
   int64_t timeout_ns = 0;
+  // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
+  // has not been launched yet (a new op on that half would overwrite what it has still to read).
+  int ll_next_half = 0;
+  bool ll_receive_pending[2] = {false, false};
   bool poisoned = false;
   std::string poison_message;
 

@@ -10,10 +10,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/group.hpp"
+#include "deep_ep/low_latency.hpp"
 #include "deep_ep/tensor.hpp"
 
 namespace deep_ep {
@@ -116,6 +118,26 @@ class Buffer {
                                              cudaStream_t stream);
   // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K].
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
+
+  // ---- low-latency mode (spec section 8): needs low_latency_mode and num_rdma_bytes >= the hint ----
+  // Each call uses the next of the two buffer halves. With return_recv_hook the call launches only
+  // the send and returns the pending receive; otherwise it launches both and returns nullptr.
+  std::shared_ptr<LowLatencyPendingReceive> low_latency_dispatch(const LowLatencyDispatchArgs& args,
+                                                                 const Allocator& allocate, cudaStream_t stream);
+  std::shared_ptr<LowLatencyPendingReceive> low_latency_combine(const LowLatencyCombineArgs& args,
+                                                                const Allocator& allocate, cudaStream_t stream);
+  // Launches a pending receive on `stream`; a second call for the same receive raises.
+  void low_latency_receive(LowLatencyPendingReceive& pending, cudaStream_t stream);
+  // The bf16 [L, S, H] rows a zero-copy combine of `handle` reads: the pointer and the row stride in
+  // elements (expert stride = S * row stride). They lie in the half the next low-latency call uses.
+  std::pair<void*, int64_t> next_low_latency_combine_buffer(const LowLatencyHandle& handle) const;
+  // Resets the signalling state of both halves (collective; synchronizes the device). Needed after
+  // normal-mode use of the same buffer and after a masked rank rejoins.
+  void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts);
+  // enable_shrink only. A masked rank is neither sent to nor waited for; ops run on `stream`.
+  void low_latency_update_mask(int rank_to_mask, bool mask, cudaStream_t stream);
+  void low_latency_query_mask(const TensorView& mask_status, cudaStream_t stream);  // int32 [R], 1 = masked
+  void low_latency_clean_mask(cudaStream_t stream);
 
   // Internal access for op implementations (csrc/runtime/*_op.cpp).
   struct Internals;

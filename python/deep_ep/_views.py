@@ -11,7 +11,10 @@ def view(t, arg: str) -> "_C.TensorView":
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
     device = t.device.index if t.is_cuda else -1
-    return _C.make_view(t.data_ptr(), str(t.dtype), list(t.shape), list(t.stride()), device)
+    try:
+        return _C.make_view(t.data_ptr(), str(t.dtype), list(t.shape), list(t.stride()), device)
+    except TypeError as error:  # a dtype the core has no name for
+        raise TypeError(f"{arg}: {error}") from None
 
 
 def optional_view(t, arg: str) -> Optional["_C.TensorView"]:

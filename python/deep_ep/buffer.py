@@ -259,3 +259,157 @@ class Buffer:
             self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
         event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
         return outputs["combined_x"], outputs.get("combined_topk_weights"), event
+
+    # ---- low-latency mode (spec section 8) -----------------------------------------------------
+    # A low-latency op runs on the current stream, ordered like any kernel and CUDA-graph capturable,
+    # unless async_finish moves it to the comm stream. Outputs are always allocated on the current stream.
+    def _check_low_latency(self, async_finish: bool = False, return_recv_hook: bool = False) -> None:
+        if not self.low_latency_mode:
+            raise RuntimeError("low-latency ops need a Buffer created with low_latency_mode=True")
+        if async_finish and return_recv_hook:
+            raise ValueError("return_recv_hook=True cannot be combined with async_finish=True: the hook launches "
+                             "the receive on the stream current when it is called")
+
+    def _low_latency_begin(self, async_finish: bool):
+        """(compute stream, stream the op runs on)."""
+        if async_finish:
+            compute, _ = self._begin(None, True, False)
+            return compute, self._comm_stream
+        compute = torch.cuda.current_stream()
+        return compute, compute
+
+    def _low_latency_end(self, compute, async_finish: bool, pending, tensors):
+        """(event, hook) of a low-latency op whose send (and receive without hook) was launched."""
+        event = self._end(compute, True, tensors) if async_finish else EventOverlap(None)
+        if pending is None:
+            return event, None  # as in V1: a hook only when return_recv_hook=True
+        return event, self._receive_hook(pending, compute, tensors)
+
+    def _receive_hook(self, pending, alloc_stream, tensors):
+        live = [t for t in tensors if isinstance(t, torch.Tensor)]
+        state = {"pending": pending}
+
+        def hook() -> None:
+            if state["pending"] is None:
+                raise RuntimeError("this receive hook was already called; each hook launches its receive once")
+            stream = torch.cuda.current_stream()
+            if stream != alloc_stream:
+                # The receive writes the outputs on this stream: the caching allocator must not hand
+                # their memory to the allocating stream before it is done.
+                for t in live:
+                    t.record_stream(stream)
+            self.runtime.low_latency_receive(state["pending"], stream.cuda_stream)
+            state["pending"] = None
+            live.clear()
+
+        return hook
+
+    def _low_latency_handle(self, handle):
+        if not isinstance(handle, (tuple, list)) or len(handle) != 5:
+            raise ValueError("handle must be the 5-tuple (src_info, layout_range, num_max_dispatch_tokens_per_rank, "
+                             "hidden, num_experts) returned by low_latency_dispatch")
+        src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts = handle
+        for i, name in ((2, "num_max_dispatch_tokens_per_rank"), (3, "hidden"), (4, "num_experts")):
+            _check_int(f"handle[{i}] ({name})", handle[i])
+        return (view(src_info, "handle[0] (src_info)"), view(layout_range, "handle[1] (layout_range)"),
+                num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Send each (token, top-k expert) pair to the expert's rank, into fixed per-expert slots.
+
+        Returns (recv_x, recv_count, handle, event, hook). recv_x is bf16 [L, S, H], or with use_fp8 the
+        tuple (e4m3 [L, S, H], scales [L, S, H / 128] column-major in the last two dims; int32
+        [L, S, H / 512] with use_ue8m0). With return_recv_hook the data has arrived only after hook().
+        """
+        self._check_low_latency(async_finish, return_recv_hook)
+        _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        _check_int("num_experts", num_experts)
+        compute, stream = self._low_latency_begin(async_finish)
+        outputs = {}
+        pending = self.runtime.low_latency_dispatch(
+            view(x, "x"), view(topk_idx, "topk_idx"), num_max_dispatch_tokens_per_rank, num_experts,
+            optional_view(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats"),
+            optional_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats"), use_fp8, round_scale,
+            use_ue8m0, return_recv_hook, self._allocator(compute, outputs), stream.cuda_stream)
+        recv_x = outputs["recv_x"]
+        if use_fp8:
+            # Stored [L, H / 128, S] so that each expert's scales of one channel group are contiguous;
+            # V1 users index them as [L, S, H / 128].
+            recv_x = (recv_x, outputs["recv_x_scales"].transpose(1, 2))
+        # Plane 1 of src_info stays reachable through plane 0's storage, which combine reads.
+        handle = (outputs["src_info"][0], outputs["layout_range"], num_max_dispatch_tokens_per_rank,
+                  outputs["recv_x"].size(-1), num_experts)
+        event, hook = self._low_latency_end(compute, async_finish, pending,
+                                            (x, topk_idx, cumulative_local_expert_recv_stats,
+                                             dispatch_wait_recv_cost_stats, *outputs.values()))
+        return recv_x, outputs["recv_count"], handle, event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Send the expert outputs x [L, S, H] back and reduce them with topk_weights on each token's rank.
+
+        Returns (combined_x, event, hook); combined_x is bf16 [T, H], or `out` when given.
+        """
+        self._check_low_latency(async_finish, return_recv_hook)
+        src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts = self._low_latency_handle(handle)
+        compute, stream = self._low_latency_begin(async_finish)
+        outputs = {}
+        pending = self.runtime.low_latency_combine(
+            view(x, "x"), view(topk_idx, "topk_idx"), view(topk_weights, "topk_weights"), src_info, layout_range,
+            num_max_dispatch_tokens_per_rank, hidden, num_experts, use_logfmt, zero_copy, return_recv_hook,
+            optional_view(out, "out"), optional_view(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats"),
+            self._allocator(compute, outputs), stream.cuda_stream)
+        combined_x = out if out is not None else outputs["combined_x"]
+        event, hook = self._low_latency_end(compute, async_finish, pending,
+                                            (x, topk_idx, topk_weights, handle[0], handle[1], out,
+                                             combine_wait_recv_cost_stats, *outputs.values()))
+        return combined_x, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The bf16 [L, S, H] view of the buffer the next low_latency_combine(zero_copy=True) sends from."""
+        self._check_low_latency()
+        src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts = self._low_latency_handle(handle)
+        ptr, row_stride = self.runtime.next_low_latency_combine_buffer(
+            src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        payload = self.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True)
+        offset_bytes = ptr - payload.data_ptr()
+        if offset_bytes % payload.element_size() != 0:
+            raise RuntimeError(f"the zero-copy combine buffer starts {offset_bytes} bytes into the RDMA payload, "
+                               "not on a bf16 boundary")
+        num_slots = self.group_size * num_max_dispatch_tokens_per_rank
+        return torch.as_strided(payload, (num_experts // self.group_size, num_slots, hidden),
+                                (num_slots * row_stride, row_stride, 1),
+                                payload.storage_offset() + offset_bytes // payload.element_size())
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency signalling state (collective; synchronizes). Needed after normal-mode use."""
+        self._check_low_latency()
+        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                            ("hidden", hidden), ("num_experts", num_experts)):
+            _check_int(name, value)
+        self.runtime.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # Masking (enable_shrink=True): a masked rank is neither sent to nor waited for.
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask rank `rank_to_mask`, on the current stream."""
+        _check_int("rank_to_mask", rank_to_mask)
+        self.runtime.low_latency_update_mask(rank_to_mask, mask, torch.cuda.current_stream().cuda_stream)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Fill int32 [num_ranks] `mask_status` with 1 for masked ranks, on the current stream."""
+        self.runtime.low_latency_query_mask(view(mask_status, "mask_status"), torch.cuda.current_stream().cuda_stream)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank, on the current stream."""
+        self.runtime.low_latency_clean_mask(torch.cuda.current_stream().cuda_stream)
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")

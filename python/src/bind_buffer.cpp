@@ -44,9 +44,19 @@ std::optional<IntranodeHandle> make_handle(const std::optional<std::vector<Tenso
   return IntranodeHandle{v[0], v[1], v[2], v[3], v[4], v[5]};
 }
 
+// V1's low-latency handle arrives from Python as its five elements.
+LowLatencyHandle make_low_latency_handle(const TensorView& src_info, const TensorView& layout_range,
+                                         int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
+  return LowLatencyHandle{src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts};
+}
+
 }  // namespace
 
 void bind_buffer(nb::module_& m) {
+  // Bound without constructor or methods: Python only carries it from a low-latency op to
+  // low_latency_receive (the deep_ep.Buffer hook), so it needs a type but no interface.
+  nb::class_<LowLatencyPendingReceive>(m, "LowLatencyPendingReceive");
+
   nb::class_<Buffer>(m, "Buffer")
       .def(
           "__init__",
@@ -133,7 +143,76 @@ void bind_buffer(nb::module_& m) {
             b.intranode_combine(a, wrap(std::move(allocate)), as_stream(stream));
           },
           nb::arg("x"), nb::arg("topk_weights").none(), nb::arg("bias_0").none(), nb::arg("bias_1").none(),
-          nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"));
+          nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
+      // Low-latency ops return the pending receive with return_recv_hook, None otherwise. They keep
+      // the GIL: the allocator calls back into Python, and the launches do not wait.
+      .def(
+          "low_latency_dispatch",
+          [](Buffer& b, const TensorView& x, const TensorView& topk_idx, int num_max_dispatch_tokens_per_rank,
+             int num_experts, std::optional<TensorView> cumulative_local_expert_recv_stats,
+             std::optional<TensorView> dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale, bool use_ue8m0,
+             bool return_recv_hook, PyAllocator allocate, uintptr_t stream) {
+            const LowLatencyDispatchArgs a{x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                           use_fp8, round_scale, use_ue8m0, return_recv_hook};
+            return b.low_latency_dispatch(a, wrap(std::move(allocate)), as_stream(stream));
+          },
+          nb::arg("x"), nb::arg("topk_idx"), nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("num_experts"),
+          nb::arg("cumulative_local_expert_recv_stats").none(), nb::arg("dispatch_wait_recv_cost_stats").none(),
+          nb::arg("use_fp8"), nb::arg("round_scale"), nb::arg("use_ue8m0"), nb::arg("return_recv_hook"),
+          nb::arg("allocate"), nb::arg("stream"))
+      .def(
+          "low_latency_combine",
+          [](Buffer& b, const TensorView& x, const TensorView& topk_idx, const TensorView& topk_weights,
+             const TensorView& src_info, const TensorView& layout_range, int num_max_dispatch_tokens_per_rank,
+             int hidden, int num_experts, bool use_logfmt, bool zero_copy, bool return_recv_hook,
+             std::optional<TensorView> out, std::optional<TensorView> combine_wait_recv_cost_stats,
+             PyAllocator allocate, uintptr_t stream) {
+            const LowLatencyCombineArgs a{
+                x, topk_idx, topk_weights,
+                make_low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts),
+                use_logfmt, zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats};
+            return b.low_latency_combine(a, wrap(std::move(allocate)), as_stream(stream));
+          },
+          nb::arg("x"), nb::arg("topk_idx"), nb::arg("topk_weights"), nb::arg("src_info"), nb::arg("layout_range"),
+          nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"),
+          nb::arg("use_logfmt"), nb::arg("zero_copy"), nb::arg("return_recv_hook"), nb::arg("out").none(),
+          nb::arg("combine_wait_recv_cost_stats").none(), nb::arg("allocate"), nb::arg("stream"))
+      .def(
+          "low_latency_receive",
+          [](Buffer& b, LowLatencyPendingReceive& pending, uintptr_t stream) {
+            b.low_latency_receive(pending, as_stream(stream));
+          },
+          nb::arg("pending"), nb::arg("stream"))
+      .def(
+          "next_low_latency_combine_buffer",
+          [](const Buffer& b, const TensorView& src_info, const TensorView& layout_range,
+             int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
+            auto [ptr, row_stride] = b.next_low_latency_combine_buffer(
+                make_low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts));
+            return std::make_pair(reinterpret_cast<uintptr_t>(ptr), row_stride);
+          },
+          nb::arg("src_info"), nb::arg("layout_range"), nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"),
+          nb::arg("num_experts"))
+      // Collective and synchronizing: while it waits on the device and the peers, other Python threads
+      // (ranks run as threads, callback groups' collectives) must be able to run.
+      .def("clean_low_latency_buffer", &Buffer::clean_low_latency_buffer, nb::arg("num_max_dispatch_tokens_per_rank"),
+           nb::arg("hidden"), nb::arg("num_experts"), nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "low_latency_update_mask",
+          [](Buffer& b, int rank_to_mask, bool mask, uintptr_t stream) {
+            b.low_latency_update_mask(rank_to_mask, mask, as_stream(stream));
+          },
+          nb::arg("rank_to_mask"), nb::arg("mask"), nb::arg("stream"))
+      .def(
+          "low_latency_query_mask",
+          [](Buffer& b, const TensorView& mask_status, uintptr_t stream) {
+            b.low_latency_query_mask(mask_status, as_stream(stream));
+          },
+          nb::arg("mask_status"), nb::arg("stream"))
+      .def(
+          "low_latency_clean_mask", [](Buffer& b, uintptr_t stream) { b.low_latency_clean_mask(as_stream(stream)); },
+          nb::arg("stream"));
 }
 
 }  // namespace deep_ep::python

@@ -11,6 +11,7 @@ namespace deep_ep {
 
 constexpr int kMaxChannels = 128;             // one channel per block: num_sms <= 128
 constexpr int kMaxIntranodeExperts = 8 * 1024;  // R <= 8 ranks, L <= 1024 local experts
+constexpr int kMaxLowLatencyRanks = 32;         // a warp's lanes cover every rank in the LL kernels
 
 struct ControlRegion {
   // barrier_signal[i]: written by rank i (release, system scope) with the barrier's epoch; read by
@@ -36,6 +37,19 @@ struct ControlRegion {
   int dispatch_head[kMaxChannels][kNumMaxNvlPeers];  // [channel][receiver]: slots receiver is done with
   int combine_tail[kMaxChannels][kNumMaxNvlPeers];   // [channel][expert rank]: rows pushed to the owner
   int combine_head[kMaxChannels][kNumMaxNvlPeers];   // [channel][home rank]: rows the home rank consumed
+
+  // Low-latency state, read and written only by the owner's kernels (GPU scope); zeroed by
+  // clean_low_latency_buffer. [half][op] with op 0 = dispatch, 1 = combine.
+  // ll_epoch: sends of that op into that half so far. Every block of a send reads it, then counts
+  //   itself in ll_arrivals (after a fence); the block that arrives last resets ll_arrivals and bumps
+  //   ll_epoch, so no block can read the bumped value during the same send.
+  int ll_epoch[2][2];
+  int ll_arrivals[2][2];
+  // Combine rows this rank has written to each home rank in the current send: warps add after a
+  // system fence; the warp that signals the home rank waits for the full count, then resets it.
+  int ll_combine_rows_done[2][kMaxLowLatencyRanks];
+  // Nonzero = the rank is masked (enable_shrink): not sent to, not waited for.
+  int ll_mask[kMaxLowLatencyRanks];
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

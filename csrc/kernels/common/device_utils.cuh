@@ -20,6 +20,24 @@ __device__ __forceinline__ int ld_acquire_sys(const int* ptr) {
   return value;
 }
 
+// 64-bit forms, for signals that carry a tag and a count in one word.
+__device__ __forceinline__ void st_release_sys(int64_t* ptr, int64_t value) {
+  asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* ptr) {
+  int64_t value;
+  asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+// Acquire at GPU scope: for counters only warps of this GPU write.
+__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
 // Relaxed read that bypasses the L1 (for polling a counter another rank writes).
 __device__ __forceinline__ int ld_volatile(const int* ptr) {
   int value;

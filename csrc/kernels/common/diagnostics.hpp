@@ -18,6 +18,13 @@ enum class Phase : int {
   kCombineWaitSpace,    // combine sender waiting for the home rank to free ring slots
   kCombineWaitData,     // combine receiver waiting for an expert rank's rows
   kDispatchExpertRange, // dispatch met an expert id outside [-1, num_experts)
+  kLowLatencyDispatchRecv,   // low-latency dispatch receive waiting for a source rank's rows
+  kLowLatencyCombineRecv,    // low-latency combine receive waiting for an expert rank's rows
+  kLowLatencyCombineSend,    // low-latency combine send waiting for its own warps' rows
+  kLowLatencyDispatchSend,   // low-latency dispatch send waiting for its own warps' rows
+  kLowLatencyExpertRange,    // low-latency dispatch met an expert id outside [-1, num_experts)
+  kLowLatencyTooManyRows,    // a source rank sends one expert more than num_max_dispatch_tokens_per_rank rows
+  kLowLatencyOverrun,        // a peer's next op on a buffer half arrived before this op's receive read it
 };
 
 inline const char* phase_name(Phase p) {
@@ -32,6 +39,16 @@ inline const char* phase_name(Phase p) {
     case Phase::kCombineWaitSpace: return "combine send (waiting for free queue slots)";
     case Phase::kCombineWaitData: return "combine receive (waiting for rows)";
     case Phase::kDispatchExpertRange: return "dispatch (expert id out of range)";
+    case Phase::kLowLatencyDispatchRecv: return "low-latency dispatch receive (waiting for a source rank)";
+    case Phase::kLowLatencyCombineRecv: return "low-latency combine receive (waiting for an expert rank)";
+    case Phase::kLowLatencyCombineSend: return "low-latency combine send (waiting for this rank's rows)";
+    case Phase::kLowLatencyDispatchSend: return "low-latency dispatch send (waiting for this rank's rows)";
+    case Phase::kLowLatencyExpertRange: return "low-latency dispatch (expert id out of range)";
+    case Phase::kLowLatencyOverrun:
+      return "low-latency receive (a peer already sent its next op on this buffer half: calls must alternate "
+             "halves, e.g. a CUDA graph replayed in a loop must hold an even number of low-latency ops)";
+    case Phase::kLowLatencyTooManyRows:
+      return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }
   return "unknown";
 }

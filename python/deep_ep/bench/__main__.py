@@ -1,4 +1,5 @@
-"""`python -m deep_ep.bench`: benchmark deep_ep over the GPUs present.
+"""`python -m deep_ep.bench`: benchmark deep_ep over the GPUs present: normal mode (intranode dispatch and
+combine), low-latency mode, or both (--mode).
 
 With one GPU, the ranks share it under a private MPS daemon (every "NVLink" byte is then an HBM byte),
 so the HBM copy bandwidth of the same GPU is measured first and reported next to every figure.
@@ -23,13 +24,19 @@ def main() -> int:
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
+    parser.add_argument("--mode", choices=("all", "normal", "low_latency"), default="all",
+                        help="which ops to time: normal mode, low-latency mode, or both (default)")
+    parser.add_argument("--ll-num-tokens", type=int, default=128,
+                        help="low-latency mode: tokens per rank (= num_max_dispatch_tokens_per_rank)")
+    parser.add_argument("--ll-num-experts", type=int, default=288, help="low-latency mode: experts")
     args = parser.parse_args()
 
     num_gpus = visible_gpu_count()
     if num_gpus == 0:
         print("deep_ep.bench: no CUDA device visible; nothing to benchmark")
         return 1
-    print(f"deep_ep.bench: {args.num_ranks} ranks on {num_gpus} GPU(s), {args.num_sms} SMs per rank")
+    print(f"deep_ep.bench: {args.num_ranks} ranks on {num_gpus} GPU(s), {args.num_sms} SMs per rank (normal mode), "
+          f"mode {args.mode}")
     results = launch(suite.run_rank, args.num_ranks, args=(vars(args),), timeout_s=600, num_gpus=num_gpus)
     rows = results[0]
     print("\n=== SUMMARY ===")

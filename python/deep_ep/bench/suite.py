@@ -12,11 +12,18 @@ from deep_ep.testing import destroy_process_group, init_process_group
 _L2_FLUSH_BYTES = 256 << 20
 
 
-def _op_benches():
-    """Benchmarks of the communication ops: fn(ctx, group, opts, flush, copy_gbps) -> table rows."""
+def _op_benches(mode):
+    """Benchmarks of the communication ops for `mode` (all, normal, low_latency):
+    fn(ctx, group, opts, flush, copy_gbps) -> table rows."""
     from .intranode import bench_intranode
+    from .low_latency import bench_low_latency
 
-    return [bench_intranode]
+    benches = []
+    if mode in ("all", "normal"):
+        benches.append(bench_intranode)
+    if mode in ("all", "low_latency"):
+        benches.append(bench_low_latency)
+    return benches
 
 
 def time_op(fn, group, iters, flush, calls_per_sample=8):
@@ -68,16 +75,18 @@ def run_rank(ctx, opts):
     rows.append(("HBM copy (read+write), one process", "-", "-", f"{copy_gbps:.0f} GB/s", "ceiling"))
 
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, explicitly_destroy=True)
-    torch.manual_seed(ctx.rank + 1)
-    scores = torch.rand(opts["num_tokens"], opts["num_experts"], device="cuda")
-    topk_idx = scores.topk(opts["num_topk"], dim=1).indices.to(torch.int64)
-    ms = time_op(lambda: buffer.get_dispatch_layout(topk_idx, opts["num_experts"]), group, opts["iters"], flush)
-    rows.append(("get_dispatch_layout", f"{opts['num_tokens']} tok", "-", f"{ms * 1e3:.1f} us", "-"))
+    mode = opts.get("mode", "all")
+    if mode in ("all", "normal"):
+        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, explicitly_destroy=True)
+        torch.manual_seed(ctx.rank + 1)
+        scores = torch.rand(opts["num_tokens"], opts["num_experts"], device="cuda")
+        topk_idx = scores.topk(opts["num_topk"], dim=1).indices.to(torch.int64)
+        ms = time_op(lambda: buffer.get_dispatch_layout(topk_idx, opts["num_experts"]), group, opts["iters"], flush)
+        rows.append(("get_dispatch_layout", f"{opts['num_tokens']} tok", "-", f"{ms * 1e3:.1f} us", "-"))
+        buffer.destroy()
 
-    for bench in _op_benches():
+    for bench in _op_benches(mode):
         rows.extend(bench(ctx, group, opts, flush, copy_gbps))
-    buffer.destroy()
     gathered = [None] * ctx.num_ranks
     dist.all_gather_object(gathered, rows, group=group)
     destroy_process_group()

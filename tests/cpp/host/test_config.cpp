@@ -79,3 +79,20 @@ TEST(LowLatencyLayout, HintIsTwoHalvesAndMultipleOf128) {
   EXPECT_THROW(get_low_latency_rdma_size_hint(128, 7000, 8, 288), ValueError);
   EXPECT_THROW(get_low_latency_rdma_size_hint(128, 7168, 8, 100), ValueError);
 }
+
+TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
+  // 128 tokens, hidden 7168, 8 ranks, 288 experts: every region, in order, 128-byte aligned.
+  const auto l = low_latency::HalfLayout::make(128, 7168, 8, 288);
+  EXPECT_EQ(l.dispatch_scales_offset, 7168 * 2);
+  EXPECT_EQ(l.dispatch_meta_offset, 7168 * 2 + 56 * 4);  // already 16-aligned
+  EXPECT_EQ(l.dispatch_slot_bytes, 7168 * 2 + 56 * 4 + 16);
+  EXPECT_EQ(l.combine_slots_per_token, kNumMaxTopk);
+  EXPECT_EQ(l.dispatch_offset, 0);
+  EXPECT_EQ(l.combine_offset, 36LL * 8 * 128 * l.dispatch_slot_bytes);
+  EXPECT_EQ(l.dispatch_signal_offset, l.combine_offset + 128LL * kNumMaxTopk * 7168 * 2);
+  EXPECT_EQ(l.combine_signal_offset, l.dispatch_signal_offset + 36 * 8 * 8);  // 64-bit signals, 128-aligned already
+  EXPECT_EQ(l.send_done_offset, l.combine_signal_offset + 128);               // 8 x 8 bytes rounded up to 128
+  EXPECT_EQ(l.bytes, l.send_done_offset + 1152);                              // 288 int32 counters
+  // Fewer experts than the top-k cap: one combine row per expert per token.
+  EXPECT_EQ(low_latency::HalfLayout::make(16, 256, 2, 4).combine_slots_per_token, 4);
+}
