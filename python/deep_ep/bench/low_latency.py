@@ -126,33 +126,41 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
     dispatch_halves = _time_halves(lambda: dispatch(hook=True), group, iters, flush)
     combine_halves = _time_halves(lambda: combine(hook=True), group, iters, flush)
 
-    # Minimum bytes of this rank (see the module docstring), then summed over the ranks on this GPU.
+    # Bytes of this rank (see the module docstring), then summed over the ranks on this GPU: the minimum any
+    # design must move, and what this design moves (send pass + receive pass).
     num_sent = int((topk_idx >= 0).sum().item())
     num_received = int(recv_count.sum().item())
-    dispatch_bytes = t * h * 2 + num_sent * (h + h // 128 * 4)
-    combine_bytes = num_received * h * 2 + t * h * 2
-    local = [dispatch_ms, combine_ms, *dispatch_halves, *combine_halves, dispatch_bytes, combine_bytes]
+    fp8_row, fp8_slot = h + h // 128 * 4, h + h // 128 * 4 + 16
+    dispatch_min = t * h * 2 + num_sent * fp8_row
+    combine_min = num_received * h * 2 + t * h * 2
+    dispatch_design = t * h * 2 + num_sent * fp8_slot + num_received * (fp8_slot + fp8_row + 8)
+    combine_design = num_received * h * 2 * 2 + num_sent * h * 2 + t * h * 2
+    local = [dispatch_ms, combine_ms, *dispatch_halves, *combine_halves, dispatch_min, combine_min, dispatch_design,
+             combine_design]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     sharing = _ranks_on_my_gpu(ctx)
     # Times: mean over ranks of each rank's median (as the intranode benchmark); bytes: this GPU's ranks.
     mean = [statistics.fmean(g[i] for g in gathered) for i in range(6)]
-    gpu_dispatch_bytes = sum(gathered[r][6] for r in sharing)
-    gpu_combine_bytes = sum(gathered[r][7] for r in sharing)
+    gpu_bytes = [sum(gathered[r][i] for r in sharing) for i in range(6, 10)]
 
-    def figures(ms, num_bytes):
-        gbps = num_bytes / (ms * 1e-3) / 1e9
-        share = f"{100 * gbps / copy_gbps:.0f}% of copy {copy_gbps:.0f} GB/s" if copy_gbps > 0 else "no ceiling"
-        return (f"{ms * 1e3:.1f} us, {num_bytes / 1e6:.1f} MB min, {gbps:.0f} GB/s",
-                f"{share}; {len(sharing)} rank(s) on this GPU")
+    def figures(ms, min_bytes, design_bytes):
+        def share(num_bytes):
+            gbps = num_bytes / (ms * 1e-3) / 1e9
+            return f"{num_bytes / 1e6:.0f} MB = {100 * gbps / copy_gbps:.0f}%" if copy_gbps > 0 else "no ceiling"
+        return (f"min {share(min_bytes)}, design moves {share(design_bytes)} of copy {copy_gbps:.0f} GB/s; "
+                f"{len(sharing)} rank(s) on this GPU")
 
+    # The kernels take the GPU's SMs split among the ranks sharing it (one block per SM).
+    sms = str(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count // len(sharing))
     rows = []
-    rows.append(("LL dispatch FP8", size, "-", *figures(mean[0], gpu_dispatch_bytes)))
-    rows.append(("LL combine BF16", size, "-", *figures(mean[1], gpu_combine_bytes)))
-    for name, send_ms, receive_ms, num_bytes in (("LL dispatch FP8", mean[2], mean[3], gpu_dispatch_bytes),
-                                                 ("LL combine BF16", mean[4], mean[5], gpu_combine_bytes)):
-        result, ceiling = figures(send_ms + receive_ms, num_bytes)
-        rows.append((f"{name} with hook: send | recv", size, "-",
-                     f"{send_ms * 1e3:.1f} | {receive_ms * 1e3:.1f} us", f"sum {result}; {ceiling}"))
+    ops = (("LL dispatch FP8", mean[0], mean[2], mean[3], gpu_bytes[0], gpu_bytes[2]),
+           ("LL combine BF16", mean[1], mean[4], mean[5], gpu_bytes[1], gpu_bytes[3]))
+    for name, ms, _, _, min_bytes, design_bytes in ops:
+        rows.append((name, size, sms, f"{ms * 1e3:.1f} us", figures(ms, min_bytes, design_bytes)))
+    for name, _, send_ms, receive_ms, min_bytes, design_bytes in ops:
+        rows.append((f"{name} with hook: send | recv", size, sms,
+                     f"{send_ms * 1e3:.1f} | {receive_ms * 1e3:.1f} us",
+                     "sum: " + figures(send_ms + receive_ms, min_bytes, design_bytes)))
     buffer.destroy()
     return rows
