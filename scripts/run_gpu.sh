@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
             filter="$2"
             shift ;;
         --filter=*) filter="${1#--filter=}" ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run_gpu.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
