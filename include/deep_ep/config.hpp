@@ -44,4 +44,9 @@ namespace deep_ep {
 // Bytes of the RDMA payload low-latency mode needs (both halves), a multiple of 128 (spec section 3).
 int64_t get_low_latency_rdma_size_hint(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                                        int64_t num_experts);
+// The CUDA architectures this build's kernels were compiled for (CMAKE_CUDA_ARCHITECTURES, e.g.
+// "90" or "90;100a"), and whether sm_90 is among them.
+const char* compiled_cuda_architectures();
+bool is_sm90_compiled();
+
 }  // namespace deep_ep

@@ -82,7 +82,8 @@ class Buffer:
 
     @staticmethod
     def is_sm90_compiled() -> bool:
-        return True
+        """Whether this build's kernels include sm_90 (CMAKE_CUDA_ARCHITECTURES)."""
+        return _C.is_sm90_compiled()
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

@@ -85,6 +85,8 @@ void bind_core(nb::module_& m) {
       });
   m.def("get_dispatch_config", &get_dispatch_config, nb::arg("num_ranks"), nb::arg("num_sms"));
   m.def("get_combine_config", &get_combine_config, nb::arg("num_ranks"), nb::arg("num_sms"));
+  m.def("compiled_cuda_architectures", &compiled_cuda_architectures);
+  m.def("is_sm90_compiled", &is_sm90_compiled);
   m.def("get_low_latency_rdma_size_hint", &get_low_latency_rdma_size_hint, nb::arg("num_max_dispatch_tokens_per_rank"),
         nb::arg("hidden"), nb::arg("num_ranks"), nb::arg("num_experts"));
 

@@ -122,3 +122,9 @@ def test_reference_dispatch_then_combine_multiplies_by_ranks_reached():
         reached = layout.is_token_in_rank.reshape(item.num_tokens, num_ranks).sum(axis=1, keepdims=True)
         got = np.array([ref.bf16_to_float(int(v)) for v in result.combined_x], dtype=np.float32)
         np.testing.assert_array_equal(got.reshape(x.shape), x * reached)
+
+
+def test_build_reports_its_cuda_architectures():
+    # The default build (CI, pip install .) targets sm_90.
+    assert "90" in _C.compiled_cuda_architectures()
+    assert _C.is_sm90_compiled() is True

@@ -96,3 +96,9 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   // Fewer experts than the top-k cap: one combine row per expert per token.
   EXPECT_EQ(low_latency::HalfLayout::make(16, 256, 2, 4).combine_slots_per_token, 4);
 }
+
+TEST(BuildInfo, Sm90IsCompiledInTheDefaultBuild) {
+  // CI and the GPU machine build with the default CMAKE_CUDA_ARCHITECTURES=90.
+  EXPECT_NE(std::string(compiled_cuda_architectures()).find("90"), std::string::npos);
+  EXPECT_TRUE(is_sm90_compiled());
+}
