@@ -27,7 +27,29 @@ struct PendingReceive final : LowLatencyPendingReceive {
   int num_blocks = 0;
   bool launched = false;
   const Buffer* owner = nullptr;
+
+  void launch(int phases, cudaStream_t stream) const {
+    if (is_dispatch) {
+      low_latency::launch_dispatch(peers, layout, dispatch, phases, num_blocks, stream);
+    } else {
+      low_latency::launch_combine(peers, layout, combine, phases, num_blocks, stream);
+    }
+  }
 };
+
+// Launches the send, and the receive too unless the caller asked for a hook; then the pending receive
+// is returned and its half stays reserved until it is launched.
+std::shared_ptr<LowLatencyPendingReceive> start(std::shared_ptr<PendingReceive> pending, bool return_recv_hook,
+                                                Buffer::Internals& in, int device, cudaStream_t stream) {
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+  if (!return_recv_hook) {
+    pending->launch(low_latency::kSendAndReceive, stream);
+    return nullptr;
+  }
+  pending->launch(low_latency::kSend, stream);
+  in.ll_receive_pending[pending->peers.half] = true;
+  return pending;
+}
 
 struct Geometry {
   int R, L, M, H, E;
@@ -169,15 +191,7 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   d.cumulative_recv_stats = a.cumulative_local_expert_recv_stats ? a.cumulative_local_expert_recv_stats->ptr<int>() : nullptr;
   d.wait_recv_cost_stats = a.dispatch_wait_recv_cost_stats ? a.dispatch_wait_recv_cost_stats->ptr<int64_t>() : nullptr;
 
-  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
-  if (!a.return_recv_hook) {
-    low_latency::launch_dispatch(pending->peers, pending->layout, d, low_latency::kSendAndReceive, pending->num_blocks,
-                                 stream);
-    return nullptr;
-  }
-  low_latency::launch_dispatch(pending->peers, pending->layout, d, low_latency::kSend, pending->num_blocks, stream);
-  in.ll_receive_pending[half] = true;
-  return pending;
+  return start(std::move(pending), a.return_recv_hook, in, device, stream);
 }
 
 std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_combine(const LowLatencyCombineArgs& a,
@@ -245,15 +259,7 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_combine(const LowL
   c.combined_x = combined.ptr<uint16_t>();
   c.wait_recv_cost_stats = a.combine_wait_recv_cost_stats ? a.combine_wait_recv_cost_stats->ptr<int64_t>() : nullptr;
 
-  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
-  if (!a.return_recv_hook) {
-    low_latency::launch_combine(pending->peers, pending->layout, c, low_latency::kSendAndReceive, pending->num_blocks,
-                                stream);
-    return nullptr;
-  }
-  low_latency::launch_combine(pending->peers, pending->layout, c, low_latency::kSend, pending->num_blocks, stream);
-  in.ll_receive_pending[half] = true;
-  return pending;
+  return start(std::move(pending), a.return_recv_hook, in, device, stream);
 }
 
 void Buffer::low_latency_receive(LowLatencyPendingReceive& pending_base, cudaStream_t stream) {
@@ -263,13 +269,7 @@ void Buffer::low_latency_receive(LowLatencyPendingReceive& pending_base, cudaStr
   DEEP_EP_RUNTIME_CHECK(!pending->launched, "the receive hook of this low-latency call was already called");
   check_device_errors();
   DEEP_EP_CUDA_CHECK(cudaSetDevice(options_.device));
-  if (pending->is_dispatch) {
-    low_latency::launch_dispatch(pending->peers, pending->layout, pending->dispatch, low_latency::kReceive,
-                                 pending->num_blocks, stream);
-  } else {
-    low_latency::launch_combine(pending->peers, pending->layout, pending->combine, low_latency::kReceive,
-                                pending->num_blocks, stream);
-  }
+  pending->launch(low_latency::kReceive, stream);
   pending->launched = true;
   internals_->ll_receive_pending[pending->peers.half] = false;
 }
