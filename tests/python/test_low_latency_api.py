@@ -261,7 +261,7 @@ def test_fp8_dispatch_returns_column_major_scales_and_the_handle_of_v1(ll_buffer
     # Plane 0 of the [2, L, S] allocation: combine reaches plane 1 through the same storage.
     assert src_info.shape == (_L, num_slots) and src_info.is_contiguous() and src_info.storage_offset() == 0
     assert src_info.untyped_storage().nbytes() == 2 * src_info.nbytes
-    assert event.event is None and hook() is None
+    assert event.event is None and hook is None  # as in V1: no hook unless return_recv_hook
 
 
 def test_receive_hook_launches_once_on_the_stream_current_when_called(ll_buffer):
