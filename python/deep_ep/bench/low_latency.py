@@ -123,6 +123,10 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
     iters, calls = opts["iters"], 8
     dispatch_ms, = _time_graphs([_capture(dispatch, calls)], group, iters, flush, calls)
     combine_ms, = _time_graphs([_capture(combine, calls)], group, iters, flush, calls)
+    # The same calls as two kernels each (the send, then its hook at once): whether a receive that starts
+    # after the whole send beats the fused kernel, whose receiving blocks poll while others still send.
+    split_dispatch_ms, = _time_graphs([_capture(lambda: dispatch(hook=True)[-1](), calls)], group, iters, flush, calls)
+    split_combine_ms, = _time_graphs([_capture(lambda: combine(hook=True)[-1](), calls)], group, iters, flush, calls)
     dispatch_halves = _time_halves(lambda: dispatch(hook=True), group, iters, flush)
     combine_halves = _time_halves(lambda: combine(hook=True), group, iters, flush)
 
@@ -136,13 +140,14 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
     dispatch_design = t * h * 2 + num_sent * fp8_slot + num_received * (fp8_slot + fp8_row + 8)
     combine_design = num_received * h * 2 * 2 + num_sent * h * 2 + t * h * 2
     local = [dispatch_ms, combine_ms, *dispatch_halves, *combine_halves, dispatch_min, combine_min, dispatch_design,
-             combine_design]
+             combine_design, split_dispatch_ms, split_combine_ms]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     sharing = _ranks_on_my_gpu(ctx)
     # Times: mean over ranks of each rank's median (as the intranode benchmark); bytes: this GPU's ranks.
     mean = [statistics.fmean(g[i] for g in gathered) for i in range(6)]
     gpu_bytes = [sum(gathered[r][i] for r in sharing) for i in range(6, 10)]
+    split = [statistics.fmean(g[i] for g in gathered) for i in (10, 11)]
 
     def figures(ms, min_bytes, design_bytes):
         def share(num_bytes):
@@ -158,6 +163,9 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
            ("LL combine BF16", mean[1], mean[4], mean[5], gpu_bytes[1], gpu_bytes[3]))
     for name, ms, _, _, min_bytes, design_bytes in ops:
         rows.append((name, size, sms, f"{ms * 1e3:.1f} us", figures(ms, min_bytes, design_bytes)))
+    for (name, _, _, _, min_bytes, design_bytes), ms in zip(ops, split):
+        rows.append((f"{name}, send + hook back to back", size, sms, f"{ms * 1e3:.1f} us",
+                     figures(ms, min_bytes, design_bytes)))
     for name, _, send_ms, receive_ms, min_bytes, design_bytes in ops:
         rows.append((f"{name} with hook: send | recv", size, sms,
                      f"{send_ms * 1e3:.1f} | {receive_ms * 1e3:.1f} us",
