@@ -152,7 +152,6 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   if (a.dispatch_wait_recv_cost_stats)
     check_tensor(*a.dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", {DType::kInt64, {g.R}, true, device});
 
-  const int half = take_half(in, "low_latency_dispatch");
   const bool fp8 = a.use_fp8;
   const bool ue8m0 = fp8 && a.use_ue8m0;
   TensorView recv_x = allocate("recv_x", fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {g.L, g.S, g.H});
@@ -164,6 +163,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   TensorView recv_count = allocate("recv_count", DType::kInt32, {g.L});
   TensorView src_info = allocate("src_info", DType::kInt32, {2, g.L, g.S});
   TensorView layout_range = allocate("layout_range", DType::kInt64, {g.L, g.R});
+  // Only now, when nothing can fail before the launch: every rank must take the same half.
+  const int half = take_half(in, "low_latency_dispatch");
 
   auto pending = std::make_shared<PendingReceive>();
   pending->is_dispatch = true;
@@ -232,8 +233,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_combine(const LowL
   const int combine_shared = low_latency::combine_shared_bytes(g.L, g.R);
   DEEP_EP_CHECK(combine_shared <= kMaxSharedBytes, "low_latency_combine: ", g.L, " local experts x ", g.R,
                 " ranks need ", combine_shared, " bytes of shared memory per block, more than ", kMaxSharedBytes);
-  const int half = take_half(in, "low_latency_combine");
   TensorView combined = a.out ? *a.out : allocate("combined_x", DType::kBFloat16, {T, g.H});
+  const int half = take_half(in, "low_latency_combine");  // last: every rank must take the same half
 
   auto pending = std::make_shared<PendingReceive>();
   pending->is_dispatch = false;
