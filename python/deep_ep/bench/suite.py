@@ -87,6 +87,9 @@ def run_rank(ctx, opts):
 
     for bench in _op_benches(mode):
         rows.extend(bench(ctx, group, opts, flush, copy_gbps))
+    if mode in ("all", "normal"):
+        from .baselines import bench_multi_gpu_baselines
+        rows.extend(bench_multi_gpu_baselines(ctx, group, opts))
     gathered = [None] * ctx.num_ranks
     dist.all_gather_object(gathered, rows, group=group)
     destroy_process_group()
