@@ -11,8 +11,6 @@
 
 namespace deep_ep {
 
-constexpr int kMaxLocalExperts = 1024;
-
 // Pinned host memory mapped into the device: the kernels write, the host polls.
 struct HostMapped {
   DeviceDiagnostics diagnostics;
@@ -39,6 +37,7 @@ struct Buffer::Internals {
   // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;
+  int ll_num_blocks = 0;  // grid of every low-latency kernel, found on first use (0 = not yet)
   bool ll_receive_pending[2] = {false, false};
   bool poisoned = false;
   std::string poison_message;

@@ -13,7 +13,6 @@ namespace deep_ep {
 
 namespace {
 
-constexpr int kMaxLocalExpertsLL = 1024;
 constexpr int kMaxSharedBytes = 160 * 1024;
 
 // A receive half waiting for its launch. It carries everything the kernel needs, so that it can be
@@ -67,7 +66,7 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
                 "multiple of 4, got ", R, " * ", M);
   DEEP_EP_CHECK(H > 0 && H % 128 == 0, op, ": hidden must be a positive multiple of 128, got ", H);
   DEEP_EP_CHECK(E > 0 && E % R == 0, op, ": num_experts must be a positive multiple of num_ranks=", R, ", got ", E);
-  DEEP_EP_CHECK(E / R <= kMaxLocalExpertsLL, op, ": at most ", kMaxLocalExpertsLL, " local experts, got ", E / R);
+  DEEP_EP_CHECK(E / R <= kMaxLocalExperts, op, ": at most ", kMaxLocalExperts, " local experts, got ", E / R);
   Geometry g{R, E / R, M, H, E, static_cast<int64_t>(R) * M, low_latency::HalfLayout::make(M, H, R, E)};
   const int64_t needed = 2 * g.layout.bytes;
   DEEP_EP_CHECK(b.options().num_rdma_bytes >= needed, op, " with num_max_dispatch_tokens_per_rank=", M, ", hidden=",
@@ -89,13 +88,17 @@ void check_handle(const LowLatencyHandle& h, const Geometry& g, int device) {
 }
 
 // Blocks per rank: the GPU's SMs shared by its ranks, one block of each rank per SM at most, all of
-// them resident together (the receive of one rank spins on the send of another).
-int num_blocks_of(const Buffer& b) {
+// them resident together (the receive of one rank spins on the send of another). Fixed for a Buffer,
+// so the occupancy query runs once, not on every op.
+int num_blocks_of(Buffer& b) {
+  int& cached = b.internals().ll_num_blocks;
+  if (cached > 0) return cached;
   const int per_device = b.num_ranks_per_device();
   const int capacity = b.num_device_sms() * std::max(1, low_latency::max_resident_blocks_per_sm());
   const int blocks = std::min(b.num_device_sms(), capacity) / per_device;
   DEEP_EP_CHECK(blocks >= 1, "low-latency kernels need one resident block per rank: ", per_device,
                 " ranks share cuda:", b.device(), ", which holds ", capacity, " blocks");
+  cached = blocks;
   return blocks;
 }
 
@@ -139,7 +142,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   DEEP_EP_CHECK(a.topk_idx.dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got ", a.topk_idx.describe());
   check_topk(a.topk_idx, "topk_idx", T, g, device);
   const int K = static_cast<int>(a.topk_idx.size(1));
-  const int shared = low_latency::dispatch_shared_bytes(static_cast<int>(T), K, g.L, g.R, num_blocks_of(*this));
+  const int num_blocks = num_blocks_of(*this);
+  const int shared = low_latency::dispatch_shared_bytes(static_cast<int>(T), K, g.L, g.R, num_blocks);
   DEEP_EP_CHECK(shared <= kMaxSharedBytes, "low_latency_dispatch: num_tokens * num_topk = ", T * K,
                 " top-k entries need ", shared, " bytes of shared memory per block, more than ", kMaxSharedBytes);
   if (a.use_fp8 && a.use_ue8m0) {
@@ -171,7 +175,7 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   pending->owner = this;
   pending->peers = peers_of(*this, in, g, half);
   pending->layout = g.layout;
-  pending->num_blocks = num_blocks_of(*this);
+  pending->num_blocks = num_blocks;
   auto& d = pending->dispatch;
   d.x = a.x.ptr<const uint16_t>();
   d.topk_idx = a.topk_idx.ptr<const int64_t>();

@@ -9,6 +9,7 @@
 namespace deep_ep {
 
 constexpr int kNumMaxNvlPeers = 8;
+constexpr int kMaxLocalExperts = 1024;  // L: experts per rank (spec section 9)
 constexpr int kNumMaxTopk = 128;  // size hints reserve this many top-k slots per token
 
 struct Config {

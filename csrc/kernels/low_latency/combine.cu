@@ -16,7 +16,6 @@ namespace deep_ep::low_latency {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxLocalExperts = 1024;
 constexpr int kOctetsPerGroup = kLogfmtGroup / 8;
 
 __device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
