@@ -50,7 +50,7 @@ std::vector<std::vector<int>> rows_by_source(const std::vector<NormalDispatchInp
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
                                                 const std::vector<NormalCombineInput>& inputs, int hidden,
-                                                int num_topk) {
+                                                int num_topk, int num_ranks_per_node) {
   const int num_ranks = static_cast<int>(dispatch_inputs.size());
   DEEP_EP_CHECK(num_ranks > 0, "normal_combine: needs at least one rank");
   DEEP_EP_CHECK(dispatch_outputs.size() == dispatch_inputs.size() && inputs.size() == dispatch_inputs.size(),
@@ -58,6 +58,13 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
                 num_ranks, "), got ", dispatch_outputs.size(), " and ", inputs.size());
   DEEP_EP_CHECK(hidden >= 0, "normal_combine: hidden must be >= 0, got ", hidden);
   DEEP_EP_CHECK(num_topk >= 0, "normal_combine: num_topk must be >= 0, got ", num_topk);
+  DEEP_EP_CHECK(num_ranks_per_node >= 0, "normal_combine: num_ranks_per_node must be >= 0, got ",
+                num_ranks_per_node);
+  // Flat order: every rank in one group whose sum is not rounded before the bias.
+  const bool hierarchical = num_ranks_per_node > 0 && num_ranks_per_node < num_ranks;
+  DEEP_EP_CHECK(!hierarchical || num_ranks % num_ranks_per_node == 0, "normal_combine: num_ranks (", num_ranks,
+                ") must be a multiple of num_ranks_per_node (", num_ranks_per_node, ")");
+  const int group_size = hierarchical ? num_ranks_per_node : num_ranks;
   const size_t row_elements = static_cast<size_t>(hidden);
   const size_t weight_elements = static_cast<size_t>(num_topk);
 
@@ -89,20 +96,36 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
     out.combined_x.assign(num_tokens * row_elements, 0);
     out.combined_topk_weights.assign(num_tokens * weight_elements, 0.0f);
     std::vector<float> sum(row_elements);
+    std::vector<float> partial(row_elements);
+    std::vector<float> partial_weights(weight_elements);
     for (size_t t = 0; t < num_tokens; ++t) {
       sum.assign(row_elements, 0.0f);
       float* weights = out.combined_topk_weights.data() + t * weight_elements;
-      // Ranks in increasing order: float32 addition is not associative, and the GPU kernel sums in
-      // this order too.
-      for (int j = 0; j < num_ranks; ++j) {
-        if (home.is_token_in_rank[t * num_ranks + j] == 0) continue;
-        const int row = row_of[j][r][t];
-        DEEP_EP_CHECK(row >= 0, "normal_combine: is_token_in_rank of rank ", r, " sends token ", t, " to rank ", j,
-                      ", but rank ", j, "'s handle holds no row for it");
-        const uint16_t* x = inputs[j].x.data() + static_cast<size_t>(row) * row_elements;
-        for (size_t c = 0; c < row_elements; ++c) sum[c] += bf16_to_float(x[c]);
-        const float* returned = inputs[j].topk_weights.data() + static_cast<size_t>(row) * weight_elements;
-        for (size_t k = 0; k < weight_elements; ++k) weights[k] += returned[k];
+      // Groups (nodes) in increasing order, ranks in increasing order inside each: float32 addition is
+      // not associative, and the GPU kernels sum in this order too.
+      for (int begin = 0; begin < num_ranks; begin += group_size) {
+        float* acc = hierarchical ? partial.data() : sum.data();
+        float* acc_weights = hierarchical ? partial_weights.data() : weights;
+        if (hierarchical) {
+          partial.assign(row_elements, 0.0f);
+          partial_weights.assign(weight_elements, 0.0f);
+        }
+        bool any = false;
+        for (int j = begin; j < begin + group_size; ++j) {
+          if (home.is_token_in_rank[t * num_ranks + j] == 0) continue;
+          const int row = row_of[j][r][t];
+          DEEP_EP_CHECK(row >= 0, "normal_combine: is_token_in_rank of rank ", r, " sends token ", t, " to rank ",
+                        j, ", but rank ", j, "'s handle holds no row for it");
+          any = true;
+          const uint16_t* x = inputs[j].x.data() + static_cast<size_t>(row) * row_elements;
+          for (size_t c = 0; c < row_elements; ++c) acc[c] += bf16_to_float(x[c]);
+          const float* returned = inputs[j].topk_weights.data() + static_cast<size_t>(row) * weight_elements;
+          for (size_t k = 0; k < weight_elements; ++k) acc_weights[k] += returned[k];
+        }
+        if (!any || !hierarchical) continue;
+        // The forwarder rank of this node sends its partial sum on as bf16; weights stay float32.
+        for (size_t c = 0; c < row_elements; ++c) sum[c] += bf16_to_float(float_to_bf16(partial[c]));
+        for (size_t k = 0; k < weight_elements; ++k) weights[k] += partial_weights[k];
       }
       // Bias last, bias_0 before bias_1, then one rounding to bf16.
       for (size_t c = 0; c < row_elements; ++c) {

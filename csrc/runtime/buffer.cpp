@@ -61,9 +61,6 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
                 "num_nvl_bytes must be a non-negative multiple of 128, got ", options.num_nvl_bytes);
   DEEP_EP_CHECK(options.num_rdma_bytes >= 0 && options.num_rdma_bytes % 128 == 0,
                 "num_rdma_bytes must be a non-negative multiple of 128, got ", options.num_rdma_bytes);
-  DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers,
-                "this build of deep_ep supports groups of at most ", kNumMaxNvlPeers,
-                " ranks reachable by load/store (intranode); got a group of ", num_ranks_);
   auto& in = *internals_;
   in.timeout_ns = default_timeout_ns(options.timeout_s);
 
@@ -115,8 +112,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base, 0, kControlRegionBytes));
   // So does the RDMA payload: low-latency signals carry a tag counted from 1, and memory left over
   // from an earlier buffer could otherwise hold a matching one.
-  if (options.num_rdma_bytes > 0)
-    DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base + in.rdma_payload_offset, 0, options.num_rdma_bytes));
+  // The NVLink payload too: internode flags count up from 0.
+  if (options.num_nvl_bytes + options.num_rdma_bytes > 0)
+    DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base + in.nvl_payload_offset, 0, options.num_nvl_bytes + options.num_rdma_bytes));
   mine.base_ptr = reinterpret_cast<uint64_t>(in.local_base);
 
   void* host = nullptr;
@@ -145,6 +143,17 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     DEEP_EP_CHECK(peers[r].use_fabric == mine.use_fabric, "all ranks must agree on use_fabric (rank ", r, " differs)");
   }
 
+  std::vector<RankLocation> locations(num_ranks_);
+  for (int r = 0; r < num_ranks_; ++r) {
+    locations[r].hostname.assign(peers[r].hostname, strnlen(peers[r].hostname, sizeof(peers[r].hostname)));
+    std::memcpy(locations[r].device_uuid.data(), peers[r].device_uuid, sizeof(peers[r].device_uuid));
+  }
+  in.topology = make_topology(locations, ranks_per_node_from_env());
+  if (in.topology.num_nodes == 1)
+    DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
+                  " ranks in this build; got a group of ", num_ranks_,
+                  " on one host (set DEEP_EP_RANKS_PER_NODE to emulate several nodes)");
+
   num_ranks_per_device_ = 0;
   in.peer_bases.assign(num_ranks_, nullptr);
   in.peer_is_ipc.assign(num_ranks_, false);
@@ -152,8 +161,12 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     const PeerInfo& p = peers[r];
     if (std::memcmp(p.device_uuid, mine.device_uuid, sizeof(mine.device_uuid)) == 0) ++num_ranks_per_device_;
     const bool same_process = p.pid == mine.pid && std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
+    const bool same_host = std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
     if (r == rank_ || same_process) {
       in.peer_bases[r] = reinterpret_cast<char*>(p.base_ptr);
+    } else if (!same_host && !options.use_fabric) {
+      // Another host: reachable only through a network transport (internode ops check this).
+      in.peer_bases[r] = nullptr;
     } else if (options.use_fabric) {
       cudaMemPool_t imported = nullptr;
       DEEP_EP_CUDA_CHECK(cudaMemPoolImportFromShareableHandle(
@@ -216,6 +229,25 @@ void Buffer::release(bool collective) {
   if (collective) group_->barrier();
 }
 
+int Buffer::num_nodes() const { return internals_->topology.num_nodes > 0 ? internals_->topology.num_nodes : 1; }
+
+int Buffer::num_ranks_per_node() const {
+  return internals_->topology.num_ranks_per_node > 0 ? internals_->topology.num_ranks_per_node : num_ranks_;
+}
+
+void Buffer::Internals::wait_for_notify_counts(Buffer& buffer, const char* op) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto limit = std::chrono::nanoseconds(2 * timeout_ns) + std::chrono::seconds(5);
+  while (host->counts_ready != counts_epoch) {
+    buffer.check_device_errors();
+    if (std::chrono::steady_clock::now() - start > limit)
+      throw TimeoutError(detail::concat("deep_ep timeout on rank ", buffer.rank(), ": ", op, " waited ",
+                                        2 * timeout_ns / 1e9 + 5, " s for the received-token count of notify (phase ",
+                                        phase_name(Phase::kNotifyCounts), "); a peer rank did not join"));
+    std::this_thread::yield();
+  }
+}
+
 void* Buffer::local_nvl_buffer() const {
   DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
   return internals_->local_base + internals_->nvl_payload_offset;
@@ -251,7 +283,11 @@ void Buffer::check_device_errors() {
     in.poison_message = msg;
     throw std::runtime_error(msg);
   }
-  if (phase == Phase::kLowLatencyTooManyRows) {
+  if (phase == Phase::kInternodeTooManyRows) {
+    msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": source rank ", d->peer,
+                         " brings row ", d->observed, " but num_worst_tokens=", d->expected,
+                         "; the extra rows were dropped, outputs of that call are incomplete");
+  } else if (phase == Phase::kLowLatencyTooManyRows) {
     msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
                          " is row ", d->observed, " to expert ", d->channel, ", but a source rank has only ",
                          d->expected, " slots per expert (a token lists that expert more than once); the extra rows "

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "deep_ep/buffer.hpp"
+#include "deep_ep/topology.hpp"
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/diagnostics.hpp"
 
@@ -33,6 +34,7 @@ struct Buffer::Internals {
   HostMapped* host = nullptr;            // host view
   HostMapped* host_device = nullptr;     // device view of the same memory
   int counts_epoch = 0;                  // grows by one per notify
+  Topology topology;                     // nodes of the group (deep_ep/topology.hpp)
   int64_t timeout_ns = 0;
   // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
@@ -41,6 +43,10 @@ struct Buffer::Internals {
   bool ll_receive_pending[2] = {false, false};
   bool poisoned = false;
   std::string poison_message;
+
+  // Waits for the counts a notify kernel publishes (counts_ready == counts_epoch). The host waits
+  // longer than the device: a device-side timeout, which names the peer, wins.
+  void wait_for_notify_counts(Buffer& buffer, const char* op);
 
   ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
   DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }

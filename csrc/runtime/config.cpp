@@ -5,6 +5,7 @@
 
 #include "deep_ep/error.hpp"
 #include "kernels/common/control_region.hpp"
+#include "kernels/internode/buffer_layout.hpp"
 #include "kernels/intranode/buffer_layout.hpp"
 
 namespace deep_ep {
@@ -29,10 +30,32 @@ Config::Config(int num_sms_, int nvl_send, int nvl_recv, int rdma_send, int rdma
                 num_max_rdma_chunked_recv_tokens, ", got ", rdma_send);
 }
 
-int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
+namespace {
+
+void check_hint_args(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node) {
   DEEP_EP_CHECK(hidden_bytes > 0 && hidden_bytes % 2 == 0,
                 "hidden_bytes must be a positive multiple of 2 (hidden * 2 for bf16), got ", hidden_bytes);
   DEEP_EP_CHECK(num_ranks >= 1, "num_ranks must be positive, got ", num_ranks);
+  DEEP_EP_CHECK(num_ranks_per_node >= 1 && (num_ranks <= num_ranks_per_node || num_ranks % num_ranks_per_node == 0),
+                "num_ranks_per_node must be positive and divide num_ranks=", num_ranks, ", got ", num_ranks_per_node);
+}
+
+internode::Layout internode_hint_layout(const Config& config, int64_t hidden_bytes, int num_ranks,
+                                        int num_ranks_per_node) {
+  return internode::Layout::make(num_ranks / num_ranks_per_node, num_ranks_per_node, config.num_channels(),
+                                 config.num_max_rdma_chunked_recv_tokens, internode::hint_row_stride(hidden_bytes));
+}
+
+}  // namespace
+
+int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node) const {
+  check_hint_args(hidden_bytes, num_ranks, num_ranks_per_node);
+  if (num_ranks > num_ranks_per_node) {
+    const auto layout = internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node);
+    const int64_t max_rows = int64_t(num_ranks) * num_channels() * num_max_rdma_chunked_recv_tokens;
+    return internode::align_up(
+        layout.nvl_fixed_bytes + max_rows * internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk), 128);
+  }
   const int nvl_ranks = std::min(num_ranks, kNumMaxNvlPeers);
   // The largest op this config can run: bf16 rows of hidden_bytes, FP8 scales for hidden_bytes / 2
   // channels, the maximum top-k.
@@ -44,12 +67,10 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) co
   return intranode::align_up(std::max(dispatch.total_bytes, combine.total_bytes), 128);
 }
 
-int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
-  DEEP_EP_CHECK(hidden_bytes > 0, "hidden_bytes must be positive, got ", hidden_bytes);
-  DEEP_EP_CHECK(num_ranks >= 1, "num_ranks must be positive, got ", num_ranks);
-  if (num_ranks <= kNumMaxNvlPeers) return 0;
-  throw ValueError(detail::concat("get_rdma_buffer_size_hint: num_ranks=", num_ranks,
-                                  " needs internode normal mode, which this build of deep_ep does not provide"));
+int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node) const {
+  check_hint_args(hidden_bytes, num_ranks, num_ranks_per_node);
+  if (num_ranks <= num_ranks_per_node) return 0;
+  return internode::align_up(internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node).rdma_bytes, 128);
 }
 
 static void check_table_ranks(int num_ranks) {

@@ -1,13 +1,11 @@
 // Buffer::intranode_dispatch / intranode_combine: validation (design.md decision 7), the co-residency
 // check (decision 5), the GPU-to-CPU count handshake, output allocation, and the kernel launches.
-#include <chrono>
-#include <thread>
-
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
 #include "runtime/buffer_internals.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/normal_inputs.hpp"
 
 namespace deep_ep {
 
@@ -54,41 +52,17 @@ void check_handle(const IntranodeHandle& h, int R, int device, int64_t num_token
 IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& a, const Allocator& allocate,
                                                    cudaStream_t stream) {
   check_device_errors();
+  DEEP_EP_CHECK(num_nodes() == 1, "intranode dispatch needs all ranks in one node; this group has ", num_nodes(),
+                " nodes: use internode_dispatch");
   auto& in = *internals_;
   const int R = num_ranks_, device = options_.device;
   const Config& config = a.config;
-  const bool fp8 = a.x_scales.has_value();
-
-  // ---- x -----------------------------------------------------------------------------------------
-  DEEP_EP_CHECK(a.x.dim() == 2, "x must be 2-D [num_tokens, hidden], got ", a.x.describe());
-  check_tensor(a.x, "x", {fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {kAnySize, kAnySize}, true, device});
-  const int64_t T = a.x.size(0), H = a.x.size(1);
-  const int64_t row_bytes = H * dtype_size(a.x.dtype);
-  DEEP_EP_CHECK(H > 0 && row_bytes % 16 == 0, "x rows must be a positive multiple of 16 bytes, got hidden=", H, " (",
-                row_bytes, " bytes)");
-  int num_scales = 0;
-  int64_t scale_token_stride = 0, scale_channel_stride = 0;
-  if (fp8) {
-    DEEP_EP_CHECK(H % 128 == 0, "FP8 x needs hidden % 128 == 0 (one scale per 128 channels), got hidden=", H);
-    num_scales = static_cast<int>(H / 128);
-    check_tensor(*a.x_scales, "x_scales", {DType::kFloat32, {T, num_scales}, false, device});
-    scale_token_stride = a.x_scales->strides[0];
-    scale_channel_stride = a.x_scales->strides[1];
-  }
-
-  // ---- top-k -------------------------------------------------------------------------------------
-  DEEP_EP_CHECK(a.topk_idx.has_value() == a.topk_weights.has_value(),
-                "topk_idx and topk_weights must be given together (both or neither)");
-  int num_topk = 0;
-  if (a.topk_idx) {
-    DEEP_EP_CHECK(a.topk_idx->dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got ", a.topk_idx->describe());
-    num_topk = static_cast<int>(a.topk_idx->size(1));
-    DEEP_EP_CHECK(num_topk >= 1 && num_topk <= kNumMaxTopk, "num_topk must be in [1, ", kNumMaxTopk, "], got ", num_topk);
-    check_tensor(*a.topk_idx, "topk_idx", {DType::kInt64, {T, num_topk}, true, device});
-    check_tensor(*a.topk_weights, "topk_weights", {DType::kFloat32, {T, num_topk}, true, device});
-  }
-  DEEP_EP_CHECK(a.num_worst_tokens >= 0, "num_worst_tokens must be >= 0, got ", a.num_worst_tokens);
-  DEEP_EP_CHECK(a.expert_alignment >= 1, "expert_alignment must be >= 1, got ", a.expert_alignment);
+  const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
+                                                                  a.num_worst_tokens, a.expert_alignment, device);
+  const bool fp8 = shape.fp8;
+  const int64_t T = shape.num_tokens, H = shape.hidden, row_bytes = shape.row_bytes;
+  const int num_scales = shape.num_scales, num_topk = shape.num_topk;
+  const int64_t scale_token_stride = shape.scale_token_stride, scale_channel_stride = shape.scale_channel_stride;
 
   // ---- routing: layout (non-cached) or handle (cached) ------------------------------------------------
   const bool cached = a.handle.has_value();
@@ -162,17 +136,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
       result.num_rows = a.num_worst_tokens;
     } else {
       // The GPU-to-CPU handshake: notify publishes the counts in host-mapped memory.
-      // The host waits longer than the device: a device-side timeout, which names the peer, wins.
-      const auto start = std::chrono::steady_clock::now();
-      const auto limit = std::chrono::nanoseconds(2 * in.timeout_ns) + std::chrono::seconds(5);
-      while (in.host->counts_ready != in.counts_epoch) {
-        check_device_errors();
-        if (std::chrono::steady_clock::now() - start > limit)
-          throw TimeoutError(detail::concat("deep_ep timeout on rank ", rank_, ": dispatch waited ",
-                                            2 * in.timeout_ns / 1e9 + 5, " s for the received-token count of notify (phase ",
-                                            phase_name(Phase::kNotifyCounts), "); a peer rank did not join"));
-        std::this_thread::yield();
-      }
+      in.wait_for_notify_counts(*this, "dispatch");
       num_recv_tokens = in.host->num_recv_tokens;
       result.num_rows = num_recv_tokens;
       const int L = num_experts / R;
@@ -226,33 +190,24 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
 
 void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& allocate, cudaStream_t stream) {
   check_device_errors();
+  DEEP_EP_CHECK(num_nodes() == 1, "intranode combine needs all ranks in one node; this group has ", num_nodes(),
+                " nodes: use internode_combine");
   auto& in = *internals_;
   const int R = num_ranks_, device = options_.device;
   const Config& config = a.config;
-  DEEP_EP_CHECK(a.x.dim() == 2, "x must be 2-D [num_recv_tokens, hidden], got ", a.x.describe());
-  check_tensor(a.x, "x", {DType::kBFloat16, {kAnySize, kAnySize}, true, device});
-  const int64_t N = a.x.size(0), H = a.x.size(1);
-  DEEP_EP_CHECK(H > 0 && H % 8 == 0, "combine x rows must be a positive multiple of 16 bytes, got hidden=", H);
   const IntranodeHandle& h = a.handle;
   DEEP_EP_CHECK(h.is_token_in_rank.dim() == 2, "handle[4] (is_token_in_rank) must be 2-D, got ",
                 h.is_token_in_rank.describe());
   const int64_t T = h.is_token_in_rank.size(0);
   check_handle(h, R, device, T);
+  const NormalCombineShape shape = check_normal_combine_inputs(a.x, a.topk_weights, a.bias_0, a.bias_1, T, device);
+  const int64_t N = shape.num_rows, H = shape.hidden;
+  const int num_topk = shape.num_topk;
   DEEP_EP_CHECK(N == h.recv_src_idx.size(0), "x must have one row per row received by the dispatch (",
                 h.recv_src_idx.size(0), "), got ", N);
   const int C = static_cast<int>(h.channel_prefix_matrix.size(1));
   DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
                 " channels: combine must use the num_sms of the dispatch that made the handle");
-  int num_topk = 0;
-  if (a.topk_weights) {
-    DEEP_EP_CHECK(a.topk_weights->dim() == 2, "topk_weights must be 2-D [num_recv_tokens, num_topk], got ",
-                  a.topk_weights->describe());
-    num_topk = static_cast<int>(a.topk_weights->size(1));
-    DEEP_EP_CHECK(num_topk >= 1 && num_topk <= kNumMaxTopk, "num_topk must be in [1, ", kNumMaxTopk, "], got ", num_topk);
-    check_tensor(*a.topk_weights, "topk_weights", {DType::kFloat32, {N, num_topk}, true, device});
-  }
-  if (a.bias_0) check_tensor(*a.bias_0, "bias[0]", {DType::kBFloat16, {T, H}, true, device});
-  if (a.bias_1) check_tensor(*a.bias_1, "bias[1]", {DType::kBFloat16, {T, H}, true, device});
 
   const auto layout = intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
   check_fits(*this, layout.total_bytes, config, H * 2, "combine");

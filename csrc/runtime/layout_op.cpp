@@ -24,17 +24,18 @@ void Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, co
   check_tensor(out.num_tokens_per_expert, "num_tokens_per_expert", {DType::kInt32, {num_experts}, true, device});
   check_tensor(out.is_token_in_rank, "is_token_in_rank", {DType::kBool, {num_tokens, num_ranks_}, true, device});
   int* per_rdma_rank = nullptr;
-  if (num_ranks_ > kNumMaxNvlPeers) {
-    DEEP_EP_CHECK(out.num_tokens_per_rdma_rank.has_value(), "num_tokens_per_rdma_rank is required when num_ranks > 8");
-    check_tensor(*out.num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank",
-                 {DType::kInt32, {num_ranks_ / kNumMaxNvlPeers}, true, device});
+  const int num_nodes = this->num_nodes();
+  if (num_nodes > 1) {
+    DEEP_EP_CHECK(out.num_tokens_per_rdma_rank.has_value(), "num_tokens_per_rdma_rank is required with ", num_nodes,
+                  " nodes");
+    check_tensor(*out.num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", {DType::kInt32, {num_nodes}, true, device});
     per_rdma_rank = out.num_tokens_per_rdma_rank->ptr<int>();
   }
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   layout::launch_get_dispatch_layout(topk_idx.ptr<int64_t>(), static_cast<int>(num_tokens), static_cast<int>(num_topk),
                                      num_ranks_, num_experts, out.num_tokens_per_rank.ptr<int>(), per_rdma_rank,
                                      out.num_tokens_per_expert.ptr<int>(), out.is_token_in_rank.ptr<bool>(),
-                                     internals_->device_diagnostics(), rank_, stream);
+                                     internals_->device_diagnostics(), rank_, num_ranks_per_node(), stream);
 }
 
 }  // namespace deep_ep

@@ -61,6 +61,11 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(b.options().low_latency_mode, op, " needs a Buffer created with low_latency_mode=True");
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
+  // Low-latency kernels reach every peer by load/store (NVLink, one GPU, or emulated nodes on one host).
+  const auto& peer_bases = const_cast<Buffer&>(b).internals().peer_bases;
+  for (int r = 0; r < R; ++r)
+    DEEP_EP_CHECK(peer_bases[r] != nullptr, op, ": rank ", b.rank(), " cannot reach peer rank ", r,
+                  " by load/store (another host); low-latency mode over a network transport is not in this build");
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);

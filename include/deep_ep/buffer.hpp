@@ -43,7 +43,7 @@ using Allocator = std::function<TensorView(const std::string& name, DType dtype,
 
 struct LayoutOutputs {
   TensorView num_tokens_per_rank;       // int32 [R]
-  std::optional<TensorView> num_tokens_per_rdma_rank;  // int32 [R / 8] when R > 8
+  std::optional<TensorView> num_tokens_per_rdma_rank;  // int32 [num_nodes] when num_nodes() > 1
   TensorView num_tokens_per_expert;     // int32 [E]
   TensorView is_token_in_rank;          // bool [T, R]
 };
@@ -78,6 +78,47 @@ struct IntranodeCombineArgs {
   std::optional<TensorView> topk_weights;  // float32 [N, K]
   std::optional<TensorView> bias_0, bias_1;  // bf16 [T, H]
   IntranodeHandle handle;
+  Config config;
+};
+
+// Normal-mode internode dispatch and combine (spec sections 6 and 7, internode form): the ranks form
+// nodes (deep_ep/topology.hpp); a token crosses to each destination node once, to the rank with the
+// source's local index there (its forwarder), and the ranks of that node read it from the forwarder by
+// load/store. Combine sums each token's rows inside every node first (on the forwarder, rounded to
+// bf16), then across nodes on the token's home rank. With C channels (config.num_sms), N nodes, Rn
+// ranks per node and cap = config.num_max_rdma_chunked_recv_tokens, the handle is V1's 10-tuple:
+struct InternodeHandle {
+  TensorView is_token_in_rank;                 // bool [T, R] (the layout's)
+  TensorView rdma_channel_prefix_matrix;       // int32 [N, C]: tokens this rank sends to node n, channels <= c
+  TensorView gbl_channel_prefix_matrix;        // int32 [R, C]: tokens this rank sends to rank r, channels <= c
+  TensorView recv_rdma_channel_prefix_matrix;  // int32 [N, C]: rows this forwarder got from node n, channels <= c
+  TensorView recv_rdma_rank_prefix_sum;        // int32 [N]: rows this forwarder got from nodes <= n
+  TensorView recv_gbl_channel_prefix_matrix;   // int32 [R, C]: rows received from rank r, channels <= c
+  TensorView recv_gbl_rank_prefix_sum;         // int32 [R]: rows received from ranks <= r (spec section 6)
+  TensorView recv_src_meta;                    // int32 [rows, 2]: (source token, forwarder slot) per row
+  TensorView send_rdma_head;                   // int32 [T, N]: slot of token t in node n's forwarder, or -1
+  TensorView send_nvl_head;                    // int32 [N * C * cap, Rn]: per forwarder slot, row on local rank
+                                               //   j, or -1
+};
+
+// Outputs are allocated under the names recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights and
+// (non-cached) the handle's names above, is_token_in_rank excepted.
+struct InternodeDispatchArgs {
+  TensorView x;
+  std::optional<TensorView> x_scales;
+  std::optional<TensorView> topk_idx, topk_weights;
+  std::optional<TensorView> num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert;
+  std::optional<InternodeHandle> handle;  // cached mode
+  int expert_alignment = 1;
+  int num_worst_tokens = 0;
+  Config config;
+};
+
+struct InternodeCombineArgs {
+  TensorView x;                            // bf16 [rows, H]
+  std::optional<TensorView> topk_weights;  // float32 [rows, K]
+  std::optional<TensorView> bias_0, bias_1;
+  InternodeHandle handle;
   Config config;
 };
 
@@ -118,6 +159,13 @@ class Buffer {
                                              cudaStream_t stream);
   // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K].
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
+
+  // Nodes of this group (1 = every op is intranode). Internode ops need num_nodes() > 1.
+  int num_nodes() const;
+  int num_ranks_per_node() const;
+  IntranodeDispatchResult internode_dispatch(const InternodeDispatchArgs& args, const Allocator& allocate,
+                                             cudaStream_t stream);
+  void internode_combine(const InternodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
 
   // ---- low-latency mode (spec section 8): needs low_latency_mode and num_rdma_bytes >= the hint ----
   // Each call uses the next of the two buffer halves. With return_recv_hook the call launches only

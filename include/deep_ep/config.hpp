@@ -27,12 +27,19 @@ struct Config {
   // One channel per block: each block stages its channel's tokens and receives that channel from every peer.
   int num_channels() const { return num_sms; }
 
-  // Bytes of the per-rank NVLink buffer the intranode dispatch and combine need for rows of
-  // `hidden_bytes` (V1 callers pass hidden * 2) among `num_ranks` ranks: the max of the two layouts,
-  // a multiple of 128. Exact: an op with this config runs in a buffer of this size.
-  int64_t get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const;
-  // 0 for num_ranks <= 8 (no RDMA domain); internode normal mode is not part of this build and raises.
-  int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const;
+  // Bytes of the per-rank NVLink buffer the dispatch and combine need for rows of `hidden_bytes`
+  // (V1 callers pass hidden * 2) among `num_ranks` ranks in nodes of `num_ranks_per_node`, a multiple
+  // of 128. Exact: an op with this config runs in a buffer of this size.
+  //   One node (num_ranks <= num_ranks_per_node): the max of the intranode queue layouts.
+  //   Several nodes: the internode flags and published prefixes, plus combine staging for the most rows
+  //   a rank can receive, num_ranks * num_sms * num_max_rdma_chunked_recv_tokens (the staging a call
+  //   really uses is its received rows; a smaller buffer is checked per call).
+  int64_t get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
+  // 0 for one node. Several nodes: the internode window, whose row area holds, per node,
+  // num_sms * num_max_rdma_chunked_recv_tokens rows twice (received and staged for sending). An
+  // internode call carries at most num_max_rdma_chunked_recv_tokens tokens per channel, i.e. about
+  // num_sms * num_max_rdma_chunked_recv_tokens tokens per rank.
+  int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
 };
 
 // Recommended configs (spec section 2) for num_ranks in {2,4,8,16,24,32,48,64,96,128,144,160}.

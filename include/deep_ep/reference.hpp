@@ -100,10 +100,22 @@ struct NormalCombineOutput {
 // over ranks in increasing order, then ((sum + bias_0) + bias_1), then one rounding to bf16. Rank j's
 // x and topk_weights may hold num_recv_tokens rows or num_rows rows (padding rows are ignored).
 // num_topk is K of topk_weights: 0 means combine got no topk_weights (combined_topk_weights empty).
+//
+// num_ranks_per_node selects the summation order. 0, or any value >= num_ranks, is the flat order
+// above (the intranode kernels). Otherwise ranks form nodes of num_ranks_per_node consecutive ranks
+// (num_ranks must be a multiple of it, else ValueError) and each token is summed in two levels, as the
+// internode kernels do (inside each node on the forwarder rank, then across nodes on the home rank):
+//   - per node n holding at least one rank j with is_token_in_rank[t, j]: partial_n = float32 sum
+//     from 0.0f over those j in increasing order, rounded once to bf16 (nearest even); its weights
+//     are the float32 sum from 0.0f over the same j, not rounded;
+//   - sum = float32 sum from 0.0f of bf16_to_float(partial_n) over those nodes in increasing n, and
+//     weights likewise from 0.0f over the nodes' partial weights;
+//   - then ((sum + bias_0) + bias_1) and one rounding to bf16, as in the flat order.
+// A token sent to no rank gets zeros (plus the bias) and weights 0 in either order.
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
                                                 const std::vector<NormalCombineInput>& inputs, int hidden,
-                                                int num_topk);
+                                                int num_topk, int num_ranks_per_node = 0);
 
 // ---- low-latency dispatch and combine (spec section 8) ---------------------------------------
 struct LowLatencyDispatchInput {

@@ -16,7 +16,11 @@ from .groups import make_group
 
 Config = _C.Config
 
-_NUM_MAX_NVL_PEERS = 8
+# Outputs of a non-cached internode dispatch that follow is_token_in_rank in its handle, in V1's order.
+_INTERNODE_HANDLE_OUTPUTS = ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+                             "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+                             "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+                             "send_rdma_head", "send_nvl_head")
 
 
 class Buffer:
@@ -160,8 +164,8 @@ class Buffer:
         num_ranks = self.group_size
         num_tokens = topk_idx.size(0)
         per_rank = self._empty((num_ranks,), torch.int32, alloc_stream)
-        per_rdma_rank = (self._empty((num_ranks // _NUM_MAX_NVL_PEERS,), torch.int32, alloc_stream)
-                         if num_ranks > _NUM_MAX_NVL_PEERS else None)
+        num_nodes = self.runtime.num_nodes()
+        per_rdma_rank = self._empty((num_nodes,), torch.int32, alloc_stream) if num_nodes > 1 else None
         per_expert = self._empty((max(num_experts, 0),), torch.int32, alloc_stream)
         in_rank = self._empty((num_tokens, num_ranks), torch.bool, alloc_stream)
         self.runtime.get_dispatch_layout(topk_view, num_experts, view(per_rank, "num_tokens_per_rank"),
@@ -192,17 +196,12 @@ class Buffer:
         Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
         in cached mode (handle given) (recv_x, None, None, None, None, event).
         """
-        if self.group_size > _NUM_MAX_NVL_PEERS:
-            raise ValueError(f"dispatch across {self.group_size} ranks needs internode mode, not in this build")
-        config = self.get_dispatch_config(self.group_size) if config is None else config
-        if not isinstance(config, Config):
-            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
-        if isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise ValueError(f"FP8 x must be a tuple (x_e4m3, x_scales), got a tuple of {len(x)}")
-            x_data, x_scales = x
-        else:
-            x_data, x_scales = x, None
+        if self.runtime.num_nodes() > 1:
+            return self.internode_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                           num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                           num_worst_tokens, config, previous_event, async_finish,
+                                           allocate_on_comm_stream)
+        config, x_data, x_scales = self._dispatch_inputs(x, config)
         if handle is not None and (not isinstance(handle, (tuple, list)) or len(handle) != 6):
             raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
         compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -237,24 +236,96 @@ class Buffer:
 
         Returns (combined_x, combined_topk_weights or None, event).
         """
-        if self.group_size > _NUM_MAX_NVL_PEERS:
-            raise ValueError(f"combine across {self.group_size} ranks needs internode mode, not in this build")
-        config = self.get_combine_config(self.group_size) if config is None else config
-        if not isinstance(config, Config):
-            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if self.runtime.num_nodes() > 1:
+            return self.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                          allocate_on_comm_stream)
+        config, biases = self._combine_inputs(config, bias)
         if not isinstance(handle, (tuple, list)) or len(handle) != 6:
             raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
-        if bias is None:
-            biases = (None, None)
-        elif isinstance(bias, torch.Tensor):
-            biases = (bias, None)
-        elif isinstance(bias, (tuple, list)) and 1 <= len(bias) <= 2:
-            biases = (tuple(bias) + (None,))[:2]
-        else:
-            raise ValueError("bias must be None, a tensor, or a tuple of one or two tensors")
         compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         outputs = {}
         self.runtime.intranode_combine(
+            view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
+            optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
+            self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
+        event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
+        return outputs["combined_x"], outputs.get("combined_topk_weights"), event
+
+    def _dispatch_inputs(self, x, config):
+        """(config, x data, x scales or None) of a normal-mode dispatch."""
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"FP8 x must be a tuple (x_e4m3, x_scales), got a tuple of {len(x)}")
+            return config, x[0], x[1]
+        return config, x, None
+
+    def _combine_inputs(self, config, bias):
+        """(config, (bias_0, bias_1)) of a normal-mode combine."""
+        config = self.get_combine_config(self.group_size) if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if bias is None:
+            return config, (None, None)
+        if isinstance(bias, torch.Tensor):
+            return config, (bias, None)
+        if isinstance(bias, (tuple, list)) and 1 <= len(bias) <= 2:
+            return config, (tuple(bias) + (None,))[:2]
+        raise ValueError("bias must be None, a tensor, or a tuple of one or two tensors")
+
+    # ---- internode normal mode (num_nodes() > 1): a token crosses to each node once -------------
+    def internode_dispatch(self, x, handle: Optional[tuple] = None,
+                           num_tokens_per_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                           is_token_in_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_expert: Optional[torch.Tensor] = None,
+                           topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False):
+        """dispatch() across nodes; the handle is V1's internode 10-tuple (is_token_in_rank first)."""
+        config, x_data, x_scales = self._dispatch_inputs(x, config)
+        if handle is not None and (not isinstance(handle, (tuple, list)) or len(handle) != 10):
+            raise ValueError("handle must be the 10-tuple returned by an internode dispatch")
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        outputs = {}
+        num_rows, per_expert = self.runtime.internode_dispatch(
+            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
+            optional_view(topk_weights, "topk_weights"), optional_view(num_tokens_per_rank, "num_tokens_per_rank"),
+            optional_view(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
+            optional_view(is_token_in_rank, "is_token_in_rank"),
+            optional_view(num_tokens_per_expert, "num_tokens_per_expert"),
+            None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
+            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
+            self._comm_stream.cuda_stream)
+        recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
+        cached = handle is not None
+        if not cached:
+            handle = (is_token_in_rank, *(outputs[name] for name in _INTERNODE_HANDLE_OUTPUTS))
+        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                                  num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                                  *outputs.values(), *handle))
+        if cached:
+            return recv_x, None, None, None, None, event
+        per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
+        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
+                event)
+
+    def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
+                          bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """combine() across nodes, for the handle of internode_dispatch.
+
+        Returns (combined_x, combined_topk_weights or None, event).
+        """
+        config, biases = self._combine_inputs(config, bias)
+        if not isinstance(handle, (tuple, list)) or len(handle) != 10:
+            raise ValueError("handle must be the 10-tuple returned by an internode dispatch")
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        outputs = {}
+        self.runtime.internode_combine(
             view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
             optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
             self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)

@@ -44,6 +44,14 @@ std::optional<IntranodeHandle> make_handle(const std::optional<std::vector<Tenso
   return IntranodeHandle{v[0], v[1], v[2], v[3], v[4], v[5]};
 }
 
+// V1's internode handle: the 10 tensors in InternodeHandle's order.
+std::optional<InternodeHandle> make_internode_handle(const std::optional<std::vector<TensorView>>& views) {
+  if (!views) return std::nullopt;
+  DEEP_EP_CHECK(views->size() == 10, "an internode handle has 10 tensors, got ", views->size());
+  const auto& v = *views;
+  return InternodeHandle{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]};
+}
+
 // V1's low-latency handle arrives from Python as its five elements.
 LowLatencyHandle make_low_latency_handle(const TensorView& src_info, const TensorView& layout_range,
                                          int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
@@ -141,6 +149,53 @@ void bind_buffer(nb::module_& m) {
             a.handle = *make_handle(handle);
             a.config = config;
             b.intranode_combine(a, wrap(std::move(allocate)), as_stream(stream));
+          },
+          nb::arg("x"), nb::arg("topk_weights").none(), nb::arg("bias_0").none(), nb::arg("bias_1").none(),
+          nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
+      .def("num_nodes", &Buffer::num_nodes)
+      .def("num_ranks_per_node", &Buffer::num_ranks_per_node)
+      .def(
+          "internode_dispatch",
+          [](Buffer& b, const TensorView& x, std::optional<TensorView> x_scales, std::optional<TensorView> topk_idx,
+             std::optional<TensorView> topk_weights, std::optional<TensorView> num_tokens_per_rank,
+             std::optional<TensorView> num_tokens_per_rdma_rank, std::optional<TensorView> is_token_in_rank,
+             std::optional<TensorView> num_tokens_per_expert, std::optional<std::vector<TensorView>> handle,
+             int expert_alignment, int num_worst_tokens, const Config& config, PyAllocator allocate,
+             uintptr_t stream) {
+            InternodeDispatchArgs a;
+            a.x = x;
+            a.x_scales = x_scales;
+            a.topk_idx = topk_idx;
+            a.topk_weights = topk_weights;
+            a.num_tokens_per_rank = num_tokens_per_rank;
+            a.num_tokens_per_rdma_rank = num_tokens_per_rdma_rank;
+            a.is_token_in_rank = is_token_in_rank;
+            a.num_tokens_per_expert = num_tokens_per_expert;
+            a.handle = make_internode_handle(handle);
+            a.expert_alignment = expert_alignment;
+            a.num_worst_tokens = num_worst_tokens;
+            a.config = config;
+            auto result = b.internode_dispatch(a, wrap(std::move(allocate)), as_stream(stream));
+            return std::make_pair(result.num_rows, result.num_recv_tokens_per_expert);
+          },
+          nb::arg("x"), nb::arg("x_scales").none(), nb::arg("topk_idx").none(), nb::arg("topk_weights").none(),
+          nb::arg("num_tokens_per_rank").none(), nb::arg("num_tokens_per_rdma_rank").none(),
+          nb::arg("is_token_in_rank").none(), nb::arg("num_tokens_per_expert").none(), nb::arg("handle").none(),
+          nb::arg("expert_alignment"), nb::arg("num_worst_tokens"), nb::arg("config"), nb::arg("allocate"),
+          nb::arg("stream"))
+      .def(
+          "internode_combine",
+          [](Buffer& b, const TensorView& x, std::optional<TensorView> topk_weights, std::optional<TensorView> bias_0,
+             std::optional<TensorView> bias_1, std::vector<TensorView> handle, const Config& config,
+             PyAllocator allocate, uintptr_t stream) {
+            InternodeCombineArgs a;
+            a.x = x;
+            a.topk_weights = topk_weights;
+            a.bias_0 = bias_0;
+            a.bias_1 = bias_1;
+            a.handle = *make_internode_handle(handle);
+            a.config = config;
+            b.internode_combine(a, wrap(std::move(allocate)), as_stream(stream));
           },
           nb::arg("x"), nb::arg("topk_weights").none(), nb::arg("bias_0").none(), nb::arg("bias_1").none(),
           nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))

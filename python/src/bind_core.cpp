@@ -74,8 +74,11 @@ void bind_core(nb::module_& m) {
       .def_ro("num_max_nvl_chunked_recv_tokens", &Config::num_max_nvl_chunked_recv_tokens)
       .def_ro("num_max_rdma_chunked_send_tokens", &Config::num_max_rdma_chunked_send_tokens)
       .def_ro("num_max_rdma_chunked_recv_tokens", &Config::num_max_rdma_chunked_recv_tokens)
-      .def("get_nvl_buffer_size_hint", &Config::get_nvl_buffer_size_hint, nb::arg("hidden_bytes"), nb::arg("num_ranks"))
-      .def("get_rdma_buffer_size_hint", &Config::get_rdma_buffer_size_hint, nb::arg("hidden_bytes"), nb::arg("num_ranks"))
+      // num_ranks_per_node: ranks of one node (an NVLink domain); 8 as in V1.
+      .def("get_nvl_buffer_size_hint", &Config::get_nvl_buffer_size_hint, nb::arg("hidden_bytes"), nb::arg("num_ranks"),
+           nb::arg("num_ranks_per_node") = kNumMaxNvlPeers)
+      .def("get_rdma_buffer_size_hint", &Config::get_rdma_buffer_size_hint, nb::arg("hidden_bytes"),
+           nb::arg("num_ranks"), nb::arg("num_ranks_per_node") = kNumMaxNvlPeers)
       .def("__repr__", [](const Config& c) {
         return detail::concat("Config(num_sms=", c.num_sms, ", num_max_nvl_chunked_send_tokens=",
                               c.num_max_nvl_chunked_send_tokens, ", num_max_nvl_chunked_recv_tokens=",

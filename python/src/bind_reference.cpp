@@ -97,7 +97,7 @@ void bind_reference(nb::module_& m) {
   vector_field(nco, "combined_x", &ref::NormalCombineOutput::combined_x);
   vector_field(nco, "combined_topk_weights", &ref::NormalCombineOutput::combined_topk_weights);
   r.def("normal_combine", &ref::normal_combine, nb::arg("dispatch_inputs"), nb::arg("dispatch_outputs"),
-        nb::arg("inputs"), nb::arg("hidden"), nb::arg("num_topk"));
+        nb::arg("inputs"), nb::arg("hidden"), nb::arg("num_topk"), nb::arg("num_ranks_per_node") = 0);
 
   nb::class_<ref::LowLatencyDispatchInput> ldi(r, "LowLatencyDispatchInput");
   ldi.def(nb::init<>()).def_rw("num_tokens", &ref::LowLatencyDispatchInput::num_tokens);

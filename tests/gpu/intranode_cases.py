@@ -110,7 +110,10 @@ def check_dispatch(expected, recv_x, recv_topk_idx, recv_topk_weights, per_exper
             assert bool((handle[3][n:] == -1).all()), f"{label}: padded recv_src_idx rows must be -1"
 
 
-def reference_combine(group, dispatch_inputs, dispatch_outputs, x, topk_weights, bias, hidden, num_topk):
+def reference_combine(group, dispatch_inputs, dispatch_outputs, x, topk_weights, bias, hidden, num_topk,
+                      num_ranks_per_node=0):
+    """Every rank's reference combine. num_ranks_per_node > 0 selects the internode (two-level) summation
+    order of nodes of that many consecutive ranks; 0 is the flat intranode order."""
     item = ref.NormalCombineInput()
     item.x = to_numpy(x)
     if topk_weights is not None:
@@ -127,4 +130,7 @@ def reference_combine(group, dispatch_inputs, dispatch_outputs, x, topk_weights,
         for name, value in f.items():
             setattr(c, name, value)
         inputs.append(c)
+    if num_ranks_per_node:
+        return ref.normal_combine(dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk,
+                                  num_ranks_per_node=num_ranks_per_node)
     return ref.normal_combine(dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk)

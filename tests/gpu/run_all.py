@@ -16,7 +16,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-MODULES = ["test_foundation", "test_intranode", "test_low_latency"]
+MODULES = ["test_foundation", "test_intranode", "test_internode", "test_low_latency"]
 
 
 def collect(rank_counts):

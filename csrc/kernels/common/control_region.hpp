@@ -50,6 +50,15 @@ struct ControlRegion {
   int ll_combine_rows_done[2][kMaxLowLatencyRanks];
   // Nonzero = the rank is masked (enable_shrink): not sent to, not waited for.
   int ll_mask[kMaxLowLatencyRanks];
+
+  // Internode normal mode, read and written only by the owner's kernels (GPU scope).
+  // internode_ops: internode kernels finished so far. Every block reads it at its start; the block
+  //   that arrives last in internode_arrivals (after a fence) resets the arrivals and bumps it, so no
+  //   block of the same kernel can read the bumped value.
+  int internode_ops;
+  int internode_arrivals;
+  // Combine: blocks that finished staging their share of the input rows (reset by the last one).
+  int internode_staged_arrivals;
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

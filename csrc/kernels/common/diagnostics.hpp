@@ -25,6 +25,13 @@ enum class Phase : int {
   kLowLatencyExpertRange,    // low-latency dispatch met an expert id outside [-1, num_experts)
   kLowLatencyTooManyRows,    // a source rank sends one expert more than num_max_dispatch_tokens_per_rank rows
   kLowLatencyOverrun,        // a peer's next op on a buffer half arrived before this op's receive read it
+  kInternodeBarrier,         // an internode op waiting for every rank to finish the previous one
+  kInternodeNotify,          // internode notify waiting for a source's counts
+  kInternodeDispatchForward, // internode dispatch forwarder waiting for a source node's rows
+  kInternodeDispatchRecv,    // internode dispatch receiver waiting for a forwarder of its node
+  kInternodeCombineStage,    // internode combine forwarder waiting for a local rank's staged rows
+  kInternodeCombineRecv,     // internode combine home rank waiting for a node's partial sums
+  kInternodeTooManyRows,     // an internode dispatch receives more rows than num_worst_tokens
 };
 
 inline const char* phase_name(Phase p) {
@@ -47,6 +54,14 @@ inline const char* phase_name(Phase p) {
     case Phase::kLowLatencyOverrun:
       return "low-latency receive (a peer already sent its next op on this buffer half: calls must alternate "
              "halves, e.g. a CUDA graph replayed in a loop must hold an even number of low-latency ops)";
+    case Phase::kInternodeBarrier:
+      return "internode barrier (waiting for every rank to finish the previous internode op)";
+    case Phase::kInternodeNotify: return "internode notify (waiting for a source rank's counts)";
+    case Phase::kInternodeDispatchForward: return "internode dispatch forward (waiting for a source node's rows)";
+    case Phase::kInternodeDispatchRecv: return "internode dispatch receive (waiting for a forwarder of this node)";
+    case Phase::kInternodeCombineStage: return "internode combine (waiting for a local rank's staged rows)";
+    case Phase::kInternodeCombineRecv: return "internode combine receive (waiting for a node's partial sums)";
+    case Phase::kInternodeTooManyRows: return "internode dispatch (more received rows than num_worst_tokens)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

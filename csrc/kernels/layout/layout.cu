@@ -12,16 +12,15 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxSharedBins = 12 * 1024;  // 48 KB of int32 bins
-constexpr int kNvlRanksPerNode = 8;
 
 __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
 __global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(
     const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
     int* num_tokens_per_rank, int* num_tokens_per_rdma_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
-    DeviceDiagnostics* diagnostics, int rank, bool shared_bins) {
+    DeviceDiagnostics* diagnostics, int rank, bool shared_bins, int num_ranks_per_node) {
   extern __shared__ int bins[];  // [num_experts | num_ranks | num_nodes]
-  const int num_nodes = num_tokens_per_rdma_rank ? num_ranks / kNvlRanksPerNode : 0;
+  const int num_nodes = num_tokens_per_rdma_rank ? num_ranks / num_ranks_per_node : 0;
   const int experts_per_rank = num_experts / num_ranks;
   int* expert_bins = shared_bins ? bins : num_tokens_per_expert;
   int* rank_bins = shared_bins ? bins + num_experts : num_tokens_per_rank;
@@ -50,13 +49,13 @@ __global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(
         if (!valid_expert(e2, num_experts)) continue;
         const int r2 = static_cast<int>(e2) / experts_per_rank;
         rank_seen |= r2 == dst_rank;
-        node_seen |= r2 / kNvlRanksPerNode == dst_rank / kNvlRanksPerNode;
+        node_seen |= r2 / num_ranks_per_node == dst_rank / num_ranks_per_node;
       }
       if (!rank_seen) {
         in_rank[dst_rank] = true;
         atomicAdd(&rank_bins[dst_rank], 1);
       }
-      if (num_nodes > 0 && !node_seen) atomicAdd(&node_bins[dst_rank / kNvlRanksPerNode], 1);
+      if (num_nodes > 0 && !node_seen) atomicAdd(&node_bins[dst_rank / num_ranks_per_node], 1);
     }
   }
 
@@ -76,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
                                 int num_experts, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
                                 int* num_tokens_per_expert, bool* is_token_in_rank, DeviceDiagnostics* diagnostics,
-                                int rank, cudaStream_t stream) {
-  const int num_nodes = num_tokens_per_rdma_rank ? num_ranks / kNvlRanksPerNode : 0;
+                                int rank, int num_ranks_per_node, cudaStream_t stream) {
+  const int num_nodes = num_tokens_per_rdma_rank ? num_ranks / num_ranks_per_node : 0;
   DEEP_EP_CUDA_CHECK(cudaMemsetAsync(num_tokens_per_rank, 0, sizeof(int) * num_ranks, stream));
   if (num_nodes) DEEP_EP_CUDA_CHECK(cudaMemsetAsync(num_tokens_per_rdma_rank, 0, sizeof(int) * num_nodes, stream));
   DEEP_EP_CUDA_CHECK(cudaMemsetAsync(num_tokens_per_expert, 0, sizeof(int) * num_experts, stream));
@@ -88,7 +87,7 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
   const int num_blocks = std::min((num_tokens + kThreads - 1) / kThreads, 132);
   get_dispatch_layout_kernel<<<num_blocks, kThreads, shared_bins ? num_bins * sizeof(int) : 0, stream>>>(
       topk_idx, num_tokens, num_topk, num_ranks, num_experts, num_tokens_per_rank, num_tokens_per_rdma_rank,
-      num_tokens_per_expert, is_token_in_rank, diagnostics, rank, shared_bins);
+      num_tokens_per_expert, is_token_in_rank, diagnostics, rank, shared_bins, num_ranks_per_node);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -15,6 +15,6 @@ namespace deep_ep::layout {
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
                                 int num_experts, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
                                 int* num_tokens_per_expert, bool* is_token_in_rank, DeviceDiagnostics* diagnostics,
-                                int rank, cudaStream_t stream);
+                                int rank, int num_ranks_per_node, cudaStream_t stream);
 
 }  // namespace deep_ep::layout

@@ -3,6 +3,7 @@
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
+#include "kernels/internode/buffer_layout.hpp"
 #include "kernels/intranode/buffer_layout.hpp"
 #include "kernels/low_latency/buffer_layout.hpp"
 
@@ -48,7 +49,27 @@ TEST(Config, NvlHintGrowsWithChannelsAndHidden) {
 TEST(Config, RdmaHintIsZeroIntranode) {
   Config c;
   EXPECT_EQ(c.get_rdma_buffer_size_hint(14336, 8), 0);
-  EXPECT_THROW(c.get_rdma_buffer_size_hint(14336, 16), ValueError);
+  EXPECT_EQ(c.get_rdma_buffer_size_hint(14336, 4, 4), 0);
+  EXPECT_THROW(c.get_rdma_buffer_size_hint(14336, 12, 8), ValueError);  // 12 ranks are not whole nodes of 8
+  EXPECT_THROW(c.get_rdma_buffer_size_hint(14336, 16, 0), ValueError);
+}
+
+// The internode hints are the layout the ops carve: two row areas of nodes x channels x chunk rows,
+// and the combine staging of the most rows one rank can receive.
+TEST(Config, InternodeHintsMatchTheLayout) {
+  Config c(8, 16, 256, 16, 128);
+  const int64_t hidden_bytes = 7168 * 2;
+  const int64_t stride = internode::hint_row_stride(hidden_bytes);
+  EXPECT_GE(stride, hidden_bytes + 7168 / 128 * 4 + 2 * 4 * kNumMaxTopk);
+  const auto two_nodes = internode::Layout::make(2, 8, 8, 128, stride);
+  EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16), two_nodes.rdma_bytes);
+  EXPECT_GE(two_nodes.rdma_bytes, 2 * 2 * 8 * 128 * stride);
+  const auto four_nodes = internode::Layout::make(4, 4, 8, 128, stride);
+  EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16, 4), four_nodes.rdma_bytes);
+  EXPECT_EQ(c.get_nvl_buffer_size_hint(hidden_bytes, 16),
+            internode::align_up(two_nodes.nvl_fixed_bytes +
+                                    int64_t(16) * 8 * 128 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
+  EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16) % 128, 0);
 }
 
 TEST(Config, TablesCoverV1RankCounts) {

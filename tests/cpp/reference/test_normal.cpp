@@ -511,3 +511,127 @@ TEST(NormalRoundTrip, WorstTokenPaddingKeepsRealRowsUnchanged) {
     }
   }
 }
+
+// ---- combine, hierarchical (internode) summation order -----------------------------------------
+
+namespace {
+
+// Four ranks in two nodes of two; only rank 0 has tokens, one bf16 channel per row. Token 0 goes to
+// ranks 1 and 2 (one rank per node), token 1 to ranks 0, 1 (node 0) and 2 (node 1).
+struct TwoNodeCase {
+  std::vector<ref::NormalDispatchInput> dispatch_inputs;
+  std::vector<ref::NormalDispatchOutput> dispatch_outputs;
+  std::vector<ref::NormalCombineInput> inputs;
+};
+
+TwoNodeCase two_node_case() {
+  TwoNodeCase c;
+  c.dispatch_inputs.resize(4);
+  c.dispatch_inputs[0].num_tokens = 2;
+  c.dispatch_inputs[0].x = {0, 0, 0, 0};
+  c.dispatch_inputs[0].is_token_in_rank = {0, 1, 1, 0, 1, 1, 1, 0};
+  ref::NormalDispatchArgs args;
+  args.num_ranks = 4;
+  args.row_bytes = 2;
+  c.dispatch_outputs = ref::normal_dispatch(c.dispatch_inputs, args);
+  const float quarter_ulp_of_one = std::ldexp(1.0f, -8);  // half a bf16 ulp of 1.0
+  // Rank 0 holds (t1); ranks 1 and 2 hold (t0) (t1); rank 3 holds nothing.
+  c.inputs.resize(4);
+  c.inputs[0].x = bf16({1.0f});
+  c.inputs[1].x = bf16({3.0f, quarter_ulp_of_one});
+  c.inputs[2].x = bf16({5.0f, quarter_ulp_of_one});
+  c.inputs[0].topk_weights = {0.25f};
+  c.inputs[1].topk_weights = {0.5f, 0.125f};
+  c.inputs[2].topk_weights = {0.25f, 0.5f};
+  c.inputs[0].bias_0 = bf16({0.5f, 0.0f});
+  return c;
+}
+
+}  // namespace
+
+TEST(NormalCombineHierarchical, SumsInsideEachNodeRoundsThenSumsAcrossNodes) {
+  TwoNodeCase c = two_node_case();
+  auto outputs = ref::normal_combine(c.dispatch_inputs, c.dispatch_outputs, c.inputs, 1, 1, 2);
+  // Token 0: one rank per node, 3 + 5 + 0.5. Token 1: node 0 gives 1 + 2^-8, which ties to 1.0 in bf16;
+  // node 1 gives 2^-8; 1 + 2^-8 ties to 1.0 again.
+  EXPECT_EQ(outputs[0].combined_x, (std::vector<uint16_t>{ref::float_to_bf16(8.5f), 0x3F80}));
+  EXPECT_EQ(outputs[0].combined_topk_weights, (std::vector<float>{0.75f, 0.875f}));
+  for (int r = 1; r < 4; ++r) EXPECT_TRUE(outputs[r].combined_x.empty());
+  // Flat order (0, or a node holding every rank): 1 + 2^-8 + 2^-8 = 1 + 2^-7, exact in bf16.
+  for (int flat : {0, 4, 8}) {
+    auto flat_outputs = ref::normal_combine(c.dispatch_inputs, c.dispatch_outputs, c.inputs, 1, 1, flat);
+    EXPECT_EQ(flat_outputs[0].combined_x, (std::vector<uint16_t>{ref::float_to_bf16(8.5f), 0x3F81}));
+    EXPECT_EQ(flat_outputs[0].combined_topk_weights, (std::vector<float>{0.75f, 0.875f}));
+  }
+}
+
+TEST(NormalCombineHierarchical, RejectsRankCountNotAMultipleOfNodeSize) {
+  TwoNodeCase c = two_node_case();
+  EXPECT_THROW(ref::normal_combine(c.dispatch_inputs, c.dispatch_outputs, c.inputs, 1, 1, 3), deep_ep::ValueError);
+  EXPECT_THROW(ref::normal_combine(c.dispatch_inputs, c.dispatch_outputs, c.inputs, 1, 1, -1), deep_ep::ValueError);
+}
+
+TEST(NormalCombineHierarchical, MatchesAnExplicitTwoLevelSumOnRandomInputs) {
+  constexpr int kRanks = 4, kPerNode = 2, kHidden = 64;
+  int differs_from_flat = 0;
+  for (uint32_t seed = 900; seed < 905; ++seed) {
+    const Scenario s = make_scenario(seed, Routing::kRandom, kRanks);
+    const int K = s.num_topk;
+    auto dispatch_outputs = ref::normal_dispatch(s.inputs, s.args);
+    // Values of widely varying magnitude, so the per-node bf16 rounding matters.
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> mantissa(-1.0f, 1.0f);
+    std::uniform_int_distribution<int> exponent(-6, 6);
+    auto random_bf16 = [&](size_t n) {
+      std::vector<float> values(n);
+      for (float& v : values) v = std::ldexp(mantissa(rng), exponent(rng));
+      return bf16(values);
+    };
+    std::vector<ref::NormalCombineInput> inputs(kRanks);
+    for (int j = 0; j < kRanks; ++j) {
+      const size_t rows = static_cast<size_t>(dispatch_outputs[j].num_recv_tokens);
+      inputs[j].x = random_bf16(rows * kHidden);
+      for (size_t i = 0; i < rows * K; ++i) inputs[j].topk_weights.push_back(mantissa(rng));
+      if (j % 2 == 0) inputs[j].bias_0 = random_bf16(static_cast<size_t>(s.inputs[j].num_tokens) * kHidden);
+      if (j < 2) inputs[j].bias_1 = random_bf16(static_cast<size_t>(s.inputs[j].num_tokens) * kHidden);
+    }
+    auto outputs = ref::normal_combine(s.inputs, dispatch_outputs, inputs, kHidden, K, kPerNode);
+    auto flat = ref::normal_combine(s.inputs, dispatch_outputs, inputs, kHidden, K);
+
+    for (int r = 0; r < kRanks; ++r) {
+      for (int t = 0; t < s.inputs[r].num_tokens; ++t) {
+        std::vector<float> sum(kHidden, 0.0f), weights(K, 0.0f);
+        for (int node = 0; node < kRanks / kPerNode; ++node) {
+          std::vector<float> partial(kHidden, 0.0f), partial_weights(K, 0.0f);
+          bool any = false;
+          for (int j = node * kPerNode; j < (node + 1) * kPerNode; ++j) {
+            if (!s.inputs[r].is_token_in_rank[t * kRanks + j]) continue;
+            // Rank j's rows from rank r, then the one holding token t.
+            const auto& prefix = dispatch_outputs[j].rank_prefix_matrix;
+            int row = r > 0 ? prefix[(r - 1) * kRanks + j] : 0;
+            while (dispatch_outputs[j].recv_src_idx[row] != t) ++row;
+            any = true;
+            for (int c = 0; c < kHidden; ++c) partial[c] += ref::bf16_to_float(inputs[j].x[row * kHidden + c]);
+            for (int k = 0; k < K; ++k) partial_weights[k] += inputs[j].topk_weights[row * K + k];
+          }
+          if (!any) continue;
+          for (int c = 0; c < kHidden; ++c) sum[c] += ref::bf16_to_float(ref::float_to_bf16(partial[c]));
+          for (int k = 0; k < K; ++k) weights[k] += partial_weights[k];
+        }
+        for (int c = 0; c < kHidden; ++c) {
+          const size_t i = static_cast<size_t>(t) * kHidden + c;
+          float value = sum[c];
+          if (!inputs[r].bias_0.empty()) value += ref::bf16_to_float(inputs[r].bias_0[i]);
+          if (!inputs[r].bias_1.empty()) value += ref::bf16_to_float(inputs[r].bias_1[i]);
+          ASSERT_EQ(outputs[r].combined_x[i], ref::float_to_bf16(value)) << "rank " << r << " token " << t;
+          differs_from_flat += outputs[r].combined_x[i] != flat[r].combined_x[i];
+        }
+        for (int k = 0; k < K; ++k) {
+          ASSERT_EQ(0, std::memcmp(&outputs[r].combined_topk_weights[t * K + k], &weights[k], sizeof(float)))
+              << "rank " << r << " token " << t;
+        }
+      }
+    }
+  }
+  EXPECT_GT(differs_from_flat, 0);  // the inputs do exercise the per-node rounding
+}

@@ -1,0 +1,128 @@
+// Where internode normal mode keeps its state. Host code sizes buffers with it (Config hints, op
+// checks); device code carves pointers. Every rank computes the same layout for an op, so an offset
+// names the same place on every rank.
+//
+// RDMA window (the rank's RDMA payload, which the transport reaches on remote nodes):
+//   signals   uint64 [N meta | N*C dispatch rows | N*C combine rows | 1 done]; index helpers below
+//   meta      [N] per source node: what the source with this rank's local index sends this node
+//             (its per-channel counts and its per-expert counts for this node's ranks)
+//   meta_send [N] per destination node: the same, staged here before the put
+//   rows      [N][C][cap] dispatch: rows from source node n, channel c, slot i (the source stages
+//             them in send_rows [destination node][C][cap] first). Combine reuses both areas for the
+//             partial sums going back: rows[n] on the home rank holds node n's partials.
+// NVLink area (the rank's NVLink payload, read by the ranks of its node):
+//   flags     int64: meta_ready[N], data_ready[N][C], combine_ready[N][C], published, staged
+//   published int32: this rank's recv_gbl_rank_prefix_sum [R] and recv_gbl_channel_prefix_matrix
+//             [R][C] (the forwarders of its node compute send_nvl_head from them)
+//   staging   combine input rows of this rank, [rows][combine_row_stride], read by its forwarders
+#pragma once
+
+#include <cstdint>
+
+#include "deep_ep/config.hpp"
+
+// Host and device both carve with these structs; plain C++ compilers see ordinary inline functions.
+#ifdef __CUDACC__
+#define DEEP_EP_INTERNODE_HD __host__ __device__
+#else
+#define DEEP_EP_INTERNODE_HD
+#endif
+
+namespace deep_ep::internode {
+
+constexpr int kMaxInternodeRanks = 256;
+constexpr int kMaxInternodeNodes = 32;  // a warp's lanes cover every node
+
+DEEP_EP_INTERNODE_HD constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+// One dispatch row: [x: row_bytes][scales: S floats][topk_idx: K int32 (global ids)][topk_weights: K
+// floats][source token: int32][destination mask: uint32 over the node's local ranks], 16-aligned.
+struct RowLayout {
+  int64_t scales_offset, topk_idx_offset, topk_weights_offset, src_token_offset, mask_offset, stride;
+  DEEP_EP_INTERNODE_HD static RowLayout make(int64_t row_bytes, int num_scales, int num_topk) {
+    RowLayout r{};
+    r.scales_offset = row_bytes;
+    r.topk_idx_offset = r.scales_offset + 4 * int64_t(num_scales);
+    r.topk_weights_offset = r.topk_idx_offset + 4 * int64_t(num_topk);
+    r.src_token_offset = r.topk_weights_offset + 4 * int64_t(num_topk);
+    r.mask_offset = r.src_token_offset + 4;
+    r.stride = align_up(r.mask_offset + 4, 16);
+    return r;
+  }
+};
+
+// A combine row (staged input or partial sum): [bf16 x: hidden * 2][float weights: K], 16-aligned.
+inline int64_t combine_row_stride(int64_t hidden, int num_topk) { return align_up(hidden * 2 + 4 * int64_t(num_topk), 16); }
+
+struct Layout {
+  int num_nodes, num_ranks_per_node, num_ranks, num_channels, capacity;
+  int64_t row_stride;  // max of the dispatch and combine rows of this op
+  // RDMA window
+  int64_t signals_offset, meta_offset, meta_send_offset, rows_offset, send_rows_offset, rdma_bytes;
+  int64_t meta_ints;  // per meta record
+  // NVLink area
+  int64_t flags_offset, published_offset, staging_offset, nvl_fixed_bytes;
+
+  // Meta record: [0] num_tokens, [1, 1 + C) tokens per channel to the node,
+  // [1 + C + l * C + c] tokens of channel c to local rank l, then [Rn][kMaxLocalExperts] expert counts.
+  DEEP_EP_INTERNODE_HD int64_t meta_node_count(int c) const { return 1 + c; }
+  DEEP_EP_INTERNODE_HD int64_t meta_rank_count(int l, int c) const { return 1 + num_channels + int64_t(l) * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int64_t meta_expert_count(int l, int e) const {
+    return 1 + num_channels + int64_t(num_ranks_per_node) * num_channels + int64_t(l) * kMaxLocalExperts + e;
+  }
+
+  DEEP_EP_INTERNODE_HD int signal_meta(int n) const { return n; }
+  DEEP_EP_INTERNODE_HD int signal_dispatch(int n, int c) const { return num_nodes + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const { return num_nodes * (1 + num_channels) + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int signal_done() const { return num_nodes * (1 + 2 * num_channels); }
+  DEEP_EP_INTERNODE_HD int num_signals() const { return signal_done() + 1; }
+
+  // Slot of (node n, channel c, row i) in rows / send_rows.
+  DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int i) const { return (int64_t(n) * num_channels + c) * capacity + i; }
+
+  // NVLink flags, in int64 units from flags_offset.
+  DEEP_EP_INTERNODE_HD int flag_meta_ready(int n) const { return n; }
+  DEEP_EP_INTERNODE_HD int flag_data_ready(int n, int c) const { return num_nodes + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int flag_combine_ready(int n, int c) const { return num_nodes * (1 + num_channels) + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int flag_published() const { return num_nodes * (1 + 2 * num_channels); }
+  DEEP_EP_INTERNODE_HD int flag_staged() const { return flag_published() + 1; }
+  DEEP_EP_INTERNODE_HD int num_flags() const { return flag_staged() + 1; }
+
+  // row_stride covers bf16 rows of `hidden_bytes` with their scales and top-k, and combine rows.
+  static Layout make(int num_nodes, int num_ranks_per_node, int num_channels, int capacity, int64_t row_stride) {
+    Layout l{};
+    l.num_nodes = num_nodes;
+    l.num_ranks_per_node = num_ranks_per_node;
+    l.num_ranks = num_nodes * num_ranks_per_node;
+    l.num_channels = num_channels;
+    l.capacity = capacity;
+    l.row_stride = row_stride;
+    l.meta_ints = 1 + num_channels + int64_t(num_ranks_per_node) * (num_channels + kMaxLocalExperts);
+    const int64_t meta_bytes = align_up(l.meta_ints * 4, 16);
+    const int64_t rows_bytes = int64_t(num_nodes) * num_channels * capacity * row_stride;
+    int64_t off = 0;
+    l.signals_offset = off;    off = align_up(off + 8 * int64_t(l.num_signals()), 128);
+    l.meta_offset = off;       off = align_up(off + num_nodes * meta_bytes, 128);
+    l.meta_send_offset = off;  off = align_up(off + num_nodes * meta_bytes, 128);
+    l.rows_offset = off;       off = align_up(off + rows_bytes, 128);
+    l.send_rows_offset = off;  off = align_up(off + rows_bytes, 128);
+    l.rdma_bytes = off;
+    off = 0;
+    l.flags_offset = off;      off = align_up(off + 8 * int64_t(l.num_flags()), 128);
+    l.published_offset = off;  off = align_up(off + 4 * int64_t(l.num_ranks) * (1 + num_channels), 128);
+    l.staging_offset = off;
+    l.nvl_fixed_bytes = off;
+    return l;
+  }
+  DEEP_EP_INTERNODE_HD int64_t meta_bytes() const { return align_up(meta_ints * 4, 16); }
+};
+
+// The row stride the size hints reserve: bf16 rows of hidden_bytes, FP8 scales for hidden_bytes / 2
+// channels, kNumMaxTopk top-k slots; or a combine row of the same hidden.
+inline int64_t hint_row_stride(int64_t hidden_bytes) {
+  const auto dispatch = RowLayout::make(hidden_bytes, static_cast<int>(hidden_bytes / 256), kNumMaxTopk);
+  const int64_t combine = combine_row_stride(hidden_bytes / 2, kNumMaxTopk);
+  return dispatch.stride > combine ? dispatch.stride : combine;
+}
+
+}  // namespace deep_ep::internode

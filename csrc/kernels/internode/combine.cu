@@ -1,0 +1,212 @@
+// Internode combine, the reverse of dispatch along the same slots:
+//   1. every rank stages its input rows (and weights) in its NVLink area, so that the forwarders of
+//      its node can read them; the last block raises the `staged` flag;
+//   2. forwarder warps of block c: for each slot (source node n, channel c, i) they received in the
+//      dispatch, sum the rows of the node's ranks that got it (send_nvl_head), in local-rank order in
+//      float32, round to bf16, and put the channel's partials to the home rank (one signalled put);
+//   3. home warps of block c: for each token of channel c, sum the partials of the nodes it went to in
+//      node order (send_rdma_head), add the biases, round to bf16.
+// The order of additions is the CPU reference's (normal_combine with num_ranks_per_node).
+#include "deep_ep/error.hpp"
+#include "kernels/internode/common.cuh"
+#include "runtime/cuda_check.hpp"
+
+namespace deep_ep::internode {
+
+namespace {
+
+constexpr int kNumWarps = kNumThreads / 32;
+constexpr int kNumForwarderWarps = 8;
+constexpr int kNumHomeWarps = kNumWarps - kNumForwarderWarps;
+constexpr int kHomeBarrier = 1;
+
+// Per warp: the source rows (forwarder) or partial slots (home) of the row being summed.
+__shared__ int heads[kNumWarps][32];
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    acc[2 * k] += bf16_bits_to_float(w[k] & 0xffffu);
+    acc[2 * k + 1] += bf16_bits_to_float(w[k] >> 16);
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) w[k] = float_to_bf16_bits(acc[2 * k]) | (float_to_bf16_bits(acc[2 * k + 1]) << 16);
+  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
+}
+
+__device__ void stage(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch) {
+  const int warps_total = gridDim.x * kNumWarps;
+  const int gw = blockIdx.x * kNumWarps + threadIdx.x / 32, lane = device::lane_id();
+  char* staging = ctx.staging(ctx.p.rank);
+  const int row_int4 = a.hidden * 2 / 16;
+  for (int r = gw; r < a.num_rows; r += warps_total) {
+    char* dst = staging + static_cast<int64_t>(r) * stride;
+    device::warp_copy<4>(reinterpret_cast<int4*>(dst),
+                         reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(r) * a.hidden), row_int4, lane,
+                         device::ld_input);
+    float* w = reinterpret_cast<float*>(dst + a.hidden * 2);
+    for (int k = lane; k < a.num_topk; k += 32) w[k] = a.topk_weights[static_cast<int64_t>(r) * a.num_topk + k];
+  }
+  // The forwarders of this node read the rows after the flag.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ControlRegion* control = ctx.control();
+    if (atomicAdd(&control->internode_staged_arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
+      control->internode_staged_arrivals = 0;
+      device::st_release_sys(ctx.flag(ctx.p.rank, ctx.l.flag_staged()), int64_t(epoch) + 1);
+    }
+  }
+}
+
+__device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
+  const Layout& l = ctx.l;
+  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
+  const int fw = threadIdx.x / 32, lane = device::lane_id();
+  // Every rank of the node must have staged its rows.
+  bool ok = true;
+  if (lane < Rn) {
+    const int j = ctx.rank_of(ctx.node, lane);
+    ok = ctx.wait_flag(ctx.flag(j, l.flag_staged()), int64_t(epoch) + 1, Phase::kInternodeCombineStage, j, c);
+  }
+  if (!__all_sync(0xffffffffu, ok)) return;
+  const int row_int4 = a.hidden * 2 / 16;
+  const transport::P2pTransport t = ctx.transport();
+  for (int n = fw; n < N; n += kNumForwarderWarps) {
+    const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
+    const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
+    const bool to_self = n == ctx.node;
+    for (int i = 0; i < count; ++i) {
+      const int64_t slot = l.slot(n, c, i);
+      // The rows of the node's ranks, through shared memory: lanes leave the loops below unevenly.
+      __syncwarp();
+      if (lane < Rn) heads[fw][lane] = a.send_nvl_head[slot * Rn + lane];
+      __syncwarp();
+      // The partial goes to the home rank's slot (my node, c, i); the own node's directly.
+      char* dst = to_self ? ctx.row(ctx.p.rank, l.slot(ctx.node, c, i)) : ctx.send_row(slot);
+      for (int v = lane; v < row_int4; v += 32) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int lr = 0; lr < Rn; ++lr) {
+          const int row = heads[fw][lr];
+          if (row < 0) continue;
+          const char* src = ctx.staging(ctx.rank_of(ctx.node, lr)) + static_cast<int64_t>(row) * stride;
+          add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(src) + v));
+        }
+        reinterpret_cast<int4*>(dst)[v] = pack_bf16x8(acc);
+      }
+      for (int k0 = 0; k0 < a.num_topk; k0 += 32) {
+        const int k = k0 + lane;
+        float acc = 0.0f;
+        for (int lr = 0; lr < Rn; ++lr) {
+          const int row = heads[fw][lr];
+          if (row < 0 || k >= a.num_topk) continue;
+          const char* src = ctx.staging(ctx.rank_of(ctx.node, lr)) + static_cast<int64_t>(row) * stride;
+          acc += __ldcg(reinterpret_cast<const float*>(src + a.hidden * 2) + k);
+        }
+        if (k < a.num_topk) reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
+      }
+    }
+    if (to_self) {
+      __threadfence();
+      __syncwarp();
+      if (lane == 0) device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_combine_ready(n, c)), int64_t(epoch) + 1);
+    } else {
+      const int64_t first = static_cast<int64_t>(c) * l.capacity;
+      t.put_with_signal(ctx.rank_of(n, ctx.local),
+                        l.rows_offset + (static_cast<int64_t>(ctx.node) * C * l.capacity + first) * l.row_stride,
+                        l.send_rows_offset + (static_cast<int64_t>(n) * C * l.capacity + first) * l.row_stride,
+                        static_cast<int64_t>(count) * l.row_stride, l.signal_combine(ctx.node, c), 1);
+    }
+  }
+}
+
+__device__ void home(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
+  const Layout& l = ctx.l;
+  const int N = l.num_nodes, C = l.num_channels;
+  const int hw = threadIdx.x / 32 - kNumForwarderWarps, lane = device::lane_id();
+  __shared__ int home_ok;
+  if (hw == 0) {
+    bool ok = true;
+    for (int n = lane; n < N; n += 32) {
+      const int forwarder = ctx.rank_of(n, ctx.local);
+      if (n == ctx.node) {
+        ok &= ctx.wait_flag(ctx.flag(ctx.p.rank, l.flag_combine_ready(n, c)), int64_t(epoch) + 1,
+                            Phase::kInternodeCombineRecv, forwarder, c);
+      } else {
+        ok &= ctx.wait_signal_once(l.signal_combine(n, c), Phase::kInternodeCombineRecv, forwarder, c);
+      }
+    }
+    ok = __all_sync(0xffffffffu, ok);
+    if (lane == 0) home_ok = ok;
+  }
+  device::named_barrier(kHomeBarrier, kNumHomeWarps * 32);
+  if (!home_ok) return;
+  int begin, end;
+  device::channel_range(c, C, a.num_tokens, begin, end);
+  const int row_int4 = a.hidden * 2 / 16;
+  for (int t = begin + hw; t < end; t += kNumHomeWarps) {
+    const int w = threadIdx.x / 32;
+    __syncwarp();
+    if (lane < N) heads[w][lane] = a.send_rdma_head[static_cast<int64_t>(t) * N + lane];
+    __syncwarp();
+    for (int v = lane; v < row_int4; v += 32) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int n = 0; n < N; ++n) {
+        const int slot = heads[w][n];
+        if (slot < 0) continue;
+        const char* src = ctx.row(ctx.p.rank, static_cast<int64_t>(n) * C * l.capacity + slot);
+        add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(src) + v));
+      }
+      if (a.bias_0) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden)[v]);
+      if (a.bias_1) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden)[v]);
+      reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden)[v] = pack_bf16x8(acc);
+    }
+    for (int k0 = 0; k0 < a.num_topk; k0 += 32) {
+      const int k = k0 + lane;
+      float acc = 0.0f;
+      for (int n = 0; n < N; ++n) {
+        const int slot = heads[w][n];
+        if (slot < 0 || k >= a.num_topk) continue;
+        const char* src = ctx.row(ctx.p.rank, static_cast<int64_t>(n) * C * l.capacity + slot);
+        acc += __ldcg(reinterpret_cast<const float*>(src + a.hidden * 2) + k);
+      }
+      if (k < a.num_topk) a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k] = acc;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, Layout layout, CombineArgs args,
+                                                                  int64_t staging_stride) {
+  const Ctx ctx(peers, layout);
+  const int epoch = begin_op(ctx);
+  stage(ctx, args, staging_stride, epoch);
+  const int c = blockIdx.x;
+  if (threadIdx.x / 32 < kNumForwarderWarps) {
+    forward(ctx, args, staging_stride, epoch, c);
+  } else {
+    home(ctx, args, epoch, c);
+  }
+  end_op(ctx);
+}
+
+}  // namespace
+
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream) {
+  const int64_t staging_stride = combine_row_stride(args.hidden, args.num_topk);
+  combine_kernel<<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, args, staging_stride);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
+
+int max_resident_combine_blocks_per_sm() {
+  int blocks = 0;
+  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel, kNumThreads, 0));
+  return blocks;
+}
+
+}  // namespace deep_ep::internode

@@ -1,0 +1,100 @@
+// Launchers of the internode normal-mode kernels (hierarchical: the network between nodes, load/store
+// inside a node). Each op is one kernel; every internode kernel starts by waiting until every rank has
+// finished the previous one (the `done` signal), so an op may overwrite any area the previous op used.
+//   notify   (non-cached dispatch): each rank sends every node's forwarder (the rank with its own local
+//            index there) its per-channel counts; every rank then derives the handle's prefix matrices
+//            and publishes its received count to the host.
+//   dispatch block c: stages channel c's tokens once per destination node and puts them to the forwarder
+//            (one put per node); relays the arrival of channel c from every source node to its node; and
+//            copies, from the forwarders of its node, the rows of channel c whose mask names this rank.
+//   combine  every rank stages its input rows; block c of a forwarder sums, per slot of channel c, the
+//            rows of its node's ranks (in local-rank order, rounded to bf16) and puts the partials to
+//            the home rank; the home rank sums the partials of its channel-c tokens in node order.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/common/diagnostics.hpp"
+#include "kernels/internode/buffer_layout.hpp"
+
+namespace deep_ep::internode {
+
+// Everything a kernel needs to reach the other ranks. Peers on other nodes are reached through the
+// transport (P2P today: every rank's buffer is mapped here); peers of this node by load/store.
+struct Peers {
+  char** bases;              // device array [R]: each rank's buffer (control region first)
+  int64_t nvl_offset;        // where the NVLink payload starts inside each buffer
+  int64_t rdma_offset;       // where the RDMA payload (the transport window) starts
+  int rank, num_ranks, num_nodes, num_ranks_per_node;
+  DeviceDiagnostics* diagnostics;
+  int64_t timeout_ns;
+};
+
+struct NotifyArgs {
+  const bool* is_token_in_rank;      // [T, R]
+  const int* num_tokens_per_expert;  // [E]
+  int num_tokens, num_experts, expert_alignment;
+  // Outputs (the handle), all inclusive prefixes over channels or ranks.
+  int* rdma_channel_prefix_matrix;       // [N, C]
+  int* gbl_channel_prefix_matrix;        // [R, C]
+  int* recv_rdma_channel_prefix_matrix;  // [N, C]
+  int* recv_rdma_rank_prefix_sum;        // [N]
+  int* recv_gbl_channel_prefix_matrix;   // [R, C]
+  int* recv_gbl_rank_prefix_sum;         // [R]
+  // Host-mapped: num_recv_tokens, num_recv_tokens_per_expert[L], then counts_ready = counts_epoch.
+  int* host_num_recv_tokens;
+  int* host_num_recv_tokens_per_expert;
+  volatile int* host_counts_ready;
+  int counts_epoch;
+};
+
+void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream);
+
+struct DispatchArgs {
+  const uint8_t* x;                 // [T, row_bytes]
+  const float* x_scales;            // [T, num_scales] with strides below, or null
+  int64_t scale_token_stride, scale_channel_stride;
+  const int64_t* topk_idx;          // [T, K] or null
+  const float* topk_weights;        // [T, K] or null
+  const bool* is_token_in_rank;     // [T, R]
+  const int* rdma_channel_prefix_matrix;       // [N, C]
+  const int* recv_rdma_channel_prefix_matrix;  // [N, C]
+  const int* recv_gbl_channel_prefix_matrix;   // [R, C]
+  const int* recv_gbl_rank_prefix_sum;         // [R]
+  int num_tokens, row_bytes, num_scales, num_topk, num_experts;
+  bool cached;                      // send_rdma_head is given and send_nvl_head is not rebuilt
+  int num_rows;                     // rows allocated in the outputs
+  uint8_t* recv_x;                  // [num_rows, row_bytes]
+  float* recv_x_scales;             // [num_rows, num_scales] or null
+  int64_t* recv_topk_idx;           // [num_rows, K] or null
+  float* recv_topk_weights;         // [num_rows, K] or null
+  int* recv_src_meta;               // [num_rows, 2]
+  int* send_rdma_head;              // [T, N] (computed unless cached)
+  int* send_nvl_head;               // [N * C * cap, Rn] (computed unless cached)
+};
+
+void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream);
+
+struct CombineArgs {
+  const uint16_t* x;                // [rows, hidden] bf16
+  const float* topk_weights;        // [rows, K] or null
+  const uint16_t* bias_0;           // [T, hidden] or null
+  const uint16_t* bias_1;           // [T, hidden] or null
+  const int* recv_rdma_channel_prefix_matrix;  // [N, C]
+  const int* send_rdma_head;        // [T, N]
+  const int* send_nvl_head;         // [N * C * cap, Rn]
+  int num_tokens, num_rows, hidden, num_topk;
+  uint16_t* combined_x;             // [T, hidden]
+  float* combined_topk_weights;     // [T, K] or null
+};
+
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream);
+
+constexpr int kNumThreads = 512;
+// Resident blocks per SM of the dispatch and combine kernels, for the co-residency check.
+int max_resident_blocks_per_sm();
+int max_resident_combine_blocks_per_sm();
+
+}  // namespace deep_ep::internode

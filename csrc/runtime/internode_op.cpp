@@ -1,0 +1,284 @@
+// Buffer::internode_dispatch / internode_combine: validation (design.md decision 7), the transport
+// and co-residency checks (decisions 4 and 5), the GPU-to-CPU count handshake, output allocation and
+// the kernel launches (csrc/kernels/internode/).
+#include <algorithm>
+
+#include "deep_ep/buffer.hpp"
+#include "deep_ep/error.hpp"
+#include "deep_ep/transport.hpp"
+#include "kernels/internode/internode.hpp"
+#include "runtime/buffer_internals.hpp"
+#include "runtime/cuda_check.hpp"
+#include "runtime/normal_inputs.hpp"
+
+namespace deep_ep {
+
+namespace {
+
+internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
+  return {in.peer_bases_device, in.nvl_payload_offset, in.rdma_payload_offset, b.rank(), b.num_ranks(),
+          b.num_nodes(), b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
+}
+
+// Every peer must be reachable: today through mapped memory (the P2P transport, also for emulated
+// nodes). A peer on another host needs the GIN transport, which the kernels do not drive yet.
+void check_transport(const Buffer& b, const Buffer::Internals& in, const char* op) {
+  for (int r = 0; r < b.num_ranks(); ++r) {
+    if (in.peer_bases[r] != nullptr) continue;
+    TransportChoiceInputs inputs;
+    inputs.gin_compiled = gin_compiled();
+    const TransportKind kind = choose_transport(inputs, b.rank(), r);  // raises, naming what is missing
+    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", r, " only through ",
+                  transport_name(kind), ", which the internode kernels of this build do not drive yet");
+  }
+}
+
+void check_co_residency(const Buffer& b, int blocks, const char* op) {
+  const int needed = blocks * b.num_ranks_per_device();
+  const int capacity = b.num_device_sms() * internode::max_resident_blocks_per_sm();
+  DEEP_EP_CHECK(needed <= capacity, op, ": config.num_sms=", blocks, " for each of the ", b.num_ranks_per_device(),
+                " ranks sharing cuda:", b.device(), " needs ", needed, " resident blocks, but the GPU holds at most ",
+                capacity, "; use a smaller num_sms");
+}
+
+void check_fits(const Buffer& b, const internode::Layout& layout, int64_t nvl_needed, const Config& config,
+                const char* op) {
+  DEEP_EP_CHECK(layout.rdma_bytes <= b.options().num_rdma_bytes, op, " needs ", layout.rdma_bytes,
+                " bytes of RDMA buffer (num_sms=", config.num_sms, ", num_max_rdma_chunked_recv_tokens=",
+                config.num_max_rdma_chunked_recv_tokens, ", rows of ", layout.row_stride,
+                " bytes) but the Buffer has num_rdma_bytes=", b.options().num_rdma_bytes,
+                "; size it with Config.get_rdma_buffer_size_hint");
+  DEEP_EP_CHECK(nvl_needed <= b.options().num_nvl_bytes, op, " needs ", nvl_needed,
+                " bytes of NVLink buffer but the Buffer has num_nvl_bytes=", b.options().num_nvl_bytes,
+                "; size it with Config.get_nvl_buffer_size_hint");
+}
+
+void check_handle(const InternodeHandle& h, int R, int N, int Rn, int device, int64_t T, int C, int capacity) {
+  check_tensor(h.is_token_in_rank, "handle[0] (is_token_in_rank)", {DType::kBool, {T, R}, true, device});
+  check_tensor(h.rdma_channel_prefix_matrix, "handle[1] (rdma_channel_prefix_matrix)",
+               {DType::kInt32, {N, C}, true, device});
+  check_tensor(h.gbl_channel_prefix_matrix, "handle[2] (gbl_channel_prefix_matrix)", {DType::kInt32, {R, C}, true, device});
+  check_tensor(h.recv_rdma_channel_prefix_matrix, "handle[3] (recv_rdma_channel_prefix_matrix)",
+               {DType::kInt32, {N, C}, true, device});
+  check_tensor(h.recv_rdma_rank_prefix_sum, "handle[4] (recv_rdma_rank_prefix_sum)", {DType::kInt32, {N}, true, device});
+  check_tensor(h.recv_gbl_channel_prefix_matrix, "handle[5] (recv_gbl_channel_prefix_matrix)",
+               {DType::kInt32, {R, C}, true, device});
+  check_tensor(h.recv_gbl_rank_prefix_sum, "handle[6] (recv_gbl_rank_prefix_sum)", {DType::kInt32, {R}, true, device});
+  check_tensor(h.recv_src_meta, "handle[7] (recv_src_meta)", {DType::kInt32, {kAnySize, 2}, true, device});
+  check_tensor(h.send_rdma_head, "handle[8] (send_rdma_head)", {DType::kInt32, {T, N}, true, device});
+  check_tensor(h.send_nvl_head, "handle[9] (send_nvl_head)",
+               {DType::kInt32, {int64_t(N) * C * capacity, Rn}, true, device});
+}
+
+// The handle's channel count is the dispatch's num_sms; its slot count follows from the RDMA chunk.
+void check_config_matches_handle(const InternodeHandle& h, const Config& config, int N, const char* op) {
+  const int64_t C = h.rdma_channel_prefix_matrix.dim() == 2 ? h.rdma_channel_prefix_matrix.size(1) : -1;
+  DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
+                " channels: ", op, " must use the num_sms of the dispatch that made the handle");
+  const int64_t slots = h.send_nvl_head.dim() == 2 ? h.send_nvl_head.size(0) : -1;
+  DEEP_EP_CHECK(slots == int64_t(N) * C * config.num_max_rdma_chunked_recv_tokens,
+                "config.num_max_rdma_chunked_recv_tokens=", config.num_max_rdma_chunked_recv_tokens,
+                " differs from the handle's (send_nvl_head has ", slots, " slots for ", N, " nodes x ", C,
+                " channels): ", op, " must use the config of the dispatch that made the handle");
+}
+
+}  // namespace
+
+IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& a, const Allocator& allocate,
+                                                   cudaStream_t stream) {
+  check_device_errors();
+  auto& in = *internals_;
+  const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
+  DEEP_EP_CHECK(N > 1, "internode dispatch needs ranks on several nodes; this group has one node: use dispatch");
+  const Config& config = a.config;
+  const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
+  const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
+                                                                  a.num_worst_tokens, a.expert_alignment, device);
+  const bool fp8 = shape.fp8;
+  const int64_t T = shape.num_tokens, H = shape.hidden, row_bytes = shape.row_bytes;
+  const int num_scales = shape.num_scales, num_topk = shape.num_topk;
+  const int64_t scale_token_stride = shape.scale_token_stride, scale_channel_stride = shape.scale_channel_stride;
+  // Channels are equal token ranges; each carries at most `capacity` tokens.
+  const int64_t max_channel_tokens = (T + C - 1) / C;
+  DEEP_EP_CHECK(max_channel_tokens <= capacity, "internode dispatch of ", T, " tokens needs ", max_channel_tokens,
+                " tokens per channel, but config.num_max_rdma_chunked_recv_tokens=", capacity, " with num_sms=",
+                config.num_sms, " allows at most ", int64_t(C) * capacity, " tokens per rank; use a larger config "
+                "(and buffer, Config.get_rdma_buffer_size_hint)");
+
+
+  // ---- routing: layout (non-cached) or handle (cached) ------------------------------------------------
+  const bool cached = a.handle.has_value();
+  int num_experts = 0;
+  if (cached) {
+    DEEP_EP_CHECK(!a.topk_idx, "cached dispatch (with a handle) takes no topk_idx/topk_weights");
+    DEEP_EP_CHECK(!a.num_tokens_per_rank && !a.num_tokens_per_expert,
+                  "cached dispatch (with a handle) takes no layout arguments");
+    check_config_matches_handle(*a.handle, config, N, "cached dispatch");
+    check_handle(*a.handle, R, N, Rn, device, T, C, capacity);
+  } else {
+    DEEP_EP_CHECK(a.num_tokens_per_rank && a.is_token_in_rank && a.num_tokens_per_expert,
+                  "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert "
+                  "(from get_dispatch_layout)");
+    check_tensor(*a.num_tokens_per_rank, "num_tokens_per_rank", {DType::kInt32, {R}, true, device});
+    if (a.num_tokens_per_rdma_rank)
+      check_tensor(*a.num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", {DType::kInt32, {N}, true, device});
+    check_tensor(*a.is_token_in_rank, "is_token_in_rank", {DType::kBool, {T, R}, true, device});
+    DEEP_EP_CHECK(a.num_tokens_per_expert->dim() == 1, "num_tokens_per_expert must be 1-D, got ",
+                  a.num_tokens_per_expert->describe());
+    num_experts = static_cast<int>(a.num_tokens_per_expert->size(0));
+    check_tensor(*a.num_tokens_per_expert, "num_tokens_per_expert", {DType::kInt32, {num_experts}, true, device});
+    DEEP_EP_CHECK(num_experts > 0 && num_experts % R == 0 && num_experts / R <= kMaxLocalExperts,
+                  "num_tokens_per_expert must have num_experts entries, a multiple of num_ranks=", R, " with at most ",
+                  kMaxLocalExperts, " per rank; got ", num_experts);
+    DEEP_EP_CHECK(a.num_worst_tokens == 0 || a.topk_idx, "num_worst_tokens > 0 requires topk_idx and topk_weights");
+  }
+  DEEP_EP_CHECK(N <= internode::kMaxInternodeNodes && R <= internode::kMaxInternodeRanks && Rn <= 32,
+                "internode mode supports at most ", internode::kMaxInternodeNodes, " nodes, ",
+                internode::kMaxInternodeRanks, " ranks and 32 ranks per node; got ", N, " nodes of ", Rn);
+
+  const auto row = internode::RowLayout::make(row_bytes, num_scales, num_topk);
+  const auto layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
+  check_fits(*this, layout, layout.nvl_fixed_bytes, config, "internode dispatch");
+  check_transport(*this, in, "internode dispatch");
+  check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+  const auto peers = peers_of(*this, in);
+
+  IntranodeDispatchResult result;
+  InternodeHandle h;
+  if (cached) {
+    h = *a.handle;
+    result.num_rows = static_cast<int>(h.recv_src_meta.size(0));
+  } else {
+    h.is_token_in_rank = *a.is_token_in_rank;
+    h.rdma_channel_prefix_matrix = allocate("rdma_channel_prefix_matrix", DType::kInt32, {N, C});
+    h.gbl_channel_prefix_matrix = allocate("gbl_channel_prefix_matrix", DType::kInt32, {R, C});
+    h.recv_rdma_channel_prefix_matrix = allocate("recv_rdma_channel_prefix_matrix", DType::kInt32, {N, C});
+    h.recv_rdma_rank_prefix_sum = allocate("recv_rdma_rank_prefix_sum", DType::kInt32, {N});
+    h.recv_gbl_channel_prefix_matrix = allocate("recv_gbl_channel_prefix_matrix", DType::kInt32, {R, C});
+    h.recv_gbl_rank_prefix_sum = allocate("recv_gbl_rank_prefix_sum", DType::kInt32, {R});
+    h.send_rdma_head = allocate("send_rdma_head", DType::kInt32, {T, N});
+    h.send_nvl_head = allocate("send_nvl_head", DType::kInt32, {int64_t(N) * C * capacity, Rn});
+    internode::NotifyArgs n{};
+    n.is_token_in_rank = a.is_token_in_rank->ptr<bool>();
+    n.num_tokens_per_expert = a.num_tokens_per_expert->ptr<int>();
+    n.num_tokens = static_cast<int>(T);
+    n.num_experts = num_experts;
+    n.expert_alignment = a.expert_alignment;
+    n.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
+    n.gbl_channel_prefix_matrix = h.gbl_channel_prefix_matrix.ptr<int>();
+    n.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
+    n.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
+    n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
+    n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
+    n.host_num_recv_tokens = &in.host_device->num_recv_tokens;
+    n.host_num_recv_tokens_per_expert = in.host_device->num_recv_tokens_per_expert;
+    n.host_counts_ready = &in.host_device->counts_ready;
+    n.counts_epoch = ++in.counts_epoch;
+    internode::launch_notify(peers, layout, n, stream);
+    if (a.num_worst_tokens > 0) {
+      result.num_rows = a.num_worst_tokens;
+    } else {
+      in.wait_for_notify_counts(*this, "internode dispatch");
+      result.num_rows = in.host->num_recv_tokens;
+      const int L = num_experts / R;
+      result.num_recv_tokens_per_expert.assign(in.host->num_recv_tokens_per_expert,
+                                               in.host->num_recv_tokens_per_expert + L);
+    }
+  }
+  const int64_t rows = result.num_rows;
+  TensorView recv_x = allocate("recv_x", a.x.dtype, {rows, H});
+  TensorView recv_x_scales, recv_topk_idx, recv_topk_weights;
+  if (fp8) recv_x_scales = allocate("recv_x_scales", DType::kFloat32, {rows, num_scales});
+  if (num_topk) {
+    recv_topk_idx = allocate("recv_topk_idx", DType::kInt64, {rows, num_topk});
+    recv_topk_weights = allocate("recv_topk_weights", DType::kFloat32, {rows, num_topk});
+  }
+  if (!cached) h.recv_src_meta = allocate("recv_src_meta", DType::kInt32, {rows, 2});
+  if (a.num_worst_tokens > 0 && !cached) {
+    // Rows past the real count: top-k ids -1 and weights 0 (spec section 6); source meta -1.
+    if (num_topk) {
+      DEEP_EP_CUDA_CHECK(cudaMemsetAsync(recv_topk_idx.data, 0xff, rows * num_topk * sizeof(int64_t), stream));
+      DEEP_EP_CUDA_CHECK(cudaMemsetAsync(recv_topk_weights.data, 0, rows * num_topk * sizeof(float), stream));
+    }
+    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(h.recv_src_meta.data, 0xff, rows * 2 * sizeof(int), stream));
+  }
+
+  internode::DispatchArgs d{};
+  d.x = a.x.ptr<uint8_t>();
+  d.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
+  d.scale_token_stride = scale_token_stride;
+  d.scale_channel_stride = scale_channel_stride;
+  d.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
+  d.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+  d.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+  d.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
+  d.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
+  d.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
+  d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
+  d.num_tokens = static_cast<int>(T);
+  d.row_bytes = static_cast<int>(row_bytes);
+  d.num_scales = num_scales;
+  d.num_topk = num_topk;
+  d.num_experts = num_experts;
+  d.cached = cached;
+  d.num_rows = static_cast<int>(rows);
+  d.recv_x = recv_x.ptr<uint8_t>();
+  d.recv_x_scales = fp8 ? recv_x_scales.ptr<float>() : nullptr;
+  d.recv_topk_idx = num_topk ? recv_topk_idx.ptr<int64_t>() : nullptr;
+  d.recv_topk_weights = num_topk ? recv_topk_weights.ptr<float>() : nullptr;
+  d.recv_src_meta = h.recv_src_meta.ptr<int>();
+  d.send_rdma_head = h.send_rdma_head.ptr<int>();
+  d.send_nvl_head = h.send_nvl_head.ptr<int>();
+  internode::launch_dispatch(peers, layout, d, stream);
+  return result;
+}
+
+void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& allocate, cudaStream_t stream) {
+  check_device_errors();
+  auto& in = *internals_;
+  const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
+  DEEP_EP_CHECK(N > 1, "internode combine needs ranks on several nodes; this group has one node: use combine");
+  const Config& config = a.config;
+  const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
+  const InternodeHandle& h = a.handle;
+  DEEP_EP_CHECK(h.is_token_in_rank.dim() == 2, "handle[0] (is_token_in_rank) must be 2-D, got ",
+                h.is_token_in_rank.describe());
+  const int64_t T = h.is_token_in_rank.size(0);
+  check_config_matches_handle(h, config, N, "combine");
+  check_handle(h, R, N, Rn, device, T, C, capacity);
+  const NormalCombineShape shape = check_normal_combine_inputs(a.x, a.topk_weights, a.bias_0, a.bias_1, T, device);
+  const int64_t rows = shape.num_rows, H = shape.hidden;
+  const int num_topk = shape.num_topk;
+  DEEP_EP_CHECK(rows == h.recv_src_meta.size(0), "x must have one row per row of the dispatch's outputs (",
+                h.recv_src_meta.size(0), "), got ", rows);
+
+  const int64_t stride = internode::combine_row_stride(H, num_topk);
+  const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
+  check_fits(*this, layout, layout.nvl_fixed_bytes + rows * stride, config, "internode combine");
+  check_transport(*this, in, "internode combine");
+  check_co_residency(*this, C, "internode combine");
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+
+  TensorView combined_x = allocate("combined_x", DType::kBFloat16, {T, H});
+  TensorView combined_topk_weights;
+  if (num_topk) combined_topk_weights = allocate("combined_topk_weights", DType::kFloat32, {T, num_topk});
+
+  internode::CombineArgs c{};
+  c.x = a.x.ptr<uint16_t>();
+  c.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+  c.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+  c.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+  c.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
+  c.send_rdma_head = h.send_rdma_head.ptr<int>();
+  c.send_nvl_head = h.send_nvl_head.ptr<int>();
+  c.num_tokens = static_cast<int>(T);
+  c.num_rows = static_cast<int>(rows);
+  c.hidden = static_cast<int>(H);
+  c.num_topk = num_topk;
+  c.combined_x = combined_x.ptr<uint16_t>();
+  c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+  internode::launch_combine(peers_of(*this, in), layout, c, stream);
+}
+
+}  // namespace deep_ep

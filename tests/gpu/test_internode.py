@@ -1,0 +1,293 @@
+"""GPU tests of normal-mode internode dispatch and combine against the CPU reference, emulated on the GPUs
+present: DEEP_EP_RANKS_PER_NODE groups the ranks into nodes of consecutive ranks (layouts 2x2, 2x4, 2x8,
+4x4 = nodes x ranks per node), so the Buffer takes the internode path with every rank on one host."""
+
+import os
+import re
+
+import torch
+
+import deep_ep
+from common import assert_equal, expect_raises, setup, teardown, to_numpy
+from intranode_cases import check_dispatch, make_topk, make_x, reference_combine, reference_dispatch
+from internode_cases import (LAYOUTS, check_internode_handle, check_rdma_layout, make_buffer, parse_layout,
+                             use_ranks_per_node)
+
+NUM_EXPERTS = 256
+
+# Bounded waits in tests fail fast; the timeout test lowers it further.
+os.environ.setdefault("DEEP_EP_TIMEOUT_S", "30")
+
+
+def _prepare(ctx, rn, opts=None, seed=0):
+    """Node layout and SM count (both read when the Buffer is created), then the process group."""
+    use_ranks_per_node(rn)
+    deep_ep.Buffer.set_num_sms((opts or {}).get("num_sms", 8))
+    return setup(ctx, seed_base=seed)
+
+
+def _num_tokens(ctx, opts):
+    """Uneven per rank, but no rank empty unless asked (with 16 ranks the intranode 300 - 37 * rank would
+    leave whole nodes without tokens to send)."""
+    base = opts.get("num_tokens", 200)
+    num_tokens = base
+    if opts.get("uneven", True):
+        num_tokens = base - (37 * ctx.rank) % (base // 2 + 1)
+    if opts.get("empty_rank") is not None and ctx.rank == opts["empty_rank"]:
+        num_tokens = 0
+    return num_tokens
+
+
+def _layout(buffer, topk_idx, rn, label):
+    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    check_rdma_layout(per_rdma, in_rank, rn, label)
+    return dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert)
+
+
+def dispatch_combine(ctx, rn, opts):
+    """One or more rounds of layout -> dispatch -> combine -> cached dispatch, each checked exactly."""
+    group = _prepare(ctx, rn, opts, seed=opts.get("seed", 0))
+    hidden, num_topk = opts.get("hidden", 7168), opts.get("num_topk", 8)
+    fp8, with_topk = opts.get("fp8", False), opts.get("with_topk", True)
+    routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
+    worst = opts.get("worst", False)
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    for round_idx in range(opts.get("rounds", 1)):
+        label = f"rank {ctx.rank} round {round_idx}"
+        num_tokens = _num_tokens(ctx, opts)
+        x = make_x(num_tokens, hidden, fp8)
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
+        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+        layout = _layout(buffer, topk_idx, rn, label)
+        in_rank = layout["is_token_in_rank"]
+        num_worst = ctx.num_ranks * opts.get("num_tokens", 200) if worst else 0
+        kwargs = dict(layout, expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst)
+        if with_topk:
+            kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
+        if mode == "async":
+            kwargs.update(async_finish=True)
+        elif mode == "previous_event":
+            kwargs.update(previous_event=buffer.capture())
+        elif mode == "comm_alloc":
+            kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
+        if mode in ("async", "comm_alloc"):
+            event.current_stream_wait()
+        inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
+                                             opts.get("alignment", 1), num_worst)
+        # Outputs as intranode; the handle is the internode 10-tuple.
+        check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, None,
+                       with_topk, num_worst, label)
+        check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
+
+        # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
+        rows = (recv_x[0] if fp8 else recv_x).size(0)
+        expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+        bias = None
+        if opts.get("bias", 0) == 1:
+            bias = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+        elif opts.get("bias", 0) == 2:
+            bias = tuple(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))
+        combine_kwargs = {}
+        if mode == "async":
+            combine_kwargs.update(async_finish=True)
+        elif mode == "previous_event":
+            combine_kwargs.update(previous_event=buffer.capture())
+        elif mode == "comm_alloc":
+            combine_kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        combined_x, combined_weights, event = buffer.combine(
+            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **combine_kwargs)
+        if mode in ("async", "comm_alloc"):
+            event.current_stream_wait()
+        expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
+                                     bias, hidden, num_topk if with_topk else 0, num_ranks_per_node=rn)[ctx.rank]
+        assert_equal(f"{label} combined_x", to_numpy(combined_x), expected.combined_x)
+        if with_topk:
+            assert_equal(f"{label} combined_topk_weights", to_numpy(combined_weights), expected.combined_topk_weights)
+            # Weights survive on exactly one rank each, so combine restores the originals of routed slots.
+            routed = in_rank.any(dim=1, keepdim=True) & (topk_idx >= 0)
+            assert torch.equal(torch.where(routed, topk_weights, 0.0), torch.where(routed, combined_weights, 0.0))
+        else:
+            assert combined_weights is None
+
+        # Cached dispatch with the handle: same routing, fresh x.
+        x2 = make_x(num_tokens, hidden, fp8)
+        cached = buffer.dispatch(x2, handle=handle)
+        assert cached[1] is None and cached[4] is None
+        _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
+                                         num_worst)
+        check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
+    torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
+
+
+def back_to_back(ctx, rn, num_calls):
+    """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call.
+
+    Small integers: the per-node partials (rounded to bf16) and their sum are exact."""
+    group = _prepare(ctx, rn, seed=7)
+    hidden = 2048
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    for call in range(num_calls):
+        num_tokens = int(torch.randint(0, 160, ()).item())
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+        x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+        layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank} call {call}")
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+        combined, _, _ = buffer.combine(recv_x, handle)
+        expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+        if not torch.equal(combined.float(), expected):
+            bad = (combined.float() != expected).nonzero()[0].tolist()
+            raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
+def cuda_graph(ctx, rn):
+    """layout + dispatch (num_worst_tokens) + combine captured in a CUDA graph, replayed with new inputs."""
+    group = _prepare(ctx, rn, seed=11)
+    hidden, num_tokens, num_topk = 4096, 128, 8
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    num_worst = num_tokens * ctx.num_ranks
+    static_x = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    static_topk = torch.empty(num_tokens, num_topk, dtype=torch.int64, device="cuda")
+    static_w = torch.empty(num_tokens, num_topk, dtype=torch.float32, device="cuda")
+
+    def step():
+        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(static_topk, NUM_EXPERTS)
+        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+            static_x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=static_topk, topk_weights=static_w, num_worst_tokens=num_worst)
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        return recv_x, recv_idx, in_rank, handle, combined, combined_w
+
+    def fill():
+        static_x.copy_(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16))
+        static_topk.copy_(make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random"))
+        static_w.copy_(torch.rand(num_tokens, num_topk, device="cuda"))
+
+    fill()
+    step()  # warm-up outside the graph
+    torch.cuda.synchronize()
+    torch.distributed.barrier(group)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for replay in range(3):
+        fill()
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        graph.replay()
+        torch.cuda.synchronize()
+        recv_x, recv_idx, in_rank, handle, combined, combined_w = outs
+        label = f"rank {ctx.rank} replay {replay}"
+        inputs, outputs = reference_dispatch(group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS,
+                                             1, num_worst)
+        check_dispatch(outputs[ctx.rank], recv_x, recv_idx, None, [], None, False, num_worst, label)
+        check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
+        expected = reference_combine(group, inputs, outputs, recv_x, None, None, hidden, 0,
+                                     num_ranks_per_node=rn)[ctx.rank]
+        assert_equal(f"{label} combined_x", to_numpy(combined), expected.combined_x)
+        routed = in_rank.any(dim=1, keepdim=True) & (static_topk >= 0)
+        assert torch.equal(torch.where(routed, static_w, 0.0), torch.where(routed, combined_w, 0.0)), \
+            f"{label}: combined_topk_weights must restore the routed weights"
+    del graph
+    torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
+
+
+def bad_inputs(ctx, rn):
+    """Wrong handle arity and a too small RDMA buffer raise ValueError before launching; the buffers stay usable."""
+    group = _prepare(ctx, rn)
+    hidden = 2048
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    topk_idx = make_topk(32, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    # Small integers: the two-level sums are exact, so combine(dispatch(x)) == x * ranks reached.
+    x = torch.randint(-8, 8, (32, hidden), device="cuda").to(torch.bfloat16)
+    layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+    expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    assert isinstance(handle, tuple) and len(handle) == 10
+    for short in (handle[:6], handle[:9]):
+        expect_raises(ValueError, "10-tuple", lambda: buffer.dispatch(x, handle=short))
+        expect_raises(ValueError, "10-tuple", lambda: buffer.combine(recv_x, short))
+
+    # The same NVL bytes but an RDMA buffer below the dispatch config's hint.
+    config = deep_ep.Buffer.get_dispatch_config(ctx.num_ranks)
+    rdma_needed = config.get_rdma_buffer_size_hint(hidden * 2, ctx.num_ranks, num_ranks_per_node=rn)
+    small_rdma = min(1 << 20, rdma_needed // 2 // 128 * 128)
+    assert 0 < small_rdma < rdma_needed, f"dispatch RDMA hint {rdma_needed} leaves no smaller size to test"
+    small = make_buffer(group, ctx.num_ranks, hidden, rn, num_rdma_bytes=small_rdma)
+    expect_raises(ValueError, "get_rdma_buffer_size_hint", lambda: small.dispatch(x, **layout))
+
+    # The failed calls launched nothing: the first handle still combines, and a fresh round works.
+    combined, _, _ = buffer.combine(recv_x, handle)
+    assert torch.equal(combined.float(), expected), f"rank {ctx.rank}: combine after the errors differs"
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    assert torch.equal(combined.float(), expected), f"rank {ctx.rank}: a fresh round after the errors differs"
+    torch.cuda.synchronize()
+    small.destroy()
+    buffer.destroy()
+    teardown()
+
+
+def timeout_names_rank_peer_phase(ctx, rn):
+    """A rank that never joins: the others get TimeoutError naming rank, peer and internode; the process survives."""
+    os.environ["DEEP_EP_TIMEOUT_S"] = "4"
+    group = _prepare(ctx, rn)
+    buffer = make_buffer(group, ctx.num_ranks, 2048, rn)
+    if ctx.rank != 0:
+        topk_idx = make_topk(64, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+        x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
+        layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+        try:
+            buffer.dispatch(x, **layout)
+            raise AssertionError("dispatch without rank 0 must time out")
+        except TimeoutError as error:
+            text = str(error)
+            # "rank <r>" as this rank, not as a prefix of another number or the "peer rank" part.
+            names_rank = re.search(rf"(?<!peer )\brank {ctx.rank}\b", text) is not None
+            assert names_rank and "peer rank" in text and "internode" in text, text
+        torch.cuda.synchronize()  # the process and its CUDA context survive
+        expect_raises(RuntimeError, "unusable", lambda: buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS))
+    torch.distributed.barrier(group)
+    teardown()
+
+
+def cases(rank_counts):
+    out = []
+    t = 240
+    for r in rank_counts:
+        for layout in LAYOUTS.get(r, ()):
+            _, rn = parse_layout(layout)
+            base = f"internode/{layout}"
+
+            def add(name, fn, *args):
+                out.append((f"{base}/{name}", fn, r, (rn,) + args, t))
+
+            full = layout == "2x4"
+            add("bf16_topk", dispatch_combine, dict(bias=1))
+            add("fp8_topk", dispatch_combine, dict(fp8=True, alignment=4))
+            if full:
+                add("bf16_no_topk", dispatch_combine, dict(with_topk=False, bias=2))
+            add("fp8_worst_tokens", dispatch_combine, dict(fp8=True, worst=True))
+            if full:
+                add("async", dispatch_combine, dict(mode="async", bias=2))
+                add("previous_event", dispatch_combine, dict(mode="previous_event"))
+                add("comm_alloc", dispatch_combine, dict(mode="comm_alloc"))
+            add("edges", dispatch_combine, dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"))
+            if full:
+                add("all_minus_one_topk9_h4096", dispatch_combine,
+                    dict(routing="all_minus_one", hidden=4096, num_topk=9))
+                add("topk9_multi_round", dispatch_combine, dict(hidden=4096, num_topk=9, rounds=3))
+            num_calls = 50 if r == 16 else 200
+            add(f"back_to_back_{num_calls}", back_to_back, num_calls)
+            add("cuda_graph", cuda_graph)
+            if full:
+                add("bad_inputs", bad_inputs)
+                add("timeout", timeout_names_rank_peer_phase)
+    return out
