@@ -7,6 +7,7 @@
 #   --tests-only      build, then the GPU tests (no benchmark)
 #   --bench-only      build, then the benchmark (no tests)
 #   --filter PATTERN  passed to tests/gpu/run_all.py as --filter
+# DEEP_EP_BENCH_ARGS holds options for `python -m deep_ep.bench` (e.g. "--mode internode").
 # Logs go to $OUT when it is set, else ./build/gpu_logs. Stage time limits in seconds:
 #   DEEP_EP_BUILD_TIMEOUT_S (300), DEEP_EP_TESTS_TIMEOUT_S (1500: the whole suite at 2, 4 and 8 ranks on one
 #   GPU takes about 20 minutes; DEEP_EP_TEST_RANKS and --filter run a part), DEEP_EP_BENCH_TIMEOUT_S (300).
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
             filter="$2"
             shift ;;
         --filter=*) filter="${1#--filter=}" ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run_gpu.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -120,7 +121,8 @@ if [ "$run_tests" = 1 ]; then
 fi
 
 if [ "$run_bench" = 1 ]; then
-    run_stage bench "$BENCH_TIMEOUT_S" "$LOGDIR/bench.log" python3 -m deep_ep.bench
+    # shellcheck disable=SC2086  # DEEP_EP_BENCH_ARGS is a list of options
+    run_stage bench "$BENCH_TIMEOUT_S" "$LOGDIR/bench.log" python3 -m deep_ep.bench ${DEEP_EP_BENCH_ARGS:-}
     show_failure bench "$LOGDIR/bench.log"
     stop_stray_mps
 fi

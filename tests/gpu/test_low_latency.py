@@ -407,6 +407,13 @@ def bad_input(ctx, opts):
     teardown()
 
 
+def on_emulated_nodes(ctx, num_ranks_per_node, case_name, *args):
+    """Runs a case with the ranks grouped into nodes (read when the Buffer is created): low-latency
+    traffic to the other node's ranks then crosses an (emulated) node boundary."""
+    os.environ["DEEP_EP_RANKS_PER_NODE"] = str(num_ranks_per_node)
+    return globals()[case_name](ctx, *args)
+
+
 def cases(rank_counts):
     out = []
     heavy, light = 300, 180
@@ -434,6 +441,14 @@ def cases(rank_counts):
         out.append((f"{base}/cuda_graph", cuda_graph, r, (dict(),), light))
         out.append((f"{base}/mask", mask_rank, r, (dict(),), light))
         out.append((f"{base}/auto_mask", auto_mask, r, (dict(),), light))
+    for r in rank_counts:
+        if r not in (8, 16):
+            continue
+        base = f"low_latency/2x{r // 2}"
+        for name, fn, args in (("bf16", "dispatch_combine", (dict(use_fp8=False),)), ("fp8", "dispatch_combine", (dict(),)),
+                               ("hook", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, mode="hook"),)),
+                               ("cuda_graph", "cuda_graph", (dict(),)), ("mask", "mask_rank", (dict(),))):
+            out.append((f"{base}/{name}", on_emulated_nodes, r, (r // 2, fn, *args), heavy))
     valid = [r for r in rank_counts if r >= 2 and NUM_EXPERTS % r == 0]
     if valid:
         out.append((f"low_latency/r{min(valid)}/bad_input", bad_input, min(valid), ({},), light))

@@ -1,5 +1,6 @@
 """`python -m deep_ep.bench`: benchmark deep_ep over the GPUs present: normal mode (intranode dispatch and
-combine), low-latency mode, or both (--mode).
+combine), low-latency mode, or both (--mode); `--mode internode` times internode normal mode on nodes of
+--ranks-per-node ranks (emulated through DEEP_EP_RANKS_PER_NODE when the ranks share a host).
 
 With one GPU, the ranks share it under a private MPS daemon (every "NVLink" byte is then an HBM byte),
 so the HBM copy bandwidth of the same GPU is measured first and reported next to every figure.
@@ -7,6 +8,7 @@ Prints tables; the final table follows a line `=== SUMMARY ===`.
 """
 
 import argparse
+import os
 import sys
 
 from deep_ep.testing import launch, visible_gpu_count
@@ -16,7 +18,8 @@ from . import suite
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-ranks", type=int, default=8, help="ranks (processes); default 8")
+    parser.add_argument("--num-ranks", type=int, default=None,
+                        help="ranks (processes); default 8, or 16 with --mode internode")
     parser.add_argument("--num-sms", type=int, default=16, help="SMs (blocks) per rank for normal mode")
     parser.add_argument("--num-tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=7168)
@@ -24,13 +27,20 @@ def main() -> int:
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
-    parser.add_argument("--mode", choices=("all", "normal", "low_latency"), default="all",
-                        help="which ops to time: normal mode, low-latency mode, or both (default)")
+    parser.add_argument("--mode", choices=("all", "normal", "low_latency", "internode"), default="all",
+                        help="which ops to time: normal mode, low-latency mode, or both (default); or internode")
+    parser.add_argument("--ranks-per-node", type=int, default=8,
+                        help="--mode internode: ranks per (emulated) node; default 8")
     parser.add_argument("--ll-num-tokens", type=int, default=128,
                         help="low-latency mode: tokens per rank (= num_max_dispatch_tokens_per_rank)")
     parser.add_argument("--ll-num-experts", type=int, default=288, help="low-latency mode: experts")
     args = parser.parse_args()
 
+    if args.num_ranks is None:
+        args.num_ranks = 16 if args.mode == "internode" else 8
+    if args.mode == "internode":
+        # Read by every rank when its Buffer is created: consecutive ranks form the nodes.
+        os.environ["DEEP_EP_RANKS_PER_NODE"] = str(args.ranks_per_node)
     num_gpus = visible_gpu_count()
     if num_gpus == 0:
         print("deep_ep.bench: no CUDA device visible; nothing to benchmark")

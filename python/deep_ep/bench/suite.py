@@ -13,11 +13,14 @@ _L2_FLUSH_BYTES = 256 << 20
 
 
 def _op_benches(mode):
-    """Benchmarks of the communication ops for `mode` (all, normal, low_latency):
+    """Benchmarks of the communication ops for `mode` (all, normal, low_latency, internode):
     fn(ctx, group, opts, flush, copy_gbps) -> table rows."""
+    from .internode import bench_internode
     from .intranode import bench_intranode
     from .low_latency import bench_low_latency
 
+    if mode == "internode":
+        return [bench_internode]
     benches = []
     if mode in ("all", "normal"):
         benches.append(bench_intranode)
@@ -77,7 +80,7 @@ def run_rank(ctx, opts):
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     mode = opts.get("mode", "all")
     if mode in ("all", "normal"):
-        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, explicitly_destroy=True)
+        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, explicitly_destroy=True)  # one node: ranks <= 8
         torch.manual_seed(ctx.rank + 1)
         scores = torch.rand(opts["num_tokens"], opts["num_experts"], device="cuda")
         topk_idx = scores.topk(opts["num_topk"], dim=1).indices.to(torch.int64)

@@ -1,0 +1,73 @@
+"""Normal-mode internode benchmark in the DeepSeek-V3 setting (design.md section 4), on emulated nodes
+(DEEP_EP_RANKS_PER_NODE groups consecutive ranks; cross-node bytes take the P2P transport, so with one GPU
+every byte is still an HBM byte). Per rank: the time of one cached-handle call and GB/s of three logical byte
+counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: the same bytes sent back),
+the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
+ranks read from their forwarders ("NVLink": one row per received row)."""
+
+import torch
+import torch.distributed as dist
+
+import deep_ep
+
+from .intranode import _fp8_cast
+
+
+def bench_internode(ctx, group, opts, flush, copy_gbps):
+    from .suite import time_op
+
+    num_ranks, rn = ctx.num_ranks, opts["ranks_per_node"]
+    t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
+    num_sms = opts["num_sms"]
+    # Each channel (block) carries at most num_max_rdma_chunked_recv_tokens tokens per call.
+    chunk = max(128, -(-t // num_sms))
+    config = deep_ep.Config(num_sms, 16, 256, 16, chunk)
+    nvl_bytes = config.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
+    rdma_bytes = config.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
+    assert buffer.runtime.num_nodes() == num_ranks // rn, "DEEP_EP_RANKS_PER_NODE must be set before the ranks start"
+
+    torch.manual_seed(200 + ctx.rank)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    x_fp8 = _fp8_cast(x)
+    scores = torch.rand(t, e, device="cuda")
+    topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
+    topk_weights = torch.rand(t, k, device="cuda")
+    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
+    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                  num_tokens_per_expert=per_expert)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=config,
+                                                 **layout)
+    num_recv = recv_x.size(0)
+    node = ctx.rank // rn
+    sent_per_node = handle[1][:, -1].tolist()  # tokens this rank sends to each node
+    rdma_rows = sum(n for i, n in enumerate(sent_per_node) if i != node)
+
+    iters = opts["iters"]
+    timed = {
+        "dispatch FP8": time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=config), group, iters, flush),
+        "dispatch BF16": time_op(lambda: buffer.dispatch(x, handle=handle, config=config), group, iters, flush),
+        "combine BF16": time_op(lambda: buffer.combine(recv_x, handle, config=config), group, iters, flush),
+    }
+    with_notify = time_op(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=config,
+                                                  **layout), group, iters, flush)
+    local = [timed[name] for name in timed] + [with_notify, float(num_recv), float(rdma_rows)]
+    gathered = [None] * num_ranks
+    dist.all_gather_object(gathered, local, group=group)
+    mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
+    mean_recv, mean_rdma = mean[-2], mean[-1]
+    size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
+    rows = []
+    for i, name in enumerate(timed):
+        ms = mean[i]
+        row_bytes = h * 2 * ((1 + 4 / 128) / 2 if "FP8" in name else 1)
+        logical = mean_recv * row_bytes / (ms * 1e-3) / 1e9
+        rdma = mean_rdma * row_bytes / (ms * 1e-3) / 1e9
+        rows.append((f"internode {name} (cached)", size, str(num_sms),
+                     f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                     f"RDMA {rdma:.0f} GB/s, NVLink {logical:.0f} GB/s per rank; {num_ranks} ranks x {logical:.0f} "
+                     f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
+    rows.append(("internode dispatch BF16 (with notify)", size, str(num_sms), f"{mean[3] * 1e3:.0f} us",
+                 f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank"))
+    buffer.destroy()
+    return rows
