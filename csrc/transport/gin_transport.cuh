@@ -33,6 +33,9 @@ struct GinTransport {
     return static_cast<char*>(ncclGetLocalPointer(window, static_cast<size_t>(offset)));
   }
 
+  // Peers' windows are reached through the NIC only: kernels stage and put.
+  __device__ __forceinline__ char* direct_ptr(int, int64_t) const { return nullptr; }
+
   __device__ __forceinline__ void put(int peer, int64_t dst_offset, int64_t src_offset, int64_t num_bytes) const {
     if (num_bytes == 0) return;
     release_sources();

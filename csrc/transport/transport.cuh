@@ -24,7 +24,7 @@
 //
 // Who calls what:
 //   put, put_with_signal, signal_add, flush  warp-collective: all 32 lanes, converged, same arguments
-//   wait_signal, local_ptr                   any single thread
+//   wait_signal, local_ptr, direct_ptr       any single thread
 //   reset_signal                             one thread, while no peer can add to that signal (between
 //                                            two barriers of the op that owns it)
 //
@@ -48,6 +48,13 @@
 //   flush()
 //       Afterwards the source bytes of every earlier put of this warp may be overwritten. It does not
 //       say the bytes arrived: only a signal says that.
+//   direct_ptr(peer, offset) -> char* or nullptr
+//       Where a transport maps the peers' windows (P2P), the peer's address of `offset`: a kernel may
+//       store there directly instead of staging and putting, saving a copy. Such stores count as puts
+//       of the storing thread: a signal_add (or put_with_signal) covers them once every storing thread
+//       has made them visible at system scope (__threadfence_system) and is ordered before the
+//       signalling warp (by a barrier, or by being that warp). nullptr where no mapping exists (GIN):
+//       the kernel then stages and puts.
 // ================================================================================================
 
 namespace deep_ep::transport {
@@ -121,6 +128,8 @@ struct P2pTransport {
   int rank;  // peer_bases[rank] is this rank's own buffer
 
   __device__ __forceinline__ char* local_ptr(int64_t offset) const { return peer_ptr(rank, offset); }
+
+  __device__ __forceinline__ char* direct_ptr(int peer, int64_t offset) const { return peer_ptr(peer, offset); }
 
   __device__ __forceinline__ void put(int peer, int64_t dst_offset, int64_t src_offset, int64_t num_bytes) const {
     copy_to_peer(peer, dst_offset, src_offset, num_bytes);

@@ -30,6 +30,7 @@ __global__ void exercise_transport(Transport transport, CheckArgs args) {
     args.out[0] = reached ? observed : ~observed;
     transport.reset_signal(args.signal_idx);
     args.out[1] = reinterpret_cast<uintptr_t>(transport.local_ptr(args.dst_offset));
+    args.out[2] = reinterpret_cast<uintptr_t>(transport.direct_ptr(args.peer, args.dst_offset));
   }
 }
 

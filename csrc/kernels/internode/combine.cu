@@ -19,6 +19,7 @@ constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kNumForwarderWarps = 8;
 constexpr int kNumHomeWarps = kNumWarps - kNumForwarderWarps;
 constexpr int kHomeBarrier = 1;
+constexpr int kForwardBarrier = 2;
 
 // Per warp: the source rows (forwarder) or partial slots (home) of the row being summed.
 __shared__ int heads[kNumWarps][32];
@@ -47,7 +48,7 @@ __device__ void stage(const Ctx& ctx, const CombineArgs& a, int64_t stride, int 
   const int row_int4 = a.hidden * 2 / 16;
   for (int r = gw; r < a.num_rows; r += warps_total) {
     char* dst = staging + static_cast<int64_t>(r) * stride;
-    device::warp_copy<4>(reinterpret_cast<int4*>(dst),
+    device::warp_copy<8>(reinterpret_cast<int4*>(dst),
                          reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(r) * a.hidden), row_int4, lane,
                          device::ld_input);
     float* w = reinterpret_cast<float*>(dst + a.hidden * 2);
@@ -65,63 +66,97 @@ __device__ void stage(const Ctx& ctx, const CombineArgs& a, int64_t stride, int 
   }
 }
 
+// acc += the rows `heads[0..num)` name (negative: none), in index order, kBatch loads in flight per lane.
+// row_ptr(i, head) gives the int4 row of source i.
+template <typename RowPtr>
+__device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int num, int v, RowPtr row_ptr) {
+  constexpr int kBatch = 8;
+  for (int i0 = 0; i0 < num; i0 += kBatch) {
+    int4 vals[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int head = i0 + u < num ? heads[i0 + u] : -1;
+      if (head >= 0) vals[u] = __ldcg(row_ptr(i0 + u, head) + v);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + u < num && heads[i0 + u] >= 0) add_bf16x8(acc, vals[u]);
+  }
+}
+
 __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
   const int fw = threadIdx.x / 32, lane = device::lane_id();
+  __shared__ const char* staging_of[32];  // staging area of each local rank
+  if (fw == 0 && lane < Rn) staging_of[lane] = ctx.staging(ctx.rank_of(ctx.node, lane));
   // Every rank of the node must have staged its rows.
   bool ok = true;
   if (lane < Rn) {
     const int j = ctx.rank_of(ctx.node, lane);
     ok = ctx.wait_flag(ctx.flag(j, l.flag_staged()), int64_t(epoch) + 1, Phase::kInternodeCombineStage, j, c);
   }
-  if (!__all_sync(0xffffffffu, ok)) return;
+  ok = __all_sync(0xffffffffu, ok);
+  device::named_barrier(kForwardBarrier, kNumForwarderWarps * 32);
   const int row_int4 = a.hidden * 2 / 16;
-  const transport::P2pTransport t = ctx.transport();
-  for (int n = fw; n < N; n += kNumForwarderWarps) {
+  const Transport net = ctx.transport();
+  const int64_t own_first_slot = static_cast<int64_t>(ctx.node) * C * l.capacity + static_cast<int64_t>(c) * l.capacity;
+  // The slots of every source node, spread over the forwarder warps. The partial of slot (n, c, i) goes
+  // to home rank (n, my local index), slot (my node, c, i): written in place for the own node, straight
+  // into the home rank's window where the transport maps it, else staged in send_rows and put below.
+  for (int n = 0; ok && n < N; ++n) {
     const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
-    const bool to_self = n == ctx.node;
-    for (int i = 0; i < count; ++i) {
+    const int home_rank = ctx.rank_of(n, ctx.local);
+    char* dst_first;
+    if (n == ctx.node) {
+      dst_first = ctx.row(ctx.p.rank, own_first_slot);
+    } else if (char* direct = net.direct_ptr(home_rank, l.rows_offset + own_first_slot * l.row_stride)) {
+      dst_first = direct;
+    } else {
+      dst_first = ctx.send_row(l.slot(n, c, 0));
+    }
+    for (int i = fw; i < count; i += kNumForwarderWarps) {
       const int64_t slot = l.slot(n, c, i);
-      // The rows of the node's ranks, through shared memory: lanes leave the loops below unevenly.
       __syncwarp();
       if (lane < Rn) heads[fw][lane] = a.send_nvl_head[slot * Rn + lane];
       __syncwarp();
-      // The partial goes to the home rank's slot (my node, c, i); the own node's directly.
-      char* dst = to_self ? ctx.row(ctx.p.rank, l.slot(ctx.node, c, i)) : ctx.send_row(slot);
+      char* dst = dst_first + static_cast<int64_t>(i) * l.row_stride;
+      const auto staged_row = [&](int lr, int row) {
+        return reinterpret_cast<const int4*>(staging_of[lr] + static_cast<int64_t>(row) * stride);
+      };
       for (int v = lane; v < row_int4; v += 32) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int lr = 0; lr < Rn; ++lr) {
-          const int row = heads[fw][lr];
-          if (row < 0) continue;
-          const char* src = ctx.staging(ctx.rank_of(ctx.node, lr)) + static_cast<int64_t>(row) * stride;
-          add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(src) + v));
-        }
+        sum_rows(acc, heads[fw], Rn, v, staged_row);
         reinterpret_cast<int4*>(dst)[v] = pack_bf16x8(acc);
       }
-      for (int k0 = 0; k0 < a.num_topk; k0 += 32) {
-        const int k = k0 + lane;
+      for (int k = lane; k < a.num_topk; k += 32) {
         float acc = 0.0f;
         for (int lr = 0; lr < Rn; ++lr) {
           const int row = heads[fw][lr];
-          if (row < 0 || k >= a.num_topk) continue;
-          const char* src = ctx.staging(ctx.rank_of(ctx.node, lr)) + static_cast<int64_t>(row) * stride;
-          acc += __ldcg(reinterpret_cast<const float*>(src + a.hidden * 2) + k);
+          if (row >= 0) acc += __ldcg(reinterpret_cast<const float*>(staging_of[lr] + static_cast<int64_t>(row) * stride +
+                                                                     a.hidden * 2) + k);
         }
-        if (k < a.num_topk) reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
+        reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
       }
     }
-    if (to_self) {
-      __threadfence();
-      __syncwarp();
+  }
+  // Every partial of this channel is written (and fenced) before any signal or put covers it.
+  __threadfence_system();
+  device::named_barrier(kForwardBarrier, kNumForwarderWarps * 32);
+  if (!ok) return;
+  for (int n = fw; n < N; n += kNumForwarderWarps) {
+    const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
+    const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
+    const int home_rank = ctx.rank_of(n, ctx.local);
+    if (n == ctx.node) {
       if (lane == 0) device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_combine_ready(n, c)), int64_t(epoch) + 1);
+    } else if (net.direct_ptr(home_rank, l.rows_offset) != nullptr) {
+      net.signal_add(home_rank, l.signal_combine(ctx.node, c), 1);
     } else {
-      const int64_t first = static_cast<int64_t>(c) * l.capacity;
-      t.put_with_signal(ctx.rank_of(n, ctx.local),
-                        l.rows_offset + (static_cast<int64_t>(ctx.node) * C * l.capacity + first) * l.row_stride,
-                        l.send_rows_offset + (static_cast<int64_t>(n) * C * l.capacity + first) * l.row_stride,
-                        static_cast<int64_t>(count) * l.row_stride, l.signal_combine(ctx.node, c), 1);
+      net.put_with_signal(home_rank, l.rows_offset + own_first_slot * l.row_stride,
+                          l.send_rows_offset + l.slot(n, c, 0) * l.row_stride, static_cast<int64_t>(count) * l.row_stride,
+                          l.signal_combine(ctx.node, c), 1);
     }
   }
 }
@@ -150,33 +185,31 @@ __device__ void home(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
   int begin, end;
   device::channel_range(c, C, a.num_tokens, begin, end);
   const int row_int4 = a.hidden * 2 / 16;
+  const int w = threadIdx.x / 32;
+  const char* partials = ctx.row(ctx.p.rank, 0);
+  const int64_t node_slots = static_cast<int64_t>(C) * l.capacity;
+  const auto partial_row = [&](int n, int slot) {
+    return reinterpret_cast<const int4*>(partials + (n * node_slots + slot) * l.row_stride);
+  };
   for (int t = begin + hw; t < end; t += kNumHomeWarps) {
-    const int w = threadIdx.x / 32;
     __syncwarp();
     if (lane < N) heads[w][lane] = a.send_rdma_head[static_cast<int64_t>(t) * N + lane];
     __syncwarp();
     for (int v = lane; v < row_int4; v += 32) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int n = 0; n < N; ++n) {
-        const int slot = heads[w][n];
-        if (slot < 0) continue;
-        const char* src = ctx.row(ctx.p.rank, static_cast<int64_t>(n) * C * l.capacity + slot);
-        add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(src) + v));
-      }
+      sum_rows(acc, heads[w], N, v, partial_row);
       if (a.bias_0) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden)[v]);
       if (a.bias_1) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden)[v]);
       reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden)[v] = pack_bf16x8(acc);
     }
-    for (int k0 = 0; k0 < a.num_topk; k0 += 32) {
-      const int k = k0 + lane;
+    for (int k = lane; k < a.num_topk; k += 32) {
       float acc = 0.0f;
       for (int n = 0; n < N; ++n) {
         const int slot = heads[w][n];
-        if (slot < 0 || k >= a.num_topk) continue;
-        const char* src = ctx.row(ctx.p.rank, static_cast<int64_t>(n) * C * l.capacity + slot);
-        acc += __ldcg(reinterpret_cast<const float*>(src + a.hidden * 2) + k);
+        if (slot >= 0) acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(partial_row(n, slot)) +
+                                                                    a.hidden * 2) + k);
       }
-      if (k < a.num_topk) a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k] = acc;
+      a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k] = acc;
     }
   }
 }

@@ -18,8 +18,10 @@ namespace deep_ep::internode {
 
 namespace {
 
-constexpr int kNumSenderWarps = 4;
-constexpr int kNumForwarderWarps = 2;
+// Receivers copy about three times the rows senders write (each token reaches ~5 of 16 ranks, but is
+// written once per node), so they get most warps.
+constexpr int kNumSenderWarps = 3;
+constexpr int kNumForwarderWarps = 1;
 constexpr int kFirstReceiverWarp = kNumSenderWarps + kNumForwarderWarps;
 constexpr int kNumReceiverWarps = kNumThreads / 32 - kFirstReceiverWarp;
 constexpr int kSendBarrier = 1;
@@ -58,16 +60,25 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
   }
 
+  // A row for node n lands in forwarder (n, my local index), slot (my node, head). The own node's rows
+  // are written in place; other nodes' rows too where the transport maps the forwarder's window
+  // (P2P), else they are staged in send_rows and put below.
+  const Transport net = ctx.transport();
+  const int64_t own_first_slot = static_cast<int64_t>(ctx.node) * l.num_channels * l.capacity;
   for (int t = begin + warp; t < end; t += kNumSenderWarps) {
     const int64_t* topk = a.topk_idx ? a.topk_idx + static_cast<int64_t>(t) * a.num_topk : nullptr;
     for (int n = 0; n < N; ++n) {
       const int head = a.send_rdma_head[static_cast<int64_t>(t) * N + n];
       if (head < 0) continue;
-      const int64_t slot = static_cast<int64_t>(n) * l.num_channels * l.capacity + head;
-      // The own node's slots go straight to where its ranks read them.
-      char* dst = n == ctx.node ? ctx.row(ctx.p.rank, static_cast<int64_t>(ctx.node) * l.num_channels * l.capacity + head)
-                                : ctx.send_row(slot);
-      device::warp_copy<4>(reinterpret_cast<int4*>(dst),
+      char* dst;
+      if (n == ctx.node) {
+        dst = ctx.row(ctx.p.rank, own_first_slot + head);
+      } else if (char* direct = net.direct_ptr(ctx.rank_of(n, ctx.local), l.rows_offset + (own_first_slot + head) * l.row_stride)) {
+        dst = direct;
+      } else {
+        dst = ctx.send_row(static_cast<int64_t>(n) * l.num_channels * l.capacity + head);
+      }
+      device::warp_copy<8>(reinterpret_cast<int4*>(dst),
                            reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(t) * a.row_bytes), a.row_bytes / 16,
                            lane, device::ld_input);
       float* scales = reinterpret_cast<float*>(dst + rl.scales_offset);
@@ -85,19 +96,21 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
       }
     }
   }
-  // Own-node slots are read by the node's ranks after the flag; the others leave through the puts.
+  // Own-node slots are read by the node's ranks after the flag; the others are covered by the signal.
   __threadfence_system();
   device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
-  const transport::P2pTransport t = ctx.transport();
   for (int n = warp; n < N; n += kNumSenderWarps) {
     const int* prefix = a.rdma_channel_prefix_matrix + n * l.num_channels;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
+    const int forwarder = ctx.rank_of(n, ctx.local);
     if (n == ctx.node) {
       if (lane == 0) device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_data_ready(n, c)), int64_t(epoch) + 1);
+    } else if (net.direct_ptr(forwarder, l.rows_offset) != nullptr) {
+      net.signal_add(forwarder, l.signal_dispatch(ctx.node, c), 1);
     } else {
       const int64_t first = static_cast<int64_t>(c) * l.capacity;
-      t.put_with_signal(ctx.rank_of(n, ctx.local),
+      net.put_with_signal(forwarder,
                         l.rows_offset + (static_cast<int64_t>(ctx.node) * l.num_channels * l.capacity + first) * l.row_stride,
                         l.send_rows_offset + (static_cast<int64_t>(n) * l.num_channels * l.capacity + first) * l.row_stride,
                         static_cast<int64_t>(count) * l.row_stride, l.signal_dispatch(ctx.node, c), 1);
@@ -191,7 +204,7 @@ __device__ void receive(const Ctx& ctx, const DispatchArgs& a, const RowLayout& 
             device::report(ctx.p.diagnostics, Phase::kInternodeTooManyRows, false, ctx.p.rank, s, c, -1, a.num_rows, row + 1);
           continue;
         }
-        device::warp_copy<4>(reinterpret_cast<int4*>(a.recv_x + row * a.row_bytes), reinterpret_cast<const int4*>(src),
+        device::warp_copy<8>(reinterpret_cast<int4*>(a.recv_x + row * a.row_bytes), reinterpret_cast<const int4*>(src),
                              a.row_bytes / 16, lane, device::ld_queue);
         const float* scales = reinterpret_cast<const float*>(src + rl.scales_offset);
         for (int k = lane; k < a.num_scales; k += 32) a.recv_x_scales[row * a.num_scales + k] = __ldcg(scales + k);
