@@ -16,8 +16,10 @@ namespace deep_ep::internode {
 namespace {
 
 constexpr int kNumWarps = kNumThreads / 32;
-constexpr int kNumForwarderWarps = 8;
-constexpr int kNumHomeWarps = kNumWarps - kNumForwarderWarps;
+// Forwarding, then the home sums, each with every warp of the block: forwarding waits only for the
+// staged rows, so no block's home role can hold back a forwarder.
+constexpr int kNumForwarderWarps = kNumWarps;
+constexpr int kNumHomeWarps = kNumWarps;
 constexpr int kHomeBarrier = 1;
 constexpr int kForwardBarrier = 2;
 
@@ -164,7 +166,7 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
 __device__ void home(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, C = l.num_channels;
-  const int hw = threadIdx.x / 32 - kNumForwarderWarps, lane = device::lane_id();
+  const int hw = threadIdx.x / 32, lane = device::lane_id();
   __shared__ int home_ok;
   if (hw == 0) {
     bool ok = true;
@@ -220,11 +222,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, La
   const int epoch = begin_op(ctx);
   stage(ctx, args, staging_stride, epoch);
   const int c = blockIdx.x;
-  if (threadIdx.x / 32 < kNumForwarderWarps) {
-    forward(ctx, args, staging_stride, epoch, c);
-  } else {
-    home(ctx, args, epoch, c);
-  }
+  forward(ctx, args, staging_stride, epoch, c);
+  home(ctx, args, epoch, c);
   end_op(ctx);
 }
 

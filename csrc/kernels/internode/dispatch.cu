@@ -18,11 +18,12 @@ namespace deep_ep::internode {
 
 namespace {
 
-// Receivers copy about three times the rows senders write (each token reaches ~5 of 16 ranks, but is
-// written once per node), so they get most warps.
-constexpr int kNumSenderWarps = 3;
+// The roles run one after the other inside a block, so that each gets every warp: all warps send the
+// channel, then warp 0 forwards (relays arrivals, builds send_nvl_head) while the others receive.
+// Nothing a sender does waits, so a block always reaches its forwarder; every wait is on another block.
+constexpr int kNumSenderWarps = kNumThreads / 32;
 constexpr int kNumForwarderWarps = 1;
-constexpr int kFirstReceiverWarp = kNumSenderWarps + kNumForwarderWarps;
+constexpr int kFirstReceiverWarp = kNumForwarderWarps;
 constexpr int kNumReceiverWarps = kNumThreads / 32 - kFirstReceiverWarp;
 constexpr int kSendBarrier = 1;
 
@@ -121,7 +122,7 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
 __device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, R = ctx.p.num_ranks;
-  const int fw = threadIdx.x / 32 - kNumSenderWarps, lane = device::lane_id();
+  const int fw = threadIdx.x / 32, lane = device::lane_id();
   for (int n = fw; n < N; n += kNumForwarderWarps) {
     const int source = ctx.rank_of(n, ctx.local);
     bool ok = true;
@@ -232,10 +233,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Peers peers, L
   const int epoch = begin_op(ctx);
   const RowLayout rl = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
   const int c = blockIdx.x;
-  const int warp = threadIdx.x / 32;
-  if (warp < kNumSenderWarps) {
-    send(ctx, args, rl, epoch, c);
-  } else if (warp < kFirstReceiverWarp) {
+  send(ctx, args, rl, epoch, c);
+  if (threadIdx.x / 32 < kNumForwarderWarps) {
     forward(ctx, args, rl, epoch, c);
   } else {
     receive(ctx, args, rl, epoch, c);
