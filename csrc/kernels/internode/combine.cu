@@ -8,6 +8,7 @@
 //      node order (send_rdma_head), add the biases, round to bf16.
 // The order of additions is the CPU reference's (normal_combine with num_ranks_per_node).
 #include "deep_ep/error.hpp"
+#include "kernels/common/bf16.cuh"
 #include "kernels/internode/common.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -26,22 +27,8 @@ constexpr int kForwardBarrier = 2;
 // Per warp: the source rows (forwarder) or partial slots (home) of the row being summed.
 __shared__ int heads[kNumWarps][32];
 
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    acc[2 * k] += bf16_bits_to_float(w[k] & 0xffffu);
-    acc[2 * k + 1] += bf16_bits_to_float(w[k] >> 16);
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) w[k] = float_to_bf16_bits(acc[2 * k]) | (float_to_bf16_bits(acc[2 * k + 1]) << 16);
-  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
-}
+using device::add_bf16x8;
+using device::pack_bf16x8;
 
 __device__ void stage(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch) {
   const int warps_total = gridDim.x * kNumWarps;

@@ -146,12 +146,4 @@ __device__ __forceinline__ int warp_inclusive_scan(int v) {
   return v;
 }
 
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
-
-// Round to nearest even, as the CPU reference does (no NaN inputs here: sums of finite bf16 values).
-__device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
 }  // namespace deep_ep::internode

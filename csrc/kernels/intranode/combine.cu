@@ -13,6 +13,7 @@
 
 #include <cuda_bf16.h>
 
+#include "kernels/common/bf16.cuh"
 #include "kernels/common/control_region.hpp"
 #include "kernels/intranode/prologue.cuh"
 #include "runtime/cuda_check.hpp"
@@ -108,22 +109,6 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
   }
 }
 
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-
-__device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(f)));
-}
-
-__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    acc[2 * q] += bf16_bits_to_float(w[q] & 0xffffu);
-    acc[2 * q + 1] += bf16_bits_to_float(w[q] >> 16);
-  }
-}
-
 template <int kRecvWarps>
 __device__ void run_receiver(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int rwarp,
                              int lane) {
@@ -185,15 +170,10 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
         for (int j = 0; j < kNumMaxNvlPeers; ++j)
-          if ((token_mask >> j) & 1u) accumulate(acc, v[j]);
-        if (bias_0) accumulate(acc, device::ld_input(bias_0 + col));
-        if (bias_1) accumulate(acc, device::ld_input(bias_1 + col));
-        int4 o;
-        o.x = static_cast<int>(float_to_bf16_bits(acc[0]) | (float_to_bf16_bits(acc[1]) << 16));
-        o.y = static_cast<int>(float_to_bf16_bits(acc[2]) | (float_to_bf16_bits(acc[3]) << 16));
-        o.z = static_cast<int>(float_to_bf16_bits(acc[4]) | (float_to_bf16_bits(acc[5]) << 16));
-        o.w = static_cast<int>(float_to_bf16_bits(acc[6]) | (float_to_bf16_bits(acc[7]) << 16));
-        out[col] = o;
+          if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
+        if (bias_0) device::add_bf16x8(acc, device::ld_input(bias_0 + col));
+        if (bias_1) device::add_bf16x8(acc, device::ld_input(bias_1 + col));
+        out[col] = device::pack_bf16x8(acc);
       }
       if (a.combined_topk_weights) {
         for (int k2 = lane; k2 < a.num_topk; k2 += 32) {

@@ -7,6 +7,7 @@
 // reference does, and round to bf16 once.
 #include <cuda_bf16.h>
 
+#include "kernels/common/bf16.cuh"
 #include "kernels/low_latency/common.cuh"
 #include "kernels/low_latency/logfmt.hpp"
 #include "runtime/cuda_check.hpp"
@@ -18,9 +19,7 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kOctetsPerGroup = kLogfmtGroup / 8;
 
-__device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(f)));
-}
+using device::float_to_bf16_bits;
 
 // LogFMT encode of one 8-channel octet per lane; the 8 lanes of a 64-channel group share its range.
 __device__ __forceinline__ void encode_octet(const int4& v, char* group_base, int octet_in_group, bool valid) {
