@@ -52,9 +52,11 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, in
   check_hint_args(hidden_bytes, num_ranks, num_ranks_per_node);
   if (num_ranks > num_ranks_per_node) {
     const auto layout = internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node);
-    const int64_t max_rows = int64_t(num_ranks) * num_channels() * num_max_rdma_chunked_recv_tokens;
     return internode::align_up(
-        layout.nvl_fixed_bytes + max_rows * internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk), 128);
+        layout.nvl_fixed_bytes + internode::combine_ring_bytes(num_channels(), num_ranks_per_node,
+                                                               num_max_nvl_chunked_recv_tokens,
+                                                               internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk)),
+        128);
   }
   const int nvl_ranks = std::min(num_ranks, kNumMaxNvlPeers);
   // The largest op this config can run: bf16 rows of hidden_bytes, FP8 scales for hidden_bytes / 2
@@ -86,13 +88,15 @@ static void check_table_ranks(int num_ranks) {
 Config get_dispatch_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);
   if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 4, 16, 6, 256);
-  return Config(num_sms, 16, 256, 16, 128);
+  // Internode: a call carries up to num_sms * 256 tokens per rank (5120 with 20 SMs); combine rings of
+  // 32 rows (see get_combine_config) — both configs must agree on the RDMA chunk.
+  return Config(num_sms, 8, 32, 16, 256);
 }
 
 Config get_combine_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);
   if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 8, 32, 6, 256);
-  return Config(num_sms, 8, 256, 16, 128);
+  return Config(num_sms, 8, 32, 16, 256);
 }
 
 }  // namespace deep_ep

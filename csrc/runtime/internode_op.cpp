@@ -253,9 +253,13 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   DEEP_EP_CHECK(rows == h.recv_src_meta.size(0), "x must have one row per row of the dispatch's outputs (",
                 h.recv_src_meta.size(0), "), got ", rows);
 
+  const int ring_slots = config.num_max_nvl_chunked_recv_tokens;
+  DEEP_EP_CHECK(ring_slots >= 16, "internode combine needs config.num_max_nvl_chunked_recv_tokens >= 16 (its ring "
+                "rows per channel and local rank), got ", ring_slots);
   const int64_t stride = internode::combine_row_stride(H, num_topk);
   const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
-  check_fits(*this, layout, layout.nvl_fixed_bytes + rows * stride, config, "internode combine");
+  check_fits(*this, layout, layout.nvl_fixed_bytes + internode::combine_ring_bytes(C, Rn, ring_slots, stride), config,
+             "internode combine");
   check_transport(*this, in, "internode combine");
   check_co_residency(*this, C, "internode combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
@@ -270,6 +274,10 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
   c.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
   c.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
+  c.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
+  c.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
+  c.ring_slots = ring_slots;
+  c.ring_chunk = config.num_max_nvl_chunked_send_tokens;
   c.send_rdma_head = h.send_rdma_head.ptr<int>();
   c.send_nvl_head = h.send_nvl_head.ptr<int>();
   c.num_tokens = static_cast<int>(T);

@@ -97,8 +97,8 @@ struct InternodeHandle {
   TensorView recv_gbl_rank_prefix_sum;         // int32 [R]: rows received from ranks <= r (spec section 6)
   TensorView recv_src_meta;                    // int32 [rows, 2]: (source token, forwarder slot) per row
   TensorView send_rdma_head;                   // int32 [T, N]: slot of token t in node n's forwarder, or -1
-  TensorView send_nvl_head;                    // int32 [N * C * cap, Rn]: per forwarder slot, row on local rank
-                                               //   j, or -1
+  TensorView send_nvl_head;                    // int32 [N * C * cap, Rn]: per forwarder slot, the position of
+                                               //   local rank j's row in j's combine stream, or -1
 };
 
 // Outputs are allocated under the names recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights and

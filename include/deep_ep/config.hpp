@@ -31,9 +31,8 @@ struct Config {
   // (V1 callers pass hidden * 2) among `num_ranks` ranks in nodes of `num_ranks_per_node`, a multiple
   // of 128. Exact: an op with this config runs in a buffer of this size.
   //   One node (num_ranks <= num_ranks_per_node): the max of the intranode queue layouts.
-  //   Several nodes: the internode flags and published prefixes, plus combine staging for the most rows
-  //   a rank can receive, num_ranks * num_sms * num_max_rdma_chunked_recv_tokens (the staging a call
-  //   really uses is its received rows; a smaller buffer is checked per call).
+  //   Several nodes: the internode flags and published prefixes, plus the combine rings: per channel
+  //   and local rank, num_max_nvl_chunked_recv_tokens rows (at least 16).
   int64_t get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
   // 0 for one node. Several nodes: the internode window, whose row area holds, per node,
   // num_sms * num_max_rdma_chunked_recv_tokens rows twice (received and staged for sending). An

@@ -57,8 +57,6 @@ struct ControlRegion {
   //   block of the same kernel can read the bumped value.
   int internode_ops;
   int internode_arrivals;
-  // Combine: blocks that finished staging their share of the input rows (reset by the last one).
-  int internode_staged_arrivals;
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

@@ -11,10 +11,11 @@
 //             them in send_rows [destination node][C][cap] first). Combine reuses both areas for the
 //             partial sums going back: rows[n] on the home rank holds node n's partials.
 // NVLink area (the rank's NVLink payload, read by the ranks of its node):
-//   flags     int64: meta_ready[N], data_ready[N][C], combine_ready[N][C], published, staged
+//   flags     int64: meta_ready[N], data_ready[N][C], combine_ready[N][C], published, ring tails and heads
 //   published int32: this rank's recv_gbl_rank_prefix_sum [R] and recv_gbl_channel_prefix_matrix
 //             [R][C] (the forwarders of its node compute send_nvl_head from them)
-//   staging   combine input rows of this rank, [rows][combine_row_stride], read by its forwarders
+//   rings     combine: per (channel, local rank l) a ring of Q = num_max_nvl_chunked_recv_tokens rows
+//             [combine_row_stride] that this rank fills, in the order forwarder (my node, l) sums them
 #pragma once
 
 #include <cstdint>
@@ -51,8 +52,13 @@ struct RowLayout {
   }
 };
 
-// A combine row (staged input or partial sum): [bf16 x: hidden * 2][float weights: K], 16-aligned.
+// A combine row (ring entry or partial sum): [bf16 x: hidden * 2][float weights: K], 16-aligned.
 inline int64_t combine_row_stride(int64_t hidden, int num_topk) { return align_up(hidden * 2 + 4 * int64_t(num_topk), 16); }
+
+// NVLink bytes of the combine rings after nvl_fixed_bytes.
+inline int64_t combine_ring_bytes(int num_channels, int num_ranks_per_node, int ring_slots, int64_t row_stride) {
+  return int64_t(num_channels) * num_ranks_per_node * ring_slots * row_stride;
+}
 
 struct Layout {
   int num_nodes, num_ranks_per_node, num_ranks, num_channels, capacity;
@@ -61,7 +67,7 @@ struct Layout {
   int64_t signals_offset, meta_offset, meta_send_offset, rows_offset, send_rows_offset, rdma_bytes;
   int64_t meta_ints;  // per meta record
   // NVLink area
-  int64_t flags_offset, published_offset, staging_offset, nvl_fixed_bytes;
+  int64_t flags_offset, published_offset, rings_offset, nvl_fixed_bytes;
 
   // Meta record: [0] num_tokens, [1, 1 + C) tokens per channel to the node,
   // [1 + C + l * C + c] tokens of channel c to local rank l, then [Rn][kMaxLocalExperts] expert counts.
@@ -85,8 +91,14 @@ struct Layout {
   DEEP_EP_INTERNODE_HD int flag_data_ready(int n, int c) const { return num_nodes + n * num_channels + c; }
   DEEP_EP_INTERNODE_HD int flag_combine_ready(int n, int c) const { return num_nodes * (1 + num_channels) + n * num_channels + c; }
   DEEP_EP_INTERNODE_HD int flag_published() const { return num_nodes * (1 + 2 * num_channels); }
-  DEEP_EP_INTERNODE_HD int flag_staged() const { return flag_published() + 1; }
-  DEEP_EP_INTERNODE_HD int num_flags() const { return flag_staged() + 1; }
+  // Combine rings, one per (channel c, local rank l) on every rank j: j's rows for forwarder (j's node,
+  // l). ring_tail(c, j's local) lives on the forwarder (rows j pushed), ring_head(c, l) on j (rows the
+  // forwarder consumed). Both hold (epoch + 1) << 32 | count, so a value of an earlier op reads as 0.
+  DEEP_EP_INTERNODE_HD int flag_ring_tail(int c, int lr) const { return flag_published() + 1 + c * num_ranks_per_node + lr; }
+  DEEP_EP_INTERNODE_HD int flag_ring_head(int c, int lr) const {
+    return flag_published() + 1 + (num_channels + c) * num_ranks_per_node + lr;
+  }
+  DEEP_EP_INTERNODE_HD int num_flags() const { return flag_published() + 1 + 2 * num_channels * num_ranks_per_node; }
 
   // row_stride covers bf16 rows of `hidden_bytes` with their scales and top-k, and combine rows.
   static Layout make(int num_nodes, int num_ranks_per_node, int num_channels, int capacity, int64_t row_stride) {
@@ -110,7 +122,7 @@ struct Layout {
     off = 0;
     l.flags_offset = off;      off = align_up(off + 8 * int64_t(l.num_flags()), 128);
     l.published_offset = off;  off = align_up(off + 4 * int64_t(l.num_ranks) * (1 + num_channels), 128);
-    l.staging_offset = off;
+    l.rings_offset = off;
     l.nvl_fixed_bytes = off;
     return l;
   }

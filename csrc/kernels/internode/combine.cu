@@ -1,12 +1,21 @@
-// Internode combine, the reverse of dispatch along the same slots:
-//   1. every rank stages its input rows (and weights) in its NVLink area, so that the forwarders of
-//      its node can read them; the last block raises the `staged` flag;
-//   2. forwarder warps of block c: for each slot (source node n, channel c, i) they received in the
-//      dispatch, sum the rows of the node's ranks that got it (send_nvl_head), in local-rank order in
-//      float32, round to bf16, and put the channel's partials to the home rank (one signalled put);
-//   3. home warps of block c: for each token of channel c, sum the partials of the nodes it went to in
-//      node order (send_rdma_head), add the biases, round to bf16.
-// The order of additions is the CPU reference's (normal_combine with num_ranks_per_node).
+// Internode combine, the reverse of dispatch along the same slots. Block c of every rank runs:
+//   producers  (one warp per local rank l, up to 8): push this rank's input rows of channel c that
+//              forwarder (my node, l) needs into ring (c, l) in this rank's NVLink area, in the order
+//              the forwarder sums them: sources (n, l) for n = 0, 1, ..., each in received order;
+//   forwarders (the other warps): for each slot (source node n, channel c, i) this rank received in
+//              the dispatch, in batches of one slot per warp, sum the ring entries of the node's ranks
+//              that got it (send_nvl_head gives each entry's position in its ring), in local-rank order
+//              in float32, round to bf16, and hand the ring space back; then send each node's partials
+//              to the home rank (one signal or put per node);
+//   then every warp: for each token of channel c, sum the partials of the nodes it went to in node
+//              order (send_rdma_head), add the biases, round to bf16.
+// The order of additions is the CPU reference's (normal_combine with num_ranks_per_node). Producers
+// wait only for ring space, forwarders only for ring entries, so both always progress; the home sums
+// wait for other ranks' forwarders.
+//
+// Ring counters (int64, (epoch + 1) << 32 | count): ring_tail(c, j) on the forwarder, written by
+// producer j with st.release.sys after a system fence of its entries; ring_head(c, l) on producer j,
+// written by forwarder l with st.release.sys after the batch that read the entries (a named barrier).
 #include "deep_ep/error.hpp"
 #include "kernels/common/bf16.cuh"
 #include "kernels/internode/common.cuh"
@@ -17,40 +26,96 @@ namespace deep_ep::internode {
 namespace {
 
 constexpr int kNumWarps = kNumThreads / 32;
-// Forwarding, then the home sums, each with every warp of the block: forwarding waits only for the
-// staged rows, so no block's home role can hold back a forwarder.
-constexpr int kNumForwarderWarps = kNumWarps;
+constexpr int kMaxProducerWarps = 8;
+constexpr int kMaxRingsPerProducer = 32 / kMaxProducerWarps;
 constexpr int kNumHomeWarps = kNumWarps;
 constexpr int kHomeBarrier = 1;
 constexpr int kForwardBarrier = 2;
 
-// Per warp: the source rows (forwarder) or partial slots (home) of the row being summed.
+__device__ __forceinline__ int num_producer_warps(int num_ranks_per_node) {
+  return num_ranks_per_node < kMaxProducerWarps ? num_ranks_per_node : kMaxProducerWarps;
+}
+
+// Per warp: the ring positions (forwarder) or partial slots (home) of the row being summed.
 __shared__ int heads[kNumWarps][32];
 
 using device::add_bf16x8;
 using device::pack_bf16x8;
 
-__device__ void stage(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch) {
-  const int warps_total = gridDim.x * kNumWarps;
-  const int gw = blockIdx.x * kNumWarps + threadIdx.x / 32, lane = device::lane_id();
-  char* staging = ctx.staging(ctx.p.rank);
+__device__ __forceinline__ int64_t tagged(int epoch, int count) { return (int64_t(epoch) + 1) << 32 | count; }
+__device__ __forceinline__ int count_of(int64_t value, int epoch) {
+  return (value >> 32) == int64_t(epoch) + 1 ? static_cast<int>(value & 0xffffffff) : 0;
+}
+
+// Rows [first, first + count) of this rank's input that source s brought in channel c.
+__device__ __forceinline__ void source_rows(const CombineArgs& a, int s, int c, int C, int& first, int& count) {
+  const int* prefix = a.recv_gbl_channel_prefix_matrix + s * C;
+  const int before = c > 0 ? prefix[c - 1] : 0;
+  first = (s > 0 ? a.recv_gbl_rank_prefix_sum[s - 1] : 0) + before;
+  count = prefix[c] - before;
+}
+
+__device__ void produce(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
+  const Layout& l = ctx.l;
+  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
+  const int warp = threadIdx.x / 32, lane = device::lane_id();
+  const int P = num_producer_warps(Rn);
   const int row_int4 = a.hidden * 2 / 16;
-  for (int r = gw; r < a.num_rows; r += warps_total) {
-    char* dst = staging + static_cast<int64_t>(r) * stride;
-    device::warp_copy<8>(reinterpret_cast<int4*>(dst),
-                         reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(r) * a.hidden), row_int4, lane,
-                         device::ld_input);
-    float* w = reinterpret_cast<float*>(dst + a.hidden * 2);
-    for (int k = lane; k < a.num_topk; k += 32) w[k] = a.topk_weights[static_cast<int64_t>(r) * a.num_topk + k];
-  }
-  // The forwarders of this node read the rows after the flag.
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    ControlRegion* control = ctx.control();
-    if (atomicAdd(&control->internode_staged_arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
-      control->internode_staged_arrivals = 0;
-      device::st_release_sys(ctx.flag(ctx.p.rank, ctx.l.flag_staged()), int64_t(epoch) + 1);
+  // Per owned ring: the source node being pushed, the next row inside its range, rows pushed.
+  int node[kMaxRingsPerProducer], offset[kMaxRingsPerProducer], pushed[kMaxRingsPerProducer];
+#pragma unroll
+  for (int o = 0; o < kMaxRingsPerProducer; ++o) node[o] = offset[o] = pushed[o] = 0;
+  uint64_t idle_since = device::global_timer_ns();
+  for (int polls = 1;; ++polls) {
+    bool pending = false, progressed = false;
+#pragma unroll
+    for (int o = 0; o < kMaxRingsPerProducer; ++o) {
+      const int lr = warp + o * P;
+      if (lr >= Rn || node[o] >= N) continue;
+      pending = true;
+      int64_t head_value = 0;
+      if (lane == 0) head_value = device::ld_acquire_sys(ctx.flag(ctx.p.rank, l.flag_ring_head(c, lr)));
+      __syncwarp();  // the entry writes below are ordered after lane 0's acquire
+      const int free_slots = count_of(__shfl_sync(0xffffffffu, head_value, 0), epoch) + Q - pushed[o];
+      int budget = min(free_slots, a.ring_chunk);
+      if (budget <= 0) continue;
+      char* ring = ctx.rings(ctx.p.rank) + (static_cast<int64_t>(c) * Rn + lr) * Q * stride;
+      while (budget > 0 && node[o] < N) {
+        int first, count;
+        source_rows(a, ctx.rank_of(node[o], lr), c, C, first, count);
+        if (offset[o] >= count) {
+          ++node[o];
+          offset[o] = 0;
+          continue;
+        }
+        const int64_t row = first + offset[o];
+        char* entry = ring + static_cast<int64_t>(pushed[o] % Q) * stride;
+        device::warp_copy<8>(reinterpret_cast<int4*>(entry), reinterpret_cast<const int4*>(a.x + row * a.hidden),
+                             row_int4, lane, device::ld_input);
+        float* w = reinterpret_cast<float*>(entry + a.hidden * 2);
+        for (int k = lane; k < a.num_topk; k += 32) w[k] = a.topk_weights[row * a.num_topk + k];
+        ++offset[o];
+        ++pushed[o];
+        --budget;
+        progressed = true;
+      }
+      __threadfence_system();
+      __syncwarp();
+      if (lane == 0)
+        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lr), l.flag_ring_tail(c, ctx.local)), tagged(epoch, pushed[o]));
+    }
+    if (!pending) return;
+    if (progressed) {
+      idle_since = device::global_timer_ns();
+    } else if (polls % device::kPollsPerSlowCheck != 0) {
+      continue;
+    } else if (device::error_reported(ctx.p.diagnostics)) {
+      return;
+    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(ctx.p.timeout_ns)) {
+      if (lane == 0)
+        device::report(ctx.p.diagnostics, Phase::kInternodeCombineStage, true, ctx.p.rank,
+                       ctx.rank_of(ctx.node, warp), c, -1, 0, 0);
+      return;
     }
   }
 }
@@ -75,25 +140,26 @@ __device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int 
 
 __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
   const Layout& l = ctx.l;
-  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
-  const int fw = threadIdx.x / 32, lane = device::lane_id();
-  __shared__ const char* staging_of[32];  // staging area of each local rank
-  if (fw == 0 && lane < Rn) staging_of[lane] = ctx.staging(ctx.rank_of(ctx.node, lane));
-  // Every rank of the node must have staged its rows.
-  bool ok = true;
-  if (lane < Rn) {
-    const int j = ctx.rank_of(ctx.node, lane);
-    ok = ctx.wait_flag(ctx.flag(j, l.flag_staged()), int64_t(epoch) + 1, Phase::kInternodeCombineStage, j, c);
+  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
+  const int P = num_producer_warps(Rn);
+  const int F = kNumWarps - P;
+  const int fw = threadIdx.x / 32 - P, lane = device::lane_id();
+  __shared__ const char* ring_of[32];  // ring (c, my local) of each local rank
+  __shared__ int consumed[32];         // per local rank: entries read by the finished batches
+  __shared__ int abort_forward;
+  if (fw == 0 && lane < Rn) {
+    ring_of[lane] = ctx.rings(ctx.rank_of(ctx.node, lane)) + (static_cast<int64_t>(c) * Rn + ctx.local) * Q * stride;
+    consumed[lane] = 0;
   }
-  ok = __all_sync(0xffffffffu, ok);
-  device::named_barrier(kForwardBarrier, kNumForwarderWarps * 32);
+  if (fw == 0 && lane == 0) abort_forward = 0;
+  device::named_barrier(kForwardBarrier, F * 32);
   const int row_int4 = a.hidden * 2 / 16;
   const Transport net = ctx.transport();
   const int64_t own_first_slot = static_cast<int64_t>(ctx.node) * C * l.capacity + static_cast<int64_t>(c) * l.capacity;
-  // The slots of every source node, spread over the forwarder warps. The partial of slot (n, c, i) goes
-  // to home rank (n, my local index), slot (my node, c, i): written in place for the own node, straight
-  // into the home rank's window where the transport maps it, else staged in send_rows and put below.
-  for (int n = 0; ok && n < N; ++n) {
+  // The partial of slot (n, c, i) goes to home rank (n, my local index), slot (my node, c, i): written in
+  // place for the own node, straight into the home rank's window where the transport maps it, else staged
+  // in send_rows and put below.
+  for (int n = 0; n < N; ++n) {
     const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
     const int home_rank = ctx.rank_of(n, ctx.local);
@@ -105,36 +171,67 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
     } else {
       dst_first = ctx.send_row(l.slot(n, c, 0));
     }
-    for (int i = fw; i < count; i += kNumForwarderWarps) {
-      const int64_t slot = l.slot(n, c, i);
-      __syncwarp();
-      if (lane < Rn) heads[fw][lane] = a.send_nvl_head[slot * Rn + lane];
-      __syncwarp();
-      char* dst = dst_first + static_cast<int64_t>(i) * l.row_stride;
-      const auto staged_row = [&](int lr, int row) {
-        return reinterpret_cast<const int4*>(staging_of[lr] + static_cast<int64_t>(row) * stride);
-      };
-      for (int v = lane; v < row_int4; v += 32) {
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        sum_rows(acc, heads[fw], Rn, v, staged_row);
-        reinterpret_cast<int4*>(dst)[v] = pack_bf16x8(acc);
-      }
-      for (int k = lane; k < a.num_topk; k += 32) {
-        float acc = 0.0f;
-        for (int lr = 0; lr < Rn; ++lr) {
-          const int row = heads[fw][lr];
-          if (row >= 0) acc += __ldcg(reinterpret_cast<const float*>(staging_of[lr] + static_cast<int64_t>(row) * stride +
-                                                                     a.hidden * 2) + k);
+    for (int i0 = 0; i0 < count && !abort_forward; i0 += F) {
+      const int i = i0 + fw;
+      if (i < count) {
+        const int64_t slot = l.slot(n, c, i);
+        __syncwarp();
+        const int position = lane < Rn ? a.send_nvl_head[slot * Rn + lane] : -1;
+        heads[threadIdx.x / 32][lane] = position;
+        // Lane lr waits until local rank lr has pushed this entry.
+        bool ok = true;
+        if (position >= 0) {
+          const int64_t* tail = ctx.flag(ctx.p.rank, l.flag_ring_tail(c, lane));
+          const uint64_t start = device::global_timer_ns();
+          for (int polls = 1; count_of(device::ld_acquire_sys(tail), epoch) <= position; ++polls) {
+            if (polls % device::kPollsPerSlowCheck == 0 &&
+                (device::error_reported(ctx.p.diagnostics) ||
+                 device::global_timer_ns() - start > static_cast<uint64_t>(ctx.p.timeout_ns))) {
+              device::report(ctx.p.diagnostics, Phase::kInternodeCombineStage, true, ctx.p.rank,
+                             ctx.rank_of(ctx.node, lane), c, -1, position + 1, count_of(device::ld_acquire_sys(tail), epoch));
+              ok = false;
+              break;
+            }
+          }
+          atomicMax(&consumed[lane], position + 1);
         }
-        reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
+        const bool all_ok = __all_sync(0xffffffffu, ok);
+        __syncwarp();  // heads[] of every lane is visible to the warp
+        if (!all_ok) {
+          abort_forward = 1;
+        } else {
+          const int* h = heads[threadIdx.x / 32];
+          const auto entry = [&](int lr, int pos) {
+            return reinterpret_cast<const int4*>(ring_of[lr] + static_cast<int64_t>(pos % Q) * stride);
+          };
+          char* dst = dst_first + static_cast<int64_t>(i) * l.row_stride;
+          for (int v = lane; v < row_int4; v += 32) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            sum_rows(acc, h, Rn, v, entry);
+            reinterpret_cast<int4*>(dst)[v] = pack_bf16x8(acc);
+          }
+          for (int k = lane; k < a.num_topk; k += 32) {
+            float acc = 0.0f;
+            for (int lr = 0; lr < Rn; ++lr)
+              if (h[lr] >= 0) acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(entry(lr, h[lr])) +
+                                                                         a.hidden * 2) + k);
+            reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
+          }
+        }
       }
+      // The batch's entries are read: hand their space back (one write per ring).
+      device::named_barrier(kForwardBarrier, F * 32);
+      if (fw == 0 && lane < Rn)
+        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lane), l.flag_ring_head(c, ctx.local)),
+                               tagged(epoch, consumed[lane]));
+      device::named_barrier(kForwardBarrier, F * 32);
     }
   }
   // Every partial of this channel is written (and fenced) before any signal or put covers it.
   __threadfence_system();
-  device::named_barrier(kForwardBarrier, kNumForwarderWarps * 32);
-  if (!ok) return;
-  for (int n = fw; n < N; n += kNumForwarderWarps) {
+  device::named_barrier(kForwardBarrier, F * 32);
+  if (abort_forward) return;
+  for (int n = fw; n < N; n += F) {
     const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
     const int home_rank = ctx.rank_of(n, ctx.local);
@@ -150,7 +247,7 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
   }
 }
 
-__device__ void home(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
+__device__ void home_sums(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, C = l.num_channels;
   const int hw = threadIdx.x / 32, lane = device::lane_id();
@@ -204,21 +301,25 @@ __device__ void home(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
 }
 
 __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, Layout layout, CombineArgs args,
-                                                                  int64_t staging_stride) {
+                                                                  int64_t ring_stride) {
   const Ctx ctx(peers, layout);
   const int epoch = begin_op(ctx);
-  stage(ctx, args, staging_stride, epoch);
   const int c = blockIdx.x;
-  forward(ctx, args, staging_stride, epoch, c);
-  home(ctx, args, epoch, c);
+  if (static_cast<int>(threadIdx.x / 32) < num_producer_warps(layout.num_ranks_per_node)) {
+    produce(ctx, args, ring_stride, epoch, c);
+  } else {
+    forward(ctx, args, ring_stride, epoch, c);
+  }
+  __syncthreads();
+  home_sums(ctx, args, epoch, c);
   end_op(ctx);
 }
 
 }  // namespace
 
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream) {
-  const int64_t staging_stride = combine_row_stride(args.hidden, args.num_topk);
-  combine_kernel<<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, args, staging_stride);
+  const int64_t ring_stride = combine_row_stride(args.hidden, args.num_topk);
+  combine_kernel<<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, args, ring_stride);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

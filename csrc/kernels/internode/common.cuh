@@ -44,7 +44,7 @@ struct Ctx {
     return reinterpret_cast<const int*>(nvl(r) + l.published_offset);
   }
   __device__ __forceinline__ int* own_published() const { return reinterpret_cast<int*>(nvl(p.rank) + l.published_offset); }
-  __device__ __forceinline__ char* staging(int r) const { return nvl(r) + l.staging_offset; }
+  __device__ __forceinline__ char* rings(int r) const { return nvl(r) + l.rings_offset; }
   __device__ __forceinline__ char* row(int r, int64_t slot) const { return rdma(r) + l.rows_offset + slot * l.row_stride; }
   __device__ __forceinline__ char* send_row(int64_t slot) const {
     return rdma(p.rank) + l.send_rows_offset + slot * l.row_stride;

@@ -138,14 +138,18 @@ __device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& 
     ok = __shfl_sync(0xffffffffu, ok, 0);
     if (!ok || a.cached) continue;
 
-    // send_nvl_head: row of each slot on each rank j of the node, from j's published prefixes
-    // (written by notify, which ended with epoch == this op's epoch).
+    // send_nvl_head: for each slot and each rank j of the node, the position of j's row in j's combine
+    // ring (c, my local index), whose stream is j's rows from sources (0, me), (1, me), ... in channel c
+    // (from j's published prefixes, written by notify, which ended with epoch == this op's epoch).
     int base = 0;
     if (lane < Rn) {
       const int j = ctx.rank_of(ctx.node, lane);
       if (ctx.wait_flag(ctx.flag(j, l.flag_published()), epoch, Phase::kInternodeDispatchForward, j, c)) {
-        const int* pub = ctx.published(j);
-        base = (source > 0 ? __ldcg(pub + source - 1) : 0) + (c > 0 ? __ldcg(pub + R + source * C + c - 1) : 0);
+        const int* channel_prefix = ctx.published(j) + R;
+        for (int n2 = 0; n2 < n; ++n2) {
+          const int* p = channel_prefix + ctx.rank_of(n2, ctx.local) * C;
+          base += __ldcg(p + c) - (c > 0 ? __ldcg(p + c - 1) : 0);
+        }
       }
     }
     const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;

@@ -7,9 +7,10 @@
 //   dispatch block c: stages channel c's tokens once per destination node and puts them to the forwarder
 //            (one put per node); relays the arrival of channel c from every source node to its node; and
 //            copies, from the forwarders of its node, the rows of channel c whose mask names this rank.
-//   combine  every rank stages its input rows; block c of a forwarder sums, per slot of channel c, the
-//            rows of its node's ranks (in local-rank order, rounded to bf16) and puts the partials to
-//            the home rank; the home rank sums the partials of its channel-c tokens in node order.
+//   combine  block c of every rank pushes its channel-c rows into rings its node's forwarders read;
+//            the forwarder sums, per slot of channel c, the rows of its node's ranks (in local-rank
+//            order, rounded to bf16) and sends the partials to the home rank; the home rank sums the
+//            partials of its channel-c tokens in node order.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -83,9 +84,12 @@ struct CombineArgs {
   const uint16_t* bias_0;           // [T, hidden] or null
   const uint16_t* bias_1;           // [T, hidden] or null
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
+  const int* recv_gbl_channel_prefix_matrix;   // [R, C]
+  const int* recv_gbl_rank_prefix_sum;         // [R]
   const int* send_rdma_head;        // [T, N]
   const int* send_nvl_head;         // [N * C * cap, Rn]
   int num_tokens, num_rows, hidden, num_topk;
+  int ring_slots, ring_chunk;       // Q = num_max_nvl_chunked_recv_tokens, push chunk = ..._send_tokens
   uint16_t* combined_x;             // [T, hidden]
   float* combined_topk_weights;     // [T, K] or null
 };

@@ -21,7 +21,7 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
     num_sms = opts["num_sms"]
     # Each channel (block) carries at most num_max_rdma_chunked_recv_tokens tokens per call.
     chunk = max(128, -(-t // num_sms))
-    config = deep_ep.Config(num_sms, 16, 256, 16, chunk)
+    config = deep_ep.Config(num_sms, 8, 32, 16, chunk)
     nvl_bytes = config.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
     rdma_bytes = config.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)

@@ -57,7 +57,7 @@ TEST(Config, RdmaHintIsZeroIntranode) {
 // The internode hints are the layout the ops carve: two row areas of nodes x channels x chunk rows,
 // and the combine staging of the most rows one rank can receive.
 TEST(Config, InternodeHintsMatchTheLayout) {
-  Config c(8, 16, 256, 16, 128);
+  Config c(8, 16, 32, 16, 128);
   const int64_t hidden_bytes = 7168 * 2;
   const int64_t stride = internode::hint_row_stride(hidden_bytes);
   EXPECT_GE(stride, hidden_bytes + 7168 / 128 * 4 + 2 * 4 * kNumMaxTopk);
@@ -66,9 +66,11 @@ TEST(Config, InternodeHintsMatchTheLayout) {
   EXPECT_GE(two_nodes.rdma_bytes, 2 * 2 * 8 * 128 * stride);
   const auto four_nodes = internode::Layout::make(4, 4, 8, 128, stride);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16, 4), four_nodes.rdma_bytes);
+  // Combine rings: channels x ranks per node x 32 rows, whatever the token count.
   EXPECT_EQ(c.get_nvl_buffer_size_hint(hidden_bytes, 16),
             internode::align_up(two_nodes.nvl_fixed_bytes +
-                                    int64_t(16) * 8 * 128 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
+                                    int64_t(8) * 8 * 32 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
+  EXPECT_EQ(internode::combine_ring_bytes(8, 8, 32, 100), int64_t(8) * 8 * 32 * 100);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16) % 128, 0);
 }
 
