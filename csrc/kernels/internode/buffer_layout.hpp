@@ -7,13 +7,14 @@
 //   meta      [N] per source node: what the source with this rank's local index sends this node
 //             (its per-channel counts and its per-expert counts for this node's ranks)
 //   meta_send [N] per destination node: the same, staged here before the put
-//   rows      [N][C][cap] dispatch: rows from source node n, channel c, slot i (the source stages
-//             them in send_rows [destination node][C][cap] first). Combine reuses both areas for the
-//             partial sums going back: rows[n] on the home rank holds node n's partials.
+//   rows      [N][C][cap] dispatch: rows from source node n, channel c, slot i (the source stores them
+//             there directly where the transport maps the window, else stages them in send_rows
+//             [destination node][C][cap] and puts). Combine reuses both areas for the partial sums
+//             going back: rows[n] on the home rank holds node n's partials.
 // NVLink area (the rank's NVLink payload, read by the ranks of its node):
 //   flags     int64: meta_ready[N], data_ready[N][C], combine_ready[N][C], published, ring tails and heads
-//   published int32: this rank's recv_gbl_rank_prefix_sum [R] and recv_gbl_channel_prefix_matrix
-//             [R][C] (the forwarders of its node compute send_nvl_head from them)
+//   published int32: this rank's recv_gbl_channel_prefix_matrix [R][C] (the forwarders of its node
+//             compute send_nvl_head from it)
 //   rings     combine: per (channel, local rank l) a ring of Q = num_max_nvl_chunked_recv_tokens rows
 //             [combine_row_stride] that this rank fills, in the order forwarder (my node, l) sums them
 #pragma once
@@ -121,7 +122,7 @@ struct Layout {
     l.rdma_bytes = off;
     off = 0;
     l.flags_offset = off;      off = align_up(off + 8 * int64_t(l.num_flags()), 128);
-    l.published_offset = off;  off = align_up(off + 4 * int64_t(l.num_ranks) * (1 + num_channels), 128);
+    l.published_offset = off;  off = align_up(off + 4 * int64_t(l.num_ranks) * num_channels, 128);
     l.rings_offset = off;
     l.nvl_fixed_bytes = off;
     return l;

@@ -39,7 +39,7 @@ struct Ctx {
     return reinterpret_cast<int64_t*>(nvl(r) + l.flags_offset) + idx;
   }
   __device__ __forceinline__ ControlRegion* control() const { return reinterpret_cast<ControlRegion*>(p.bases[p.rank]); }
-  // Rank r's published recv_gbl_rank_prefix_sum [R], then recv_gbl_channel_prefix_matrix [R][C].
+  // Rank r's published recv_gbl_channel_prefix_matrix [R][C].
   __device__ __forceinline__ const int* published(int r) const {
     return reinterpret_cast<const int*>(nvl(r) + l.published_offset);
   }

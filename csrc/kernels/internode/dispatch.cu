@@ -145,7 +145,7 @@ __device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& 
     if (lane < Rn) {
       const int j = ctx.rank_of(ctx.node, lane);
       if (ctx.wait_flag(ctx.flag(j, l.flag_published()), epoch, Phase::kInternodeDispatchForward, j, c)) {
-        const int* channel_prefix = ctx.published(j) + R;
+        const int* channel_prefix = ctx.published(j);
         for (int n2 = 0; n2 < n; ++n2) {
           const int* p = channel_prefix + ctx.rank_of(n2, ctx.local) * C;
           base += __ldcg(p + c) - (c > 0 ? __ldcg(p + c - 1) : 0);

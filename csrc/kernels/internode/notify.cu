@@ -151,7 +151,6 @@ __device__ void receive_counts(const Ctx& ctx, const NotifyArgs& a, int epoch) {
     for (int s = 0; s < R; ++s) {
       sum += total_from[s];
       a.recv_gbl_rank_prefix_sum[s] = sum;
-      published[s] = sum;
     }
     int node_sum = 0;
     for (int n = 0; n < N; ++n) {
@@ -161,7 +160,7 @@ __device__ void receive_counts(const Ctx& ctx, const NotifyArgs& a, int epoch) {
     *a.host_num_recv_tokens = sum;
   }
   // The forwarders of this node build send_nvl_head from the published copy.
-  for (int i = threadIdx.x; i < R * C; i += blockDim.x) published[R + i] = a.recv_gbl_channel_prefix_matrix[i];
+  for (int i = threadIdx.x; i < R * C; i += blockDim.x) published[i] = a.recv_gbl_channel_prefix_matrix[i];
   for (int e = threadIdx.x; e < L; e += blockDim.x) {
     const int aligned = (expert_count[e] + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
     a.host_num_recv_tokens_per_expert[e] = aligned;
