@@ -214,7 +214,6 @@ class Buffer:
             None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
             expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
             self._comm_stream.cuda_stream)
-        recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
         cached = handle is not None
         if not cached:
             handle = (outputs["rank_prefix_matrix"], outputs["channel_prefix_matrix"],
@@ -223,11 +222,8 @@ class Buffer:
         event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                                                   is_token_in_rank, num_tokens_per_expert,
                                                   *outputs.values(), *handle))
-        if cached:
-            return recv_x, None, None, None, None, event
-        per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
-        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
-                event)
+        return _dispatch_return(outputs, x_scales is not None, None if cached else handle, per_expert,
+                                num_worst_tokens, event)
 
     def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -300,18 +296,14 @@ class Buffer:
             None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
             expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
             self._comm_stream.cuda_stream)
-        recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
         cached = handle is not None
         if not cached:
             handle = (is_token_in_rank, *(outputs[name] for name in _INTERNODE_HANDLE_OUTPUTS))
         event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                                                   num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
                                                   *outputs.values(), *handle))
-        if cached:
-            return recv_x, None, None, None, None, event
-        per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
-        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
-                event)
+        return _dispatch_return(outputs, x_scales is not None, None if cached else handle, per_expert,
+                                num_worst_tokens, event)
 
     def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
                           bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -480,6 +472,17 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank, on the current stream."""
         self.runtime.low_latency_clean_mask(torch.cuda.current_stream().cuda_stream)
+
+
+def _dispatch_return(outputs, fp8: bool, new_handle, per_expert, num_worst_tokens: int, event):
+    """dispatch's result tuple: (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+    handle, event), or (recv_x, None, None, None, None, event) in cached mode (new_handle None)."""
+    recv_x = (outputs["recv_x"], outputs["recv_x_scales"]) if fp8 else outputs["recv_x"]
+    if new_handle is None:
+        return recv_x, None, None, None, None, event
+    per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
+    return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, new_handle,
+            event)
 
 
 def _check_int(name: str, value) -> None:
