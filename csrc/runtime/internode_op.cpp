@@ -33,6 +33,12 @@ void check_transport(const Buffer& b, const Buffer::Internals& in, const char* o
   }
 }
 
+// Internode normal ops and low-latency ops would share the RDMA payload, each with its own counters.
+void check_not_low_latency(const Buffer& b, const char* op) {
+  DEEP_EP_CHECK(!b.options().low_latency_mode, op, " runs on a Buffer created with low_latency_mode=False: the "
+                "low-latency and internode normal ops keep different state in the RDMA buffer; use one Buffer for each");
+}
+
 void check_co_residency(const Buffer& b, int blocks, const char* op) {
   const int needed = blocks * b.num_ranks_per_device();
   const int capacity = b.num_device_sms() * internode::max_resident_blocks_per_sm();
@@ -90,6 +96,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   auto& in = *internals_;
   const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
   DEEP_EP_CHECK(N > 1, "internode dispatch needs ranks on several nodes; this group has one node: use dispatch");
+  check_not_low_latency(*this, "internode dispatch");
   const Config& config = a.config;
   const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
   const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
@@ -239,6 +246,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   auto& in = *internals_;
   const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
   DEEP_EP_CHECK(N > 1, "internode combine needs ranks on several nodes; this group has one node: use combine");
+  check_not_low_latency(*this, "internode combine");
   const Config& config = a.config;
   const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
   const InternodeHandle& h = a.handle;
