@@ -1,11 +1,12 @@
-// Internode dispatch. Block c owns channel c (a contiguous range of this rank's tokens) and holds
-// three warp roles:
-//   senders    write each token of the channel once per destination node into a slot of this rank's
-//              window (the own node's slots directly in the receive area), then put each node's slots
-//              to the forwarder there with one signalled put;
-//   forwarders wait for channel c of every source node (transport signal), relay its arrival to the
-//              node with a flag, and (non-cached) record in send_nvl_head where each slot lands on each
-//              rank of the node;
+// Internode dispatch. Block c owns channel c (a contiguous range of this rank's tokens) and runs three
+// warp roles, the first with every warp, then the other two side by side:
+//   senders    write each token of the channel once per destination node, into its slot on the forwarder
+//              there (the rank with this rank's local index): in place for the own node, through the
+//              transport's direct pointer where it maps the forwarder's window (P2P), else into this
+//              rank's send_rows followed by one put; then one signal per node and channel;
+//   forwarder  (warp 0) waits for channel c of every source node (transport signal), relays its arrival
+//              to the node with a flag, and (non-cached) records in send_nvl_head, for each slot and
+//              each rank of the node, the position of that rank's row in its combine stream;
 //   receivers  for every source rank, copy from the forwarder of this node the channel-c slots whose
 //              mask names this rank, into the outputs at the positions the prefix matrices give.
 // A slot is (source node, channel, index among the channel's tokens for this node); slots of one
