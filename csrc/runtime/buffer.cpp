@@ -30,6 +30,7 @@ struct PeerInfo {
   uint64_t base_ptr;
   int64_t num_nvl_bytes, num_rdma_bytes;
   int low_latency_mode;
+  int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
 };
 
 int64_t default_timeout_ns(double timeout_s) {
@@ -86,6 +87,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   mine.num_rdma_bytes = options.num_rdma_bytes;
   mine.low_latency_mode = options.low_latency_mode;
   mine.use_fabric = options.use_fabric;
+  mine.ranks_per_node_override = ranks_per_node_from_env();
 
   cudaMemPool_t fabric_pool = nullptr;
   if (options.use_fabric) {
@@ -141,6 +143,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
                   options.num_nvl_bytes, " num_rdma_bytes=", options.num_rdma_bytes, ", rank ", r, " has ",
                   peers[r].num_nvl_bytes, " and ", peers[r].num_rdma_bytes);
     DEEP_EP_CHECK(peers[r].use_fabric == mine.use_fabric, "all ranks must agree on use_fabric (rank ", r, " differs)");
+    // Ranks that group nodes differently would run different ops and wait for each other forever.
+    DEEP_EP_CHECK(peers[r].ranks_per_node_override == mine.ranks_per_node_override,
+                  "all ranks must see the same DEEP_EP_RANKS_PER_NODE: rank ", rank_, " has ",
+                  mine.ranks_per_node_override, ", rank ", r, " has ", peers[r].ranks_per_node_override,
+                  " (0 = unset)");
   }
 
   std::vector<RankLocation> locations(num_ranks_);
@@ -148,7 +155,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     locations[r].hostname.assign(peers[r].hostname, strnlen(peers[r].hostname, sizeof(peers[r].hostname)));
     std::memcpy(locations[r].device_uuid.data(), peers[r].device_uuid, sizeof(peers[r].device_uuid));
   }
-  in.topology = make_topology(locations, ranks_per_node_from_env());
+  in.topology = make_topology(locations, mine.ranks_per_node_override);
   if (in.topology.num_nodes == 1)
     DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
                   " ranks in this build; got a group of ", num_ranks_,
