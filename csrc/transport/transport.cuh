@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "transport/timing.cuh"
+
 // ================================================================================================
 // Contract shared by every transport. A kernel names only these members, so the same kernel body
 // compiles against P2pTransport and GinTransport (transport_check.cu proves it on every build).
@@ -59,17 +61,7 @@
 
 namespace deep_ep::transport {
 
-// A spinning waiter reads the clock and the abort flag (host-mapped memory, a PCIe round trip) only
-// every this many polls.
-constexpr int kPollsPerSlowCheck = 1024;
-
 namespace detail {
-
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // Release at system scope: this thread's earlier accesses, and those of the lanes that joined it at a
 // __syncwarp after their own fences, are visible before the add, to any reader that acquires it.

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernels/common/diagnostics.hpp"
+#include "transport/timing.cuh"
 
 namespace deep_ep::device {
 
@@ -45,11 +46,7 @@ __device__ __forceinline__ int ld_volatile(const int* ptr) {
   return value;
 }
 
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using transport::detail::global_timer_ns;
 
 // First reporter wins; see DeviceDiagnostics for the publication protocol.
 __device__ __forceinline__ void report(DeviceDiagnostics* diag, Phase phase, bool is_timeout, int rank, int peer,
@@ -73,7 +70,7 @@ __device__ __forceinline__ bool error_reported(DeviceDiagnostics* diag) {
   return *reinterpret_cast<volatile int*>(&diag->claimed) != 0;
 }
 
-constexpr int kPollsPerSlowCheck = 1024;
+using transport::kPollsPerSlowCheck;
 
 // A bounded wait: spins while `counter` (read with acquire) is below `target`. Returns false after
 // reporting a timeout, or if another thread already reported an error (so every waiter unwinds).

@@ -122,7 +122,7 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
 
 __device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
-  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, R = ctx.p.num_ranks;
+  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
   const int fw = threadIdx.x / 32, lane = device::lane_id();
   for (int n = fw; n < N; n += kNumForwarderWarps) {
     const int source = ctx.rank_of(n, ctx.local);
