@@ -39,7 +39,6 @@ struct Buffer::Internals {
   // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;
-  int ll_num_blocks = 0;  // grid of every low-latency kernel, found on first use (0 = not yet)
   bool ll_receive_pending[2] = {false, false};
   bool poisoned = false;
   std::string poison_message;
@@ -47,6 +46,14 @@ struct Buffer::Internals {
   // Waits for the counts a notify kernel publishes (counts_ready == counts_epoch). The host waits
   // longer than the device: a device-side timeout, which names the peer, wins.
   void wait_for_notify_counts(Buffer& buffer, const char* op);
+
+  // The first peer whose buffer is not mapped here (another host: reachable only over a network
+  // transport), or -1 when every peer is reachable by load/store.
+  int first_unmapped_peer() const {
+    for (size_t r = 0; r < peer_bases.size(); ++r)
+      if (peer_bases[r] == nullptr) return static_cast<int>(r);
+    return -1;
+  }
 
   ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
   DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }

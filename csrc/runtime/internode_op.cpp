@@ -22,15 +22,14 @@ internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
 
 // Every peer must be reachable: today through mapped memory (the P2P transport, also for emulated
 // nodes). A peer on another host needs the GIN transport, which the kernels do not drive yet.
-void check_transport(const Buffer& b, const Buffer::Internals& in, const char* op) {
-  for (int r = 0; r < b.num_ranks(); ++r) {
-    if (in.peer_bases[r] != nullptr) continue;
-    TransportChoiceInputs inputs;
-    inputs.gin_compiled = gin_compiled();
-    const TransportKind kind = choose_transport(inputs, b.rank(), r);  // raises, naming what is missing
-    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", r, " only through ",
-                  transport_name(kind), ", which the internode kernels of this build do not drive yet");
-  }
+void check_transport(const Buffer& b, const char* op) {
+  const int r = b.internals().first_unmapped_peer();
+  if (r < 0) return;
+  TransportChoiceInputs inputs;
+  inputs.gin_compiled = gin_compiled();
+  const TransportKind kind = choose_transport(inputs, b.rank(), r);  // raises, naming what is missing
+  DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", r, " only through ",
+                transport_name(kind), ", which the internode kernels of this build do not drive yet");
 }
 
 // Internode normal ops and low-latency ops would share the RDMA payload, each with its own counters.
@@ -146,7 +145,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   const auto row = internode::RowLayout::make(row_bytes, num_scales, num_topk);
   const auto layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes, config, "internode dispatch");
-  check_transport(*this, in, "internode dispatch");
+  check_transport(*this, "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
@@ -268,7 +267,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes + internode::combine_ring_bytes(C, Rn, ring_slots, stride), config,
              "internode combine");
-  check_transport(*this, in, "internode combine");
+  check_transport(*this, "internode combine");
   check_co_residency(*this, C, "internode combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
 

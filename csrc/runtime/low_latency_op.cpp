@@ -62,10 +62,9 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
   // Low-latency kernels reach every peer by load/store (NVLink, one GPU, or emulated nodes on one host).
-  const auto& peer_bases = const_cast<Buffer&>(b).internals().peer_bases;
-  for (int r = 0; r < R; ++r)
-    DEEP_EP_CHECK(peer_bases[r] != nullptr, op, ": rank ", b.rank(), " cannot reach peer rank ", r,
-                  " by load/store (another host); low-latency mode over a network transport is not in this build");
+  const int unmapped = b.internals().first_unmapped_peer();
+  DEEP_EP_CHECK(unmapped < 0, op, ": rank ", b.rank(), " cannot reach peer rank ", unmapped,
+                " by load/store (another host); low-latency mode over a network transport is not in this build");
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);
@@ -93,17 +92,14 @@ void check_handle(const LowLatencyHandle& h, const Geometry& g, int device) {
 }
 
 // Blocks per rank: the GPU's SMs shared by its ranks, one block of each rank per SM at most, all of
-// them resident together (the receive of one rank spins on the send of another). Fixed for a Buffer,
-// so the occupancy query runs once, not on every op.
+// them resident together (the receive of one rank spins on the send of another). The occupancy query
+// behind it runs once per process (kernels/common/occupancy.cuh).
 int num_blocks_of(Buffer& b) {
-  int& cached = b.internals().ll_num_blocks;
-  if (cached > 0) return cached;
   const int per_device = b.num_ranks_per_device();
   const int capacity = b.num_device_sms() * std::max(1, low_latency::max_resident_blocks_per_sm());
   const int blocks = std::min(b.num_device_sms(), capacity) / per_device;
   DEEP_EP_CHECK(blocks >= 1, "low-latency kernels need one resident block per rank: ", per_device,
                 " ranks share cuda:", b.device(), ", which holds ", capacity, " blocks");
-  cached = blocks;
   return blocks;
 }
 

@@ -190,6 +190,7 @@ class Buffer {
   // Internal access for op implementations (csrc/runtime/*_op.cpp).
   struct Internals;
   Internals& internals() { return *internals_; }
+  const Internals& internals() const { return *internals_; }
 
  private:
   void release(bool collective);

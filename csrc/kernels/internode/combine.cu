@@ -18,6 +18,7 @@
 // written by forwarder l with st.release.sys after the batch that read the entries (a named barrier).
 #include "deep_ep/error.hpp"
 #include "kernels/common/bf16.cuh"
+#include "kernels/common/occupancy.cuh"
 #include "kernels/internode/common.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -323,10 +324,6 @@ void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs&
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
-int max_resident_combine_blocks_per_sm() {
-  int blocks = 0;
-  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel, kNumThreads, 0));
-  return blocks;
-}
+int max_resident_combine_blocks_per_sm() { return device::resident_blocks_per_sm<combine_kernel>(kNumThreads); }
 
 }  // namespace deep_ep::internode

@@ -12,6 +12,7 @@
 // A slot is (source node, channel, index among the channel's tokens for this node); slots of one
 // (node, channel) are consecutive, so each put is one contiguous range.
 #include "deep_ep/error.hpp"
+#include "kernels/common/occupancy.cuh"
 #include "kernels/internode/common.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -257,9 +258,8 @@ void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArg
 }
 
 int max_resident_blocks_per_sm() {
-  int dispatch = 0, combine = 0;
-  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&dispatch, dispatch_kernel, kNumThreads, 0));
-  combine = max_resident_combine_blocks_per_sm();
+  const int dispatch = device::resident_blocks_per_sm<dispatch_kernel>(kNumThreads);
+  const int combine = max_resident_combine_blocks_per_sm();
   return dispatch < combine ? dispatch : combine;
 }
 

@@ -15,6 +15,7 @@
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/control_region.hpp"
+#include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -222,14 +223,8 @@ static int threads_of() {
 }
 
 int max_resident_combine_blocks_per_sm(bool wide) {
-  int blocks = 0;
-  if (wide) {
-    DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel<Wide>, threads_of<Wide>(), 0));
-  } else {
-    DEEP_EP_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, combine_kernel<Narrow>, threads_of<Narrow>(), 0));
-  }
-  return blocks;
+  return wide ? device::resident_blocks_per_sm<combine_kernel<Wide>>(threads_of<Wide>())
+              : device::resident_blocks_per_sm<combine_kernel<Narrow>>(threads_of<Narrow>());
 }
 
 void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream) {

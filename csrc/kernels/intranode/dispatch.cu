@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "kernels/common/control_region.hpp"
+#include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -237,14 +238,8 @@ static int threads_of() {
 }
 
 int max_resident_dispatch_blocks_per_sm(bool wide) {
-  int blocks = 0;
-  if (wide) {
-    DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel<Wide>, threads_of<Wide>(), 0));
-  } else {
-    DEEP_EP_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel<Narrow>, threads_of<Narrow>(), 0));
-  }
-  return blocks;
+  return wide ? device::resident_blocks_per_sm<dispatch_kernel<Wide>>(threads_of<Wide>())
+              : device::resident_blocks_per_sm<dispatch_kernel<Narrow>>(threads_of<Narrow>());
 }
 
 void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream) {

@@ -12,6 +12,7 @@
 // all those rows into recv_x, the column-major scales and src_info.
 #include <cuda_fp8.h>
 
+#include "kernels/common/occupancy.cuh"
 #include "kernels/low_latency/common.cuh"
 #include "runtime/cuda_check.hpp"
 
@@ -315,11 +316,7 @@ int dispatch_shared_bytes(int num_tokens, int num_topk, int num_local_experts, i
   return send > receive ? send : receive;
 }
 
-int max_resident_blocks_per_sm() {
-  int blocks = 0;
-  DEEP_EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dispatch_kernel, kThreads, 48 * 1024));
-  return blocks;
-}
+int max_resident_blocks_per_sm() { return device::resident_blocks_per_sm<dispatch_kernel>(kThreads, 48 * 1024); }
 
 void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases,
                      int num_blocks, cudaStream_t stream) {
