@@ -201,29 +201,9 @@ class Buffer:
                                            num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                            num_worst_tokens, config, previous_event, async_finish,
                                            allocate_on_comm_stream)
-        config, x_data, x_scales = self._dispatch_inputs(x, config)
-        if handle is not None and (not isinstance(handle, (tuple, list)) or len(handle) != 6):
-            raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
-        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        outputs = {}
-        num_rows, per_expert = self.runtime.intranode_dispatch(
-            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
-            optional_view(topk_weights, "topk_weights"), optional_view(num_tokens_per_rank, "num_tokens_per_rank"),
-            optional_view(is_token_in_rank, "is_token_in_rank"),
-            optional_view(num_tokens_per_expert, "num_tokens_per_expert"),
-            None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
-            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
-            self._comm_stream.cuda_stream)
-        cached = handle is not None
-        if not cached:
-            handle = (outputs["rank_prefix_matrix"], outputs["channel_prefix_matrix"],
-                      outputs["recv_channel_prefix_matrix"], outputs["recv_src_idx"], is_token_in_rank,
-                      outputs["send_head"])
-        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                                                  is_token_in_rank, num_tokens_per_expert,
-                                                  *outputs.values(), *handle))
-        return _dispatch_return(outputs, x_scales is not None, None if cached else handle, per_expert,
-                                num_worst_tokens, event)
+        return self._normal_dispatch(False, x, handle, num_tokens_per_rank, None, is_token_in_rank,
+                                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                                     config, previous_event, async_finish, allocate_on_comm_stream)
 
     def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -235,17 +215,8 @@ class Buffer:
         if self.runtime.num_nodes() > 1:
             return self.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
                                           allocate_on_comm_stream)
-        config, biases = self._combine_inputs(config, bias)
-        if not isinstance(handle, (tuple, list)) or len(handle) != 6:
-            raise ValueError("handle must be the 6-tuple returned by an intranode dispatch")
-        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        outputs = {}
-        self.runtime.intranode_combine(
-            view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
-            optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
-            self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
-        event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
-        return outputs["combined_x"], outputs.get("combined_topk_weights"), event
+        return self._normal_combine(False, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                    allocate_on_comm_stream)
 
     def _dispatch_inputs(self, x, config):
         """(config, x data, x scales or None) of a normal-mode dispatch."""
@@ -282,28 +253,9 @@ class Buffer:
                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                            allocate_on_comm_stream: bool = False):
         """dispatch() across nodes; the handle is V1's internode 10-tuple (is_token_in_rank first)."""
-        config, x_data, x_scales = self._dispatch_inputs(x, config)
-        if handle is not None and (not isinstance(handle, (tuple, list)) or len(handle) != 10):
-            raise ValueError("handle must be the 10-tuple returned by an internode dispatch")
-        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        outputs = {}
-        num_rows, per_expert = self.runtime.internode_dispatch(
-            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
-            optional_view(topk_weights, "topk_weights"), optional_view(num_tokens_per_rank, "num_tokens_per_rank"),
-            optional_view(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
-            optional_view(is_token_in_rank, "is_token_in_rank"),
-            optional_view(num_tokens_per_expert, "num_tokens_per_expert"),
-            None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
-            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
-            self._comm_stream.cuda_stream)
-        cached = handle is not None
-        if not cached:
-            handle = (is_token_in_rank, *(outputs[name] for name in _INTERNODE_HANDLE_OUTPUTS))
-        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                                                  num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                                                  *outputs.values(), *handle))
-        return _dispatch_return(outputs, x_scales is not None, None if cached else handle, per_expert,
-                                num_worst_tokens, event)
+        return self._normal_dispatch(True, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                                     config, previous_event, async_finish, allocate_on_comm_stream)
 
     def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
                           bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -312,13 +264,55 @@ class Buffer:
 
         Returns (combined_x, combined_topk_weights or None, event).
         """
-        config, biases = self._combine_inputs(config, bias)
-        if not isinstance(handle, (tuple, list)) or len(handle) != 10:
-            raise ValueError("handle must be the 10-tuple returned by an internode dispatch")
+        return self._normal_combine(True, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                    allocate_on_comm_stream)
+
+    # One implementation for both forms: the core op, the handle's length and the handle's contents
+    # differ; the streams, events, allocation and results do not.
+    def _normal_dispatch(self, internode: bool, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                         is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                         num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream):
+        config, x_data, x_scales = self._dispatch_inputs(x, config)
+        _check_handle(handle, internode, optional=True)
         compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         outputs = {}
-        self.runtime.internode_combine(
-            view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
+        layout = [optional_view(num_tokens_per_rank, "num_tokens_per_rank")]
+        if internode:
+            layout.append(optional_view(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"))
+        layout += [optional_view(is_token_in_rank, "is_token_in_rank"),
+                   optional_view(num_tokens_per_expert, "num_tokens_per_expert")]
+        run = self.runtime.internode_dispatch if internode else self.runtime.intranode_dispatch
+        _, per_expert = run(
+            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
+            optional_view(topk_weights, "topk_weights"), *layout,
+            None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
+            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
+            self._comm_stream.cuda_stream)
+        cached = handle is not None
+        if not cached and internode:
+            handle = (is_token_in_rank, *(outputs[name] for name in _INTERNODE_HANDLE_OUTPUTS))
+        elif not cached:
+            handle = (outputs["rank_prefix_matrix"], outputs["channel_prefix_matrix"],
+                      outputs["recv_channel_prefix_matrix"], outputs["recv_src_idx"], is_token_in_rank,
+                      outputs["send_head"])
+        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                                  num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                                  *outputs.values(), *handle))
+        recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
+        if cached:
+            return recv_x, None, None, None, None, event
+        per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
+        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
+                event)
+
+    def _normal_combine(self, internode: bool, x, handle, topk_weights, bias, config, previous_event, async_finish,
+                        allocate_on_comm_stream):
+        config, biases = self._combine_inputs(config, bias)
+        _check_handle(handle, internode, optional=False)
+        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        outputs = {}
+        run = self.runtime.internode_combine if internode else self.runtime.intranode_combine
+        run(view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
             optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
             self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
         event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
@@ -474,15 +468,13 @@ class Buffer:
         self.runtime.low_latency_clean_mask(torch.cuda.current_stream().cuda_stream)
 
 
-def _dispatch_return(outputs, fp8: bool, new_handle, per_expert, num_worst_tokens: int, event):
-    """dispatch's result tuple: (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-    handle, event), or (recv_x, None, None, None, None, event) in cached mode (new_handle None)."""
-    recv_x = (outputs["recv_x"], outputs["recv_x_scales"]) if fp8 else outputs["recv_x"]
-    if new_handle is None:
-        return recv_x, None, None, None, None, event
-    per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
-    return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, new_handle,
-            event)
+def _check_handle(handle, internode: bool, optional: bool) -> None:
+    """The normal-mode handle: V1's 10-tuple across nodes, the 6-tuple inside one."""
+    if optional and handle is None:
+        return
+    length, form = (10, "an internode") if internode else (6, "an intranode")
+    if not isinstance(handle, (tuple, list)) or len(handle) != length:
+        raise ValueError(f"handle must be the {length}-tuple returned by {form} dispatch")
 
 
 def _check_int(name: str, value) -> None:
