@@ -76,10 +76,11 @@ using transport::kPollsPerSlowCheck;
 // reporting a timeout, or if another thread already reported an error (so every waiter unwinds).
 // Call it from one lane and share the outcome: the data behind the counter is then read by the other
 // lanes after a __syncwarp (or a named barrier), which orders their reads after this acquire.
-__device__ __forceinline__ bool wait_at_least(const int* counter, int target, int64_t timeout_ns,
-                                              DeviceDiagnostics* diag, Phase phase, int rank, int peer,
-                                              int channel) {
-  int value = ld_acquire_sys(counter);
+// T is int (counters) or int64_t (epoch-tagged flags).
+template <typename T>
+__device__ __forceinline__ bool wait_at_least(const T* counter, T target, int64_t timeout_ns, DeviceDiagnostics* diag,
+                                              Phase phase, int rank, int peer, int channel) {
+  T value = ld_acquire_sys(counter);
   if (value >= target) return true;
   const uint64_t start = global_timer_ns();
   for (int polls = 1;; ++polls) {

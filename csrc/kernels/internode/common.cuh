@@ -59,19 +59,7 @@ struct Ctx {
   // One thread. Bounded wait until *flag >= target; reports a timeout naming `peer` and `channel`.
   __device__ __forceinline__ bool wait_flag(const int64_t* flag_ptr, int64_t target, Phase phase, int peer,
                                             int channel) const {
-    if (device::ld_acquire_sys(flag_ptr) >= target) return true;
-    const uint64_t start = device::global_timer_ns();
-    for (int polls = 1;; ++polls) {
-      const int64_t value = device::ld_acquire_sys(flag_ptr);
-      if (value >= target) return true;
-      if (polls % device::kPollsPerSlowCheck == 0) {
-        if (device::error_reported(p.diagnostics)) return false;
-        if (device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
-          device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, target, value);
-          return false;
-        }
-      }
-    }
+    return device::wait_at_least(flag_ptr, target, p.timeout_ns, p.diagnostics, phase, p.rank, peer, channel);
   }
 
   // One thread. Waits for one add to this rank's signal `idx`, then resets it (see the contract above).
