@@ -9,6 +9,7 @@
 #include "deep_ep/topology.hpp"
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/diagnostics.hpp"
+#include "kernels/common/host_counts.hpp"
 
 namespace deep_ep {
 
@@ -43,6 +44,11 @@ struct Buffer::Internals {
   bool poisoned = false;
   std::string poison_message;
 
+  // Where the next notify publishes its counts, with the next epoch.
+  HostCounts next_host_counts() {
+    return {&host_device->num_recv_tokens, host_device->num_recv_tokens_per_expert, &host_device->counts_ready,
+            ++counts_epoch};
+  }
   // Waits for the counts a notify kernel publishes (counts_ready == counts_epoch). The host waits
   // longer than the device: a device-side timeout, which names the peer, wins.
   void wait_for_notify_counts(Buffer& buffer, const char* op);

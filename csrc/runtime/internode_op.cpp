@@ -177,10 +177,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     n.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
     n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
     n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
-    n.host_num_recv_tokens = &in.host_device->num_recv_tokens;
-    n.host_num_recv_tokens_per_expert = in.host_device->num_recv_tokens_per_expert;
-    n.host_counts_ready = &in.host_device->counts_ready;
-    n.counts_epoch = ++in.counts_epoch;
+    n.host = in.next_host_counts();
     internode::launch_notify(peers, layout, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;

@@ -127,10 +127,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     n.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
     n.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
     n.recv_channel_prefix_matrix = recv_channel_prefix_matrix.ptr<int>();
-    n.host_num_recv_tokens = &in.host_device->num_recv_tokens;
-    n.host_num_recv_tokens_per_expert = in.host_device->num_recv_tokens_per_expert;
-    n.host_counts_ready = &in.host_device->counts_ready;
-    n.counts_epoch = ++in.counts_epoch;
+    n.host = in.next_host_counts();
     intranode::launch_notify(peers, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;

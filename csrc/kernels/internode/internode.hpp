@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "kernels/common/diagnostics.hpp"
+#include "kernels/common/host_counts.hpp"
 #include "kernels/internode/buffer_layout.hpp"
 
 namespace deep_ep::internode {
@@ -44,11 +45,7 @@ struct NotifyArgs {
   int* recv_rdma_rank_prefix_sum;        // [N]
   int* recv_gbl_channel_prefix_matrix;   // [R, C]
   int* recv_gbl_rank_prefix_sum;         // [R]
-  // Host-mapped: num_recv_tokens, num_recv_tokens_per_expert[L], then counts_ready = counts_epoch.
-  int* host_num_recv_tokens;
-  int* host_num_recv_tokens_per_expert;
-  volatile int* host_counts_ready;
-  int counts_epoch;
+  HostCounts host;  // host-mapped received counts
 };
 
 void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream);

@@ -157,19 +157,19 @@ __device__ void receive_counts(const Ctx& ctx, const NotifyArgs& a, int epoch) {
       node_sum += node_total[n];
       a.recv_rdma_rank_prefix_sum[n] = node_sum;
     }
-    *a.host_num_recv_tokens = sum;
+    *a.host.num_recv_tokens = sum;
   }
   // The forwarders of this node build send_nvl_head from the published copy.
   for (int i = threadIdx.x; i < R * C; i += blockDim.x) published[i] = a.recv_gbl_channel_prefix_matrix[i];
   for (int e = threadIdx.x; e < L; e += blockDim.x) {
     const int aligned = (expert_count[e] + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
-    a.host_num_recv_tokens_per_expert[e] = aligned;
+    a.host.num_recv_tokens_per_expert[e] = aligned;
   }
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
     device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_published()), int64_t(epoch) + 1);
-    *a.host_counts_ready = a.counts_epoch;
+    *a.host.ready = a.host.epoch;
     __threadfence_system();
   }
 }

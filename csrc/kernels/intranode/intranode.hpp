@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "kernels/common/diagnostics.hpp"
+#include "kernels/common/host_counts.hpp"
 #include "kernels/intranode/buffer_layout.hpp"
 
 namespace deep_ep::intranode {
@@ -38,11 +39,7 @@ struct NotifyArgs {
   int* rank_prefix_matrix;          // out [R, R]
   int* channel_prefix_matrix;       // out [R, C]: first position of channel c among my tokens to rank j
   int* recv_channel_prefix_matrix;  // out [R, C]: first row of (source i, channel c) inside source i's block
-  // Host-mapped: num_recv_tokens, num_recv_tokens_per_expert[L], then counts_ready = counts_epoch.
-  int* host_num_recv_tokens;
-  int* host_num_recv_tokens_per_expert;
-  volatile int* host_counts_ready;
-  int counts_epoch;
+  HostCounts host;  // host-mapped received counts
 };
 
 // Prologue + count exchange.

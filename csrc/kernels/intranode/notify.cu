@@ -60,17 +60,17 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Peers p, NotifyArgs
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int count = 0;
     for (int i = 0; i < R; ++i) count += device::ld_relaxed_sys(&control_of(p, i)->num_tokens_per_expert[me * L + l]);
-    a.host_num_recv_tokens_per_expert[l] = (count + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
+    a.host.num_recv_tokens_per_expert[l] = (count + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
   }
   if (threadIdx.x == 0) {
     int total = 0;
     for (int i = 0; i < R; ++i) total += device::ld_relaxed_sys(&control_of(p, i)->num_tokens_per_rank[me]);
-    *a.host_num_recv_tokens = total;
+    *a.host.num_recv_tokens = total;
   }
-  // The host reads the counts only after it sees counts_ready == counts_epoch.
+  // The host reads the counts only after it sees ready == epoch.
   __threadfence_system();
   __syncthreads();
-  if (threadIdx.x == 0) *a.host_counts_ready = a.counts_epoch;
+  if (threadIdx.x == 0) *a.host.ready = a.host.epoch;
 }
 
 }  // namespace
