@@ -161,12 +161,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
                   " ranks in this build; got a group of ", num_ranks_,
                   " on one host (set DEEP_EP_RANKS_PER_NODE to emulate several nodes)");
 
-  num_ranks_per_device_ = 0;
+  num_ranks_per_device_ = in.topology.ranks_per_device[rank_];
   in.peer_bases.assign(num_ranks_, nullptr);
   in.peer_is_ipc.assign(num_ranks_, false);
   for (int r = 0; r < num_ranks_; ++r) {
     const PeerInfo& p = peers[r];
-    if (std::memcmp(p.device_uuid, mine.device_uuid, sizeof(mine.device_uuid)) == 0) ++num_ranks_per_device_;
     const bool same_process = p.pid == mine.pid && std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
     const bool same_host = std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
     if (r == rank_ || same_process) {
