@@ -71,6 +71,10 @@ struct GinTransport {
                                  target, timeout_ns, abort_flag, observed);
   }
 
+  __device__ __forceinline__ uint64_t read_signal(int signal_idx) const {
+    return gin().readSignal(signal_id(signal_idx), 64, cuda::memory_order_acquire);
+  }
+
   __device__ __forceinline__ void reset_signal(int signal_idx) const { gin().resetSignal(signal_id(signal_idx)); }
 
  private:

@@ -17,8 +17,9 @@
 // Window. Every rank owns one window with the same layout, so a byte offset names the same place on
 // every rank. A put copies from this rank's window to a peer's window: a kernel stages what it sends
 // in its own window first (local_ptr gives the address). Offsets and sizes are multiples of 16 bytes.
-// `peer` is another rank of the group, 0 <= peer < num_ranks; a rank reaches its own window through
-// local_ptr, not through a put.
+// `peer` is a rank of the group, 0 <= peer < num_ranks. A rank reaches its own window through
+// local_ptr, not through a put; it may signal_add to its own signals like a peer (so one loop can
+// count an op done on every rank).
 //
 // Signals. Every rank owns an array of 64-bit signals, named by index. Peers only add to a rank's
 // signals; only the owner waits on (reads) and resets them. A signal only grows between resets, so
@@ -26,7 +27,8 @@
 //
 // Who calls what:
 //   put, put_with_signal, signal_add, flush  warp-collective: all 32 lanes, converged, same arguments
-//   wait_signal, local_ptr, direct_ptr       any single thread
+//   wait_signal, read_signal, local_ptr,     any single thread
+//   direct_ptr
 //   reset_signal                             one thread, while no peer can add to that signal (between
 //                                            two barriers of the op that owns it)
 //
@@ -47,6 +49,10 @@
 //       timeout_ns, or as soon as *abort_flag (checked every kPollsPerSlowCheck polls; may be null)
 //       is nonzero because another thread already gave up; *observed holds the last value read. The
 //       caller reports (first reporter wins) and unwinds.
+//   read_signal(signal_idx) -> uint64_t
+//       One acquire read of the local signal, with the same visibility as a successful wait. For
+//       protocols that compare with something other than a lower bound (a tag, an overrun), and
+//       bound the wait themselves.
 //   flush()
 //       Afterwards the source bytes of every earlier put of this warp may be overwritten. It does not
 //       say the bytes arrived: only a signal says that.
@@ -154,6 +160,10 @@ struct P2pTransport {
     const uint64_t* signal = signal_ptr(rank, signal_idx);
     return detail::wait_at_least([signal] { return detail::ld_acquire_sys(signal); }, target, timeout_ns, abort_flag,
                                  observed);
+  }
+
+  __device__ __forceinline__ uint64_t read_signal(int signal_idx) const {
+    return detail::ld_acquire_sys(signal_ptr(rank, signal_idx));
   }
 
   __device__ __forceinline__ void reset_signal(int signal_idx) const { *signal_ptr(rank, signal_idx) = 0; }

@@ -28,6 +28,7 @@ __global__ void exercise_transport(Transport transport, CheckArgs args) {
     uint64_t observed = 0;
     const bool reached = transport.wait_signal(args.signal_idx, args.target, args.timeout_ns, args.abort_flag, &observed);
     args.out[0] = reached ? observed : ~observed;
+    args.out[3] = transport.read_signal(args.signal_idx);
     transport.reset_signal(args.signal_idx);
     args.out[1] = reinterpret_cast<uintptr_t>(transport.local_ptr(args.dst_offset));
     args.out[2] = reinterpret_cast<uintptr_t>(transport.direct_ptr(args.peer, args.dst_offset));
