@@ -53,8 +53,12 @@ def dispatch_combine(ctx, rn, opts):
     routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
     worst = opts.get("worst", False)
     buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    round_sms = opts.get("round_num_sms")  # per round: a Config with that many SMs (channels), else the default
     for round_idx in range(opts.get("rounds", 1)):
         label = f"rank {ctx.rank} round {round_idx}"
+        config = {}
+        if round_sms:
+            config = dict(config=deep_ep.Config(round_sms[round_idx % len(round_sms)], 8, 32, 16, 256))
         num_tokens = _num_tokens(ctx, opts)
         x = make_x(num_tokens, hidden, fp8)
         topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
@@ -62,7 +66,7 @@ def dispatch_combine(ctx, rn, opts):
         layout = _layout(buffer, topk_idx, rn, label)
         in_rank = layout["is_token_in_rank"]
         num_worst = ctx.num_ranks * opts.get("num_tokens", 200) if worst else 0
-        kwargs = dict(layout, expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst)
+        kwargs = dict(layout, expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst, **config)
         if with_topk:
             kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
         if mode == "async":
@@ -89,7 +93,7 @@ def dispatch_combine(ctx, rn, opts):
             bias = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
         elif opts.get("bias", 0) == 2:
             bias = tuple(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))
-        combine_kwargs = {}
+        combine_kwargs = dict(config)
         if mode == "async":
             combine_kwargs.update(async_finish=True)
         elif mode == "previous_event":
@@ -113,7 +117,7 @@ def dispatch_combine(ctx, rn, opts):
 
         # Cached dispatch with the handle: same routing, fresh x.
         x2 = make_x(num_tokens, hidden, fp8)
-        cached = buffer.dispatch(x2, handle=handle)
+        cached = buffer.dispatch(x2, handle=handle, **config)
         assert cached[1] is None and cached[4] is None
         _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
                                          num_worst)
@@ -284,6 +288,8 @@ def cases(rank_counts):
                 add("all_minus_one_topk9_h4096", dispatch_combine,
                     dict(routing="all_minus_one", hidden=4096, num_topk=9))
                 add("topk9_multi_round", dispatch_combine, dict(hidden=4096, num_topk=9, rounds=3))
+                # Ops with other channel counts on one Buffer (the done counter must stay where it is).
+                add("num_sms_per_round", dispatch_combine, dict(hidden=2048, rounds=3, round_num_sms=(8, 6, 4)))
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)
             add("cuda_graph", cuda_graph)

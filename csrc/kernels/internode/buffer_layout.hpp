@@ -78,11 +78,15 @@ struct Layout {
     return 1 + num_channels + int64_t(num_ranks_per_node) * num_channels + int64_t(l) * kMaxLocalExperts + e;
   }
 
-  DEEP_EP_INTERNODE_HD int signal_meta(int n) const { return n; }
-  DEEP_EP_INTERNODE_HD int signal_dispatch(int n, int c) const { return num_nodes + n * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const { return num_nodes * (1 + num_channels) + n * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int signal_done() const { return num_nodes * (1 + 2 * num_channels); }
-  DEEP_EP_INTERNODE_HD int num_signals() const { return signal_done() + 1; }
+  // The done signal counts every op since the Buffer was made (never reset), so it keeps index 0 (the
+  // first 8 bytes of the window) whatever num_sms an op uses; the others are reset within their op.
+  DEEP_EP_INTERNODE_HD int signal_done() const { return 0; }
+  DEEP_EP_INTERNODE_HD int signal_meta(int n) const { return 1 + n; }
+  DEEP_EP_INTERNODE_HD int signal_dispatch(int n, int c) const { return 1 + num_nodes + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const {
+    return 1 + num_nodes * (1 + num_channels) + n * num_channels + c;
+  }
+  DEEP_EP_INTERNODE_HD int num_signals() const { return 1 + num_nodes * (1 + 2 * num_channels); }
 
   // Slot of (node n, channel c, row i) in rows / send_rows.
   DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int i) const { return (int64_t(n) * num_channels + c) * capacity + i; }

@@ -20,6 +20,7 @@
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/internode/common.cuh"
+#include "kernels/internode/internode_gin.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::internode {
@@ -56,7 +57,8 @@ __device__ __forceinline__ void source_rows(const CombineArgs& a, int s, int c, 
   count = prefix[c] - before;
 }
 
-__device__ void produce(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
+template <typename Transport>
+__device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
@@ -139,7 +141,8 @@ __device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int 
   }
 }
 
-__device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
+template <typename Transport>
+__device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
   const int P = num_producer_warps(Rn);
@@ -155,7 +158,7 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
   if (fw == 0 && lane == 0) abort_forward = 0;
   device::named_barrier(kForwardBarrier, F * 32);
   const int row_int4 = a.hidden * 2 / 16;
-  const Transport net = ctx.transport();
+  const Transport& net = ctx.net;
   const int64_t own_first_slot = static_cast<int64_t>(ctx.node) * C * l.capacity + static_cast<int64_t>(c) * l.capacity;
   // The partial of slot (n, c, i) goes to home rank (n, my local index), slot (my node, c, i): written in
   // place for the own node, straight into the home rank's window where the transport maps it, else staged
@@ -228,10 +231,13 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
       device::named_barrier(kForwardBarrier, F * 32);
     }
   }
-  // Every partial of this channel is written (and fenced) before any signal or put covers it.
+  // Every partial of this channel is written (and fenced) before any signal or put covers it: direct
+  // stores and staged put sources alike, by every forwarder warp, ordered by the barrier.
   __threadfence_system();
   device::named_barrier(kForwardBarrier, F * 32);
   if (abort_forward) return;
+  // combine_ready(my node, c) flag on this rank, or signal_combine(my node, c) on home rank (n, my
+  // local): one write or add per op, after every partial of channel c for that node.
   for (int n = fw; n < N; n += F) {
     const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
@@ -248,7 +254,8 @@ __device__ void forward(const Ctx& ctx, const CombineArgs& a, int64_t stride, in
   }
 }
 
-__device__ void home_sums(const Ctx& ctx, const CombineArgs& a, int epoch, int c) {
+template <typename Transport>
+__device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& a, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, C = l.num_channels;
   const int hw = threadIdx.x / 32, lane = device::lane_id();
@@ -301,9 +308,11 @@ __device__ void home_sums(const Ctx& ctx, const CombineArgs& a, int epoch, int c
   }
 }
 
-__global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, Layout layout, CombineArgs args,
-                                                                  int64_t ring_stride) {
-  const Ctx ctx(peers, layout);
+template <typename Transport>
+__global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, Layout layout,
+                                                                 const __grid_constant__ Transport net,
+                                                                 CombineArgs args, int64_t ring_stride) {
+  const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   const int c = blockIdx.x;
   if (static_cast<int>(threadIdx.x / 32) < num_producer_warps(layout.num_ranks_per_node)) {
@@ -316,14 +325,30 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(Peers peers, La
   end_op(ctx);
 }
 
-}  // namespace
-
-void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream) {
+template <typename Transport>
+void launch(const Peers& peers, const Layout& layout, const Transport& net, const CombineArgs& args,
+            cudaStream_t stream) {
   const int64_t ring_stride = combine_row_stride(args.hidden, args.num_topk);
-  combine_kernel<<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, args, ring_stride);
+  combine_kernel<Transport><<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, net, args, ring_stride);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
-int max_resident_combine_blocks_per_sm() { return device::resident_blocks_per_sm<combine_kernel>(kNumThreads); }
+}  // namespace
+
+// The transports combine is built for.
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream) {
+  launch(peers, layout, p2p_transport(peers, layout), args, stream);
+}
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args,
+                    const transport::GinTransport& gin, cudaStream_t stream) {
+  launch(peers, layout, gin, args, stream);
+}
+#endif
+
+int max_resident_combine_blocks_per_sm() {
+  return device::resident_blocks_per_sm<combine_kernel<transport::P2pTransport>>(kNumThreads);
+}
 
 }  // namespace deep_ep::internode

@@ -1,12 +1,19 @@
 // Device side shared by the internode kernels: where each rank's areas are, the bounded waits on
-// flags and signals, and the op bracket (wait for every rank's previous op; count this op done).
+// flags and signals, and the op bracket (wait for every rank's previous op; count this op done). The
+// kernels are templates over the transport (transport.cuh) that carries the bytes between nodes.
+//
+// Reach. A kernel dereferences bases[r] only for this rank and the ranks of its node (load/store over
+// NVLink, or the own GPU); with GIN, bases of other nodes are null. Every byte and signal for another
+// node goes through the transport: stored through direct_ptr where it maps the peer (P2P), else
+// staged in this rank's window and put. The own window is reached through the own base, which is the
+// transport's local_ptr.
 //
 // Memory-ordering contract of the flags (int64, NVLink area): a flag is written only by its owner,
 // with st.release.sys of the op's epoch + 1, after the writer's data is fenced at system scope; readers
 // of the owner's node poll it with ld.acquire.sys and then read the data it covers at L2 (.cg).
 // Values only grow between ops, so a flag left from an earlier op never satisfies a later wait.
-// Transport signals (RDMA window) carry exactly one add per op and are reset by their owner right after
-// its wait; the next add comes after the next op's start barrier, which follows that reset.
+// Transport signals carry exactly one add per op and are reset by their owner right after its wait;
+// the next add comes after the next op's start barrier, which follows that reset.
 #pragma once
 
 #include <cstdint>
@@ -18,21 +25,29 @@
 
 namespace deep_ep::internode {
 
-using Transport = transport::P2pTransport;
+// The P2P transport of an op, built on the host from the mapped bases (every rank's buffer is mapped
+// here; its signals live at the start of each rank's window).
+inline transport::P2pTransport p2p_transport(const Peers& p, const Layout& l) {
+  return transport::P2pTransport{p.bases, p.rdma_offset, l.signals_offset, p.rank};
+}
 
+template <typename Transport>
 struct Ctx {
   Peers p;
   Layout l;
+  // Every access to another node's window or signals. The kernel's __grid_constant__ parameter: read
+  // in place, never copied (GIN keeps references into it for the whole kernel).
+  const Transport& net;
   int node, local;  // this rank's node and index inside it
 
-  __device__ __forceinline__ Ctx(const Peers& peers, const Layout& layout) : p(peers), l(layout) {
+  __device__ __forceinline__ Ctx(const Peers& peers, const Layout& layout, const Transport& transport)
+      : p(peers), l(layout), net(transport) {
     node = p.rank / l.num_ranks_per_node;
     local = p.rank % l.num_ranks_per_node;
   }
-  __device__ __forceinline__ Transport transport() const {
-    return Transport{p.bases, p.rdma_offset, l.signals_offset, p.rank};
-  }
   __device__ __forceinline__ int rank_of(int n, int lr) const { return n * l.num_ranks_per_node + lr; }
+
+  // Pointers into rank r's buffer: r must be this rank or a rank of this node (see "Reach" above).
   __device__ __forceinline__ char* rdma(int r) const { return p.bases[r] + p.rdma_offset; }
   __device__ __forceinline__ char* nvl(int r) const { return p.bases[r] + p.nvl_offset; }
   __device__ __forceinline__ int64_t* flag(int r, int idx) const {
@@ -64,27 +79,26 @@ struct Ctx {
 
   // One thread. Waits for one add to this rank's signal `idx`, then resets it (see the contract above).
   __device__ __forceinline__ bool wait_signal_once(int idx, Phase phase, int peer, int channel) const {
-    const Transport t = transport();
     uint64_t observed = 0;
-    if (!t.wait_signal(idx, 1, p.timeout_ns, &p.diagnostics->claimed, &observed)) {
+    if (!net.wait_signal(idx, 1, p.timeout_ns, &p.diagnostics->claimed, &observed)) {
       device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, 1, static_cast<long long>(observed));
       return false;
     }
-    t.reset_signal(idx);
+    net.reset_signal(idx);
     return true;
   }
 };
 
 // Start of every internode kernel: the op's epoch, after every rank has finished the previous op
 // (each rank adds 1 to every rank's done signal when its kernel ends). The whole block calls it.
-__device__ __forceinline__ int begin_op(const Ctx& ctx) {
+template <typename Transport>
+__device__ __forceinline__ int begin_op(const Ctx<Transport>& ctx) {
   __shared__ int epoch_shared;
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&ctx.control()->internode_ops);
-    const Transport t = ctx.transport();
     uint64_t observed = 0;
     const uint64_t target = static_cast<uint64_t>(epoch) * ctx.p.num_ranks;
-    if (!t.wait_signal(ctx.l.signal_done(), target, ctx.p.timeout_ns, &ctx.p.diagnostics->claimed, &observed)) {
+    if (!ctx.net.wait_signal(ctx.l.signal_done(), target, ctx.p.timeout_ns, &ctx.p.diagnostics->claimed, &observed)) {
       // The slowest rank is unknown here; name the count instead.
       device::report(ctx.p.diagnostics, Phase::kInternodeBarrier, true, ctx.p.rank, -1, -1, -1,
                      static_cast<long long>(target), static_cast<long long>(observed));
@@ -97,7 +111,15 @@ __device__ __forceinline__ int begin_op(const Ctx& ctx) {
 
 // End of every internode kernel (whole block, after its last access to any rank's memory): the last
 // block to arrive bumps the epoch and tells every rank that this rank is done with the op.
-__device__ __forceinline__ void end_op(const Ctx& ctx) {
+//
+// Done signal (never reset, so it counts num_ranks per op): every rank, this one included, adds 1 to
+// every rank's signal_done once per op, through the transport (its release covers the own signal
+// too). Every block fences at system scope before it counts its arrival and the last block adds only
+// after seeing every arrival, so a rank that reads epoch * num_ranks in begin_op may overwrite any
+// area the previous op used on any rank. That covers put sources too: a peer adds done only after it
+// waited for the signals of this rank's puts to it, which arrive after the bytes were read here.
+template <typename Transport>
+__device__ __forceinline__ void end_op(const Ctx<Transport>& ctx) {
   __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -112,16 +134,9 @@ __device__ __forceinline__ void end_op(const Ctx& ctx) {
   }
   __syncthreads();
   if (!is_last || threadIdx.x >= 32) return;
-  const Transport t = ctx.transport();
-  for (int r = 0; r < ctx.p.num_ranks; ++r) {
-    if (r != ctx.p.rank) {
-      t.signal_add(r, ctx.l.signal_done(), 1);
-    } else if (device::lane_id() == 0) {
-      // This rank's own signal: a release add through the local pointer, as a peer's would be.
-      transport::detail::red_add_release_sys(
-          reinterpret_cast<uint64_t*>(ctx.rdma(r) + ctx.l.signals_offset) + ctx.l.signal_done(), 1);
-    }
-  }
+  // Starting after this rank staggers the ranks' adds over the peers' signals.
+  for (int i = 1; i <= ctx.p.num_ranks; ++i)
+    ctx.net.signal_add((ctx.p.rank + i) % ctx.p.num_ranks, ctx.l.signal_done(), 1);
 }
 
 __device__ __forceinline__ int warp_inclusive_scan(int v) {

@@ -14,6 +14,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/internode/common.cuh"
+#include "kernels/internode/internode_gin.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::internode {
@@ -37,7 +38,8 @@ __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int 
   return mask;
 }
 
-__device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
+template <typename Transport>
+__device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
   const int R = ctx.p.num_ranks, N = l.num_nodes, Rn = l.num_ranks_per_node;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
@@ -66,7 +68,7 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
   // A row for node n lands in forwarder (n, my local index), slot (my node, head). The own node's rows
   // are written in place; other nodes' rows too where the transport maps the forwarder's window
   // (P2P), else they are staged in send_rows and put below.
-  const Transport net = ctx.transport();
+  const Transport& net = ctx.net;
   const int64_t own_first_slot = static_cast<int64_t>(ctx.node) * l.num_channels * l.capacity;
   for (int t = begin + warp; t < end; t += kNumSenderWarps) {
     const int64_t* topk = a.topk_idx ? a.topk_idx + static_cast<int64_t>(t) * a.num_topk : nullptr;
@@ -99,10 +101,14 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
       }
     }
   }
-  // Own-node slots are read by the node's ranks after the flag; the others are covered by the signal.
+  // Own-node slots are read by the node's ranks after the flag; the others are covered by the signal
+  // (direct stores count as puts of the storing thread once fenced and ordered before the signalling
+  // warp by the barrier; staged rows are a put's source, written before the barrier).
   __threadfence_system();
   device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
+  // data_ready(my node, c) flag on this rank, or signal_dispatch(my node, c) on forwarder (n, my local):
+  // one write or add per op, after every row of channel c for that node.
   for (int n = warp; n < N; n += kNumSenderWarps) {
     const int* prefix = a.rdma_channel_prefix_matrix + n * l.num_channels;
     const int count = prefix[c] - (c > 0 ? prefix[c - 1] : 0);
@@ -121,7 +127,8 @@ __device__ void send(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl,
   }
 }
 
-__device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
+template <typename Transport>
+__device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
   const int fw = threadIdx.x / 32, lane = device::lane_id();
@@ -172,7 +179,8 @@ __device__ void forward(const Ctx& ctx, const DispatchArgs& a, const RowLayout& 
   }
 }
 
-__device__ void receive(const Ctx& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
+template <typename Transport>
+__device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
   const int C = l.num_channels, Rn = l.num_ranks_per_node, R = ctx.p.num_ranks;
   const int rw = threadIdx.x / 32 - kFirstReceiverWarp, lane = device::lane_id();
@@ -236,8 +244,11 @@ __device__ void receive(const Ctx& ctx, const DispatchArgs& a, const RowLayout& 
   }
 }
 
-__global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Peers peers, Layout layout, DispatchArgs args) {
-  const Ctx ctx(peers, layout);
+template <typename Transport>
+__global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Peers peers, Layout layout,
+                                                                  const __grid_constant__ Transport net,
+                                                                  DispatchArgs args) {
+  const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   const RowLayout rl = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
   const int c = blockIdx.x;
@@ -250,15 +261,29 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(Peers peers, L
   end_op(ctx);
 }
 
-}  // namespace
-
-void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream) {
-  dispatch_kernel<<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, args);
+template <typename Transport>
+void launch(const Peers& peers, const Layout& layout, const Transport& net, const DispatchArgs& args,
+            cudaStream_t stream) {
+  dispatch_kernel<Transport><<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, net, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
+}  // namespace
+
+// The transports dispatch is built for.
+void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream) {
+  launch(peers, layout, p2p_transport(peers, layout), args, stream);
+}
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args,
+                     const transport::GinTransport& gin, cudaStream_t stream) {
+  launch(peers, layout, gin, args, stream);
+}
+#endif
+
 int max_resident_blocks_per_sm() {
-  const int dispatch = device::resident_blocks_per_sm<dispatch_kernel>(kNumThreads);
+  const int dispatch = device::resident_blocks_per_sm<dispatch_kernel<transport::P2pTransport>>(kNumThreads);
   const int combine = max_resident_combine_blocks_per_sm();
   return dispatch < combine ? dispatch : combine;
 }

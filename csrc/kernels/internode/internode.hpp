@@ -23,10 +23,14 @@
 
 namespace deep_ep::internode {
 
-// Everything a kernel needs to reach the other ranks. Peers on other nodes are reached through the
-// transport (P2P today: every rank's buffer is mapped here); peers of this node by load/store.
+// Everything a kernel needs to reach the other ranks. Peers on other nodes are reached only through
+// the transport; peers of this node by load/store through their bases. The launchers below drive the
+// P2P transport (every rank's buffer is mapped here, also for emulated nodes); internode_gin.cuh
+// declares the GIN ones.
 struct Peers {
-  char** bases;              // device array [R]: each rank's buffer (control region first)
+  // Device array [R]: each rank's buffer (control region first) as mapped here. Only this rank's and
+  // its node's entries are dereferenced; with GIN the other nodes' entries are null.
+  char** bases;
   int64_t nvl_offset;        // where the NVLink payload starts inside each buffer
   int64_t rdma_offset;       // where the RDMA payload (the transport window) starts
   int rank, num_ranks, num_nodes, num_ranks_per_node;

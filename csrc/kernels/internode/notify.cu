@@ -7,6 +7,7 @@
 // per-expert counts and the received count for the host.
 #include "deep_ep/error.hpp"
 #include "kernels/internode/common.cuh"
+#include "kernels/internode/internode_gin.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::internode {
@@ -15,7 +16,8 @@ namespace {
 
 constexpr int kNumWarps = kNumThreads / 32;
 
-__device__ void send_counts(const Ctx& ctx, const NotifyArgs& a, int epoch, int dest_node) {
+template <typename Transport>
+__device__ void send_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, int epoch, int dest_node) {
   const Layout& l = ctx.l;
   const int R = ctx.p.num_ranks, Rn = l.num_ranks_per_node, C = l.num_channels;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
@@ -49,7 +51,8 @@ __device__ void send_counts(const Ctx& ctx, const NotifyArgs& a, int epoch, int 
     meta[l.meta_expert_count(lr, e)] = a.num_tokens_per_expert[(dest_node * Rn + lr) * L + e];
   }
   if (threadIdx.x == 0) meta[0] = a.num_tokens;
-  // Node-mates read the record after the flag below (own node) or after the put's signal.
+  // Node-mates read the record after the flag below (own node); the forwarder of node dest_node after
+  // the put's signal (the fence also orders these stores before the NIC reads them).
   __threadfence_system();
   __syncthreads();
 
@@ -79,15 +82,17 @@ __device__ void send_counts(const Ctx& ctx, const NotifyArgs& a, int epoch, int 
     if (to_self) {
       if (lane == 0) device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_meta_ready(ctx.node)), int64_t(epoch) + 1);
     } else {
-      ctx.transport().put_with_signal(ctx.rank_of(dest_node, ctx.local),
-                                      l.meta_offset + int64_t(ctx.node) * l.meta_bytes(),
-                                      l.meta_send_offset + int64_t(dest_node) * l.meta_bytes(), l.meta_bytes(),
-                                      l.signal_meta(ctx.node), 1);
+      // Another node: staged in meta_send (written by every warp before the barrier above) and put.
+      // signal_meta(my node) on the forwarder: one add per op, after the record's bytes.
+      ctx.net.put_with_signal(ctx.rank_of(dest_node, ctx.local), l.meta_offset + int64_t(ctx.node) * l.meta_bytes(),
+                              l.meta_send_offset + int64_t(dest_node) * l.meta_bytes(), l.meta_bytes(),
+                              l.signal_meta(ctx.node), 1);
     }
   }
 }
 
-__device__ void receive_counts(const Ctx& ctx, const NotifyArgs& a, int epoch) {
+template <typename Transport>
+__device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, int epoch) {
   const Layout& l = ctx.l;
   const int R = ctx.p.num_ranks, N = l.num_nodes, C = l.num_channels;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
@@ -174,8 +179,11 @@ __device__ void receive_counts(const Ctx& ctx, const NotifyArgs& a, int epoch) {
   }
 }
 
-__global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(Peers peers, Layout layout, NotifyArgs args) {
-  const Ctx ctx(peers, layout);
+template <typename Transport>
+__global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(Peers peers, Layout layout,
+                                                                const __grid_constant__ Transport net,
+                                                                NotifyArgs args) {
+  const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   if (static_cast<int>(blockIdx.x) < layout.num_nodes) {
     send_counts(ctx, args, epoch, blockIdx.x);
@@ -185,15 +193,29 @@ __global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(Peers peers, Lay
   end_op(ctx);
 }
 
-}  // namespace
-
-void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream) {
+template <typename Transport>
+void launch(const Peers& peers, const Layout& layout, const Transport& net, const NotifyArgs& args,
+            cudaStream_t stream) {
   DEEP_EP_CHECK(layout.num_ranks_per_node <= 32 && layout.num_nodes <= kMaxInternodeNodes &&
                     peers.num_ranks <= kMaxInternodeRanks,
                 "internode notify supports at most 32 ranks per node, ", kMaxInternodeNodes, " nodes and ",
                 kMaxInternodeRanks, " ranks");
-  notify_kernel<<<layout.num_nodes + 1, kNumThreads, 0, stream>>>(peers, layout, args);
+  notify_kernel<Transport><<<layout.num_nodes + 1, kNumThreads, 0, stream>>>(peers, layout, net, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
+
+}  // namespace
+
+// The transports notify is built for.
+void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream) {
+  launch(peers, layout, p2p_transport(peers, layout), args, stream);
+}
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args,
+                   const transport::GinTransport& gin, cudaStream_t stream) {
+  launch(peers, layout, gin, args, stream);
+}
+#endif
 
 }  // namespace deep_ep::internode

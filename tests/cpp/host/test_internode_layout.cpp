@@ -39,6 +39,14 @@ TEST(InternodeLayout, SignalsAreDistinctAndInRange) {
   }
 }
 
+TEST(InternodeLayout, DoneSignalStaysPutAcrossConfigs) {
+  // The done signal counts ops for the Buffer's lifetime: ops with other num_sms (channels), capacity or
+  // rows must find it at the same byte of the window.
+  const auto a = internode::Layout::make(2, 8, 8, 256, 7680);
+  const auto b = internode::Layout::make(2, 8, 24, 64, 15360);
+  EXPECT_EQ(a.signals_offset + 8 * a.signal_done(), b.signals_offset + 8 * b.signal_done());
+}
+
 TEST(InternodeLayout, FlagsAreDistinctAndInRange) {
   for (const Shape& s : kShapes) {
     const Layout l = Layout::make(s.nodes, s.ranks_per_node, s.channels, s.capacity, 1024);
