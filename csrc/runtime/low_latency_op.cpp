@@ -61,10 +61,11 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(b.options().low_latency_mode, op, " needs a Buffer created with low_latency_mode=True");
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
-  // Low-latency kernels reach every peer by load/store (NVLink, one GPU, or emulated nodes on one host).
+  // Peers on other nodes (or all peers without NVLink) go through the transport; the P2P transport, the
+  // only one these kernels are built with, needs every peer's buffer mapped (one host, or emulated nodes).
   const int unmapped = b.internals().first_unmapped_peer();
   DEEP_EP_CHECK(unmapped < 0, op, ": rank ", b.rank(), " cannot reach peer rank ", unmapped,
-                " by load/store (another host); low-latency mode over a network transport is not in this build");
+                " (another host): the low-latency kernels of this build drive the P2P transport only");
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);
@@ -97,7 +98,7 @@ void check_handle(const LowLatencyHandle& h, const Geometry& g, int device) {
 int num_blocks_of(Buffer& b) {
   const int per_device = b.num_ranks_per_device();
   const int capacity = b.num_device_sms() * std::max(1, low_latency::max_resident_blocks_per_sm());
-  const int blocks = std::min(b.num_device_sms(), capacity) / per_device;
+  const int blocks = std::min(std::min(b.num_device_sms(), capacity) / per_device, low_latency::kMaxLowLatencyBlocks);
   DEEP_EP_CHECK(blocks >= 1, "low-latency kernels need one resident block per rank: ", per_device,
                 " ranks share cuda:", b.device(), ", which holds ", capacity, " blocks");
   return blocks;
@@ -109,6 +110,10 @@ low_latency::Peers peers_of(const Buffer& b, Buffer::Internals& in, const Geomet
   p.half_offset = in.rdma_payload_offset + half * g.layout.bytes;
   p.rank = b.rank();
   p.num_ranks = b.num_ranks();
+  p.num_ranks_per_node = b.num_ranks_per_node();
+  p.allow_nvlink = b.options().allow_nvlink_for_low_latency_mode;
+  // Same rule as the kernels' via_transport: another node, or any other rank without NVLink.
+  p.any_via_transport = b.num_nodes() > 1 || (!p.allow_nvlink && b.num_ranks() > 1);
   p.half = half;
   p.enable_shrink = b.options().enable_shrink;
   p.diagnostics = in.device_diagnostics();
@@ -306,8 +311,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   DEEP_EP_CUDA_CHECK(cudaMemset(&control->ll_combine_rows_done, 0, sizeof(control->ll_combine_rows_done)));
   for (int half = 0; half < 2; ++half) {
     char* base = in.local_base + in.rdma_payload_offset + half * g.layout.bytes;
-    DEEP_EP_CUDA_CHECK(cudaMemset(base + g.layout.dispatch_signal_offset, 0,
-                                  g.layout.bytes - g.layout.dispatch_signal_offset));
+    DEEP_EP_CUDA_CHECK(cudaMemset(base + g.layout.signals_offset, 0, g.layout.bytes - g.layout.signals_offset));
   }
   DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
   in.ll_next_half = 0;

@@ -25,12 +25,17 @@ SMALL_HIDDEN = 2048        # cases whose subject is not the row size; keeps the 
 os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
 
 
+# Set by without_nvlink: every peer is then reached through the transport, as V1 does with
+# allow_nvlink_for_low_latency_mode=False.
+_ALLOW_NVLINK = True
+
+
 def _buffer(ctx, group, hidden, enable_shrink=False):
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(NUM_MAX_TOKENS, hidden, ctx.num_ranks,
                                                                     NUM_EXPERTS)
     return deep_ep.Buffer(group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
                           num_qps_per_rank=NUM_EXPERTS // ctx.num_ranks, explicitly_destroy=True,
-                          enable_shrink=enable_shrink)
+                          enable_shrink=enable_shrink, allow_nvlink_for_low_latency_mode=_ALLOW_NVLINK)
 
 
 def _geometry(ctx):
@@ -414,6 +419,14 @@ def on_emulated_nodes(ctx, num_ranks_per_node, case_name, *args):
     return globals()[case_name](ctx, *args)
 
 
+def without_nvlink(ctx, case_name, *args):
+    """Runs a case with allow_nvlink_for_low_latency_mode=False: every peer, not only those on other
+    nodes, is then reached through the transport (staged puts, added signals)."""
+    global _ALLOW_NVLINK
+    _ALLOW_NVLINK = False
+    return globals()[case_name](ctx, *args)
+
+
 def cases(rank_counts):
     out = []
     heavy, light = 300, 180
@@ -447,8 +460,25 @@ def cases(rank_counts):
         base = f"low_latency/2x{r // 2}"
         for name, fn, args in (("bf16", "dispatch_combine", (dict(use_fp8=False),)), ("fp8", "dispatch_combine", (dict(),)),
                                ("hook", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, mode="hook"),)),
-                               ("cuda_graph", "cuda_graph", (dict(),)), ("mask", "mask_rank", (dict(),))):
+                               ("logfmt_zero_copy", "dispatch_combine",
+                                (dict(hidden=SMALL_HIDDEN, combine=("logfmt", "zero_copy", "zero_copy_v1")),)),
+                               ("fewer_tokens", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, fewer_tokens=True),)),
+                               ("two_micro_batches", "two_micro_batches", (dict(),)),
+                               ("cuda_graph", "cuda_graph", (dict(),)), ("mask", "mask_rank", (dict(),)),
+                               ("auto_mask", "auto_mask", (dict(),))):
             out.append((f"{base}/{name}", on_emulated_nodes, r, (r // 2, fn, *args), heavy))
+    for r in rank_counts:
+        if r not in (2, 4):
+            continue
+        base = f"low_latency/r{r}_no_nvlink"
+        for name, fn, args in (("bf16", "dispatch_combine", (dict(use_fp8=False),)),
+                               ("fp8_ue8m0", "dispatch_combine", (dict(round_scale=True, use_ue8m0=True),)),
+                               ("hook_logfmt_zero_copy", "dispatch_combine",
+                                (dict(hidden=SMALL_HIDDEN, mode="hook", combine=("logfmt", "zero_copy", "zero_copy_v1")),)),
+                               ("minus_one", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, drop_prob=0.5, num_empty_tokens=1),)),
+                               ("odd_hidden", "dispatch_combine", (dict(hidden=1152, fewer_tokens=True),)),
+                               ("rounds_200", "many_rounds", (200,))):
+            out.append((f"{base}/{name}", without_nvlink, r, (fn, *args), heavy))
     valid = [r for r in rank_counts if r >= 2 and NUM_EXPERTS % r == 0]
     if valid:
         out.append((f"low_latency/r{min(valid)}/bad_input", bad_input, min(valid), ({},), light))

@@ -1,13 +1,24 @@
 // Layout of the low-latency (decode) buffer inside a rank's RDMA payload: two identical halves used
 // alternately, so that two results can be held at once (spec section 8). Each half holds:
-//   dispatch receive slots [L][R][M]: a slot per (local expert, source rank, source position), written
-//     by the source with plain stores, so no atomics are needed to place a token. A slot is
-//     [payload: bf16 row, or FP8 row | float32 scales at byte 2H | 16-byte metadata {token, top-k slot}];
+//   dispatch receive slots [L][R][M]: a slot per (local expert, source rank, source position), so no
+//     atomics are needed to place a token. A slot is [payload: bf16 row, or FP8 row | float32 scales
+//     at byte 2H | 16-byte metadata {token, top-k slot}];
 //   combine receive rows [M][min(E, kNumMaxTopk)]: one row per (token, top-k slot) of this rank, bf16
 //     or LogFMT, written by the expert's rank;
-//   signals, each written by one peer: dispatch [L][R] and combine [R], 64-bit
-//     (epoch << 32 | row count) so that a signal left over from an earlier call never matches;
-//   dispatch send counters [E], int32, used only by the owner: row halves it has stored per expert.
+//   dispatch send slots [M] and their metadata [M][kNumMaxTopk] (one per destination): where a token is
+//     staged (quantized once) before the transport puts it to peers reached through the transport (the
+//     combine stages its rows in the dispatch slots of its own half instead, where a zero-copy
+//     combine's rows already are);
+//   signals, 64-bit, one transport signal array (index functions below), each written by one peer:
+//     counts, dispatch [L][R] and combine [R], carrying (epoch << 32 | row count) so that a value left
+//     from an earlier call never matches; arrivals, dispatch [L][R] and combine [R], which only grow:
+//     each put of rows through the transport adds to its arrivals signal;
+//   receiver state: arrival units consumed so far per dispatch source [L][R] and per (combine block,
+//     source) [kMaxBlocks][R], uint64; the next op waits for "consumed + what its count announces";
+//   sender state: the last value this rank gave each of its count signals at a peer, dispatch [E] and
+//     combine [R], uint64: a transport only adds, so setting a tagged value means adding the difference;
+//   dispatch send counters [E], int32, used only by the owner: row parts it has sent per expert.
+// Everything from signals_offset to the end is zeroed by clean_low_latency_buffer.
 #pragma once
 
 #include <algorithm>
@@ -16,7 +27,22 @@
 #include "deep_ep/config.hpp"
 #include "kernels/intranode/buffer_layout.hpp"
 
+// Host and device both use the signal index functions; plain C++ compilers see ordinary inline functions.
+#ifdef __CUDACC__
+#define DEEP_EP_LOW_LATENCY_HD __host__ __device__
+#else
+#define DEEP_EP_LOW_LATENCY_HD
+#endif
+
 namespace deep_ep::low_latency {
+
+// Blocks of one rank's low-latency grid, at most (one per SM): the combine receive keeps one consumed
+// counter per (block, source).
+constexpr int kMaxLowLatencyBlocks = 256;
+
+// A row put through the transport adds kRowArrivalUnits / parts to its arrivals signal, where parts
+// (1..16, see dispatch.cu) is how many warps share the row: a row counts the same whatever its split.
+constexpr uint64_t kRowArrivalUnits = 720720;  // divisible by every integer 1..16
 
 struct HalfLayout {
   int64_t dispatch_scales_offset;  // inside a slot
@@ -24,14 +50,34 @@ struct HalfLayout {
   int64_t dispatch_slot_bytes;
   int64_t combine_row_bytes;       // bf16 row; a LogFMT row is smaller
   int64_t combine_slots_per_token; // min(E, kNumMaxTopk)
-  int64_t dispatch_offset, combine_offset, dispatch_signal_offset, combine_signal_offset, send_done_offset;
+  int64_t dispatch_offset, combine_offset, dispatch_send_offset, dispatch_send_meta_offset, signals_offset;
+  int64_t dispatch_consumed_offset, combine_consumed_offset, dispatch_mirror_offset, combine_mirror_offset;
+  int64_t send_done_offset;
   int64_t bytes;
+  int num_local_experts, num_ranks;
+
+  // Transport signal indices (uint64 at signals_offset + 8 * index). Counts are written by tagged
+  // values, arrivals by adds of row units; `source` is the writing rank.
+  DEEP_EP_LOW_LATENCY_HD int dispatch_count_signal(int local_expert, int source) const {
+    return local_expert * num_ranks + source;
+  }
+  DEEP_EP_LOW_LATENCY_HD int combine_count_signal(int source) const { return num_local_experts * num_ranks + source; }
+  DEEP_EP_LOW_LATENCY_HD int dispatch_arrivals_signal(int local_expert, int source) const {
+    return (num_local_experts + 1) * num_ranks + local_expert * num_ranks + source;
+  }
+  DEEP_EP_LOW_LATENCY_HD int combine_arrivals_signal(int source) const {
+    return (2 * num_local_experts + 1) * num_ranks + source;
+  }
+  DEEP_EP_LOW_LATENCY_HD int num_signals() const { return 2 * (num_local_experts + 1) * num_ranks; }
 
   static HalfLayout make(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                          int64_t num_experts) {
     using intranode::align_up;
     HalfLayout l{};
+    const int64_t M = num_max_dispatch_tokens_per_rank;
     const int64_t local_experts = num_experts / num_ranks;
+    l.num_local_experts = static_cast<int>(local_experts);
+    l.num_ranks = static_cast<int>(num_ranks);
     l.combine_slots_per_token = std::min<int64_t>(num_experts, kNumMaxTopk);
     l.dispatch_scales_offset = hidden * 2;
     l.dispatch_meta_offset = align_up(hidden * 2 + hidden / 128 * 4, 16);
@@ -39,12 +85,22 @@ struct HalfLayout {
     l.combine_row_bytes = hidden * 2;
     int64_t off = 0;
     l.dispatch_offset = off;
-    off = align_up(off + local_experts * num_ranks * num_max_dispatch_tokens_per_rank * l.dispatch_slot_bytes, 128);
+    off = align_up(off + local_experts * num_ranks * M * l.dispatch_slot_bytes, 128);
     l.combine_offset = off;
-    off = align_up(off + num_max_dispatch_tokens_per_rank * l.combine_slots_per_token * l.combine_row_bytes, 128);
-    l.dispatch_signal_offset = off;
+    off = align_up(off + M * l.combine_slots_per_token * l.combine_row_bytes, 128);
+    l.dispatch_send_offset = off;
+    off = align_up(off + M * l.dispatch_slot_bytes, 128);
+    l.dispatch_send_meta_offset = off;
+    off = align_up(off + M * kNumMaxTopk * 16, 128);
+    l.signals_offset = off;
+    off = align_up(off + int64_t(l.num_signals()) * 8, 128);
+    l.dispatch_consumed_offset = off;
     off = align_up(off + local_experts * num_ranks * 8, 128);
-    l.combine_signal_offset = off;
+    l.combine_consumed_offset = off;
+    off = align_up(off + int64_t(kMaxLowLatencyBlocks) * num_ranks * 8, 128);
+    l.dispatch_mirror_offset = off;
+    off = align_up(off + num_experts * 8, 128);
+    l.combine_mirror_offset = off;
     off = align_up(off + num_ranks * 8, 128);
     l.send_done_offset = off;
     off = align_up(off + num_experts * 4, 128);

@@ -74,13 +74,15 @@ __device__ __forceinline__ void decode_octet(const char* group_base, int octet_i
   for (int c = 0; c < 8; ++c) f[c] = logfmt_decode_value(codes[c], header.x, header.y);
 }
 
-__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int r);
+__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
+                                 int tag, int r);
 
 __device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int* row_prefix,
                          int* rank_ends, int warp, int lane) {
   const int R = p.num_ranks, L = a.num_local_experts, H = a.hidden;
   const int64_t S = static_cast<int64_t>(R) * a.num_max_tokens;
   ControlRegion* mine = control_of(p, p.rank);
+  const Transport net = transport_of(p, lay);
   // Rows of expert l: ranks' blocks are contiguous and in rank order, so the last one ends them.
   if (warp == 0) {
     int carry = 0;
@@ -126,12 +128,20 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArg
     if (is_masked(p, r)) continue;
     const int token = a.src_info[l * S + i];
     const int k = a.src_info[L * S + l * S + i];
-    char* dst = half_of(p, r) + lay.combine_offset +
-                (static_cast<int64_t>(token) * lay.combine_slots_per_token + k) * lay.combine_row_bytes;
+    const int64_t dst_offset =
+        lay.combine_offset + (static_cast<int64_t>(token) * lay.combine_slots_per_token + k) * lay.combine_row_bytes;
+    const bool remote = via_transport(p, r);
+    // A transport home rank gets the row from this rank's dispatch slot (l, i) of the same half, where a
+    // zero-copy combine's rows already are (no peer dispatches into this half before this send is done).
+    const int64_t staged_offset = lay.dispatch_offset + (l * S + i) * lay.dispatch_slot_bytes;
+    char* dst = remote ? half_of(p, p.rank) + staged_offset : half_of(p, r) + dst_offset;
     const int4* src = reinterpret_cast<const int4*>(a.x + l * a.x_expert_stride + i * a.x_row_stride);
     if (!a.use_logfmt) {
-      device::warp_copy<8>(reinterpret_cast<int4*>(dst), src, num_octets, lane, device::ld_input);
+      if (reinterpret_cast<const char*>(src) != dst)
+        device::warp_copy<8>(reinterpret_cast<int4*>(dst), src, num_octets, lane, device::ld_input);
     } else {
+      // In place (zero copy) is safe too: a pass reads its 32 octets before it writes, and writes below
+      // the next pass's first source byte (88 encoded bytes per 128 read).
       for (int base = 0; base < num_octets; base += 32) {
         const int octet = base + lane;
         const bool valid = octet < num_octets;
@@ -140,6 +150,12 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArg
                      valid);
       }
     }
+    if (remote) {
+      __syncwarp();  // the put reads the staged row through other lanes than those that wrote it
+      const int64_t row_bytes = a.use_logfmt ? static_cast<int64_t>(H / kLogfmtGroup) * kLogfmtGroupBytes
+                                             : static_cast<int64_t>(H) * 2;
+      net.put_with_signal(r, dst_offset, staged_offset, row_bytes, lay.combine_arrivals_signal(p.rank), 1);
+    }
     if (lane == r) ++rows_to_lane_rank;
   }
   // Rows before counts: every lane fences its own stores at system scope, then the adds are made.
@@ -147,41 +163,55 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArg
   __syncwarp();
   if (lane < R && rows_to_lane_rank > 0) atomicAdd(&mine->ll_combine_rows_done[p.half][lane], rows_to_lane_rank);
 
-  if (global_warp < R && lane == 0 && !is_masked(p, global_warp)) signal_home_rank(p, lay, a, tag, global_warp);
-  __syncwarp();  // lane 0 may have spun above; the receive's block barriers need the warp converged
+  if (global_warp < R && !is_masked(p, global_warp)) signal_home_rank(p, lay, net, a, tag, global_warp);
+  // A later op may overwrite the staged rows: no put of this warp may still be reading them.
+  if (p.any_via_transport) net.flush();
 }
 
-// Lane 0 of global warp r: once every warp's rows to home rank r are counted, release r's signal.
-__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int r) {
+// Global warp r: once every warp's rows to home rank r are counted, set r's count signal.
+__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
+                                 int tag, int r) {
   const int R = p.num_ranks, L = a.num_local_experts;
   int expected = 0;
   for (int l = 0; l < L; ++l) expected += static_cast<int>(a.layout_range[l * R + r] & 0xffffffff);
   int* done = &control_of(p, p.rank)->ll_combine_rows_done[p.half][r];
-  // Local warps only; the bound is a safety net against a bug, not a peer.
-  const uint64_t start = device::global_timer_ns();
-  for (int polls = 1; device::ld_acquire_gpu(done) < expected; ++polls) {
-    if (polls % device::kPollsPerSlowCheck == 0 &&
-        device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
-      device::report(p.diagnostics, Phase::kLowLatencyCombineSend, true, p.rank, r, -1, -1, expected,
-                     device::ld_acquire_gpu(done));
-      return;
+  if (device::lane_id() == 0) {
+    // Local warps only; the bound is a safety net against a bug, not a peer.
+    const uint64_t start = device::global_timer_ns();
+    for (int polls = 1; device::ld_acquire_gpu(done) < expected; ++polls) {
+      if (polls % device::kPollsPerSlowCheck == 0 &&
+          device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
+        device::report(p.diagnostics, Phase::kLowLatencyCombineSend, true, p.rank, r, -1, -1, expected,
+                       device::ld_acquire_gpu(done));
+        break;
+      }
     }
+    *done = 0;  // the next combine on this half is a later kernel
+    __threadfence_system();
   }
-  *done = 0;  // the next combine on this half is a later kernel
-  __threadfence_system();
-  auto* signal = reinterpret_cast<int64_t*>(half_of(p, r) + lay.combine_signal_offset) + p.rank;
-  device::st_release_sys(signal, make_signal(tag, expected));
+  __syncwarp();
+  if (device::error_reported(p.diagnostics)) return;
+  auto* mirror = reinterpret_cast<uint64_t*>(half_of(p, p.rank) + lay.combine_mirror_offset) + r;
+  set_count(p, lay, net, r, lay.combine_count_signal(p.rank), mirror, tag, expected);
 }
 
 __device__ void run_receive(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int warp, int lane,
                             int* masked, int* abort_flag) {
   const int R = p.num_ranks, H = a.hidden, K = a.num_topk, L = a.num_local_experts;
-  const char* half = half_of(p, p.rank);
+  char* half = half_of(p, p.rank);
+  const Transport net = transport_of(p, lay);
   for (int r = warp; r < R; r += kWarps) {
     if (lane != 0) continue;
-    const auto* signal = reinterpret_cast<const int64_t*>(half + lay.combine_signal_offset) + r;
     long long cycles = 0;
-    const int n = wait_signal(p, signal, tag, r, Phase::kLowLatencyCombineRecv, -1, cycles);
+    int n = wait_count(p, lay, net, lay.combine_count_signal(r), r, tag, Phase::kLowLatencyCombineRecv, -1, cycles);
+    if (n > 0 && via_transport(p, r)) {
+      // Every block waits for every source: each keeps its own consumed counter per source.
+      auto* consumed = reinterpret_cast<uint64_t*>(half + lay.combine_consumed_offset) +
+                       static_cast<int64_t>(blockIdx.x) * R + r;
+      const int arrived = wait_arrivals(p, net, lay.combine_arrivals_signal(r), consumed, static_cast<uint64_t>(n), r,
+                                        Phase::kLowLatencyCombineRecv, -1);
+      if (arrived < 0) n = arrived;
+    }
     if (n == -2) *abort_flag = 1;
     if (blockIdx.x == 0 && a.wait_recv_cost_stats && cycles > 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[r]),

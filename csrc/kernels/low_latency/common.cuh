@@ -1,6 +1,6 @@
 // Device pieces shared by the low-latency dispatch and combine kernels: addressing of a peer's half,
-// the send tag protocol (see low_latency.hpp), and the bounded wait for a tagged signal that masks a
-// silent peer under enable_shrink.
+// the send tag protocol (see low_latency.hpp) over load/store or the transport, and the bounded waits
+// that mask a silent peer under enable_shrink.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/low_latency/low_latency.hpp"
+#include "transport/transport.cuh"
 
 namespace deep_ep::low_latency {
 
@@ -45,28 +46,25 @@ __device__ __forceinline__ int receive_tag(const Peers& p, int op) {
   return *reinterpret_cast<volatile int*>(&control_of(p, p.rank)->ll_epoch[p.half][op]);
 }
 
-// One lane waits until `signal` carries `tag`; returns the row count, or -1 when the peer is (or
-// becomes) masked. A timeout masks the peer under enable_shrink, and is reported otherwise (then the
-// return value is -2 and the caller unwinds). `waited_cycles` gets the clock cycles spent.
-__device__ __forceinline__ int wait_signal(const Peers& p, const int64_t* signal, int tag, int peer, Phase phase,
-                                           int channel, long long& waited_cycles) {
+// One lane. Polls `poll(observed)` until it returns a value >= 0 (returned) or -2 (it reported an
+// error; returned). Returns -1 when the peer is (or becomes) masked. A timeout masks the peer under
+// enable_shrink, and is reported otherwise, naming `expected` and the last `observed` (then -2: the
+// caller unwinds). `waited_cycles` gets the clock cycles spent when the first poll was not enough.
+template <typename Poll>
+__device__ __forceinline__ int wait_for_peer(const Peers& p, int peer, Phase phase, int channel, long long expected,
+                                             Poll poll, long long& waited_cycles) {
   const long long start_clock = clock64();
   waited_cycles = 0;
   if (is_masked(p, peer)) return -1;
-  int64_t value = device::ld_acquire_sys(signal);
-  if (static_cast<int>(value >> 32) == tag) return static_cast<int>(value & 0xffffffff);
+  long long observed = 0;
+  int result = poll(observed);
+  if (result != -1) return result;
   const uint64_t start = device::global_timer_ns();
   for (int polls = 1;; ++polls) {
-    value = device::ld_acquire_sys(signal);
-    const int observed = static_cast<int>(value >> 32);
-    if (observed == tag) {
+    result = poll(observed);
+    if (result != -1) {
       waited_cycles = clock64() - start_clock;
-      return static_cast<int>(value & 0xffffffff);
-    }
-    // Tags only grow: a later one means the peer overwrote this op's signal (and maybe its rows).
-    if (observed - tag > 0) {
-      device::report(p.diagnostics, Phase::kLowLatencyOverrun, false, p.rank, peer, channel, -1, tag, observed);
-      return -2;
+      return result;
     }
     // Hundreds of waiters poll at once: back off a little so their loads leave L2 bandwidth to the data.
     __nanosleep(64);
@@ -79,10 +77,90 @@ __device__ __forceinline__ int wait_signal(const Peers& p, const int64_t* signal
         atomicExch(&control_of(p, p.rank)->ll_mask[peer], 1);
         return -1;
       }
-      device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, tag, static_cast<long long>(value >> 32));
+      device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, expected, observed);
       return -2;
     }
   }
+}
+
+// The transport of the active half: offsets of its operations are relative to the start of the half,
+// and its signals are HalfLayout's signal array.
+using Transport = transport::P2pTransport;
+
+__device__ __forceinline__ Transport transport_of(const Peers& p, const HalfLayout& lay) {
+  return Transport{p.bases, p.half_offset, lay.signals_offset, p.rank};
+}
+
+__device__ __forceinline__ bool via_transport(const Peers& p, int peer) {
+  return peer != p.rank && (!p.allow_nvlink || peer / p.num_ranks_per_node != p.rank / p.num_ranks_per_node);
+}
+
+// One lane waits until this rank's count signal `idx`, written by `source`, carries `tag`; returns the
+// row count, or -1 / -2 as wait_for_peer. A load/store source releases it with a store into this
+// rank's memory, a transport source adds to it: the matching acquire read differs.
+__device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay, const Transport& net, int idx,
+                                          int source, int tag, Phase phase, int channel, long long& waited_cycles) {
+  const bool remote = via_transport(p, source);
+  const auto* signal = reinterpret_cast<const int64_t*>(half_of(p, p.rank) + lay.signals_offset) + idx;
+  return wait_for_peer(p, source, phase, channel, tag,
+                       [&](long long& observed) {
+                         const int64_t value = remote ? static_cast<int64_t>(net.read_signal(idx))
+                                                      : device::ld_acquire_sys(signal);
+                         const int observed_tag = static_cast<int>(value >> 32);
+                         observed = observed_tag;
+                         if (observed_tag == tag) return static_cast<int>(value & 0xffffffff);
+                         // Tags only grow: a later one means the peer overwrote this op's signal (and
+                         // maybe its rows).
+                         if (observed_tag - tag > 0) {
+                           device::report(p.diagnostics, Phase::kLowLatencyOverrun, false, p.rank, source, channel,
+                                          -1, tag, observed_tag);
+                           return -2;
+                         }
+                         return -1;
+                       },
+                       waited_cycles);
+}
+
+// One lane, after wait_count announced `units` arrival units from transport source `source`: waits
+// until arrivals signal `idx` covers them on top of what earlier ops consumed (*consumed, this rank's
+// memory, one reader), then advances *consumed. The acquire read makes the rows of every counted put
+// visible. Returns 0, or -1 / -2 as wait_for_peer (a masked source leaves *consumed behind; only
+// clean_low_latency_buffer realigns it).
+__device__ __forceinline__ int wait_arrivals(const Peers& p, const Transport& net, int idx, uint64_t* consumed,
+                                             uint64_t units, int source, Phase phase, int channel) {
+  const uint64_t target = *consumed + units;
+  long long cycles = 0;
+  const int result = wait_for_peer(p, source, phase, channel, static_cast<long long>(target),
+                                   [&](long long& observed) {
+                                     const uint64_t value = net.read_signal(idx);
+                                     observed = static_cast<long long>(value);
+                                     return value >= target ? 0 : -1;
+                                   },
+                                   cycles);
+  if (result == 0) *consumed = target;
+  return result;
+}
+
+// Whole warp: sets this rank's count signal `idx` at `dest` to (tag << 32 | rows). A load/store dest
+// gets a release store, ordered after the rows by the caller's fences; a transport dest gets the
+// difference to *mirror (this rank's memory: what it last set there) as an add, which the transport
+// orders after this warp's earlier puts to dest (others' puts are covered by their arrivals).
+__device__ __forceinline__ void set_count(const Peers& p, const HalfLayout& lay, const Transport& net, int dest,
+                                          int idx, uint64_t* mirror, int tag, int rows) {
+  const uint64_t value = static_cast<uint64_t>(make_signal(tag, rows));
+  if (!via_transport(p, dest)) {
+    if (device::lane_id() == 0) {
+      auto* signal = reinterpret_cast<int64_t*>(half_of(p, dest) + lay.signals_offset) + idx;
+      device::st_release_sys(signal, static_cast<int64_t>(value));
+    }
+    __syncwarp();
+    return;
+  }
+  const uint64_t last = *reinterpret_cast<volatile uint64_t*>(mirror);
+  __syncwarp();  // every lane has read the mirror before lane 0 rewrites it
+  net.signal_add(dest, idx, value - last);  // wraps modulo 2^64 to exactly `value`
+  if (device::lane_id() == 0) *mirror = value;
+  __syncwarp();
 }
 
 __device__ __forceinline__ float bf16_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }

@@ -106,17 +106,72 @@ __device__ void compute_positions(const Peers& p, const DispatchArgs& a, const i
   }
 }
 
+// The groups of `part` of a token split in `parts`. With transport peers, boundaries fall on multiples of
+// four groups, so that every part's float32 scales start 16-byte aligned, as a put needs.
+__device__ __forceinline__ void part_groups(int num_groups, int parts, int part, bool quad_aligned, int& begin,
+                                            int& end) {
+  if (!quad_aligned) {
+    begin = part * num_groups / parts;
+    end = (part + 1) * num_groups / parts;
+    return;
+  }
+  const int num_quads = (num_groups + 3) / 4;
+  begin = min(num_groups, part * num_quads / parts * 4);
+  end = min(num_groups, (part + 1) * num_quads / parts * 4);
+}
+
+// Whole warp: puts the staged part [group_begin, group_end) of a token (and, with part 0, the metadata
+// staged for this destination) into slot `dst_slot_offset` of `dest`; the last put adds this part's
+// arrival units to `arrivals`.
+__device__ void put_part(const Transport& net, const HalfLayout& lay, bool use_fp8, int dest, int64_t dst_slot_offset,
+                         int64_t src_slot_offset, int64_t src_meta_offset, int num_groups, int group_begin,
+                         int group_end, int part, int parts, int arrivals) {
+  const uint64_t units = kRowArrivalUnits / static_cast<uint64_t>(parts);
+  // Each piece is a put; the last one carries the signal.
+  auto piece = [&](bool last, int64_t offset_in_slot, int64_t src_offset, int64_t num_bytes) {
+    if (last) {
+      net.put_with_signal(dest, dst_slot_offset + offset_in_slot, src_offset, num_bytes, arrivals, units);
+    } else {
+      net.put(dest, dst_slot_offset + offset_in_slot, src_offset, num_bytes);
+    }
+  };
+  const bool has_rows = group_end > group_begin, has_meta = part == 0;
+  if (has_rows) {
+    const int64_t bytes_per_group = use_fp8 ? 128 : 256;
+    piece(!use_fp8 && !has_meta, group_begin * bytes_per_group, src_slot_offset + group_begin * bytes_per_group,
+          (group_end - group_begin) * bytes_per_group);
+    if (use_fp8) {
+      // The last part's scales end where the slot's padding before the metadata does, so rounding the
+      // size up to 16 bytes stays inside the slot.
+      const int64_t scale_bytes = (group_end - group_begin) * 4;
+      const int64_t offset = lay.dispatch_scales_offset + group_begin * 4;
+      piece(!has_meta, offset, src_slot_offset + offset, group_end == num_groups ? (scale_bytes + 15) / 16 * 16 : scale_bytes);
+    }
+  }
+  if (has_meta) piece(true, lay.dispatch_meta_offset, src_meta_offset, 16);
+  if (!has_rows && !has_meta) net.signal_add(dest, arrivals, units);
+}
+
 __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchArgs& a, const int* experts,
                          const int* positions, int first_token, int num_own_tokens, int parts, int tag, int warp,
                          int lane) {
   const int R = p.num_ranks, me = p.rank, L = a.num_local_experts, M = a.num_max_tokens, K = a.num_topk;
   const int num_groups = a.hidden / 128;
+  const Transport net = transport_of(p, lay);
   int* done = reinterpret_cast<int*>(half_of(p, me) + lay.send_done_offset);
 
   for (int unit = warp; unit < num_own_tokens * parts; unit += kWarps) {
     const int local_token = unit / parts, part = unit % parts, token = first_token + local_token;
-    const int group_begin = part * num_groups / parts, group_end = (part + 1) * num_groups / parts;
+    int group_begin, group_end;
+    part_groups(num_groups, parts, part, p.any_via_transport, group_begin, group_end);
     const int octet_begin = group_begin * 16, octet_end = group_end * 16;
+    // Transport destinations read the part from this rank's send slot of the token (staged once).
+    bool staged = false;
+    for (int k = 0; k < K; ++k) {
+      const int pos = positions[local_token * K + k];
+      staged |= pos >= 0 && via_transport(p, experts[token * K + k] / L);
+    }
+    const int64_t send_slot_offset = lay.dispatch_send_offset + static_cast<int64_t>(token) * lay.dispatch_slot_bytes;
     const int4* src = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * a.hidden);
     for (int base = octet_begin; base < octet_end; base += 32 * kChunk) {
       int4 v[kChunk];
@@ -127,11 +182,18 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchAr
       }
       QuantizedChunk q;
       if (a.use_fp8) quantize_chunk(v, a.round_scale, q);
-      for (int k = 0; k < K; ++k) {
-        const int e = experts[token * K + k], pos = positions[local_token * K + k];
-        if (pos < 0) continue;
-        char* slot = half_of(p, e / L) + lay.dispatch_offset +
-                     ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes;
+      // k == K is the send slot, when staged.
+      for (int k = 0; k <= K; ++k) {
+        char* slot;
+        if (k < K) {
+          const int e = experts[token * K + k], pos = positions[local_token * K + k];
+          if (pos < 0 || via_transport(p, e / L)) continue;
+          slot = half_of(p, e / L) + lay.dispatch_offset +
+                 ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes;
+        } else {
+          if (!staged) continue;
+          slot = half_of(p, me) + send_slot_offset;
+        }
 #pragma unroll
         for (int u = 0; u < kChunk; ++u) {
           const int octet = base + 32 * u + lane;
@@ -143,11 +205,35 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchAr
             reinterpret_cast<int4*>(slot)[octet] = v[u];
           }
         }
-        if (part == 0 && base == octet_begin && lane == 0)
-          *reinterpret_cast<int4*>(slot + lay.dispatch_meta_offset) = make_int4(token, k, 0, 0);
       }
     }
-    // This part is stored in every slot: fence (every lane, its own stores), then count it.
+    // Part 0 carries the metadata {token, top-k slot}: into load/store slots directly, into one staged
+    // entry per transport destination (each names its own top-k slot).
+    const int64_t send_meta_offset = lay.dispatch_send_meta_offset + static_cast<int64_t>(token) * kNumMaxTopk * 16;
+    if (part == 0 && lane == 0) {
+      for (int k = 0; k < K; ++k) {
+        const int e = experts[token * K + k], pos = positions[local_token * K + k];
+        if (pos < 0) continue;
+        char* meta = via_transport(p, e / L)
+                         ? half_of(p, me) + send_meta_offset + k * 16
+                         : half_of(p, e / L) + lay.dispatch_offset +
+                               ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes +
+                               lay.dispatch_meta_offset;
+        *reinterpret_cast<int4*>(meta) = make_int4(token, k, 0, 0);
+      }
+    }
+    if (staged) {
+      // The puts read the send slot through other lanes than those that wrote it.
+      __syncwarp();
+      for (int k = 0; k < K; ++k) {
+        const int e = experts[token * K + k], pos = positions[local_token * K + k];
+        if (pos < 0 || !via_transport(p, e / L)) continue;
+        const int64_t dst = lay.dispatch_offset + ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes;
+        put_part(net, lay, a.use_fp8, e / L, dst, send_slot_offset, send_meta_offset + k * 16, num_groups, group_begin,
+                 group_end, part, parts, lay.dispatch_arrivals_signal(e % L, me));
+      }
+    }
+    // This part is stored in every load/store slot: fence (every lane, its own stores), then count it.
     __threadfence_system();
     __syncwarp();
     for (int k = lane; k < K; k += 32) {
@@ -155,9 +241,10 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchAr
     }
   }
 
-  // Owners: once every part of every row of expert e is counted, release e's signal.
+  // Owners: once every part of every row of expert e is counted, set e's count signal.
   const int num_entries = a.num_tokens * K;
   const int num_warps = gridDim.x * kWarps;
+  auto* mirrors = reinterpret_cast<uint64_t*>(half_of(p, me) + lay.dispatch_mirror_offset);
   for (int e = blockIdx.x * kWarps + warp; e < a.num_experts; e += num_warps) {
     const int dest = e / L;
     if (is_masked(p, dest)) continue;
@@ -180,11 +267,12 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchAr
         }
       }
       done[e] = 0;  // the next dispatch on this half is a later kernel
-      auto* signal = reinterpret_cast<int64_t*>(half_of(p, dest) + lay.dispatch_signal_offset) + (e % L) * R + me;
-      device::st_release_sys(signal, make_signal(tag, count));
     }
     __syncwarp();
+    set_count(p, lay, net, dest, lay.dispatch_count_signal(e % L, me), mirrors + e, tag, count);
   }
+  // A later op may overwrite the send slots: no put of this warp may still be reading them.
+  if (p.any_via_transport) net.flush();
 }
 
 __device__ void run_receive(const Peers& p, const HalfLayout& lay, const DispatchArgs& a, int tag, int warp,
@@ -193,15 +281,25 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Dispatc
   const int64_t S = static_cast<int64_t>(R) * M;
   const int num_scales = H / 128;
   char* half = half_of(p, p.rank);
+  const Transport net = transport_of(p, lay);
   // This block's experts: local = blockIdx.x + i * gridDim.x. counts[i * (R + 1) + r] holds the rows
   // of (expert i, source r); after the prefix pass it holds their begin, with the total at r = R.
   const int num_mine = (L - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   for (int pair = warp; pair < num_mine * R; pair += kWarps) {
     if (lane != 0) continue;
     const int i = pair / R, r = pair % R, local = blockIdx.x + i * gridDim.x;
-    const auto* signal = reinterpret_cast<const int64_t*>(half + lay.dispatch_signal_offset) + local * R + r;
     long long cycles = 0;
-    const int n = wait_signal(p, signal, tag, r, Phase::kLowLatencyDispatchRecv, local, cycles);
+    int n = wait_count(p, lay, net, lay.dispatch_count_signal(local, r), r, tag, Phase::kLowLatencyDispatchRecv, local,
+                       cycles);
+    if (n > 0 && via_transport(p, r)) {
+      // The count is set after the source's puts were issued, not after they landed: wait for their
+      // arrival units too (this warp is the pair's only reader of its consumed counter).
+      auto* consumed = reinterpret_cast<uint64_t*>(half + lay.dispatch_consumed_offset) + local * R + r;
+      const int arrived = wait_arrivals(p, net, lay.dispatch_arrivals_signal(local, r), consumed,
+                                        static_cast<uint64_t>(n) * kRowArrivalUnits, r, Phase::kLowLatencyDispatchRecv,
+                                        local);
+      if (arrived < 0) n = arrived;
+    }
     if (n == -2) *abort_flag = 1;
     counts[i * (R + 1) + r] = max(n, 0);
     if (a.wait_recv_cost_stats && cycles > 0)

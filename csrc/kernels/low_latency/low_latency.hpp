@@ -1,10 +1,17 @@
-// Launchers of the low-latency kernels over load/store peers (NVLink, or ranks sharing one GPU).
+// Launchers of the low-latency kernels. A peer is reached by load/store (NVLink, or ranks sharing one
+// GPU) when it is on this rank's node and allow_nvlink_for_low_latency_mode is on; otherwise through
+// the transport (design.md decision 4: P2P today, which on emulated nodes stores through the mapped
+// pointer as a NIC would write, by staged puts and added signals).
 //
 // Protocol of one op on buffer half h (no barrier, no reset between calls):
 //   send:    every block reads ll_epoch[h][op] of its own rank; the op's tag is that value + 1. Rows
-//            go straight into the receivers' half h with plain stores; after a system fence, one warp
-//            per (receiver, expert) or per receiver releases a 64-bit signal (tag << 32 | rows).
-//   receive: waits, bounded, until each unmasked peer's signal carries the tag, then reads its rows.
+//            go into the receivers' half h: plain stores to load/store peers; staged, then put with
+//            an add to an arrivals signal, to transport peers. After a system fence, one warp per
+//            (receiver, expert) or per receiver sets a 64-bit count signal to (tag << 32 | rows): a
+//            release store for load/store peers, an add of the difference to the last value it set
+//            for transport peers.
+//   receive: waits, bounded, until each unmasked peer's count signal carries the tag; for a transport
+//            peer then until its arrivals cover the announced rows; then reads the rows.
 // Tags grow by one per op on a half, on every rank alike, so a stale signal never matches and nothing
 // needs zeroing between calls. A receive uses the tag of its own send (the fused kernel keeps it;
 // a hooked receive reads ll_epoch, which its send bumped).
@@ -25,6 +32,9 @@ struct Peers {
   char** bases;          // device array [R]: each rank's allocation (control region first)
   int64_t half_offset;   // where the active half starts inside each allocation
   int rank, num_ranks;
+  int num_ranks_per_node;  // ranks r and q share a node when r / num_ranks_per_node == q / num_ranks_per_node
+  bool allow_nvlink;       // same-node peers by load/store (V1's allow_nvlink_for_low_latency_mode)
+  bool any_via_transport;  // some peer of this rank is reached through the transport
   int half;              // 0 or 1
   bool enable_shrink;    // a peer that times out is masked instead of reported
   DeviceDiagnostics* diagnostics;

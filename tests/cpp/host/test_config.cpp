@@ -1,6 +1,8 @@
 // Config validation, size hints and recommended tables (spec section 2).
 #include <gtest/gtest.h>
 
+#include <vector>
+
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
 #include "kernels/internode/buffer_layout.hpp"
@@ -112,10 +114,35 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   EXPECT_EQ(l.combine_slots_per_token, kNumMaxTopk);
   EXPECT_EQ(l.dispatch_offset, 0);
   EXPECT_EQ(l.combine_offset, 36LL * 8 * 128 * l.dispatch_slot_bytes);
-  EXPECT_EQ(l.dispatch_signal_offset, l.combine_offset + 128LL * kNumMaxTopk * 7168 * 2);
-  EXPECT_EQ(l.combine_signal_offset, l.dispatch_signal_offset + 36 * 8 * 8);  // 64-bit signals, 128-aligned already
-  EXPECT_EQ(l.send_done_offset, l.combine_signal_offset + 128);               // 8 x 8 bytes rounded up to 128
-  EXPECT_EQ(l.bytes, l.send_done_offset + 1152);                              // 288 int32 counters
+  EXPECT_EQ(l.dispatch_send_offset, l.combine_offset + 128LL * kNumMaxTopk * 7168 * 2);
+  EXPECT_EQ(l.dispatch_send_meta_offset, l.dispatch_send_offset + 128LL * l.dispatch_slot_bytes);
+  EXPECT_EQ(l.signals_offset, l.dispatch_send_meta_offset + 128LL * kNumMaxTopk * 16);
+  // Signals: counts [36][8] + [8], arrivals [36][8] + [8], 64-bit: 4736 bytes, a multiple of 128.
+  EXPECT_EQ(l.num_signals(), 2 * (36 + 1) * 8);
+  EXPECT_EQ(l.dispatch_consumed_offset, l.signals_offset + 4736);
+  EXPECT_EQ(l.combine_consumed_offset, l.dispatch_consumed_offset + 36 * 8 * 8);        // 2304, 128-aligned
+  EXPECT_EQ(l.dispatch_mirror_offset, l.combine_consumed_offset + low_latency::kMaxLowLatencyBlocks * 8 * 8);
+  EXPECT_EQ(l.combine_mirror_offset, l.dispatch_mirror_offset + 288 * 8);
+  EXPECT_EQ(l.send_done_offset, l.combine_mirror_offset + 128);  // 8 x 8 bytes rounded up to 128
+  EXPECT_EQ(l.bytes, l.send_done_offset + 1152);                 // 288 int32 counters
+  // Signal indices: counts first, then arrivals, each dispatch [L][R] then combine [R]; all distinct.
+  EXPECT_EQ(l.dispatch_count_signal(0, 0), 0);
+  EXPECT_EQ(l.combine_count_signal(0), 36 * 8);
+  EXPECT_EQ(l.dispatch_arrivals_signal(0, 0), 37 * 8);
+  EXPECT_EQ(l.combine_arrivals_signal(7), l.num_signals() - 1);
+  std::vector<int> seen(l.num_signals(), 0);
+  for (int e = 0; e < 36; ++e)
+    for (int r = 0; r < 8; ++r) {
+      ++seen[l.dispatch_count_signal(e, r)];
+      ++seen[l.dispatch_arrivals_signal(e, r)];
+    }
+  for (int r = 0; r < 8; ++r) {
+    ++seen[l.combine_count_signal(r)];
+    ++seen[l.combine_arrivals_signal(r)];
+  }
+  for (int i = 0; i < l.num_signals(); ++i) EXPECT_EQ(seen[i], 1) << "signal " << i;
+  // A row's arrival units split evenly over any number of parts 1..16.
+  for (uint64_t parts = 1; parts <= 16; ++parts) EXPECT_EQ(low_latency::kRowArrivalUnits % parts, 0u) << parts;
   // Fewer experts than the top-k cap: one combine row per expert per token.
   EXPECT_EQ(low_latency::HalfLayout::make(16, 256, 2, 4).combine_slots_per_token, 4);
 }
