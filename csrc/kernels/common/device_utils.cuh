@@ -77,15 +77,23 @@ using transport::kPollsPerSlowCheck;
 // Call it from one lane and share the outcome: the data behind the counter is then read by the other
 // lanes after a __syncwarp (or a named barrier), which orders their reads after this acquire.
 // T is int (counters) or int64_t (epoch-tagged flags).
+// On success, *reached (when given) gets the value read, which may exceed target: a caller can keep
+// it and skip the next waits it already covers.
 template <typename T>
 __device__ __forceinline__ bool wait_at_least(const T* counter, T target, int64_t timeout_ns, DeviceDiagnostics* diag,
-                                              Phase phase, int rank, int peer, int channel) {
+                                              Phase phase, int rank, int peer, int channel, T* reached = nullptr) {
   T value = ld_acquire_sys(counter);
-  if (value >= target) return true;
+  if (value >= target) {
+    if (reached) *reached = value;
+    return true;
+  }
   const uint64_t start = global_timer_ns();
   for (int polls = 1;; ++polls) {
     value = ld_acquire_sys(counter);
-    if (value >= target) return true;
+    if (value >= target) {
+      if (reached) *reached = value;
+      return true;
+    }
     if (polls % kPollsPerSlowCheck == 0) {
       if (error_reported(diag)) return false;
       if (global_timer_ns() - start > static_cast<uint64_t>(timeout_ns)) {

@@ -127,6 +127,9 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
   int consumed[kNumMaxNvlPeers];  // rows of ring (c, j) consumed before this batch, same in every thread
 #pragma unroll
   for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] = 0;
+  // Lane j < R: the tail of ring (c, j) this warp last acquired. Senders usually run rows ahead, so
+  // most tokens need no load at all: rows below a value already acquired by this lane are visible.
+  int acquired_tail = 0;
 
   for (int t0 = begin; t0 < end; t0 += batch) {
     const int n = min(batch, end - t0);
@@ -143,17 +146,20 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
       const int t = t0 + k;
       const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
       int slot_of[kNumMaxNvlPeers];
-      bool ok = true;
+      int needed = 0;  // lane j: rows of ring (c, j) this token needs pushed, 0 if none
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j) {
         slot_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
-        if (lane == 0 && ((token_mask >> j) & 1u))
-          ok = ok && device::wait_at_least(&mine->combine_tail[c][j], slot_of[j] + 1, p.timeout_ns, p.diagnostics,
-                                           Phase::kCombineWaitData, me, j, c);
+        if (j == lane && ((token_mask >> j) & 1u)) needed = slot_of[j] + 1;
       }
-      // Lane 0's acquires order the whole warp's reads of the rows after the __syncwarp.
+      // Lane j waits for ring j (all rings in parallel) unless an earlier acquire covers the row; the
+      // acquires of every lane order the whole warp's reads of the rows after the __syncwarp.
+      bool ok = true;
+      if (needed > acquired_tail)
+        ok = device::wait_at_least(&mine->combine_tail[c][lane], needed, p.timeout_ns, p.diagnostics,
+                                   Phase::kCombineWaitData, me, lane, c, &acquired_tail);
       __syncwarp();
-      if (!__shfl_sync(0xffffffffu, ok, 0)) {
+      if (!__all_sync(0xffffffffu, ok)) {
         if (lane == 0) abort_flag = 1;
         break;
       }
