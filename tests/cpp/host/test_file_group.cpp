@@ -6,18 +6,12 @@
 
 #include "deep_ep/error.hpp"
 #include "deep_ep/group.hpp"
+#include "temp_dir.hpp"
 
 using namespace deep_ep;
 
 namespace {
-std::string fresh_dir() {
-  auto dir = std::filesystem::temp_directory_path() /
-             ("deep_ep_file_group_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
-              ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
+std::string fresh_dir() { return fresh_test_dir("deep_ep_file_group_"); }
 }  // namespace
 
 TEST(FileGroup, AllGatherReturnsEveryRanksBytesInRankOrder) {
