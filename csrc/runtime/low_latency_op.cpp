@@ -61,11 +61,16 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(b.options().low_latency_mode, op, " needs a Buffer created with low_latency_mode=True");
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
-  // Peers on other nodes (or all peers without NVLink) go through the transport; the P2P transport, the
-  // only one these kernels are built with, needs every peer's buffer mapped (one host, or emulated nodes).
+  // Peers on other nodes (or all peers without NVLink) go through the transport. The P2P transport needs
+  // every peer's buffer mapped (one host, or emulated nodes); a peer on another host needs GIN, whose
+  // window the Buffer does not register yet.
   const int unmapped = b.internals().first_unmapped_peer();
-  DEEP_EP_CHECK(unmapped < 0, op, ": rank ", b.rank(), " cannot reach peer rank ", unmapped,
-                " (another host): the low-latency kernels of this build drive the P2P transport only");
+  if (unmapped >= 0) {
+    const TransportKind kind = b.internals().transport_to(b.rank(), unmapped);  // raises, naming what is missing
+    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", unmapped,
+                  " only through ", transport_name(kind), " (NCCL reports GIN), but this Buffer does not register ",
+                  "its RDMA buffer as an NCCL window yet, so the low-latency kernels cannot run over it");
+  }
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);
@@ -110,10 +115,8 @@ low_latency::Peers peers_of(const Buffer& b, Buffer::Internals& in, const Geomet
   p.half_offset = in.rdma_payload_offset + half * g.layout.bytes;
   p.rank = b.rank();
   p.num_ranks = b.num_ranks();
-  p.num_ranks_per_node = b.num_ranks_per_node();
-  p.allow_nvlink = b.options().allow_nvlink_for_low_latency_mode;
-  // Same rule as the kernels' via_transport: another node, or any other rank without NVLink.
-  p.any_via_transport = b.num_nodes() > 1 || (!p.allow_nvlink && b.num_ranks() > 1);
+  p.transport_peers = low_latency::transport_peer_mask(b.rank(), b.num_ranks(), b.num_ranks_per_node(),
+                                                       b.options().allow_nvlink_for_low_latency_mode);
   p.half = half;
   p.enable_shrink = b.options().enable_shrink;
   p.diagnostics = in.device_diagnostics();

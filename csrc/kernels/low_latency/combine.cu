@@ -9,6 +9,7 @@
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency/low_latency_gin.cuh"
 #include "kernels/low_latency/logfmt.hpp"
 #include "runtime/cuda_check.hpp"
 
@@ -74,15 +75,16 @@ __device__ __forceinline__ void decode_octet(const char* group_base, int octet_i
   for (int c = 0; c < 8; ++c) f[c] = logfmt_decode_value(codes[c], header.x, header.y);
 }
 
+template <typename Transport>
 __device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
                                  int tag, int r);
 
-__device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int* row_prefix,
-                         int* rank_ends, int warp, int lane) {
+template <typename Transport>
+__device__ void run_send(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a, int tag,
+                         int* row_prefix, int* rank_ends, int warp, int lane) {
   const int R = p.num_ranks, L = a.num_local_experts, H = a.hidden;
   const int64_t S = static_cast<int64_t>(R) * a.num_max_tokens;
   ControlRegion* mine = control_of(p, p.rank);
-  const Transport net = transport_of(p, lay);
   // Rows of expert l: ranks' blocks are contiguous and in rank order, so the last one ends them.
   if (warp == 0) {
     int carry = 0;
@@ -165,10 +167,11 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const CombineArg
 
   if (global_warp < R && !is_masked(p, global_warp)) signal_home_rank(p, lay, net, a, tag, global_warp);
   // A later op may overwrite the staged rows: no put of this warp may still be reading them.
-  if (p.any_via_transport) net.flush();
+  if (p.transport_peers != 0) net.flush();
 }
 
 // Global warp r: once every warp's rows to home rank r are counted, set r's count signal.
+template <typename Transport>
 __device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
                                  int tag, int r) {
   const int R = p.num_ranks, L = a.num_local_experts;
@@ -195,11 +198,11 @@ __device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Tr
   set_count(p, lay, net, r, lay.combine_count_signal(p.rank), mirror, tag, expected);
 }
 
-__device__ void run_receive(const Peers& p, const HalfLayout& lay, const CombineArgs& a, int tag, int warp, int lane,
-                            int* masked, int* abort_flag) {
+template <typename Transport>
+__device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a, int tag,
+                            int warp, int lane, int* masked, int* abort_flag) {
   const int R = p.num_ranks, H = a.hidden, K = a.num_topk, L = a.num_local_experts;
   char* half = half_of(p, p.rank);
-  const Transport net = transport_of(p, lay);
   for (int r = warp; r < R; r += kWarps) {
     if (lane != 0) continue;
     long long cycles = 0;
@@ -281,7 +284,12 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Combine
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Peers p, HalfLayout lay, CombineArgs a, int phases) {
+// `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
+// read in place, never copied (GIN keeps references into it for the whole kernel).
+template <typename Transport>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Peers p, HalfLayout lay,
+                                                              const __grid_constant__ Transport net, CombineArgs a,
+                                                              int phases) {
   __shared__ int tag_shared, abort_flag;
   __shared__ int row_prefix[kMaxLocalExperts + 1];
   __shared__ int masked[kMaxLowLatencyRanks];
@@ -293,22 +301,37 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Peers p, HalfLayou
   }
   __syncthreads();
   const int tag = tag_shared;
-  if (phases & kSend) run_send(p, lay, a, tag, row_prefix, rank_ends, warp, lane);
-  if (phases & kReceive) run_receive(p, lay, a, tag, warp, lane, masked, &abort_flag);
+  if (phases & kSend) run_send(p, lay, net, a, tag, row_prefix, rank_ends, warp, lane);
+  if (phases & kReceive) run_receive(p, lay, net, a, tag, warp, lane, masked, &abort_flag);
+}
+
+template <typename Transport>
+void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, const CombineArgs& args, int phases,
+            int num_blocks, cudaStream_t stream) {
+  const int shared = (phases & kSend) ? combine_shared_bytes(args.num_local_experts, peers.num_ranks) : 0;
+  if (shared > 40 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
+    DEEP_EP_CUDA_CHECK(
+        cudaFuncSetAttribute(combine_kernel<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  combine_kernel<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 int combine_shared_bytes(int num_local_experts, int num_ranks) { return num_local_experts * num_ranks * 4; }
 
+// The transports combine is built for.
 void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, int phases, int num_blocks,
                     cudaStream_t stream) {
-  const int shared = (phases & kSend) ? combine_shared_bytes(args.num_local_experts, peers.num_ranks) : 0;
-  if (shared > 40 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
-    DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  combine_kernel<<<num_blocks, kThreads, shared, stream>>>(peers, layout, args, phases);
-  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+  launch(peers, layout, p2p_transport(peers, layout), args, phases, num_blocks, stream);
 }
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args,
+                    const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream) {
+  launch(peers, layout, gin, args, phases, num_blocks, stream);
+}
+#endif
 
 namespace {
 

@@ -1,6 +1,12 @@
 // Device pieces shared by the low-latency dispatch and combine kernels: addressing of a peer's half,
 // the send tag protocol (see low_latency.hpp) over load/store or the transport, and the bounded waits
-// that mask a silent peer under enable_shrink.
+// that mask a silent peer under enable_shrink. The kernels are templates over the transport
+// (transport.cuh) that reaches the peers for which via_transport is true.
+//
+// Reach. A kernel dereferences bases[r] (half_of, control_of) only for this rank and for peers with
+// !via_transport(p, r); with GIN, bases of other nodes are null. Every row and signal for a transport
+// peer goes through the transport: staged in this rank's half, then put. The transport's window is
+// the active half (its local_ptr(0) is half_of(p, p.rank)), so a put's offsets are offsets in a half.
 #pragma once
 
 #include <cstdint>
@@ -83,21 +89,21 @@ __device__ __forceinline__ int wait_for_peer(const Peers& p, int peer, Phase pha
   }
 }
 
-// The transport of the active half: offsets of its operations are relative to the start of the half,
-// and its signals are HalfLayout's signal array.
-using Transport = transport::P2pTransport;
-
-__device__ __forceinline__ Transport transport_of(const Peers& p, const HalfLayout& lay) {
-  return Transport{p.bases, p.half_offset, lay.signals_offset, p.rank};
+// The P2P transport of the active half, built on the host from the mapped bases: offsets of its
+// operations are relative to the start of the half, and its signals are HalfLayout's signal array.
+inline transport::P2pTransport p2p_transport(const Peers& p, const HalfLayout& lay) {
+  return transport::P2pTransport{p.bases, p.half_offset, lay.signals_offset, p.rank};
 }
 
 __device__ __forceinline__ bool via_transport(const Peers& p, int peer) {
-  return peer != p.rank && (!p.allow_nvlink || peer / p.num_ranks_per_node != p.rank / p.num_ranks_per_node);
+  return (p.transport_peers >> peer) & 1u;
 }
 
 // One lane waits until this rank's count signal `idx`, written by `source`, carries `tag`; returns the
 // row count, or -1 / -2 as wait_for_peer. A load/store source releases it with a store into this
-// rank's memory, a transport source adds to it: the matching acquire read differs.
+// rank's memory, a transport source adds to it: the matching acquire read differs (with GIN the two
+// are different memory: the own half's signal array, and the transport's signals).
+template <typename Transport>
 __device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay, const Transport& net, int idx,
                                           int source, int tag, Phase phase, int channel, long long& waited_cycles) {
   const bool remote = via_transport(p, source);
@@ -126,6 +132,7 @@ __device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay,
 // memory, one reader), then advances *consumed. The acquire read makes the rows of every counted put
 // visible. Returns 0, or -1 / -2 as wait_for_peer (a masked source leaves *consumed behind; only
 // clean_low_latency_buffer realigns it).
+template <typename Transport>
 __device__ __forceinline__ int wait_arrivals(const Peers& p, const Transport& net, int idx, uint64_t* consumed,
                                              uint64_t units, int source, Phase phase, int channel) {
   const uint64_t target = *consumed + units;
@@ -145,6 +152,7 @@ __device__ __forceinline__ int wait_arrivals(const Peers& p, const Transport& ne
 // gets a release store, ordered after the rows by the caller's fences; a transport dest gets the
 // difference to *mirror (this rank's memory: what it last set there) as an add, which the transport
 // orders after this warp's earlier puts to dest (others' puts are covered by their arrivals).
+template <typename Transport>
 __device__ __forceinline__ void set_count(const Peers& p, const HalfLayout& lay, const Transport& net, int dest,
                                           int idx, uint64_t* mirror, int tag, int rows) {
   const uint64_t value = static_cast<uint64_t>(make_signal(tag, rows));

@@ -14,6 +14,7 @@
 
 #include "kernels/common/occupancy.cuh"
 #include "kernels/low_latency/common.cuh"
+#include "kernels/low_latency/low_latency_gin.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::low_latency {
@@ -123,6 +124,7 @@ __device__ __forceinline__ void part_groups(int num_groups, int parts, int part,
 // Whole warp: puts the staged part [group_begin, group_end) of a token (and, with part 0, the metadata
 // staged for this destination) into slot `dst_slot_offset` of `dest`; the last put adds this part's
 // arrival units to `arrivals`.
+template <typename Transport>
 __device__ void put_part(const Transport& net, const HalfLayout& lay, bool use_fp8, int dest, int64_t dst_slot_offset,
                          int64_t src_slot_offset, int64_t src_meta_offset, int num_groups, int group_begin,
                          int group_end, int part, int parts, int arrivals) {
@@ -152,18 +154,18 @@ __device__ void put_part(const Transport& net, const HalfLayout& lay, bool use_f
   if (!has_rows && !has_meta) net.signal_add(dest, arrivals, units);
 }
 
-__device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchArgs& a, const int* experts,
-                         const int* positions, int first_token, int num_own_tokens, int parts, int tag, int warp,
-                         int lane) {
+template <typename Transport>
+__device__ void run_send(const Peers& p, const HalfLayout& lay, const Transport& net, const DispatchArgs& a,
+                         const int* experts, const int* positions, int first_token, int num_own_tokens, int parts,
+                         int tag, int warp, int lane) {
   const int R = p.num_ranks, me = p.rank, L = a.num_local_experts, M = a.num_max_tokens, K = a.num_topk;
   const int num_groups = a.hidden / 128;
-  const Transport net = transport_of(p, lay);
   int* done = reinterpret_cast<int*>(half_of(p, me) + lay.send_done_offset);
 
   for (int unit = warp; unit < num_own_tokens * parts; unit += kWarps) {
     const int local_token = unit / parts, part = unit % parts, token = first_token + local_token;
     int group_begin, group_end;
-    part_groups(num_groups, parts, part, p.any_via_transport, group_begin, group_end);
+    part_groups(num_groups, parts, part, p.transport_peers != 0, group_begin, group_end);
     const int octet_begin = group_begin * 16, octet_end = group_end * 16;
     // Transport destinations read the part from this rank's send slot of the token (staged once).
     bool staged = false;
@@ -272,16 +274,16 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const DispatchAr
     set_count(p, lay, net, dest, lay.dispatch_count_signal(e % L, me), mirrors + e, tag, count);
   }
   // A later op may overwrite the send slots: no put of this warp may still be reading them.
-  if (p.any_via_transport) net.flush();
+  if (p.transport_peers != 0) net.flush();
 }
 
-__device__ void run_receive(const Peers& p, const HalfLayout& lay, const DispatchArgs& a, int tag, int warp,
-                            int lane, int* counts, int* abort_flag) {
+template <typename Transport>
+__device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transport& net, const DispatchArgs& a, int tag,
+                            int warp, int lane, int* counts, int* abort_flag) {
   const int R = p.num_ranks, L = a.num_local_experts, M = a.num_max_tokens, H = a.hidden;
   const int64_t S = static_cast<int64_t>(R) * M;
   const int num_scales = H / 128;
   char* half = half_of(p, p.rank);
-  const Transport net = transport_of(p, lay);
   // This block's experts: local = blockIdx.x + i * gridDim.x. counts[i * (R + 1) + r] holds the rows
   // of (expert i, source r); after the prefix pass it holds their begin, with the total at r = R.
   const int num_mine = (L - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
@@ -367,7 +369,12 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Dispatc
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Peers p, HalfLayout lay, DispatchArgs a, int phases) {
+// `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
+// read in place, never copied (GIN keeps references into it for the whole kernel).
+template <typename Transport>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Peers p, HalfLayout lay,
+                                                               const __grid_constant__ Transport net, DispatchArgs a,
+                                                               int phases) {
   // Send: [T * K] expert ids (-1 for none or out of range), then the block's own positions.
   // Receive: [experts of this block][R + 1] counts. The two phases reuse the same memory.
   extern __shared__ int shared[];
@@ -396,13 +403,25 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Peers p, HalfLayo
     const int num_own = min(a.num_tokens, first_token + per_block) - first_token;
     compute_positions(p, a, experts, first_token * K, num_own * K, positions);
     __syncthreads();
-    run_send(p, lay, a, experts, positions, first_token, num_own, parts_per_token(a.num_tokens, gridDim.x, a.hidden),
-             tag_shared, warp, lane);
+    run_send(p, lay, net, a, experts, positions, first_token, num_own,
+             parts_per_token(a.num_tokens, gridDim.x, a.hidden), tag_shared, warp, lane);
     __syncthreads();  // the receive reuses the shared memory
   } else {
     __syncthreads();
   }
-  if (phases & kReceive) run_receive(p, lay, a, tag_shared, warp, lane, shared, &abort_flag);
+  if (phases & kReceive) run_receive(p, lay, net, a, tag_shared, warp, lane, shared, &abort_flag);
+}
+
+template <typename Transport>
+void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, const DispatchArgs& args, int phases,
+            int num_blocks, cudaStream_t stream) {
+  const int shared = dispatch_shared_bytes(args.num_tokens, args.num_topk, args.num_local_experts, peers.num_ranks,
+                                          num_blocks);
+  if (shared > 47 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
+    DEEP_EP_CUDA_CHECK(
+        cudaFuncSetAttribute(dispatch_kernel<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  dispatch_kernel<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
@@ -414,16 +433,21 @@ int dispatch_shared_bytes(int num_tokens, int num_topk, int num_local_experts, i
   return send > receive ? send : receive;
 }
 
-int max_resident_blocks_per_sm() { return device::resident_blocks_per_sm<dispatch_kernel>(kThreads, 48 * 1024); }
+int max_resident_blocks_per_sm() {
+  return device::resident_blocks_per_sm<dispatch_kernel<transport::P2pTransport>>(kThreads, 48 * 1024);
+}
 
+// The transports dispatch is built for.
 void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases,
                      int num_blocks, cudaStream_t stream) {
-  const int shared = dispatch_shared_bytes(args.num_tokens, args.num_topk, args.num_local_experts, peers.num_ranks,
-                                          num_blocks);
-  if (shared > 47 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
-    DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  dispatch_kernel<<<num_blocks, kThreads, shared, stream>>>(peers, layout, args, phases);
-  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+  launch(peers, layout, p2p_transport(peers, layout), args, phases, num_blocks, stream);
 }
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args,
+                     const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream) {
+  launch(peers, layout, gin, args, phases, num_blocks, stream);
+}
+#endif
 
 }  // namespace deep_ep::low_latency

@@ -28,13 +28,23 @@ namespace deep_ep::low_latency {
 
 enum Phases : int { kSend = 1, kReceive = 2, kSendAndReceive = 3 };
 
+// The peers `rank` reaches through the transport, as bits: those on another node (nodes are runs of
+// num_ranks_per_node ranks), or every other rank when allow_nvlink is off (V1's
+// allow_nvlink_for_low_latency_mode). One word: the low-latency ops take at most 32 ranks.
+inline uint32_t transport_peer_mask(int rank, int num_ranks, int num_ranks_per_node, bool allow_nvlink) {
+  uint32_t mask = 0;
+  for (int peer = 0; peer < num_ranks && peer < 32; ++peer) {
+    const bool other_node = peer / num_ranks_per_node != rank / num_ranks_per_node;
+    if (peer != rank && (!allow_nvlink || other_node)) mask |= 1u << peer;
+  }
+  return mask;
+}
+
 struct Peers {
   char** bases;          // device array [R]: each rank's allocation (control region first)
   int64_t half_offset;   // where the active half starts inside each allocation
   int rank, num_ranks;
-  int num_ranks_per_node;  // ranks r and q share a node when r / num_ranks_per_node == q / num_ranks_per_node
-  bool allow_nvlink;       // same-node peers by load/store (V1's allow_nvlink_for_low_latency_mode)
-  bool any_via_transport;  // some peer of this rank is reached through the transport
+  uint32_t transport_peers;  // bit r: rank r is reached through the transport (transport_peer_mask)
   int half;              // 0 or 1
   bool enable_shrink;    // a peer that times out is masked instead of reported
   DeviceDiagnostics* diagnostics;

@@ -8,6 +8,7 @@
 #include "kernels/internode/buffer_layout.hpp"
 #include "kernels/intranode/buffer_layout.hpp"
 #include "kernels/low_latency/buffer_layout.hpp"
+#include "kernels/low_latency/low_latency.hpp"
 
 using namespace deep_ep;
 
@@ -124,7 +125,9 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   EXPECT_EQ(l.dispatch_mirror_offset, l.combine_consumed_offset + low_latency::kMaxLowLatencyBlocks * 8 * 8);
   EXPECT_EQ(l.combine_mirror_offset, l.dispatch_mirror_offset + 288 * 8);
   EXPECT_EQ(l.send_done_offset, l.combine_mirror_offset + 128);  // 8 x 8 bytes rounded up to 128
-  EXPECT_EQ(l.bytes, l.send_done_offset + 1152);                 // 288 int32 counters
+  // 288 int32 counters, then up to whole 2 MiB pages.
+  EXPECT_EQ(l.bytes, (l.send_done_offset + 1152 + (1 << 21) - 1) / (1 << 21) * (1 << 21));
+  EXPECT_EQ(l.bytes % (1 << 21), 0);
   // Signal indices: counts first, then arrivals, each dispatch [L][R] then combine [R]; all distinct.
   EXPECT_EQ(l.dispatch_count_signal(0, 0), 0);
   EXPECT_EQ(l.combine_count_signal(0), 36 * 8);
@@ -145,6 +148,20 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   for (uint64_t parts = 1; parts <= 16; ++parts) EXPECT_EQ(low_latency::kRowArrivalUnits % parts, 0u) << parts;
   // Fewer experts than the top-k cap: one combine row per expert per token.
   EXPECT_EQ(low_latency::HalfLayout::make(16, 256, 2, 4).combine_slots_per_token, 4);
+}
+
+TEST(LowLatencyPeers, TransportPeerMask) {
+  using low_latency::transport_peer_mask;
+  // One node: nobody through the transport, unless NVLink is off (then everyone but the rank itself).
+  EXPECT_EQ(transport_peer_mask(3, 8, 8, true), 0u);
+  EXPECT_EQ(transport_peer_mask(3, 8, 8, false), 0xffu & ~(1u << 3));
+  // 2 nodes x 8: rank 1 reaches ranks 8..15 through the transport, rank 12 ranks 0..7.
+  EXPECT_EQ(transport_peer_mask(1, 16, 8, true), 0xff00u);
+  EXPECT_EQ(transport_peer_mask(12, 16, 8, true), 0x00ffu);
+  // 4 nodes x 4, rank 6 on node 1; 32 ranks use every bit.
+  EXPECT_EQ(transport_peer_mask(6, 16, 4, true), 0xffffu & ~0x00f0u);
+  EXPECT_EQ(transport_peer_mask(0, 32, 16, true), 0xffff0000u);
+  EXPECT_EQ(transport_peer_mask(31, 32, 32, false), 0x7fffffffu);
 }
 
 TEST(BuildInfo, Sm90IsCompiledInTheDefaultBuild) {
