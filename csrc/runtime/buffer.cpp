@@ -196,6 +196,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   DEEP_EP_CUDA_CHECK(cudaMalloc(&table, sizeof(char*) * num_ranks_));
   DEEP_EP_CUDA_CHECK(cudaMemcpy(table, in.peer_bases.data(), sizeof(char*) * num_ranks_, cudaMemcpyHostToDevice));
   in.peer_bases_device = static_cast<char**>(table);
+  connect_network(in, *group_, options, in.topology.num_nodes, num_device_sms_);
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
   available_ = true;

@@ -2,11 +2,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/topology.hpp"
+#include "deep_ep/transport.hpp"
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/diagnostics.hpp"
 #include "kernels/common/host_counts.hpp"
@@ -22,6 +24,8 @@ struct HostMapped {
   int num_recv_tokens;
   int num_recv_tokens_per_expert[kMaxLocalExperts];
 };
+
+class NcclCommunicator;  // runtime/nccl_comm.hpp, GIN builds only
 
 struct Buffer::Internals {
   // [ControlRegion | nvl payload | rdma payload] in one cudaMalloc, shared through one IPC handle.
@@ -43,6 +47,10 @@ struct Buffer::Internals {
   bool ll_receive_pending[2] = {false, false};
   bool poisoned = false;
   std::string poison_message;
+  // The network side of the transport choice (runtime/network.cpp): set up only when a peer is on
+  // another host, in GIN builds. `network` carries gin_compiled, nccl_available, nccl_reports_gin.
+  std::shared_ptr<NcclCommunicator> nccl;
+  TransportChoiceInputs network;
 
   // Where the next notify publishes its counts, with the next epoch.
   HostCounts next_host_counts() {
@@ -61,8 +69,23 @@ struct Buffer::Internals {
     return -1;
   }
 
+  // The transport from this rank to `peer` by the rule of deep_ep/transport.hpp; a ValueError naming
+  // what is missing when nothing reaches it.
+  TransportKind transport_to(int rank, int peer) const {
+    TransportChoiceInputs inputs = network;
+    inputs.peer_reachable_by_load_store = peer_bases[peer] != nullptr;
+    return choose_transport(inputs, rank, peer);
+  }
+
   ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
   DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }
 };
+
+// Collective, from the Buffer constructor once peers are mapped: where a peer is on another host and
+// this build has GIN, obtains the NCCL communicator (adopted from options.nccl_comm_address, else
+// created over the group) and its device communicator, and records whether NCCL reports GIN.
+// Otherwise it only records gin_compiled. Runs on every rank or none: hosts are the same for all.
+void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, int num_nodes,
+                     int num_device_sms);
 
 }  // namespace deep_ep

@@ -20,16 +20,16 @@ internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
           b.num_nodes(), b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
 }
 
-// Every peer must be reachable: today through mapped memory (the P2P transport, also for emulated
-// nodes). A peer on another host needs the GIN transport, which the kernels do not drive yet.
+// Every peer must be reachable. By the transport rule (deep_ep/transport.hpp), a peer on another host
+// needs GIN; the kernels have GIN launchers, but the Buffer does not yet register its RDMA payload as an
+// NCCL window (which needs cuMem memory), so an op that would need GIN stops here with the reason.
 void check_transport(const Buffer& b, const char* op) {
   const int r = b.internals().first_unmapped_peer();
   if (r < 0) return;
-  TransportChoiceInputs inputs;
-  inputs.gin_compiled = gin_compiled();
-  const TransportKind kind = choose_transport(inputs, b.rank(), r);  // raises, naming what is missing
+  const TransportKind kind = b.internals().transport_to(b.rank(), r);  // raises, naming what is missing
   DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", r, " only through ",
-                transport_name(kind), ", which the internode kernels of this build do not drive yet");
+                transport_name(kind), " (NCCL reports GIN), but this Buffer does not register its RDMA buffer as ",
+                "an NCCL window yet, so the internode kernels cannot run over it");
 }
 
 // Internode normal ops and low-latency ops would share the RDMA payload, each with its own counters.

@@ -35,6 +35,10 @@ struct BufferOptions {
   bool enable_shrink = false;
   int device = 0;             // CUDA ordinal this rank runs on
   double timeout_s = 0;       // bound of every device and host wait; 0 = DEEP_EP_TIMEOUT_S or 60 s
+  // GIN builds, asked only when a peer is on another host: the address of an ncclComm_t over the group
+  // in its rank order (torch's ProcessGroupNCCL), or 0 (or no function) to create one from a unique id
+  // sent over the group. Ignored by builds without GIN.
+  std::function<int64_t()> nccl_comm_address;
 };
 
 // Allocates an output named `name` (e.g. "recv_x") of the given dtype and shape on this rank's device,

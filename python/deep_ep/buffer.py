@@ -12,7 +12,7 @@ import torch
 from . import _C
 from ._views import optional_view, view
 from .event import EventOverlap
-from .groups import make_group
+from .groups import make_group, nccl_comm_address
 
 Config = _C.Config
 
@@ -54,7 +54,8 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.runtime = _C.Buffer(core_group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
                                  allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy,
-                                 enable_shrink, torch.cuda.current_device())
+                                 enable_shrink, torch.cuda.current_device(),
+                                 nccl_comm_address=lambda: nccl_comm_address(group))
         self._device = torch.device("cuda", self.runtime.device)
         self._comm_stream = torch.cuda.Stream(device=self._device)
 

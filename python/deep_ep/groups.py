@@ -38,3 +38,21 @@ def make_group(group=None, comm=None) -> "_C.Group":
         return _mpi_group(comm)
     raise ValueError("Buffer needs a torch.distributed ProcessGroup as `group`, or an mpi4py communicator as `comm`; "
                      "both were None")
+
+
+def nccl_comm_address(group) -> int:
+    """The address of the ncclComm_t behind `group` when it is a torch ProcessGroupNCCL whose communicator
+    exists, else 0 (then deep_ep creates its own communicator where it needs one). The Buffer asks only when
+    a peer is on another host, in builds with the GIN transport."""
+    if group is None or isinstance(group, _C.Group):
+        return 0
+    try:
+        import torch
+
+        backend = group._get_backend(torch.device("cuda"))
+        comm_ptr = getattr(backend, "_comm_ptr", None)
+        return int(comm_ptr()) if comm_ptr is not None else 0
+    except (AttributeError, RuntimeError, ValueError):
+        # Not NCCL-backed (gloo raises when asked for a CUDA backend it lacks), or torch made no
+        # communicator yet: create one.
+        return 0

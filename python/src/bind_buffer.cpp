@@ -70,7 +70,8 @@ void bind_buffer(nb::module_& m) {
           "__init__",
           [](Buffer* self, std::shared_ptr<Group> group, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
              bool low_latency_mode, int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
-             bool use_fabric, bool explicitly_destroy, bool enable_shrink, int device, double timeout_s) {
+             bool use_fabric, bool explicitly_destroy, bool enable_shrink, int device, double timeout_s,
+             std::function<int64_t()> nccl_comm_address) {
             BufferOptions o;
             o.num_nvl_bytes = num_nvl_bytes;
             o.num_rdma_bytes = num_rdma_bytes;
@@ -83,12 +84,13 @@ void bind_buffer(nb::module_& m) {
             o.enable_shrink = enable_shrink;
             o.device = device;
             o.timeout_s = timeout_s;
+            o.nccl_comm_address = std::move(nccl_comm_address);
             new (self) Buffer(std::move(group), o);
           },
           nb::arg("group"), nb::arg("num_nvl_bytes"), nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"),
           nb::arg("num_qps_per_rank"), nb::arg("allow_nvlink_for_low_latency_mode"), nb::arg("allow_mnnvl"),
           nb::arg("use_fabric"), nb::arg("explicitly_destroy"), nb::arg("enable_shrink"), nb::arg("device"),
-          nb::arg("timeout_s") = 0.0)
+          nb::arg("timeout_s") = 0.0, nb::arg("nccl_comm_address") = nb::none())
       .def("destroy", &Buffer::destroy, nb::call_guard<nb::gil_scoped_release>())
       .def("is_available", &Buffer::is_available)
       .def_prop_ro("rank", &Buffer::rank)
