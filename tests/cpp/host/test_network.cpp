@@ -1,0 +1,55 @@
+// The Buffer's network side (runtime/network.cpp) and the per-peer transport choice it feeds
+// (Buffer::Internals::transport_to), on hand-built peer tables: no GPU, no NCCL communicator.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "deep_ep/error.hpp"
+#include "deep_ep/group.hpp"
+#include "runtime/buffer_internals.hpp"
+#include "temp_dir.hpp"
+
+using namespace deep_ep;
+
+namespace {
+
+char g_own_buffer[16], g_peer_buffer[16];
+
+}  // namespace
+
+TEST(Network, EveryPeerMappedMeansP2pAndNoCommunicator) {
+  Buffer::Internals in;
+  in.peer_bases = {g_own_buffer, g_peer_buffer};
+  FileGroup group(fresh_test_dir("deep_ep_network_"), 0, 1);
+  connect_network(in, group, BufferOptions{}, 1, 132);
+  EXPECT_EQ(in.network.gin_compiled, gin_compiled());
+  EXPECT_FALSE(in.network.nccl_available);
+  EXPECT_EQ(in.nccl, nullptr);
+  EXPECT_EQ(in.transport_to(0, 1), TransportKind::kP2p);
+  EXPECT_EQ(in.transport_to(1, 0), TransportKind::kP2p);
+}
+
+TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
+  if (gin_compiled()) GTEST_SKIP() << "a GIN build would create an NCCL communicator over the group here";
+  Buffer::Internals in;
+  in.peer_bases = {g_own_buffer, nullptr, g_peer_buffer};
+  FileGroup group(fresh_test_dir("deep_ep_network_"), 0, 1);
+  bool asked_for_comm = false;
+  BufferOptions options;
+  options.nccl_comm_address = [&] {
+    asked_for_comm = true;
+    return int64_t{0};
+  };
+  connect_network(in, group, options, 2, 132);
+  EXPECT_FALSE(asked_for_comm) << "a build without GIN has no use for an NCCL communicator";
+  EXPECT_FALSE(in.network.gin_compiled);
+  EXPECT_EQ(in.transport_to(0, 2), TransportKind::kP2p);
+  try {
+    in.transport_to(0, 1);
+    FAIL() << "peer 1 is unreachable, yet a transport was chosen";
+  } catch (const ValueError& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("peer 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("no GIN transport"), std::string::npos) << message;
+  }
+}
