@@ -6,6 +6,7 @@
 
 #include "kernels/common/diagnostics.hpp"
 #include "transport/timing.cuh"
+#include "transport/transport.cuh"
 
 namespace deep_ep::device {
 
@@ -26,10 +27,9 @@ __device__ __forceinline__ void st_release_sys(int64_t* ptr, int64_t value) {
   asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+// The transport's acquire load (the same instruction; flags here are signed words).
 __device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* ptr) {
-  int64_t value;
-  asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
-  return value;
+  return static_cast<int64_t>(transport::detail::ld_acquire_sys(reinterpret_cast<const uint64_t*>(ptr)));
 }
 
 // Acquire at GPU scope: for counters only warps of this GPU write.
