@@ -8,31 +8,20 @@ missing too; where torch is present, what Buffer builds from a stand-in runtime 
 is checked as well.
 """
 
-import ast
-import importlib.util
-import pathlib
-import re
-
 import pytest
 
-
-class _Required:
-    def __repr__(self):
-        return "<required>"
-
-
-_REQUIRED = _Required()
+from api_signatures import REQUIRED, binding_parameters, buffer_source_methods
 
 # V1's parameter names in order, with their defaults (the same as dispatch and combine).
 V1_INTERNODE_METHODS = {
     "internode_dispatch": [
-        ("x", _REQUIRED), ("handle", None), ("num_tokens_per_rank", None), ("num_tokens_per_rdma_rank", None),
+        ("x", REQUIRED), ("handle", None), ("num_tokens_per_rank", None), ("num_tokens_per_rdma_rank", None),
         ("is_token_in_rank", None), ("num_tokens_per_expert", None), ("topk_idx", None), ("topk_weights", None),
         ("expert_alignment", 1), ("num_worst_tokens", 0), ("config", None), ("previous_event", None),
         ("async_finish", False), ("allocate_on_comm_stream", False),
     ],
     "internode_combine": [
-        ("x", _REQUIRED), ("handle", _REQUIRED), ("topk_weights", None), ("bias", None), ("config", None),
+        ("x", REQUIRED), ("handle", REQUIRED), ("topk_weights", None), ("bias", None), ("config", None),
         ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False),
     ],
 }
@@ -55,62 +44,26 @@ HANDLE_OUTPUTS = ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "re
                   "recv_src_meta", "send_rdma_head", "send_nvl_head")
 
 
-def _buffer_source_methods():
-    """{name: [(parameter, default or _REQUIRED)]} of class Buffer in the installed deep_ep/buffer.py."""
-    spec = importlib.util.find_spec("deep_ep")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the deep_ep package is not installed")
-    source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "buffer.py"
-    tree = ast.parse(source.read_text(), filename=str(source))
-    buffer_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Buffer")
-    methods = {}
-    for node in buffer_class.body:
-        if isinstance(node, ast.FunctionDef):
-            positional = node.args.args[1:]
-            defaults = [_REQUIRED] * (len(positional) - len(node.args.defaults)) + [
-                ast.literal_eval(d) for d in node.args.defaults]
-            methods[node.name] = list(zip((a.arg for a in positional), defaults))
-    return methods
-
-
 @pytest.mark.parametrize("name", sorted(V1_INTERNODE_METHODS))
 def test_buffer_internode_method_keeps_v1_parameters_and_defaults(name):
-    methods = _buffer_source_methods()
+    methods = buffer_source_methods()
     assert name in methods, f"deep_ep.Buffer has no method {name}"
     assert methods[name] == V1_INTERNODE_METHODS[name]
     public = {"internode_dispatch": "dispatch", "internode_combine": "combine"}[name]
     assert methods[public] == V1_INTERNODE_METHODS[name]
 
 
-def _binding_parameters(function):
-    """Parameter names (with their default text, if any) of a nanobind method, from its docstring signature."""
-    text = function.__doc__.splitlines()[0]
-    inside = text[text.index("(") + 1: text.rindex(") ->")]
-    # Annotations such as Callable[[str, str], ...] hold commas: drop bracketed parts first.
-    while True:
-        flattened = re.sub(r"\[[^\[\]]*\]", "", inside)
-        if flattened == inside:
-            break
-        inside = flattened
-    params = []
-    for part in inside.split(","):
-        if part.strip():
-            name = part.split(":")[0].split("=")[0].strip()
-            params.append((name, part.split("=")[1].strip() if "=" in part else None))
-    return [p for p in params if p[0] != "self"]
-
-
 @pytest.mark.parametrize("name", sorted(CORE_INTERNODE_BINDINGS))
 def test_core_buffer_binds_internode_op_with_named_arguments(name):
     _C = pytest.importorskip("deep_ep._C")
     assert hasattr(_C.Buffer, name), f"deep_ep._C.Buffer has no method {name}"
-    assert [n for n, _ in _binding_parameters(getattr(_C.Buffer, name))] == CORE_INTERNODE_BINDINGS[name]
+    assert [n for n, _ in binding_parameters(getattr(_C.Buffer, name))] == CORE_INTERNODE_BINDINGS[name]
 
 
 @pytest.mark.parametrize("hint", ["get_nvl_buffer_size_hint", "get_rdma_buffer_size_hint"])
 def test_config_hints_take_num_ranks_per_node_defaulting_to_8(hint):
     _C = pytest.importorskip("deep_ep._C")
-    assert _binding_parameters(getattr(_C.Config, hint)) == [
+    assert binding_parameters(getattr(_C.Config, hint)) == [
         ("hidden_bytes", None), ("num_ranks", None), ("num_ranks_per_node", "8")]
     method = getattr(_C.Config(16, 4, 16), hint)
     default = method(7168 * 2, 8)

@@ -7,45 +7,35 @@ is missing too; where torch is present, the imported class is checked as well, a
 builds from a stand-in runtime (output views, handle, hooks, streams).
 """
 
-import ast
-import importlib.util
 import inspect
-import pathlib
-import re
 
 import pytest
 
-
-class _Required:
-    def __repr__(self):
-        return "<required>"
-
-
-_REQUIRED = _Required()
+from api_signatures import REQUIRED, binding_parameters, buffer_source_methods
 
 # Spec section 8 (and section 3 for the size hint): parameter names in order, with V1's defaults.
 V1_LOW_LATENCY_METHODS = {
     "low_latency_dispatch": [
-        ("x", _REQUIRED), ("topk_idx", _REQUIRED), ("num_max_dispatch_tokens_per_rank", _REQUIRED),
-        ("num_experts", _REQUIRED), ("cumulative_local_expert_recv_stats", None),
+        ("x", REQUIRED), ("topk_idx", REQUIRED), ("num_max_dispatch_tokens_per_rank", REQUIRED),
+        ("num_experts", REQUIRED), ("cumulative_local_expert_recv_stats", None),
         ("dispatch_wait_recv_cost_stats", None), ("use_fp8", True), ("round_scale", False), ("use_ue8m0", False),
         ("async_finish", False), ("return_recv_hook", False),
     ],
     "low_latency_combine": [
-        ("x", _REQUIRED), ("topk_idx", _REQUIRED), ("topk_weights", _REQUIRED), ("handle", _REQUIRED),
+        ("x", REQUIRED), ("topk_idx", REQUIRED), ("topk_weights", REQUIRED), ("handle", REQUIRED),
         ("use_logfmt", False), ("zero_copy", False), ("async_finish", False), ("return_recv_hook", False),
         ("out", None), ("combine_wait_recv_cost_stats", None),
     ],
-    "get_next_low_latency_combine_buffer": [("handle", _REQUIRED)],
+    "get_next_low_latency_combine_buffer": [("handle", REQUIRED)],
     "clean_low_latency_buffer": [
-        ("num_max_dispatch_tokens_per_rank", _REQUIRED), ("hidden", _REQUIRED), ("num_experts", _REQUIRED),
+        ("num_max_dispatch_tokens_per_rank", REQUIRED), ("hidden", REQUIRED), ("num_experts", REQUIRED),
     ],
-    "low_latency_update_mask_buffer": [("rank_to_mask", _REQUIRED), ("mask", False)],
-    "low_latency_query_mask_buffer": [("mask_status", _REQUIRED)],
+    "low_latency_update_mask_buffer": [("rank_to_mask", REQUIRED), ("mask", False)],
+    "low_latency_query_mask_buffer": [("mask_status", REQUIRED)],
     "low_latency_clean_mask_buffer": [],
     "get_low_latency_rdma_size_hint": [
-        ("num_max_dispatch_tokens_per_rank", _REQUIRED), ("hidden", _REQUIRED), ("num_ranks", _REQUIRED),
-        ("num_experts", _REQUIRED),
+        ("num_max_dispatch_tokens_per_rank", REQUIRED), ("hidden", REQUIRED), ("num_ranks", REQUIRED),
+        ("num_experts", REQUIRED),
     ],
 }
 
@@ -72,30 +62,9 @@ CORE_LOW_LATENCY_BINDINGS = {
 }
 
 
-def _buffer_source_methods():
-    """{name: [(parameter, default or _REQUIRED)]} of class Buffer in the installed deep_ep/buffer.py."""
-    spec = importlib.util.find_spec("deep_ep")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the deep_ep package is not installed")
-    source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "buffer.py"
-    tree = ast.parse(source.read_text(), filename=str(source))
-    buffer_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Buffer")
-    methods = {}
-    for node in buffer_class.body:
-        if not isinstance(node, ast.FunctionDef):
-            continue
-        positional = node.args.args
-        defaults = [_REQUIRED] * (len(positional) - len(node.args.defaults)) + [
-            ast.literal_eval(d) for d in node.args.defaults]
-        params = list(zip((a.arg for a in positional), defaults))
-        is_static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
-        methods[node.name] = params if is_static else params[1:]
-    return methods
-
-
 @pytest.mark.parametrize("name", sorted(V1_LOW_LATENCY_METHODS))
 def test_buffer_low_latency_method_keeps_v1_parameters_and_defaults(name):
-    methods = _buffer_source_methods()
+    methods = buffer_source_methods()
     assert name in methods, f"deep_ep.Buffer has no method {name}"
     assert methods[name] == V1_LOW_LATENCY_METHODS[name]
 
@@ -108,29 +77,15 @@ def test_imported_buffer_low_latency_method_keeps_v1_parameters_and_defaults(nam
     params = list(inspect.signature(getattr(deep_ep.Buffer, name)).parameters.values())
     if params and params[0].name == "self":
         params = params[1:]
-    got = [(p.name, _REQUIRED if p.default is inspect.Parameter.empty else p.default) for p in params]
+    got = [(p.name, REQUIRED if p.default is inspect.Parameter.empty else p.default) for p in params]
     assert got == V1_LOW_LATENCY_METHODS[name]
-
-
-def _binding_parameters(function):
-    """Parameter names of a nanobind method, from the signature nanobind records for it."""
-    text = function.__nb_signature__[0][0]
-    inside = text[text.index("(") + 1: text.rindex(") ->")]
-    # Annotations such as Callable[[str, str], ...] hold commas: drop bracketed parts first.
-    while True:
-        flattened = re.sub(r"\[[^\[\]]*\]", "", inside)
-        if flattened == inside:
-            break
-        inside = flattened
-    names = [part.split(":")[0].split("=")[0].strip() for part in inside.split(",") if part.strip()]
-    return [n for n in names if n != "self"]
 
 
 @pytest.mark.parametrize("name", sorted(CORE_LOW_LATENCY_BINDINGS))
 def test_core_buffer_binds_low_latency_op_with_named_arguments(name):
     _C = pytest.importorskip("deep_ep._C")
     assert hasattr(_C.Buffer, name), f"deep_ep._C.Buffer has no method {name}"
-    assert _binding_parameters(getattr(_C.Buffer, name)) == CORE_LOW_LATENCY_BINDINGS[name]
+    assert [n for n, _ in binding_parameters(getattr(_C.Buffer, name))] == CORE_LOW_LATENCY_BINDINGS[name]
 
 
 def test_pending_receive_is_opaque_and_only_made_by_the_ops():
