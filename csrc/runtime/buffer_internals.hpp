@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "deep_ep/buffer.hpp"
+#include "deep_ep/error.hpp"
 #include "deep_ep/topology.hpp"
 #include "deep_ep/transport.hpp"
 #include "kernels/common/control_region.hpp"
@@ -75,6 +76,19 @@ struct Buffer::Internals {
     TransportChoiceInputs inputs = network;
     inputs.peer_reachable_by_load_store = peer_bases[peer] != nullptr;
     return choose_transport(inputs, rank, peer);
+  }
+
+  // Raises unless every peer is reachable over a transport the kernels can drive from this Buffer: P2P
+  // (mapped memory, emulated nodes included). A peer on another host would need GIN, and the Buffer
+  // does not yet register its RDMA payload as an NCCL window (that needs cuMem memory): the error says
+  // which peer and why (transport_to names what is missing when nothing reaches it at all).
+  void require_p2p_reach(int rank, const char* op) const {
+    const int peer = first_unmapped_peer();
+    if (peer < 0) return;
+    const TransportKind kind = transport_to(rank, peer);
+    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", rank, " reaches peer rank ", peer, " only through ",
+                  transport_name(kind), " (NCCL reports GIN), but this Buffer does not register its RDMA buffer as ",
+                  "an NCCL window yet, so the kernels cannot run over it");
   }
 
   ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }

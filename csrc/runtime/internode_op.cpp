@@ -5,7 +5,6 @@
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
-#include "deep_ep/transport.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
 #include "runtime/cuda_check.hpp"
@@ -18,18 +17,6 @@ namespace {
 internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
   return {in.peer_bases_device, in.nvl_payload_offset, in.rdma_payload_offset, b.rank(), b.num_ranks(),
           b.num_nodes(), b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
-}
-
-// Every peer must be reachable. By the transport rule (deep_ep/transport.hpp), a peer on another host
-// needs GIN; the kernels have GIN launchers, but the Buffer does not yet register its RDMA payload as an
-// NCCL window (which needs cuMem memory), so an op that would need GIN stops here with the reason.
-void check_transport(const Buffer& b, const char* op) {
-  const int r = b.internals().first_unmapped_peer();
-  if (r < 0) return;
-  const TransportKind kind = b.internals().transport_to(b.rank(), r);  // raises, naming what is missing
-  DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", r, " only through ",
-                transport_name(kind), " (NCCL reports GIN), but this Buffer does not register its RDMA buffer as ",
-                "an NCCL window yet, so the internode kernels cannot run over it");
 }
 
 // Internode normal ops and low-latency ops would share the RDMA payload, each with its own counters.
@@ -145,7 +132,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   const auto row = internode::RowLayout::make(row_bytes, num_scales, num_topk);
   const auto layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes, config, "internode dispatch");
-  check_transport(*this, "internode dispatch");
+  internals_->require_p2p_reach(rank(), "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
@@ -264,7 +251,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes + internode::combine_ring_bytes(C, Rn, ring_slots, stride), config,
              "internode combine");
-  check_transport(*this, "internode combine");
+  internals_->require_p2p_reach(rank(), "internode combine");
   check_co_residency(*this, C, "internode combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
 

@@ -61,16 +61,8 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(b.options().low_latency_mode, op, " needs a Buffer created with low_latency_mode=True");
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
-  // Peers on other nodes (or all peers without NVLink) go through the transport. The P2P transport needs
-  // every peer's buffer mapped (one host, or emulated nodes); a peer on another host needs GIN, whose
-  // window the Buffer does not register yet.
-  const int unmapped = b.internals().first_unmapped_peer();
-  if (unmapped >= 0) {
-    const TransportKind kind = b.internals().transport_to(b.rank(), unmapped);  // raises, naming what is missing
-    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", b.rank(), " reaches peer rank ", unmapped,
-                  " only through ", transport_name(kind), " (NCCL reports GIN), but this Buffer does not register ",
-                  "its RDMA buffer as an NCCL window yet, so the low-latency kernels cannot run over it");
-  }
+  // Peers on other nodes (or all peers without NVLink) go through the transport.
+  b.internals().require_p2p_reach(b.rank(), op);
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);

@@ -27,6 +27,7 @@ TEST(Network, EveryPeerMappedMeansP2pAndNoCommunicator) {
   EXPECT_EQ(in.nccl, nullptr);
   EXPECT_EQ(in.transport_to(0, 1), TransportKind::kP2p);
   EXPECT_EQ(in.transport_to(1, 0), TransportKind::kP2p);
+  EXPECT_NO_THROW(in.require_p2p_reach(0, "op"));
 }
 
 TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
@@ -52,4 +53,5 @@ TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
     EXPECT_NE(message.find("peer 1"), std::string::npos) << message;
     EXPECT_NE(message.find("no GIN transport"), std::string::npos) << message;
   }
+  EXPECT_THROW(in.require_p2p_reach(0, "internode dispatch"), ValueError);
 }
