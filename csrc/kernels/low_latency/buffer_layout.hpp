@@ -104,10 +104,12 @@ struct HalfLayout {
     off = align_up(off + num_ranks * 8, 128);
     l.send_done_offset = off;
     off = align_up(off + num_experts * 4, 128);
-    // Whole 2 MiB pages per half, so that both halves' regions share one alignment. (When the half
-    // grew from a 64 KiB multiple to a mere 4 KiB multiple, the combine send measured twice as slow on
-    // H100 with unchanged send code; this restores a coarse, equal alignment for both halves.)
-    l.bytes = align_up(off, int64_t(1) << 21);
+    // Where the second half starts, measured (H100, 8 ranks under MPS, 128 tokens x 7168, top-8 of 288;
+    // `scripts/ab_bench.sh`): with the same kernels, the low-latency sends ran about twice as slow when the
+    // halves were 0, 512 or 1536 bytes past a 4 KiB multiple apart (and the old layout shifted by 25 KB),
+    // and at full speed 3584 bytes past a 64 KiB multiple apart, as the layout before the transport
+    // regions happened to be. The cause (an L2 or DRAM address mapping effect) is not identified.
+    l.bytes = align_up(off, int64_t(1) << 16) + 3584;
     return l;
   }
 };

@@ -125,9 +125,10 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   EXPECT_EQ(l.dispatch_mirror_offset, l.combine_consumed_offset + low_latency::kMaxLowLatencyBlocks * 8 * 8);
   EXPECT_EQ(l.combine_mirror_offset, l.dispatch_mirror_offset + 288 * 8);
   EXPECT_EQ(l.send_done_offset, l.combine_mirror_offset + 128);  // 8 x 8 bytes rounded up to 128
-  // 288 int32 counters, then up to whole 2 MiB pages.
-  EXPECT_EQ(l.bytes, (l.send_done_offset + 1152 + (1 << 21) - 1) / (1 << 21) * (1 << 21));
-  EXPECT_EQ(l.bytes % (1 << 21), 0);
+  // 288 int32 counters, then up to a 64 KiB multiple, plus the 3584 bytes that put the second half
+  // where the sends run at full speed.
+  EXPECT_EQ(l.bytes, (l.send_done_offset + 1152 + (1 << 16) - 1) / (1 << 16) * (1 << 16) + 3584);
+  EXPECT_EQ(l.bytes % (1 << 16), 3584);
   // Signal indices: counts first, then arrivals, each dispatch [L][R] then combine [R]; all distinct.
   EXPECT_EQ(l.dispatch_count_signal(0, 0), 0);
   EXPECT_EQ(l.combine_count_signal(0), 36 * 8);
