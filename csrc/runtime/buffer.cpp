@@ -13,6 +13,11 @@
 #include "runtime/buffer_internals.hpp"
 #include "runtime/cuda_check.hpp"
 
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+#include "runtime/gin_ops.hpp"
+#include "runtime/nccl_comm.hpp"
+#endif
+
 namespace deep_ep {
 
 namespace {
@@ -40,6 +45,29 @@ int64_t default_timeout_ns(double timeout_s) {
     if (timeout_s <= 0) timeout_s = 60.0;
   }
   return static_cast<int64_t>(timeout_s * 1e9);
+}
+
+// Every rank's bootstrap record, in rank order.
+std::vector<PeerInfo> gather_peer_infos(Group& group, const PeerInfo& mine, int num_ranks) {
+  const auto gathered = group.all_gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)));
+  DEEP_EP_RUNTIME_CHECK(static_cast<int>(gathered.size()) == num_ranks, "group all_gather returned ",
+                        gathered.size(), " entries for ", num_ranks, " ranks");
+  std::vector<PeerInfo> peers(num_ranks);
+  for (int r = 0; r < num_ranks; ++r) {
+    DEEP_EP_RUNTIME_CHECK(gathered[r].size() == sizeof(PeerInfo), "bootstrap record of rank ", r, " has ",
+                          gathered[r].size(), " bytes, expected ", sizeof(PeerInfo));
+    std::memcpy(&peers[r], gathered[r].data(), sizeof(PeerInfo));
+  }
+  return peers;
+}
+
+std::vector<RankLocation> locations_of(const std::vector<PeerInfo>& peers) {
+  std::vector<RankLocation> locations(peers.size());
+  for (size_t r = 0; r < peers.size(); ++r) {
+    locations[r].hostname.assign(peers[r].hostname, strnlen(peers[r].hostname, sizeof(peers[r].hostname)));
+    std::memcpy(locations[r].device_uuid.data(), peers[r].device_uuid, sizeof(peers[r].device_uuid));
+  }
+  return locations;
 }
 
 bool fabric_supported(int device) {
@@ -89,8 +117,29 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   mine.use_fabric = options.use_fabric;
   mine.ranks_per_node_override = ranks_per_node_from_env();
 
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  // A group that spans hosts (and is not mapped through fabric memory) needs the network before the
+  // memory: where NCCL reports GIN, the buffer must be NCCL window memory (cuMem), so the hosts, the
+  // communicator and GIN support are settled first. Collective: every rank runs this build.
+  if (!options.use_fabric) {
+    const std::vector<PeerInfo> early = gather_peer_infos(*group_, mine, num_ranks_);
+    const Topology hosts = make_topology(locations_of(early), 0);
+    if (hosts.num_nodes > 1) {
+      connect_network(in, *group_, options, true, hosts.num_nodes, num_device_sms_);
+      // Window memory only if every rank has GIN: registering the window is collective.
+      const auto reports = group_->all_gather(std::string(1, in.network.nccl_reports_gin ? '1' : '0'));
+      in.gin_window = true;
+      for (const std::string& r : reports) in.gin_window = in.gin_window && r == "1";
+    }
+  }
+#endif
+
   cudaMemPool_t fabric_pool = nullptr;
-  if (options.use_fabric) {
+  if (in.gin_window) {
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+    in.local_base = static_cast<char*>(NcclCommunicator::allocate_window_memory(static_cast<size_t>(in.total_bytes)));
+#endif
+  } else if (options.use_fabric) {
     cudaMemPoolProps props{};
     props.allocType = cudaMemAllocationTypePinned;
     props.handleTypes = cudaMemHandleTypeFabric;
@@ -128,15 +177,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   in.host_device = static_cast<HostMapped*>(host_device);
   DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
 
-  const auto gathered = group_->all_gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)));
-  DEEP_EP_RUNTIME_CHECK(static_cast<int>(gathered.size()) == num_ranks_, "group all_gather returned ",
-                        gathered.size(), " entries for ", num_ranks_, " ranks");
-  std::vector<PeerInfo> peers(num_ranks_);
-  for (int r = 0; r < num_ranks_; ++r) {
-    DEEP_EP_RUNTIME_CHECK(gathered[r].size() == sizeof(PeerInfo), "bootstrap record of rank ", r, " has ",
-                          gathered[r].size(), " bytes, expected ", sizeof(PeerInfo));
-    std::memcpy(&peers[r], gathered[r].data(), sizeof(PeerInfo));
-  }
+  const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
   for (int r = 0; r < num_ranks_; ++r) {
     DEEP_EP_CHECK(peers[r].num_nvl_bytes == options.num_nvl_bytes && peers[r].num_rdma_bytes == options.num_rdma_bytes,
                   "all ranks must create Buffer with the same sizes: rank ", rank_, " has num_nvl_bytes=",
@@ -150,12 +191,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
                   " (0 = unset)");
   }
 
-  std::vector<RankLocation> locations(num_ranks_);
-  for (int r = 0; r < num_ranks_; ++r) {
-    locations[r].hostname.assign(peers[r].hostname, strnlen(peers[r].hostname, sizeof(peers[r].hostname)));
-    std::memcpy(locations[r].device_uuid.data(), peers[r].device_uuid, sizeof(peers[r].device_uuid));
-  }
-  in.topology = make_topology(locations, mine.ranks_per_node_override);
+  in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   if (in.topology.num_nodes == 1)
     DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
                   " ranks in this build; got a group of ", num_ranks_,
@@ -170,6 +206,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     const bool same_host = std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
     if (r == rank_ || same_process) {
       in.peer_bases[r] = reinterpret_cast<char*>(p.base_ptr);
+    } else if (in.gin_window) {
+      // Mapped through NCCL below.
     } else if (!same_host && !options.use_fabric) {
       // Another host: reachable only through a network transport (internode ops check this).
       in.peer_bases[r] = nullptr;
@@ -192,11 +230,25 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
       in.peer_is_ipc[r] = true;
     }
   }
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.gin_window) {
+    // Collective: the whole buffer becomes the communicator's window; NCCL maps the ranks it reaches by
+    // load/store, and the kernels need that for every rank of their own node.
+    in.peer_bases = gin_ops::register_buffer(in, rank_, num_ranks_);
+    for (int r = 0; r < num_ranks_; ++r)
+      DEEP_EP_CHECK(in.peer_bases[r] != nullptr || !in.topology.same_node(r, rank_), "rank ", rank_, " and rank ", r,
+                    " are on one node, but NCCL does not map rank ", r, "'s buffer here (its load/store team); ",
+                    "the kernels reach the ranks of their node by load/store");
+  }
+#endif
   void* table = nullptr;
   DEEP_EP_CUDA_CHECK(cudaMalloc(&table, sizeof(char*) * num_ranks_));
   DEEP_EP_CUDA_CHECK(cudaMemcpy(table, in.peer_bases.data(), sizeof(char*) * num_ranks_, cudaMemcpyHostToDevice));
   in.peer_bases_device = static_cast<char**>(table);
-  connect_network(in, *group_, options, in.topology.num_nodes, num_device_sms_);
+  // Without a network step above (one host, or a build without GIN), record what the transport choice
+  // needs: whether any peer is unmapped, and (GIN builds) the communicator for it.
+  if (!in.nccl) connect_network(in, *group_, options, in.first_unmapped_peer() >= 0, in.topology.num_nodes,
+                                num_device_sms_);
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
   available_ = true;
@@ -230,7 +282,14 @@ void Buffer::release(bool collective) {
   for (int r = 0; r < num_ranks_; ++r)
     if (in.peer_is_ipc[r]) cudaIpcCloseMemHandle(in.peer_bases[r]);
   if (in.peer_bases_device) cudaFree(in.peer_bases_device);
-  if (in.local_base) cudaFree(in.local_base);
+  if (in.gin_window) {
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+    in.nccl.reset();  // deregisters the window (collective) before its memory goes
+    NcclCommunicator::free_window_memory(in.local_base);
+#endif
+  } else if (in.local_base) {
+    cudaFree(in.local_base);
+  }
   if (in.host) cudaFreeHost(in.host);
   in = Internals{};
   if (collective) group_->barrier();

@@ -13,6 +13,7 @@
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/diagnostics.hpp"
 #include "kernels/common/host_counts.hpp"
+#include "runtime/gin_signals.hpp"
 
 namespace deep_ep {
 
@@ -29,7 +30,8 @@ struct HostMapped {
 class NcclCommunicator;  // runtime/nccl_comm.hpp, GIN builds only
 
 struct Buffer::Internals {
-  // [ControlRegion | nvl payload | rdma payload] in one cudaMalloc, shared through one IPC handle.
+  // [ControlRegion | nvl payload | rdma payload] in one allocation: a cudaMalloc shared through one IPC
+  // handle (or a fabric pool), or, when gin_window, NCCL window memory (below).
   char* local_base = nullptr;
   int64_t nvl_payload_offset = kControlRegionBytes;
   int64_t rdma_payload_offset = 0;
@@ -52,6 +54,12 @@ struct Buffer::Internals {
   // another host, in GIN builds. `network` carries gin_compiled, nccl_available, nccl_reports_gin.
   std::shared_ptr<NcclCommunicator> nccl;
   TransportChoiceInputs network;
+  // GIN builds, when the group spans hosts and NCCL reports GIN: the whole buffer is ncclMemAlloc memory
+  // registered as the communicator's window (NCCL needs cuMem memory there); node-mates map it through
+  // NCCL's load/store team instead of CUDA IPC, and other hosts are reached by the GIN transport over it,
+  // with the signal ranges of gin_signals.
+  bool gin_window = false;
+  GinSignalPlan gin_signals{};
 
   // Where the next notify publishes its counts, with the next epoch.
   HostCounts next_host_counts() {
@@ -79,27 +87,29 @@ struct Buffer::Internals {
   }
 
   // Raises unless every peer is reachable over a transport the kernels can drive from this Buffer: P2P
-  // (mapped memory, emulated nodes included). A peer on another host would need GIN, and the Buffer
-  // does not yet register its RDMA payload as an NCCL window (that needs cuMem memory): the error says
+  // (mapped memory, emulated nodes included), or GIN where the buffer is an NCCL window. The error says
   // which peer and why (transport_to names what is missing when nothing reaches it at all).
-  void require_p2p_reach(int rank, const char* op) const {
-    const int peer = first_unmapped_peer();
-    if (peer < 0) return;
-    const TransportKind kind = transport_to(rank, peer);
-    DEEP_EP_CHECK(kind == TransportKind::kP2p, op, ": rank ", rank, " reaches peer rank ", peer, " only through ",
-                  transport_name(kind), " (NCCL reports GIN), but this Buffer does not register its RDMA buffer as ",
-                  "an NCCL window yet, so the kernels cannot run over it");
+  void require_reach(int rank, const char* op) const {
+    for (int peer = 0; peer < static_cast<int>(peer_bases.size()); ++peer) {
+      if (peer_bases[peer] != nullptr) continue;
+      const TransportKind kind = transport_to(rank, peer);
+      DEEP_EP_CHECK(kind == TransportKind::kP2p || gin_window, op, ": rank ", rank, " reaches peer rank ", peer,
+                    " only through ", transport_name(kind), ", but this Buffer's memory is not an NCCL window");
+    }
   }
+  // Whether the ops launch the kernels' GIN variants: some peer is reached only through GIN.
+  bool uses_gin() const { return gin_window && first_unmapped_peer() >= 0; }
 
   ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
   DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }
 };
 
-// Collective, from the Buffer constructor once peers are mapped: where a peer is on another host and
-// this build has GIN, obtains the NCCL communicator (adopted from options.nccl_comm_address, else
-// created over the group) and its device communicator, and records whether NCCL reports GIN.
-// Otherwise it only records gin_compiled. Runs on every rank or none: hosts are the same for all.
-void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, int num_nodes,
-                     int num_device_sms);
+// Collective, from the Buffer constructor: where the group needs a network (needs_network: a peer on
+// another host) and this build has GIN, obtains the NCCL communicator (adopted from
+// options.nccl_comm_address, else created over the group) and its device communicator with the signals
+// of gin_signal_plan (kept in in.gin_signals), and records whether NCCL reports GIN. Otherwise it only
+// records gin_compiled. Runs on every rank or none: hosts are the same for all.
+void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
+                     int num_nodes, int num_device_sms);
 
 }  // namespace deep_ep

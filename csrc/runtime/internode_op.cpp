@@ -7,6 +7,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/gin_ops.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/normal_inputs.hpp"
 
@@ -132,7 +133,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   const auto row = internode::RowLayout::make(row_bytes, num_scales, num_topk);
   const auto layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes, config, "internode dispatch");
-  internals_->require_p2p_reach(rank(), "internode dispatch");
+  internals_->require_reach(rank(), "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
@@ -165,7 +166,14 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
     n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
     n.host = in.next_host_counts();
-    internode::launch_notify(peers, layout, n, stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+    if (in.uses_gin()) {
+      gin_ops::internode_notify(in, peers, layout, n, stream);
+    } else
+#endif
+    {
+      internode::launch_notify(peers, layout, n, stream);
+    }
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;
     } else {
@@ -220,6 +228,12 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    gin_ops::internode_dispatch(in, peers, layout, d, stream);
+    return result;
+  }
+#endif
   internode::launch_dispatch(peers, layout, d, stream);
   return result;
 }
@@ -251,7 +265,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes + internode::combine_ring_bytes(C, Rn, ring_slots, stride), config,
              "internode combine");
-  internals_->require_p2p_reach(rank(), "internode combine");
+  internals_->require_reach(rank(), "internode combine");
   check_co_residency(*this, C, "internode combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
 
@@ -277,6 +291,12 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    gin_ops::internode_combine(in, peers_of(*this, in), layout, c, stream);
+    return;
+  }
+#endif
   internode::launch_combine(peers_of(*this, in), layout, c, stream);
 }
 

@@ -7,6 +7,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/low_latency/low_latency.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/gin_ops.hpp"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep {
@@ -28,6 +29,17 @@ struct PendingReceive final : LowLatencyPendingReceive {
   const Buffer* owner = nullptr;
 
   void launch(int phases, cudaStream_t stream) const {
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+    const Buffer::Internals& in = owner->internals();
+    if (in.uses_gin()) {
+      if (is_dispatch) {
+        gin_ops::low_latency_dispatch(in, peers, layout, dispatch, phases, num_blocks, stream);
+      } else {
+        gin_ops::low_latency_combine(in, peers, layout, combine, phases, num_blocks, stream);
+      }
+      return;
+    }
+#endif
     if (is_dispatch) {
       low_latency::launch_dispatch(peers, layout, dispatch, phases, num_blocks, stream);
     } else {
@@ -62,7 +74,7 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(R <= kMaxLowLatencyRanks, op, " supports up to ", kMaxLowLatencyRanks,
                 " ranks over load/store peers in this build, the group has ", R);
   // Peers on other nodes (or all peers without NVLink) go through the transport.
-  b.internals().require_p2p_reach(b.rank(), op);
+  b.internals().require_reach(b.rank(), op);
   DEEP_EP_CHECK(M > 0, op, ": num_max_dispatch_tokens_per_rank must be positive, got ", M);
   DEEP_EP_CHECK(static_cast<int64_t>(R) * M % 4 == 0, op, ": num_ranks * num_max_dispatch_tokens_per_rank must be a ",
                 "multiple of 4, got ", R, " * ", M);
@@ -308,6 +320,10 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     char* base = in.local_base + in.rdma_payload_offset + half * g.layout.bytes;
     DEEP_EP_CUDA_CHECK(cudaMemset(base + g.layout.signals_offset, 0, g.layout.bytes - g.layout.signals_offset));
   }
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  // Transport signals of GIN peers are NCCL's, not memory: they count across ops like the memory above.
+  if (in.uses_gin()) gin_ops::reset_low_latency_signals(in, nullptr);
+#endif
   DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
   in.ll_next_half = 0;
   in.ll_receive_pending[0] = in.ll_receive_pending[1] = false;

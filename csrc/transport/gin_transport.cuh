@@ -26,11 +26,12 @@ namespace deep_ep::transport {
 struct GinTransport {
   ncclDevComm dev_comm;   // from ncclDevCommCreate, with ginSignalCount covering this transport's signals
   ncclWindow_t window;    // the registered window; same layout on every rank
+  int64_t base_offset;    // where this transport's offset 0 is inside the window (a region of the buffer)
   int context_idx;        // GIN context to post on (NCCL folds it modulo its context count)
   uint32_t signal_start;  // first NCCL signal id of this transport's signal array
 
   __device__ __forceinline__ char* local_ptr(int64_t offset) const {
-    return static_cast<char*>(ncclGetLocalPointer(window, static_cast<size_t>(offset)));
+    return static_cast<char*>(ncclGetLocalPointer(window, window_offset(offset)));
   }
 
   // Peers' windows are reached through the NIC only: kernels stage and put.
@@ -39,9 +40,8 @@ struct GinTransport {
   __device__ __forceinline__ void put(int peer, int64_t dst_offset, int64_t src_offset, int64_t num_bytes) const {
     if (num_bytes == 0) return;
     release_sources();
-    gin().put(ncclTeamWorld(dev_comm), peer, window, static_cast<size_t>(dst_offset), window,
-              static_cast<size_t>(src_offset), static_cast<size_t>(num_bytes), ncclGin_None{}, ncclGin_None{},
-              ncclCoopWarp{});
+    gin().put(ncclTeamWorld(dev_comm), peer, window, window_offset(dst_offset), window, window_offset(src_offset),
+              static_cast<size_t>(num_bytes), ncclGin_None{}, ncclGin_None{}, ncclCoopWarp{});
   }
 
   __device__ __forceinline__ void put_with_signal(int peer, int64_t dst_offset, int64_t src_offset, int64_t num_bytes,
@@ -51,9 +51,9 @@ struct GinTransport {
       return;
     }
     release_sources();
-    gin().put(ncclTeamWorld(dev_comm), peer, window, static_cast<size_t>(dst_offset), window,
-              static_cast<size_t>(src_offset), static_cast<size_t>(num_bytes),
-              ncclGin_SignalAdd{signal_id(signal_idx), value}, ncclGin_None{}, ncclCoopWarp{});
+    gin().put(ncclTeamWorld(dev_comm), peer, window, window_offset(dst_offset), window, window_offset(src_offset),
+              static_cast<size_t>(num_bytes), ncclGin_SignalAdd{signal_id(signal_idx), value}, ncclGin_None{},
+              ncclCoopWarp{});
   }
 
   __device__ __forceinline__ void signal_add(int peer, int signal_idx, uint64_t value) const {
@@ -79,6 +79,10 @@ struct GinTransport {
 
  private:
   __device__ __forceinline__ ncclGin gin() const { return ncclGin(dev_comm, context_idx); }
+
+  __device__ __forceinline__ size_t window_offset(int64_t offset) const {
+    return static_cast<size_t>(base_offset + offset);
+  }
 
   __device__ __forceinline__ ncclGinSignal_t signal_id(int signal_idx) const {
     return signal_start + static_cast<uint32_t>(signal_idx);

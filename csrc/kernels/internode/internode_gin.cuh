@@ -11,7 +11,7 @@
 
 namespace deep_ep::internode {
 
-// `gin` reaches every rank of the group by its rank in `peers`; its window is the RDMA payload of this
+// `gin` reaches every rank of the group by its rank in `peers`; its offset 0 is the RDMA payload of this
 // rank's buffer (local_ptr(0) == peers.bases[rank] + peers.rdma_offset), laid out by `layout`, and its
 // signals cover layout.num_signals(). The done signal counts across ops, so every call of a Buffer passes
 // the same signals and context_idx, zeroed before the first op. peers.bases must map this rank and the

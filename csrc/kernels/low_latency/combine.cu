@@ -331,6 +331,21 @@ void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineA
                     const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream) {
   launch(peers, layout, gin, args, phases, num_blocks, stream);
 }
+
+namespace {
+
+__global__ void reset_signals_kernel(const __grid_constant__ transport::GinTransport gin, int num_signals) {
+  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < num_signals; s += gridDim.x * blockDim.x)
+    gin.reset_signal(s);
+}
+
+}  // namespace
+
+void launch_reset_signals(const transport::GinTransport& gin, int num_signals, cudaStream_t stream) {
+  if (num_signals <= 0) return;
+  reset_signals_kernel<<<(num_signals + 255) / 256, 256, 0, stream>>>(gin, num_signals);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
 #endif
 
 namespace {

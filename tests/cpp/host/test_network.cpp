@@ -21,13 +21,13 @@ TEST(Network, EveryPeerMappedMeansP2pAndNoCommunicator) {
   Buffer::Internals in;
   in.peer_bases = {g_own_buffer, g_peer_buffer};
   FileGroup group(fresh_test_dir("deep_ep_network_"), 0, 1);
-  connect_network(in, group, BufferOptions{}, 1, 132);
+  connect_network(in, group, BufferOptions{}, in.first_unmapped_peer() >= 0, 1, 132);
   EXPECT_EQ(in.network.gin_compiled, gin_compiled());
   EXPECT_FALSE(in.network.nccl_available);
   EXPECT_EQ(in.nccl, nullptr);
   EXPECT_EQ(in.transport_to(0, 1), TransportKind::kP2p);
   EXPECT_EQ(in.transport_to(1, 0), TransportKind::kP2p);
-  EXPECT_NO_THROW(in.require_p2p_reach(0, "op"));
+  EXPECT_NO_THROW(in.require_reach(0, "op"));
 }
 
 TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
@@ -41,7 +41,7 @@ TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
     asked_for_comm = true;
     return int64_t{0};
   };
-  connect_network(in, group, options, 2, 132);
+  connect_network(in, group, options, in.first_unmapped_peer() >= 0, 2, 132);
   EXPECT_FALSE(asked_for_comm) << "a build without GIN has no use for an NCCL communicator";
   EXPECT_FALSE(in.network.gin_compiled);
   EXPECT_EQ(in.transport_to(0, 2), TransportKind::kP2p);
@@ -53,5 +53,49 @@ TEST(Network, PeerOnAnotherHostWithoutGinNamesWhatIsMissing) {
     EXPECT_NE(message.find("peer 1"), std::string::npos) << message;
     EXPECT_NE(message.find("no GIN transport"), std::string::npos) << message;
   }
-  EXPECT_THROW(in.require_p2p_reach(0, "internode dispatch"), ValueError);
+  EXPECT_THROW(in.require_reach(0, "internode dispatch"), ValueError);
+}
+
+namespace {
+
+// Internals as connect_network leaves them where NCCL reports GIN, with peer 1 on another host.
+Buffer::Internals gin_reported_internals() {
+  Buffer::Internals in;
+  in.peer_bases = {g_own_buffer, nullptr, g_peer_buffer};
+  in.network.gin_compiled = true;
+  in.network.nccl_available = true;
+  in.network.nccl_reports_gin = true;
+  return in;
+}
+
+}  // namespace
+
+TEST(Network, GinPeerIsReachedOnlyWhereTheBufferIsAnNcclWindow) {
+  Buffer::Internals in = gin_reported_internals();
+  EXPECT_EQ(in.transport_to(0, 1), TransportKind::kGin);
+  EXPECT_EQ(in.transport_to(0, 2), TransportKind::kP2p);
+  // Memory from cudaMalloc cannot be a window: the ops refuse, naming the peer and what is missing.
+  EXPECT_FALSE(in.uses_gin());
+  try {
+    in.require_reach(0, "internode dispatch");
+    FAIL() << "a GIN peer was accepted without a window";
+  } catch (const ValueError& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("internode dispatch"), std::string::npos) << message;
+    EXPECT_NE(message.find("peer rank 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("NCCL window"), std::string::npos) << message;
+  }
+  in.gin_window = true;
+  EXPECT_TRUE(in.uses_gin());
+  EXPECT_NO_THROW(in.require_reach(0, "internode dispatch"));
+  // Every peer mapped: nothing goes over GIN even with a window.
+  in.peer_bases[1] = g_peer_buffer;
+  EXPECT_FALSE(in.uses_gin());
+}
+
+TEST(Network, WindowDoesNotReachAPeerNcclCannot) {
+  Buffer::Internals in = gin_reported_internals();
+  in.gin_window = true;
+  in.network.nccl_reports_gin = false;  // e.g. a communicator without GIN contexts
+  EXPECT_THROW(in.require_reach(0, "low_latency_dispatch"), ValueError);
 }

@@ -1,0 +1,117 @@
+// The Buffer's kernels over the GIN transport (gin_ops.hpp). Compiled only with -DDEEP_EP_ENABLE_GIN=ON.
+#include "runtime/gin_ops.hpp"
+
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include "deep_ep/error.hpp"
+#include "kernels/internode/internode_gin.cuh"
+#include "kernels/low_latency/low_latency_gin.cuh"
+#include "runtime/cuda_check.hpp"
+#include "runtime/nccl_comm.hpp"
+
+namespace deep_ep::gin_ops {
+
+namespace {
+
+// The op's transport: the window over the whole buffer, offset 0 at `base_offset`, signals from
+// `signal_start`; context 0 for every op, so a signal's adders and its owner post on the same one.
+transport::GinTransport transport_at(const Buffer::Internals& in, int64_t base_offset, int signal_start,
+                                     int num_signals, int signal_capacity, const char* op) {
+  DEEP_EP_RUNTIME_CHECK(in.gin_window && in.nccl && in.nccl->has_device_comm() && !in.nccl->windows().empty(), op,
+                        ": the buffer is not an NCCL window with a device communicator");
+  DEEP_EP_RUNTIME_CHECK(num_signals <= signal_capacity, op, " needs ", num_signals, " GIN signals, its range holds ",
+                        signal_capacity);
+  transport::GinTransport t{};
+  t.dev_comm = in.nccl->device_comm();
+  t.window = in.nccl->windows().front();
+  t.base_offset = base_offset;
+  t.context_idx = 0;
+  t.signal_start = static_cast<uint32_t>(signal_start);
+  return t;
+}
+
+transport::GinTransport internode_transport(const Buffer::Internals& in, const internode::Peers& peers,
+                                            const internode::Layout& layout, const char* op) {
+  return transport_at(in, peers.rdma_offset, in.gin_signals.internode_start, layout.num_signals(),
+                      in.gin_signals.internode_count, op);
+}
+
+transport::GinTransport low_latency_transport(const Buffer::Internals& in, int half, int64_t half_offset,
+                                              int num_signals, const char* op) {
+  return transport_at(in, half_offset, in.gin_signals.low_latency_start[half], num_signals,
+                      in.gin_signals.low_latency_count, op);
+}
+
+__global__ void peer_pointers_kernel(ncclWindow_t window, const bool* reachable, int num_ranks, char** out) {
+  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
+    out[r] = reachable[r] ? static_cast<char*>(ncclGetPeerPointer(window, 0, r)) : nullptr;
+}
+
+}  // namespace
+
+std::vector<char*> register_buffer(Buffer::Internals& in, int rank, int num_ranks) {
+  DEEP_EP_RUNTIME_CHECK(in.nccl != nullptr, "registering the buffer as an NCCL window needs the communicator");
+  const ncclWindow_t window = in.nccl->register_window(in.local_base, static_cast<size_t>(in.total_bytes));
+  const ncclComm_t comm = in.nccl->comm();
+  const ncclTeam_t lsa = ncclTeamLsa(comm), world = ncclTeamWorld(comm);
+  std::vector<char> reachable(num_ranks);  // not vector<bool>: copied to the device as bytes
+  for (int r = 0; r < num_ranks; ++r) reachable[r] = r != rank && ncclTeamRankIsMember(lsa, world, r);
+
+  bool* reachable_device = nullptr;
+  char** out_device = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaMalloc(&reachable_device, num_ranks));
+  DEEP_EP_CUDA_CHECK(cudaMalloc(&out_device, sizeof(char*) * num_ranks));
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(reachable_device, reachable.data(), num_ranks, cudaMemcpyHostToDevice));
+  peer_pointers_kernel<<<1, 256>>>(window, reachable_device, num_ranks, out_device);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+  std::vector<char*> bases(num_ranks);
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(bases.data(), out_device, sizeof(char*) * num_ranks, cudaMemcpyDeviceToHost));
+  DEEP_EP_CUDA_CHECK(cudaFree(reachable_device));
+  DEEP_EP_CUDA_CHECK(cudaFree(out_device));
+  bases[rank] = in.local_base;
+  return bases;
+}
+
+void internode_notify(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
+                      const internode::NotifyArgs& args, cudaStream_t stream) {
+  internode::launch_notify(peers, layout, args, internode_transport(in, peers, layout, "internode notify"), stream);
+}
+
+void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
+                        const internode::DispatchArgs& args, cudaStream_t stream) {
+  internode::launch_dispatch(peers, layout, args, internode_transport(in, peers, layout, "internode dispatch"),
+                             stream);
+}
+
+void internode_combine(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
+                       const internode::CombineArgs& args, cudaStream_t stream) {
+  internode::launch_combine(peers, layout, args, internode_transport(in, peers, layout, "internode combine"),
+                            stream);
+}
+
+void low_latency_dispatch(const Buffer::Internals& in, const low_latency::Peers& peers,
+                          const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args, int phases,
+                          int num_blocks, cudaStream_t stream) {
+  const auto gin = low_latency_transport(in, peers.half, peers.half_offset, layout.num_signals(),
+                                         "low_latency_dispatch");
+  low_latency::launch_dispatch(peers, layout, args, gin, phases, num_blocks, stream);
+}
+
+void low_latency_combine(const Buffer::Internals& in, const low_latency::Peers& peers,
+                         const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args, int phases,
+                         int num_blocks, cudaStream_t stream) {
+  const auto gin = low_latency_transport(in, peers.half, peers.half_offset, layout.num_signals(),
+                                         "low_latency_combine");
+  low_latency::launch_combine(peers, layout, args, gin, phases, num_blocks, stream);
+}
+
+void reset_low_latency_signals(const Buffer::Internals& in, cudaStream_t stream) {
+  for (int half = 0; half < 2; ++half) {
+    // The signal range of a half does not depend on where the half is: offset 0 will do.
+    const auto gin = low_latency_transport(in, half, 0, in.gin_signals.low_latency_count, "clean_low_latency_buffer");
+    low_latency::launch_reset_signals(gin, in.gin_signals.low_latency_count, stream);
+  }
+}
+
+}  // namespace deep_ep::gin_ops
