@@ -36,6 +36,7 @@ struct PeerInfo {
   int64_t num_nvl_bytes, num_rdma_bytes;
   int low_latency_mode;
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
+  int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
 };
 
 int64_t default_timeout_ns(double timeout_s) {
@@ -116,6 +117,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   mine.low_latency_mode = options.low_latency_mode;
   mine.use_fabric = options.use_fabric;
   mine.ranks_per_node_override = ranks_per_node_from_env();
+  mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   // A group that spans hosts (and is not mapped through fabric memory) needs the network before the
@@ -124,10 +126,15 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   if (!options.use_fabric) {
     const std::vector<PeerInfo> early = gather_peer_infos(*group_, mine, num_ranks_);
     const Topology hosts = make_topology(locations_of(early), 0);
-    if (hosts.num_nodes > 1) {
-      connect_network(in, *group_, options, true, hosts.num_nodes, num_device_sms_);
-      // Window memory only if every rank has GIN: registering the window is collective.
-      const auto reports = group_->all_gather(std::string(1, in.network.nccl_reports_gin ? '1' : '0'));
+    for (int r = 0; r < num_ranks_; ++r)
+      DEEP_EP_CHECK(early[r].force_nccl_window == mine.force_nccl_window, "all ranks must see the same ",
+                    kForceNcclWindowEnv, ": rank ", rank_, " has ", mine.force_nccl_window, ", rank ", r, " has ",
+                    early[r].force_nccl_window);
+    const bool forced = mine.force_nccl_window != 0;
+    if (hosts.num_nodes > 1 || forced) {
+      connect_network(in, *group_, options, true, hosts.num_nodes, num_device_sms_, hosts.num_nodes > 1);
+      // Window memory only if every rank has GIN (or it is forced): registering the window is collective.
+      const auto reports = group_->all_gather(std::string(1, in.network.nccl_reports_gin || forced ? '1' : '0'));
       in.gin_window = true;
       for (const std::string& r : reports) in.gin_window = in.gin_window && r == "1";
     }

@@ -109,7 +109,16 @@ struct Buffer::Internals {
 // options.nccl_comm_address, else created over the group) and its device communicator with the signals
 // of gin_signal_plan (kept in in.gin_signals), and records whether NCCL reports GIN. Otherwise it only
 // records gin_compiled. Runs on every rank or none: hosts are the same for all.
+// ask_for_gin = false creates the device communicator without GIN (a forced window on one host).
 void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
-                     int num_nodes, int num_device_sms);
+                     int num_nodes, int num_device_sms, bool ask_for_gin = true);
+
+// Testing aid: DEEP_EP_FORCE_NCCL_WINDOW=1 makes a Buffer on one host take its memory as an NCCL window
+// and map its peers through NCCL, as a group spanning hosts with GIN does, while the kernels stay on
+// P2P: so that path runs on a machine without a NIC (NCCL needs one GPU per rank). GIN builds only.
+constexpr const char* kForceNcclWindowEnv = "DEEP_EP_FORCE_NCCL_WINDOW";
+// Whether DEEP_EP_FORCE_NCCL_WINDOW is 1; ValueError for other values than unset, empty, 0 or 1, and for
+// 1 in a build without GIN.
+bool force_nccl_window_from_env();
 
 }  // namespace deep_ep

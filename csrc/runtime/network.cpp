@@ -2,6 +2,8 @@
 // communicator that the GIN transport runs over, and whether NCCL reports GIN for it. Builds without
 // GIN only record that, so the transport choice names the missing piece.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "deep_ep/error.hpp"
 #include "kernels/common/control_region.hpp"
@@ -14,8 +16,16 @@
 
 namespace deep_ep {
 
+bool force_nccl_window_from_env() {
+  const char* value = std::getenv(kForceNcclWindowEnv);
+  if (value == nullptr || *value == '\0' || std::string(value) == "0") return false;
+  DEEP_EP_CHECK(std::string(value) == "1", kForceNcclWindowEnv, " must be 0 or 1, got '", value, "'");
+  DEEP_EP_CHECK(gin_compiled(), kForceNcclWindowEnv, "=1 needs a build with DEEP_EP_ENABLE_GIN=ON");
+  return true;
+}
+
 void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
-                     int num_nodes, int num_device_sms) {
+                     int num_nodes, int num_device_sms, bool ask_for_gin) {
   in.network = TransportChoiceInputs{};
   in.network.gin_compiled = gin_compiled();
   if (!needs_network) return;  // every peer by load/store: no network
@@ -25,10 +35,15 @@ void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& o
       address != 0 ? NcclCommunicator::adopt(address, group) : NcclCommunicator::create(group);
   // One context for now: every kernel posts on context 0, so adders and owners of a signal agree.
   in.gin_signals = gin_signal_plan(group.size(), num_nodes, num_device_sms);
-  comm->create_device_comm(in.gin_signals.total(), 1);
+  if (ask_for_gin) {
+    comm->create_device_comm(in.gin_signals.total(), 1);
+  } else {
+    comm->create_device_comm(0, 0);  // a device communicator without GIN (one host needs none)
+  }
   in.nccl = std::move(comm);
   fill_nccl_transport_inputs(in.nccl.get(), in.network);
 #else
+  (void)ask_for_gin;
   (void)group;
   (void)options;
   (void)num_nodes;

@@ -2,6 +2,7 @@
 // (Buffer::Internals::transport_to), on hand-built peer tables: no GPU, no NCCL communicator.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "deep_ep/error.hpp"
@@ -98,4 +99,32 @@ TEST(Network, WindowDoesNotReachAPeerNcclCannot) {
   in.gin_window = true;
   in.network.nccl_reports_gin = false;  // e.g. a communicator without GIN contexts
   EXPECT_THROW(in.require_reach(0, "low_latency_dispatch"), ValueError);
+}
+
+// DEEP_EP_FORCE_NCCL_WINDOW: 1 forces the NCCL window on one host (GIN builds); anything else but unset,
+// empty or 0 is an error naming the variable.
+TEST(Network, ForceNcclWindowVariable) {
+  unsetenv(kForceNcclWindowEnv);
+  EXPECT_FALSE(force_nccl_window_from_env());
+  setenv(kForceNcclWindowEnv, "0", 1);
+  EXPECT_FALSE(force_nccl_window_from_env());
+  setenv(kForceNcclWindowEnv, "yes", 1);
+  try {
+    force_nccl_window_from_env();
+    FAIL() << "'yes' was accepted";
+  } catch (const ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find(kForceNcclWindowEnv), std::string::npos) << e.what();
+  }
+  setenv(kForceNcclWindowEnv, "1", 1);
+  if (gin_compiled()) {
+    EXPECT_TRUE(force_nccl_window_from_env());
+  } else {
+    try {
+      force_nccl_window_from_env();
+      FAIL() << "a build without GIN accepted a forced NCCL window";
+    } catch (const ValueError& e) {
+      EXPECT_NE(std::string(e.what()).find("DEEP_EP_ENABLE_GIN"), std::string::npos) << e.what();
+    }
+  }
+  unsetenv(kForceNcclWindowEnv);
 }
