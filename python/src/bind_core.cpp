@@ -8,6 +8,7 @@
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
 #include "deep_ep/group.hpp"
+#include "deep_ep/transport.hpp"
 
 namespace deep_ep::python {
 
@@ -90,6 +91,7 @@ void bind_core(nb::module_& m) {
   m.def("get_combine_config", &get_combine_config, nb::arg("num_ranks"), nb::arg("num_sms"));
   m.def("compiled_cuda_architectures", &compiled_cuda_architectures);
   m.def("is_sm90_compiled", &is_sm90_compiled);
+  m.def("gin_compiled", &gin_compiled);
   m.def("get_low_latency_rdma_size_hint", &get_low_latency_rdma_size_hint, nb::arg("num_max_dispatch_tokens_per_rank"),
         nb::arg("hidden"), nb::arg("num_ranks"), nb::arg("num_experts"));
 

@@ -31,6 +31,8 @@ def dispatch_combine(ctx, opts):
     routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
     worst = opts.get("worst", False)
     deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
+    if opts.get("nccl_window"):
+        os.environ["DEEP_EP_FORCE_NCCL_WINDOW"] = "1"  # read by the Buffer below, on every rank
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 1)):
         num_tokens = opts.get("num_tokens", 300)
@@ -244,6 +246,15 @@ def cases(rank_counts):
         out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
         out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
+    # The memory of a group spanning hosts with GIN (an NCCL window, peers mapped by NCCL), on one host:
+    # NCCL takes one GPU per rank, and the build must have GIN.
+    from deep_ep import _C
+    from deep_ep.testing import visible_gpu_count
+    if _C.gin_compiled():
+        for r in rank_counts:
+            if r <= visible_gpu_count():
+                out.append((f"intranode/r{r}/nccl_window", dispatch_combine, r,
+                            (dict(nccl_window=True, bias=1, rounds=2),), t))
     return out
 
 

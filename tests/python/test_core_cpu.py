@@ -1,6 +1,7 @@
 """Host-side behaviour of the extension that needs no GPU: Config and its hints, argument errors,
 the file-backed bootstrap group, and the CPU reference as exposed to Python."""
 
+import os
 import threading
 
 import numpy as np
@@ -128,3 +129,9 @@ def test_build_reports_its_cuda_architectures():
     # The default build (CI, pip install .) targets sm_90.
     assert "90" in _C.compiled_cuda_architectures()
     assert _C.is_sm90_compiled() is True
+
+
+def test_build_reports_whether_it_has_gin():
+    # The default build (CI, pip install .) has no GIN; -Ccmake.define.DEEP_EP_ENABLE_GIN=ON turns it on.
+    expected = os.environ.get("DEEP_EP_EXPECT_GIN", "0") == "1"
+    assert _C.gin_compiled() is expected
