@@ -132,7 +132,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
                     early[r].force_nccl_window);
     const bool forced = mine.force_nccl_window != 0;
     if (hosts.num_nodes > 1 || forced) {
-      connect_network(in, *group_, options, true, hosts.num_nodes, num_device_sms_, hosts.num_nodes > 1);
+      // The signal ranges fit the nodes the ops will see (DEEP_EP_RANKS_PER_NODE may split hosts).
+      const int num_nodes = make_topology(locations_of(early), mine.ranks_per_node_override).num_nodes;
+      connect_network(in, *group_, options, true, num_nodes, num_device_sms_, hosts.num_nodes > 1);
       // Window memory only if every rank has GIN (or it is forced): registering the window is collective.
       const auto reports = group_->all_gather(std::string(1, in.network.nccl_reports_gin || forced ? '1' : '0'));
       in.gin_window = true;
