@@ -427,6 +427,13 @@ def without_nvlink(ctx, case_name, *args):
     return globals()[case_name](ctx, *args)
 
 
+def on_nccl_window(ctx, case_name, *args):
+    """Runs a case on a Buffer whose memory is an NCCL window with its peers mapped by NCCL (what a group
+    spanning hosts with GIN gets), forced on one host: the halves, signals and staging live in it."""
+    os.environ["DEEP_EP_FORCE_NCCL_WINDOW"] = "1"
+    return globals()[case_name](ctx, *args)
+
+
 def cases(rank_counts):
     out = []
     heavy, light = 300, 180
@@ -479,6 +486,15 @@ def cases(rank_counts):
                                ("odd_hidden", "dispatch_combine", (dict(hidden=1152, fewer_tokens=True),)),
                                ("rounds_200", "many_rounds", (200,))):
             out.append((f"{base}/{name}", without_nvlink, r, (fn, *args), heavy))
+    # NCCL takes one GPU per rank, and the build must have GIN.
+    from deep_ep import _C
+    from deep_ep.testing import visible_gpu_count
+    if _C.gin_compiled():
+        for r in rank_counts:
+            if r >= 2 and NUM_EXPERTS % r == 0 and r <= visible_gpu_count():
+                out.append((f"low_latency/r{r}/nccl_window", on_nccl_window, r, ("dispatch_combine", dict()), heavy))
+                out.append((f"low_latency/r{r}_no_nvlink/nccl_window", without_nvlink, r,
+                            ("on_nccl_window", "dispatch_combine", dict(hidden=SMALL_HIDDEN, mode="hook")), heavy))
     valid = [r for r in rank_counts if r >= 2 and NUM_EXPERTS % r == 0]
     if valid:
         out.append((f"low_latency/r{min(valid)}/bad_input", bad_input, min(valid), ({},), light))
