@@ -6,6 +6,8 @@
 #pragma once
 
 #include "deep_ep/config.hpp"
+#include "kernels/internode/buffer_layout.hpp"
+#include "kernels/low_latency/buffer_layout.hpp"
 
 namespace deep_ep {
 
@@ -20,8 +22,8 @@ struct GinSignalPlan {
 inline GinSignalPlan gin_signal_plan(int num_ranks, int num_nodes, int num_device_sms) {
   GinSignalPlan plan{};
   plan.internode_start = 0;
-  plan.internode_count = 1 + num_nodes * (1 + 2 * num_device_sms);  // internode::Layout::num_signals()
-  plan.low_latency_count = 2 * (kMaxLocalExperts + 1) * num_ranks;  // low_latency::HalfLayout::num_signals()
+  plan.internode_count = internode::Layout::signals_for(num_nodes, num_device_sms);
+  plan.low_latency_count = low_latency::HalfLayout::signals_for(kMaxLocalExperts, num_ranks);
   plan.low_latency_start[0] = plan.internode_start + plan.internode_count;
   plan.low_latency_start[1] = plan.low_latency_start[0] + plan.low_latency_count;
   return plan;

@@ -86,7 +86,12 @@ struct Layout {
   DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const {
     return 1 + num_nodes * (1 + num_channels) + n * num_channels + c;
   }
-  DEEP_EP_INTERNODE_HD int num_signals() const { return 1 + num_nodes * (1 + 2 * num_channels); }
+  DEEP_EP_INTERNODE_HD int num_signals() const { return signals_for(num_nodes, num_channels); }
+  // Signals of a layout of num_nodes nodes and num_channels channels (the Buffer sizes its GIN signal
+  // range with the most channels an op can use).
+  static DEEP_EP_INTERNODE_HD int signals_for(int num_nodes, int num_channels) {
+    return 1 + num_nodes * (1 + 2 * num_channels);
+  }
 
   // Slot of (node n, channel c, row i) in rows / send_rows.
   DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int i) const { return (int64_t(n) * num_channels + c) * capacity + i; }

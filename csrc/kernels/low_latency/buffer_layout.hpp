@@ -68,7 +68,12 @@ struct HalfLayout {
   DEEP_EP_LOW_LATENCY_HD int combine_arrivals_signal(int source) const {
     return (2 * num_local_experts + 1) * num_ranks + source;
   }
-  DEEP_EP_LOW_LATENCY_HD int num_signals() const { return 2 * (num_local_experts + 1) * num_ranks; }
+  DEEP_EP_LOW_LATENCY_HD int num_signals() const { return signals_for(num_local_experts, num_ranks); }
+  // Signals of a half with num_local_experts experts per rank (the Buffer sizes its GIN signal ranges
+  // with the most an op can have).
+  static DEEP_EP_LOW_LATENCY_HD int signals_for(int num_local_experts, int num_ranks) {
+    return 2 * (num_local_experts + 1) * num_ranks;
+  }
 
   static HalfLayout make(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                          int64_t num_experts) {
