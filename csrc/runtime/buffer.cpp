@@ -14,7 +14,7 @@
 #include "runtime/cuda_check.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-#include "runtime/gin_ops.hpp"
+#include "runtime/transport_launch.hpp"
 #include "runtime/nccl_comm.hpp"
 #endif
 
@@ -243,7 +243,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   if (in.gin_window) {
     // Collective: the whole buffer becomes the communicator's window; NCCL maps the ranks it reaches by
     // load/store, and the kernels need that for every rank of their own node.
-    in.peer_bases = gin_ops::register_buffer(in, rank_, num_ranks_);
+    in.peer_bases = transport_launch::register_buffer(in, rank_, num_ranks_);
     for (int r = 0; r < num_ranks_; ++r)
       DEEP_EP_CHECK(in.peer_bases[r] != nullptr || !in.topology.same_node(r, rank_), "rank ", rank_, " and rank ", r,
                     " are on one node, but NCCL does not map rank ", r, "'s buffer here (its load/store team); ",

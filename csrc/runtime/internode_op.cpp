@@ -7,7 +7,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "runtime/gin_ops.hpp"
+#include "runtime/transport_launch.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/normal_inputs.hpp"
 
@@ -166,14 +166,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
     n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
     n.host = in.next_host_counts();
-#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-    if (in.uses_gin()) {
-      gin_ops::internode_notify(in, peers, layout, n, stream);
-    } else
-#endif
-    {
-      internode::launch_notify(peers, layout, n, stream);
-    }
+    transport_launch::internode_notify(in, peers, layout, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;
     } else {
@@ -228,13 +221,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
-#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-  if (in.uses_gin()) {
-    gin_ops::internode_dispatch(in, peers, layout, d, stream);
-    return result;
-  }
-#endif
-  internode::launch_dispatch(peers, layout, d, stream);
+  transport_launch::internode_dispatch(in, peers, layout, d, stream);
   return result;
 }
 
@@ -291,13 +278,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-  if (in.uses_gin()) {
-    gin_ops::internode_combine(in, peers_of(*this, in), layout, c, stream);
-    return;
-  }
-#endif
-  internode::launch_combine(peers_of(*this, in), layout, c, stream);
+  transport_launch::internode_combine(in, peers_of(*this, in), layout, c, stream);
 }
 
 }  // namespace deep_ep

@@ -7,7 +7,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/low_latency/low_latency.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "runtime/gin_ops.hpp"
+#include "runtime/transport_launch.hpp"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep {
@@ -29,21 +29,11 @@ struct PendingReceive final : LowLatencyPendingReceive {
   const Buffer* owner = nullptr;
 
   void launch(int phases, cudaStream_t stream) const {
-#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
     const Buffer::Internals& in = owner->internals();
-    if (in.uses_gin()) {
-      if (is_dispatch) {
-        gin_ops::low_latency_dispatch(in, peers, layout, dispatch, phases, num_blocks, stream);
-      } else {
-        gin_ops::low_latency_combine(in, peers, layout, combine, phases, num_blocks, stream);
-      }
-      return;
-    }
-#endif
     if (is_dispatch) {
-      low_latency::launch_dispatch(peers, layout, dispatch, phases, num_blocks, stream);
+      transport_launch::low_latency_dispatch(in, peers, layout, dispatch, phases, num_blocks, stream);
     } else {
-      low_latency::launch_combine(peers, layout, combine, phases, num_blocks, stream);
+      transport_launch::low_latency_combine(in, peers, layout, combine, phases, num_blocks, stream);
     }
   }
 };
@@ -320,10 +310,8 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     char* base = in.local_base + in.rdma_payload_offset + half * g.layout.bytes;
     DEEP_EP_CUDA_CHECK(cudaMemset(base + g.layout.signals_offset, 0, g.layout.bytes - g.layout.signals_offset));
   }
-#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   // Transport signals of GIN peers are NCCL's, not memory: they count across ops like the memory above.
-  if (in.uses_gin()) gin_ops::reset_low_latency_signals(in, nullptr);
-#endif
+  transport_launch::reset_low_latency_transport_signals(in, nullptr);
   DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
   in.ll_next_half = 0;
   in.ll_receive_pending[0] = in.ll_receive_pending[1] = false;

@@ -1,16 +1,21 @@
-// The Buffer's kernels over the GIN transport (gin_ops.hpp). Compiled only with -DDEEP_EP_ENABLE_GIN=ON.
-#include "runtime/gin_ops.hpp"
+// The ops' kernel launches over the Buffer's transport (transport_launch.hpp).
+#include "runtime/transport_launch.hpp"
 
+#include "deep_ep/error.hpp"
+#include "runtime/cuda_check.hpp"
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 #include <nccl.h>
 #include <nccl_device.h>
 
-#include "deep_ep/error.hpp"
 #include "kernels/internode/internode_gin.cuh"
 #include "kernels/low_latency/low_latency_gin.cuh"
-#include "runtime/cuda_check.hpp"
 #include "runtime/nccl_comm.hpp"
+#endif
 
-namespace deep_ep::gin_ops {
+namespace deep_ep::transport_launch {
+
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 
 namespace {
 
@@ -37,9 +42,9 @@ transport::GinTransport internode_transport(const Buffer::Internals& in, const i
                       in.gin_signals.internode_count, op);
 }
 
-transport::GinTransport low_latency_transport(const Buffer::Internals& in, int half, int64_t half_offset,
-                                              int num_signals, const char* op) {
-  return transport_at(in, half_offset, in.gin_signals.low_latency_start[half], num_signals,
+transport::GinTransport low_latency_transport(const Buffer::Internals& in, const low_latency::Peers& peers,
+                                              const low_latency::HalfLayout& layout, const char* op) {
+  return transport_at(in, peers.half_offset, in.gin_signals.low_latency_start[peers.half], layout.num_signals(),
                       in.gin_signals.low_latency_count, op);
 }
 
@@ -73,45 +78,81 @@ std::vector<char*> register_buffer(Buffer::Internals& in, int rank, int num_rank
   return bases;
 }
 
+#endif  // DEEP_EP_ENABLE_GIN
+
 void internode_notify(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                       const internode::NotifyArgs& args, cudaStream_t stream) {
-  internode::launch_notify(peers, layout, args, internode_transport(in, peers, layout, "internode notify"), stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    internode::launch_notify(peers, layout, args, internode_transport(in, peers, layout, "internode notify"), stream);
+    return;
+  }
+#endif
+  internode::launch_notify(peers, layout, args, stream);
 }
 
 void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                         const internode::DispatchArgs& args, cudaStream_t stream) {
-  internode::launch_dispatch(peers, layout, args, internode_transport(in, peers, layout, "internode dispatch"),
-                             stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    const auto gin = internode_transport(in, peers, layout, "internode dispatch");
+    internode::launch_dispatch(peers, layout, args, gin, stream);
+    return;
+  }
+#endif
+  internode::launch_dispatch(peers, layout, args, stream);
 }
 
 void internode_combine(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                        const internode::CombineArgs& args, cudaStream_t stream) {
-  internode::launch_combine(peers, layout, args, internode_transport(in, peers, layout, "internode combine"),
-                            stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    internode::launch_combine(peers, layout, args, internode_transport(in, peers, layout, "internode combine"), stream);
+    return;
+  }
+#endif
+  internode::launch_combine(peers, layout, args, stream);
 }
 
 void low_latency_dispatch(const Buffer::Internals& in, const low_latency::Peers& peers,
                           const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args, int phases,
                           int num_blocks, cudaStream_t stream) {
-  const auto gin = low_latency_transport(in, peers.half, peers.half_offset, layout.num_signals(),
-                                         "low_latency_dispatch");
-  low_latency::launch_dispatch(peers, layout, args, gin, phases, num_blocks, stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    const auto gin = low_latency_transport(in, peers, layout, "low_latency_dispatch");
+    low_latency::launch_dispatch(peers, layout, args, gin, phases, num_blocks, stream);
+    return;
+  }
+#endif
+  low_latency::launch_dispatch(peers, layout, args, phases, num_blocks, stream);
 }
 
 void low_latency_combine(const Buffer::Internals& in, const low_latency::Peers& peers,
                          const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args, int phases,
                          int num_blocks, cudaStream_t stream) {
-  const auto gin = low_latency_transport(in, peers.half, peers.half_offset, layout.num_signals(),
-                                         "low_latency_combine");
-  low_latency::launch_combine(peers, layout, args, gin, phases, num_blocks, stream);
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    const auto gin = low_latency_transport(in, peers, layout, "low_latency_combine");
+    low_latency::launch_combine(peers, layout, args, gin, phases, num_blocks, stream);
+    return;
+  }
+#endif
+  low_latency::launch_combine(peers, layout, args, phases, num_blocks, stream);
 }
 
-void reset_low_latency_signals(const Buffer::Internals& in, cudaStream_t stream) {
+void reset_low_latency_transport_signals(const Buffer::Internals& in, cudaStream_t stream) {
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (!in.uses_gin()) return;
   for (int half = 0; half < 2; ++half) {
     // The signal range of a half does not depend on where the half is: offset 0 will do.
-    const auto gin = low_latency_transport(in, half, 0, in.gin_signals.low_latency_count, "clean_low_latency_buffer");
+    const auto gin = transport_at(in, 0, in.gin_signals.low_latency_start[half], in.gin_signals.low_latency_count,
+                                  in.gin_signals.low_latency_count, "clean_low_latency_buffer");
     low_latency::launch_reset_signals(gin, in.gin_signals.low_latency_count, stream);
   }
+#else
+  (void)in;
+  (void)stream;
+#endif
 }
 
-}  // namespace deep_ep::gin_ops
+}  // namespace deep_ep::transport_launch
