@@ -14,6 +14,7 @@
 #include "kernels/common/diagnostics.hpp"
 #include "kernels/common/host_counts.hpp"
 #include "runtime/gin_signals.hpp"
+#include "runtime/rdma_payload_users.hpp"
 
 namespace deep_ep {
 
@@ -48,6 +49,7 @@ struct Buffer::Internals {
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
+  RdmaPayloadUsers rdma_payload_users;   // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;
   // The network side of the transport choice (runtime/network.cpp): set up only when a peer is on

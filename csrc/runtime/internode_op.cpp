@@ -20,12 +20,6 @@ internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
           b.num_nodes(), b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
 }
 
-// Internode normal ops and low-latency ops would share the RDMA payload, each with its own counters.
-void check_not_low_latency(const Buffer& b, const char* op) {
-  DEEP_EP_CHECK(!b.options().low_latency_mode, op, " runs on a Buffer created with low_latency_mode=False: the "
-                "low-latency and internode normal ops keep different state in the RDMA buffer; use one Buffer for each");
-}
-
 void check_co_residency(const Buffer& b, int blocks, const char* op) {
   const int needed = blocks * b.num_ranks_per_device();
   const int capacity = b.num_device_sms() * internode::max_resident_blocks_per_sm();
@@ -77,13 +71,49 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
 
 }  // namespace
 
+void Buffer::prepare_internode_state(cudaStream_t stream, const char* op) {
+  auto& in = *internals_;
+  DEEP_EP_CHECK(!in.ll_receive_pending[0] && !in.ll_receive_pending[1], op, ": a low-latency result still waits for "
+                "its receive hook, and this op reuses the RDMA buffer it is in; call the hook first");
+  if (in.rdma_payload_users.internode_state_needs_reset()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    DEEP_EP_CHECK(capture == cudaStreamCaptureStatusNone, op, ": the first internode op after low-latency ops (or ",
+                  "clean_low_latency_buffer) restores the internode state between group barriers, which a CUDA graph "
+                  "cannot capture; run one internode op before capturing");
+    // Nobody may still write into this rank's payload (low-latency puts), and nobody may signal before
+    // every rank has restored its signals.
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    group_->barrier();
+    if (!in.uses_gin()) {
+      // P2P signals are memory the low-latency ops overwrote. Between ops every signal is zero but the
+      // done signal, which counts num_ranks per op finished (common.cuh); internode_ops counts the same
+      // ops and the NVLink flags are tagged with it, so it stays and the done signal is rebuilt from it.
+      // GIN signals are NCCL's, in a range of their own (gin_signals.hpp): the low-latency ops left them alone.
+      const auto layout = internode::Layout::make(num_nodes(), num_ranks_per_node(), num_device_sms_, 1, 16);
+      char* signals = in.local_base + in.rdma_payload_offset + layout.signals_offset;
+      const int64_t bytes = std::min<int64_t>(8 * int64_t(layout.num_signals()),
+                                              options_.num_rdma_bytes - layout.signals_offset);
+      int ops = 0;
+      DEEP_EP_CUDA_CHECK(cudaMemcpy(&ops, &reinterpret_cast<ControlRegion*>(in.local_base)->internode_ops, sizeof(ops),
+                                    cudaMemcpyDeviceToHost));
+      const uint64_t done = static_cast<uint64_t>(ops) * num_ranks_;
+      DEEP_EP_CUDA_CHECK(cudaMemset(signals, 0, bytes));
+      DEEP_EP_CUDA_CHECK(cudaMemcpy(signals + 8 * layout.signal_done(), &done, sizeof(done), cudaMemcpyHostToDevice));
+      DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    group_->barrier();
+    in.rdma_payload_users.internode_state_reset();
+  }
+  in.rdma_payload_users.internode_op_launched();
+}
+
 IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& a, const Allocator& allocate,
                                                    cudaStream_t stream) {
   check_device_errors();
   auto& in = *internals_;
   const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
   DEEP_EP_CHECK(N > 1, "internode dispatch needs ranks on several nodes; this group has one node: use dispatch");
-  check_not_low_latency(*this, "internode dispatch");
   const Config& config = a.config;
   const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
   const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
@@ -166,6 +196,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
     n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
     n.host = in.next_host_counts();
+    prepare_internode_state(stream, "internode dispatch");
     transport_launch::internode_notify(in, peers, layout, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;
@@ -221,6 +252,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
+  prepare_internode_state(stream, "internode dispatch");  // cached: the first launch; else a no-op
   transport_launch::internode_dispatch(in, peers, layout, d, stream);
   return result;
 }
@@ -230,7 +262,6 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   auto& in = *internals_;
   const int R = num_ranks_, N = num_nodes(), Rn = num_ranks_per_node(), device = options_.device;
   DEEP_EP_CHECK(N > 1, "internode combine needs ranks on several nodes; this group has one node: use combine");
-  check_not_low_latency(*this, "internode combine");
   const Config& config = a.config;
   const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
   const InternodeHandle& h = a.handle;
@@ -278,6 +309,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+  prepare_internode_state(stream, "internode combine");
   transport_launch::internode_combine(in, peers_of(*this, in), layout, c, stream);
 }
 

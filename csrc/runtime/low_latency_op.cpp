@@ -43,6 +43,7 @@ struct PendingReceive final : LowLatencyPendingReceive {
 std::shared_ptr<LowLatencyPendingReceive> start(std::shared_ptr<PendingReceive> pending, bool return_recv_hook,
                                                 Buffer::Internals& in, int device, cudaStream_t stream) {
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+  in.rdma_payload_users.low_latency_op_launched();
   if (!return_recv_hook) {
     pending->launch(low_latency::kSendAndReceive, stream);
     return nullptr;
@@ -141,6 +142,7 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   DEEP_EP_CHECK(a.x.size(1) <= (1 << 20), "x: hidden is too large, got ", a.x.size(1));
   const Geometry g = check_geometry(*this, a.num_max_dispatch_tokens_per_rank, static_cast<int>(a.x.size(1)),
                                     a.num_experts, "low_latency_dispatch");
+  in.rdma_payload_users.check_low_latency_op("low_latency_dispatch");
   DEEP_EP_CHECK(T <= g.M, "x has ", T, " tokens, more than num_max_dispatch_tokens_per_rank=", g.M);
   DEEP_EP_CHECK(a.topk_idx.dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got ", a.topk_idx.describe());
   check_topk(a.topk_idx, "topk_idx", T, g, device);
@@ -210,6 +212,7 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_combine(const LowL
   const LowLatencyHandle& h = a.handle;
   const Geometry g = check_geometry(*this, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts,
                                     "low_latency_combine");
+  in.rdma_payload_users.check_low_latency_op("low_latency_combine");
   check_handle(h, g, device);
   DEEP_EP_CHECK(a.x.dim() == 3, "x must be 3-D [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, ",
                 "hidden], got ", a.x.describe());
@@ -315,6 +318,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
   in.ll_next_half = 0;
   in.ll_receive_pending[0] = in.ll_receive_pending[1] = false;
+  in.rdma_payload_users.low_latency_buffer_cleaned();
   group_->barrier();
 }
 

@@ -184,7 +184,8 @@ class Buffer {
   // elements (expert stride = S * row stride). They lie in the half the next low-latency call uses.
   std::pair<void*, int64_t> next_low_latency_combine_buffer(const LowLatencyHandle& handle) const;
   // Resets the signalling state of both halves (collective; synchronizes the device). Needed after
-  // normal-mode use of the same buffer and after a masked rank rejoins.
+  // internode normal ops on the same buffer (a low-latency op refuses to run otherwise) and after a
+  // masked rank rejoins.
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts);
   // enable_shrink only. A masked rank is neither sent to nor waited for; ops run on `stream`.
   void low_latency_update_mask(int rank_to_mask, bool mask, cudaStream_t stream);
@@ -198,6 +199,10 @@ class Buffer {
 
  private:
   void release(bool collective);
+  // Before an internode op's first launch: refuses while a low-latency receive hook is pending, and
+  // after low-latency ops restores the internode state they overwrote (collective; see
+  // runtime/rdma_payload_users.hpp).
+  void prepare_internode_state(cudaStream_t stream, const char* op);
 
   std::shared_ptr<Group> group_;
   BufferOptions options_;

@@ -447,7 +447,8 @@ class Buffer:
                                 payload.storage_offset() + offset_bytes // payload.element_size())
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Reset the low-latency signalling state (collective; synchronizes). Needed after normal-mode use."""
+        """Reset the low-latency signalling state (collective; synchronizes). Needed after internode normal ops
+        on this Buffer: the next low-latency op raises a ValueError until it is called."""
         self._check_low_latency()
         for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                             ("hidden", hidden), ("num_experts", num_experts)):

@@ -33,6 +33,45 @@ def make_topk(num_tokens, num_experts, num_topk, num_ranks, routing):
     return idx.contiguous()
 
 
+def event_kwargs(buffer, mode):
+    """An op's keyword arguments in a test mode: sync (none), async (async_finish), previous_event (an
+    event captured just before), comm_alloc (both, and outputs allocated on the communication stream)."""
+    if mode == "async":
+        return dict(async_finish=True)
+    if mode == "previous_event":
+        return dict(previous_event=buffer.capture())
+    if mode == "comm_alloc":
+        return dict(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+    return {}
+
+
+def wait_for_outputs(mode, event):
+    """Make an op's outputs usable on the current stream in the modes that hand back an event."""
+    if mode in ("async", "comm_alloc"):
+        event.current_stream_wait()
+
+
+def make_bias(num_tokens, hidden, num_tensors):
+    """combine's bias: None, one bf16 [T, H] tensor, or a tuple of two."""
+    def one():
+        return torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+    if num_tensors == 0:
+        return None
+    return one() if num_tensors == 1 else (one(), one())
+
+
+def check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label):
+    """combine's outputs against the reference (exactly); with top-k, the weights of every routed slot
+    come back as they were sent, since each survives on exactly one rank."""
+    assert_equal(f"{label} combined_x", to_numpy(combined_x), expected.combined_x)
+    if with_topk:
+        assert_equal(f"{label} combined_topk_weights", to_numpy(combined_weights), expected.combined_topk_weights)
+        routed = in_rank.any(dim=1, keepdim=True) & (topk_idx >= 0)
+        assert torch.equal(torch.where(routed, topk_weights, 0.0), torch.where(routed, combined_weights, 0.0))
+    else:
+        assert combined_weights is None
+
+
 def make_x(num_tokens, hidden, fp8):
     """bf16 x, or (e4m3 x, column-major float32 scales) as DeepEP users pass them."""
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)

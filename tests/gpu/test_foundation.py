@@ -3,7 +3,6 @@ validation before launch, device-side detection of out-of-range expert ids."""
 
 import gc
 
-import numpy as np
 import torch
 
 import deep_ep

@@ -9,9 +9,10 @@ import torch
 
 import deep_ep
 from common import assert_equal, expect_raises, setup, teardown, to_numpy
-from intranode_cases import check_dispatch, make_topk, make_x, reference_combine, reference_dispatch
-from internode_cases import (LAYOUTS, check_internode_handle, check_rdma_layout, make_buffer, parse_layout,
-                             use_ranks_per_node)
+from intranode_cases import (check_combine, check_dispatch, event_kwargs, make_bias, make_topk, make_x,
+                             reference_combine, reference_dispatch, wait_for_outputs)
+from internode_cases import (LAYOUTS, buffer_sizes, check_internode_handle, check_rdma_layout, make_buffer,
+                             parse_layout, use_ranks_per_node)
 
 NUM_EXPERTS = 256
 
@@ -45,83 +46,93 @@ def _layout(buffer, topk_idx, rn, label):
                 num_tokens_per_expert=per_expert)
 
 
-def dispatch_combine(ctx, rn, opts):
-    """One or more rounds of layout -> dispatch -> combine -> cached dispatch, each checked exactly."""
-    group = _prepare(ctx, rn, opts, seed=opts.get("seed", 0))
+def _round(ctx, group, buffer, rn, opts, round_idx):
+    """Layout -> dispatch -> combine -> cached dispatch of fresh data, each checked exactly. Collective."""
     hidden, num_topk = opts.get("hidden", 7168), opts.get("num_topk", 8)
     fp8, with_topk = opts.get("fp8", False), opts.get("with_topk", True)
     routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
     worst = opts.get("worst", False)
-    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
     round_sms = opts.get("round_num_sms")  # per round: a Config with that many SMs (channels), else the default
+    label = f"rank {ctx.rank} round {round_idx}"
+    config = {}
+    if round_sms:
+        config = dict(config=deep_ep.Config(round_sms[round_idx % len(round_sms)], 8, 32, 16, 256))
+    num_tokens = _num_tokens(ctx, opts)
+    x = make_x(num_tokens, hidden, fp8)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    layout = _layout(buffer, topk_idx, rn, label)
+    in_rank = layout["is_token_in_rank"]
+    num_worst = ctx.num_ranks * opts.get("num_tokens", 200) if worst else 0
+    kwargs = dict(layout, expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst, **config)
+    if with_topk:
+        kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
+    kwargs.update(event_kwargs(buffer, mode))
+    recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
+    wait_for_outputs(mode, event)
+    inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
+                                         opts.get("alignment", 1), num_worst)
+    # Outputs as intranode; the handle is the internode 10-tuple.
+    check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, None,
+                   with_topk, num_worst, label)
+    check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
+
+    # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
+    rows = (recv_x[0] if fp8 else recv_x).size(0)
+    expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+    bias = make_bias(num_tokens, hidden, opts.get("bias", 0))
+    combined_x, combined_weights, event = buffer.combine(
+        expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **config,
+        **event_kwargs(buffer, mode))
+    wait_for_outputs(mode, event)
+    expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
+                                 bias, hidden, num_topk if with_topk else 0, num_ranks_per_node=rn)[ctx.rank]
+    check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label)
+
+    # Cached dispatch with the handle: same routing, fresh x.
+    x2 = make_x(num_tokens, hidden, fp8)
+    cached = buffer.dispatch(x2, handle=handle, **config)
+    assert cached[1] is None and cached[4] is None
+    _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
+                                     num_worst)
+    check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
+
+
+def dispatch_combine(ctx, rn, opts):
+    """One or more rounds of layout -> dispatch -> combine -> cached dispatch, each checked exactly."""
+    group = _prepare(ctx, rn, opts, seed=opts.get("seed", 0))
+    buffer = make_buffer(group, ctx.num_ranks, opts.get("hidden", 7168), rn)
     for round_idx in range(opts.get("rounds", 1)):
-        label = f"rank {ctx.rank} round {round_idx}"
-        config = {}
-        if round_sms:
-            config = dict(config=deep_ep.Config(round_sms[round_idx % len(round_sms)], 8, 32, 16, 256))
-        num_tokens = _num_tokens(ctx, opts)
-        x = make_x(num_tokens, hidden, fp8)
-        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
-        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-        layout = _layout(buffer, topk_idx, rn, label)
-        in_rank = layout["is_token_in_rank"]
-        num_worst = ctx.num_ranks * opts.get("num_tokens", 200) if worst else 0
-        kwargs = dict(layout, expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst, **config)
-        if with_topk:
-            kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
-        if mode == "async":
-            kwargs.update(async_finish=True)
-        elif mode == "previous_event":
-            kwargs.update(previous_event=buffer.capture())
-        elif mode == "comm_alloc":
-            kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
-        recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
-        if mode in ("async", "comm_alloc"):
-            event.current_stream_wait()
-        inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
-                                             opts.get("alignment", 1), num_worst)
-        # Outputs as intranode; the handle is the internode 10-tuple.
-        check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, None,
-                       with_topk, num_worst, label)
-        check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
+        _round(ctx, group, buffer, rn, opts, round_idx)
+    torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
 
-        # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
-        rows = (recv_x[0] if fp8 else recv_x).size(0)
-        expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
-        bias = None
-        if opts.get("bias", 0) == 1:
-            bias = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
-        elif opts.get("bias", 0) == 2:
-            bias = tuple(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))
-        combine_kwargs = dict(config)
-        if mode == "async":
-            combine_kwargs.update(async_finish=True)
-        elif mode == "previous_event":
-            combine_kwargs.update(previous_event=buffer.capture())
-        elif mode == "comm_alloc":
-            combine_kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
-        combined_x, combined_weights, event = buffer.combine(
-            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **combine_kwargs)
-        if mode in ("async", "comm_alloc"):
-            event.current_stream_wait()
-        expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
-                                     bias, hidden, num_topk if with_topk else 0, num_ranks_per_node=rn)[ctx.rank]
-        assert_equal(f"{label} combined_x", to_numpy(combined_x), expected.combined_x)
-        if with_topk:
-            assert_equal(f"{label} combined_topk_weights", to_numpy(combined_weights), expected.combined_topk_weights)
-            # Weights survive on exactly one rank each, so combine restores the originals of routed slots.
-            routed = in_rank.any(dim=1, keepdim=True) & (topk_idx >= 0)
-            assert torch.equal(torch.where(routed, topk_weights, 0.0), torch.where(routed, combined_weights, 0.0))
-        else:
-            assert combined_weights is None
 
-        # Cached dispatch with the handle: same routing, fresh x.
-        x2 = make_x(num_tokens, hidden, fp8)
-        cached = buffer.dispatch(x2, handle=handle, **config)
-        assert cached[1] is None and cached[4] is None
-        _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
-                                         num_worst)
-        check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
+def with_low_latency_ops(ctx, rn):
+    """One low_latency_mode Buffer for both kinds of ops, as V1 allows (prefill and decode on one Buffer):
+    internode rounds, then low-latency rounds after clean_low_latency_buffer (refused without it), then
+    internode rounds again, which first restore the internode state the low-latency ops overwrote."""
+    import test_low_latency as ll
+
+    group = _prepare(ctx, rn)
+    hidden = 2048
+    nvl, rdma = buffer_sizes(ctx.num_ranks, hidden, rn)
+    rdma = max(rdma, deep_ep.Buffer.get_low_latency_rdma_size_hint(ll.NUM_MAX_TOKENS, hidden, ctx.num_ranks,
+                                                                    ll.NUM_EXPERTS))
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True,
+                            num_qps_per_rank=ll.NUM_EXPERTS // ctx.num_ranks, explicitly_destroy=True)
+    opts = dict(hidden=hidden, bias=1)
+    for cycle in range(2):
+        for i in range(2):
+            _round(ctx, group, buffer, rn, opts, 2 * cycle + i)
+        x, topk_idx, _ = ll._inputs(ll.NUM_MAX_TOKENS, hidden)
+        expect_raises(ValueError, "clean_low_latency_buffer",
+                      lambda: buffer.low_latency_dispatch(x, topk_idx, ll.NUM_MAX_TOKENS, ll.NUM_EXPERTS))
+        buffer.clean_low_latency_buffer(ll.NUM_MAX_TOKENS, hidden, ll.NUM_EXPERTS)
+        for i in range(3):  # both halves, and the first again
+            ll._round(ctx, group, buffer, hidden, f"rank {ctx.rank} cycle {cycle} low-latency round {i}")
+    _round(ctx, group, buffer, rn, opts, 4)
     torch.cuda.synchronize()
     buffer.destroy()
     teardown()
@@ -290,6 +301,7 @@ def cases(rank_counts):
                 add("topk9_multi_round", dispatch_combine, dict(hidden=4096, num_topk=9, rounds=3))
                 # Ops with other channel counts on one Buffer (the done counter must stay where it is).
                 add("num_sms_per_round", dispatch_combine, dict(hidden=2048, rounds=3, round_num_sms=(8, 6, 4)))
+            add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)
             add("cuda_graph", cuda_graph)

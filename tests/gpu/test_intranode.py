@@ -7,7 +7,8 @@ import torch
 
 import deep_ep
 from common import assert_equal, expect_raises, setup, teardown, to_numpy
-from intranode_cases import (check_dispatch, make_topk, make_x, reference_combine, reference_dispatch)
+from intranode_cases import (check_combine, check_dispatch, event_kwargs, make_bias, make_topk, make_x,
+                             reference_combine, reference_dispatch, wait_for_outputs)
 
 NUM_EXPERTS = 256
 
@@ -49,15 +50,9 @@ def dispatch_combine(ctx, opts):
                       expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst)
         if with_topk:
             kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
-        if mode == "async":
-            kwargs.update(async_finish=True)
-        elif mode == "previous_event":
-            kwargs.update(previous_event=buffer.capture())
-        elif mode == "comm_alloc":
-            kwargs.update(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+        kwargs.update(event_kwargs(buffer, mode))
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
-        if mode in ("async", "comm_alloc"):
-            event.current_stream_wait()
+        wait_for_outputs(mode, event)
         inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
                                              opts.get("alignment", 1), num_worst)
         label = f"rank {ctx.rank} round {round_idx}"
@@ -67,30 +62,14 @@ def dispatch_combine(ctx, opts):
         # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
         rows = (recv_x[0] if fp8 else recv_x).size(0)
         expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
-        bias = None
-        if opts.get("bias", 0) == 1:
-            bias = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
-        elif opts.get("bias", 0) == 2:
-            bias = tuple(torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))
-        combine_kwargs = {}
-        if mode == "async":
-            combine_kwargs.update(async_finish=True)
-        elif mode == "previous_event":
-            combine_kwargs.update(previous_event=buffer.capture())
+        bias = make_bias(num_tokens, hidden, opts.get("bias", 0))
         combined_x, combined_weights, event = buffer.combine(
-            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **combine_kwargs)
-        if mode == "async":
-            event.current_stream_wait()
+            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias,
+            **event_kwargs(buffer, mode))
+        wait_for_outputs(mode, event)
         expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
                                      bias, hidden, num_topk if with_topk else 0)[ctx.rank]
-        assert_equal(f"{label} combined_x", to_numpy(combined_x), expected.combined_x)
-        if with_topk:
-            assert_equal(f"{label} combined_topk_weights", to_numpy(combined_weights), expected.combined_topk_weights)
-            # Weights survive on exactly one rank each, so combine restores the originals of routed slots.
-            routed = in_rank.any(dim=1, keepdim=True) & (topk_idx >= 0)
-            assert torch.equal(torch.where(routed, topk_weights, 0.0), torch.where(routed, combined_weights, 0.0))
-        else:
-            assert combined_weights is None
+        check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label)
 
         # Cached dispatch with the handle: same routing, fresh x.
         x2 = make_x(num_tokens, hidden, fp8)
