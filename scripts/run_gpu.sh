@@ -6,7 +6,7 @@
 # Usage: scripts/run_gpu.sh [--tests-only | --bench-only] [--filter PATTERN]
 #   --tests-only      build, then the GPU tests (no benchmark)
 #   --bench-only      build, then the benchmark (no tests)
-#   --filter PATTERN  passed to tests/gpu/run_all.py as --filter
+#   --filter PATTERN  passed to tests/gpu/run_all.py as --filter (substrings of case names, comma-separated)
 # DEEP_EP_BENCH_ARGS holds options for `python -m deep_ep.bench` (e.g. "--mode internode").
 # Logs go to $OUT when it is set, else ./build/gpu_logs. Stage time limits in seconds:
 #   DEEP_EP_BUILD_TIMEOUT_S (300), DEEP_EP_TESTS_TIMEOUT_S (1800: the whole suite at 2, 4 and 8 ranks on one

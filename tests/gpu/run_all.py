@@ -2,7 +2,7 @@
 present, under one private MPS daemon for the whole suite. Prints `RESULT <name> PASS|FAIL|SKIP
 <seconds> <detail>` per test and a summary table last. Needs torch and a CUDA device; no pytest.
 
-    python3 tests/gpu/run_all.py [--filter SUBSTRING] [--ranks 2,4,8] [--list]
+    python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list]
 """
 
 import argparse
@@ -36,7 +36,9 @@ def collect(rank_counts):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--filter", default="", help="run only tests whose name contains this substring")
+    parser.add_argument("--filter", default="",
+                        help="run only tests whose name contains this substring, or one of several given "
+                             "comma-separated (intranode/r8,internode/2x8)")
     parser.add_argument("--ranks", default=os.environ.get("DEEP_EP_TEST_RANKS", "2,4,8"),
                         help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)")
     parser.add_argument("--list", action="store_true")
@@ -45,7 +47,8 @@ def main() -> int:
     from deep_ep.testing import MpsDaemon, RankFailure, launch, visible_gpu_count
 
     rank_counts = [int(r) for r in args.ranks.split(",") if r]
-    cases = [c for c in collect(rank_counts) if args.filter in c[0]]
+    patterns = args.filter.split(",")
+    cases = [c for c in collect(rank_counts) if any(p in c[0] for p in patterns)]
     if args.list:
         for c in cases:
             print(c[0])
