@@ -50,6 +50,26 @@ ref::LowLatencyDispatchArgs two_rank_args() {
 }
 
 // First channel of every row of a [L, S, hidden] bf16 tensor.
+// One rank, two experts: token 0 names expert 1 twice and expert 0 once, token 1 names expert 1 once.
+struct RepeatedExperts {
+  std::vector<ref::LowLatencyDispatchInput> inputs;
+  ref::LowLatencyDispatchArgs args;
+};
+RepeatedExperts repeated_experts(const std::vector<float>& token_values) {
+  RepeatedExperts r;
+  r.inputs.resize(1);
+  r.inputs[0].num_tokens = 2;
+  r.inputs[0].x = constant_rows(token_values);
+  r.inputs[0].topk_idx = {1, 1, 0, -1, 1, -1};
+  r.args.num_ranks = 1;
+  r.args.num_experts = 2;
+  r.args.hidden = kHidden;
+  r.args.num_topk = 3;
+  r.args.num_max_dispatch_tokens_per_rank = 3;
+  r.args.use_fp8 = false;
+  return r;
+}
+
 std::vector<float> first_channels(const std::vector<uint16_t>& x, int hidden = kHidden) {
   std::vector<float> values;
   for (size_t row = 0; row * hidden < x.size(); ++row) values.push_back(ref::bf16_to_float(x[row * hidden]));
@@ -98,18 +118,8 @@ TEST(LowLatencyDispatch, CopiesWholeBf16RowsAndZeroesTheRest) {
 }
 
 TEST(LowLatencyDispatch, SendsATokenOncePerSlotThatNamesTheExpert) {
-  std::vector<ref::LowLatencyDispatchInput> inputs(1);
-  inputs[0].num_tokens = 2;
-  inputs[0].x = constant_rows({1, 2});
-  inputs[0].topk_idx = {1, 1, 0, -1, 1, -1};
-  ref::LowLatencyDispatchArgs args;
-  args.num_ranks = 1;
-  args.num_experts = 2;
-  args.hidden = kHidden;
-  args.num_topk = 3;
-  args.num_max_dispatch_tokens_per_rank = 3;
-  args.use_fp8 = false;
-  auto outputs = ref::low_latency_dispatch(inputs, args);
+  const RepeatedExperts r = repeated_experts({1, 2});
+  auto outputs = ref::low_latency_dispatch(r.inputs, r.args);
   EXPECT_EQ(outputs[0].recv_count, (std::vector<int32_t>{1, 3}));
   EXPECT_EQ(outputs[0].src_info, (std::vector<int32_t>{0, 0, 0, 0, 0, 1}));
   EXPECT_EQ(outputs[0].layout_range, (std::vector<int64_t>{range_of(0, 1), range_of(0, 3)}));
@@ -263,17 +273,9 @@ TEST(LowLatencyCombine, LeavesOutExpertsOfMaskedRanks) {
 }
 
 TEST(LowLatencyCombine, MapsRepeatedExpertSlotsToRowsInKOrder) {
-  std::vector<ref::LowLatencyDispatchInput> dispatch_inputs(1);
-  dispatch_inputs[0].num_tokens = 2;
-  dispatch_inputs[0].x = constant_rows({0, 0});
-  dispatch_inputs[0].topk_idx = {1, 1, 0, -1, 1, -1};
-  ref::LowLatencyDispatchArgs args;
-  args.num_ranks = 1;
-  args.num_experts = 2;
-  args.hidden = kHidden;
-  args.num_topk = 3;
-  args.num_max_dispatch_tokens_per_rank = 3;
-  args.use_fp8 = false;
+  const RepeatedExperts r = repeated_experts({0, 0});
+  const auto& dispatch_inputs = r.inputs;
+  const auto& args = r.args;
   auto dispatch_outputs = ref::low_latency_dispatch(dispatch_inputs, args);
   std::vector<ref::LowLatencyCombineInput> inputs(1);
   // Expert 0: row 0 = (t0, k2) -> 5. Expert 1: rows (t0, k0) -> 1, (t0, k1) -> 2, (t1, k1) -> 3.
