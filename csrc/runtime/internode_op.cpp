@@ -167,6 +167,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
+  prepare_internode_state(stream, "internode dispatch");  // after every check: it may be collective
 
   IntranodeDispatchResult result;
   InternodeHandle h;
@@ -196,7 +197,6 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     n.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
     n.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
     n.host = in.next_host_counts();
-    prepare_internode_state(stream, "internode dispatch");
     transport_launch::internode_notify(in, peers, layout, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;
@@ -252,7 +252,6 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
-  prepare_internode_state(stream, "internode dispatch");  // cached: the first launch; else a no-op
   transport_launch::internode_dispatch(in, peers, layout, d, stream);
   return result;
 }

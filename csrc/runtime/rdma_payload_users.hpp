@@ -4,7 +4,7 @@
 // - a low-latency op after internode ops needs clean_low_latency_buffer first, as in V1; here that is
 //   an error naming the fix rather than a read of garbage counters;
 // - an internode op after low-latency ops (or a clean, which zeroes areas internode ops also use)
-//   first re-zeroes the internode signals and epoch, between two group barriers.
+//   first restores its signals (Buffer::prepare_internode_state), between two group barriers.
 // A fresh payload is all zero, which is valid state for both kinds.
 #pragma once
 
@@ -26,7 +26,7 @@ class RdmaPayloadUsers {
     internode_state_valid_ = false;
   }
 
-  // Before an internode op: whether the internode state must be re-zeroed first.
+  // Before an internode op: whether the internode signals must be restored first.
   bool internode_state_needs_reset() const { return !internode_state_valid_; }
   void internode_state_reset() { internode_state_valid_ = true; }
   void internode_op_launched() { low_latency_state_valid_ = false; }
