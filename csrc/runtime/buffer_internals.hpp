@@ -14,6 +14,7 @@
 #include "kernels/common/diagnostics.hpp"
 #include "kernels/common/host_counts.hpp"
 #include "runtime/gin_signals.hpp"
+#include "runtime/peer_tensor_map.hpp"
 #include "runtime/rdma_payload_users.hpp"
 
 namespace deep_ep {
@@ -49,6 +50,7 @@ struct Buffer::Internals {
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
+  PeerTensorMap peer_tensors;            // other ranks' pull-combine inputs, mapped here
   RdmaPayloadUsers rdma_payload_users;   // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;

@@ -1,5 +1,8 @@
 // Buffer::intranode_dispatch / intranode_combine: validation (design.md decision 7), the co-residency
 // check (decision 5), the GPU-to-CPU count handshake, output allocation, and the kernel launches.
+#include <cstdlib>
+#include <string>
+
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
@@ -27,6 +30,16 @@ bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)
                 " resident blocks, but the GPU holds at most ", capacity, " (", b.num_device_sms(), " SMs x ",
                 blocks_per_sm(false), " blocks); use a smaller num_sms");
   return false;
+}
+
+// DEEP_EP_PULL_COMBINE=1 (the same on every rank): combine reads the expert rows straight out of the
+// expert ranks' inputs (pull_combine.cu) wherever every rank's inputs can be mapped here.
+bool pull_combine_enabled() {
+  static const bool on = [] {
+    const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return on;
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
@@ -216,6 +229,33 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   if (num_topk) combined_topk_weights = allocate("combined_topk_weights", DType::kFloat32, {T, num_topk});
 
   const auto peers = peers_of(*this, in);
+  if (pull_combine_enabled() &&
+      C * num_ranks_per_device() <= num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm()) {
+    // Both mappings are collective and decided alike on every rank (peer_tensor_map.hpp).
+    const auto xs = in.peer_tensors.map(*group_, a.x.data);
+    std::vector<const char*> weights;
+    if (!xs.empty()) weights = in.peer_tensors.map(*group_, num_topk ? a.topk_weights->data : nullptr);
+    if (!xs.empty() && (num_topk == 0 || !weights.empty())) {
+      intranode::PullCombineArgs pc{};
+      for (int r = 0; r < R; ++r) {
+        pc.x[r] = reinterpret_cast<const uint16_t*>(xs[r]);
+        pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(weights[r]) : nullptr;
+      }
+      pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+      pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+      pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+      pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
+      pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
+      pc.num_tokens = static_cast<int>(T);
+      pc.hidden = static_cast<int>(H);
+      pc.num_topk = num_topk;
+      pc.num_channels = C;
+      pc.combined_x = combined_x.ptr<uint16_t>();
+      pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+      intranode::launch_pull_combine(peers, pc, stream);
+      return;
+    }
+  }
   intranode::launch_prologue(peers, stream);
   intranode::CombineArgs c{};
   c.x = a.x.ptr<uint16_t>();

@@ -57,6 +57,15 @@ struct ControlRegion {
   //   block of the same kernel can read the bumped value.
   int internode_ops;
   int internode_arrivals;
+
+  // Pull combine (intranode, pull_combine.cu). pull_epoch: pull combines finished here, read by every
+  // block at its start and bumped by the last block to arrive in pull_arrivals (owner only, GPU scope).
+  // pull_ready[i] / pull_done[i]: written by rank i with st.release.sys (epoch + 1 once its expert
+  // outputs are ready to be read / once it has read every rank's), polled here with ld.acquire.sys.
+  int pull_epoch;
+  int pull_arrivals;
+  int pull_ready[kNumMaxNvlPeers];
+  int pull_done[kNumMaxNvlPeers];
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

@@ -32,6 +32,8 @@ enum class Phase : int {
   kInternodeCombineStage,    // internode combine forwarder waiting for a local rank's staged rows
   kInternodeCombineRecv,     // internode combine home rank waiting for a node's partial sums
   kInternodeTooManyRows,     // an internode dispatch receives more rows than num_worst_tokens
+  kPullCombineReady,         // pull combine waiting for an expert rank's outputs to be ready
+  kPullCombineDone,          // pull combine waiting for a home rank to finish reading this rank's outputs
 };
 
 inline const char* phase_name(Phase p) {
@@ -62,6 +64,8 @@ inline const char* phase_name(Phase p) {
     case Phase::kInternodeCombineStage: return "internode combine (waiting for a local rank's staged rows)";
     case Phase::kInternodeCombineRecv: return "internode combine receive (waiting for a node's partial sums)";
     case Phase::kInternodeTooManyRows: return "internode dispatch (more received rows than num_worst_tokens)";
+    case Phase::kPullCombineReady: return "combine (waiting for an expert rank's outputs to be ready)";
+    case Phase::kPullCombineDone: return "combine (waiting for a home rank to finish reading this rank's outputs)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

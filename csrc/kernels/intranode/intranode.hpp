@@ -85,6 +85,24 @@ struct CombineArgs {
 
 void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream);
 
+// Pull combine: the home rank reads its tokens' rows straight out of every expert rank's combine
+// input (mapped here; pull_combine.cu), one pass over the rows instead of three.
+struct PullCombineArgs {
+  const uint16_t* x[kNumMaxNvlPeers];           // rank j's [N_j, hidden] bf16 combine input, mapped here
+  const float* topk_weights[kNumMaxNvlPeers];   // rank j's [N_j, K], mapped here; null without top-k
+  const uint16_t* bias_0;                       // [T, hidden] or null
+  const uint16_t* bias_1;                       // [T, hidden] or null
+  const bool* is_token_in_rank;                 // [T, R] of this rank's tokens
+  const int* rank_prefix_matrix;                // [R, R]
+  const int* channel_prefix_matrix;             // [R, C]: this rank's tokens to rank j before channel c
+  int num_tokens, hidden, num_topk, num_channels;
+  uint16_t* combined_x;                         // [T, hidden]
+  float* combined_topk_weights;                 // [T, K] or null
+};
+
+void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream);
+int max_resident_pull_combine_blocks_per_sm();
+
 // Resident blocks per SM of each shape, for the co-residency check (design.md decision 5).
 int max_resident_dispatch_blocks_per_sm(bool wide);
 int max_resident_combine_blocks_per_sm(bool wide);

@@ -1,0 +1,149 @@
+// Intranode pull combine. Block c owns channel c of this rank's tokens; its warps walk the channel's
+// tokens in order and read each token's rows straight out of the expert ranks' combine inputs
+// (mapped into this process by the host), summing them in float32 over expert ranks in increasing
+// order, then the biases, rounding to bf16 once (the CPU reference's order). No ring, no sender:
+// the rows cross HBM (or NVLink) once.
+//
+// Row of token t at expert rank j: rank_begin(me, j) (rows from lower ranks) + channel_prefix_matrix
+// [j][c] (this rank's earlier channels) + the channel's earlier tokens that go to j, as dispatch
+// placed them.
+//
+// Op bracket (ControlRegion, pull_*): the inputs of every rank must be complete before anyone reads
+// them, and stay alive until everyone has. Block 0 of rank i stores pull_ready[i] = epoch + 1 into
+// every rank's region (st.release.sys after a system fence: the kernels that wrote rank i's inputs
+// precede this one in its stream); every block waits for pull_ready[j] >= epoch + 1 of all j
+// (ld.acquire.sys). The last block of rank i to finish stores pull_done[i] = epoch + 1 everywhere the
+// same way and waits for all pull_done[j], so this kernel ends only after every rank has read rank
+// i's inputs; then it bumps pull_epoch. Values only grow, so a flag of an earlier op never satisfies
+// a later wait, in CUDA graph replays too.
+#include <cuda_bf16.h>
+
+#include "kernels/common/bf16.cuh"
+#include "kernels/common/control_region.hpp"
+#include "kernels/common/occupancy.cuh"
+#include "kernels/intranode/prologue.cuh"
+#include "runtime/cuda_check.hpp"
+
+namespace deep_ep::intranode {
+
+namespace {
+
+constexpr int kPullWarps = 16;
+
+// One thread: waits for flags[j] >= target for every rank j.
+__device__ bool wait_all_ranks(const Peers& p, const int* flags, int target, Phase phase, int channel) {
+  for (int j = 0; j < p.num_ranks; ++j)
+    if (!device::wait_at_least(&flags[j], target, p.timeout_ns, p.diagnostics, phase, p.rank, j, channel))
+      return false;
+  return true;
+}
+
+__global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers p, PullCombineArgs a) {
+  const int warp = threadIdx.x / 32, lane = device::lane_id(), c = blockIdx.x;
+  const int R = p.num_ranks, me = p.rank, C = a.num_channels;
+  ControlRegion* mine = control_of(p, me);
+  __shared__ int epoch_shared, ok_shared;
+  if (threadIdx.x == 0) {
+    const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
+    if (c == 0) {
+      __threadfence_system();
+      for (int r = 0; r < R; ++r) device::st_release_sys(&control_of(p, r)->pull_ready[me], epoch + 1);
+    }
+    epoch_shared = epoch;
+    ok_shared = wait_all_ranks(p, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, c);
+  }
+  __syncthreads();
+
+  if (ok_shared) {
+    const int row_int4 = a.hidden / 8;
+    int begin, end;
+    device::channel_range(c, C, a.num_tokens, begin, end);
+    int consumed[kNumMaxNvlPeers];  // row at rank j of the next token of this channel that goes to j
+#pragma unroll
+    for (int j = 0; j < kNumMaxNvlPeers; ++j)
+      consumed[j] = j < R ? rank_begin(a.rank_prefix_matrix, me, j, R) + a.channel_prefix_matrix[j * C + c] : 0;
+
+    for (int t0 = begin; t0 < end; t0 += 32) {
+      const int n = min(32, end - t0);
+      unsigned mask = 0;
+      if (lane < n) {
+        const bool* row = a.is_token_in_rank + static_cast<int64_t>(t0 + lane) * R;
+        for (int j = 0; j < R; ++j) mask |= static_cast<unsigned>(row[j]) << j;
+      }
+      unsigned lanes_of[kNumMaxNvlPeers];
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        lanes_of[j] = __ballot_sync(0xffffffffu, j < R && ((mask >> j) & 1u));
+
+      for (int k = warp; k < n; k += kPullWarps) {
+        const int t = t0 + k;
+        const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
+        const int4* rows[kNumMaxNvlPeers];
+        int row_of[kNumMaxNvlPeers];
+#pragma unroll
+        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+          row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+          rows[j] = (token_mask >> j) & 1u
+                        ? reinterpret_cast<const int4*>(a.x[j] + static_cast<int64_t>(row_of[j]) * a.hidden)
+                        : nullptr;
+        }
+        int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden);
+        const int4* bias_0 = a.bias_0 ? reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden) : nullptr;
+        const int4* bias_1 = a.bias_1 ? reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden) : nullptr;
+        for (int col = lane; col < row_int4; col += 32) {
+          // At L2: another process wrote these rows; a non-coherent cached copy of an earlier call's
+          // rows at the same address must not be read.
+          int4 v[kNumMaxNvlPeers];
+#pragma unroll
+          for (int j = 0; j < kNumMaxNvlPeers; ++j)
+            if ((token_mask >> j) & 1u) v[j] = __ldcg(rows[j] + col);
+          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+          for (int j = 0; j < kNumMaxNvlPeers; ++j)
+            if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
+          if (bias_0) device::add_bf16x8(acc, device::ld_input(bias_0 + col));
+          if (bias_1) device::add_bf16x8(acc, device::ld_input(bias_1 + col));
+          out[col] = device::pack_bf16x8(acc);
+        }
+        if (a.combined_topk_weights) {
+          for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
+            float w = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kNumMaxNvlPeers; ++j)
+              if ((token_mask >> j) & 1u) w += __ldcg(&a.topk_weights[j][static_cast<int64_t>(row_of[j]) * a.num_topk + k2]);
+            a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k2] = w;
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);
+    }
+  }
+
+  // Every read of this block is done before it counts itself; the last block tells every rank.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const int epoch = epoch_shared;
+    if (atomicAdd(&mine->pull_arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
+      mine->pull_arrivals = 0;
+      for (int r = 0; r < R; ++r) device::st_release_sys(&control_of(p, r)->pull_done[me], epoch + 1);
+      wait_all_ranks(p, mine->pull_done, epoch + 1, Phase::kPullCombineDone, -1);
+      mine->pull_epoch = epoch + 1;
+      __threadfence();
+    }
+  }
+}
+
+}  // namespace
+
+int max_resident_pull_combine_blocks_per_sm() {
+  return device::resident_blocks_per_sm<pull_combine_kernel>(kPullWarps * 32);
+}
+
+void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream) {
+  pull_combine_kernel<<<args.num_channels, kPullWarps * 32, 0, stream>>>(peers, args);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deep_ep::intranode

@@ -1,0 +1,32 @@
+// Maps other ranks' tensors (the pull combine's inputs: ordinary caching-allocator memory) into this
+// process. Collective: every rank passes its own pointer and gets every rank's, through CUDA IPC of
+// the allocation that holds it (design.md decision 3). Mappings are cached per allocation (the IPC
+// handle identifies it) and closed only when the Buffer goes, so that a kernel launched with one,
+// a CUDA graph included, never outlives it; a caching allocator hands out few distinct allocations.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "deep_ep/group.hpp"
+
+namespace deep_ep {
+
+class PeerTensorMap {
+ public:
+  // Every rank's `ptr` as seen from here (this rank's own pointer at its index), or an empty vector on
+  // every rank when some rank's memory cannot be exported (e.g. memory from cudaMallocAsync pools or
+  // expandable segments): the caller then uses a path that needs no mapping.
+  std::vector<const char*> map(Group& group, const void* ptr);
+  // Closes every mapping; only when no kernel can use them (the Buffer's release).
+  void close_all();
+  ~PeerTensorMap() { close_all(); }
+
+ private:
+  std::vector<std::map<std::string, char*>> opened_;  // [rank]: IPC handle bytes -> opened base
+};
+
+}  // namespace deep_ep
