@@ -1,8 +1,10 @@
 // Maps other ranks' tensors (the pull combine's inputs: ordinary caching-allocator memory) into this
 // process. Collective: every rank passes its own pointer and gets every rank's, through CUDA IPC of
 // the allocation that holds it (design.md decision 3). Mappings are cached per allocation (the IPC
-// handle identifies it) and closed only when the Buffer goes, so that a kernel launched with one,
-// a CUDA graph included, never outlives it; a caching allocator hands out few distinct allocations.
+// handle identifies it): a caching allocator hands out few distinct allocations. Past
+// kMaxMappingsPerRank allocations of one rank (an allocator that keeps freeing and allocating), the
+// device is synchronized and that rank's older mappings are closed; a CUDA graph that captured a
+// pull combine must therefore keep its inputs, as graphs do.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -26,6 +28,7 @@ class PeerTensorMap {
   ~PeerTensorMap() { close_all(); }
 
  private:
+  static constexpr size_t kMaxMappingsPerRank = 32;
   std::vector<std::map<std::string, char*>> opened_;  // [rank]: IPC handle bytes -> opened base
 };
 
