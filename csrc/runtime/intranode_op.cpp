@@ -232,6 +232,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   if (pull_combine_enabled() &&
       C * num_ranks_per_device() <= num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm()) {
     // Both mappings are collective and decided alike on every rank (peer_tensor_map.hpp).
+    in.peer_tensors.make_room(2);
     const auto xs = in.peer_tensors.map(*group_, a.x.data);
     std::vector<const char*> weights;
     if (!xs.empty()) weights = in.peer_tensors.map(*group_, num_topk ? a.topk_weights->data : nullptr);

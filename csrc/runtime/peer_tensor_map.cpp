@@ -78,12 +78,6 @@ std::vector<const char*> PeerTensorMap::map(Group& group, const void* ptr) {
     const std::string key(reinterpret_cast<const char*>(&peer.handle), sizeof(peer.handle));
     auto it = opened_[r].find(key);
     if (it == opened_[r].end()) {
-      if (opened_[r].size() >= kMaxMappingsPerRank) {
-        // No kernel may still read through the mappings closed here.
-        DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
-        for (auto& [old_key, old_base] : opened_[r]) cudaIpcCloseMemHandle(old_base);
-        opened_[r].clear();
-      }
       void* opened = nullptr;
       DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&opened, peer.handle, cudaIpcMemLazyEnablePeerAccess));
       it = opened_[r].emplace(key, static_cast<char*>(opened)).first;
@@ -91,6 +85,16 @@ std::vector<const char*> PeerTensorMap::map(Group& group, const void* ptr) {
     pointers[r] = it->second + peer.offset;
   }
   return pointers;
+}
+
+void PeerTensorMap::make_room(int new_mappings) {
+  for (auto& per_rank : opened_) {
+    if (per_rank.size() + new_mappings <= kMaxMappingsPerRank) continue;
+    // No kernel may still read through the mappings closed here.
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    for (auto& [key, base] : per_rank) cudaIpcCloseMemHandle(base);
+    per_rank.clear();
+  }
 }
 
 void PeerTensorMap::close_all() {

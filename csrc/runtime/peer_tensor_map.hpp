@@ -23,6 +23,9 @@ class PeerTensorMap {
   // every rank when some rank's memory cannot be exported (e.g. memory from cudaMallocAsync pools or
   // expandable segments): the caller then uses a path that needs no mapping.
   std::vector<const char*> map(Group& group, const void* ptr);
+  // Before an op's map() calls (at most `new_mappings` of them): keeps every rank's cache within
+  // kMaxMappingsPerRank without closing a mapping those calls return. Local, not collective.
+  void make_room(int new_mappings);
   // Closes every mapping; only when no kernel can use them (the Buffer's release).
   void close_all();
   ~PeerTensorMap() { close_all(); }
