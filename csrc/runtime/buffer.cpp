@@ -289,6 +289,7 @@ void Buffer::release(bool collective) {
     cudaDeviceSynchronize();
   }
   in.peer_tensors.close_all();
+  in.pull_exchange.reset();
   for (int r = 0; r < num_ranks_; ++r)
     if (in.peer_is_ipc[r]) cudaIpcCloseMemHandle(in.peer_bases[r]);
   if (in.peer_bases_device) cudaFree(in.peer_bases_device);

@@ -51,6 +51,8 @@ struct Buffer::Internals {
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
   PeerTensorMap peer_tensors;            // other ranks' pull-combine inputs, mapped here
+  std::unique_ptr<HostExchange> pull_exchange;  // their addresses, per call; null where shm is unusable
+  bool pull_exchange_tried = false;      // the collective creation ran (at the first pull combine)
   RdmaPayloadUsers rdma_payload_users;   // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;

@@ -1,5 +1,6 @@
 // Buffer::intranode_dispatch / intranode_combine: validation (design.md decision 7), the co-residency
 // check (decision 5), the GPU-to-CPU count handshake, output allocation, and the kernel launches.
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -32,14 +33,12 @@ bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)
   return false;
 }
 
-// DEEP_EP_PULL_COMBINE=1 (the same on every rank): combine reads the expert rows straight out of the
-// expert ranks' inputs (pull_combine.cu) wherever every rank's inputs can be mapped here.
-bool pull_combine_enabled() {
-  static const bool on = [] {
-    const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
-    return value != nullptr && std::string(value) == "1";
-  }();
-  return on;
+// DEEP_EP_PULL_COMBINE=1 selects the pull combine (pull_combine.cu) wherever it can run; otherwise the
+// ring combine runs. Read on every call (tests and benchmarks switch it), so it must be the same on
+// every rank at each call.
+bool pull_combine_requested() {
+  const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
+  return value != nullptr && std::string(value) == "1";
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
@@ -229,32 +228,46 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   if (num_topk) combined_topk_weights = allocate("combined_topk_weights", DType::kFloat32, {T, num_topk});
 
   const auto peers = peers_of(*this, in);
-  if (pull_combine_enabled() &&
-      C * num_ranks_per_device() <= num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm()) {
-    // Both mappings are collective and decided alike on every rank (peer_tensor_map.hpp).
-    in.peer_tensors.make_room(2);
-    const auto xs = in.peer_tensors.map(*group_, a.x.data);
-    std::vector<const char*> weights;
-    if (!xs.empty()) weights = in.peer_tensors.map(*group_, num_topk ? a.topk_weights->data : nullptr);
-    if (!xs.empty() && (num_topk == 0 || !weights.empty())) {
-      intranode::PullCombineArgs pc{};
-      for (int r = 0; r < R; ++r) {
-        pc.x[r] = reinterpret_cast<const uint16_t*>(xs[r]);
-        pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(weights[r]) : nullptr;
+  last_combine_pulled_ = false;
+  // Pull combine, where asked for: every rank reaches every other rank's memory by CUDA IPC, and some
+  // of its blocks fit beside the other ranks' on this GPU. Every condition is the same on every rank, and so is the outcome of
+  // the exchange below, so all ranks take the same path.
+  const int pull_blocks =
+      std::min(C, num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm() / num_ranks_per_device());
+  if (pull_combine_requested() && !in.gin_window && !options_.use_fabric && in.first_unmapped_peer() < 0 &&
+      pull_blocks >= 1) {
+    if (!in.pull_exchange_tried) {  // collective, at the first pull combine of every rank
+      in.pull_exchange_tried = true;
+      in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
+    }
+    if (in.pull_exchange) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+      const auto inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
+                                              num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
+                                              capture == cudaStreamCaptureStatusNone);
+      if (!inputs.x.empty()) {
+        intranode::PullCombineArgs pc{};
+        for (int r = 0; r < R; ++r) {
+          pc.x[r] = reinterpret_cast<const uint16_t*>(inputs.x[r]);
+          pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(inputs.weights[r]) : nullptr;
+        }
+        pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+        pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+        pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+        pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
+        pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
+        pc.num_tokens = static_cast<int>(T);
+        pc.hidden = static_cast<int>(H);
+        pc.num_topk = num_topk;
+        pc.num_channels = C;
+        pc.num_blocks = pull_blocks;
+        pc.combined_x = combined_x.ptr<uint16_t>();
+        pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+        intranode::launch_pull_combine(peers, pc, stream);
+        last_combine_pulled_ = true;
+        return;
       }
-      pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
-      pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
-      pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
-      pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
-      pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
-      pc.num_tokens = static_cast<int>(T);
-      pc.hidden = static_cast<int>(H);
-      pc.num_topk = num_topk;
-      pc.num_channels = C;
-      pc.combined_x = combined_x.ptr<uint16_t>();
-      pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-      intranode::launch_pull_combine(peers, pc, stream);
-      return;
     }
   }
   intranode::launch_prologue(peers, stream);

@@ -6,6 +6,17 @@
 
 namespace deep_ep {
 
+namespace {
+
+// The kernels move rows in 16-byte vectors: a view that starts mid-vector would fault on the GPU.
+void check_aligned_rows(const TensorView& t, const char* name) {
+  DEEP_EP_CHECK(reinterpret_cast<uintptr_t>(t.data) % 16 == 0, name,
+                " must start at a 16-byte aligned address (a view with a storage offset that is not a multiple of ",
+                16 / dtype_size(t.dtype), " elements?), got ", t.describe());
+}
+
+}  // namespace
+
 NormalDispatchShape check_normal_dispatch_inputs(const TensorView& x, const std::optional<TensorView>& x_scales,
                                                  const std::optional<TensorView>& topk_idx,
                                                  const std::optional<TensorView>& topk_weights, int num_worst_tokens,
@@ -19,6 +30,7 @@ NormalDispatchShape check_normal_dispatch_inputs(const TensorView& x, const std:
   s.row_bytes = s.hidden * dtype_size(x.dtype);
   DEEP_EP_CHECK(s.hidden > 0 && s.row_bytes % 16 == 0, "x rows must be a positive multiple of 16 bytes, got hidden=",
                 s.hidden, " (", s.row_bytes, " bytes)");
+  check_aligned_rows(x, "x");
   if (s.fp8) {
     DEEP_EP_CHECK(s.hidden % 128 == 0, "FP8 x needs hidden % 128 == 0 (one scale per 128 channels), got hidden=",
                   s.hidden);
@@ -53,6 +65,7 @@ NormalCombineShape check_normal_combine_inputs(const TensorView& x, const std::o
   s.hidden = x.size(1);
   DEEP_EP_CHECK(s.hidden > 0 && s.hidden % 8 == 0, "combine x rows must be a positive multiple of 16 bytes, got hidden=",
                 s.hidden);
+  check_aligned_rows(x, "x");
   if (topk_weights) {
     DEEP_EP_CHECK(topk_weights->dim() == 2, "topk_weights must be 2-D [num_recv_tokens, num_topk], got ",
                   topk_weights->describe());
@@ -61,8 +74,14 @@ NormalCombineShape check_normal_combine_inputs(const TensorView& x, const std::o
                   s.num_topk);
     check_tensor(*topk_weights, "topk_weights", {DType::kFloat32, {s.num_rows, s.num_topk}, true, device});
   }
-  if (bias_0) check_tensor(*bias_0, "bias[0]", {DType::kBFloat16, {num_tokens, s.hidden}, true, device});
-  if (bias_1) check_tensor(*bias_1, "bias[1]", {DType::kBFloat16, {num_tokens, s.hidden}, true, device});
+  if (bias_0) {
+    check_tensor(*bias_0, "bias[0]", {DType::kBFloat16, {num_tokens, s.hidden}, true, device});
+    check_aligned_rows(*bias_0, "bias[0]");
+  }
+  if (bias_1) {
+    check_tensor(*bias_1, "bias[1]", {DType::kBFloat16, {num_tokens, s.hidden}, true, device});
+    check_aligned_rows(*bias_1, "bias[1]");
+  }
   return s;
 }
 

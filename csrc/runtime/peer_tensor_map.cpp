@@ -12,12 +12,20 @@ namespace deep_ep {
 
 namespace {
 
-struct Record {
-  int exportable;
-  int pid;
-  uint64_t offset;  // of the pointer inside its allocation
+// Where one tensor lives: the allocation's IPC handle and the offset inside it, and the raw pointer
+// for ranks of the same process.
+struct TensorRecord {
   uint64_t pointer;
+  uint64_t offset;
+  int64_t has_rows;  // 0: no rows (nobody reads them; nothing to map)
   cudaIpcMemHandle_t handle;
+};
+
+struct Record {
+  int32_t aligned;     // x 16-byte aligned (the kernel reads it in 16-byte vectors)
+  int32_t exportable;  // every tensor of this rank has an IPC handle
+  int32_t pid;
+  TensorRecord x, weights;
 };
 
 // The allocation holding `ptr` (its base), through the driver's cuMemGetAddressRange, reached from the
@@ -41,65 +49,99 @@ bool allocation_base(const void* ptr, char** base) {
   return true;
 }
 
+// Fills `out` for `ptr`; false when its allocation cannot be exported.
+bool describe(const void* ptr, bool has_rows, TensorRecord* out) {
+  out->pointer = reinterpret_cast<uint64_t>(ptr);
+  out->has_rows = has_rows;
+  if (!has_rows) return true;
+  char* base = nullptr;
+  if (!allocation_base(ptr, &base) || cudaIpcGetMemHandle(&out->handle, base) != cudaSuccess) {
+    cudaGetLastError();  // the failed query is not an error of the next call
+    return false;
+  }
+  out->offset = static_cast<uint64_t>(static_cast<const char*>(ptr) - base);
+  return true;
+}
+
 }  // namespace
 
-std::vector<const char*> PeerTensorMap::map(Group& group, const void* ptr) {
-  const int rank = group.rank(), num_ranks = group.size();
-  if (static_cast<int>(opened_.size()) != num_ranks) opened_.resize(num_ranks);
-  Record mine{};
-  mine.pid = static_cast<int>(getpid());
-  mine.pointer = reinterpret_cast<uint64_t>(ptr);
-  char* base = nullptr;
-  if (allocation_base(ptr, &base) && cudaIpcGetMemHandle(&mine.handle, base) == cudaSuccess) {
-    mine.exportable = 1;
-    mine.offset = static_cast<uint64_t>(static_cast<const char*>(ptr) - base);
-  } else {
-    cudaGetLastError();  // the failed query is not an error of the next call
+size_t PeerTensorMap::record_bytes() { return sizeof(Record); }
+
+const char* PeerTensorMap::open(int rank, const cudaIpcMemHandle_t& handle, uint64_t offset, bool may_synchronize) {
+  auto& cache = opened_[rank];
+  const std::string key(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (cache.size() >= kMaxMappingsPerRank && may_synchronize) {
+      // No kernel may still read through the mappings closed here. The other tensor of this call was
+      // opened already; map() opens it again if this closed it.
+      DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+      for (auto old = cache.begin(); old != cache.end();) {
+        if (old->second.pinned) {
+          ++old;
+          continue;
+        }
+        cudaIpcCloseMemHandle(old->second.base);
+        old = cache.erase(old);
+      }
+    }
+    void* opened = nullptr;
+    DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&opened, handle, cudaIpcMemLazyEnablePeerAccess));
+    it = cache.emplace(key, Mapping{static_cast<char*>(opened), false}).first;
   }
-  const auto gathered = group.all_gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)));
+  if (!may_synchronize) it->second.pinned = true;  // a graph being captured will replay this mapping
+  return it->second.base + offset;
+}
+
+PeerTensorMap::Inputs PeerTensorMap::map(HostExchange& exchange, int rank, const void* x, const void* weights,
+                                         bool with_weights, bool has_rows, bool may_synchronize) {
+  DEEP_EP_RUNTIME_CHECK(exchange.record_bytes() == sizeof(Record), "pull combine: exchange records of ",
+                        exchange.record_bytes(), " bytes, expected ", sizeof(Record));
+  Record mine{};
+  mine.pid = static_cast<int32_t>(getpid());
+  mine.aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool x_exportable = describe(x, has_rows, &mine.x);  // both described: one process uses both
+  mine.exportable = x_exportable && (!with_weights || describe(weights, has_rows, &mine.weights));
+  mine.weights.pointer = reinterpret_cast<uint64_t>(weights);
+  const auto gathered = exchange.all_gather(&mine, "combine (exchanging the pull combine's input addresses)");
+  const int num_ranks = static_cast<int>(gathered.size());
+  if (static_cast<int>(opened_.size()) != num_ranks) opened_.resize(num_ranks);
+
   std::vector<Record> records(num_ranks);
-  bool all_exportable = true, one_process = true;
+  bool all_aligned = true, all_exportable = true, one_process = true;
   for (int r = 0; r < num_ranks; ++r) {
-    DEEP_EP_RUNTIME_CHECK(gathered[r].size() == sizeof(Record), "pull combine: rank ", r, " sent a mapping record of ",
-                          gathered[r].size(), " bytes, expected ", sizeof(Record));
     std::memcpy(&records[r], gathered[r].data(), sizeof(Record));
+    all_aligned = all_aligned && records[r].aligned;
     all_exportable = all_exportable && records[r].exportable;
     one_process = one_process && records[r].pid == records[0].pid;
   }
   // Decided from the gathered records alone, so every rank decides alike.
-  if (!all_exportable && !one_process) return {};
-  std::vector<const char*> pointers(num_ranks);
+  if (!all_aligned || (!all_exportable && !one_process)) return {};
+  Inputs out;
+  out.x.resize(num_ranks);
+  if (with_weights) out.weights.resize(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
     const Record& peer = records[r];
-    if (r == rank || peer.pid == mine.pid) {  // this process: the raw pointer
-      pointers[r] = reinterpret_cast<const char*>(peer.pointer);
+    if (r == rank || peer.pid == mine.pid) {  // this process: the raw pointers
+      out.x[r] = reinterpret_cast<const char*>(peer.x.pointer);
+      if (with_weights) out.weights[r] = reinterpret_cast<const char*>(peer.weights.pointer);
       continue;
     }
-    const std::string key(reinterpret_cast<const char*>(&peer.handle), sizeof(peer.handle));
-    auto it = opened_[r].find(key);
-    if (it == opened_[r].end()) {
-      void* opened = nullptr;
-      DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&opened, peer.handle, cudaIpcMemLazyEnablePeerAccess));
-      it = opened_[r].emplace(key, static_cast<char*>(opened)).first;
+    if (!peer.x.has_rows) continue;  // null: no token of any rank has a row there
+    out.x[r] = open(r, peer.x.handle, peer.x.offset, may_synchronize);
+    if (with_weights) {
+      const size_t before = opened_[r].size();
+      out.weights[r] = open(r, peer.weights.handle, peer.weights.offset, may_synchronize);
+      // Opening the weights' allocation trimmed the cache, maybe closing x's mapping: look x up again.
+      if (opened_[r].size() < before) out.x[r] = open(r, peer.x.handle, peer.x.offset, may_synchronize);
     }
-    pointers[r] = it->second + peer.offset;
   }
-  return pointers;
-}
-
-void PeerTensorMap::make_room(int new_mappings) {
-  for (auto& per_rank : opened_) {
-    if (per_rank.size() + new_mappings <= kMaxMappingsPerRank) continue;
-    // No kernel may still read through the mappings closed here.
-    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
-    for (auto& [key, base] : per_rank) cudaIpcCloseMemHandle(base);
-    per_rank.clear();
-  }
+  return out;
 }
 
 void PeerTensorMap::close_all() {
   for (auto& per_rank : opened_)
-    for (auto& [key, base] : per_rank) cudaIpcCloseMemHandle(base);
+    for (auto& [key, mapping] : per_rank) cudaIpcCloseMemHandle(mapping.base);
   opened_.clear();
 }
 

@@ -1,10 +1,10 @@
 // Maps other ranks' tensors (the pull combine's inputs: ordinary caching-allocator memory) into this
-// process. Collective: every rank passes its own pointer and gets every rank's, through CUDA IPC of
-// the allocation that holds it (design.md decision 3). Mappings are cached per allocation (the IPC
-// handle identifies it): a caching allocator hands out few distinct allocations. Past
-// kMaxMappingsPerRank allocations of one rank (an allocator that keeps freeing and allocating), the
-// device is synchronized and that rank's older mappings are closed; a CUDA graph that captured a
-// pull combine must therefore keep its inputs, as graphs do.
+// process. Collective: on every call each rank passes its own input pointers and gets every rank's,
+// through CUDA IPC of the allocations that hold them (design.md decision 3), exchanged over the host
+// (HostExchange, microseconds). Mappings are cached per allocation (the IPC handle identifies it): a
+// caching allocator hands out few distinct allocations. Past kMaxMappingsPerRank allocations of one
+// rank (an allocator that keeps freeing and allocating), the device is synchronized and that rank's
+// mappings are closed, except those a captured call used (pinned: graph replays read through them).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,26 +13,42 @@
 #include <string>
 #include <vector>
 
-#include "deep_ep/group.hpp"
+#include "runtime/host_exchange.hpp"
 
 namespace deep_ep {
 
 class PeerTensorMap {
  public:
-  // Every rank's `ptr` as seen from here (this rank's own pointer at its index), or an empty vector on
-  // every rank when some rank's memory cannot be exported (e.g. memory from cudaMallocAsync pools or
-  // expandable segments): the caller then uses a path that needs no mapping.
-  std::vector<const char*> map(Group& group, const void* ptr);
-  // Before an op's map() calls (at most `new_mappings` of them): keeps every rank's cache within
-  // kMaxMappingsPerRank without closing a mapping those calls return. Local, not collective.
-  void make_room(int new_mappings);
+  // Bytes of the record each rank contributes per call (HostExchange's record size).
+  static size_t record_bytes();
+
+  // Every rank's pointers as seen from here (this rank's own at its index): x[r] always, weights[r]
+  // when `with_weights` (the same on every rank). Both empty on every rank when some rank's memory
+  // cannot be exported (e.g. memory from cudaMallocAsync pools or expandable segments) or x is not
+  // 16-byte aligned: the caller then uses a path that needs no mapping. `has_rows`: false when x (and
+  // weights) have no rows; nothing is read from them then, and their pointers (maybe null) are
+  // neither exported nor mapped. `may_synchronize`: false while the stream is being captured, where
+  // the cache may not be trimmed (that synchronizes the device); it then grows past
+  // kMaxMappingsPerRank, and the mappings the captured call uses stay open until the Buffer goes (a
+  // graph replays them).
+  struct Inputs {
+    std::vector<const char*> x, weights;
+  };
+  Inputs map(HostExchange& exchange, int rank, const void* x, const void* weights, bool with_weights,
+             bool has_rows, bool may_synchronize);
+
   // Closes every mapping; only when no kernel can use them (the Buffer's release).
   void close_all();
   ~PeerTensorMap() { close_all(); }
 
  private:
   static constexpr size_t kMaxMappingsPerRank = 32;
-  std::vector<std::map<std::string, char*>> opened_;  // [rank]: IPC handle bytes -> opened base
+  const char* open(int rank, const cudaIpcMemHandle_t& handle, uint64_t offset, bool may_synchronize);
+  struct Mapping {
+    char* base;
+    bool pinned;  // used by a captured call: never closed before close_all
+  };
+  std::vector<std::map<std::string, Mapping>> opened_;  // [rank]: IPC handle bytes -> mapping
 };
 
 }  // namespace deep_ep

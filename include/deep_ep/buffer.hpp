@@ -161,8 +161,11 @@ class Buffer {
   // Allocates through `allocate` on this rank's device; kernels run on `stream`.
   IntranodeDispatchResult intranode_dispatch(const IntranodeDispatchArgs& args, const Allocator& allocate,
                                              cudaStream_t stream);
-  // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K].
+  // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K]. Pulls each token's
+  // rows straight out of the expert ranks' x where it can (README: "Combine"), else runs the ring combine.
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
+  // Whether the last intranode_combine pulled (false before the first, or when it ran the ring combine).
+  bool last_combine_pulled() const { return last_combine_pulled_; }
 
   // Nodes of this group (1 = every op is intranode). Internode ops need num_nodes() > 1.
   int num_nodes() const;
@@ -209,6 +212,7 @@ class Buffer {
   int rank_ = 0, num_ranks_ = 1;
   int num_device_sms_ = 0;
   int num_ranks_per_device_ = 1;
+  bool last_combine_pulled_ = false;
   bool available_ = false;
   std::unique_ptr<Internals> internals_;
 };

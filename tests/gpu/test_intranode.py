@@ -34,6 +34,10 @@ def dispatch_combine(ctx, opts):
     deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
     if opts.get("nccl_window"):
         os.environ["DEEP_EP_FORCE_NCCL_WINDOW"] = "1"  # read by the Buffer below, on every rank
+    # combine="pull" asks for the pull combine (read by each combine call, on every rank), which reaches
+    # the expert ranks' x by CUDA IPC: every case here but GIN's window. Otherwise the ring combine runs.
+    pull = opts.get("combine") == "pull"
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1" if pull else "0"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 1)):
         num_tokens = opts.get("num_tokens", 300)
@@ -67,6 +71,8 @@ def dispatch_combine(ctx, opts):
             expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias,
             **event_kwargs(buffer, mode))
         wait_for_outputs(mode, event)
+        pulled = pull and not opts.get("nccl_window")
+        assert buffer.runtime.last_combine_pulled() == pulled, f"expected the {'pull' if pulled else 'ring'} combine"
         expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
                                      bias, hidden, num_topk if with_topk else 0)[ctx.rank]
         check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label)
@@ -174,6 +180,36 @@ def timeout_names_rank_peer_phase(ctx):
     teardown()
 
 
+def with_pull_combine(ctx, fn, *args):
+    """fn(ctx, *args) with the pull combine asked for."""
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+    return fn(ctx, *args)
+
+
+def combine_timeout_names_rank_peer_phase(ctx):
+    """A rank that skips a combine: the others' pull combine times out on the host naming rank, peer, phase."""
+    os.environ["DEEP_EP_TIMEOUT_S"] = "4"
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+    group = setup(ctx)
+    buffer = _buffer(group, 2048)
+    topk_idx = make_topk(64, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                 num_tokens_per_expert=per_expert)
+    if ctx.rank != 0:
+        try:
+            buffer.combine(recv_x, handle)
+            raise AssertionError("combine without rank 0 must time out")
+        except TimeoutError as error:
+            text = str(error)
+            assert f"rank {ctx.rank}" in text and "peer rank 0" in text and "combine" in text, text
+        torch.cuda.synchronize()  # nothing was launched: the process and its CUDA context survive
+    torch.distributed.barrier(group)
+    buffer.destroy()
+    teardown()
+
+
 def bad_dispatch_inputs(ctx):
     group = setup(ctx)
     buffer = _buffer(group, 2048)
@@ -189,9 +225,14 @@ def bad_dispatch_inputs(ctx):
     expect_raises(ValueError, "x_scales", lambda: buffer.dispatch((x.to(torch.float8_e4m3fn), torch.ones(32, 15, device="cuda")), **layout))
     small = deep_ep.Buffer(group, num_nvl_bytes=1 << 16, explicitly_destroy=True)
     expect_raises(ValueError, "get_nvl_buffer_size_hint", lambda: small.dispatch(x, **layout))
+    # Contiguous views that start 2 bytes past a 16-byte boundary: the kernels move 16-byte vectors.
+    x_off = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x).copy_(x)
+    expect_raises(ValueError, "16-byte aligned", lambda: buffer.dispatch(x_off, **layout))
     # The failed calls launched nothing: a valid call still works on both buffers' group.
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
     expect_raises(ValueError, "num_sms", lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(10, 4, 16)))
+    recv_off = torch.empty(recv_x.numel() + 1, dtype=recv_x.dtype, device="cuda")[1:].view_as(recv_x).copy_(recv_x)
+    expect_raises(ValueError, "16-byte aligned", lambda: buffer.combine(recv_off, handle))
     combined, _, _ = buffer.combine(recv_x, handle)
     # Copies are summed in float32 and rounded once, like x * count rounded to bf16.
     assert torch.equal(combined, (x.float() * in_rank.sum(dim=1, keepdim=True).float()).to(torch.bfloat16))
@@ -222,9 +263,25 @@ def cases(rank_counts):
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
+        # The pull combine (DEEP_EP_PULL_COMBINE=1) on the cases that reach its every branch.
+        pull = dict(combine="pull")
+        out.append((f"{base}/pull_bf16_topk", dispatch_combine, r, (dict(pull, bias=1),), t))
+        out.append((f"{base}/pull_bf16_no_topk", dispatch_combine, r, (dict(pull, with_topk=False, bias=2),), t))
+        out.append((f"{base}/pull_fp8_worst_tokens", dispatch_combine, r, (dict(pull, fp8=True, worst=True),), t))
+        out.append((f"{base}/pull_async", dispatch_combine, r, (dict(pull, mode="async", bias=2),), t))
+        out.append((f"{base}/pull_edges", dispatch_combine, r, (dict(pull, empty_rank=r - 1, hidden=2048, num_topk=1,
+                                                                       routing="one_rank"),), t))
+        out.append((f"{base}/pull_all_minus_one_topk9_h4096", dispatch_combine, r,
+                    (dict(pull, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),), t))
+        out.append((f"{base}/pull_back_to_back_200", with_pull_combine, r, (back_to_back, 200), t))
+        out.append((f"{base}/pull_cuda_graph", with_pull_combine, r, (cuda_graph,), t))
+        out.append((f"{base}/pull_combine_timeout", combine_timeout_names_rank_peer_phase, r, (), t))
         out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
         out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
+        # 24 channels, fewer pull blocks (8 ranks x 24 do not fit): blocks take several channels.
+        out.append(("intranode/r8/pull_24_sms_per_rank", dispatch_combine, 8,
+                    (dict(combine="pull", num_sms=24, num_tokens=512),), t))
     # The memory of a group spanning hosts with GIN (an NCCL window, peers mapped by NCCL), on one host:
     # NCCL takes one GPU per rank, and the build must have GIN.
     from deep_ep import _C

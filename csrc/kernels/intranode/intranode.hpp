@@ -96,6 +96,7 @@ struct PullCombineArgs {
   const int* rank_prefix_matrix;                // [R, R]
   const int* channel_prefix_matrix;             // [R, C]: this rank's tokens to rank j before channel c
   int num_tokens, hidden, num_topk, num_channels;
+  int num_blocks;                               // in [1, num_channels]: resident beside the other ranks
   uint16_t* combined_x;                         // [T, hidden]
   float* combined_topk_weights;                 // [T, K] or null
 };

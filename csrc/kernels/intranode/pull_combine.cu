@@ -1,5 +1,6 @@
-// Intranode pull combine. Block c owns channel c of this rank's tokens; its warps walk the channel's
-// tokens in order and read each token's rows straight out of the expert ranks' combine inputs
+// Intranode pull combine. Block b owns channels b, b + gridDim.x, ... of this rank's tokens (the
+// dispatch's channels; the grid is at most one block per channel, fewer where the ranks sharing this
+// GPU would not fit side by side). Its warps walk a channel's tokens in order and read each token's rows straight out of the expert ranks' combine inputs
 // (mapped into this process by the host), summing them in float32 over expert ranks in increasing
 // order, then the biases, rounding to bf16 once (the CPU reference's order). No ring, no sender:
 // the rows cross HBM (or NVLink) once.
@@ -39,22 +40,24 @@ __device__ bool wait_all_ranks(const Peers& p, const int* flags, int target, Pha
 }
 
 __global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers p, PullCombineArgs a) {
-  const int warp = threadIdx.x / 32, lane = device::lane_id(), c = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = device::lane_id(), block = blockIdx.x;
   const int R = p.num_ranks, me = p.rank, C = a.num_channels;
   ControlRegion* mine = control_of(p, me);
   __shared__ int epoch_shared, ok_shared;
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
-    if (c == 0) {
+    if (block == 0) {
       __threadfence_system();
       for (int r = 0; r < R; ++r) device::st_release_sys(&control_of(p, r)->pull_ready[me], epoch + 1);
     }
     epoch_shared = epoch;
-    ok_shared = wait_all_ranks(p, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, c);
+    ok_shared = wait_all_ranks(p, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
   }
   __syncthreads();
 
-  if (ok_shared) {
+  // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
+  // GPU); a block then takes channels block, block + gridDim.x, ...
+  for (int c = block; ok_shared && c < C; c += gridDim.x) {
     const int row_int4 = a.hidden / 8;
     int begin, end;
     device::channel_range(c, C, a.num_tokens, begin, end);
@@ -142,7 +145,7 @@ int max_resident_pull_combine_blocks_per_sm() {
 }
 
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream) {
-  pull_combine_kernel<<<args.num_channels, kPullWarps * 32, 0, stream>>>(peers, args);
+  pull_combine_kernel<<<args.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,0 +1,111 @@
+// HostExchange: the shared-memory all-gather of the pull combine, exercised with one thread per rank
+// (each maps the object on its own, as processes do) over a FileGroup bootstrap.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "deep_ep/error.hpp"
+#include "deep_ep/group.hpp"
+#include "runtime/host_exchange.hpp"
+#include "temp_dir.hpp"
+
+using namespace deep_ep;
+
+namespace {
+
+struct Record {
+  int rank;
+  int round;
+  char tag[40];
+};
+
+}  // namespace
+
+TEST(HostExchange, EveryRoundReturnsEveryRanksRecordInRankOrder) {
+  const std::string dir = fresh_test_dir("deep_ep_host_exchange_");
+  constexpr int kRanks = 5, kRounds = 300;
+  std::vector<int> mismatches(kRanks, 0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r)
+    threads.emplace_back([&, r] {
+      FileGroup group(dir, r, kRanks, 20.0);
+      auto exchange = HostExchange::create(group, sizeof(Record), 20.0);
+      ASSERT_NE(exchange, nullptr);
+      std::mt19937 random(r);
+      for (int n = 0; n < kRounds; ++n) {
+        // Ranks arrive in a different order every round, some far behind.
+        if (random() % 8 == 0) std::this_thread::sleep_for(std::chrono::microseconds(random() % 300));
+        Record mine{r, n, {}};
+        std::snprintf(mine.tag, sizeof(mine.tag), "rank %d round %d", r, n);
+        const auto all = exchange->all_gather(&mine, "test");
+        if (static_cast<int>(all.size()) != kRanks) {
+          ++mismatches[r];
+          continue;
+        }
+        for (int p = 0; p < kRanks; ++p) {
+          Record got;
+          std::memcpy(&got, all[p].data(), sizeof(got));
+          char want[40];
+          std::snprintf(want, sizeof(want), "rank %d round %d", p, n);
+          if (all[p].size() != sizeof(Record) || got.rank != p || got.round != n || std::strcmp(got.tag, want) != 0)
+            ++mismatches[r];
+        }
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) EXPECT_EQ(mismatches[r], 0) << "rank " << r;
+}
+
+TEST(HostExchange, MissingPeerTimesOutNamingRankPeerAndPhase) {
+  const std::string dir = fresh_test_dir("deep_ep_host_exchange_");
+  std::unique_ptr<HostExchange> exchanges[2];
+  std::thread other([&] {
+    FileGroup group(dir, 1, 2, 20.0);
+    exchanges[1] = HostExchange::create(group, 8, 0.2);
+  });
+  FileGroup group(dir, 0, 2, 20.0);
+  exchanges[0] = HostExchange::create(group, 8, 0.2);
+  other.join();
+  ASSERT_NE(exchanges[0], nullptr);
+  const uint64_t record = 7;
+  try {
+    exchanges[0]->all_gather(&record, "combine (test phase)");  // rank 1 never joins
+    FAIL() << "expected a timeout";
+  } catch (const TimeoutError& e) {
+    const std::string text = e.what();
+    EXPECT_NE(text.find("rank 0"), std::string::npos) << text;
+    EXPECT_NE(text.find("peer rank 1"), std::string::npos) << text;
+    EXPECT_NE(text.find("combine (test phase)"), std::string::npos) << text;
+  }
+  // The rounds are out of step now: later calls refuse at once instead of pairing the wrong rounds.
+  EXPECT_THROW(exchanges[0]->all_gather(&record, "combine"), std::runtime_error);
+}
+
+TEST(HostExchange, ObjectIsUnlinkedOnceEveryRankMappedIt) {
+  const std::string dir = fresh_test_dir("deep_ep_host_exchange_");
+  std::unique_ptr<HostExchange> exchanges[3];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      FileGroup group(dir, r, 3, 20.0);
+      exchanges[r] = HostExchange::create(group, 16, 5.0);
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm"))
+    EXPECT_EQ(entry.path().filename().string().find("deep_ep_exchange_" + std::to_string(getpid()) + "_"),
+              std::string::npos)
+        << entry.path();
+}
+
+TEST(HostExchange, RejectsBadArguments) {
+  const std::string dir = fresh_test_dir("deep_ep_host_exchange_");
+  FileGroup group(dir, 0, 1, 5.0);
+  EXPECT_THROW(HostExchange::create(group, 0, 1.0), ValueError);
+  EXPECT_THROW(HostExchange::create(group, 8, 0.0), ValueError);
+}
