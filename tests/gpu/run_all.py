@@ -61,7 +61,8 @@ def main() -> int:
             results.append((name, "SKIP", 0.0))
         return 0
     needs_mps = any(c[2] > num_gpus for c in cases)
-    with (MpsDaemon() if needs_mps else contextlib.nullcontext()):
+    daemon = MpsDaemon() if needs_mps else None
+    with (daemon if daemon is not None else contextlib.nullcontext()):
         for name, fn, num_ranks, fn_args, timeout_s in cases:
             start = time.time()
             try:
@@ -77,6 +78,12 @@ def main() -> int:
             if status == "FAIL":
                 print(detail, flush=True)
             results.append((name, status, seconds))
+            if status == "FAIL" and daemon is not None:
+                # A rank that crashed mid-kernel can leave the MPS server refusing new clients ("busy or
+                # unavailable"): the next case starts with a fresh daemon.
+                print("restarting the MPS daemon after a failed case", flush=True)
+                daemon.stop()
+                daemon.start()
 
     passed = sum(1 for r in results if r[1] == "PASS")
     failed = sum(1 for r in results if r[1] == "FAIL")
