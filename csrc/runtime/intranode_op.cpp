@@ -33,12 +33,12 @@ bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)
   return false;
 }
 
-// DEEP_EP_PULL_COMBINE=1 selects the pull combine (pull_combine.cu) wherever it can run; otherwise the
-// ring combine runs. Read on every call (tests and benchmarks switch it), so it must be the same on
-// every rank at each call.
+// The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring
+// combine. Read on every call (tests and benchmarks switch it), so it must be the same on every rank at
+// each call.
 bool pull_combine_requested() {
   const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
-  return value != nullptr && std::string(value) == "1";
+  return value == nullptr || std::string(value) != "0";
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
@@ -229,7 +229,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
 
   const auto peers = peers_of(*this, in);
   last_combine_pulled_ = false;
-  // Pull combine, where asked for: every rank reaches every other rank's memory by CUDA IPC, and some
+  // Pull combine, unless switched off: every rank reaches every other rank's memory by CUDA IPC, and some
   // of its blocks fit beside the other ranks' on this GPU. Every condition is the same on every rank, and so is the outcome of
   // the exchange below, so all ranks take the same path.
   const int pull_blocks =
