@@ -82,7 +82,7 @@ HostExchange::~HostExchange() { munmap(base_, mapped_bytes_); }
 
 char* HostExchange::slot(int rank) const { return static_cast<char*>(base_) + slot_bytes_ * rank; }
 
-std::vector<std::string> HostExchange::all_gather(const void* record, const char* phase) {
+void HostExchange::all_gather(const void* record, void* all_records, const char* phase) {
   DEEP_EP_RUNTIME_CHECK(!broken_, "rank ", rank_, ": ", phase, " cannot run: an earlier host exchange timed out");
   const uint64_t n = ++round_;
   const size_t record_stride = round_up(record_bytes_, kLine);
@@ -90,7 +90,6 @@ std::vector<std::string> HostExchange::all_gather(const void* record, const char
   std::memcpy(record_of(rank_), record, record_bytes_);
   round_of(slot(rank_))->store(n, std::memory_order_release);  // the record above is visible first
 
-  std::vector<std::string> out(size_);
   const auto start = std::chrono::steady_clock::now();
   for (int peer = 0; peer < size_; ++peer) {
     // Spin first (peers usually arrive within microseconds), then yield the core.
@@ -105,9 +104,8 @@ std::vector<std::string> HostExchange::all_gather(const void* record, const char
                                           "; did every rank make the same call?)"));
       }
     }
-    out[peer].assign(record_of(peer), record_bytes_);
+    std::memcpy(static_cast<char*>(all_records) + peer * record_bytes_, record_of(peer), record_bytes_);
   }
-  return out;
 }
 
 }  // namespace deep_ep

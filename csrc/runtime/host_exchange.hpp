@@ -29,12 +29,14 @@ class HostExchange {
   HostExchange(const HostExchange&) = delete;
   HostExchange& operator=(const HostExchange&) = delete;
 
-  // Every rank passes record_bytes bytes; returns every rank's in rank order. Raises TimeoutError
+  // Every rank passes record_bytes bytes; `all_records` (size() * record_bytes bytes, the caller's, so
+  // that a call allocates nothing) receives every rank's in rank order. Raises TimeoutError
   // naming this rank, the missing peer and `phase` when a peer does not arrive within timeout_s; the
   // rounds are out of step after that, so every later call raises too.
-  std::vector<std::string> all_gather(const void* record, const char* phase);
+  void all_gather(const void* record, void* all_records, const char* phase);
 
   size_t record_bytes() const { return record_bytes_; }
+  int size() const { return size_; }
 
  private:
   HostExchange(int rank, int size, size_t record_bytes, double timeout_s, void* base, size_t mapped_bytes);

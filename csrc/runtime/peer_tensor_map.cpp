@@ -21,8 +21,8 @@ struct TensorRecord {
   cudaIpcMemHandle_t handle;
 };
 
+// x is 16-byte aligned: check_normal_combine_inputs refuses it otherwise.
 struct Record {
-  int32_t aligned;     // x 16-byte aligned (the kernel reads it in 16-byte vectors)
   int32_t exportable;  // every tensor of this rank has an IPC handle
   int32_t pid;
   TensorRecord x, weights;
@@ -69,7 +69,8 @@ size_t PeerTensorMap::record_bytes() { return sizeof(Record); }
 
 const char* PeerTensorMap::open(int rank, const cudaIpcMemHandle_t& handle, uint64_t offset, bool may_synchronize) {
   auto& cache = opened_[rank];
-  const std::string key(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  HandleKey key;
+  std::memcpy(key.data(), &handle, sizeof(handle));
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (cache.size() >= kMaxMappingsPerRank && may_synchronize) {
@@ -99,24 +100,21 @@ PeerTensorMap::Inputs PeerTensorMap::map(HostExchange& exchange, int rank, const
                         exchange.record_bytes(), " bytes, expected ", sizeof(Record));
   Record mine{};
   mine.pid = static_cast<int32_t>(getpid());
-  mine.aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const bool x_exportable = describe(x, has_rows, &mine.x);  // both described: one process uses both
   mine.exportable = x_exportable && (!with_weights || describe(weights, has_rows, &mine.weights));
   mine.weights.pointer = reinterpret_cast<uint64_t>(weights);
-  const auto gathered = exchange.all_gather(&mine, "combine (exchanging the pull combine's input addresses)");
-  const int num_ranks = static_cast<int>(gathered.size());
+  const int num_ranks = exchange.size();
   if (static_cast<int>(opened_.size()) != num_ranks) opened_.resize(num_ranks);
-
   std::vector<Record> records(num_ranks);
-  bool all_aligned = true, all_exportable = true, one_process = true;
+  exchange.all_gather(&mine, records.data(), "combine (exchanging the pull combine's input addresses)");
+
+  bool all_exportable = true, one_process = true;
   for (int r = 0; r < num_ranks; ++r) {
-    std::memcpy(&records[r], gathered[r].data(), sizeof(Record));
-    all_aligned = all_aligned && records[r].aligned;
     all_exportable = all_exportable && records[r].exportable;
     one_process = one_process && records[r].pid == records[0].pid;
   }
   // Decided from the gathered records alone, so every rank decides alike.
-  if (!all_aligned || (!all_exportable && !one_process)) return {};
+  if (!all_exportable && !one_process) return {};
   Inputs out;
   out.x.resize(num_ranks);
   if (with_weights) out.weights.resize(num_ranks);

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <map>
 #include <string>
 #include <vector>
@@ -24,10 +25,9 @@ class PeerTensorMap {
 
   // Every rank's pointers as seen from here (this rank's own at its index): x[r] always, weights[r]
   // when `with_weights` (the same on every rank). Both empty on every rank when some rank's memory
-  // cannot be exported (e.g. memory from cudaMallocAsync pools or expandable segments) or x is not
-  // 16-byte aligned: the caller then uses a path that needs no mapping. `has_rows`: false when x (and
-  // weights) have no rows; nothing is read from them then, and their pointers (maybe null) are
-  // neither exported nor mapped. `may_synchronize`: false while the stream is being captured, where
+  // cannot be exported (e.g. memory from cudaMallocAsync pools or expandable segments): the caller then
+  // uses a path that needs no mapping. `has_rows`: false when x (and weights) have no rows; nothing is
+  // read from them then, and their pointers (maybe null) are neither exported nor mapped. `may_synchronize`: false while the stream is being captured, where
   // the cache may not be trimmed (that synchronizes the device); it then grows past
   // kMaxMappingsPerRank, and the mappings the captured call uses stay open until the Buffer goes (a
   // graph replays them).
@@ -48,7 +48,8 @@ class PeerTensorMap {
     char* base;
     bool pinned;  // used by a captured call: never closed before close_all
   };
-  std::vector<std::map<std::string, Mapping>> opened_;  // [rank]: IPC handle bytes -> mapping
+  using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
+  std::vector<std::map<HandleKey, Mapping>> opened_;  // [rank]: IPC handle bytes -> mapping
 };
 
 }  // namespace deep_ep

@@ -17,6 +17,7 @@
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
+#include "kernels/intranode/token_sum.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::intranode {
@@ -119,7 +120,6 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
                              int lane) {
   const int R = p.num_ranks, me = p.rank, Q = a.num_slots;
   const int batch = min(32, Q);
-  const int row_int4 = a.hidden / 8;
   int begin, end;
   device::channel_range(c, a.num_channels, a.num_tokens, begin, end);
   const Ring ring = ring_of(p, l, me);
@@ -137,14 +137,8 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
 
   for (int t0 = begin; t0 < end; t0 += batch) {
     const int n = min(batch, end - t0);
-    unsigned mask = 0;
-    if (lane < n) {
-      const bool* row = a.is_token_in_rank + static_cast<int64_t>(t0 + lane) * R;
-      for (int j = 0; j < R; ++j) mask |= static_cast<unsigned>(row[j]) << j;
-    }
-    unsigned lanes_of[kNumMaxNvlPeers];
-#pragma unroll
-    for (int j = 0; j < kNumMaxNvlPeers; ++j) lanes_of[j] = __ballot_sync(0xffffffffu, j < R && ((mask >> j) & 1u));
+    unsigned mask, lanes_of[kNumMaxNvlPeers];
+    token_group_masks(a.is_token_in_rank, t0, n, R, lane, mask, lanes_of);
 
     for (int k = rwarp; k < n; k += kRecvWarps) {
       const int t = t0 + k;
@@ -169,35 +163,15 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
       }
       const int64_t row_int4_stride = l.row_stride / 16;
       const int4* rows = reinterpret_cast<const int4*>(ring.rows);
-      int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden);
-      const int4* bias_0 = a.bias_0 ? reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden) : nullptr;
-      const int4* bias_1 = a.bias_1 ? reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden) : nullptr;
-      for (int col = lane; col < row_int4; col += 32) {
-        int4 v[kNumMaxNvlPeers];
-#pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j)
-          if ((token_mask >> j) & 1u)
-            v[j] = device::ld_queue(rows + ((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * row_int4_stride + col);
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j)
-          if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
-        if (bias_0) device::add_bf16x8(acc, device::ld_input(bias_0 + col));
-        if (bias_1) device::add_bf16x8(acc, device::ld_input(bias_1 + col));
-        out[col] = device::pack_bf16x8(acc);
-      }
-      if (a.combined_topk_weights) {
-        for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
-          float w = 0.0f;
-#pragma unroll
-          for (int j = 0; j < kNumMaxNvlPeers; ++j)
-            if ((token_mask >> j) & 1u) {
-              const int64_t slot = (static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q;
-              w += __ldcg(&ring.topk_weights[slot * a.num_topk + k2]);
-            }
-          a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k2] = w;
-        }
-      }
+      sum_token(
+          lane, t, token_mask, a.hidden, a.num_topk, a.bias_0, a.bias_1, a.combined_x, a.combined_topk_weights,
+          [&](int j, int col) {
+            return device::ld_queue(rows + ((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * row_int4_stride +
+                                    col);
+          },
+          [&](int j, int k) {
+            return __ldcg(&ring.topk_weights[((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * a.num_topk + k]);
+          });
     }
     // All reads of this batch are done before its slots are released.
     device::named_barrier(kRecvBarrier, kRecvWarps * 32);

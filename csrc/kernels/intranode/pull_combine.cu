@@ -23,6 +23,7 @@
 #include "kernels/common/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
+#include "kernels/intranode/token_sum.cuh"
 #include "runtime/cuda_check.hpp"
 
 namespace deep_ep::intranode {
@@ -58,7 +59,6 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers 
   // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
   // GPU); a block then takes channels block, block + gridDim.x, ...
   for (int c = block; ok_shared && c < C; c += gridDim.x) {
-    const int row_int4 = a.hidden / 8;
     int begin, end;
     device::channel_range(c, C, a.num_tokens, begin, end);
     int consumed[kNumMaxNvlPeers];  // row at rank j of the next token of this channel that goes to j
@@ -68,55 +68,23 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers 
 
     for (int t0 = begin; t0 < end; t0 += 32) {
       const int n = min(32, end - t0);
-      unsigned mask = 0;
-      if (lane < n) {
-        const bool* row = a.is_token_in_rank + static_cast<int64_t>(t0 + lane) * R;
-        for (int j = 0; j < R; ++j) mask |= static_cast<unsigned>(row[j]) << j;
-      }
-      unsigned lanes_of[kNumMaxNvlPeers];
-#pragma unroll
-      for (int j = 0; j < kNumMaxNvlPeers; ++j)
-        lanes_of[j] = __ballot_sync(0xffffffffu, j < R && ((mask >> j) & 1u));
+      unsigned mask, lanes_of[kNumMaxNvlPeers];
+      token_group_masks(a.is_token_in_rank, t0, n, R, lane, mask, lanes_of);
 
       for (int k = warp; k < n; k += kPullWarps) {
         const int t = t0 + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
-        const int4* rows[kNumMaxNvlPeers];
         int row_of[kNumMaxNvlPeers];
 #pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
-          row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
-          rows[j] = (token_mask >> j) & 1u
-                        ? reinterpret_cast<const int4*>(a.x[j] + static_cast<int64_t>(row_of[j]) * a.hidden)
-                        : nullptr;
-        }
-        int4* out = reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden);
-        const int4* bias_0 = a.bias_0 ? reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden) : nullptr;
-        const int4* bias_1 = a.bias_1 ? reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden) : nullptr;
-        for (int col = lane; col < row_int4; col += 32) {
-          // At L2: another process wrote these rows; a non-coherent cached copy of an earlier call's
-          // rows at the same address must not be read.
-          int4 v[kNumMaxNvlPeers];
-#pragma unroll
-          for (int j = 0; j < kNumMaxNvlPeers; ++j)
-            if ((token_mask >> j) & 1u) v[j] = __ldcg(rows[j] + col);
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-          for (int j = 0; j < kNumMaxNvlPeers; ++j)
-            if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
-          if (bias_0) device::add_bf16x8(acc, device::ld_input(bias_0 + col));
-          if (bias_1) device::add_bf16x8(acc, device::ld_input(bias_1 + col));
-          out[col] = device::pack_bf16x8(acc);
-        }
-        if (a.combined_topk_weights) {
-          for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
-            float w = 0.0f;
-#pragma unroll
-            for (int j = 0; j < kNumMaxNvlPeers; ++j)
-              if ((token_mask >> j) & 1u) w += __ldcg(&a.topk_weights[j][static_cast<int64_t>(row_of[j]) * a.num_topk + k2]);
-            a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k2] = w;
-          }
-        }
+        for (int j = 0; j < kNumMaxNvlPeers; ++j) row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+        // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
+        // call's rows at the same address must not be read.
+        sum_token(
+            lane, t, token_mask, a.hidden, a.num_topk, a.bias_0, a.bias_1, a.combined_x, a.combined_topk_weights,
+            [&](int j, int col) {
+              return __ldcg(reinterpret_cast<const int4*>(a.x[j] + static_cast<int64_t>(row_of[j]) * a.hidden) + col);
+            },
+            [&](int j, int k2) { return __ldcg(&a.topk_weights[j][static_cast<int64_t>(row_of[j]) * a.num_topk + k2]); });
       }
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);

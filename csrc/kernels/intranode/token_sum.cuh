@@ -1,0 +1,64 @@
+// The two steps the ring combine (combine.cu) and the pull combine (pull_combine.cu) share; they differ
+// only in where an expert rank's row of a token is read.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/bf16.cuh"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/intranode/prologue.cuh"
+
+namespace deep_ep::intranode {
+
+// Tokens t0 .. t0 + n - 1 (n <= 32), one per lane: `mask` is lane's token's ranks (bit j: rank j gets
+// it), lanes_of[j] the lanes whose token goes to rank j. Whole warp.
+__device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, int t0, int n, int num_ranks,
+                                                  int lane, unsigned& mask, unsigned (&lanes_of)[kNumMaxNvlPeers]) {
+  mask = 0;
+  if (lane < n) {
+    const bool* row = is_token_in_rank + static_cast<int64_t>(t0 + lane) * num_ranks;
+    for (int j = 0; j < num_ranks; ++j) mask |= static_cast<unsigned>(row[j]) << j;
+  }
+#pragma unroll
+  for (int j = 0; j < kNumMaxNvlPeers; ++j)
+    lanes_of[j] = __ballot_sync(0xffffffffu, j < num_ranks && ((mask >> j) & 1u));
+}
+
+// One warp combines token t: every 16-byte column of combined_x[t] is the float32 sum over the ranks of
+// token_mask, in increasing order, of load_column(j, col), then bias_0 and bias_1 when given, rounded
+// to bf16 once (the CPU reference's order); combined_topk_weights[t][k] (when given) sums
+// load_weight(j, k) the same way. All of a column's loads are issued before its sums.
+template <typename LoadColumn, typename LoadWeight>
+__device__ __forceinline__ void sum_token(int lane, int t, unsigned token_mask, int hidden, int num_topk,
+                                          const uint16_t* bias_0, const uint16_t* bias_1, uint16_t* combined_x,
+                                          float* combined_topk_weights, LoadColumn load_column,
+                                          LoadWeight load_weight) {
+  const int row_int4 = hidden / 8;
+  int4* out = reinterpret_cast<int4*>(combined_x + static_cast<int64_t>(t) * hidden);
+  const int4* bias_0_row = bias_0 ? reinterpret_cast<const int4*>(bias_0 + static_cast<int64_t>(t) * hidden) : nullptr;
+  const int4* bias_1_row = bias_1 ? reinterpret_cast<const int4*>(bias_1 + static_cast<int64_t>(t) * hidden) : nullptr;
+  for (int col = lane; col < row_int4; col += 32) {
+    int4 v[kNumMaxNvlPeers];
+#pragma unroll
+    for (int j = 0; j < kNumMaxNvlPeers; ++j)
+      if ((token_mask >> j) & 1u) v[j] = load_column(j, col);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < kNumMaxNvlPeers; ++j)
+      if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
+    if (bias_0_row) device::add_bf16x8(acc, device::ld_input(bias_0_row + col));
+    if (bias_1_row) device::add_bf16x8(acc, device::ld_input(bias_1_row + col));
+    out[col] = device::pack_bf16x8(acc);
+  }
+  if (combined_topk_weights) {
+    for (int k = lane; k < num_topk; k += 32) {
+      float w = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        if ((token_mask >> j) & 1u) w += load_weight(j, k);
+      combined_topk_weights[static_cast<int64_t>(t) * num_topk + k] = w;
+    }
+  }
+}
+
+}  // namespace deep_ep::intranode
