@@ -276,9 +276,10 @@ def cases(rank_counts):
                     (dict(ring, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),), t))
         out.append((f"{base}/ring_back_to_back_200", with_ring_combine, r, (back_to_back, 200), t))
         out.append((f"{base}/ring_cuda_graph", with_ring_combine, r, (cuda_graph,), t))
+        out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
-        out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
         # 24 channels, fewer pull blocks (8 ranks x 24 do not fit): blocks take several channels.
+        out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
         out.append(("intranode/r8/ring_24_sms_per_rank", dispatch_combine, 8,
                     (dict(combine="ring", num_sms=24, num_tokens=512),), t))
     # The memory of a group spanning hosts with GIN (an NCCL window, peers mapped by NCCL), on one host:
