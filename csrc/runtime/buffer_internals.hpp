@@ -51,8 +51,9 @@ struct Buffer::Internals {
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
   PeerTensorMap peer_tensors;            // other ranks' pull-combine inputs, mapped here
-  std::unique_ptr<HostExchange> pull_exchange;  // their addresses, per call; null where shm is unusable
-  bool pull_exchange_tried = false;      // the collective creation ran (at the first pull combine)
+  // Their addresses, per call (made with the buffer); null where some peer is not mapped by CUDA IPC
+  // (GIN window, fabric memory, another host) or shared memory is unusable: the ring combine runs.
+  std::unique_ptr<HostExchange> pull_exchange;
   RdmaPayloadUsers rdma_payload_users;   // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;

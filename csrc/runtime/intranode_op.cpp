@@ -33,12 +33,12 @@ bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)
   return false;
 }
 
-// DEEP_EP_PULL_COMBINE=1 selects the pull combine (pull_combine.cu) wherever it can run; otherwise the
-// ring combine runs. Read on every call (tests and benchmarks switch it), so it must be the same on
-// every rank at each call.
+// The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring
+// combine. Read on every call (tests and benchmarks switch it), so it must be the same on every rank at
+// each call.
 bool pull_combine_requested() {
   const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
-  return value != nullptr && std::string(value) == "1";
+  return value == nullptr || std::string(value) != "0";
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
@@ -229,45 +229,39 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
 
   const auto peers = peers_of(*this, in);
   last_combine_pulled_ = false;
-  // Pull combine, where asked for: every rank reaches every other rank's memory by CUDA IPC, and some
-  // of its blocks fit beside the other ranks' on this GPU. Every condition is the same on every rank, and so is the outcome of
-  // the exchange below, so all ranks take the same path.
+  // Pull combine, unless switched off: every rank reaches every other rank's memory by CUDA IPC (then the
+  // buffer made pull_exchange), and some of its blocks fit beside the other ranks' on this GPU. Every
+  // condition is the same on every rank, and so is the outcome of the exchange below, so all ranks take
+  // the same path.
   const int pull_blocks =
       std::min(C, num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm() / num_ranks_per_device());
-  if (pull_combine_requested() && !in.gin_window && !options_.use_fabric && in.first_unmapped_peer() < 0 &&
-      pull_blocks >= 1) {
-    if (!in.pull_exchange_tried) {  // collective, at the first pull combine of every rank
-      in.pull_exchange_tried = true;
-      in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    }
-    if (in.pull_exchange) {
-      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-      const auto inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
-                                              num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
-                                              capture == cudaStreamCaptureStatusNone);
-      if (!inputs.x.empty()) {
-        intranode::PullCombineArgs pc{};
-        for (int r = 0; r < R; ++r) {
-          pc.x[r] = reinterpret_cast<const uint16_t*>(inputs.x[r]);
-          pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(inputs.weights[r]) : nullptr;
-        }
-        pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
-        pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
-        pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
-        pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
-        pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
-        pc.num_tokens = static_cast<int>(T);
-        pc.hidden = static_cast<int>(H);
-        pc.num_topk = num_topk;
-        pc.num_channels = C;
-        pc.num_blocks = pull_blocks;
-        pc.combined_x = combined_x.ptr<uint16_t>();
-        pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-        intranode::launch_pull_combine(peers, pc, stream);
-        last_combine_pulled_ = true;
-        return;
+  if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const auto inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
+                                            num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
+                                            capture == cudaStreamCaptureStatusNone);
+    if (!inputs.x.empty()) {
+      intranode::PullCombineArgs pc{};
+      for (int r = 0; r < R; ++r) {
+        pc.x[r] = reinterpret_cast<const uint16_t*>(inputs.x[r]);
+        pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(inputs.weights[r]) : nullptr;
       }
+      pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+      pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+      pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+      pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
+      pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
+      pc.num_tokens = static_cast<int>(T);
+      pc.hidden = static_cast<int>(H);
+      pc.num_topk = num_topk;
+      pc.num_channels = C;
+      pc.num_blocks = pull_blocks;
+      pc.combined_x = combined_x.ptr<uint16_t>();
+      pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+      intranode::launch_pull_combine(peers, pc, stream);
+      last_combine_pulled_ = true;
+      return;
     }
   }
   intranode::launch_prologue(peers, stream);

@@ -34,9 +34,9 @@ def dispatch_combine(ctx, opts):
     deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
     if opts.get("nccl_window"):
         os.environ["DEEP_EP_FORCE_NCCL_WINDOW"] = "1"  # read by the Buffer below, on every rank
-    # combine="pull" asks for the pull combine (read by each combine call, on every rank), which reaches
-    # the expert ranks' x by CUDA IPC: every case here but GIN's window. Otherwise the ring combine runs.
-    pull = opts.get("combine") == "pull"
+    # The pull combine (the default) reaches the expert ranks' x by CUDA IPC: every case here but GIN's
+    # window. combine="ring" selects the ring combine (read by each combine call, on every rank).
+    pull = opts.get("combine") != "ring"
     os.environ["DEEP_EP_PULL_COMBINE"] = "1" if pull else "0"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 1)):
@@ -180,16 +180,15 @@ def timeout_names_rank_peer_phase(ctx):
     teardown()
 
 
-def with_pull_combine(ctx, fn, *args):
-    """fn(ctx, *args) with the pull combine asked for."""
-    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+def with_ring_combine(ctx, fn, *args):
+    """fn(ctx, *args) with the ring combine."""
+    os.environ["DEEP_EP_PULL_COMBINE"] = "0"
     return fn(ctx, *args)
 
 
 def combine_timeout_names_rank_peer_phase(ctx):
     """A rank that skips a combine: the others' pull combine times out on the host naming rank, peer, phase."""
     os.environ["DEEP_EP_TIMEOUT_S"] = "4"
-    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
     group = setup(ctx)
     buffer = _buffer(group, 2048)
     topk_idx = make_topk(64, NUM_EXPERTS, 8, ctx.num_ranks, "random")
@@ -263,25 +262,26 @@ def cases(rank_counts):
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
-        # The pull combine (DEEP_EP_PULL_COMBINE=1) on the cases that reach its every branch.
-        pull = dict(combine="pull")
-        out.append((f"{base}/pull_bf16_topk", dispatch_combine, r, (dict(pull, bias=1),), t))
-        out.append((f"{base}/pull_bf16_no_topk", dispatch_combine, r, (dict(pull, with_topk=False, bias=2),), t))
-        out.append((f"{base}/pull_fp8_worst_tokens", dispatch_combine, r, (dict(pull, fp8=True, worst=True),), t))
-        out.append((f"{base}/pull_async", dispatch_combine, r, (dict(pull, mode="async", bias=2),), t))
-        out.append((f"{base}/pull_edges", dispatch_combine, r, (dict(pull, empty_rank=r - 1, hidden=2048, num_topk=1,
+        out.append((f"{base}/combine_timeout", combine_timeout_names_rank_peer_phase, r, (), t))
+        # The ring combine (DEEP_EP_PULL_COMBINE=0, and wherever the pull combine cannot run) on the cases
+        # that reach its every branch.
+        ring = dict(combine="ring")
+        out.append((f"{base}/ring_bf16_topk", dispatch_combine, r, (dict(ring, bias=1),), t))
+        out.append((f"{base}/ring_bf16_no_topk", dispatch_combine, r, (dict(ring, with_topk=False, bias=2),), t))
+        out.append((f"{base}/ring_fp8_worst_tokens", dispatch_combine, r, (dict(ring, fp8=True, worst=True),), t))
+        out.append((f"{base}/ring_async", dispatch_combine, r, (dict(ring, mode="async", bias=2),), t))
+        out.append((f"{base}/ring_edges", dispatch_combine, r, (dict(ring, empty_rank=r - 1, hidden=2048, num_topk=1,
                                                                        routing="one_rank"),), t))
-        out.append((f"{base}/pull_all_minus_one_topk9_h4096", dispatch_combine, r,
-                    (dict(pull, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),), t))
-        out.append((f"{base}/pull_back_to_back_200", with_pull_combine, r, (back_to_back, 200), t))
-        out.append((f"{base}/pull_cuda_graph", with_pull_combine, r, (cuda_graph,), t))
-        out.append((f"{base}/pull_combine_timeout", combine_timeout_names_rank_peer_phase, r, (), t))
+        out.append((f"{base}/ring_all_minus_one_topk9_h4096", dispatch_combine, r,
+                    (dict(ring, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),), t))
+        out.append((f"{base}/ring_back_to_back_200", with_ring_combine, r, (back_to_back, 200), t))
+        out.append((f"{base}/ring_cuda_graph", with_ring_combine, r, (cuda_graph,), t))
         out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
-        out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
         # 24 channels, fewer pull blocks (8 ranks x 24 do not fit): blocks take several channels.
-        out.append(("intranode/r8/pull_24_sms_per_rank", dispatch_combine, 8,
-                    (dict(combine="pull", num_sms=24, num_tokens=512),), t))
+        out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
+        out.append(("intranode/r8/ring_24_sms_per_rank", dispatch_combine, 8,
+                    (dict(combine="ring", num_sms=24, num_tokens=512),), t))
     # The memory of a group spanning hosts with GIN (an NCCL window, peers mapped by NCCL), on one host:
     # NCCL takes one GPU per rank, and the build must have GIN.
     from deep_ep import _C

@@ -66,11 +66,11 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
                                         iters, flush), recv_bf16_bytes)
     results["combine BF16"] = (time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters,
                                        flush), recv_bf16_bytes)
-    # The pull combine (DEEP_EP_PULL_COMBINE=1, read per call on every rank), next to the default above.
-    chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
-    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
-    pull_combine_ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
     pulled = buffer.runtime.last_combine_pulled()
+    # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
+    chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
+    os.environ["DEEP_EP_PULL_COMBINE"] = "0"
+    ring_combine_ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
     if chosen is None:
         os.environ.pop("DEEP_EP_PULL_COMBINE")
     else:
@@ -80,7 +80,7 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config), group, iters, flush)
 
     # Mean over ranks of each rank's median time.
-    local = torch.tensor([results[name][0] for name in REFERENCE_GBPS] + [pull_combine_ms, non_cached_ms,
+    local = torch.tensor([results[name][0] for name in REFERENCE_GBPS] + [ring_combine_ms, non_cached_ms,
                                                                            float(num_recv)],
                          dtype=torch.float64)
     gathered = [None] * num_ranks
@@ -98,12 +98,11 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
                      f"{gbps / REFERENCE_GBPS[name]:.2f}x DeepEP ({REFERENCE_GBPS[name]:.0f}), "
                      f"{_vs_scaled_reference(gbps, name, copy_gbps)}; "
                      f"{num_ranks} ranks x {gbps:.0f} = {num_ranks * gbps:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
-    pull_gbps = recv_bf16_bytes / num_recv * mean_recv / (mean[3] * 1e-3) / 1e9
-    rows.append(("combine BF16 (cached), pull", size, str(opts["num_sms"]),
-                 f"{pull_gbps:.0f} GB/s/rank, {mean[3] * 1e3:.0f} us" if pulled else "did not pull (ring ran)",
-                 f"DEEP_EP_PULL_COMBINE=1: {pull_gbps / REFERENCE_GBPS['combine BF16']:.2f}x DeepEP, "
-                 f"{_vs_scaled_reference(pull_gbps, 'combine BF16', copy_gbps)}; "
-                 f"{mean[2] / mean[3]:.2f}x faster than the row above"))
+    ring_gbps = recv_bf16_bytes / num_recv * mean_recv / (mean[3] * 1e-3) / 1e9
+    rows.append(("combine BF16 (cached), ring", size, str(opts["num_sms"]),
+                 f"{ring_gbps:.0f} GB/s/rank, {mean[3] * 1e3:.0f} us",
+                 f"DEEP_EP_PULL_COMBINE=0: {ring_gbps / REFERENCE_GBPS['combine BF16']:.2f}x DeepEP; the row above "
+                 f"{'pulled' if pulled else 'did not pull'}, {mean[3] / mean[2]:.2f}x faster than this"))
     rows.append(("dispatch BF16 (with notify)", size, str(opts["num_sms"]), f"{mean[4] * 1e3:.0f} us",
                  f"{mean_recv:.0f} rows received per rank"))
     if opts.get("sweep"):
