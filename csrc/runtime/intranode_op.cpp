@@ -238,9 +238,9 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const auto inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
-                                            num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
-                                            capture == cudaStreamCaptureStatusNone);
+    const auto& inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
+                                             num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
+                                             capture == cudaStreamCaptureStatusNone);
     if (!inputs.x.empty()) {
       intranode::PullCombineArgs pc{};
       for (int r = 0; r < R; ++r) {

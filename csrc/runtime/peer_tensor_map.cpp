@@ -94,7 +94,7 @@ const char* PeerTensorMap::open(int rank, const cudaIpcMemHandle_t& handle, uint
   return it->second.base + offset;
 }
 
-PeerTensorMap::Inputs PeerTensorMap::map(HostExchange& exchange, int rank, const void* x, const void* weights,
+const PeerTensorMap::Inputs& PeerTensorMap::map(HostExchange& exchange, int rank, const void* x, const void* weights,
                                          bool with_weights, bool has_rows, bool may_synchronize) {
   DEEP_EP_RUNTIME_CHECK(exchange.record_bytes() == sizeof(Record), "pull combine: exchange records of ",
                         exchange.record_bytes(), " bytes, expected ", sizeof(Record));
@@ -105,21 +105,31 @@ PeerTensorMap::Inputs PeerTensorMap::map(HostExchange& exchange, int rank, const
   mine.weights.pointer = reinterpret_cast<uint64_t>(weights);
   const int num_ranks = exchange.size();
   if (static_cast<int>(opened_.size()) != num_ranks) opened_.resize(num_ranks);
-  std::vector<Record> records(num_ranks);
-  exchange.all_gather(&mine, records.data(), "combine (exchanging the pull combine's input addresses)");
+  gathered_.resize(sizeof(Record) * num_ranks);
+  exchange.all_gather(&mine, gathered_.data(), "combine (exchanging the pull combine's input addresses)");
+  // Records are plain bytes in gathered_; read each as a Record through a copy (no aliasing question).
+  auto record = [&](int r) {
+    Record out;
+    std::memcpy(&out, gathered_.data() + sizeof(Record) * r, sizeof(Record));
+    return out;
+  };
 
   bool all_exportable = true, one_process = true;
+  const int32_t first_pid = record(0).pid;
   for (int r = 0; r < num_ranks; ++r) {
-    all_exportable = all_exportable && records[r].exportable;
-    one_process = one_process && records[r].pid == records[0].pid;
+    const Record peer = record(r);
+    all_exportable = all_exportable && peer.exportable;
+    one_process = one_process && peer.pid == first_pid;
   }
+  Inputs& out = inputs_;
+  out.x.clear();
+  out.weights.clear();
   // Decided from the gathered records alone, so every rank decides alike.
-  if (!all_exportable && !one_process) return {};
-  Inputs out;
-  out.x.resize(num_ranks);
-  if (with_weights) out.weights.resize(num_ranks);
+  if (!all_exportable && !one_process) return out;
+  out.x.assign(num_ranks, nullptr);
+  if (with_weights) out.weights.assign(num_ranks, nullptr);
   for (int r = 0; r < num_ranks; ++r) {
-    const Record& peer = records[r];
+    const Record peer = record(r);
     if (r == rank || peer.pid == mine.pid) {  // this process: the raw pointers
       out.x[r] = reinterpret_cast<const char*>(peer.x.pointer);
       if (with_weights) out.weights[r] = reinterpret_cast<const char*>(peer.weights.pointer);

@@ -31,11 +31,13 @@ class PeerTensorMap {
   // the cache may not be trimmed (that synchronizes the device); it then grows past
   // kMaxMappingsPerRank, and the mappings the captured call uses stay open until the Buffer goes (a
   // graph replays them).
+  // The result lives in this map until the next call: a call allocates nothing on the host once the
+  // group's size is known.
   struct Inputs {
     std::vector<const char*> x, weights;
   };
-  Inputs map(HostExchange& exchange, int rank, const void* x, const void* weights, bool with_weights,
-             bool has_rows, bool may_synchronize);
+  const Inputs& map(HostExchange& exchange, int rank, const void* x, const void* weights, bool with_weights,
+                    bool has_rows, bool may_synchronize);
 
   // Closes every mapping; only when no kernel can use them (the Buffer's release).
   void close_all();
@@ -50,6 +52,8 @@ class PeerTensorMap {
   };
   using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
   std::vector<std::map<HandleKey, Mapping>> opened_;  // [rank]: IPC handle bytes -> mapping
+  std::vector<unsigned char> gathered_;               // every rank's record of the current call
+  Inputs inputs_;                                     // what map() returns
 };
 
 }  // namespace deep_ep
