@@ -27,6 +27,7 @@ struct HostMapped {
   volatile int counts_ready;
   int num_recv_tokens;
   int num_recv_tokens_per_expert[kMaxLocalExperts];
+  int num_rdma_recv_tokens;  // internode: rows this rank receives over the network, as its node's forwarder
 };
 
 class NcclCommunicator;  // runtime/nccl_comm.hpp, GIN builds only
@@ -71,7 +72,7 @@ struct Buffer::Internals {
   // Where the next notify publishes its counts, with the next epoch.
   HostCounts next_host_counts() {
     return {&host_device->num_recv_tokens, host_device->num_recv_tokens_per_expert, &host_device->counts_ready,
-            ++counts_epoch};
+            ++counts_epoch, &host_device->num_rdma_recv_tokens};
   }
   // Waits for the counts a notify kernel publishes (counts_ready == counts_epoch). The host waits
   // longer than the device: a device-side timeout, which names the peer, wins.

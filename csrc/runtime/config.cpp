@@ -85,18 +85,27 @@ static void check_table_ranks(int num_ranks) {
 // Intranode dispatch rings are small on purpose: staged rows are read back by the receivers while still
 // in L2 (measured on one H100 with 8 ranks and 16 SMs each: 16 slots beat 64 to 256 slots by 10-30%).
 // Combine wants deeper queues (32 slots measured best among 2 to 128).
+// Internode: V1's table (spec section 2), so that code tuned for V1 gets the rings it expects. The RDMA
+// numbers are ring sizes and send batches: a call streams any number of tokens through them.
 Config get_dispatch_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);
   if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 4, 16, 6, 256);
-  // Internode: a call carries up to num_sms * 256 tokens per rank (5120 with 20 SMs); combine rings of
-  // 32 rows (see get_combine_config) — both configs must agree on the RDMA chunk.
-  return Config(num_sms, 8, 32, 16, 256);
+  if (num_ranks == 16) return Config(num_sms, 36, 288, 20, 128);
+  if (num_ranks <= 64) return Config(num_sms, 32, 288, 8, 128);
+  if (num_ranks == 96) return Config(num_sms, 20, 480, 12, 128);
+  if (num_ranks == 128) return Config(num_sms, 20, 560, 12, 128);
+  if (num_ranks == 144) return Config(num_sms, 32, 720, 12, 128);
+  return Config(num_sms, 28, 720, 12, 128);
 }
 
 Config get_combine_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);
   if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 8, 32, 6, 256);
-  return Config(num_sms, 8, 32, 16, 256);
+  if (num_ranks == 16) return Config(num_sms, 4, 288, 12, 128);
+  if (num_ranks <= 64) return Config(num_sms, 1, 288, 8, 128);
+  if (num_ranks == 96) return Config(num_sms, 1, 480, 8, 128);
+  if (num_ranks == 128) return Config(num_sms, 1, 560, 8, 128);
+  return Config(num_sms, 2, 720, 8, 128);
 }
 
 }  // namespace deep_ep

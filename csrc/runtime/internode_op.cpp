@@ -40,7 +40,7 @@ void check_fits(const Buffer& b, const internode::Layout& layout, int64_t nvl_ne
                 "; size it with Config.get_nvl_buffer_size_hint");
 }
 
-void check_handle(const InternodeHandle& h, int R, int N, int Rn, int device, int64_t T, int C, int capacity) {
+void check_handle(const InternodeHandle& h, int R, int N, int Rn, int device, int64_t T, int C) {
   check_tensor(h.is_token_in_rank, "handle[0] (is_token_in_rank)", {DType::kBool, {T, R}, true, device});
   check_tensor(h.rdma_channel_prefix_matrix, "handle[1] (rdma_channel_prefix_matrix)",
                {DType::kInt32, {N, C}, true, device});
@@ -53,20 +53,21 @@ void check_handle(const InternodeHandle& h, int R, int N, int Rn, int device, in
   check_tensor(h.recv_gbl_rank_prefix_sum, "handle[6] (recv_gbl_rank_prefix_sum)", {DType::kInt32, {R}, true, device});
   check_tensor(h.recv_src_meta, "handle[7] (recv_src_meta)", {DType::kInt32, {kAnySize, 2}, true, device});
   check_tensor(h.send_rdma_head, "handle[8] (send_rdma_head)", {DType::kInt32, {T, N}, true, device});
-  check_tensor(h.send_nvl_head, "handle[9] (send_nvl_head)",
-               {DType::kInt32, {int64_t(N) * C * capacity, Rn}, true, device});
+  check_tensor(h.send_nvl_head, "handle[9] (send_nvl_head)", {DType::kInt32, {kAnySize, Rn}, true, device});
 }
 
-// The handle's channel count is the dispatch's num_sms; its slot count follows from the RDMA chunk.
-void check_config_matches_handle(const InternodeHandle& h, const Config& config, int N, const char* op) {
+// The handle's channel count is the dispatch's num_sms. Ring sizes are free: a handle holds stream
+// positions, which do not depend on them.
+void check_config_matches_handle(const InternodeHandle& h, const Config& config, const char* op) {
   const int64_t C = h.rdma_channel_prefix_matrix.dim() == 2 ? h.rdma_channel_prefix_matrix.size(1) : -1;
   DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
                 " channels: ", op, " must use the num_sms of the dispatch that made the handle");
-  const int64_t slots = h.send_nvl_head.dim() == 2 ? h.send_nvl_head.size(0) : -1;
-  DEEP_EP_CHECK(slots == int64_t(N) * C * config.num_max_rdma_chunked_recv_tokens,
-                "config.num_max_rdma_chunked_recv_tokens=", config.num_max_rdma_chunked_recv_tokens,
-                " differs from the handle's (send_nvl_head has ", slots, " slots for ", N, " nodes x ", C,
-                " channels): ", op, " must use the config of the dispatch that made the handle");
+}
+
+void check_ring_slots(const Config& config, const char* op) {
+  DEEP_EP_CHECK(config.num_max_rdma_chunked_recv_tokens >= internode::kMinRingSlots, op,
+                " needs config.num_max_rdma_chunked_recv_tokens >= ", internode::kMinRingSlots,
+                " (the rows of each channel's ring per node), got ", config.num_max_rdma_chunked_recv_tokens);
 }
 
 }  // namespace
@@ -122,13 +123,9 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   const int64_t T = shape.num_tokens, H = shape.hidden, row_bytes = shape.row_bytes;
   const int num_scales = shape.num_scales, num_topk = shape.num_topk;
   const int64_t scale_token_stride = shape.scale_token_stride, scale_channel_stride = shape.scale_channel_stride;
-  // Channels are equal token ranges; each carries at most `capacity` tokens.
-  const int64_t max_channel_tokens = (T + C - 1) / C;
-  DEEP_EP_CHECK(max_channel_tokens <= capacity, "internode dispatch of ", T, " tokens needs ", max_channel_tokens,
-                " tokens per channel, but config.num_max_rdma_chunked_recv_tokens=", capacity, " with num_sms=",
-                config.num_sms, " allows at most ", int64_t(C) * capacity, " tokens per rank; use a larger config "
-                "(and buffer, Config.get_rdma_buffer_size_hint)");
-
+  // Channels are equal token ranges streamed through rings of `capacity` rows: any token count fits.
+  check_ring_slots(config, "internode dispatch");
+  DEEP_EP_CHECK(T <= INT32_MAX / 2, "internode dispatch takes at most ", INT32_MAX / 2, " tokens per rank, got ", T);
 
   // ---- routing: layout (non-cached) or handle (cached) ------------------------------------------------
   const bool cached = a.handle.has_value();
@@ -137,8 +134,8 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     DEEP_EP_CHECK(!a.topk_idx, "cached dispatch (with a handle) takes no topk_idx/topk_weights");
     DEEP_EP_CHECK(!a.num_tokens_per_rank && !a.num_tokens_per_expert,
                   "cached dispatch (with a handle) takes no layout arguments");
-    check_config_matches_handle(*a.handle, config, N, "cached dispatch");
-    check_handle(*a.handle, R, N, Rn, device, T, C, capacity);
+    check_config_matches_handle(*a.handle, config, "cached dispatch");
+    check_handle(*a.handle, R, N, Rn, device, T, C);
   } else {
     DEEP_EP_CHECK(a.num_tokens_per_rank && a.is_token_in_rank && a.num_tokens_per_expert,
                   "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert "
@@ -171,9 +168,12 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
 
   IntranodeDispatchResult result;
   InternodeHandle h;
+  int64_t num_rdma_rows = 0;  // rows this rank receives over the network, as its node's forwarder
   if (cached) {
     h = *a.handle;
     result.num_rows = static_cast<int>(h.recv_src_meta.size(0));
+    num_rdma_rows = h.send_nvl_head.size(0);
+    transport_launch::internode_cached_notify(in, peers, layout, stream);
   } else {
     h.is_token_in_rank = *a.is_token_in_rank;
     h.rdma_channel_prefix_matrix = allocate("rdma_channel_prefix_matrix", DType::kInt32, {N, C});
@@ -183,7 +183,6 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     h.recv_gbl_channel_prefix_matrix = allocate("recv_gbl_channel_prefix_matrix", DType::kInt32, {R, C});
     h.recv_gbl_rank_prefix_sum = allocate("recv_gbl_rank_prefix_sum", DType::kInt32, {R});
     h.send_rdma_head = allocate("send_rdma_head", DType::kInt32, {T, N});
-    h.send_nvl_head = allocate("send_nvl_head", DType::kInt32, {int64_t(N) * C * capacity, Rn});
     internode::NotifyArgs n{};
     n.is_token_in_rank = a.is_token_in_rank->ptr<bool>();
     n.num_tokens_per_expert = a.num_tokens_per_expert->ptr<int>();
@@ -200,13 +199,18 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     transport_launch::internode_notify(in, peers, layout, n, stream);
     if (a.num_worst_tokens > 0) {
       result.num_rows = a.num_worst_tokens;
+      // Every row this forwarder receives goes to some rank of its node, and each of them receives at most
+      // num_worst_tokens rows: a bound known without waiting for the counts.
+      num_rdma_rows = int64_t(Rn) * a.num_worst_tokens;
     } else {
       in.wait_for_notify_counts(*this, "internode dispatch");
       result.num_rows = in.host->num_recv_tokens;
+      num_rdma_rows = in.host->num_rdma_recv_tokens;
       const int L = num_experts / R;
       result.num_recv_tokens_per_expert.assign(in.host->num_recv_tokens_per_expert,
                                                in.host->num_recv_tokens_per_expert + L);
     }
+    h.send_nvl_head = allocate("send_nvl_head", DType::kInt32, {num_rdma_rows, Rn});
   }
   const int64_t rows = result.num_rows;
   TensorView recv_x = allocate("recv_x", a.x.dtype, {rows, H});
@@ -238,6 +242,9 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
+  d.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
+  d.send_chunk = config.num_max_rdma_chunked_send_tokens;
+  d.num_rdma_rows = static_cast<int>(num_rdma_rows);
   d.num_tokens = static_cast<int>(T);
   d.row_bytes = static_cast<int>(row_bytes);
   d.num_scales = num_scales;
@@ -267,8 +274,9 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   DEEP_EP_CHECK(h.is_token_in_rank.dim() == 2, "handle[0] (is_token_in_rank) must be 2-D, got ",
                 h.is_token_in_rank.describe());
   const int64_t T = h.is_token_in_rank.size(0);
-  check_config_matches_handle(h, config, N, "combine");
-  check_handle(h, R, N, Rn, device, T, C, capacity);
+  check_config_matches_handle(h, config, "combine");
+  check_handle(h, R, N, Rn, device, T, C);
+  check_ring_slots(config, "internode combine");
   const NormalCombineShape shape = check_normal_combine_inputs(a.x, a.topk_weights, a.bias_0, a.bias_1, T, device);
   const int64_t rows = shape.num_rows, H = shape.hidden;
   const int num_topk = shape.num_topk;
@@ -298,6 +306,9 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
   c.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   c.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
+  c.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
+  c.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
+  c.num_rdma_rows = static_cast<int>(h.send_nvl_head.size(0));
   c.ring_slots = ring_slots;
   c.ring_chunk = config.num_max_nvl_chunked_send_tokens;
   c.send_rdma_head = h.send_rdma_head.ptr<int>();
@@ -309,7 +320,9 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
   prepare_internode_state(stream, "internode combine");
-  transport_launch::internode_combine(in, peers_of(*this, in), layout, c, stream);
+  const auto peers = peers_of(*this, in);
+  transport_launch::internode_cached_notify(in, peers, layout, stream);
+  transport_launch::internode_combine(in, peers, layout, c, stream);
 }
 
 }  // namespace deep_ep

@@ -122,7 +122,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     recv_channel_prefix_matrix = handle->recv_channel_prefix_matrix;
     send_head = handle->send_head;
     result.num_rows = static_cast<int>(handle->recv_src_idx.size(0));
-    intranode::launch_prologue(peers, stream);
+    intranode::launch_prologue(peers, /*before_combine=*/false, stream);
   } else {
     rank_prefix_matrix = allocate("rank_prefix_matrix", DType::kInt32, {R, R});
     channel_prefix_matrix = allocate("channel_prefix_matrix", DType::kInt32, {R, C});
@@ -264,7 +264,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
       return;
     }
   }
-  intranode::launch_prologue(peers, stream);
+  intranode::launch_prologue(peers, /*before_combine=*/true, stream);
   intranode::CombineArgs c{};
   c.x = a.x.ptr<uint16_t>();
   c.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;

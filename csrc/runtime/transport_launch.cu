@@ -91,6 +91,18 @@ void internode_notify(const Buffer::Internals& in, const internode::Peers& peers
   internode::launch_notify(peers, layout, args, stream);
 }
 
+void internode_cached_notify(const Buffer::Internals& in, const internode::Peers& peers,
+                             const internode::Layout& layout, cudaStream_t stream) {
+#if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
+  if (in.uses_gin()) {
+    internode::launch_cached_notify(peers, layout, internode_transport(in, peers, layout, "internode cached notify"),
+                                    stream);
+    return;
+  }
+#endif
+  internode::launch_cached_notify(peers, layout, stream);
+}
+
 void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                         const internode::DispatchArgs& args, cudaStream_t stream) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN

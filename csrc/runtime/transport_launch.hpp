@@ -18,6 +18,9 @@ namespace deep_ep::transport_launch {
 
 void internode_notify(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                       const internode::NotifyArgs& args, cudaStream_t stream);
+// The start barrier of a cached dispatch or a combine.
+void internode_cached_notify(const Buffer::Internals& in, const internode::Peers& peers,
+                             const internode::Layout& layout, cudaStream_t stream);
 void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
                         const internode::DispatchArgs& args, cudaStream_t stream);
 void internode_combine(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,

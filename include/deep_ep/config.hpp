@@ -34,10 +34,10 @@ struct Config {
   //   Several nodes: the internode flags and published prefixes, plus the combine rings: per channel
   //   and local rank, num_max_nvl_chunked_recv_tokens rows (at least 16).
   int64_t get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
-  // 0 for one node. Several nodes: the internode window, whose row area holds, per node,
-  // num_sms * num_max_rdma_chunked_recv_tokens rows twice (received and staged for sending). An
-  // internode call carries at most num_max_rdma_chunked_recv_tokens tokens per channel, i.e. about
-  // num_sms * num_max_rdma_chunked_recv_tokens tokens per rank.
+  // 0 for one node. Several nodes: the internode window, whose row area holds, per node and channel,
+  // a ring of num_max_rdma_chunked_recv_tokens rows twice (received and staged for sending). The rings
+  // bound the buffer, not the call: a call streams any number of tokens through them, and neither hint
+  // depends on the token count.
   int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
 };
 

@@ -53,10 +53,15 @@ def _round(ctx, group, buffer, rn, opts, round_idx):
     routing, mode = opts.get("routing", "random"), opts.get("mode", "sync")
     worst = opts.get("worst", False)
     round_sms = opts.get("round_num_sms")  # per round: a Config with that many SMs (channels), else the default
+    round_rings = opts.get("round_configs")  # per round: (nvl send, nvl recv, rdma send, rdma recv)
     label = f"rank {ctx.rank} round {round_idx}"
     config = {}
     if round_sms:
         config = dict(config=deep_ep.Config(round_sms[round_idx % len(round_sms)], 8, 32, 16, 256))
+    if round_rings:
+        rings = round_rings[round_idx % len(round_rings)]
+        config = dict(config=deep_ep.Config(opts.get("num_sms", 8), *rings))
+        label += f" config {rings}"
     num_tokens = _num_tokens(ctx, opts)
     x = make_x(num_tokens, hidden, fp8)
     topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, routing)
@@ -98,10 +103,22 @@ def _round(ctx, group, buffer, rn, opts, round_idx):
     check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
 
 
+def _sized_buffer(group, ctx, rn, hidden, opts):
+    """make_buffer, large enough for the default configs and every config of opts["round_configs"]."""
+    nvl, rdma = buffer_sizes(ctx.num_ranks, hidden, rn)
+    for rings in opts.get("round_configs", ()):
+        config = deep_ep.Config(opts.get("num_sms", 8), *rings)
+        nvl = max(nvl, config.get_nvl_buffer_size_hint(hidden * 2, ctx.num_ranks, num_ranks_per_node=rn))
+        rdma = max(rdma, config.get_rdma_buffer_size_hint(hidden * 2, ctx.num_ranks, num_ranks_per_node=rn))
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
+    assert buffer.runtime.num_nodes() == ctx.num_ranks // rn
+    return buffer
+
+
 def dispatch_combine(ctx, rn, opts):
     """One or more rounds of layout -> dispatch -> combine -> cached dispatch, each checked exactly."""
     group = _prepare(ctx, rn, opts, seed=opts.get("seed", 0))
-    buffer = make_buffer(group, ctx.num_ranks, opts.get("hidden", 7168), rn)
+    buffer = _sized_buffer(group, ctx, rn, opts.get("hidden", 7168), opts)
     for round_idx in range(opts.get("rounds", 1)):
         _round(ctx, group, buffer, rn, opts, round_idx)
     torch.cuda.synchronize()
@@ -156,6 +173,60 @@ def back_to_back(ctx, rn, num_calls):
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
             raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
+def streaming_identity(ctx, rn, num_tokens, hidden, rings):
+    """Many more tokens per rank than the rings hold (production sizes): with small integers,
+    combine(dispatch(x)) == x * ranks reached for every token, through fresh and cached dispatch, BF16 and
+    FP8, so every row must have crossed every ring lap to the right place and back. `rings` as Config's
+    last four arguments, or None for the default configs."""
+    group = _prepare(ctx, rn, seed=13)
+    opts = dict(round_configs=[rings]) if rings else {}
+    buffer = _sized_buffer(group, ctx, rn, hidden, opts)
+    config = dict(config=deep_ep.Config(8, *rings)) if rings else {}
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+    layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+    reached = layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    weights = torch.rand(num_tokens, 8, device="cuda")
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout, **config)
+    expected_rows = int(layout["num_tokens_per_rank"].sum().item())  # rows this rank sends, for the label
+    for attempt, (send_x, cached) in enumerate(((x, False), (-x, True))):
+        if cached:
+            recv_x = buffer.dispatch(send_x, handle=handle, **config)[0]
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w, **config)
+        expected = send_x.float() * reached
+        if not torch.equal(combined.float(), expected):
+            bad = (combined.float() != expected).nonzero()[0].tolist()
+            raise AssertionError(f"rank {ctx.rank} ({num_tokens} tokens, {expected_rows} rows sent, attempt "
+                                 f"{attempt}): combine(dispatch(x)) differs at {bad}")
+        routed = layout["is_token_in_rank"].any(dim=1, keepdim=True) & (topk_idx >= 0)
+        assert torch.equal(torch.where(routed, weights, 0.0), torch.where(routed, combined_w, 0.0)), \
+            f"rank {ctx.rank}: combined_topk_weights must restore the routed weights"
+    # FP8 rows (payload and scales) stream too: each received row is its source's, bit for bit. The
+    # values are a function of (source rank, token, column), so no rank needs another's inputs.
+    def fp8_rows(source, tokens):
+        cols = torch.arange(hidden, device="cuda")
+        bits = ((tokens[:, None] * 7 + source * 13 + cols[None, :]) % 120).to(torch.uint8)
+        groups = torch.arange(hidden // 128, device="cuda")
+        row_scales = (tokens[:, None] + source * 100000 + 0.5 * groups[None, :]).float()
+        return bits, row_scales
+
+    bits, row_scales = fp8_rows(ctx.rank, torch.arange(num_tokens, device="cuda"))
+    scales = row_scales.t().contiguous().t()  # column-major, as DeepEP users pass them
+    recv_fp8, recv_scales = buffer.dispatch((bits.view(torch.float8_e4m3fn), scales), handle=handle, **config)[0]
+    src_idx = handle[7][:, 0].long()
+    begin = 0
+    for source, end in enumerate(handle[6].tolist()):
+        if end > begin:
+            want_bits, want_scales = fp8_rows(source, src_idx[begin:end])
+            assert torch.equal(recv_fp8[begin:end].view(torch.uint8), want_bits), \
+                f"rank {ctx.rank}: FP8 rows from rank {source} differ"
+            assert torch.equal(recv_scales[begin:end], want_scales), f"rank {ctx.rank}: scales from rank {source} differ"
+        begin = end
+    torch.cuda.synchronize()
     buffer.destroy()
     teardown()
 
@@ -301,6 +372,19 @@ def cases(rank_counts):
                 add("topk9_multi_round", dispatch_combine, dict(hidden=4096, num_topk=9, rounds=3))
                 # Ops with other channel counts on one Buffer (the done counter must stay where it is).
                 add("num_sms_per_round", dispatch_combine, dict(hidden=2048, rounds=3, round_num_sms=(8, 6, 4)))
+            # Streaming: token counts far beyond the rings, with V1's configs and V1's small rings.
+            add("one_token", dispatch_combine, dict(num_tokens=1, uneven=False, hidden=2048))
+            add("zero_tokens", dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
+            add("tokens_4096_v1_rings", dispatch_combine,
+                dict(num_tokens=4096, hidden=512, fp8=True, round_configs=[(8, 512, 16, 128)]))
+            add("tokens_4096_small_rings_sweep", dispatch_combine,
+                dict(num_tokens=4096, hidden=256, bias=1, rounds=4,
+                     round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)]))
+            add("tokens_16384", streaming_identity, 16384, 2048, None)
+            if full:
+                add("tokens_16384_v1_rings", streaming_identity, 16384, 2048, (8, 512, 16, 128))
+                add("tokens_4096_worst_tokens", dispatch_combine,
+                    dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]))
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)

@@ -34,6 +34,8 @@ enum class Phase : int {
   kInternodeTooManyRows,     // an internode dispatch receives more rows than num_worst_tokens
   kPullCombineReady,         // pull combine waiting for an expert rank's outputs to be ready
   kPullCombineDone,          // pull combine waiting for a home rank to finish reading this rank's outputs
+  kInternodeDispatchSend,    // internode dispatch sender waiting for a forwarder's credits (ring space)
+  kInternodeCombineSend,     // internode combine forwarder waiting for a home rank's credits (ring space)
 };
 
 inline const char* phase_name(Phase p) {
@@ -59,7 +61,12 @@ inline const char* phase_name(Phase p) {
     case Phase::kInternodeBarrier:
       return "internode barrier (waiting for every rank to finish the previous internode op)";
     case Phase::kInternodeNotify: return "internode notify (waiting for a source rank's counts)";
-    case Phase::kInternodeDispatchForward: return "internode dispatch forward (waiting for a source node's rows)";
+    case Phase::kInternodeDispatchForward:
+      return "internode dispatch forward (waiting for a source node's rows, or for the node's ranks to scan them)";
+    case Phase::kInternodeDispatchSend:
+      return "internode dispatch send (waiting for a forwarder to credit ring slots: its node's ranks read too slowly)";
+    case Phase::kInternodeCombineSend:
+      return "internode combine forward (waiting for a home rank to credit ring slots of partial sums)";
     case Phase::kInternodeDispatchRecv: return "internode dispatch receive (waiting for a forwarder of this node)";
     case Phase::kInternodeCombineStage: return "internode combine (waiting for a local rank's staged rows)";
     case Phase::kInternodeCombineRecv: return "internode combine receive (waiting for a node's partial sums)";

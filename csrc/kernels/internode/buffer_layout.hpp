@@ -2,17 +2,23 @@
 // checks); device code carves pointers. Every rank computes the same layout for an op, so an offset
 // names the same place on every rank.
 //
+// A call streams any number of tokens through bounded rings: the row areas below hold, per (node,
+// channel), a ring of `capacity` = num_max_rdma_chunked_recv_tokens rows; the stream position i of a
+// (node, channel) lives in ring slot i % capacity. Counters say how far each side has got.
+//
 // RDMA window (the rank's RDMA payload, which the transport reaches on remote nodes):
-//   signals   uint64 [N meta | N*C dispatch rows | N*C combine rows | 1 done]; index helpers below
+//   signals   uint64 [1 done | N meta | N*C dispatch rows | N*C combine rows | N*C dispatch credits |
+//             N*C combine credits]; index helpers below
 //   meta      [N] per source node: what the source with this rank's local index sends this node
 //             (its per-channel counts and its per-expert counts for this node's ranks)
 //   meta_send [N] per destination node: the same, staged here before the put
-//   rows      [N][C][cap] dispatch: rows from source node n, channel c, slot i (the source stores them
-//             there directly where the transport maps the window, else stages them in send_rows
-//             [destination node][C][cap] and puts). Combine reuses both areas for the partial sums
-//             going back: rows[n] on the home rank holds node n's partials.
+//   rows      [N][C][cap] dispatch: the ring of rows from source node n, channel c (the source stores
+//             them there directly where the transport maps the window, else stages them in send_rows
+//             [destination node][C][cap] at the same slots and puts). Combine reuses both areas for the
+//             partial sums going back: rows[n][c] on the home rank is the ring of node n's partials.
 // NVLink area (the rank's NVLink payload, read by the ranks of its node):
-//   flags     int64: meta_ready[N], data_ready[N][C], combine_ready[N][C], published, ring tails and heads
+//   flags     int64: meta_ready[N], rows_ready[N][C], published, combine ring tails and heads,
+//             rows_scanned[N][C][Rn]
 //   published int32: this rank's recv_gbl_channel_prefix_matrix [R][C] (the forwarders of its node
 //             compute send_nvl_head from it)
 //   rings     combine: per (channel, local rank l) a ring of Q = num_max_nvl_chunked_recv_tokens rows
@@ -34,6 +40,9 @@ namespace deep_ep::internode {
 
 constexpr int kMaxInternodeRanks = 256;
 constexpr int kMaxInternodeNodes = 32;  // a warp's lanes cover every node
+// The smallest ring (num_max_rdma_chunked_recv_tokens) the kernels accept: a combine home rank sums a
+// round of tokens while the forwarders fill a batch, and both must fit in one ring.
+constexpr int kMinRingSlots = 16;
 
 DEEP_EP_INTERNODE_HD constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
@@ -86,21 +95,33 @@ struct Layout {
   DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const {
     return 1 + num_nodes * (1 + num_channels) + n * num_channels + c;
   }
+  // Credits: stream positions the receiving side has finished with, added back to the sender of a ring.
+  // dispatch_credit(n, c) on a source rank counts rows of its channel c that node n's ranks consumed;
+  // combine_credit(n, c) on a forwarder counts partials of channel c that home rank (n, my local) summed.
+  DEEP_EP_INTERNODE_HD int signal_dispatch_credit(int n, int c) const {
+    return 1 + num_nodes * (1 + 2 * num_channels) + n * num_channels + c;
+  }
+  DEEP_EP_INTERNODE_HD int signal_combine_credit(int n, int c) const {
+    return 1 + num_nodes * (1 + 3 * num_channels) + n * num_channels + c;
+  }
   DEEP_EP_INTERNODE_HD int num_signals() const { return signals_for(num_nodes, num_channels); }
   // Signals of a layout of num_nodes nodes and num_channels channels (the Buffer sizes its GIN signal
   // range with the most channels an op can use).
   static DEEP_EP_INTERNODE_HD int signals_for(int num_nodes, int num_channels) {
-    return 1 + num_nodes * (1 + 2 * num_channels);
+    return 1 + num_nodes * (1 + 4 * num_channels);
   }
 
-  // Slot of (node n, channel c, row i) in rows / send_rows.
-  DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int i) const { return (int64_t(n) * num_channels + c) * capacity + i; }
+  // Ring slot of stream position i of (node n, channel c) in rows / send_rows.
+  DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int64_t i) const {
+    return (int64_t(n) * num_channels + c) * capacity + i % capacity;
+  }
 
   // NVLink flags, in int64 units from flags_offset.
   DEEP_EP_INTERNODE_HD int flag_meta_ready(int n) const { return n; }
-  DEEP_EP_INTERNODE_HD int flag_data_ready(int n, int c) const { return num_nodes + n * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int flag_combine_ready(int n, int c) const { return num_nodes * (1 + num_channels) + n * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int flag_published() const { return num_nodes * (1 + 2 * num_channels); }
+  // rows_ready(n, c) on a forwarder: (epoch + 1) << 32 | rows of ring (n, c) that have arrived, relayed
+  // by the forwarder from its transport signal for its node's ranks.
+  DEEP_EP_INTERNODE_HD int flag_rows_ready(int n, int c) const { return num_nodes + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int flag_published() const { return num_nodes * (1 + num_channels); }
   // Combine rings, one per (channel c, local rank l) on every rank j: j's rows for forwarder (j's node,
   // l). ring_tail(c, j's local) lives on the forwarder (rows j pushed), ring_head(c, l) on j (rows the
   // forwarder consumed). Both hold (epoch + 1) << 32 | count, so a value of an earlier op reads as 0.
@@ -108,7 +129,14 @@ struct Layout {
   DEEP_EP_INTERNODE_HD int flag_ring_head(int c, int lr) const {
     return flag_published() + 1 + (num_channels + c) * num_ranks_per_node + lr;
   }
-  DEEP_EP_INTERNODE_HD int num_flags() const { return flag_published() + 1 + 2 * num_channels * num_ranks_per_node; }
+  // rows_scanned(n, c, lr) on a forwarder: (epoch + 1) << 32 | stream positions of its ring (n, c) that
+  // local rank lr has read (kScanDone once it has all its rows from that ring), written by lr.
+  DEEP_EP_INTERNODE_HD int flag_rows_scanned(int n, int c, int lr) const {
+    return flag_published() + 1 + 2 * num_channels * num_ranks_per_node + (n * num_channels + c) * num_ranks_per_node + lr;
+  }
+  DEEP_EP_INTERNODE_HD int num_flags() const {
+    return flag_published() + 1 + num_channels * num_ranks_per_node * (2 + num_nodes);
+  }
 
   // row_stride covers bf16 rows of `hidden_bytes` with their scales and top-k, and combine rows.
   static Layout make(int num_nodes, int num_ranks_per_node, int num_channels, int capacity, int64_t row_stride) {

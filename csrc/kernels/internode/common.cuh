@@ -11,9 +11,13 @@
 // Memory-ordering contract of the flags (int64, NVLink area): a flag is written only by its owner,
 // with st.release.sys of the op's epoch + 1, after the writer's data is fenced at system scope; readers
 // of the owner's node poll it with ld.acquire.sys and then read the data it covers at L2 (.cg).
-// Values only grow between ops, so a flag left from an earlier op never satisfies a later wait.
-// Transport signals carry exactly one add per op and are reset by their owner right after its wait;
-// the next add comes after the next op's start barrier, which follows that reset.
+// Values only grow between ops, so a flag left from an earlier op never satisfies a later wait. Flags
+// that count inside an op hold (epoch + 1) << 32 | count (tagged / count_of below): a value of an
+// earlier op reads as 0.
+// Transport signals are counters inside an op: meta and the done signal take one add, the ring signals
+// (rows, credits) one add per batch with the batch's row count. The owner knows each counter's total
+// for the op and resets it once it has read that total, so no add of this op can follow; the next
+// add comes after the next op's start barrier, which follows that reset.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +28,14 @@
 #include "transport/transport.cuh"
 
 namespace deep_ep::internode {
+
+// A count tagged with the op's epoch, and the count back (0 when the tag is another op's).
+__device__ __forceinline__ int64_t tagged(int epoch, int count) { return (int64_t(epoch) + 1) << 32 | count; }
+__device__ __forceinline__ int count_of(int64_t value, int epoch) {
+  return (value >> 32) == int64_t(epoch) + 1 ? static_cast<int>(value & 0xffffffff) : 0;
+}
+// rows_scanned value of a receiver that has all its rows from a ring: it holds no position back.
+constexpr int kScanDone = 0x7fffffff;
 
 // The P2P transport of an op, built on the host from the mapped bases (every rank's buffer is mapped
 // here; its signals live at the start of each rank's window).

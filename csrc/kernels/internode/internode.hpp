@@ -1,16 +1,20 @@
 // Launchers of the internode normal-mode kernels (hierarchical: the network between nodes, load/store
-// inside a node). Each op is one kernel; every internode kernel starts by waiting until every rank has
-// finished the previous one (the `done` signal), so an op may overwrite any area the previous op used.
-//   notify   (non-cached dispatch): each rank sends every node's forwarder (the rank with its own local
-//            index there) its per-channel counts; every rank then derives the handle's prefix matrices
-//            and publishes its received count to the host.
-//   dispatch block c: stages channel c's tokens once per destination node and puts them to the forwarder
-//            (one put per node); relays the arrival of channel c from every source node to its node; and
-//            copies, from the forwarders of its node, the rows of channel c whose mask names this rank.
+// inside a node). Every op's main kernel starts by waiting until every rank has finished the previous
+// op (the `done` signal), so an op may overwrite any area the previous op used. Tokens stream through
+// the bounded rings of buffer_layout.hpp, so a call carries any number of tokens.
+//   notify_dispatch (non-cached dispatch): each rank sends every node's forwarder (the rank with its own
+//            local index there) its per-channel counts; every rank then derives the handle's prefix
+//            matrices and publishes its received counts to the host.
+//   cached_notify (cached dispatch, combine): the op's start barrier on its own, so that the main
+//            kernel's blocks find every rank ready.
+//   dispatch block c: senders write channel c's tokens once per destination node into the ring of the
+//            forwarder there, a batch at a time as credits allow; the forwarder relays arrivals to its
+//            node and credits back what every rank of its node has read; receivers copy, from the
+//            forwarders of their node, the rows of channel c whose mask names them.
 //   combine  block c of every rank pushes its channel-c rows into rings its node's forwarders read;
-//            the forwarder sums, per slot of channel c, the rows of its node's ranks (in local-rank
-//            order, rounded to bf16) and sends the partials to the home rank; the home rank sums the
-//            partials of its channel-c tokens in node order.
+//            the forwarder sums, per stream position of channel c, the rows of its node's ranks (in
+//            local-rank order, rounded to bf16) and sends the partials, a batch at a time, into the
+//            home rank's ring; the home rank sums the partials of its channel-c tokens in node order.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -49,10 +53,12 @@ struct NotifyArgs {
   int* recv_rdma_rank_prefix_sum;        // [N]
   int* recv_gbl_channel_prefix_matrix;   // [R, C]
   int* recv_gbl_rank_prefix_sum;         // [R]
-  HostCounts host;  // host-mapped received counts
+  HostCounts host;  // host-mapped received counts (rows, rows per expert, rows received over RDMA)
 };
 
 void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream);
+// The start barrier of a cached dispatch or a combine (one block).
+void launch_cached_notify(const Peers& peers, const Layout& layout, cudaStream_t stream);
 
 struct DispatchArgs {
   const uint8_t* x;                 // [T, row_bytes]
@@ -65,16 +71,19 @@ struct DispatchArgs {
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
+  const int* recv_rdma_rank_prefix_sum;        // [N]
   int num_tokens, row_bytes, num_scales, num_topk, num_experts;
+  int send_chunk;                   // tokens a sender writes between credit checks (rdma send chunk)
   bool cached;                      // send_rdma_head is given and send_nvl_head is not rebuilt
   int num_rows;                     // rows allocated in the outputs
+  int num_rdma_rows;                // rows of send_nvl_head
   uint8_t* recv_x;                  // [num_rows, row_bytes]
   float* recv_x_scales;             // [num_rows, num_scales] or null
   int64_t* recv_topk_idx;           // [num_rows, K] or null
   float* recv_topk_weights;         // [num_rows, K] or null
   int* recv_src_meta;               // [num_rows, 2]
-  int* send_rdma_head;              // [T, N] (computed unless cached)
-  int* send_nvl_head;               // [N * C * cap, Rn] (computed unless cached)
+  int* send_rdma_head;              // [T, N]: position in the (node, channel) stream, or -1 (computed unless cached)
+  int* send_nvl_head;               // [num_rdma_rows, Rn]: position in the combine ring stream, or -1
 };
 
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream);
@@ -87,9 +96,11 @@ struct CombineArgs {
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
+  const int* recv_rdma_rank_prefix_sum;        // [N]
+  const int* rdma_channel_prefix_matrix;       // [N, C]: partials this home rank gets per node and channel
   const int* send_rdma_head;        // [T, N]
-  const int* send_nvl_head;         // [N * C * cap, Rn]
-  int num_tokens, num_rows, hidden, num_topk;
+  const int* send_nvl_head;         // [num_rdma_rows, Rn]
+  int num_tokens, num_rows, hidden, num_topk, num_rdma_rows;
   int ring_slots, ring_chunk;       // Q = num_max_nvl_chunked_recv_tokens, push chunk = ..._send_tokens
   uint16_t* combined_x;             // [T, hidden]
   float* combined_topk_weights;     // [T, K] or null

@@ -18,6 +18,8 @@ namespace deep_ep::internode {
 // ranks of its node.
 void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args,
                    const transport::GinTransport& gin, cudaStream_t stream);
+void launch_cached_notify(const Peers& peers, const Layout& layout, const transport::GinTransport& gin,
+                          cudaStream_t stream);
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args,
                      const transport::GinTransport& gin, cudaStream_t stream);
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args,

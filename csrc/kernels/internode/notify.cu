@@ -163,6 +163,7 @@ __device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, i
       a.recv_rdma_rank_prefix_sum[n] = node_sum;
     }
     *a.host.num_recv_tokens = sum;
+    *a.host.num_rdma_recv_tokens = node_sum;
   }
   // The forwarders of this node build send_nvl_head from the published copy.
   for (int i = threadIdx.x; i < R * C; i += blockDim.x) published[i] = a.recv_gbl_channel_prefix_matrix[i];
@@ -179,10 +180,12 @@ __device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, i
   }
 }
 
+// Kernel names are V1's (profiles and users' kernel-name filters read them): notify_dispatch for a
+// non-cached dispatch, cached_notify before a cached dispatch or a combine.
 template <typename Transport>
-__global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(Peers peers, Layout layout,
-                                                                const __grid_constant__ Transport net,
-                                                                NotifyArgs args) {
+__global__ void __launch_bounds__(kNumThreads, 1) notify_dispatch(Peers peers, Layout layout,
+                                                                  const __grid_constant__ Transport net,
+                                                                  NotifyArgs args) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   if (static_cast<int>(blockIdx.x) < layout.num_nodes) {
@@ -200,7 +203,21 @@ void launch(const Peers& peers, const Layout& layout, const Transport& net, cons
                     peers.num_ranks <= kMaxInternodeRanks,
                 "internode notify supports at most 32 ranks per node, ", kMaxInternodeNodes, " nodes and ",
                 kMaxInternodeRanks, " ranks");
-  notify_kernel<Transport><<<layout.num_nodes + 1, kNumThreads, 0, stream>>>(peers, layout, net, args);
+  notify_dispatch<Transport><<<layout.num_nodes + 1, kNumThreads, 0, stream>>>(peers, layout, net, args);
+  DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
+
+// The start barrier alone: waits until every rank has finished the previous op. It counts no op (the
+// main kernel after it does), so the main kernel's own begin_op then finds the barrier passed at once.
+template <typename Transport>
+__global__ void __launch_bounds__(32, 1) cached_notify(Peers peers, Layout layout, const __grid_constant__ Transport net) {
+  const Ctx<Transport> ctx(peers, layout, net);
+  begin_op(ctx);
+}
+
+template <typename Transport>
+void launch_barrier(const Peers& peers, const Layout& layout, const Transport& net, cudaStream_t stream) {
+  cached_notify<Transport><<<1, 32, 0, stream>>>(peers, layout, net);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -211,10 +228,19 @@ void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& a
   launch(peers, layout, p2p_transport(peers, layout), args, stream);
 }
 
+void launch_cached_notify(const Peers& peers, const Layout& layout, cudaStream_t stream) {
+  launch_barrier(peers, layout, p2p_transport(peers, layout), stream);
+}
+
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args,
                    const transport::GinTransport& gin, cudaStream_t stream) {
   launch(peers, layout, gin, args, stream);
+}
+
+void launch_cached_notify(const Peers& peers, const Layout& layout, const transport::GinTransport& gin,
+                          cudaStream_t stream) {
+  launch_barrier(peers, layout, gin, stream);
 }
 #endif
 

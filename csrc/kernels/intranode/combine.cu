@@ -190,7 +190,7 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
 
 template <typename Shape>
 __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
-    combine_kernel(Peers p, CombineArgs a, CombineQueueLayout l) {
+    combine(Peers p, CombineArgs a, CombineQueueLayout l) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   if (warp < Shape::kSendWarps) {
     run_sender<Shape::kSendWarps>(p, a, l, blockIdx.x, warp, lane);
@@ -207,17 +207,17 @@ static int threads_of() {
 }
 
 int max_resident_combine_blocks_per_sm(bool wide) {
-  return wide ? device::resident_blocks_per_sm<combine_kernel<Wide>>(threads_of<Wide>())
-              : device::resident_blocks_per_sm<combine_kernel<Narrow>>(threads_of<Narrow>());
+  return wide ? device::resident_blocks_per_sm<combine<Wide>>(threads_of<Wide>())
+              : device::resident_blocks_per_sm<combine<Narrow>>(threads_of<Narrow>());
 }
 
 void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream) {
   const auto layout = CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2,
                                                args.num_topk);
   if (wide) {
-    combine_kernel<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+    combine<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {
-    combine_kernel<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+    combine<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
   }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }

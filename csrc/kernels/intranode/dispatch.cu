@@ -210,7 +210,7 @@ __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const Dispat
 
 template <typename Shape>
 __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
-    dispatch_kernel(Peers p, DispatchArgs a, DispatchQueueLayout l) {
+    dispatch(Peers p, DispatchArgs a, DispatchQueueLayout l) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   const int c = blockIdx.x;
   if (warp < Shape::kSendWarps) {
@@ -238,17 +238,17 @@ static int threads_of() {
 }
 
 int max_resident_dispatch_blocks_per_sm(bool wide) {
-  return wide ? device::resident_blocks_per_sm<dispatch_kernel<Wide>>(threads_of<Wide>())
-              : device::resident_blocks_per_sm<dispatch_kernel<Narrow>>(threads_of<Narrow>());
+  return wide ? device::resident_blocks_per_sm<dispatch<Wide>>(threads_of<Wide>())
+              : device::resident_blocks_per_sm<dispatch<Narrow>>(threads_of<Narrow>());
 }
 
 void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream) {
   const auto layout = DispatchQueueLayout::make(args.num_channels, args.num_slots, args.row_bytes, args.num_scales,
                                                 args.num_topk);
   if (wide) {
-    dispatch_kernel<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+    dispatch<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {
-    dispatch_kernel<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+    dispatch<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
   }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }

@@ -29,7 +29,7 @@ struct Peers {
 };
 
 // Barrier, reset of this rank's queue counters, barrier.
-void launch_prologue(const Peers& peers, cudaStream_t stream);
+void launch_prologue(const Peers& peers, bool before_combine, cudaStream_t stream);
 
 struct NotifyArgs {
   const bool* is_token_in_rank;     // [T, R]

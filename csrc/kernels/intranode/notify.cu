@@ -11,14 +11,19 @@ namespace {
 
 constexpr int kThreads = 512;
 
-__global__ void __launch_bounds__(32, 1) prologue_kernel(Peers p) {
+// Kernel names are V1's (profiles and users' kernel-name filters read them): the prologue runs as
+// cached_notify_dispatch before a cached dispatch and as cached_notify_combine before a combine.
+__device__ __forceinline__ void prologue(const Peers& p) {
   if (!rank_barrier(p)) return;
   reset_queue_counters(p);
   __threadfence_system();
   rank_barrier(p);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) notify_kernel(Peers p, NotifyArgs a) {
+__global__ void __launch_bounds__(32, 1) cached_notify_dispatch(Peers p) { prologue(p); }
+__global__ void __launch_bounds__(32, 1) cached_notify_combine(Peers p) { prologue(p); }
+
+__global__ void __launch_bounds__(kThreads, 1) notify_dispatch(Peers p, NotifyArgs a) {
   const int R = p.num_ranks, C = a.num_channels, me = p.rank;
   const int L = a.num_experts / R;
   if (!rank_barrier(p)) return;
@@ -75,13 +80,17 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Peers p, NotifyArgs
 
 }  // namespace
 
-void launch_prologue(const Peers& peers, cudaStream_t stream) {
-  prologue_kernel<<<1, 32, 0, stream>>>(peers);
+void launch_prologue(const Peers& peers, bool before_combine, cudaStream_t stream) {
+  if (before_combine) {
+    cached_notify_combine<<<1, 32, 0, stream>>>(peers);
+  } else {
+    cached_notify_dispatch<<<1, 32, 0, stream>>>(peers);
+  }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_notify(const Peers& peers, const NotifyArgs& args, cudaStream_t stream) {
-  notify_kernel<<<1, kThreads, 0, stream>>>(peers, args);
+  notify_dispatch<<<1, kThreads, 0, stream>>>(peers, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -15,7 +15,7 @@ constexpr int kMaxSharedBins = 12 * 1024;  // 48 KB of int32 bins
 
 __device__ __forceinline__ bool valid_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
 
-__global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(
+__global__ void __launch_bounds__(kThreads) get_dispatch_layout(
     const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
     int* num_tokens_per_rank, int* num_tokens_per_rdma_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
     DeviceDiagnostics* diagnostics, int rank, bool shared_bins, int num_ranks_per_node) {
@@ -85,7 +85,7 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
   const int num_bins = num_experts + num_ranks + num_nodes;
   const bool shared_bins = num_bins <= kMaxSharedBins;
   const int num_blocks = std::min((num_tokens + kThreads - 1) / kThreads, 132);
-  get_dispatch_layout_kernel<<<num_blocks, kThreads, shared_bins ? num_bins * sizeof(int) : 0, stream>>>(
+  get_dispatch_layout<<<num_blocks, kThreads, shared_bins ? num_bins * sizeof(int) : 0, stream>>>(
       topk_idx, num_tokens, num_topk, num_ranks, num_experts, num_tokens_per_rank, num_tokens_per_rdma_rank,
       num_tokens_per_expert, is_token_in_rank, diagnostics, rank, shared_bins, num_ranks_per_node);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());

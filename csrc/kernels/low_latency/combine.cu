@@ -287,7 +287,7 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transpo
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Peers p, HalfLayout lay,
+__global__ void __launch_bounds__(kThreads, 1) combine(Peers p, HalfLayout lay,
                                                               const __grid_constant__ Transport net, CombineArgs a,
                                                               int phases) {
   __shared__ int tag_shared, abort_flag;
@@ -311,8 +311,8 @@ void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, 
   const int shared = (phases & kSend) ? combine_shared_bytes(args.num_local_experts, peers.num_ranks) : 0;
   if (shared > 40 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
     DEEP_EP_CUDA_CHECK(
-        cudaFuncSetAttribute(combine_kernel<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  combine_kernel<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
+        cudaFuncSetAttribute(combine<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  combine<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 

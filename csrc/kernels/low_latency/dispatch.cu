@@ -372,7 +372,7 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transpo
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Peers p, HalfLayout lay,
+__global__ void __launch_bounds__(kThreads, 1) dispatch(Peers p, HalfLayout lay,
                                                                const __grid_constant__ Transport net, DispatchArgs a,
                                                                int phases) {
   // Send: [T * K] expert ids (-1 for none or out of range), then the block's own positions.
@@ -419,8 +419,8 @@ void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, 
                                           num_blocks);
   if (shared > 47 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
     DEEP_EP_CUDA_CHECK(
-        cudaFuncSetAttribute(dispatch_kernel<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  dispatch_kernel<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
+        cudaFuncSetAttribute(dispatch<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  dispatch<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -434,7 +434,7 @@ int dispatch_shared_bytes(int num_tokens, int num_topk, int num_local_experts, i
 }
 
 int max_resident_blocks_per_sm() {
-  return device::resident_blocks_per_sm<dispatch_kernel<transport::P2pTransport>>(kThreads, 48 * 1024);
+  return device::resident_blocks_per_sm<dispatch<transport::P2pTransport>>(kThreads, 48 * 1024);
 }
 
 // The transports dispatch is built for.

@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
     parser.add_argument("--mode", choices=("all", "normal", "low_latency", "internode"), default="all",
                         help="which ops to time: normal mode, low-latency mode, or both (default); or internode")
+    parser.add_argument("--internode-tokens", type=lambda v: [int(t) for t in v.split(",") if t], default=None,
+                        help="--mode internode: comma-separated tokens per rank to time (default: --num-tokens and "
+                             "4x it, to show the streaming scales linearly)")
     parser.add_argument("--ranks-per-node", type=int, default=8,
                         help="--mode internode: ranks per (emulated) node; default 8")
     parser.add_argument("--ll-num-tokens", type=int, default=128,

@@ -14,16 +14,37 @@ from .intranode import _fp8_cast
 
 
 def bench_internode(ctx, group, opts, flush, copy_gbps):
+    """Rows for every token count of opts["internode_tokens"] (default: num_tokens and 4x it), with the
+    recommended configs (V1's table: the tokens stream through rings of num_max_rdma_chunked_recv_tokens)."""
+    counts = opts.get("internode_tokens") or [opts["num_tokens"], 4 * opts["num_tokens"]]
+    rows, dispatch_us = [], {}
+    for num_tokens in counts:
+        table, us = _bench_tokens(ctx, group, dict(opts, num_tokens=num_tokens), flush, copy_gbps)
+        rows += table
+        dispatch_us[num_tokens] = us
+    if len(counts) > 1:
+        first = counts[0]
+        for t in counts[1:]:
+            ratios = ", ".join(f"{name} {dispatch_us[t][name] / dispatch_us[first][name]:.2f}x"
+                               for name in dispatch_us[first])
+            rows.append((f"internode time {t} / {first} tokens", f"{t // first}x the tokens", "-", ratios,
+                         "linear streaming gives the token ratio"))
+    return rows
+
+
+def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     from .suite import time_op
 
     num_ranks, rn = ctx.num_ranks, opts["ranks_per_node"]
     t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
     num_sms = opts["num_sms"]
-    # Each channel (block) carries at most num_max_rdma_chunked_recv_tokens tokens per call.
-    chunk = max(128, -(-t // num_sms))
-    config = deep_ep.Config(num_sms, 8, 32, 16, chunk)
-    nvl_bytes = config.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
-    rdma_bytes = config.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
+    deep_ep.Buffer.set_num_sms(num_sms)
+    dispatch_config = deep_ep.Buffer.get_dispatch_config(num_ranks)
+    combine_config = deep_ep.Buffer.get_combine_config(num_ranks)
+    nvl_bytes = max(c.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
+                    for c in (dispatch_config, combine_config))
+    rdma_bytes = max(c.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
+                     for c in (dispatch_config, combine_config))
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
     assert buffer.runtime.num_nodes() == num_ranks // rn, "DEEP_EP_RANKS_PER_NODE must be set before the ranks start"
 
@@ -36,8 +57,8 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
     per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
     layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
                   num_tokens_per_expert=per_expert)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=config,
-                                                 **layout)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                 config=dispatch_config, **layout)
     num_recv = recv_x.size(0)
     node = ctx.rank // rn
     sent_per_node = handle[1][:, -1].tolist()  # tokens this rank sends to each node
@@ -45,18 +66,23 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
 
     iters = opts["iters"]
     timed = {
-        "dispatch FP8": time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=config), group, iters, flush),
-        "dispatch BF16": time_op(lambda: buffer.dispatch(x, handle=handle, config=config), group, iters, flush),
-        "combine BF16": time_op(lambda: buffer.combine(recv_x, handle, config=config), group, iters, flush),
+        "dispatch FP8": time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters,
+                                flush),
+        "dispatch BF16": time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters,
+                                 flush),
+        "combine BF16": time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush),
     }
-    with_notify = time_op(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=config,
-                                                  **layout), group, iters, flush)
+    with_notify = time_op(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                  config=dispatch_config, **layout), group, iters, flush)
     local = [timed[name] for name in timed] + [with_notify, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
     mean_recv, mean_rdma = mean[-2], mean[-1]
     size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
+    rings = (f"rings: dispatch RDMA {dispatch_config.num_max_rdma_chunked_recv_tokens} rows (batch "
+             f"{dispatch_config.num_max_rdma_chunked_send_tokens}), combine NVL "
+             f"{combine_config.num_max_nvl_chunked_recv_tokens} / RDMA {combine_config.num_max_rdma_chunked_recv_tokens}")
     rows = []
     for i, name in enumerate(timed):
         ms = mean[i]
@@ -68,6 +94,9 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
                      f"RDMA {rdma:.0f} GB/s, NVLink {logical:.0f} GB/s per rank; {num_ranks} ranks x {logical:.0f} "
                      f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
     rows.append(("internode dispatch BF16 (with notify)", size, str(num_sms), f"{mean[3] * 1e3:.0f} us",
-                 f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank"))
+                 f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}"))
+    del recv_x, x, x_fp8, handle, layout
+    torch.cuda.synchronize()
     buffer.destroy()
-    return rows
+    torch.cuda.empty_cache()  # the next token count's outputs reuse this one's memory
+    return rows, {name: mean[i] for i, name in enumerate(timed)}

@@ -86,6 +86,26 @@ TEST(Config, TablesCoverV1RankCounts) {
   EXPECT_THROW(get_combine_config(12, 20), ValueError);
 }
 
+// Internode configs are V1's table: (nvl send, nvl recv, rdma send, rdma recv) per rank count, the
+// RDMA ring rounded up to a multiple of the send batch as V1 does.
+TEST(Config, InternodeTablesAreV1s) {
+  struct Row { int ranks, nvl_send, nvl_recv, rdma_send, rdma_recv; };
+  const Row dispatch[] = {{16, 36, 288, 20, 140}, {24, 32, 288, 8, 128}, {64, 32, 288, 8, 128}, {96, 20, 480, 12, 132},
+                          {128, 20, 560, 12, 132}, {144, 32, 720, 12, 132}, {160, 28, 720, 12, 132}};
+  const Row combine[] = {{16, 4, 288, 12, 132}, {32, 1, 288, 8, 128}, {48, 1, 288, 8, 128}, {96, 1, 480, 8, 128},
+                         {128, 1, 560, 8, 128}, {144, 2, 720, 8, 128}, {160, 2, 720, 8, 128}};
+  for (const auto& rows : {std::make_pair(dispatch, &get_dispatch_config), std::make_pair(combine, &get_combine_config)}) {
+    for (int i = 0; i < 7; ++i) {
+      const Row& r = rows.first[i];
+      const Config c = rows.second(r.ranks, 20);
+      EXPECT_EQ(c.num_max_nvl_chunked_send_tokens, r.nvl_send) << r.ranks;
+      EXPECT_EQ(c.num_max_nvl_chunked_recv_tokens, r.nvl_recv) << r.ranks;
+      EXPECT_EQ(c.num_max_rdma_chunked_send_tokens, r.rdma_send) << r.ranks;
+      EXPECT_EQ(c.num_max_rdma_chunked_recv_tokens, r.rdma_recv) << r.ranks;
+    }
+  }
+}
+
 TEST(DispatchQueueLayout, ArraysAreAlignedAndDisjoint) {
   const auto l = intranode::DispatchQueueLayout::make(3, 5, 1000, 4, 9);
   EXPECT_EQ(l.row_stride, 1008);

@@ -29,10 +29,12 @@ TEST(InternodeLayout, SignalsAreDistinctAndInRange) {
       for (int c = 0; c < s.channels; ++c) {
         seen.insert(l.signal_dispatch(n, c));
         seen.insert(l.signal_combine(n, c));
+        seen.insert(l.signal_dispatch_credit(n, c));
+        seen.insert(l.signal_combine_credit(n, c));
       }
     }
     seen.insert(l.signal_done());
-    EXPECT_EQ(static_cast<int>(seen.size()), 1 + s.nodes * (1 + 2 * s.channels));
+    EXPECT_EQ(static_cast<int>(seen.size()), 1 + s.nodes * (1 + 4 * s.channels));
     EXPECT_EQ(*seen.begin(), 0);
     EXPECT_EQ(*seen.rbegin(), l.num_signals() - 1);
     EXPECT_LE(l.signals_offset + 8 * l.num_signals(), l.meta_offset);
@@ -54,8 +56,8 @@ TEST(InternodeLayout, FlagsAreDistinctAndInRange) {
     for (int n = 0; n < s.nodes; ++n) {
       seen.insert(l.flag_meta_ready(n));
       for (int c = 0; c < s.channels; ++c) {
-        seen.insert(l.flag_data_ready(n, c));
-        seen.insert(l.flag_combine_ready(n, c));
+        seen.insert(l.flag_rows_ready(n, c));
+        for (int lr = 0; lr < l.num_ranks_per_node; ++lr) seen.insert(l.flag_rows_scanned(n, c, lr));
       }
     }
     seen.insert(l.flag_published());
@@ -99,8 +101,11 @@ TEST(InternodeLayout, RegionsAreAlignedAndDisjoint) {
     EXPECT_LE(l.meta_send_offset + s.nodes * l.meta_bytes(), l.rows_offset);
     EXPECT_LE(l.rows_offset + rows_bytes, l.send_rows_offset);
     EXPECT_LE(l.send_rows_offset + rows_bytes, l.rdma_bytes);
-    // The last slot of the last node and channel is the last row of the area.
+    // The last slot of the last node and channel is the last row of the area; stream positions wrap
+    // around their ring.
     EXPECT_EQ(l.slot(s.nodes - 1, s.channels - 1, s.capacity - 1) + 1, int64_t(s.nodes) * s.channels * s.capacity);
+    EXPECT_EQ(l.slot(s.nodes - 1, s.channels - 1, 5 * int64_t(s.capacity) + 3), l.slot(s.nodes - 1, s.channels - 1, 3));
+    EXPECT_EQ(l.slot(0, 0, s.capacity), 0);
   }
 }
 
