@@ -11,7 +11,7 @@ import torch
 
 from . import _C
 from ._views import optional_view, view
-from .event import EventOverlap
+from .utils import EventHandle, EventOverlap, _torch_event_of
 from .groups import make_group, nccl_comm_address
 
 Config = _C.Config
@@ -118,31 +118,32 @@ class Buffer:
 
     @staticmethod
     def capture() -> EventOverlap:
-        return EventOverlap(torch.cuda.current_stream().record_event())
+        """An EventOverlap holding an EventHandle recorded on the current stream."""
+        return EventOverlap(EventHandle())
 
     # ---- stream protocol shared by every op (spec section 4) ------------------------------------
     def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        # An EventOverlap whose event is an EventHandle (Buffer.capture(), EventOverlap(EventHandle()), an
+        # earlier op's event); the stream waits on the torch event inside.
+        wait_for = _torch_event_of(previous_event, "previous_event")
         self.runtime.check_device_errors()
         compute = torch.cuda.current_stream()
-        if previous_event is not None and previous_event.event is not None:
-            self._comm_stream.wait_event(previous_event.event)
+        if wait_for is not None:
+            self._comm_stream.wait_event(wait_for)
         else:
             self._comm_stream.wait_stream(compute)
         return compute, (self._comm_stream if allocate_on_comm_stream else compute)
 
     def _end(self, compute: torch.cuda.Stream, async_finish: bool, tensors) -> EventOverlap:
-        event = self._comm_stream.record_event()
-        live = tuple(t for t in tensors if isinstance(t, torch.Tensor))
         if async_finish:
+            live = tuple(t for t in tensors if isinstance(t, torch.Tensor))
             # Inputs and outputs must outlive the comm stream's work: the caching allocator may
             # otherwise hand their memory to the compute stream early.
             for t in live:
                 t.record_stream(self._comm_stream)
-            return EventOverlap(event, extra_tensors=live)
+            return EventOverlap(EventHandle(self._comm_stream), extra_tensors=live)
         compute.wait_stream(self._comm_stream)
         return EventOverlap(None)
 

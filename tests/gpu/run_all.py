@@ -1,6 +1,7 @@
 """GPU test suite runner: every test function runs on N ranks (one process each) sharing the GPUs
 present, under one private MPS daemon for the whole suite. Prints `RESULT <name> PASS|FAIL|SKIP
-<seconds> <detail>` per test and a summary table last. Needs torch and a CUDA device; no pytest.
+<seconds> <detail>` per test and a summary table last (SKIP: no GPU, or a rank raised
+deep_ep.testing.Skip). Collects tests/gpu and tests/clients. Needs torch and a CUDA device; no pytest.
 
     python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list]
 """
@@ -14,9 +15,13 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# tests/clients: real clients' call patterns (Megatron-core, vLLM, SGLang); its cases are named clients/...
+CLIENTS = os.path.join(os.path.dirname(HERE), "clients")
+sys.path.insert(0, CLIENTS)
 sys.path.insert(0, HERE)
 
-MODULES = ["test_foundation", "test_intranode", "test_internode", "test_low_latency"]
+MODULES = ["test_foundation", "test_intranode", "test_internode", "test_low_latency",
+           "test_megatron", "test_vllm", "test_sglang"]
 
 
 def collect(rank_counts):
@@ -44,7 +49,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
 
-    from deep_ep.testing import MpsDaemon, RankFailure, launch, visible_gpu_count
+    from deep_ep.testing import MpsDaemon, RankFailure, RankSkipped, launch, visible_gpu_count
 
     rank_counts = [int(r) for r in args.ranks.split(",") if r]
     patterns = args.filter.split(",")
@@ -70,6 +75,8 @@ def main() -> int:
                 status, detail = "PASS", ""
             except RankFailure as error:
                 status, detail = "FAIL", str(error)
+            except RankSkipped as error:  # a rank raised deep_ep.testing.Skip (e.g. an optional client missing)
+                status, detail = "SKIP", str(error)
             except Exception:  # the launcher itself failed
                 status, detail = "FAIL", traceback.format_exc()
             seconds = time.time() - start
@@ -87,10 +94,11 @@ def main() -> int:
 
     passed = sum(1 for r in results if r[1] == "PASS")
     failed = sum(1 for r in results if r[1] == "FAIL")
+    skipped = sum(1 for r in results if r[1] == "SKIP")
     print("\n=== GPU TEST SUMMARY ===")
     for name, status, seconds in results:
         print(f"{status:5s} {seconds:7.1f}s  {name}")
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
 

@@ -207,6 +207,8 @@ def test_dispatch_routes_to_internode_and_returns_the_v1_handle(internode):
 
 def test_internode_dispatch_keeps_fp8_worst_tokens_and_async_like_intranode(internode):
     torch, buffer = internode
+    from deep_ep.utils import EventHandle
+
     x = torch.zeros(_T, _H, dtype=torch.float8_e4m3fn)
     scales = torch.zeros(_T, _H // 128)
     recv_x, _, _, per_expert, handle, event = buffer.internode_dispatch(
@@ -215,7 +217,8 @@ def test_internode_dispatch_keeps_fp8_worst_tokens_and_async_like_intranode(inte
         **_layout_inputs(torch, 16, 2))
     assert isinstance(recv_x, tuple) and recv_x[0].shape == (7, _H) and recv_x[1].shape == (7, _H // 128)
     assert per_expert == [] and len(handle) == 10
-    assert event.event == ("event", 2) and event.extra_tensors
+    # The event is V1's EventHandle, recorded on the comm stream; its torch event is .event.
+    assert isinstance(event.event, EventHandle) and event.event.event == ("event", 2) and event.extra_tensors
     with pytest.raises(ValueError, match="allocate_on_comm_stream"):
         buffer.internode_dispatch(x, allocate_on_comm_stream=True, **_layout_inputs(torch, 16, 2))
 

@@ -65,6 +65,18 @@ def _return_unpicklable(ctx):
     return lambda: ctx.rank
 
 
+def _skip_on_ranks(ctx, skipping_ranks, others):
+    if ctx.rank in skipping_ranks:
+        if others == "fail":  # let the failure arrive first: a skip ends the run soon after it arrives
+            time.sleep(3)
+        raise launcher.Skip(f"rank {ctx.rank} lacks an optional package")
+    if others == "wait":  # a collective the skipping rank never joins
+        time.sleep(120)
+    if others == "fail":
+        raise ValueError(f"rank {ctx.rank} fails")
+    return ctx.rank
+
+
 @pytest.fixture(autouse=True)
 def no_outside_mps(monkeypatch):
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
@@ -135,6 +147,30 @@ def test_hanging_rank_is_killed_at_the_timeout():
     assert 1 in caught.value.unfinished
     assert "timed out after 3 s" in str(caught.value) and "1" in str(caught.value)
     assert multiprocessing.active_children() == []
+
+
+def test_skip_on_every_rank_reports_the_reason():
+    with pytest.raises(launcher.RankSkipped) as caught:
+        launcher.launch(_skip_on_ranks, 2, args=((0, 1), "return"), timeout_s=60, num_gpus=0)
+    assert not isinstance(caught.value, launcher.RankFailure)
+    assert set(caught.value.skipped) == {0, 1}
+    assert "lacks an optional package" in caught.value.reason and "lacks an optional package" in str(caught.value)
+    assert multiprocessing.active_children() == []
+
+
+def test_skip_on_one_rank_stops_the_others_soon_and_reports_a_skip():
+    start = time.monotonic()
+    with pytest.raises(launcher.RankSkipped) as caught:
+        launcher.launch(_skip_on_ranks, 3, args=((1,), "wait"), timeout_s=60, num_gpus=0)
+    assert time.monotonic() - start < 30
+    assert set(caught.value.skipped) == {1} and "rank 1" in str(caught.value)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failure_outweighs_a_skip():
+    with pytest.raises(launcher.RankFailure) as caught:
+        launcher.launch(_skip_on_ranks, 2, args=((0,), "fail"), timeout_s=60, num_gpus=0)
+    assert set(caught.value.failures) == {1} and "ValueError: rank 1 fails" in str(caught.value)
 
 
 def test_unpicklable_result_is_reported_as_a_rank_failure():

@@ -232,8 +232,11 @@ def test_receive_hook_launches_once_on_the_stream_current_when_called(ll_buffer)
 
 def test_async_finish_runs_on_the_comm_stream_and_excludes_the_hook(ll_buffer):
     torch, buffer, x, topk_idx = ll_buffer
+    from deep_ep.utils import EventHandle
+
     *_, event, _ = buffer.low_latency_dispatch(x, topk_idx, _M, _L * _R, async_finish=True)
-    assert buffer.runtime.calls[-1] == ("dispatch", 2) and event.event == ("event", 2) and event.extra_tensors
+    assert buffer.runtime.calls[-1] == ("dispatch", 2) and event.extra_tensors
+    assert isinstance(event.event, EventHandle) and event.event.event == ("event", 2)  # V1's EventHandle
     with pytest.raises(ValueError, match="async_finish"):
         buffer.low_latency_dispatch(x, topk_idx, _M, _L * _R, async_finish=True, return_recv_hook=True)
     with pytest.raises(TypeError, match="num_experts"):

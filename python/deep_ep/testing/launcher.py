@@ -36,6 +36,8 @@ FAILURE_GRACE_S = 1.0
 TERMINATE_GRACE_S = 5.0
 # Granularity of the parent's polling loop; every wait of the parent is bounded by it or by the run's deadline.
 POLL_INTERVAL_S = 0.05
+# What a rank's report (rank, kind, body) carries: its pickled result, a traceback, or the reason of a Skip.
+_REPORT_RESULT, _REPORT_ERROR, _REPORT_SKIP = "result", "error", "skip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,24 @@ class RankTimeout(RankFailure):
     """The run passed its wall-clock limit; unfinished names the ranks that had not returned."""
 
 
+class Skip(Exception):
+    """Raised by a rank function when its test cannot run here (an optional package is missing, ...).
+
+    The message says why. Every rank should decide the same way, before any collective call: the run stops
+    shortly after the first skip, and the ranks still running are stopped.
+    """
+
+
+class RankSkipped(Exception):
+    """launch(): a rank raised Skip and none failed. reason is the first skipping rank's message; skipped maps
+    each skipping rank to its message."""
+
+    def __init__(self, reason: str, skipped: Optional[Mapping[int, str]] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.skipped: Dict[int, str] = dict(skipped or {})
+
+
 def disable_multicast() -> None:
     """Force NVLink multicast off in this process's environment (inherited by everything it starts)."""
     os.environ.update(MULTICAST_OFF_ENV)
@@ -99,8 +119,8 @@ def launch(fn: Callable[..., Any], num_ranks: int, args: Sequence[Any] = (), tim
     fn and args must be picklable (a module-level function), and so must every result. use_mps: None starts a
     private MPS daemon only when ranks outnumber GPUs, True whenever there is a GPU, False never; a daemon
     already announced by CUDA_MPS_PIPE_DIRECTORY is reused. env adds variables to every rank's environment.
-    Raises RankFailure when a rank raises or dies, RankTimeout when the run lasts longer than timeout_s; the
-    remaining ranks are stopped in both cases.
+    Raises RankFailure when a rank raises or dies, RankTimeout when the run lasts longer than timeout_s, and
+    RankSkipped when a rank raised Skip and none failed; the remaining ranks are stopped in every case.
     """
     if num_ranks < 1:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -250,35 +270,43 @@ def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, time
     num_ranks = len(processes)
     results: Dict[int, Any] = {}
     failures: Dict[int, str] = {}
+    skipped: Dict[int, str] = {}
     seen_dead: set = set()
     stop_at = deadline
-    while len(results) + len(failures) < num_ranks and time.monotonic() < stop_at:
+    while len(results) + len(failures) + len(skipped) < num_ranks and time.monotonic() < stop_at:
         try:
-            rank, ok, body = results_queue.get(timeout=POLL_INTERVAL_S)
+            rank, status, body = results_queue.get(timeout=POLL_INTERVAL_S)
         except queue_module.Empty:
             pass
         else:
-            if ok:
+            if status == _REPORT_RESULT:
                 try:
                     results[rank] = pickle.loads(body)
                 except Exception:
                     failures[rank] = "the rank's result could not be unpickled:\n" + traceback.format_exc()
+            elif status == _REPORT_SKIP:
+                skipped[rank] = body
             else:
                 failures[rank] = body
-            if failures:
+            if failures or skipped:
+                # A skip ends the test too: ranks still running may be waiting for the one that left.
                 stop_at = min(stop_at, time.monotonic() + FAILURE_GRACE_S)
             continue
         for rank, process in enumerate(processes):
-            if rank in results or rank in failures or process.exitcode is None:
+            if rank in results or rank in failures or rank in skipped or process.exitcode is None:
                 continue
             if rank in seen_dead:
                 failures[rank] = _describe_exit(process.exitcode, reported=False)
                 stop_at = min(stop_at, time.monotonic() + FAILURE_GRACE_S)
             seen_dead.add(rank)
 
-    unfinished = [rank for rank in range(num_ranks) if rank not in results and rank not in failures]
+    unfinished = [rank for rank in range(num_ranks)
+                  if rank not in results and rank not in failures and rank not in skipped]
     if failures:
         raise RankFailure(_failure_message(failures, unfinished, num_ranks), failures, unfinished)
+    if skipped:
+        first = next(iter(skipped))
+        raise RankSkipped(f"skipped by rank {first}: {skipped[first]}", skipped)
     if unfinished:
         raise RankTimeout(_timeout_message(unfinished, num_ranks, timeout_s, "had not finished"), {}, unfinished)
 
@@ -352,7 +380,7 @@ def _stop_ranks(processes: Sequence[Any]) -> None:
 
 
 def _rank_main(ctx: RankContext, payload: bytes, results_queue: Any) -> None:
-    """Entry point of a rank process: run fn and report (rank, ok, pickled result | traceback text).
+    """Entry point of a rank process: run fn and report (rank, kind, pickled result | traceback | skip reason).
 
     fn is unpickled here rather than by multiprocessing so that an import error in fn's module is reported with
     its traceback like any other failure.
@@ -360,9 +388,11 @@ def _rank_main(ctx: RankContext, payload: bytes, results_queue: Any) -> None:
     try:
         try:
             fn, args = pickle.loads(payload)
-            message = (ctx.rank, True, pickle.dumps(fn(ctx, *args)))
+            message = (ctx.rank, _REPORT_RESULT, pickle.dumps(fn(ctx, *args)))
+        except Skip as skip:
+            message = (ctx.rank, _REPORT_SKIP, str(skip) or "skipped")
         except BaseException:  # SystemExit and KeyboardInterrupt too: the parent must learn how every rank ended
-            message = (ctx.rank, False, traceback.format_exc())
+            message = (ctx.rank, _REPORT_ERROR, traceback.format_exc())
         results_queue.put(message)
     finally:
         # Flush the report into the pipe before the process exits; the parent relies on that order.
