@@ -111,8 +111,9 @@ def fused_a2a_forward_backward(ctx, num_ranks_per_node):
         raise
     label = f"rank {ctx.rank}"
     emulated = num_ranks_per_node > 0
-    # 16 ranks share one GPU in the 2x8 emulation: fewer SMs per rank, set through Megatron's own knob.
-    base_sms, fewer_sms, more_sms = (8, 4, 12) if emulated else (20, 8, 24)
+    # 16 ranks share one GPU in the 2x8 emulation: fewer SMs per rank (16 x 8 blocks fit 132 SMs), set through
+    # Megatron's own knob.
+    base_sms, fewer_sms, more_sms = (6, 4, 8) if emulated else (20, 8, 24)
     fused_a2a.set_deepep_num_sms(base_sms)
     hidden_bytes = HIDDEN * 2
     try:
