@@ -2,6 +2,8 @@
 // and co-residency checks (decisions 4 and 5), the GPU-to-CPU count handshake, output allocation and
 // the kernel launches (csrc/kernels/internode/).
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
@@ -62,6 +64,31 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
   const int64_t C = h.rdma_channel_prefix_matrix.dim() == 2 ? h.rdma_channel_prefix_matrix.size(1) : -1;
   DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
                 " channels: ", op, " must use the num_sms of the dispatch that made the handle");
+}
+
+// The warp roles of the dispatch and combine blocks: defaults, or DEEP_EP_INTERNODE_WARPS (a testing aid
+// for tuning: "senders,producers,forwarders"), checked against what the kernels need.
+internode::WarpSplit warp_split(int num_ranks_per_node) {
+  internode::WarpSplit split;
+  const int min_producers = (num_ranks_per_node + internode::kMaxRingsPerProducerWarp - 1) /
+                            internode::kMaxRingsPerProducerWarp;
+  split.combine_producers = std::max(std::min(num_ranks_per_node, split.combine_producers), min_producers);
+  if (const char* env = std::getenv("DEEP_EP_INTERNODE_WARPS"); env != nullptr && *env != '\0') {
+    internode::WarpSplit custom;
+    DEEP_EP_CHECK(std::sscanf(env, "%d,%d,%d", &custom.dispatch_senders, &custom.combine_producers,
+                              &custom.combine_forwarders) == 3,
+                  "DEEP_EP_INTERNODE_WARPS must be \"senders,producers,forwarders\", got '", env, "'");
+    split = custom;
+  }
+  const int warps = internode::kNumThreads / 32;
+  DEEP_EP_CHECK(split.dispatch_senders >= 1 && split.dispatch_senders <= warps - 2,
+                "internode dispatch needs 1 to ", warps - 2, " sender warps, got ", split.dispatch_senders);
+  DEEP_EP_CHECK(split.combine_producers >= min_producers && split.combine_producers <= num_ranks_per_node &&
+                    split.combine_forwarders >= 1 && split.combine_producers + split.combine_forwarders <= warps - 1,
+                "internode combine needs ", min_producers, " to ", num_ranks_per_node, " producer warps and at least ",
+                "one forwarder and one home warp out of ", warps, ", got ", split.combine_producers, " and ",
+                split.combine_forwarders);
+  return split;
 }
 
 void check_ring_slots(const Config& config, const char* op) {
@@ -244,6 +271,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
   d.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
   d.send_chunk = config.num_max_rdma_chunked_send_tokens;
+  d.num_sender_warps = warp_split(Rn).dispatch_senders;
   d.num_rdma_rows = static_cast<int>(num_rdma_rows);
   d.num_tokens = static_cast<int>(T);
   d.row_bytes = static_cast<int>(row_bytes);
@@ -310,6 +338,14 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
   c.num_rdma_rows = static_cast<int>(h.send_nvl_head.size(0));
   c.ring_slots = ring_slots;
+  const internode::WarpSplit split = warp_split(Rn);
+  c.num_producer_warps = split.combine_producers;
+  c.num_forward_warps = split.combine_forwarders;
+  // A home round (one token per home warp) and a forwarder batch (one position per forwarder warp) must
+  // fit one ring of partials together, or each would wait for the other.
+  const int home_warps = internode::kNumThreads / 32 - split.combine_producers - split.combine_forwarders;
+  DEEP_EP_CHECK(capacity >= split.combine_forwarders + home_warps, "internode combine needs "
+                "config.num_max_rdma_chunked_recv_tokens >= ", split.combine_forwarders + home_warps, ", got ", capacity);
   c.ring_chunk = config.num_max_nvl_chunked_send_tokens;
   c.send_rdma_head = h.send_rdma_head.ptr<int>();
   c.send_nvl_head = h.send_nvl_head.ptr<int>();

@@ -1,10 +1,10 @@
 // Internode combine, the reverse of dispatch along the same stream positions. Block c of every rank
 // runs three warp roles side by side:
-//   producers  (4 warps, each owning the rings of several local ranks; 8 for 32 ranks per node): push this rank's input
+//   producers  (CombineArgs::num_producer_warps, each owning the rings of up to 4 local ranks): push this rank's input
 //              rows of channel c that forwarder (my node, l) needs into ring (c, l) in this rank's
 //              NVLink area, in the order the forwarder sums them: sources (n, l) for n = 0, 1, ...,
 //              each in received order;
-//   forwarders (6 warps): for each stream position (source node n, channel c, i) this rank received
+//   forwarders (CombineArgs::num_forward_warps): for each stream position (source node n, channel c, i) this rank received
 //              in the dispatch, in batches of one position per warp, sum the ring entries of the node's
 //              ranks that got it (send_nvl_head gives each entry's position in its ring), in local-rank
 //              order in float32, round to bf16, hand the ring space back, and write the batch into the
@@ -33,18 +33,11 @@ namespace deep_ep::internode {
 namespace {
 
 constexpr int kNumWarps = kNumThreads / 32;
-constexpr int kMaxProducerWarps = 8;
-constexpr int kMaxRingsPerProducer = 32 / kMaxProducerWarps;
-constexpr int kNumForwardWarps = 6;
+constexpr int kMaxRingsPerProducer = kMaxRingsPerProducerWarp;
 constexpr int kHomeBarrier = 1;
 constexpr int kForwardBarrier = 2;
 
-// One warp per local rank up to 4, then 4 rings per warp (8 warps for 32 ranks per node).
-__device__ __forceinline__ int num_producer_warps(int num_ranks_per_node) {
-  if (num_ranks_per_node <= 4) return num_ranks_per_node;
-  const int needed = (num_ranks_per_node + kMaxRingsPerProducer - 1) / kMaxRingsPerProducer;
-  return needed > 4 ? needed : 4;
-}
+// Warps: producers [0, P), forwarders [P, P + F), home ranks' sums the rest (CombineArgs).
 // Rows of channel c in a [*, C] inclusive prefix row.
 __device__ __forceinline__ int channel_count(const int* prefix_row, int c) {
   return prefix_row[c] - (c > 0 ? prefix_row[c - 1] : 0);
@@ -70,7 +63,7 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  const int P = num_producer_warps(Rn);
+  const int P = a.num_producer_warps;
   const int row_int4 = a.hidden * 2 / 16;
   // Per owned ring: the source node being pushed, the next row inside its range, rows pushed.
   int node[kMaxRingsPerProducer], offset[kMaxRingsPerProducer], pushed[kMaxRingsPerProducer];
@@ -153,8 +146,7 @@ template <typename Transport>
 __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
   const Layout& l = ctx.l;
   const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots, cap = l.capacity;
-  const int P = num_producer_warps(Rn);
-  constexpr int F = kNumForwardWarps;
+  const int P = a.num_producer_warps, F = a.num_forward_warps;
   const int fw = threadIdx.x / 32 - P, lane = device::lane_id();
   __shared__ const char* ring_of[32];  // ring (c, my local) of each local rank
   __shared__ int consumed[32];         // per local rank: entries read by the finished batches
@@ -385,13 +377,13 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine(Peers peers, Layout la
   const int epoch = begin_op(ctx);
   const int c = blockIdx.x;
   const int warp = threadIdx.x / 32;
-  const int P = num_producer_warps(layout.num_ranks_per_node);
+  const int P = args.num_producer_warps, F = args.num_forward_warps;
   if (warp < P) {
     produce(ctx, args, ring_stride, epoch, c);
-  } else if (warp < P + kNumForwardWarps) {
+  } else if (warp < P + F) {
     forward(ctx, args, ring_stride, epoch, c);
   } else {
-    home_sums(ctx, args, c, P + kNumForwardWarps);
+    home_sums(ctx, args, c, P + F);
   }
   end_op(ctx);
 }

@@ -24,10 +24,7 @@ namespace deep_ep::internode {
 
 namespace {
 
-constexpr int kNumSenderWarps = 4;
-constexpr int kForwarderWarp = kNumSenderWarps;
-constexpr int kFirstReceiverWarp = kForwarderWarp + 1;
-constexpr int kNumReceiverWarps = kNumThreads / 32 - kFirstReceiverWarp;
+// Warps: senders [0, S), the forwarder S, receivers (S, 16); S = DispatchArgs::num_sender_warps.
 constexpr int kSendBarrier = 1;
 
 // Whether token t goes to any rank of node n, and the mask of those ranks (bit = local rank).
@@ -61,6 +58,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const Row
   const Layout& l = ctx.l;
   const int R = ctx.p.num_ranks, N = l.num_nodes, Rn = l.num_ranks_per_node, cap = l.capacity;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
+  const int kNumSenderWarps = a.num_sender_warps;
   __shared__ int sent[kMaxInternodeNodes];       // stream positions written per destination node
   __shared__ int round_end[kMaxInternodeNodes];  // ... once the current round is written
   __shared__ int send_failed;
@@ -314,7 +312,8 @@ template <typename Transport>
 __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
   const Layout& l = ctx.l;
   const int C = l.num_channels, Rn = l.num_ranks_per_node, R = ctx.p.num_ranks;
-  const int rw = threadIdx.x / 32 - kFirstReceiverWarp, lane = device::lane_id();
+  const int kNumReceiverWarps = kNumThreads / 32 - a.num_sender_warps - 1;
+  const int rw = threadIdx.x / 32 - a.num_sender_warps - 1, lane = device::lane_id();
   const int L = a.num_experts > 0 ? a.num_experts / R : 0;
   const int first_expert = ctx.p.rank * L;
   // Per source rank (owned by warp s % kNumReceiverWarps): positions scanned, rows found.
@@ -426,9 +425,9 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(Peers peers, Layout l
   const RowLayout rl = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
   const int c = blockIdx.x;
   const int warp = threadIdx.x / 32;
-  if (warp < kNumSenderWarps) {
+  if (warp < args.num_sender_warps) {
     send(ctx, args, rl, c);
-  } else if (warp == kForwarderWarp) {
+  } else if (warp == args.num_sender_warps) {
     forward(ctx, args, rl, epoch, c);
   } else {
     receive(ctx, args, rl, epoch, c);

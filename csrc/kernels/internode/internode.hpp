@@ -74,6 +74,7 @@ struct DispatchArgs {
   const int* recv_rdma_rank_prefix_sum;        // [N]
   int num_tokens, row_bytes, num_scales, num_topk, num_experts;
   int send_chunk;                   // tokens a sender writes between credit checks (rdma send chunk)
+  int num_sender_warps;             // of the block's 16: senders, then one forwarder, then receivers
   bool cached;                      // send_rdma_head is given and send_nvl_head is not rebuilt
   int num_rows;                     // rows allocated in the outputs
   int num_rdma_rows;                // rows of send_nvl_head
@@ -102,6 +103,7 @@ struct CombineArgs {
   const int* send_nvl_head;         // [num_rdma_rows, Rn]
   int num_tokens, num_rows, hidden, num_topk, num_rdma_rows;
   int ring_slots, ring_chunk;       // Q = num_max_nvl_chunked_recv_tokens, push chunk = ..._send_tokens
+  int num_producer_warps, num_forward_warps;  // of the block's 16; the rest sum for the home rank
   uint16_t* combined_x;             // [T, hidden]
   float* combined_topk_weights;     // [T, K] or null
 };
@@ -109,6 +111,15 @@ struct CombineArgs {
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream);
 
 constexpr int kNumThreads = 512;
+constexpr int kMaxRingsPerProducerWarp = 4;  // combine: rings (local ranks) one producer warp serves
+
+// How the 16 warps of a block split into roles. The defaults suit 8 ranks per node; a testing aid
+// (DEEP_EP_INTERNODE_WARPS="senders,producers,forwarders", read by the runtime) overrides them.
+struct WarpSplit {
+  int dispatch_senders = 4;
+  int combine_producers = 4;
+  int combine_forwarders = 6;
+};
 // Resident blocks per SM of the dispatch and combine kernels, for the co-residency check.
 int max_resident_blocks_per_sm();
 int max_resident_combine_blocks_per_sm();

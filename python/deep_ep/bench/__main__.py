@@ -32,6 +32,8 @@ def main() -> int:
     parser.add_argument("--internode-tokens", type=lambda v: [int(t) for t in v.split(",") if t], default=None,
                         help="--mode internode: comma-separated tokens per rank to time (default: --num-tokens and "
                              "4x it, to show the streaming scales linearly)")
+    parser.add_argument("--internode-sweep", action="store_true",
+                        help="--mode internode: also time other warp splits and batches (tuning)")
     parser.add_argument("--ranks-per-node", type=int, default=8,
                         help="--mode internode: ranks per (emulated) node; default 8")
     parser.add_argument("--ll-num-tokens", type=int, default=128,

@@ -32,6 +32,49 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
     return rows
 
 
+# Warp splits ("senders,producers,forwarders", DEEP_EP_INTERNODE_WARPS) and ring batches the sweep times.
+_SWEEP_WARPS = ("4,4,6", "2,4,6", "6,4,6", "4,8,4", "4,6,6", "4,4,8", "4,8,6")
+_SWEEP_BATCHES = ((36, 20), (36, 32), (16, 8))  # dispatch: (nvl send, rdma send) with V1's rings
+_SWEEP_PUSH = (4, 16, 64)  # combine: NVL push batch with V1's rings
+
+
+def _sweep(buffer, x, recv_x, handle, group, opts, flush):
+    """Cached dispatch BF16 and combine under other warp splits and batches (same data, same Buffer): one row per
+    setting with the mean time over ranks, for tuning the defaults."""
+    import os
+
+    from .suite import time_op
+
+    num_sms, iters = opts["num_sms"], opts["iters"]
+    results = []
+    for warps in _SWEEP_WARPS:
+        os.environ["DEEP_EP_INTERNODE_WARPS"] = warps
+        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
+                    group, iters, flush)
+        c = time_op(lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)), group,
+                    iters, flush)
+        results.append((f"warps {warps}", d, c))
+    os.environ.pop("DEEP_EP_INTERNODE_WARPS", None)
+    for nvl_send, rdma_send in _SWEEP_BATCHES:
+        d = time_op(lambda: buffer.dispatch(x, handle=handle,
+                                            config=deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)),
+                    group, iters, flush)
+        results.append((f"dispatch batch {rdma_send}", d, float("nan")))
+    for push in _SWEEP_PUSH:
+        c = time_op(lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, push, 288, 12, 128)), group,
+                    iters, flush)
+        results.append((f"combine push {push}", float("nan"), c))
+    gathered = [None] * group.size()
+    dist.all_gather_object(gathered, [(d, c) for _, d, c in results], group=group)
+    rows = []
+    for i, (name, _, _) in enumerate(results):
+        d = sum(g[i][0] for g in gathered) / len(gathered)
+        c = sum(g[i][1] for g in gathered) / len(gathered)
+        rows.append((f"internode sweep {name}", f"{x.size(0)} tok", str(num_sms),
+                     f"dispatch BF16 {d * 1e3:.0f} us, combine {c * 1e3:.0f} us", "-"))
+    return rows
+
+
 def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     from .suite import time_op
 
@@ -74,6 +117,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     }
     with_notify = time_op(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
                                                   config=dispatch_config, **layout), group, iters, flush)
+    sweep_rows = _sweep(buffer, x, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
     local = [timed[name] for name in timed] + [with_notify, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
@@ -95,6 +139,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
                      f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
     rows.append(("internode dispatch BF16 (with notify)", size, str(num_sms), f"{mean[3] * 1e3:.0f} us",
                  f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}"))
+    rows += sweep_rows
     del recv_x, x, x_fp8, handle, layout
     torch.cuda.synchronize()
     buffer.destroy()
