@@ -10,7 +10,7 @@
 
 namespace deep_ep::layout {
 
-// Outputs must not alias; they are zeroed by the launch. num_tokens_per_rdma_rank may be null.
+// Outputs must not alias; the kernel writes every element of them (no zeroing needed). num_tokens_per_rdma_rank may be null.
 // Expert ids outside [-1, num_experts) are reported in `diagnostics` and skipped.
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
                                 int num_experts, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
