@@ -40,7 +40,7 @@ __device__ bool wait_all_ranks(const Peers& p, const int* flags, int target, Pha
   return true;
 }
 
-__global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers p, PullCombineArgs a) {
+__global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers p, PullCombineArgs a) {  // V1's kernel name
   const int warp = threadIdx.x / 32, lane = device::lane_id(), block = blockIdx.x;
   const int R = p.num_ranks, me = p.rank, C = a.num_channels;
   ControlRegion* mine = control_of(p, me);
@@ -109,11 +109,11 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) pull_combine_kernel(Peers 
 }  // namespace
 
 int max_resident_pull_combine_blocks_per_sm() {
-  return device::resident_blocks_per_sm<pull_combine_kernel>(kPullWarps * 32);
+  return device::resident_blocks_per_sm<combine>(kPullWarps * 32);
 }
 
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream) {
-  pull_combine_kernel<<<args.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);
+  combine<<<args.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
