@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark several builds of deep_ep in one call on the same GPU, alternating them, so that their figures
-# are comparable (a freshly started machine drifts between runs; design.md section 4).
+# are comparable (a freshly started machine drifts between runs; docs/design.md section 4).
 #
 # Usage: scripts/ab_bench.sh [--rounds N] ARCHIVE... [-- BENCH_ARGS...]
 #   ARCHIVE      a source archive of another revision (`git archive REV -o NAME.tar` in the repository root,

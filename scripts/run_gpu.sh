@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for the GPU machine (design.md section 3): build and install deep_ep, run the GPU test suite
+# The one command for the GPU machine (docs/design.md section 3): build and install deep_ep, run the GPU test suite
 # and the benchmark, and print a short summary table last. Every stage runs whatever the previous ones did, so
 # one call always tells as much as it can; the exit code is non-zero when any stage failed.
 #

@@ -1,4 +1,4 @@
-// Dispatch layout of the CPU reference (spec section 5): from one rank's top-k expert ids, how many
+// Dispatch layout of the CPU reference (docs/compatibility.md section 5): from one rank's top-k expert ids, how many
 // tokens go to each rank, node and expert, and which ranks each token visits.
 #include "deep_ep/error.hpp"
 #include "deep_ep/reference.hpp"

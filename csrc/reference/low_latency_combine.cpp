@@ -1,4 +1,4 @@
-// Low-latency combine of the CPU reference (spec section 8): each token's expert outputs are found in
+// Low-latency combine of the CPU reference (docs/compatibility.md section 8): each token's expert outputs are found in
 // the expert ranks' [L, S, H] row layout through the dispatch handle (layout_range, src_info) and
 // reduced on the home rank with the token's top-k weights.
 #include <cmath>

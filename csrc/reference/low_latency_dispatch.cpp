@@ -1,4 +1,4 @@
-// Low-latency dispatch of the CPU reference (spec section 8): every valid (token, k) slot becomes one
+// Low-latency dispatch of the CPU reference (docs/compatibility.md section 8): every valid (token, k) slot becomes one
 // row of its expert's [S = R * M] region on the expert's rank, optionally FP8-quantized. Rows are
 // placed in a fixed order (source rank, token index, k) so the GPU result can be compared exactly.
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Normal-mode combine of the CPU reference (spec section 7): each token's rows come back from the
+// Normal-mode combine of the CPU reference (docs/compatibility.md section 7): each token's rows come back from the
 // ranks that received it and are summed on its home rank, routed only by the dispatch handle
 // (is_token_in_rank, rank_prefix_matrix, recv_src_idx), as the GPU kernels route them.
 #include "deep_ep/error.hpp"

@@ -1,4 +1,4 @@
-// Normal-mode dispatch of the CPU reference (spec section 6), on the global view: every rank's
+// Normal-mode dispatch of the CPU reference (docs/compatibility.md section 6), on the global view: every rank's
 // arguments in, every rank's received rows and handle contents out, in the observable row order
 // (source rank, then source token index) the GPU kernels must reproduce.
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Config validation, size hints and the recommended-config tables (spec section 2).
+// Config validation, size hints and the recommended-config tables (docs/compatibility.md section 2).
 #include "deep_ep/config.hpp"
 
 #include <algorithm>
@@ -85,7 +85,7 @@ static void check_table_ranks(int num_ranks) {
 // Intranode dispatch rings are small on purpose: staged rows are read back by the receivers while still
 // in L2 (measured on one H100 with 8 ranks and 16 SMs each: 16 slots beat 64 to 256 slots by 10-30%).
 // Combine wants deeper queues (32 slots measured best among 2 to 128).
-// Internode: V1's table (spec section 2), so that code tuned for V1 gets the rings it expects. The RDMA
+// Internode: V1's table (docs/compatibility.md section 2), so that code tuned for V1 gets the rings it expects. The RDMA
 // numbers are ring sizes and send batches: a call streams any number of tokens through them.
 Config get_dispatch_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);

@@ -1,5 +1,5 @@
 // CUDA return-code checks for host code: every runtime call is checked, failures become
-// std::runtime_error naming the call (design.md, style: no unchecked CUDA calls).
+// std::runtime_error naming the call (docs/design.md section 7: no unchecked CUDA calls).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,4 +1,4 @@
-// Buffer::internode_dispatch / internode_combine: validation (design.md decision 7), the transport
+// Buffer::internode_dispatch / internode_combine: validation (docs/design.md decision 7), the transport
 // and co-residency checks (decisions 4 and 5), the GPU-to-CPU count handshake, output allocation and
 // the kernel launches (csrc/kernels/internode/).
 #include <algorithm>
@@ -249,7 +249,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   }
   if (!cached) h.recv_src_meta = allocate("recv_src_meta", DType::kInt32, {rows, 2});
   if (a.num_worst_tokens > 0 && !cached) {
-    // Rows past the real count: top-k ids -1 and weights 0 (spec section 6); source meta -1.
+    // Rows past the real count: top-k ids -1 and weights 0 (docs/compatibility.md section 6); source meta -1.
     if (num_topk) {
       DEEP_EP_CUDA_CHECK(cudaMemsetAsync(recv_topk_idx.data, 0xff, rows * num_topk * sizeof(int64_t), stream));
       DEEP_EP_CUDA_CHECK(cudaMemsetAsync(recv_topk_weights.data, 0, rows * num_topk * sizeof(float), stream));

@@ -1,4 +1,4 @@
-// Buffer::intranode_dispatch / intranode_combine: validation (design.md decision 7), the co-residency
+// Buffer::intranode_dispatch / intranode_combine: validation (docs/design.md decision 7), the co-residency
 // check (decision 5), the GPU-to-CPU count handshake, output allocation, and the kernel launches.
 #include <algorithm>
 #include <cstdlib>

@@ -1,4 +1,4 @@
-// Buffer::get_dispatch_layout: validation (design.md decision 7), then the layout kernel.
+// Buffer::get_dispatch_layout: validation (docs/design.md decision 7), then the layout kernel.
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
 #include "kernels/layout/layout.hpp"

@@ -1,4 +1,4 @@
-// Buffer's low-latency ops (spec section 8): validation (design.md decision 7), the choice of buffer
+// Buffer's low-latency ops (docs/compatibility.md section 8): validation (docs/design.md decision 7), the choice of buffer
 // half, output allocation, the grid sized for the ranks sharing the GPU (decision 5), and the
 // send / receive launches. Nothing here waits on the GPU, so every op can be captured in a CUDA graph.
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Host side of the GIN transport (design.md decision 4): the NCCL communicator, the device
+// Host side of the GIN transport (docs/design.md decision 4): the NCCL communicator, the device
 // communicator (ncclDevComm) that GIN kernels take, and the windows they put into. Built only with
 // -DDEEP_EP_ENABLE_GIN=ON, the one part of the runtime that links libnccl.
 //

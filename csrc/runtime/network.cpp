@@ -1,4 +1,4 @@
-// The network side of a Buffer (design.md decision 4): for groups that span hosts, the NCCL
+// The network side of a Buffer (docs/design.md decision 4): for groups that span hosts, the NCCL
 // communicator that the GIN transport runs over, and whether NCCL reports GIN for it. Builds without
 // GIN only record that, so the transport choice names the missing piece.
 #include <algorithm>

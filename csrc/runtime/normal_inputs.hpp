@@ -1,4 +1,4 @@
-// Validation of the tensors a normal-mode dispatch or combine gets (design.md decision 7), shared by the
+// Validation of the tensors a normal-mode dispatch or combine gets (docs/design.md decision 7), shared by the
 // intranode and internode ops: every message names the argument, what was expected and what was given.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Maps other ranks' tensors (the pull combine's inputs: ordinary caching-allocator memory) into this
 // process. Collective: on every call each rank passes its own input pointers and gets every rank's,
-// through CUDA IPC of the allocations that hold them (design.md decision 3), exchanged over the host
+// through CUDA IPC of the allocations that hold them (docs/design.md decision 3), exchanged over the host
 // (HostExchange, microseconds). Mappings are cached per allocation (the IPC handle identifies it): a
 // caching allocator hands out few distinct allocations. Past kMaxMappingsPerRank allocations of one
 // rank (an allocator that keeps freeing and allocating), the device is synchronized and that rank's

@@ -1,4 +1,4 @@
-// TensorView helpers and argument validation (design.md decision 7).
+// TensorView helpers and argument validation (docs/design.md decision 7).
 #include "deep_ep/tensor.hpp"
 
 

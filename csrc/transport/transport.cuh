@@ -1,4 +1,4 @@
-// The device-side transport interface (design.md decision 4): how a kernel moves bytes and signals to a
+// The device-side transport interface (docs/design.md decision 4): how a kernel moves bytes and signals to a
 // peer rank without knowing what carries them. This file states the contract and holds the P2P
 // implementation (plain stores through peer pointers); gin_transport.cuh holds the NCCL GIN one.
 // Transport code depends on CUDA (and NCCL's device API) only, never on csrc/kernels.

@@ -52,7 +52,7 @@ struct LayoutOutputs {
   TensorView is_token_in_rank;          // bool [T, R]
 };
 
-// Normal-mode intranode dispatch (spec section 6). Either the layout (non-cached) or the handle
+// Normal-mode intranode dispatch (docs/compatibility.md section 6). Either the layout (non-cached) or the handle
 // (cached) is given. Outputs are allocated through the Allocator under the names recv_x,
 // recv_x_scales, recv_topk_idx, recv_topk_weights, and (non-cached) the handle's rank_prefix_matrix,
 // channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, send_head.
@@ -85,7 +85,7 @@ struct IntranodeCombineArgs {
   Config config;
 };
 
-// Normal-mode internode dispatch and combine (spec sections 6 and 7, internode form): the ranks form
+// Normal-mode internode dispatch and combine (docs/compatibility.md sections 6 and 7, internode form): the ranks form
 // nodes (deep_ep/topology.hpp); a token crosses to each destination node once, to the rank with the
 // source's local index there (its forwarder), and the ranks of that node read it from the forwarder by
 // load/store. Combine sums each token's rows inside every node first (on the forwarder, rounded to
@@ -98,7 +98,7 @@ struct InternodeHandle {
   TensorView recv_rdma_channel_prefix_matrix;  // int32 [N, C]: rows this forwarder got from node n, channels <= c
   TensorView recv_rdma_rank_prefix_sum;        // int32 [N]: rows this forwarder got from nodes <= n
   TensorView recv_gbl_channel_prefix_matrix;   // int32 [R, C]: rows received from rank r, channels <= c
-  TensorView recv_gbl_rank_prefix_sum;         // int32 [R]: rows received from ranks <= r (spec section 6)
+  TensorView recv_gbl_rank_prefix_sum;         // int32 [R]: rows received from ranks <= r (docs/compatibility.md section 6)
   TensorView recv_src_meta;                    // int32 [rows, 2]: (source token, forwarder slot) per row
   TensorView send_rdma_head;                   // int32 [T, N]: slot of token t in node n's forwarder, or -1
   TensorView send_nvl_head;                    // int32 [N * C * cap, Rn]: per forwarder slot, the position of
@@ -174,7 +174,7 @@ class Buffer {
                                              cudaStream_t stream);
   void internode_combine(const InternodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
 
-  // ---- low-latency mode (spec section 8): needs low_latency_mode and num_rdma_bytes >= the hint ----
+  // ---- low-latency mode (docs/compatibility.md section 8): needs low_latency_mode and num_rdma_bytes >= the hint ----
   // Each call uses the next of the two buffer halves. With return_recv_hook the call launches only
   // the send and returns the pending receive; otherwise it launches both and returns nullptr.
   std::shared_ptr<LowLatencyPendingReceive> low_latency_dispatch(const LowLatencyDispatchArgs& args,

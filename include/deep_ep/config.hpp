@@ -1,4 +1,4 @@
-// Normal-mode tuning knobs (spec section 2) and the exact buffer sizes they imply.
+// Normal-mode tuning knobs (docs/compatibility.md section 2) and the exact buffer sizes they imply.
 // One Config describes one op's launch: num_sms blocks, one channel each (V1's pair of sender and
 // receiver blocks is a pair of warp roles inside one block here, see csrc/kernels/intranode/), and the
 // chunk sizes of the per-channel queues. num_sms stays even for V1 compatibility.
@@ -9,7 +9,7 @@
 namespace deep_ep {
 
 constexpr int kNumMaxNvlPeers = 8;
-constexpr int kMaxLocalExperts = 1024;  // L: experts per rank (spec section 9)
+constexpr int kMaxLocalExperts = 1024;  // L: experts per rank (docs/compatibility.md section 9)
 constexpr int kNumMaxTopk = 128;  // size hints reserve this many top-k slots per token
 
 struct Config {
@@ -41,14 +41,14 @@ struct Config {
   int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
 };
 
-// Recommended configs (spec section 2) for num_ranks in {2,4,8,16,24,32,48,64,96,128,144,160}.
+// Recommended configs (docs/compatibility.md section 2) for num_ranks in {2,4,8,16,24,32,48,64,96,128,144,160}.
 Config get_dispatch_config(int num_ranks, int num_sms);
 Config get_combine_config(int num_ranks, int num_sms);
 
 }  // namespace deep_ep
 
 namespace deep_ep {
-// Bytes of the RDMA payload low-latency mode needs (both halves), a multiple of 128 (spec section 3).
+// Bytes of the RDMA payload low-latency mode needs (both halves), a multiple of 128 (docs/compatibility.md section 3).
 int64_t get_low_latency_rdma_size_hint(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                                        int64_t num_experts);
 // The CUDA architectures this build's kernels were compiled for (CMAKE_CUDA_ARCHITECTURES, e.g.

@@ -1,4 +1,4 @@
-// Bootstrap group (design.md decision 2): the four collectives deep_ep needs from its host.
+// Bootstrap group (docs/design.md decision 2): the four collectives deep_ep needs from its host.
 // Adapters: torch.distributed and mpi4py (Python, through CallbackGroup in the binding), and
 // FileGroup below for C++ users and C++ GPU tests.
 #pragma once

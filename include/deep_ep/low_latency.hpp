@@ -1,4 +1,4 @@
-// Arguments of the low-latency (decode) ops of Buffer (spec section 8). Torch-free, like buffer.hpp.
+// Arguments of the low-latency (decode) ops of Buffer (docs/compatibility.md section 8). Torch-free, like buffer.hpp.
 //
 // A low-latency op has two halves: the send, which every call launches, and the receive, which the
 // call launches right after the send, or which the caller launches later through the pending receive

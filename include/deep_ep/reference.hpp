@@ -1,5 +1,5 @@
 // CPU reference of every deep_ep operation on the global view: all ranks' inputs in, all ranks'
-// outputs out (design.md decision 8). It is the executable spec the GPU kernels are tested against.
+// outputs out (docs/design.md decision 8). It is the executable spec the GPU kernels are tested against.
 // Pure C++: no CUDA, no torch. bf16 values travel as their raw 16-bit patterns, FP8 as raw bytes.
 #pragma once
 
@@ -16,7 +16,7 @@ uint8_t float_to_e4m3(float value);           // round to nearest even, saturati
                                               // infinities too; NaN -> 0x7F; -0 -> 0x80
 float e4m3_to_float(uint8_t bits);
 
-// FP8 quantization of one row of `hidden` values in groups of 128 channels (spec section 8), all in
+// FP8 quantization of one row of `hidden` values in groups of 128 channels (docs/compatibility.md section 8), all in
 // float32: amax = max(1e-4f, max|x|); scale_inv = amax / 448.0f (a division, not a multiply by 1/448);
 // with round_scale, scale_inv = 2^ceil(log2(q)) for that float quotient q, the exponent taken exactly
 // from q's bits (no log2 rounding); out = e4m3(x * inv) with inv = 1.0f / scale_inv, i.e. a multiply
@@ -27,7 +27,7 @@ void quantize_row_fp8(const float* x, int hidden, bool round_scale, uint8_t* out
 // bits 23..30 of the float32, e.g. 2^-3 -> 124.
 uint8_t ue8m0_exponent(float power_of_two_scale);
 
-// ---- layout (spec section 5) ----------------------------------------------------------------
+// ---- layout (docs/compatibility.md section 5) -----------------------------------------------
 struct DispatchLayout {
   std::vector<int32_t> num_tokens_per_rank;       // [R]
   std::vector<int32_t> num_tokens_per_rdma_rank;  // [R / 8]; empty when R <= 8
@@ -39,7 +39,7 @@ struct DispatchLayout {
 DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
                                    int num_experts);
 
-// ---- normal (intranode) dispatch and combine (spec sections 6 and 7) ---------------------------
+// ---- normal (intranode) dispatch and combine (docs/compatibility.md sections 6 and 7) ----------
 // A row is `row_bytes` raw bytes (bf16: hidden * 2, FP8: hidden); FP8 rows carry `num_scales`
 // float32 scales (hidden / 128), 0 for bf16.
 struct NormalDispatchInput {  // one rank's arguments
@@ -117,7 +117,7 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
                                                 const std::vector<NormalCombineInput>& inputs, int hidden,
                                                 int num_topk, int num_ranks_per_node = 0);
 
-// ---- low-latency dispatch and combine (spec section 8) ---------------------------------------
+// ---- low-latency dispatch and combine (docs/compatibility.md section 8) ----------------------
 struct LowLatencyDispatchInput {
   int num_tokens = 0;                 // T <= num_max_dispatch_tokens_per_rank
   std::vector<uint16_t> x;            // [T, hidden] bf16

@@ -1,6 +1,6 @@
 // A torch-free view of a tensor: pointer, dtype, shape, strides (in elements) and device.
 // The Python layer builds these from torch tensors; C++ users build them by hand. Validation
-// helpers produce the "argument, expected, given" messages of design.md decision 7.
+// helpers produce the "argument, expected, given" messages of docs/design.md decision 7.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // Node topology for internode normal mode: which ranks form a node (an RDMA domain whose ranks reach each
 // other by load/store) and how many ranks share each GPU. Pure host logic, computed from what every rank
 // reports at bootstrap; an override groups ranks into emulated nodes so that one host or one GPU can
-// exercise the internode path (cross-node traffic then takes the P2P transport, design.md decision 4).
+// exercise the internode path (cross-node traffic then takes the P2P transport, docs/design.md decision 4).
 #pragma once
 
 #include <array>

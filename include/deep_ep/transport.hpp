@@ -1,4 +1,4 @@
-// Which transport carries a rank's bytes to a peer (design.md decision 4). The host runtime asks once
+// Which transport carries a rank's bytes to a peer (docs/design.md decision 4). The host runtime asks once
 // per peer while it sets a buffer up; the device side of each transport lives in csrc/transport/.
 #pragma once
 

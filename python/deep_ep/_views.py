@@ -1,4 +1,4 @@
-"""Torch tensors to core TensorViews, with argument names in every error (design.md decision 7)."""
+"""Torch tensors to core TensorViews, with argument names in every error (docs/design.md decision 7)."""
 
 from typing import Optional
 

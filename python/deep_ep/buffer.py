@@ -1,4 +1,4 @@
-"""deep_ep.Buffer: DeepEP V1's Buffer over the torch-free core (spec section 3).
+"""deep_ep.Buffer: DeepEP V1's Buffer over the torch-free core (docs/compatibility.md section 3).
 
 This module only adapts: it turns tensors into views, allocates outputs with torch's caching
 allocator on the right stream, and orders streams with events. Validation, layout and kernels are
@@ -121,7 +121,7 @@ class Buffer:
         """An EventOverlap holding an EventHandle recorded on the current stream."""
         return EventOverlap(EventHandle())
 
-    # ---- stream protocol shared by every op (spec section 4) ------------------------------------
+    # ---- stream protocol shared by every op (docs/compatibility.md section 4) -------------------
     def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
@@ -177,7 +177,7 @@ class Buffer:
         event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
         return per_rank, per_rdma_rank, per_expert, in_rank, event
 
-    # ---- normal-mode dispatch and combine (spec sections 6 and 7) -----------------------------
+    # ---- normal-mode dispatch and combine (docs/compatibility.md sections 6 and 7) ------------
     def _allocator(self, stream, outputs):
         """The core's output allocator: torch tensors on `stream`, kept in `outputs` by name."""
         def allocate(name, dtype_name, shape):
@@ -320,7 +320,7 @@ class Buffer:
         event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
         return outputs["combined_x"], outputs.get("combined_topk_weights"), event
 
-    # ---- low-latency mode (spec section 8) -----------------------------------------------------
+    # ---- low-latency mode (docs/compatibility.md section 8) ------------------------------------
     # A low-latency op runs on the current stream, ordered like any kernel and CUDA-graph capturable,
     # unless async_finish moves it to the comm stream. Outputs are always allocated on the current stream.
     def _check_low_latency(self, async_finish: bool = False, return_recv_hook: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Adapters from the caller's process group to the core's bootstrap Group (design.md decision 2):
+"""Adapters from the caller's process group to the core's bootstrap Group (docs/design.md decision 2):
 torch.distributed groups of any backend (gloo included) and mpi4py communicators."""
 
 from . import _C

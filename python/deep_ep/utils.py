@@ -1,4 +1,4 @@
-"""deep_ep.utils: DeepEP V1's public helpers (spec sections 1 and 4). Clients import them directly
+"""deep_ep.utils: DeepEP V1's public helpers (docs/compatibility.md sections 1 and 4). Clients import them directly
 (`from deep_ep.utils import EventHandle, EventOverlap`), so they live here; deep_ep.event re-exports them.
 
 - EventHandle: a CUDA event recorded on a stream when it is created.

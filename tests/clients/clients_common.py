@@ -199,7 +199,7 @@ def check_combined(label, combined, x_float, topk_idx, topk_weights, extra_relat
 
 # ---- normal mode: the single-process dispatch ------------------------------------------------------------------
 def expected_normal_dispatch(group, rank, num_experts, x, topk_idx, topk_weights, expert_alignment=1):
-    """What a normal dispatch returns on `rank` (spec section 6), from every rank's inputs: rows grouped by source
+    """What a normal dispatch returns on `rank` (docs/compatibility.md section 6), from every rank's inputs: rows grouped by source
     rank, then by source token; local expert ids (-1 elsewhere), weights (0 elsewhere), per-expert counts
     rounded up to expert_alignment. x is bf16 [T, H] or (e4m3 [T, H], float32 scales [T, H / 128])."""
     fp8 = isinstance(x, tuple)
@@ -249,7 +249,7 @@ def check_normal_dispatch(label, expected, recv_x, recv_topk_idx, recv_topk_weig
 # ---- low-latency mode: direct checks of dispatch and combine ---------------------------------------------------
 def check_low_latency_dispatch(label, group, rank, x, topk_idx, num_experts, num_max_tokens, recv_x, recv_count,
                                handle, use_fp8, round_scale=False, use_ue8m0=False):
-    """A low-latency dispatch's outputs (spec section 8) against every rank's inputs:
+    """A low-latency dispatch's outputs (docs/compatibility.md section 8) against every rank's inputs:
     recv_count, layout_range and the set of source tokens of each (expert, source rank) exactly; every valid row
     equal to its source row (bf16) or, with FP8, its scale following the rule and its e4m3 values within half an
     ulp of the source row; the scales' storage column-major."""

@@ -1,4 +1,4 @@
-"""Kernel names are part of the interface (spec section 1): profilers and users' timing code find ops by
+"""Kernel names are part of the interface (docs/compatibility.md section 1): profilers and users' timing code find ops by
 V1's kernel names. This reads the kernels compiled into the library (their host launch stubs) and checks
 that each family has exactly V1's names, so that a profile of repeated calls shows one row per name.
 

@@ -1,5 +1,5 @@
 """Building blocks of the internode GPU tests: emulated node layouts on one GPU (DEEP_EP_RANKS_PER_NODE),
-buffer sizing with the internode hints, and exact checks of the internode handle (spec section 6,
+buffer sizing with the internode hints, and exact checks of the internode handle (docs/compatibility.md section 6,
 'handle (internode)'). Dispatch outputs and combine results reuse intranode_cases' reference helpers."""
 
 import os

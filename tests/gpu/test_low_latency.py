@@ -1,4 +1,4 @@
-"""GPU tests of low-latency dispatch and combine (spec section 8) against the CPU reference, on 2, 4, 8 ranks
+"""GPU tests of low-latency dispatch and combine (docs/compatibility.md section 8) against the CPU reference, on 2, 4, 8 ranks
 sharing the GPUs present: every dispatch output and handle element exactly, combine to the bit (bf16
 transport) or within the LogFMT bound, receive hooks, two results in flight, statistics, 1000 back-to-back
 rounds, CUDA graphs, and rank masking (explicit and after a timeout)."""

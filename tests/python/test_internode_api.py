@@ -1,5 +1,5 @@
 """The internode normal-mode surface that can be checked without a GPU: deep_ep.Buffer's internode_dispatch
-and internode_combine keep DeepEP V1's parameters (spec sections 6 and 7), dispatch and combine route to
+and internode_combine keep DeepEP V1's parameters (docs/compatibility.md sections 6 and 7), dispatch and combine route to
 them when the group spans several nodes, the extension binds what they call, and the Config size hints take
 num_ranks_per_node.
 

@@ -1,5 +1,5 @@
 """The low-latency surface that can be checked without a GPU: deep_ep.Buffer's low-latency methods keep
-DeepEP V1's parameter names, order and defaults (spec section 8), the extension exposes the bindings
+DeepEP V1's parameter names, order and defaults (docs/compatibility.md section 8), the extension exposes the bindings
 they call, and the low-latency buffer size hint grows with every size it depends on.
 
 The Buffer signatures are read from the installed package's source, so they are checked where torch
@@ -13,7 +13,7 @@ import pytest
 
 from api_signatures import REQUIRED, binding_parameters, buffer_source_methods
 
-# Spec section 8 (and section 3 for the size hint): parameter names in order, with V1's defaults.
+# docs/compatibility.md section 8 (and section 3 for the size hint): parameter names in order, with V1's defaults.
 V1_LOW_LATENCY_METHODS = {
     "low_latency_dispatch": [
         ("x", REQUIRED), ("topk_idx", REQUIRED), ("num_max_dispatch_tokens_per_rank", REQUIRED),

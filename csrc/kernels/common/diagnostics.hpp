@@ -1,5 +1,5 @@
 // Host-mapped diagnostics: how a kernel reports a bounded wait that expired or a bad value it met in
-// device memory (design.md decision 6). The first reporter wins; the host turns the record into an
+// device memory (docs/design.md decision 6). The first reporter wins; the host turns the record into an
 // exception naming rank, peer, channel and phase.
 #pragma once
 

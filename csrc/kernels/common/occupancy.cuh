@@ -1,4 +1,4 @@
-// Resident blocks per SM of a kernel, for the co-residency checks (design.md decision 5). The answer
+// Resident blocks per SM of a kernel, for the co-residency checks (docs/design.md decision 5). The answer
 // depends only on the kernel, its block shape and the GPU architecture (one per process here), so it
 // is asked once per kernel instead of on every launch. Host code.
 #pragma once

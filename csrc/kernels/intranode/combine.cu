@@ -24,7 +24,7 @@ namespace deep_ep::intranode {
 
 namespace {
 
-// Two shapes, picked per launch by the co-residency budget (design.md decision 5): Wide when one block
+// Two shapes, picked per launch by the co-residency budget (docs/design.md decision 5): Wide when one block
 // per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise. Wide has twice as
 // many receiver warps as sender warps: a receiver lane keeps only one 16-byte column of each row of its
 // token in flight, so the receivers, not HBM, bounded the combine with 8 + 8 warps (timed apart, the

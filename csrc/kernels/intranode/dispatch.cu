@@ -21,7 +21,7 @@ namespace deep_ep::intranode {
 
 namespace {
 
-// Two shapes, picked per launch by the co-residency budget (design.md decision 5): Wide when one block
+// Two shapes, picked per launch by the co-residency budget (docs/design.md decision 5): Wide when one block
 // per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise.
 struct Wide {
   static constexpr int kSendWarps = 4, kRecvWarps = 16, kMinBlocksPerSm = 1;

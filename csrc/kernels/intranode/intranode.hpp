@@ -104,7 +104,7 @@ struct PullCombineArgs {
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream);
 int max_resident_pull_combine_blocks_per_sm();
 
-// Resident blocks per SM of each shape, for the co-residency check (design.md decision 5).
+// Resident blocks per SM of each shape, for the co-residency check (docs/design.md decision 5).
 int max_resident_dispatch_blocks_per_sm(bool wide);
 int max_resident_combine_blocks_per_sm(bool wide);
 

@@ -1,4 +1,4 @@
-// get_dispatch_layout (spec section 5): per-rank, per-node and per-expert counts and the
+// get_dispatch_layout (docs/compatibility.md section 5): per-rank, per-node and per-expert counts and the
 // token-to-rank bitmap, from topk_idx.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Layout of the low-latency (decode) buffer inside a rank's RDMA payload: two identical halves used
-// alternately, so that two results can be held at once (spec section 8). Each half holds:
+// alternately, so that two results can be held at once (docs/compatibility.md section 8). Each half holds:
 //   dispatch receive slots [L][R][M]: a slot per (local expert, source rank, source position), so no
 //     atomics are needed to place a token. A slot is [payload: bf16 row, or FP8 row | float32 scales
 //     at byte 2H | 16-byte metadata {token, top-k slot}];

@@ -1,6 +1,6 @@
 // Launchers of the low-latency kernels. A peer is reached by load/store (NVLink, or ranks sharing one
 // GPU) when it is on this rank's node and allow_nvlink_for_low_latency_mode is on; otherwise through
-// the transport (design.md decision 4: P2P today, which on emulated nodes stores through the mapped
+// the transport (docs/design.md decision 4: P2P today, which on emulated nodes stores through the mapped
 // pointer as a NIC would write, by staged puts and added signals).
 //
 // Protocol of one op on buffer half h (no barrier, no reset between calls):

@@ -1,7 +1,7 @@
 """Run one Python function on N local ranks, one process each: the harness of multi-rank GPU tests and benchmarks.
 
 Ranks are placed round-robin on the visible GPUs; with more ranks than GPUs an MPS daemon is started first so the
-ranks sharing a GPU run concurrently instead of time-sliced (design.md section 3). This module uses the standard
+ranks sharing a GPU run concurrently instead of time-sliced (docs/design.md section 3). This module uses the standard
 library only; torch is imported lazily inside the bootstrap helpers, so it loads on machines without torch or GPUs.
 """
 

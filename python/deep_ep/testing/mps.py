@@ -1,7 +1,7 @@
 """A private CUDA MPS control daemon for the lifetime of a test run.
 
 Several ranks sharing one GPU only run concurrently under MPS; without it they are time-sliced and a cross-rank
-spin handshake takes ~150 ms (design.md section 5). The daemon lives in fresh pipe and log folders, so it never
+spin handshake takes ~150 ms (docs/design.md section 5). The daemon lives in fresh pipe and log folders, so it never
 touches a daemon someone else runs, and it never changes GPU settings: no compute-mode change, no reset.
 """
 

@@ -1,4 +1,4 @@
-// Config validation, size hints and recommended tables (spec section 2).
+// Config validation, size hints and recommended tables (docs/compatibility.md section 2).
 #include <gtest/gtest.h>
 
 #include <vector>

@@ -1,4 +1,4 @@
-// TensorView helpers and argument validation messages (design.md decision 7).
+// TensorView helpers and argument validation messages (docs/design.md decision 7).
 #include <gtest/gtest.h>
 
 #include "deep_ep/error.hpp"
