@@ -1,5 +1,5 @@
 // Buffer bootstrap and teardown: allocate this rank's communication memory, exchange handles over the
-// Group, open the peers' memory, learn which ranks share this GPU (design.md decisions 2, 3 and 5).
+// Group, open the peers' memory, learn which ranks share this GPU (docs/design.md decisions 2, 3 and 5).
 #include "deep_ep/buffer.hpp"
 
 #include <unistd.h>

@@ -108,7 +108,6 @@ struct Buffer::Internals {
   // Whether the ops launch the kernels' GIN variants: some peer is reached only through GIN.
   bool uses_gin() const { return gin_window && first_unmapped_peer() >= 0; }
 
-  ControlRegion* peer_control(int rank) const { return reinterpret_cast<ControlRegion*>(peer_bases[rank]); }
   DeviceDiagnostics* device_diagnostics() const { return &host_device->diagnostics; }
 };
 

@@ -1,6 +1,9 @@
 // The ops' kernel launches over the Buffer's transport (transport_launch.hpp).
 #include "runtime/transport_launch.hpp"
 
+#include <cstddef>
+#include <memory>
+
 #include "deep_ep/error.hpp"
 #include "runtime/cuda_check.hpp"
 
@@ -48,6 +51,27 @@ transport::GinTransport low_latency_transport(const Buffer::Internals& in, const
                       in.gin_signals.low_latency_count, op);
 }
 
+// A temporary device allocation of `count` T that cudaFree releases when it leaves scope, on every path out of
+// it (a failed CUDA check that throws included). The success path frees explicitly, so that a failing cudaFree
+// is reported there; the deleter cannot report it and only keeps error paths from leaking.
+struct CudaFreeDeleter {
+  void operator()(void* ptr) const noexcept { cudaFree(ptr); }
+};
+template <typename T>
+using DeviceTemp = std::unique_ptr<T, CudaFreeDeleter>;
+
+template <typename T>
+DeviceTemp<T> device_temp(size_t count) {
+  void* ptr = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaMalloc(&ptr, sizeof(T) * count));
+  return DeviceTemp<T>(static_cast<T*>(ptr));
+}
+
+template <typename T>
+void free_device_temp(DeviceTemp<T>& temp) {
+  DEEP_EP_CUDA_CHECK(cudaFree(temp.release()));
+}
+
 __global__ void peer_pointers_kernel(ncclWindow_t window, const bool* reachable, int num_ranks, char** out) {
   for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
     out[r] = reachable[r] ? static_cast<char*>(ncclGetPeerPointer(window, 0, r)) : nullptr;
@@ -63,17 +87,16 @@ std::vector<char*> register_buffer(Buffer::Internals& in, int rank, int num_rank
   std::vector<char> reachable(num_ranks);  // not vector<bool>: copied to the device as bytes
   for (int r = 0; r < num_ranks; ++r) reachable[r] = r != rank && ncclTeamRankIsMember(lsa, world, r);
 
-  bool* reachable_device = nullptr;
-  char** out_device = nullptr;
-  DEEP_EP_CUDA_CHECK(cudaMalloc(&reachable_device, num_ranks));
-  DEEP_EP_CUDA_CHECK(cudaMalloc(&out_device, sizeof(char*) * num_ranks));
-  DEEP_EP_CUDA_CHECK(cudaMemcpy(reachable_device, reachable.data(), num_ranks, cudaMemcpyHostToDevice));
-  peer_pointers_kernel<<<1, 256>>>(window, reachable_device, num_ranks, out_device);
+  const auto count = static_cast<size_t>(num_ranks);
+  DeviceTemp<bool> reachable_device = device_temp<bool>(count);
+  DeviceTemp<char*> out_device = device_temp<char*>(count);
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(reachable_device.get(), reachable.data(), count, cudaMemcpyHostToDevice));
+  peer_pointers_kernel<<<1, 256>>>(window, reachable_device.get(), num_ranks, out_device.get());
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
-  std::vector<char*> bases(num_ranks);
-  DEEP_EP_CUDA_CHECK(cudaMemcpy(bases.data(), out_device, sizeof(char*) * num_ranks, cudaMemcpyDeviceToHost));
-  DEEP_EP_CUDA_CHECK(cudaFree(reachable_device));
-  DEEP_EP_CUDA_CHECK(cudaFree(out_device));
+  std::vector<char*> bases(count);
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(bases.data(), out_device.get(), sizeof(char*) * count, cudaMemcpyDeviceToHost));
+  free_device_temp(reachable_device);
+  free_device_temp(out_device);
   bases[rank] = in.local_base;
   return bases;
 }

@@ -4,6 +4,10 @@ present, under one private MPS daemon for the whole suite. Prints `RESULT <name>
 deep_ep.testing.Skip). Collects tests/gpu and tests/clients. Needs torch and a CUDA device; no pytest.
 
     python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list]
+
+Exit status: 0 when every case that ran passed; 1 when a case failed; 2 when no case ran at all (no CUDA
+device, the filter matched no case, or every case skipped), since a run that tested nothing must not pass.
+--list prints the matching case names and exits 0, even when none match.
 """
 
 import argparse
@@ -22,6 +26,9 @@ sys.path.insert(0, HERE)
 
 MODULES = ["test_foundation", "test_intranode", "test_internode", "test_low_latency",
            "test_megatron", "test_vllm", "test_sglang"]
+
+EXIT_FAILED = 1       # a case failed
+EXIT_NOTHING_RAN = 2  # no case ran: no CUDA device, nothing matched --filter, or every case skipped
 
 
 def collect(rank_counts):
@@ -58,13 +65,21 @@ def main() -> int:
         for c in cases:
             print(c[0])
         return 0
+    if not cases:
+        print_summary([])
+        print(f"run_all: no GPU case ran: no case name matches --filter {args.filter!r} (see --list)",
+              file=sys.stderr, flush=True)
+        return EXIT_NOTHING_RAN
     num_gpus = visible_gpu_count()
     results = []
     if num_gpus == 0:
         for name, *_ in cases:
             print(f"RESULT {name} SKIP 0.0 no CUDA device", flush=True)
             results.append((name, "SKIP", 0.0))
-        return 0
+        print_summary(results)
+        print(f"run_all: no GPU case ran: no CUDA device is visible (torch missing, built without CUDA, or "
+              f"CUDA_VISIBLE_DEVICES empty); {len(cases)} case(s) skipped", file=sys.stderr, flush=True)
+        return EXIT_NOTHING_RAN
     needs_mps = any(c[2] > num_gpus for c in cases)
     daemon = MpsDaemon() if needs_mps else None
     with (daemon if daemon is not None else contextlib.nullcontext()):
@@ -92,14 +107,24 @@ def main() -> int:
                 daemon.stop()
                 daemon.start()
 
+    print_summary(results)
+    if any(r[1] == "FAIL" for r in results):
+        return EXIT_FAILED
+    if not any(r[1] == "PASS" for r in results):
+        print(f"run_all: no GPU case ran: all {len(results)} case(s) skipped", file=sys.stderr, flush=True)
+        return EXIT_NOTHING_RAN
+    return 0
+
+
+def print_summary(results):
+    """The summary table of (name, PASS|FAIL|SKIP, seconds) results and the count line."""
     passed = sum(1 for r in results if r[1] == "PASS")
     failed = sum(1 for r in results if r[1] == "FAIL")
     skipped = sum(1 for r in results if r[1] == "SKIP")
     print("\n=== GPU TEST SUMMARY ===")
     for name, status, seconds in results:
         print(f"{status:5s} {seconds:7.1f}s  {name}")
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    print(f"{passed} passed, {failed} failed, {skipped} skipped", flush=True)
 
 
 if __name__ == "__main__":

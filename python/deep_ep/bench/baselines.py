@@ -8,32 +8,19 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from .timing import median_ms
+
 # NVLink multicast stays off wherever this runs (NCCL's NVLS, torch symmetric memory).
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 
-def _median_ms(fn, iters):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def p2p_copy_gbps(src_device, dst_device, iters=20):
     """Bytes per second of a 1 GiB copy from one GPU to another (one direction)."""
     src = torch.randn(256 << 20, device=f"cuda:{src_device}")
     dst = torch.empty(src.numel(), device=f"cuda:{dst_device}")
-    ms = _median_ms(lambda: dst.copy_(src), iters)
+    ms = median_ms(lambda: dst.copy_(src), iters)
     return src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -64,8 +51,8 @@ def bench_multi_gpu_baselines(ctx, group, opts):
     dist.all_to_all_single(recv_counts, send_counts, group=nccl)
     recv_rows = torch.empty(int(recv_counts.sum().item()), h, dtype=torch.bfloat16, device="cuda")
     in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
-    ms = _median_ms(lambda: dist.all_to_all_single(recv_rows, send_rows, out_splits, in_splits, group=nccl),
-                    opts["iters"])
+    ms = median_ms(lambda: dist.all_to_all_single(recv_rows, send_rows, out_splits, in_splits, group=nccl),
+                   opts["iters"])
     local = torch.tensor([ms, recv_rows.numel() * 2], dtype=torch.float64)
     gathered = [None] * ctx.num_ranks
     dist.all_gather_object(gathered, local.tolist(), group=group)

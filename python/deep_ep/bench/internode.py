@@ -1,16 +1,18 @@
-"""Normal-mode internode benchmark in the DeepSeek-V3 setting (design.md section 4), on emulated nodes
+"""Normal-mode internode benchmark in the DeepSeek-V3 setting (docs/design.md section 4), on emulated nodes
 (DEEP_EP_RANKS_PER_NODE groups consecutive ranks; cross-node bytes take the P2P transport, so with one GPU
 every byte is still an HBM byte). Per rank: the time of one cached-handle call and GB/s of three logical byte
 counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: the same bytes sent back),
 the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
 ranks read from their forwarders ("NVLink": one row per received row)."""
 
+import os
+
 import torch
 import torch.distributed as dist
 
 import deep_ep
 
-from .intranode import _fp8_cast
+from .timing import fp8_cast, time_op
 
 
 def bench_internode(ctx, group, opts, flush, copy_gbps):
@@ -41,10 +43,6 @@ _SWEEP_PUSH = (4, 16, 64)  # combine: NVL push batch with V1's rings
 def _sweep(buffer, x, recv_x, handle, group, opts, flush):
     """Cached dispatch BF16 and combine under other warp splits and batches (same data, same Buffer): one row per
     setting with the mean time over ranks, for tuning the defaults."""
-    import os
-
-    from .suite import time_op
-
     num_sms, iters = opts["num_sms"], opts["iters"]
     results = []
     for warps in _SWEEP_WARPS:
@@ -76,8 +74,6 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
 
 
 def _bench_tokens(ctx, group, opts, flush, copy_gbps):
-    from .suite import time_op
-
     num_ranks, rn = ctx.num_ranks, opts["ranks_per_node"]
     t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
     num_sms = opts["num_sms"]
@@ -93,7 +89,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
 
     torch.manual_seed(200 + ctx.rank)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    x_fp8 = _fp8_cast(x)
+    x_fp8 = fp8_cast(x)
     scores = torch.rand(t, e, device="cuda")
     topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
     topk_weights = torch.rand(t, k, device="cuda")

@@ -1,4 +1,4 @@
-"""Normal-mode intranode benchmark in the DeepSeek-V3 setting (design.md section 4): per-rank GB/s of
+"""Normal-mode intranode benchmark in the DeepSeek-V3 setting (docs/design.md section 4): per-rank GB/s of
 logical bytes (dispatch: BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: bytes sent back), the
 time of one cached-handle call, SMs per rank, and the HBM copy ceiling of the same run."""
 
@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 import deep_ep
+
+from .timing import fp8_cast, time_op
 
 # DeepEP V1 in exactly this setting (8 ranks on one H100 under MPS, 16 SMs per rank), GB/s per rank.
 REFERENCE_GBPS = {"dispatch FP8": 92.0, "dispatch BF16": 93.0, "combine BF16": 107.0}
@@ -23,19 +25,7 @@ def _vs_scaled_reference(gbps, name, copy_gbps):
     return f"{gbps / (REFERENCE_GBPS[name] * copy_gbps / REFERENCE_COPY_GBPS):.2f}x scaled by copy"
 
 
-def _fp8_cast(x):
-    """Per-128-channel FP8 cast with column-major scales, as DeepEP users pass them."""
-    t, h = x.shape
-    groups = x.float().view(t, h // 128, 128)
-    amax = groups.abs().amax(dim=2).clamp(min=1e-4)
-    scales = amax / 448.0
-    x_fp8 = (groups / scales.unsqueeze(2)).view(t, h).to(torch.float8_e4m3fn)
-    return x_fp8, scales.t().contiguous().t()
-
-
 def bench_intranode(ctx, group, opts, flush, copy_gbps):
-    from .suite import time_op
-
     num_ranks = ctx.num_ranks
     t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
     deep_ep.Buffer.set_num_sms(opts["num_sms"])
@@ -47,7 +37,7 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
 
     torch.manual_seed(100 + ctx.rank)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    x_fp8 = _fp8_cast(x)
+    x_fp8 = fp8_cast(x)
     scores = torch.rand(t, e, device="cuda")
     topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
     topk_weights = torch.rand(t, k, device="cuda")
@@ -113,8 +103,6 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
 
 def _sweep(ctx, group, opts, flush, buffer_args):
     """Time cached dispatch (BF16) and combine over queue shapes (send chunk, ring slots) at fixed num_sms."""
-    from .suite import time_op
-
     x, _, recv_x, handle, num_recv = buffer_args
     num_sms, h = opts["num_sms"], opts["hidden"]
     shapes = [(1, 2), (2, 4), (2, 8), (4, 8), (4, 16), (8, 32), (8, 64), (16, 128)]

@@ -1,4 +1,4 @@
-"""Low-latency benchmark (design.md section 4): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8
+"""Low-latency benchmark (docs/design.md section 4): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8
 dispatch and BF16 combine; microseconds per call without the receive hook, and with it the send half and the
 receive half (hook()) each alone. Calls are captured in CUDA graphs, as decoding runs them, so the figures are
 GPU time without the CPU's launch cost.

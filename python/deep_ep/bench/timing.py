@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmark modules: how an op is timed (CUDA events, warm-up, medians, L2 flushed
+between samples), the HBM copy ceiling, and the FP8 input every normal-mode benchmark casts.
+
+It imports no other module of deep_ep.bench: suite.py and the per-mode modules (intranode.py, internode.py,
+baselines.py) import from here, never from each other in both directions.
+"""
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+# Bytes zeroed before each timed sample: larger than any GPU's L2, so no sample starts with a warm cache.
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_op(fn, group, iters, flush, calls_per_sample=8):
+    """Milliseconds of one fn() call: the median over `iters` samples of `calls_per_sample` back-to-back calls,
+    each sample preceded by an L2 flush and a barrier. Several calls per sample amortize the ranks' start skew
+    (processes leave the CPU barrier at slightly different times)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        torch.cuda.synchronize()
+        dist.barrier(group)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls_per_sample):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_sample)
+    return statistics.median(times)
+
+
+def median_ms(fn, iters):
+    """Milliseconds of one fn() call on this process alone (no barrier, no flush): the median over `iters`
+    samples of one call each, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def hbm_copy_gbps(iters=20):
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB copy, alone."""
+    src = torch.randn(256 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), iters)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def fp8_cast(x):
+    """Per-128-channel FP8 cast with column-major scales, as DeepEP users pass them."""
+    t, h = x.shape
+    groups = x.float().view(t, h // 128, 128)
+    amax = groups.abs().amax(dim=2).clamp(min=1e-4)
+    scales = amax / 448.0
+    x_fp8 = (groups / scales.unsqueeze(2)).view(t, h).to(torch.float8_e4m3fn)
+    return x_fp8, scales.t().contiguous().t()
