@@ -80,36 +80,14 @@ bool fabric_supported(int device) {
   return (handle_types & cudaMemHandleTypeFabric) != 0;
 }
 
-}  // namespace
 
-Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
-    : group_(std::move(group)), options_(options), internals_(std::make_unique<Internals>()) {
-  DEEP_EP_CHECK(group_ != nullptr, "Buffer needs a group");
-  rank_ = group_->rank();
-  num_ranks_ = group_->size();
-  DEEP_EP_CHECK(options.num_nvl_bytes >= 0 && options.num_nvl_bytes % 128 == 0,
-                "num_nvl_bytes must be a non-negative multiple of 128, got ", options.num_nvl_bytes);
-  DEEP_EP_CHECK(options.num_rdma_bytes >= 0 && options.num_rdma_bytes % 128 == 0,
-                "num_rdma_bytes must be a non-negative multiple of 128, got ", options.num_rdma_bytes);
-  auto& in = *internals_;
-  in.timeout_ns = default_timeout_ns(options.timeout_s);
+// ---- the phases of Buffer::Buffer, in order ---------------------------------------------------------------
 
-  DEEP_EP_CUDA_CHECK(cudaSetDevice(options.device));
-  cudaDeviceProp prop{};
-  DEEP_EP_CUDA_CHECK(cudaGetDeviceProperties(&prop, options.device));
-  num_device_sms_ = prop.multiProcessorCount;
-  if (options.use_fabric)
-    DEEP_EP_CHECK_AS(std::runtime_error, fabric_supported(options.device),
-                     "use_fabric=True, but cuda:", options.device,
-                     " (driver) does not support fabric memory handles; use the default CUDA IPC handles");
-
-  // One allocation: control region, then the NVLink payload, then the RDMA/low-latency payload.
-  in.rdma_payload_offset = in.nvl_payload_offset + options.num_nvl_bytes;
-  in.total_bytes = in.rdma_payload_offset + options.num_rdma_bytes;
-
+// What this rank tells the others about itself and its device (memory handles are filled in later).
+PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop) {
   PeerInfo mine{};
   mine.pid = static_cast<int>(getpid());
-  mine.device_sms = num_device_sms_;
+  mine.device_sms = prop.multiProcessorCount;
   gethostname(mine.hostname, sizeof(mine.hostname) - 1);
   std::memcpy(mine.device_uuid, prop.uuid.bytes, sizeof(mine.device_uuid));
   mine.num_nvl_bytes = options.num_nvl_bytes;
@@ -118,37 +96,47 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   mine.use_fabric = options.use_fabric;
   mine.ranks_per_node_override = ranks_per_node_from_env();
   mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
+  return mine;
+}
 
+// GIN builds: a group that spans hosts (and is not mapped through fabric memory) needs the network before
+// the memory: where NCCL reports GIN, the buffer must be NCCL window memory (cuMem), so the hosts, the
+// communicator and GIN support are settled first. Collective: every rank runs this build. Sets
+// in.gin_window. Nothing in other builds.
+void connect_network_before_memory(Buffer::Internals& in, Group& group, const BufferOptions& options,
+                                   const PeerInfo& mine, int rank, int num_ranks, int num_device_sms) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-  // A group that spans hosts (and is not mapped through fabric memory) needs the network before the
-  // memory: where NCCL reports GIN, the buffer must be NCCL window memory (cuMem), so the hosts, the
-  // communicator and GIN support are settled first. Collective: every rank runs this build.
-  if (!options.use_fabric) {
-    const std::vector<PeerInfo> early = gather_peer_infos(*group_, mine, num_ranks_);
-    const Topology hosts = make_topology(locations_of(early), 0);
-    for (int r = 0; r < num_ranks_; ++r)
-      DEEP_EP_CHECK(early[r].force_nccl_window == mine.force_nccl_window, "all ranks must see the same ",
-                    kForceNcclWindowEnv, ": rank ", rank_, " has ", mine.force_nccl_window, ", rank ", r, " has ",
-                    early[r].force_nccl_window);
-    const bool forced = mine.force_nccl_window != 0;
-    if (hosts.num_nodes > 1 || forced) {
-      // The signal ranges fit the nodes the ops will see (DEEP_EP_RANKS_PER_NODE may split hosts).
-      const int num_nodes = make_topology(locations_of(early), mine.ranks_per_node_override).num_nodes;
-      connect_network(in, *group_, options, true, num_nodes, num_device_sms_, hosts.num_nodes > 1);
-      // Window memory only if every rank has GIN (or it is forced): registering the window is collective.
-      const auto reports = group_->all_gather(std::string(1, in.network.nccl_reports_gin || forced ? '1' : '0'));
-      in.gin_window = true;
-      for (const std::string& r : reports) in.gin_window = in.gin_window && r == "1";
-    }
+  if (options.use_fabric) return;
+  const std::vector<PeerInfo> early = gather_peer_infos(group, mine, num_ranks);
+  const Topology hosts = make_topology(locations_of(early), 0);
+  for (int r = 0; r < num_ranks; ++r)
+    DEEP_EP_CHECK(early[r].force_nccl_window == mine.force_nccl_window, "all ranks must see the same ",
+                  kForceNcclWindowEnv, ": rank ", rank, " has ", mine.force_nccl_window, ", rank ", r, " has ",
+                  early[r].force_nccl_window);
+  const bool forced = mine.force_nccl_window != 0;
+  if (hosts.num_nodes > 1 || forced) {
+    // The signal ranges fit the nodes the ops will see (DEEP_EP_RANKS_PER_NODE may split hosts).
+    const int num_nodes = make_topology(locations_of(early), mine.ranks_per_node_override).num_nodes;
+    connect_network(in, group, options, true, num_nodes, num_device_sms, hosts.num_nodes > 1);
+    // Window memory only if every rank has GIN (or it is forced): registering the window is collective.
+    const auto reports = group.all_gather(std::string(1, in.network.nccl_reports_gin || forced ? '1' : '0'));
+    in.gin_window = true;
+    for (const std::string& r : reports) in.gin_window = in.gin_window && r == "1";
   }
+#else
+  (void)in, (void)group, (void)options, (void)mine, (void)rank, (void)num_ranks, (void)num_device_sms;
 #endif
+}
 
-  cudaMemPool_t fabric_pool = nullptr;
+// This rank's [control region | NVLink payload | RDMA payload], zeroed, and the handle peers open it
+// with (in `mine`): NCCL window memory, a fabric pool, or cudaMalloc + CUDA IPC.
+void allocate_local_memory(Buffer::Internals& in, const BufferOptions& options, PeerInfo& mine) {
   if (in.gin_window) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
     in.local_base = static_cast<char*>(NcclCommunicator::allocate_window_memory(static_cast<size_t>(in.total_bytes)));
 #endif
   } else if (options.use_fabric) {
+    cudaMemPool_t fabric_pool = nullptr;
     cudaMemPoolProps props{};
     props.allocType = cudaMemAllocationTypePinned;
     props.handleTypes = cudaMemHandleTypeFabric;
@@ -176,7 +164,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   if (options.num_nvl_bytes + options.num_rdma_bytes > 0)
     DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base + in.nvl_payload_offset, 0, options.num_nvl_bytes + options.num_rdma_bytes));
   mine.base_ptr = reinterpret_cast<uint64_t>(in.local_base);
+}
 
+// Pinned host memory the notify kernels publish received counts into (mapped into the device).
+void allocate_host_counts(Buffer::Internals& in) {
   void* host = nullptr;
   DEEP_EP_CUDA_CHECK(cudaHostAlloc(&host, sizeof(HostMapped), cudaHostAllocMapped));
   std::memset(host, 0, sizeof(HostMapped));
@@ -184,39 +175,41 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   void* host_device = nullptr;
   DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(&host_device, host, 0));
   in.host_device = static_cast<HostMapped*>(host_device);
-  DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+}
 
-  const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
-  for (int r = 0; r < num_ranks_; ++r) {
+// Every rank made its Buffer the same way: sizes, handle kind, node grouping.
+void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine, const BufferOptions& options,
+                       int rank) {
+  for (int r = 0; r < static_cast<int>(peers.size()); ++r) {
     DEEP_EP_CHECK(peers[r].num_nvl_bytes == options.num_nvl_bytes && peers[r].num_rdma_bytes == options.num_rdma_bytes,
-                  "all ranks must create Buffer with the same sizes: rank ", rank_, " has num_nvl_bytes=",
+                  "all ranks must create Buffer with the same sizes: rank ", rank, " has num_nvl_bytes=",
                   options.num_nvl_bytes, " num_rdma_bytes=", options.num_rdma_bytes, ", rank ", r, " has ",
                   peers[r].num_nvl_bytes, " and ", peers[r].num_rdma_bytes);
     DEEP_EP_CHECK(peers[r].use_fabric == mine.use_fabric, "all ranks must agree on use_fabric (rank ", r, " differs)");
     // Ranks that group nodes differently would run different ops and wait for each other forever.
     DEEP_EP_CHECK(peers[r].ranks_per_node_override == mine.ranks_per_node_override,
-                  "all ranks must see the same DEEP_EP_RANKS_PER_NODE: rank ", rank_, " has ",
+                  "all ranks must see the same DEEP_EP_RANKS_PER_NODE: rank ", rank, " has ",
                   mine.ranks_per_node_override, ", rank ", r, " has ", peers[r].ranks_per_node_override,
                   " (0 = unset)");
   }
+}
 
-  in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
-  if (in.topology.num_nodes == 1)
-    DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
-                  " ranks in this build; got a group of ", num_ranks_,
-                  " on one host (set DEEP_EP_RANKS_PER_NODE to emulate several nodes)");
-
-  num_ranks_per_device_ = in.topology.ranks_per_device[rank_];
-  in.peer_bases.assign(num_ranks_, nullptr);
-  in.peer_is_ipc.assign(num_ranks_, false);
-  for (int r = 0; r < num_ranks_; ++r) {
+// in.peer_bases: each rank's buffer as this process reaches it: the own pointer (same process), a
+// fabric import or a CUDA IPC mapping (same host), or null (another host: a network transport only;
+// with an NCCL window NCCL maps the peers later).
+void open_peer_memory(Buffer::Internals& in, const std::vector<PeerInfo>& peers, const PeerInfo& mine,
+                      const BufferOptions& options, int rank) {
+  const int num_ranks = static_cast<int>(peers.size());
+  in.peer_bases.assign(num_ranks, nullptr);
+  in.peer_is_ipc.assign(num_ranks, false);
+  for (int r = 0; r < num_ranks; ++r) {
     const PeerInfo& p = peers[r];
     const bool same_process = p.pid == mine.pid && std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
     const bool same_host = std::strncmp(p.hostname, mine.hostname, sizeof(mine.hostname)) == 0;
-    if (r == rank_ || same_process) {
+    if (r == rank || same_process) {
       in.peer_bases[r] = reinterpret_cast<char*>(p.base_ptr);
     } else if (in.gin_window) {
-      // Mapped through NCCL below.
+      // Mapped through NCCL (map_peers_through_nccl).
     } else if (!same_host && !options.use_fabric) {
       // Another host: reachable only through a network transport (internode ops check this).
       in.peer_bases[r] = nullptr;
@@ -239,21 +232,78 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
       in.peer_is_ipc[r] = true;
     }
   }
+}
+
+// GIN builds with an NCCL window: collective: the whole buffer becomes the communicator's window; NCCL
+// maps the ranks it reaches by load/store, and the kernels need that for every rank of their own node.
+void map_peers_through_nccl(Buffer::Internals& in, int rank, int num_ranks) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-  if (in.gin_window) {
-    // Collective: the whole buffer becomes the communicator's window; NCCL maps the ranks it reaches by
-    // load/store, and the kernels need that for every rank of their own node.
-    in.peer_bases = transport_launch::register_buffer(in, rank_, num_ranks_);
-    for (int r = 0; r < num_ranks_; ++r)
-      DEEP_EP_CHECK(in.peer_bases[r] != nullptr || !in.topology.same_node(r, rank_), "rank ", rank_, " and rank ", r,
-                    " are on one node, but NCCL does not map rank ", r, "'s buffer here (its load/store team); ",
-                    "the kernels reach the ranks of their node by load/store");
-  }
+  if (!in.gin_window) return;
+  in.peer_bases = transport_launch::register_buffer(in, rank, num_ranks);
+  for (int r = 0; r < num_ranks; ++r)
+    DEEP_EP_CHECK(in.peer_bases[r] != nullptr || !in.topology.same_node(r, rank), "rank ", rank, " and rank ", r,
+                  " are on one node, but NCCL does not map rank ", r, "'s buffer here (its load/store team); ",
+                  "the kernels reach the ranks of their node by load/store");
+#else
+  (void)in, (void)rank, (void)num_ranks;
 #endif
+}
+
+// The device copy of in.peer_bases the kernels index.
+void publish_peer_table(Buffer::Internals& in) {
   void* table = nullptr;
-  DEEP_EP_CUDA_CHECK(cudaMalloc(&table, sizeof(char*) * num_ranks_));
-  DEEP_EP_CUDA_CHECK(cudaMemcpy(table, in.peer_bases.data(), sizeof(char*) * num_ranks_, cudaMemcpyHostToDevice));
+  const size_t bytes = sizeof(char*) * in.peer_bases.size();
+  DEEP_EP_CUDA_CHECK(cudaMalloc(&table, bytes));
+  DEEP_EP_CUDA_CHECK(cudaMemcpy(table, in.peer_bases.data(), bytes, cudaMemcpyHostToDevice));
   in.peer_bases_device = static_cast<char**>(table);
+}
+
+}  // namespace
+
+// Collective over the group. Each phase is a function above; the collective ones (gathers, barriers,
+// window registration) run on every rank in the same order.
+Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
+    : group_(std::move(group)), options_(options), internals_(std::make_unique<Internals>()) {
+  DEEP_EP_CHECK(group_ != nullptr, "Buffer needs a group");
+  rank_ = group_->rank();
+  num_ranks_ = group_->size();
+  DEEP_EP_CHECK(options.num_nvl_bytes >= 0 && options.num_nvl_bytes % 128 == 0,
+                "num_nvl_bytes must be a non-negative multiple of 128, got ", options.num_nvl_bytes);
+  DEEP_EP_CHECK(options.num_rdma_bytes >= 0 && options.num_rdma_bytes % 128 == 0,
+                "num_rdma_bytes must be a non-negative multiple of 128, got ", options.num_rdma_bytes);
+  auto& in = *internals_;
+  in.timeout_ns = default_timeout_ns(options.timeout_s);
+
+  DEEP_EP_CUDA_CHECK(cudaSetDevice(options.device));
+  cudaDeviceProp prop{};
+  DEEP_EP_CUDA_CHECK(cudaGetDeviceProperties(&prop, options.device));
+  num_device_sms_ = prop.multiProcessorCount;
+  if (options.use_fabric)
+    DEEP_EP_CHECK_AS(std::runtime_error, fabric_supported(options.device),
+                     "use_fabric=True, but cuda:", options.device,
+                     " (driver) does not support fabric memory handles; use the default CUDA IPC handles");
+
+  // One allocation: control region, then the NVLink payload, then the RDMA/low-latency payload.
+  in.rdma_payload_offset = in.nvl_payload_offset + options.num_nvl_bytes;
+  in.total_bytes = in.rdma_payload_offset + options.num_rdma_bytes;
+  PeerInfo mine = describe_self(options, prop);
+  connect_network_before_memory(in, *group_, options, mine, rank_, num_ranks_, num_device_sms_);
+  allocate_local_memory(in, options, mine);
+  allocate_host_counts(in);
+  DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
+  check_peers_agree(peers, mine, options, rank_);
+  in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
+  if (in.topology.num_nodes == 1)
+    DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
+                  " ranks in this build; got a group of ", num_ranks_,
+                  " on one host (set DEEP_EP_RANKS_PER_NODE to emulate several nodes)");
+  num_ranks_per_device_ = in.topology.ranks_per_device[rank_];
+  open_peer_memory(in, peers, mine, options, rank_);
+  map_peers_through_nccl(in, rank_, num_ranks_);
+  publish_peer_table(in);
+
   // Without a network step above (one host, or a build without GIN), record what the transport choice
   // needs: whether any peer is unmapped, and (GIN builds) the communicator for it.
   if (!in.nccl) connect_network(in, *group_, options, in.first_unmapped_peer() >= 0, in.topology.num_nodes,
