@@ -154,10 +154,10 @@ __device__ __forceinline__ void named_barrier(int id, int num_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
-// [begin, end) of the tokens of channel `c` among `num_channels`.
-__device__ __forceinline__ void channel_range(int c, int num_channels, int num_tokens, int& begin, int& end) {
-  begin = static_cast<int>(static_cast<int64_t>(num_tokens) * c / num_channels);
-  end = static_cast<int>(static_cast<int64_t>(num_tokens) * (c + 1) / num_channels);
+// [begin, end) of the tokens of `channel` among `num_channels`.
+__device__ __forceinline__ void channel_range(int channel, int num_channels, int num_tokens, int& begin, int& end) {
+  begin = static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels);
+  end = static_cast<int>(static_cast<int64_t>(num_tokens) * (channel + 1) / num_channels);
 }
 
 }  // namespace deep_ep::device

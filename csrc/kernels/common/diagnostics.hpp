@@ -38,8 +38,8 @@ enum class Phase : int {
   kInternodeCombineSend,     // internode combine forwarder waiting for a home rank's credits (ring space)
 };
 
-inline const char* phase_name(Phase p) {
-  switch (p) {
+inline const char* phase_name(Phase phase) {
+  switch (phase) {
     case Phase::kNone: return "none";
     case Phase::kLayoutExpertRange: return "get_dispatch_layout (expert id out of range)";
     case Phase::kBarrier: return "barrier";

@@ -44,21 +44,23 @@ constexpr int kMaxInternodeNodes = 32;  // a warp's lanes cover every node
 // round of tokens while the forwarders fill a batch, and both must fit in one ring.
 constexpr int kMinRingSlots = 16;
 
-DEEP_EP_INTERNODE_HD constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+DEEP_EP_INTERNODE_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
 
 // One dispatch row: [x: row_bytes][scales: S floats][topk_idx: K int32 (global ids)][topk_weights: K
 // floats][source token: int32][destination mask: uint32 over the node's local ranks], 16-aligned.
 struct RowLayout {
   int64_t scales_offset, topk_idx_offset, topk_weights_offset, src_token_offset, mask_offset, stride;
   DEEP_EP_INTERNODE_HD static RowLayout make(int64_t row_bytes, int num_scales, int num_topk) {
-    RowLayout r{};
-    r.scales_offset = row_bytes;
-    r.topk_idx_offset = r.scales_offset + 4 * int64_t(num_scales);
-    r.topk_weights_offset = r.topk_idx_offset + 4 * int64_t(num_topk);
-    r.src_token_offset = r.topk_weights_offset + 4 * int64_t(num_topk);
-    r.mask_offset = r.src_token_offset + 4;
-    r.stride = align_up(r.mask_offset + 4, 16);
-    return r;
+    RowLayout layout{};
+    layout.scales_offset = row_bytes;
+    layout.topk_idx_offset = layout.scales_offset + 4 * int64_t(num_scales);
+    layout.topk_weights_offset = layout.topk_idx_offset + 4 * int64_t(num_topk);
+    layout.src_token_offset = layout.topk_weights_offset + 4 * int64_t(num_topk);
+    layout.mask_offset = layout.src_token_offset + 4;
+    layout.stride = align_up(layout.mask_offset + 4, 16);
+    return layout;
   }
 };
 
@@ -79,30 +81,36 @@ struct Layout {
   // NVLink area
   int64_t flags_offset, published_offset, rings_offset, nvl_fixed_bytes;
 
-  // Meta record: [0] num_tokens, [1, 1 + C) tokens per channel to the node,
-  // [1 + C + l * C + c] tokens of channel c to local rank l, then [Rn][kMaxLocalExperts] expert counts.
-  DEEP_EP_INTERNODE_HD int64_t meta_node_count(int c) const { return 1 + c; }
-  DEEP_EP_INTERNODE_HD int64_t meta_rank_count(int l, int c) const { return 1 + num_channels + int64_t(l) * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int64_t meta_expert_count(int l, int e) const {
-    return 1 + num_channels + int64_t(num_ranks_per_node) * num_channels + int64_t(l) * kMaxLocalExperts + e;
+  // Meta record: [0] num_tokens, [1, 1 + C) tokens per channel to the node, [1 + C + local_rank * C +
+  // channel] tokens of `channel` to `local_rank`, then [Rn][kMaxLocalExperts] expert counts.
+  DEEP_EP_INTERNODE_HD int64_t meta_node_count(int channel) const { return 1 + channel; }
+  DEEP_EP_INTERNODE_HD int64_t meta_rank_count(int local_rank, int channel) const {
+    return 1 + num_channels + int64_t(local_rank) * num_channels + channel;
+  }
+  DEEP_EP_INTERNODE_HD int64_t meta_expert_count(int local_rank, int local_expert) const {
+    return 1 + num_channels + int64_t(num_ranks_per_node) * num_channels + int64_t(local_rank) * kMaxLocalExperts +
+           local_expert;
   }
 
   // The done signal counts every op since the Buffer was made (never reset), so it keeps index 0 (the
   // first 8 bytes of the window) whatever num_sms an op uses; the others are reset within their op.
   DEEP_EP_INTERNODE_HD int signal_done() const { return 0; }
-  DEEP_EP_INTERNODE_HD int signal_meta(int n) const { return 1 + n; }
-  DEEP_EP_INTERNODE_HD int signal_dispatch(int n, int c) const { return 1 + num_nodes + n * num_channels + c; }
-  DEEP_EP_INTERNODE_HD int signal_combine(int n, int c) const {
-    return 1 + num_nodes * (1 + num_channels) + n * num_channels + c;
+  DEEP_EP_INTERNODE_HD int signal_meta(int node) const { return 1 + node; }
+  DEEP_EP_INTERNODE_HD int signal_dispatch(int node, int channel) const {
+    return 1 + num_nodes + node * num_channels + channel;
+  }
+  DEEP_EP_INTERNODE_HD int signal_combine(int node, int channel) const {
+    return 1 + num_nodes * (1 + num_channels) + node * num_channels + channel;
   }
   // Credits: stream positions the receiving side has finished with, added back to the sender of a ring.
-  // dispatch_credit(n, c) on a source rank counts rows of its channel c that node n's ranks consumed;
-  // combine_credit(n, c) on a forwarder counts partials of channel c that home rank (n, my local) summed.
-  DEEP_EP_INTERNODE_HD int signal_dispatch_credit(int n, int c) const {
-    return 1 + num_nodes * (1 + 2 * num_channels) + n * num_channels + c;
+  // dispatch_credit(node, channel) on a source rank counts rows of its `channel` that the ranks of `node`
+  // consumed; combine_credit(node, channel) on a forwarder counts partials of `channel` that home rank
+  // (node, my local) summed.
+  DEEP_EP_INTERNODE_HD int signal_dispatch_credit(int node, int channel) const {
+    return 1 + num_nodes * (1 + 2 * num_channels) + node * num_channels + channel;
   }
-  DEEP_EP_INTERNODE_HD int signal_combine_credit(int n, int c) const {
-    return 1 + num_nodes * (1 + 3 * num_channels) + n * num_channels + c;
+  DEEP_EP_INTERNODE_HD int signal_combine_credit(int node, int channel) const {
+    return 1 + num_nodes * (1 + 3 * num_channels) + node * num_channels + channel;
   }
   DEEP_EP_INTERNODE_HD int num_signals() const { return signals_for(num_nodes, num_channels); }
   // Signals of a layout of num_nodes nodes and num_channels channels (the Buffer sizes its GIN signal
@@ -111,28 +119,34 @@ struct Layout {
     return 1 + num_nodes * (1 + 4 * num_channels);
   }
 
-  // Ring slot of stream position i of (node n, channel c) in rows / send_rows.
-  DEEP_EP_INTERNODE_HD int64_t slot(int n, int c, int64_t i) const {
-    return (int64_t(n) * num_channels + c) * capacity + i % capacity;
+  // Ring slot of stream `position` of (`node`, `channel`) in rows / send_rows.
+  DEEP_EP_INTERNODE_HD int64_t slot(int node, int channel, int64_t position) const {
+    return (int64_t(node) * num_channels + channel) * capacity + position % capacity;
   }
 
   // NVLink flags, in int64 units from flags_offset.
-  DEEP_EP_INTERNODE_HD int flag_meta_ready(int n) const { return n; }
-  // rows_ready(n, c) on a forwarder: (epoch + 1) << 32 | rows of ring (n, c) that have arrived, relayed
-  // by the forwarder from its transport signal for its node's ranks.
-  DEEP_EP_INTERNODE_HD int flag_rows_ready(int n, int c) const { return num_nodes + n * num_channels + c; }
+  DEEP_EP_INTERNODE_HD int flag_meta_ready(int node) const { return node; }
+  // rows_ready(node, channel) on a forwarder: (epoch + 1) << 32 | rows of ring (node, channel) that have
+  // arrived, relayed by the forwarder from its transport signal for its node's ranks.
+  DEEP_EP_INTERNODE_HD int flag_rows_ready(int node, int channel) const {
+    return num_nodes + node * num_channels + channel;
+  }
   DEEP_EP_INTERNODE_HD int flag_published() const { return num_nodes * (1 + num_channels); }
   // Combine rings, one per (channel c, local rank l) on every rank j: j's rows for forwarder (j's node,
   // l). ring_tail(c, j's local) lives on the forwarder (rows j pushed), ring_head(c, l) on j (rows the
   // forwarder consumed). Both hold (epoch + 1) << 32 | count, so a value of an earlier op reads as 0.
-  DEEP_EP_INTERNODE_HD int flag_ring_tail(int c, int lr) const { return flag_published() + 1 + c * num_ranks_per_node + lr; }
-  DEEP_EP_INTERNODE_HD int flag_ring_head(int c, int lr) const {
-    return flag_published() + 1 + (num_channels + c) * num_ranks_per_node + lr;
+  DEEP_EP_INTERNODE_HD int flag_ring_tail(int channel, int local_rank) const {
+    return flag_published() + 1 + channel * num_ranks_per_node + local_rank;
   }
-  // rows_scanned(n, c, lr) on a forwarder: (epoch + 1) << 32 | stream positions of its ring (n, c) that
-  // local rank lr has read (kScanDone once it has all its rows from that ring), written by lr.
-  DEEP_EP_INTERNODE_HD int flag_rows_scanned(int n, int c, int lr) const {
-    return flag_published() + 1 + 2 * num_channels * num_ranks_per_node + (n * num_channels + c) * num_ranks_per_node + lr;
+  DEEP_EP_INTERNODE_HD int flag_ring_head(int channel, int local_rank) const {
+    return flag_published() + 1 + (num_channels + channel) * num_ranks_per_node + local_rank;
+  }
+  // rows_scanned(node, channel, local_rank) on a forwarder: (epoch + 1) << 32 | stream positions of its
+  // ring (node, channel) that `local_rank` has read (kScanDone once it has all its rows from that ring),
+  // written by that local rank.
+  DEEP_EP_INTERNODE_HD int flag_rows_scanned(int node, int channel, int local_rank) const {
+    return flag_published() + 1 + 2 * num_channels * num_ranks_per_node +
+           (node * num_channels + channel) * num_ranks_per_node + local_rank;
   }
   DEEP_EP_INTERNODE_HD int num_flags() const {
     return flag_published() + 1 + num_channels * num_ranks_per_node * (2 + num_nodes);
@@ -140,29 +154,29 @@ struct Layout {
 
   // row_stride covers bf16 rows of `hidden_bytes` with their scales and top-k, and combine rows.
   static Layout make(int num_nodes, int num_ranks_per_node, int num_channels, int capacity, int64_t row_stride) {
-    Layout l{};
-    l.num_nodes = num_nodes;
-    l.num_ranks_per_node = num_ranks_per_node;
-    l.num_ranks = num_nodes * num_ranks_per_node;
-    l.num_channels = num_channels;
-    l.capacity = capacity;
-    l.row_stride = row_stride;
-    l.meta_ints = 1 + num_channels + int64_t(num_ranks_per_node) * (num_channels + kMaxLocalExperts);
-    const int64_t meta_bytes = align_up(l.meta_ints * 4, 16);
+    Layout layout{};
+    layout.num_nodes = num_nodes;
+    layout.num_ranks_per_node = num_ranks_per_node;
+    layout.num_ranks = num_nodes * num_ranks_per_node;
+    layout.num_channels = num_channels;
+    layout.capacity = capacity;
+    layout.row_stride = row_stride;
+    layout.meta_ints = 1 + num_channels + int64_t(num_ranks_per_node) * (num_channels + kMaxLocalExperts);
+    const int64_t meta_bytes = align_up(layout.meta_ints * 4, 16);
     const int64_t rows_bytes = int64_t(num_nodes) * num_channels * capacity * row_stride;
     int64_t off = 0;
-    l.signals_offset = off;    off = align_up(off + 8 * int64_t(l.num_signals()), 128);
-    l.meta_offset = off;       off = align_up(off + num_nodes * meta_bytes, 128);
-    l.meta_send_offset = off;  off = align_up(off + num_nodes * meta_bytes, 128);
-    l.rows_offset = off;       off = align_up(off + rows_bytes, 128);
-    l.send_rows_offset = off;  off = align_up(off + rows_bytes, 128);
-    l.rdma_bytes = off;
+    layout.signals_offset = off;    off = align_up(off + 8 * int64_t(layout.num_signals()), 128);
+    layout.meta_offset = off;       off = align_up(off + num_nodes * meta_bytes, 128);
+    layout.meta_send_offset = off;  off = align_up(off + num_nodes * meta_bytes, 128);
+    layout.rows_offset = off;       off = align_up(off + rows_bytes, 128);
+    layout.send_rows_offset = off;  off = align_up(off + rows_bytes, 128);
+    layout.rdma_bytes = off;
     off = 0;
-    l.flags_offset = off;      off = align_up(off + 8 * int64_t(l.num_flags()), 128);
-    l.published_offset = off;  off = align_up(off + 4 * int64_t(l.num_ranks) * num_channels, 128);
-    l.rings_offset = off;
-    l.nvl_fixed_bytes = off;
-    return l;
+    layout.flags_offset = off;      off = align_up(off + 8 * int64_t(layout.num_flags()), 128);
+    layout.published_offset = off;  off = align_up(off + 4 * int64_t(layout.num_ranks) * num_channels, 128);
+    layout.rings_offset = off;
+    layout.nvl_fixed_bytes = off;
+    return layout;
   }
   DEEP_EP_INTERNODE_HD int64_t meta_bytes() const { return align_up(meta_ints * 4, 16); }
 };

@@ -37,10 +37,11 @@ constexpr int kMaxRingsPerProducer = kMaxRingsPerProducerWarp;
 constexpr int kHomeBarrier = 1;
 constexpr int kForwardBarrier = 2;
 
-// Warps: producers [0, P), forwarders [P, P + F), home ranks' sums the rest (CombineArgs).
-// Rows of channel c in a [*, C] inclusive prefix row.
-__device__ __forceinline__ int channel_count(const int* prefix_row, int c) {
-  return prefix_row[c] - (c > 0 ? prefix_row[c - 1] : 0);
+// Warps: num_producer_warps producers, then num_forward_warps forwarders, home ranks' sums the rest
+// (CombineArgs).
+// Rows of `channel` in a [*, C] inclusive prefix row.
+__device__ __forceinline__ int channel_count(const int* prefix_row, int channel) {
+  return prefix_row[channel] - (channel > 0 ? prefix_row[channel - 1] : 0);
 }
 
 // Per warp: the ring positions (forwarder) or partial slots (home) of the row being summed.
@@ -50,75 +51,80 @@ using device::add_bf16x8;
 using device::pack_bf16x8;
 
 
-// Rows [first, first + count) of this rank's input that source s brought in channel c.
-__device__ __forceinline__ void source_rows(const CombineArgs& a, int s, int c, int C, int& first, int& count) {
-  const int* prefix = a.recv_gbl_channel_prefix_matrix + s * C;
-  const int before = c > 0 ? prefix[c - 1] : 0;
-  first = (s > 0 ? a.recv_gbl_rank_prefix_sum[s - 1] : 0) + before;
-  count = prefix[c] - before;
+// Rows [first, first + count) of this rank's input that `source` brought in `channel`.
+__device__ __forceinline__ void source_rows(const CombineArgs& args, int source, int channel, int num_channels,
+                                            int& first, int& count) {
+  const int* prefix = args.recv_gbl_channel_prefix_matrix + source * num_channels;
+  const int before = channel > 0 ? prefix[channel - 1] : 0;
+  first = (source > 0 ? args.recv_gbl_rank_prefix_sum[source - 1] : 0) + before;
+  count = prefix[channel] - before;
 }
 
 template <typename Transport>
-__device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
-  const Layout& l = ctx.l;
-  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots;
+__device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int64_t stride, int epoch, int channel) {
+  const Layout& layout = ctx.layout;
+  const int num_nodes = layout.num_nodes, num_ranks_per_node = layout.num_ranks_per_node;
+  const int num_channels = layout.num_channels, ring_slots = args.ring_slots;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  const int P = a.num_producer_warps;
-  const int row_int4 = a.hidden * 2 / 16;
+  const int num_producer_warps = args.num_producer_warps;
+  const int row_int4 = args.hidden * 2 / 16;
   // Per owned ring: the source node being pushed, the next row inside its range, rows pushed.
   int node[kMaxRingsPerProducer], offset[kMaxRingsPerProducer], pushed[kMaxRingsPerProducer];
 #pragma unroll
-  for (int o = 0; o < kMaxRingsPerProducer; ++o) node[o] = offset[o] = pushed[o] = 0;
+  for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) node[owned] = offset[owned] = pushed[owned] = 0;
   uint64_t idle_since = device::global_timer_ns();
   for (int polls = 1;; ++polls) {
     bool pending = false, progressed = false;
 #pragma unroll
-    for (int o = 0; o < kMaxRingsPerProducer; ++o) {
-      const int lr = warp + o * P;
-      if (lr >= Rn || node[o] >= N) continue;
+    for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
+      const int local_rank = warp + owned * num_producer_warps;
+      if (local_rank >= num_ranks_per_node || node[owned] >= num_nodes) continue;
       pending = true;
       int64_t head_value = 0;
-      if (lane == 0) head_value = device::ld_acquire_sys(ctx.flag(ctx.p.rank, l.flag_ring_head(c, lr)));
+      if (lane == 0)
+        head_value = device::ld_acquire_sys(ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank)));
       __syncwarp();  // the entry writes below are ordered after lane 0's acquire
-      const int free_slots = count_of(__shfl_sync(0xffffffffu, head_value, 0), epoch) + Q - pushed[o];
-      int budget = min(free_slots, a.ring_chunk);
+      const int free_slots = count_of(__shfl_sync(0xffffffffu, head_value, 0), epoch) + ring_slots - pushed[owned];
+      int budget = min(free_slots, args.ring_chunk);
       if (budget <= 0) continue;
-      char* ring = ctx.rings(ctx.p.rank) + (static_cast<int64_t>(c) * Rn + lr) * Q * stride;
-      while (budget > 0 && node[o] < N) {
+      char* ring = ctx.rings(ctx.peers.rank) +
+                   (static_cast<int64_t>(channel) * num_ranks_per_node + local_rank) * ring_slots * stride;
+      while (budget > 0 && node[owned] < num_nodes) {
         int first, count;
-        source_rows(a, ctx.rank_of(node[o], lr), c, C, first, count);
-        if (offset[o] >= count) {
-          ++node[o];
-          offset[o] = 0;
+        source_rows(args, ctx.rank_of(node[owned], local_rank), channel, num_channels, first, count);
+        if (offset[owned] >= count) {
+          ++node[owned];
+          offset[owned] = 0;
           continue;
         }
-        const int64_t row = first + offset[o];
-        char* entry = ring + static_cast<int64_t>(pushed[o] % Q) * stride;
-        device::warp_copy<8>(reinterpret_cast<int4*>(entry), reinterpret_cast<const int4*>(a.x + row * a.hidden),
+        const int64_t row = first + offset[owned];
+        char* entry = ring + static_cast<int64_t>(pushed[owned] % ring_slots) * stride;
+        device::warp_copy<8>(reinterpret_cast<int4*>(entry), reinterpret_cast<const int4*>(args.x + row * args.hidden),
                              row_int4, lane, device::ld_input);
-        float* w = reinterpret_cast<float*>(entry + a.hidden * 2);
-        for (int k = lane; k < a.num_topk; k += 32) w[k] = a.topk_weights[row * a.num_topk + k];
-        ++offset[o];
-        ++pushed[o];
+        float* weights = reinterpret_cast<float*>(entry + args.hidden * 2);
+        for (int k = lane; k < args.num_topk; k += 32) weights[k] = args.topk_weights[row * args.num_topk + k];
+        ++offset[owned];
+        ++pushed[owned];
         --budget;
         progressed = true;
       }
       __threadfence_system();
       __syncwarp();
       if (lane == 0)
-        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lr), l.flag_ring_tail(c, ctx.local)), tagged(epoch, pushed[o]));
+        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, local_rank), layout.flag_ring_tail(channel, ctx.local)),
+                               tagged(epoch, pushed[owned]));
     }
     if (!pending) return;
     if (progressed) {
       idle_since = device::global_timer_ns();
     } else if (polls % device::kPollsPerSlowCheck != 0) {
       continue;
-    } else if (device::error_reported(ctx.p.diagnostics)) {
+    } else if (device::error_reported(ctx.peers.diagnostics)) {
       return;
-    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(ctx.p.timeout_ns)) {
+    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(ctx.peers.timeout_ns)) {
       if (lane == 0)
-        device::report(ctx.p.diagnostics, Phase::kInternodeCombineStage, true, ctx.p.rank,
-                       ctx.rank_of(ctx.node, warp), c, -1, 0, 0);
+        device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
+                       ctx.rank_of(ctx.node, warp), channel, -1, 0, 0);
       return;
     }
   }
@@ -127,14 +133,14 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t
 // acc += the rows `heads[0..num)` name (negative: none), in index order, kBatch loads in flight per lane.
 // row_ptr(i, head) gives the int4 row of source i.
 template <typename RowPtr>
-__device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int num, int v, RowPtr row_ptr) {
+__device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int num, int col, RowPtr row_ptr) {
   constexpr int kBatch = 8;
   for (int i0 = 0; i0 < num; i0 += kBatch) {
     int4 vals[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int head = i0 + u < num ? heads[i0 + u] : -1;
-      if (head >= 0) vals[u] = __ldcg(row_ptr(i0 + u, head) + v);
+      if (head >= 0) vals[u] = __ldcg(row_ptr(i0 + u, head) + col);
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
@@ -143,62 +149,70 @@ __device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int 
 }
 
 template <typename Transport>
-__device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t stride, int epoch, int c) {
-  const Layout& l = ctx.l;
-  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels, Q = a.ring_slots, cap = l.capacity;
-  const int P = a.num_producer_warps, F = a.num_forward_warps;
-  const int fw = threadIdx.x / 32 - P, lane = device::lane_id();
-  __shared__ const char* ring_of[32];  // ring (c, my local) of each local rank
+__device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int64_t stride, int epoch, int channel) {
+  const Layout& layout = ctx.layout;
+  const int num_nodes = layout.num_nodes, num_ranks_per_node = layout.num_ranks_per_node;
+  const int num_channels = layout.num_channels, ring_slots = args.ring_slots, ring_capacity = layout.capacity;
+  const int num_producer_warps = args.num_producer_warps, num_forward_warps = args.num_forward_warps;
+  const int forward_warp = threadIdx.x / 32 - num_producer_warps, lane = device::lane_id();
+  __shared__ const char* ring_of[32];  // ring (channel, my local) of each local rank
   __shared__ int consumed[32];         // per local rank: entries read by the finished batches
   __shared__ int abort_forward;
-  if (fw == 0 && lane < Rn) {
-    ring_of[lane] = ctx.rings(ctx.rank_of(ctx.node, lane)) + (static_cast<int64_t>(c) * Rn + ctx.local) * Q * stride;
+  if (forward_warp == 0 && lane < num_ranks_per_node) {
+    ring_of[lane] = ctx.rings(ctx.rank_of(ctx.node, lane)) +
+                    (static_cast<int64_t>(channel) * num_ranks_per_node + ctx.local) * ring_slots * stride;
     consumed[lane] = 0;
   }
-  if (fw == 0 && lane == 0) abort_forward = 0;
-  device::named_barrier(kForwardBarrier, F * 32);
-  const int row_int4 = a.hidden * 2 / 16;
+  if (forward_warp == 0 && lane == 0) abort_forward = 0;
+  device::named_barrier(kForwardBarrier, num_forward_warps * 32);
+  const int row_int4 = args.hidden * 2 / 16;
   const Transport& net = ctx.net;
-  // The partial of position (n, c, i) goes to home rank (n, my local index), ring (my node, c): written
-  // in place for the own node, straight into the home rank's window where the transport maps it, else
-  // staged in send_rows at the same slot and put.
-  for (int n = 0; n < N && !abort_forward; ++n) {
-    const int* prefix = a.recv_rdma_channel_prefix_matrix + n * C;
-    const int count = channel_count(prefix, c);
-    const int64_t row_base = (n > 0 ? a.recv_rdma_rank_prefix_sum[n - 1] : 0) + (c > 0 ? prefix[c - 1] : 0);
-    const int home_rank = ctx.rank_of(n, ctx.local);
-    const bool staged = n != ctx.node && net.direct_ptr(home_rank, l.rows_offset) == nullptr;
-    for (int i0 = 0; i0 < count; i0 += F) {
-      const int batch = min(F, count - i0);
-      // combine_credit(n, c): adds of home rank (n, my local); position i overwrites position i - cap.
-      if (fw == 0 && lane == 0 && i0 + batch - cap > 0) {
+  // The partial of position (node, channel, i) goes to home rank (node, my local index), ring (my node,
+  // channel): written in place for the own node, straight into the home rank's window where the transport
+  // maps it, else staged in send_rows at the same slot and put.
+  for (int node = 0; node < num_nodes && !abort_forward; ++node) {
+    const int* prefix = args.recv_rdma_channel_prefix_matrix + node * num_channels;
+    const int count = channel_count(prefix, channel);
+    const int64_t row_base =
+        (node > 0 ? args.recv_rdma_rank_prefix_sum[node - 1] : 0) + (channel > 0 ? prefix[channel - 1] : 0);
+    const int home_rank = ctx.rank_of(node, ctx.local);
+    const bool staged = node != ctx.node && net.direct_ptr(home_rank, layout.rows_offset) == nullptr;
+    for (int batch_begin = 0; batch_begin < count; batch_begin += num_forward_warps) {
+      const int batch = min(num_forward_warps, count - batch_begin);
+      // combine_credit(node, channel): adds of home rank (node, my local); position i overwrites position
+      // i - ring_capacity.
+      if (forward_warp == 0 && lane == 0 && batch_begin + batch - ring_capacity > 0) {
         uint64_t observed = 0;
-        if (!net.wait_signal(l.signal_combine_credit(n, c), static_cast<uint64_t>(i0 + batch - cap), ctx.p.timeout_ns,
-                             &ctx.p.diagnostics->claimed, &observed)) {
-          device::report(ctx.p.diagnostics, Phase::kInternodeCombineSend, true, ctx.p.rank, home_rank, c, -1,
-                         i0 + batch - cap, static_cast<long long>(observed));
+        if (!net.wait_signal(layout.signal_combine_credit(node, channel),
+                             static_cast<uint64_t>(batch_begin + batch - ring_capacity), ctx.peers.timeout_ns,
+                             &ctx.peers.diagnostics->claimed, &observed)) {
+          device::report(ctx.peers.diagnostics, Phase::kInternodeCombineSend, true, ctx.peers.rank, home_rank, channel,
+                         -1, batch_begin + batch - ring_capacity, static_cast<long long>(observed));
           abort_forward = 1;
         }
       }
-      device::named_barrier(kForwardBarrier, F * 32);
+      device::named_barrier(kForwardBarrier, num_forward_warps * 32);
       if (abort_forward) break;
-      const int i = i0 + fw;
+      const int i = batch_begin + forward_warp;
       if (i < count) {
         const int64_t nvl_row = row_base + i;
         __syncwarp();
-        const int position = lane < Rn && nvl_row < a.num_rdma_rows ? a.send_nvl_head[nvl_row * Rn + lane] : -1;
+        const int position = lane < num_ranks_per_node && nvl_row < args.num_rdma_rows
+                                 ? args.send_nvl_head[nvl_row * num_ranks_per_node + lane]
+                                 : -1;
         heads[threadIdx.x / 32][lane] = position;
-        // Lane lr waits until local rank lr has pushed this entry.
+        // Lane j waits until local rank j has pushed this entry.
         bool ok = true;
         if (position >= 0) {
-          const int64_t* tail = ctx.flag(ctx.p.rank, l.flag_ring_tail(c, lane));
+          const int64_t* tail = ctx.flag(ctx.peers.rank, layout.flag_ring_tail(channel, lane));
           const uint64_t start = device::global_timer_ns();
           for (int polls = 1; count_of(device::ld_acquire_sys(tail), epoch) <= position; ++polls) {
             if (polls % device::kPollsPerSlowCheck == 0 &&
-                (device::error_reported(ctx.p.diagnostics) ||
-                 device::global_timer_ns() - start > static_cast<uint64_t>(ctx.p.timeout_ns))) {
-              device::report(ctx.p.diagnostics, Phase::kInternodeCombineStage, true, ctx.p.rank,
-                             ctx.rank_of(ctx.node, lane), c, -1, position + 1, count_of(device::ld_acquire_sys(tail), epoch));
+                (device::error_reported(ctx.peers.diagnostics) ||
+                 device::global_timer_ns() - start > static_cast<uint64_t>(ctx.peers.timeout_ns))) {
+              device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
+                             ctx.rank_of(ctx.node, lane), channel, -1, position + 1,
+                             count_of(device::ld_acquire_sys(tail), epoch));
               ok = false;
               break;
             }
@@ -210,59 +224,62 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t
         if (!all_ok) {
           abort_forward = 1;
         } else {
-          const int* h = heads[threadIdx.x / 32];
-          const auto entry = [&](int lr, int pos) {
-            return reinterpret_cast<const int4*>(ring_of[lr] + static_cast<int64_t>(pos % Q) * stride);
+          const int* warp_heads = heads[threadIdx.x / 32];
+          const auto entry = [&](int local_rank, int ring_position) {
+            return reinterpret_cast<const int4*>(ring_of[local_rank] +
+                                                 static_cast<int64_t>(ring_position % ring_slots) * stride);
           };
-          const int64_t home_slot = l.slot(ctx.node, c, i);
+          const int64_t home_slot = layout.slot(ctx.node, channel, i);
           char* dst;
-          if (n == ctx.node) {
-            dst = ctx.row(ctx.p.rank, home_slot);
+          if (node == ctx.node) {
+            dst = ctx.row(ctx.peers.rank, home_slot);
           } else if (!staged) {
-            dst = net.direct_ptr(home_rank, l.rows_offset + home_slot * l.row_stride);
+            dst = net.direct_ptr(home_rank, layout.rows_offset + home_slot * layout.row_stride);
           } else {
-            dst = ctx.send_row(l.slot(n, c, i));
+            dst = ctx.send_row(layout.slot(node, channel, i));
           }
-          for (int v = lane; v < row_int4; v += 32) {
+          for (int col = lane; col < row_int4; col += 32) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            sum_rows(acc, h, Rn, v, entry);
-            reinterpret_cast<int4*>(dst)[v] = pack_bf16x8(acc);
+            sum_rows(acc, warp_heads, num_ranks_per_node, col, entry);
+            reinterpret_cast<int4*>(dst)[col] = pack_bf16x8(acc);
           }
-          for (int k = lane; k < a.num_topk; k += 32) {
+          for (int k = lane; k < args.num_topk; k += 32) {
             float acc = 0.0f;
-            for (int lr = 0; lr < Rn; ++lr)
-              if (h[lr] >= 0) acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(entry(lr, h[lr])) +
-                                                                         a.hidden * 2) + k);
-            reinterpret_cast<float*>(dst + a.hidden * 2)[k] = acc;
+            for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
+              if (warp_heads[local_rank] >= 0)
+                acc += __ldcg(reinterpret_cast<const float*>(
+                                  reinterpret_cast<const char*>(entry(local_rank, warp_heads[local_rank])) +
+                                  args.hidden * 2) + k);
+            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = acc;
           }
         }
       }
       // The batch's partials are written and fenced (direct stores and staged put sources alike) before
       // the signal; its ring entries are read before their space is handed back.
       __threadfence_system();
-      device::named_barrier(kForwardBarrier, F * 32);
+      device::named_barrier(kForwardBarrier, num_forward_warps * 32);
       if (abort_forward) break;
-      if (fw == 0) {
-        if (lane < Rn)
-          device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lane), l.flag_ring_head(c, ctx.local)),
+      if (forward_warp == 0) {
+        if (lane < num_ranks_per_node)
+          device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lane), layout.flag_ring_head(channel, ctx.local)),
                                  tagged(epoch, consumed[lane]));
-        // combine(my node, c) on the home rank: one add per batch with its count, after its partials.
+        // combine(my node, channel) on the home rank: one add per batch with its count, after its partials.
         if (!staged) {
-          net.signal_add(home_rank, l.signal_combine(ctx.node, c), static_cast<uint64_t>(batch));
+          net.signal_add(home_rank, layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
         } else {
-          const int64_t first_slot = l.slot(ctx.node, c, i0) - l.slot(ctx.node, c, 0);
-          const int head_run = static_cast<int>(min(static_cast<int64_t>(batch), cap - first_slot));
-          const int64_t dst = l.rows_offset + l.slot(ctx.node, c, i0) * l.row_stride;
-          const int64_t src = l.send_rows_offset + l.slot(n, c, i0) * l.row_stride;
+          const int64_t first_slot = layout.slot(ctx.node, channel, batch_begin) - layout.slot(ctx.node, channel, 0);
+          const int head_run = static_cast<int>(min(static_cast<int64_t>(batch), ring_capacity - first_slot));
+          const int64_t dst = layout.rows_offset + layout.slot(ctx.node, channel, batch_begin) * layout.row_stride;
+          const int64_t src = layout.send_rows_offset + layout.slot(node, channel, batch_begin) * layout.row_stride;
           if (head_run < batch) {
-            net.put(home_rank, dst, src, static_cast<int64_t>(head_run) * l.row_stride);
-            net.put_with_signal(home_rank, l.rows_offset + l.slot(ctx.node, c, 0) * l.row_stride,
-                                l.send_rows_offset + l.slot(n, c, 0) * l.row_stride,
-                                static_cast<int64_t>(batch - head_run) * l.row_stride, l.signal_combine(ctx.node, c),
-                                static_cast<uint64_t>(batch));
+            net.put(home_rank, dst, src, static_cast<int64_t>(head_run) * layout.row_stride);
+            net.put_with_signal(home_rank, layout.rows_offset + layout.slot(ctx.node, channel, 0) * layout.row_stride,
+                                layout.send_rows_offset + layout.slot(node, channel, 0) * layout.row_stride,
+                                static_cast<int64_t>(batch - head_run) * layout.row_stride,
+                                layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
           } else {
-            net.put_with_signal(home_rank, dst, src, static_cast<int64_t>(batch) * l.row_stride,
-                                l.signal_combine(ctx.node, c), static_cast<uint64_t>(batch));
+            net.put_with_signal(home_rank, dst, src, static_cast<int64_t>(batch) * layout.row_stride,
+                                layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
           }
         }
       }
@@ -270,58 +287,58 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& a, int64_t
   }
   // Every credit of the op is in once the home ranks summed every partial: then nobody adds to the
   // credit signals any more and they are reset for the next op.
-  if (fw == 0 && !abort_forward) {
-    for (int n = lane; n < N; n += 32) {
-      const int count = channel_count(a.recv_rdma_channel_prefix_matrix + n * C, c);
+  if (forward_warp == 0 && !abort_forward) {
+    for (int node = lane; node < num_nodes; node += 32) {
+      const int count = channel_count(args.recv_rdma_channel_prefix_matrix + node * num_channels, channel);
       uint64_t observed = 0;
-      if (count > 0 && !net.wait_signal(l.signal_combine_credit(n, c), static_cast<uint64_t>(count), ctx.p.timeout_ns,
-                                        &ctx.p.diagnostics->claimed, &observed)) {
-        device::report(ctx.p.diagnostics, Phase::kInternodeCombineSend, true, ctx.p.rank, ctx.rank_of(n, ctx.local), c,
-                       -1, count, static_cast<long long>(observed));
+      if (count > 0 && !net.wait_signal(layout.signal_combine_credit(node, channel), static_cast<uint64_t>(count),
+                                        ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed)) {
+        device::report(ctx.peers.diagnostics, Phase::kInternodeCombineSend, true, ctx.peers.rank,
+                       ctx.rank_of(node, ctx.local), channel, -1, count, static_cast<long long>(observed));
         continue;
       }
-      net.reset_signal(l.signal_combine_credit(n, c));
+      net.reset_signal(layout.signal_combine_credit(node, channel));
     }
   }
 }
 
 template <typename Transport>
-__device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& a, int c, int first_warp) {
-  const Layout& l = ctx.l;
-  const int N = l.num_nodes, C = l.num_channels;
+__device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, int channel, int first_warp) {
+  const Layout& layout = ctx.layout;
+  const int num_nodes = layout.num_nodes, num_channels = layout.num_channels;
   const int num_home_warps = kNumWarps - first_warp;
-  const int w = threadIdx.x / 32, hw = w - first_warp, lane = device::lane_id();
+  const int warp = threadIdx.x / 32, home_warp = warp - first_warp, lane = device::lane_id();
   const Transport& net = ctx.net;
   __shared__ int used[kMaxInternodeNodes];      // per node: partial positions read by finished rounds
   __shared__ int credited[kMaxInternodeNodes];  // ... and credited back to the forwarder
   __shared__ int home_abort;
-  if (hw == 0) {
-    for (int n = lane; n < N; n += 32) used[n] = credited[n] = 0;
+  if (home_warp == 0) {
+    for (int node = lane; node < num_nodes; node += 32) used[node] = credited[node] = 0;
     if (lane == 0) home_abort = 0;
   }
   device::named_barrier(kHomeBarrier, num_home_warps * 32);
   int begin, end;
-  device::channel_range(c, C, a.num_tokens, begin, end);
-  const int row_int4 = a.hidden * 2 / 16;
-  const char* partials = ctx.row(ctx.p.rank, 0);
-  const auto partial_row = [&](int n, int position) {
-    return reinterpret_cast<const int4*>(partials + l.slot(n, c, position) * l.row_stride);
+  device::channel_range(channel, num_channels, args.num_tokens, begin, end);
+  const int row_int4 = args.hidden * 2 / 16;
+  const char* partials = ctx.row(ctx.peers.rank, 0);
+  const auto partial_row = [&](int node, int position) {
+    return reinterpret_cast<const int4*>(partials + layout.slot(node, channel, position) * layout.row_stride);
   };
-  for (int t0 = begin; t0 < end; t0 += num_home_warps) {
-    const int t = t0 + hw;
-    if (t < end) {
+  for (int round_begin = begin; round_begin < end; round_begin += num_home_warps) {
+    const int token = round_begin + home_warp;
+    if (token < end) {
       __syncwarp();
-      const int head = lane < N ? a.send_rdma_head[static_cast<int64_t>(t) * N + lane] : -1;
-      heads[w][lane] = head;
-      // Lane n waits for partial `head` of node n: combine(n, c) counts the partials that have landed.
+      const int head = lane < num_nodes ? args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + lane] : -1;
+      heads[warp][lane] = head;
+      // Lane j waits for partial `head` of node j: combine(j, channel) counts the partials that have landed.
       bool ok = true;
       if (head >= 0) {
         uint64_t observed = 0;
-        ok = net.wait_signal(l.signal_combine(lane, c), static_cast<uint64_t>(head) + 1, ctx.p.timeout_ns,
-                             &ctx.p.diagnostics->claimed, &observed);
+        ok = net.wait_signal(layout.signal_combine(lane, channel), static_cast<uint64_t>(head) + 1,
+                             ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed);
         if (!ok)
-          device::report(ctx.p.diagnostics, Phase::kInternodeCombineRecv, true, ctx.p.rank, ctx.rank_of(lane, ctx.local), c,
-                         t, head + 1, static_cast<long long>(observed));
+          device::report(ctx.peers.diagnostics, Phase::kInternodeCombineRecv, true, ctx.peers.rank,
+                         ctx.rank_of(lane, ctx.local), channel, token, head + 1, static_cast<long long>(observed));
         atomicMax(&used[lane], head + 1);
       }
       const bool all_ok = __all_sync(0xffffffffu, ok);
@@ -329,22 +346,26 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& a, int c
       if (!all_ok) {
         home_abort = 1;
       } else {
-        for (int v = lane; v < row_int4; v += 32) {
+        for (int col = lane; col < row_int4; col += 32) {
           float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          sum_rows(acc, heads[w], N, v, partial_row);
-          if (a.bias_0) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_0 + static_cast<int64_t>(t) * a.hidden)[v]);
-          if (a.bias_1) add_bf16x8(acc, reinterpret_cast<const int4*>(a.bias_1 + static_cast<int64_t>(t) * a.hidden)[v]);
-          reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * a.hidden)[v] = pack_bf16x8(acc);
+          sum_rows(acc, heads[warp], num_nodes, col, partial_row);
+          if (args.bias_0)
+            add_bf16x8(acc,
+                       reinterpret_cast<const int4*>(args.bias_0 + static_cast<int64_t>(token) * args.hidden)[col]);
+          if (args.bias_1)
+            add_bf16x8(acc,
+                       reinterpret_cast<const int4*>(args.bias_1 + static_cast<int64_t>(token) * args.hidden)[col]);
+          reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(token) * args.hidden)[col] = pack_bf16x8(acc);
         }
-        for (int k = lane; k < a.num_topk; k += 32) {
+        for (int k = lane; k < args.num_topk; k += 32) {
           float acc = 0.0f;
-          for (int n = 0; n < N; ++n) {
-            const int position = heads[w][n];
+          for (int node = 0; node < num_nodes; ++node) {
+            const int position = heads[warp][node];
             if (position >= 0)
-              acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(partial_row(n, position)) +
-                                                           a.hidden * 2) + k);
+              acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(partial_row(node, position)) +
+                                                           args.hidden * 2) + k);
           }
-          a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + k] = acc;
+          args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] = acc;
         }
       }
     }
@@ -352,21 +373,22 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& a, int c
     // let the next round start, so that `used` holds only finished rounds when it is credited.
     device::named_barrier(kHomeBarrier, num_home_warps * 32);
     if (home_abort) return;
-    if (hw == 0) {
-      for (int n = 0; n < N; ++n) {
-        const int delta = used[n] - credited[n];
+    if (home_warp == 0) {
+      for (int node = 0; node < num_nodes; ++node) {
+        const int delta = used[node] - credited[node];
         if (delta <= 0) continue;
-        net.signal_add(ctx.rank_of(n, ctx.local), l.signal_combine_credit(ctx.node, c), static_cast<uint64_t>(delta));
-        if (lane == 0) credited[n] = used[n];
+        net.signal_add(ctx.rank_of(node, ctx.local), layout.signal_combine_credit(ctx.node, channel),
+                       static_cast<uint64_t>(delta));
+        if (lane == 0) credited[node] = used[node];
         __syncwarp();
       }
     }
     device::named_barrier(kHomeBarrier, num_home_warps * 32);
   }
   // Every partial of the op has landed (the token with each node's last position waited for it): no
-  // add to combine(n, c) can follow.
-  if (hw == 0)
-    for (int n = lane; n < N; n += 32) net.reset_signal(l.signal_combine(n, c));
+  // add to combine(node, channel) can follow.
+  if (home_warp == 0)
+    for (int node = lane; node < num_nodes; node += 32) net.reset_signal(layout.signal_combine(node, channel));
 }
 
 // Kernel name: V1's (profiles and users' kernel-name filters read it).
@@ -375,15 +397,15 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine(Peers peers, Layout la
                                                           CombineArgs args, int64_t ring_stride) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
-  const int c = blockIdx.x;
+  const int channel = blockIdx.x;
   const int warp = threadIdx.x / 32;
-  const int P = args.num_producer_warps, F = args.num_forward_warps;
-  if (warp < P) {
-    produce(ctx, args, ring_stride, epoch, c);
-  } else if (warp < P + F) {
-    forward(ctx, args, ring_stride, epoch, c);
+  const int num_producer_warps = args.num_producer_warps, num_forward_warps = args.num_forward_warps;
+  if (warp < num_producer_warps) {
+    produce(ctx, args, ring_stride, epoch, channel);
+  } else if (warp < num_producer_warps + num_forward_warps) {
+    forward(ctx, args, ring_stride, epoch, channel);
   } else {
-    home_sums(ctx, args, c, P + F);
+    home_sums(ctx, args, channel, num_producer_warps + num_forward_warps);
   }
   end_op(ctx);
 }

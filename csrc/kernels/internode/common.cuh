@@ -39,61 +39,71 @@ constexpr int kScanDone = 0x7fffffff;
 
 // The P2P transport of an op, built on the host from the mapped bases (every rank's buffer is mapped
 // here; its signals live at the start of each rank's window).
-inline transport::P2pTransport p2p_transport(const Peers& p, const Layout& l) {
-  return transport::P2pTransport{p.bases, p.rdma_offset, l.signals_offset, p.rank};
+inline transport::P2pTransport p2p_transport(const Peers& peers, const Layout& layout) {
+  return transport::P2pTransport{peers.bases, peers.rdma_offset, layout.signals_offset, peers.rank};
 }
 
 template <typename Transport>
 struct Ctx {
-  Peers p;
-  Layout l;
+  Peers peers;
+  Layout layout;
   // Every access to another node's window or signals. The kernel's __grid_constant__ parameter: read
   // in place, never copied (GIN keeps references into it for the whole kernel).
   const Transport& net;
   int node, local;  // this rank's node and index inside it
 
-  __device__ __forceinline__ Ctx(const Peers& peers, const Layout& layout, const Transport& transport)
-      : p(peers), l(layout), net(transport) {
-    node = p.rank / l.num_ranks_per_node;
-    local = p.rank % l.num_ranks_per_node;
+  __device__ __forceinline__ Ctx(const Peers& op_peers, const Layout& op_layout, const Transport& transport)
+      : peers(op_peers), layout(op_layout), net(transport) {
+    node = peers.rank / layout.num_ranks_per_node;
+    local = peers.rank % layout.num_ranks_per_node;
   }
-  __device__ __forceinline__ int rank_of(int n, int lr) const { return n * l.num_ranks_per_node + lr; }
+  __device__ __forceinline__ int rank_of(int node_idx, int local_rank) const {
+    return node_idx * layout.num_ranks_per_node + local_rank;
+  }
 
-  // Pointers into rank r's buffer: r must be this rank or a rank of this node (see "Reach" above).
-  __device__ __forceinline__ char* rdma(int r) const { return p.bases[r] + p.rdma_offset; }
-  __device__ __forceinline__ char* nvl(int r) const { return p.bases[r] + p.nvl_offset; }
-  __device__ __forceinline__ int64_t* flag(int r, int idx) const {
-    return reinterpret_cast<int64_t*>(nvl(r) + l.flags_offset) + idx;
+  // Pointers into the buffer of `rank`, which must be this rank or a rank of this node (see "Reach" above).
+  __device__ __forceinline__ char* rdma(int rank) const { return peers.bases[rank] + peers.rdma_offset; }
+  __device__ __forceinline__ char* nvl(int rank) const { return peers.bases[rank] + peers.nvl_offset; }
+  __device__ __forceinline__ int64_t* flag(int rank, int idx) const {
+    return reinterpret_cast<int64_t*>(nvl(rank) + layout.flags_offset) + idx;
   }
-  __device__ __forceinline__ ControlRegion* control() const { return reinterpret_cast<ControlRegion*>(p.bases[p.rank]); }
-  // Rank r's published recv_gbl_channel_prefix_matrix [R][C].
-  __device__ __forceinline__ const int* published(int r) const {
-    return reinterpret_cast<const int*>(nvl(r) + l.published_offset);
+  __device__ __forceinline__ ControlRegion* control() const {
+    return reinterpret_cast<ControlRegion*>(peers.bases[peers.rank]);
   }
-  __device__ __forceinline__ int* own_published() const { return reinterpret_cast<int*>(nvl(p.rank) + l.published_offset); }
-  __device__ __forceinline__ char* rings(int r) const { return nvl(r) + l.rings_offset; }
-  __device__ __forceinline__ char* row(int r, int64_t slot) const { return rdma(r) + l.rows_offset + slot * l.row_stride; }
+  // The published recv_gbl_channel_prefix_matrix [R][C] of `rank`.
+  __device__ __forceinline__ const int* published(int rank) const {
+    return reinterpret_cast<const int*>(nvl(rank) + layout.published_offset);
+  }
+  __device__ __forceinline__ int* own_published() const {
+    return reinterpret_cast<int*>(nvl(peers.rank) + layout.published_offset);
+  }
+  __device__ __forceinline__ char* rings(int rank) const { return nvl(rank) + layout.rings_offset; }
+  __device__ __forceinline__ char* row(int rank, int64_t slot) const {
+    return rdma(rank) + layout.rows_offset + slot * layout.row_stride;
+  }
   __device__ __forceinline__ char* send_row(int64_t slot) const {
-    return rdma(p.rank) + l.send_rows_offset + slot * l.row_stride;
+    return rdma(peers.rank) + layout.send_rows_offset + slot * layout.row_stride;
   }
-  __device__ __forceinline__ int* meta(int r, int n) const {
-    return reinterpret_cast<int*>(rdma(r) + l.meta_offset + n * l.meta_bytes());
+  __device__ __forceinline__ int* meta(int rank, int source_node) const {
+    return reinterpret_cast<int*>(rdma(rank) + layout.meta_offset + source_node * layout.meta_bytes());
   }
-  __device__ __forceinline__ int* meta_send(int n) const {
-    return reinterpret_cast<int*>(rdma(p.rank) + l.meta_send_offset + n * l.meta_bytes());
+  __device__ __forceinline__ int* meta_send(int dest_node) const {
+    return reinterpret_cast<int*>(rdma(peers.rank) + layout.meta_send_offset + dest_node * layout.meta_bytes());
   }
 
   // One thread. Bounded wait until *flag >= target; reports a timeout naming `peer` and `channel`.
   __device__ __forceinline__ bool wait_flag(const int64_t* flag_ptr, int64_t target, Phase phase, int peer,
                                             int channel) const {
-    return device::wait_at_least(flag_ptr, target, p.timeout_ns, p.diagnostics, phase, p.rank, peer, channel);
+    return device::wait_at_least(flag_ptr, target, peers.timeout_ns, peers.diagnostics, phase, peers.rank, peer,
+                                 channel);
   }
 
   // One thread. Waits for one add to this rank's signal `idx`, then resets it (see the contract above).
   __device__ __forceinline__ bool wait_signal_once(int idx, Phase phase, int peer, int channel) const {
     uint64_t observed = 0;
-    if (!net.wait_signal(idx, 1, p.timeout_ns, &p.diagnostics->claimed, &observed)) {
-      device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, 1, static_cast<long long>(observed));
+    if (!net.wait_signal(idx, 1, peers.timeout_ns, &peers.diagnostics->claimed, &observed)) {
+      device::report(peers.diagnostics, phase, true, peers.rank, peer, channel, -1, 1,
+                     static_cast<long long>(observed));
       return false;
     }
     net.reset_signal(idx);
@@ -109,10 +119,11 @@ __device__ __forceinline__ int begin_op(const Ctx<Transport>& ctx) {
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&ctx.control()->internode_ops);
     uint64_t observed = 0;
-    const uint64_t target = static_cast<uint64_t>(epoch) * ctx.p.num_ranks;
-    if (!ctx.net.wait_signal(ctx.l.signal_done(), target, ctx.p.timeout_ns, &ctx.p.diagnostics->claimed, &observed)) {
+    const uint64_t target = static_cast<uint64_t>(epoch) * ctx.peers.num_ranks;
+    if (!ctx.net.wait_signal(ctx.layout.signal_done(), target, ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed,
+                             &observed)) {
       // The slowest rank is unknown here; name the count instead.
-      device::report(ctx.p.diagnostics, Phase::kInternodeBarrier, true, ctx.p.rank, -1, -1, -1,
+      device::report(ctx.peers.diagnostics, Phase::kInternodeBarrier, true, ctx.peers.rank, -1, -1, -1,
                      static_cast<long long>(target), static_cast<long long>(observed));
     }
     epoch_shared = epoch;
@@ -147,18 +158,18 @@ __device__ __forceinline__ void end_op(const Ctx<Transport>& ctx) {
   __syncthreads();
   if (!is_last || threadIdx.x >= 32) return;
   // Starting after this rank staggers the ranks' adds over the peers' signals.
-  for (int i = 1; i <= ctx.p.num_ranks; ++i)
-    ctx.net.signal_add((ctx.p.rank + i) % ctx.p.num_ranks, ctx.l.signal_done(), 1);
+  for (int i = 1; i <= ctx.peers.num_ranks; ++i)
+    ctx.net.signal_add((ctx.peers.rank + i) % ctx.peers.num_ranks, ctx.layout.signal_done(), 1);
 }
 
-__device__ __forceinline__ int warp_inclusive_scan(int v) {
+__device__ __forceinline__ int warp_inclusive_scan(int value) {
   const int lane = device::lane_id();
 #pragma unroll
   for (int d = 1; d < 32; d <<= 1) {
-    const int u = __shfl_up_sync(0xffffffffu, v, d);
-    if (lane >= d) v += u;
+    const int u = __shfl_up_sync(0xffffffffu, value, d);
+    if (lane >= d) value += u;
   }
-  return v;
+  return value;
 }
 
 }  // namespace deep_ep::internode

@@ -27,17 +27,19 @@ namespace {
 // Warps: senders [0, S), the forwarder S, receivers (S, 16); S = DispatchArgs::num_sender_warps.
 constexpr int kSendBarrier = 1;
 
-// Whether token t goes to any rank of node n, and the mask of those ranks (bit = local rank).
-__device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int R, int Rn, int t, int n) {
-  const bool* row = is_token_in_rank + static_cast<int64_t>(t) * R + n * Rn;
+// Whether `token` goes to any rank of `node`, and the mask of those ranks (bit = local rank).
+__device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int num_ranks, int num_ranks_per_node,
+                                              int token, int node) {
+  const bool* row = is_token_in_rank + static_cast<int64_t>(token) * num_ranks + node * num_ranks_per_node;
   uint32_t mask = 0;
-  for (int lr = 0; lr < Rn; ++lr) mask |= static_cast<uint32_t>(row[lr]) << lr;
+  for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
+    mask |= static_cast<uint32_t>(row[local_rank]) << local_rank;
   return mask;
 }
 
-// Rows of channel c in a [*, C] inclusive prefix row.
-__device__ __forceinline__ int channel_count(const int* prefix_row, int c) {
-  return prefix_row[c] - (c > 0 ? prefix_row[c - 1] : 0);
+// Rows of `channel` in a [*, C] inclusive prefix row.
+__device__ __forceinline__ int channel_count(const int* prefix_row, int channel) {
+  return prefix_row[channel] - (channel > 0 ? prefix_row[channel - 1] : 0);
 }
 
 // Idle-time bookkeeping of a polling loop: true once `timeout_ns` passed without progress (or another
@@ -46,66 +48,73 @@ struct IdleClock {
   uint64_t since = device::global_timer_ns();
   int polls = 0;
   __device__ __forceinline__ void progressed() { since = device::global_timer_ns(); }
-  __device__ __forceinline__ bool expired(const Peers& p) {
+  __device__ __forceinline__ bool expired(const Peers& peers) {
     if (++polls % device::kPollsPerSlowCheck != 0) return false;
-    return device::error_reported(p.diagnostics) ||
-           device::global_timer_ns() - since > static_cast<uint64_t>(p.timeout_ns);
+    return device::error_reported(peers.diagnostics) ||
+           device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
   }
 };
 
 template <typename Transport>
-__device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int c) {
-  const Layout& l = ctx.l;
-  const int R = ctx.p.num_ranks, N = l.num_nodes, Rn = l.num_ranks_per_node, cap = l.capacity;
+__device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int channel) {
+  const Layout& layout = ctx.layout;
+  const int num_ranks = ctx.peers.num_ranks, num_nodes = layout.num_nodes;
+  const int num_ranks_per_node = layout.num_ranks_per_node, ring_capacity = layout.capacity;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  const int kNumSenderWarps = a.num_sender_warps;
-  __shared__ int sent[kMaxInternodeNodes];       // stream positions written per destination node
-  __shared__ int round_end[kMaxInternodeNodes];  // ... once the current round is written
+  const int kNumSenderWarps = args.num_sender_warps;
+  __shared__ int sent[kMaxInternodeNodes];        // stream positions written per destination node
+  __shared__ int round_sent[kMaxInternodeNodes];  // ... once the current round is written
   __shared__ int send_failed;
   int begin, end;
-  device::channel_range(c, l.num_channels, a.num_tokens, begin, end);
+  device::channel_range(channel, layout.num_channels, args.num_tokens, begin, end);
 
-  // Stream positions: the rank of each token among the channel's tokens for node n (as the combine's
+  // Stream positions: the rank of each token among the channel's tokens for `node` (as the combine's
   // home rank reads them back). Computed once, kept in the handle.
-  if (!a.cached) {
-    for (int n = warp; n < N; n += kNumSenderWarps) {
+  if (!args.cached) {
+    for (int node = warp; node < num_nodes; node += kNumSenderWarps) {
       int running = 0;
-      for (int t0 = begin; t0 < end; t0 += 32) {
-        const int t = t0 + lane;
-        const bool mine = t < end && node_mask(a.is_token_in_rank, R, Rn, t, n) != 0;
+      for (int batch_begin = begin; batch_begin < end; batch_begin += 32) {
+        const int token = batch_begin + lane;
+        const bool mine =
+            token < end && node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, node) != 0;
         const uint32_t ballot = __ballot_sync(0xffffffffu, mine);
-        if (t < end) a.send_rdma_head[static_cast<int64_t>(t) * N + n] = mine ? running + __popc(ballot & ((1u << lane) - 1)) : -1;
+        if (token < end)
+          args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node] =
+              mine ? running + __popc(ballot & ((1u << lane) - 1)) : -1;
         running += __popc(ballot);
       }
     }
     __threadfence_block();
   }
   if (warp == 0) {
-    for (int n = lane; n < N; n += 32) sent[n] = 0;
+    for (int node = lane; node < num_nodes; node += 32) sent[node] = 0;
     if (lane == 0) send_failed = 0;
   }
   device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
   const Transport& net = ctx.net;
-  for (int t0 = begin; t0 < end; t0 += a.send_chunk) {
-    const int t1 = min(end, t0 + a.send_chunk);
-    // Warp 0, lane n: the positions this round writes for node n, and the credit they need: position
-    // i overwrites the slot of position i - cap, which every rank of node n must have scanned.
+  for (int round_begin = begin; round_begin < end; round_begin += args.send_chunk) {
+    const int round_end = min(end, round_begin + args.send_chunk);
+    // Warp 0, lane `node`: the positions this round writes for `node`, and the credit they need: position
+    // i overwrites the slot of position i - ring_capacity, which every rank of `node` must have scanned.
     if (warp == 0) {
-      for (int n = lane; n < N; n += 32) {
-        int need = sent[n];
-        for (int t = t0; t < t1; ++t) {
-          const int head = a.send_rdma_head[static_cast<int64_t>(t) * N + n];
+      for (int node = lane; node < num_nodes; node += 32) {
+        int need = sent[node];
+        for (int token = round_begin; token < round_end; ++token) {
+          const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node];
           if (head >= 0) need = head + 1;
         }
-        round_end[n] = need;
-        if (need - cap > 0) {
+        round_sent[node] = need;
+        if (need - ring_capacity > 0) {
           uint64_t observed = 0;
-          // dispatch_credit(n, c): adds of forwarder (n, my local), acquired here before the overwrite.
-          if (!net.wait_signal(l.signal_dispatch_credit(n, c), static_cast<uint64_t>(need - cap), ctx.p.timeout_ns,
-                               &ctx.p.diagnostics->claimed, &observed)) {
-            device::report(ctx.p.diagnostics, Phase::kInternodeDispatchSend, true, ctx.p.rank, ctx.rank_of(n, ctx.local),
-                           c, -1, need - cap, static_cast<long long>(observed));
+          // dispatch_credit(node, channel): adds of forwarder (node, my local), acquired here before the
+          // overwrite.
+          if (!net.wait_signal(layout.signal_dispatch_credit(node, channel),
+                               static_cast<uint64_t>(need - ring_capacity), ctx.peers.timeout_ns,
+                               &ctx.peers.diagnostics->claimed, &observed)) {
+            device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchSend, true, ctx.peers.rank,
+                           ctx.rank_of(node, ctx.local), channel, -1, need - ring_capacity,
+                           static_cast<long long>(observed));
             send_failed = 1;
           }
         }
@@ -114,36 +123,38 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const Row
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
     if (send_failed) return;
 
-    // A row for node n lands in forwarder (n, my local index), ring (my node, c).
-    for (int t = t0 + warp; t < t1; t += kNumSenderWarps) {
-      const int64_t* topk = a.topk_idx ? a.topk_idx + static_cast<int64_t>(t) * a.num_topk : nullptr;
-      for (int n = 0; n < N; ++n) {
-        const int head = a.send_rdma_head[static_cast<int64_t>(t) * N + n];
+    // A row for `node` lands in forwarder (node, my local index), ring (my node, channel).
+    for (int token = round_begin + warp; token < round_end; token += kNumSenderWarps) {
+      const int64_t* topk = args.topk_idx ? args.topk_idx + static_cast<int64_t>(token) * args.num_topk : nullptr;
+      for (int node = 0; node < num_nodes; ++node) {
+        const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node];
         if (head < 0) continue;
-        const int64_t slot = l.slot(ctx.node, c, head);
+        const int64_t slot = layout.slot(ctx.node, channel, head);
         char* dst;
-        if (n == ctx.node) {
-          dst = ctx.row(ctx.p.rank, slot);
-        } else if (char* direct = net.direct_ptr(ctx.rank_of(n, ctx.local), l.rows_offset + slot * l.row_stride)) {
+        if (node == ctx.node) {
+          dst = ctx.row(ctx.peers.rank, slot);
+        } else if (char* direct =
+                       net.direct_ptr(ctx.rank_of(node, ctx.local), layout.rows_offset + slot * layout.row_stride)) {
           dst = direct;
         } else {
-          dst = ctx.send_row(l.slot(n, c, head));
+          dst = ctx.send_row(layout.slot(node, channel, head));
         }
         device::warp_copy<8>(reinterpret_cast<int4*>(dst),
-                             reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(t) * a.row_bytes), a.row_bytes / 16,
-                             lane, device::ld_input);
-        float* scales = reinterpret_cast<float*>(dst + rl.scales_offset);
-        for (int k = lane; k < a.num_scales; k += 32)
-          scales[k] = a.x_scales[t * a.scale_token_stride + k * a.scale_channel_stride];
-        int* topk_dst = reinterpret_cast<int*>(dst + rl.topk_idx_offset);
-        float* weights_dst = reinterpret_cast<float*>(dst + rl.topk_weights_offset);
-        for (int k = lane; topk && k < a.num_topk; k += 32) {
+                             reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
+                             args.row_bytes / 16, lane, device::ld_input);
+        float* scales = reinterpret_cast<float*>(dst + row_layout.scales_offset);
+        for (int k = lane; k < args.num_scales; k += 32)
+          scales[k] = args.x_scales[token * args.scale_token_stride + k * args.scale_channel_stride];
+        int* topk_dst = reinterpret_cast<int*>(dst + row_layout.topk_idx_offset);
+        float* weights_dst = reinterpret_cast<float*>(dst + row_layout.topk_weights_offset);
+        for (int k = lane; topk && k < args.num_topk; k += 32) {
           topk_dst[k] = static_cast<int>(topk[k]);
-          weights_dst[k] = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + k];
+          weights_dst[k] = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + k];
         }
         if (lane == 0) {
-          *reinterpret_cast<int*>(dst + rl.src_token_offset) = t;
-          *reinterpret_cast<uint32_t*>(dst + rl.mask_offset) = node_mask(a.is_token_in_rank, R, Rn, t, n);
+          *reinterpret_cast<int*>(dst + row_layout.src_token_offset) = token;
+          *reinterpret_cast<uint32_t*>(dst + row_layout.mask_offset) =
+              node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, node);
         }
       }
     }
@@ -152,32 +163,33 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const Row
     __threadfence_system();
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
-    // dispatch(my node, c) on forwarder (n, my local): one add per round with the round's rows, after them.
+    // dispatch(my node, channel) on forwarder (node, my local): one add per round with the round's rows,
+    // after them.
     if (warp == 0) {
-      for (int n = 0; n < N; ++n) {
-        const int first = sent[n], count = round_end[n] - first;
+      for (int node = 0; node < num_nodes; ++node) {
+        const int first = sent[node], count = round_sent[node] - first;
         if (count == 0) continue;
-        const int forwarder = ctx.rank_of(n, ctx.local);
-        if (n == ctx.node || net.direct_ptr(forwarder, l.rows_offset) != nullptr) {
-          net.signal_add(forwarder, l.signal_dispatch(ctx.node, c), static_cast<uint64_t>(count));
+        const int forwarder = ctx.rank_of(node, ctx.local);
+        if (node == ctx.node || net.direct_ptr(forwarder, layout.rows_offset) != nullptr) {
+          net.signal_add(forwarder, layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
         } else {
           // Staged at the same ring slots: one put per contiguous run (the ring may wrap once).
-          const int64_t first_slot = l.slot(ctx.node, c, first) - l.slot(ctx.node, c, 0);
-          const int head_run = static_cast<int>(min(static_cast<int64_t>(count), cap - first_slot));
-          const int64_t dst = l.rows_offset + l.slot(ctx.node, c, first) * l.row_stride;
-          const int64_t src = l.send_rows_offset + l.slot(n, c, first) * l.row_stride;
+          const int64_t first_slot = layout.slot(ctx.node, channel, first) - layout.slot(ctx.node, channel, 0);
+          const int head_run = static_cast<int>(min(static_cast<int64_t>(count), ring_capacity - first_slot));
+          const int64_t dst = layout.rows_offset + layout.slot(ctx.node, channel, first) * layout.row_stride;
+          const int64_t src = layout.send_rows_offset + layout.slot(node, channel, first) * layout.row_stride;
           if (head_run < count) {
-            net.put(forwarder, dst, src, static_cast<int64_t>(head_run) * l.row_stride);
-            net.put_with_signal(forwarder, l.rows_offset + l.slot(ctx.node, c, 0) * l.row_stride,
-                                l.send_rows_offset + l.slot(n, c, 0) * l.row_stride,
-                                static_cast<int64_t>(count - head_run) * l.row_stride, l.signal_dispatch(ctx.node, c),
-                                static_cast<uint64_t>(count));
+            net.put(forwarder, dst, src, static_cast<int64_t>(head_run) * layout.row_stride);
+            net.put_with_signal(forwarder, layout.rows_offset + layout.slot(ctx.node, channel, 0) * layout.row_stride,
+                                layout.send_rows_offset + layout.slot(node, channel, 0) * layout.row_stride,
+                                static_cast<int64_t>(count - head_run) * layout.row_stride,
+                                layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
           } else {
-            net.put_with_signal(forwarder, dst, src, static_cast<int64_t>(count) * l.row_stride,
-                                l.signal_dispatch(ctx.node, c), static_cast<uint64_t>(count));
+            net.put_with_signal(forwarder, dst, src, static_cast<int64_t>(count) * layout.row_stride,
+                                layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
           }
         }
-        if (lane == 0) sent[n] = round_end[n];
+        if (lane == 0) sent[node] = round_sent[node];
         __syncwarp();
       }
     }
@@ -186,122 +198,143 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& a, const Row
   // Every credit of the op is in once each node's ranks scanned every row: then nobody adds to the
   // credit signals any more and they are reset for the next op.
   if (warp == 0) {
-    for (int n = lane; n < N; n += 32) {
+    for (int node = lane; node < num_nodes; node += 32) {
       uint64_t observed = 0;
-      if (sent[n] > 0 && !net.wait_signal(l.signal_dispatch_credit(n, c), static_cast<uint64_t>(sent[n]),
-                                          ctx.p.timeout_ns, &ctx.p.diagnostics->claimed, &observed)) {
-        device::report(ctx.p.diagnostics, Phase::kInternodeDispatchSend, true, ctx.p.rank, ctx.rank_of(n, ctx.local), c,
-                       -1, sent[n], static_cast<long long>(observed));
+      if (sent[node] > 0 &&
+          !net.wait_signal(layout.signal_dispatch_credit(node, channel), static_cast<uint64_t>(sent[node]),
+                           ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed)) {
+        device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchSend, true, ctx.peers.rank,
+                       ctx.rank_of(node, ctx.local), channel, -1, sent[node], static_cast<long long>(observed));
         continue;
       }
-      net.reset_signal(l.signal_dispatch_credit(n, c));
+      net.reset_signal(layout.signal_dispatch_credit(node, channel));
     }
   }
 }
 
 template <typename Transport>
-__device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
-  const Layout& l = ctx.l;
-  const int N = l.num_nodes, Rn = l.num_ranks_per_node, C = l.num_channels;
+__device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int epoch,
+                        int channel) {
+  const Layout& layout = ctx.layout;
+  const int num_nodes = layout.num_nodes, num_ranks_per_node = layout.num_ranks_per_node;
+  const int num_channels = layout.num_channels;
   const int lane = device::lane_id();
   const Transport& net = ctx.net;
-  // Per (source node, local rank): the next position in that rank's combine ring stream (c, my local).
+  // Per (source node, local rank): the next position in that rank's combine ring stream (channel, my
+  // local).
   __shared__ int nvl_position[kMaxInternodeNodes][32];
 
   // send_nvl_head: for each received row and each rank j of the node, the position of j's row in j's
-  // combine ring (c, my local index), whose stream is j's rows from sources (0, me), (1, me), ... in
-  // channel c (from j's published prefixes, written by notify, which ended with epoch == this op's).
-  if (!a.cached && lane < Rn) {
+  // combine ring (channel, my local index), whose stream is j's rows from sources (0, my local),
+  // (1, my local), ... in `channel` (from j's published prefixes, written by notify, which ended with
+  // epoch == this op's).
+  if (!args.cached && lane < num_ranks_per_node) {
     const int j = ctx.rank_of(ctx.node, lane);
     int base = 0;
-    const bool ok = ctx.wait_flag(ctx.flag(j, l.flag_published()), epoch, Phase::kInternodeDispatchForward, j, c);
+    const bool ok =
+        ctx.wait_flag(ctx.flag(j, layout.flag_published()), epoch, Phase::kInternodeDispatchForward, j, channel);
     const int* channel_prefix = ctx.published(j);
-    for (int n = 0; n < N; ++n) {
-      nvl_position[n][lane] = base;
-      const int* p = channel_prefix + ctx.rank_of(n, ctx.local) * C;
-      if (ok) base += __ldcg(p + c) - (c > 0 ? __ldcg(p + c - 1) : 0);
+    for (int node = 0; node < num_nodes; ++node) {
+      nvl_position[node][lane] = base;
+      const int* prefix_row = channel_prefix + ctx.rank_of(node, ctx.local) * num_channels;
+      if (ok) base += __ldcg(prefix_row + channel) - (channel > 0 ? __ldcg(prefix_row + channel - 1) : 0);
     }
   }
   __syncwarp();
 
-  // Lane n keeps node n's ring (n, c): rows expected, arrived, recorded in send_nvl_head, credited.
-  const int n = lane;
-  const int total = n < N ? channel_count(a.recv_rdma_channel_prefix_matrix + n * C, c) : 0;
-  const int row_base = n < N ? (n > 0 ? a.recv_rdma_rank_prefix_sum[n - 1] : 0) +
-                                   (c > 0 ? a.recv_rdma_channel_prefix_matrix[n * C + c - 1] : 0)
-                             : 0;
+  // Lane `node` keeps that node's ring (node, channel): rows expected, arrived, recorded in send_nvl_head,
+  // credited.
+  const int node = lane;
+  const int total =
+      node < num_nodes ? channel_count(args.recv_rdma_channel_prefix_matrix + node * num_channels, channel) : 0;
+  const int row_base =
+      node < num_nodes ? (node > 0 ? args.recv_rdma_rank_prefix_sum[node - 1] : 0) +
+                             (channel > 0 ? args.recv_rdma_channel_prefix_matrix[node * num_channels + channel - 1] : 0)
+                       : 0;
   int arrived = 0, recorded = 0, credited = 0;
-  bool reset = n >= N;
-  if (!a.cached && n < N && row_base + total > a.num_rdma_rows) {
+  bool reset = node >= num_nodes;
+  if (!args.cached && node < num_nodes && row_base + total > args.num_rdma_rows) {
     // num_worst_tokens bounded send_nvl_head below the rows this forwarder receives: those rows get none.
-    device::report(ctx.p.diagnostics, Phase::kInternodeTooManyRows, false, ctx.p.rank, ctx.rank_of(n, ctx.local), c, -1,
-                   a.num_rdma_rows, row_base + total);
+    device::report(ctx.peers.diagnostics, Phase::kInternodeTooManyRows, false, ctx.peers.rank,
+                   ctx.rank_of(node, ctx.local), channel, -1, args.num_rdma_rows, row_base + total);
   }
   IdleClock clock;
   while (!__all_sync(0xffffffffu, reset)) {
     bool progressed = false;
-    // Arrivals: dispatch(n, c) counts rows of ring (n, c) that have landed here; relayed to the node.
-    if (n < N && arrived < total) {
-      const int now = static_cast<int>(min(static_cast<uint64_t>(total), net.read_signal(l.signal_dispatch(n, c))));
+    // Arrivals: dispatch(node, channel) counts rows of ring (node, channel) that have landed here; relayed
+    // to the node.
+    if (node < num_nodes && arrived < total) {
+      const int now =
+          static_cast<int>(min(static_cast<uint64_t>(total), net.read_signal(layout.signal_dispatch(node, channel))));
       if (now > arrived) {
         arrived = now;
-        device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_rows_ready(n, c)), tagged(epoch, arrived));
+        device::st_release_sys(ctx.flag(ctx.peers.rank, layout.flag_rows_ready(node, channel)), tagged(epoch, arrived));
         progressed = true;
       }
     }
     // send_nvl_head of the rows that arrived since the last pass, node by node with the whole warp.
-    if (!a.cached) {
-      for (int m = 0; m < N; ++m) {
-        const int from = __shfl_sync(0xffffffffu, recorded, m), to = __shfl_sync(0xffffffffu, arrived, m);
-        const int base_m = __shfl_sync(0xffffffffu, row_base, m);
+    if (!args.cached) {
+      for (int source_node = 0; source_node < num_nodes; ++source_node) {
+        const int from = __shfl_sync(0xffffffffu, recorded, source_node);
+        const int to = __shfl_sync(0xffffffffu, arrived, source_node);
+        const int source_row_base = __shfl_sync(0xffffffffu, row_base, source_node);
         for (int i0 = from; i0 < to; i0 += 32) {
           const int i = i0 + lane;
           const uint32_t mask =
-              i < to ? __ldcg(reinterpret_cast<const uint32_t*>(ctx.row(ctx.p.rank, l.slot(m, c, i)) + rl.mask_offset)) : 0u;
-          for (int lr = 0; lr < Rn; ++lr) {
-            const bool hit = (mask >> lr) & 1u;
+              i < to ? __ldcg(reinterpret_cast<const uint32_t*>(
+                           ctx.row(ctx.peers.rank, layout.slot(source_node, channel, i)) + row_layout.mask_offset))
+                     : 0u;
+          for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank) {
+            const bool hit = (mask >> local_rank) & 1u;
             const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
-            const int position = nvl_position[m][lr];
-            const int64_t row = static_cast<int64_t>(base_m) + i;
-            if (i < to && row < a.num_rdma_rows)
-              a.send_nvl_head[row * Rn + lr] = hit ? position + __popc(ballot & ((1u << lane) - 1)) : -1;
+            const int position = nvl_position[source_node][local_rank];
+            const int64_t row = static_cast<int64_t>(source_row_base) + i;
+            if (i < to && row < args.num_rdma_rows)
+              args.send_nvl_head[row * num_ranks_per_node + local_rank] =
+                  hit ? position + __popc(ballot & ((1u << lane) - 1)) : -1;
             __syncwarp();
-            if (lane == 0) nvl_position[m][lr] = position + __popc(ballot);
+            if (lane == 0) nvl_position[source_node][local_rank] = position + __popc(ballot);
             __syncwarp();
           }
         }
-        if (lane == m) recorded = to;
+        if (lane == source_node) recorded = to;
       }
     } else {
       recorded = arrived;
     }
     // Credits: positions every rank of the node has scanned, and this warp has recorded.
     int consumable = 0;
-    if (n < N) {
+    if (node < num_nodes) {
       consumable = recorded;
-      for (int lr = 0; lr < Rn; ++lr)
-        consumable = min(consumable, count_of(device::ld_acquire_sys(ctx.flag(ctx.p.rank, l.flag_rows_scanned(n, c, lr))), epoch));
+      for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
+        consumable = min(consumable,
+                         count_of(device::ld_acquire_sys(ctx.flag(ctx.peers.rank,
+                                                                  layout.flag_rows_scanned(node, channel, local_rank))),
+                                  epoch));
     }
-    for (int m = 0; m < N; ++m) {
-      const int delta = __shfl_sync(0xffffffffu, consumable - credited, m);
+    for (int source_node = 0; source_node < num_nodes; ++source_node) {
+      const int delta = __shfl_sync(0xffffffffu, consumable - credited, source_node);
       if (delta <= 0) continue;
-      // dispatch_credit(my node, c) on source (m, my local): the scans above were acquired by this warp.
-      net.signal_add(ctx.rank_of(m, ctx.local), l.signal_dispatch_credit(ctx.node, c), static_cast<uint64_t>(delta));
-      if (lane == m) credited += delta;
+      // dispatch_credit(my node, channel) on source (source_node, my local): the scans above were acquired
+      // by this warp.
+      net.signal_add(ctx.rank_of(source_node, ctx.local), layout.signal_dispatch_credit(ctx.node, channel),
+                     static_cast<uint64_t>(delta));
+      if (lane == source_node) credited += delta;
       progressed = true;
     }
-    // Every row of ring (n, c) arrived: no add to dispatch(n, c) can follow this op's last.
+    // Every row of ring (node, channel) arrived: no add to dispatch(node, channel) can follow this op's
+    // last.
     if (!reset && arrived == total && credited == total) {
-      net.reset_signal(l.signal_dispatch(n, c));
+      net.reset_signal(layout.signal_dispatch(node, channel));
       reset = true;
     }
     if (progressed) {
       clock.progressed();
-    } else if (clock.expired(ctx.p)) {
+    } else if (clock.expired(ctx.peers)) {
       if (!reset) {
         const bool waits_rows = arrived < total;
-        device::report(ctx.p.diagnostics, Phase::kInternodeDispatchForward, true, ctx.p.rank, ctx.rank_of(n, ctx.local),
-                       c, -1, total, waits_rows ? arrived : consumable);
+        device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchForward, true, ctx.peers.rank,
+                       ctx.rank_of(node, ctx.local), channel, -1, total, waits_rows ? arrived : consumable);
       }
       return;
     }
@@ -309,23 +342,26 @@ __device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& a, const 
 }
 
 template <typename Transport>
-__device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& a, const RowLayout& rl, int epoch, int c) {
-  const Layout& l = ctx.l;
-  const int C = l.num_channels, Rn = l.num_ranks_per_node, R = ctx.p.num_ranks;
-  const int kNumReceiverWarps = kNumThreads / 32 - a.num_sender_warps - 1;
-  const int rw = threadIdx.x / 32 - a.num_sender_warps - 1, lane = device::lane_id();
-  const int L = a.num_experts > 0 ? a.num_experts / R : 0;
-  const int first_expert = ctx.p.rank * L;
-  // Per source rank (owned by warp s % kNumReceiverWarps): positions scanned, rows found.
+__device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int epoch,
+                        int channel) {
+  const Layout& layout = ctx.layout;
+  const int num_channels = layout.num_channels, num_ranks_per_node = layout.num_ranks_per_node;
+  const int num_ranks = ctx.peers.num_ranks;
+  const int kNumReceiverWarps = kNumThreads / 32 - args.num_sender_warps - 1;
+  const int receive_warp = threadIdx.x / 32 - args.num_sender_warps - 1, lane = device::lane_id();
+  const int num_local_experts = args.num_experts > 0 ? args.num_experts / num_ranks : 0;
+  const int first_expert = ctx.peers.rank * num_local_experts;
+  // Per source rank (owned by warp source % kNumReceiverWarps): positions scanned, rows found.
   __shared__ int scanned[kMaxInternodeRanks], found[kMaxInternodeRanks];
-  for (int s = rw; s < R; s += kNumReceiverWarps) {
-    const int expected = channel_count(a.recv_gbl_channel_prefix_matrix + s * C, c);
+  for (int source = receive_warp; source < num_ranks; source += kNumReceiverWarps) {
+    const int expected = channel_count(args.recv_gbl_channel_prefix_matrix + source * num_channels, channel);
     if (lane == 0) {
-      scanned[s] = 0;
-      found[s] = 0;
+      scanned[source] = 0;
+      found[source] = 0;
       // A source with nothing for this rank holds nothing back in its ring.
       if (expected == 0)
-        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, s % Rn), l.flag_rows_scanned(s / Rn, c, ctx.local)),
+        device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, source % num_ranks_per_node),
+                                        layout.flag_rows_scanned(source / num_ranks_per_node, channel, ctx.local)),
                                tagged(epoch, kScanDone));
     }
   }
@@ -333,66 +369,72 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& a, const 
   IdleClock clock;
   for (;;) {
     bool pending = false, progressed = false;
-    for (int s = rw; s < R; s += kNumReceiverWarps) {
-      const int* prefix = a.recv_gbl_channel_prefix_matrix + s * C;
-      const int expected = channel_count(prefix, c);
-      int got = found[s];
+    for (int source = receive_warp; source < num_ranks; source += kNumReceiverWarps) {
+      const int* prefix = args.recv_gbl_channel_prefix_matrix + source * num_channels;
+      const int expected = channel_count(prefix, channel);
+      int got = found[source];
       if (got >= expected) continue;
       pending = true;
-      const int n = s / Rn;
-      const int forwarder = ctx.rank_of(ctx.node, s % Rn);
+      const int source_node = source / num_ranks_per_node;
+      const int forwarder = ctx.rank_of(ctx.node, source % num_ranks_per_node);
       int64_t ready_value = 0;
-      if (lane == 0) ready_value = device::ld_acquire_sys(ctx.flag(forwarder, l.flag_rows_ready(n, c)));
+      if (lane == 0)
+        ready_value = device::ld_acquire_sys(ctx.flag(forwarder, layout.flag_rows_ready(source_node, channel)));
       const int ready = count_of(__shfl_sync(0xffffffffu, ready_value, 0), epoch);
-      int position = scanned[s];
+      int position = scanned[source];
       if (ready <= position) continue;
-      const int base = (s > 0 ? a.recv_gbl_rank_prefix_sum[s - 1] : 0) + (c > 0 ? prefix[c - 1] : 0);
+      const int base =
+          (source > 0 ? args.recv_gbl_rank_prefix_sum[source - 1] : 0) + (channel > 0 ? prefix[channel - 1] : 0);
       for (; position < ready && got < expected; position += 32) {
-        const int i = position + lane;
-        const char* lane_row = ctx.row(forwarder, l.slot(n, c, i));
-        const bool hit = i < ready && ((__ldcg(reinterpret_cast<const uint32_t*>(lane_row + rl.mask_offset)) >> ctx.local) & 1u);
+        const int lane_position = position + lane;
+        const char* lane_row = ctx.row(forwarder, layout.slot(source_node, channel, lane_position));
+        const bool hit =
+            lane_position < ready &&
+            ((__ldcg(reinterpret_cast<const uint32_t*>(lane_row + row_layout.mask_offset)) >> ctx.local) & 1u);
         uint32_t ballot = __ballot_sync(0xffffffffu, hit);
         while (ballot != 0 && got < expected) {
           const int src_lane = __ffs(ballot) - 1;
           ballot &= ballot - 1;
           const int src_position = position + src_lane;
-          const char* src = ctx.row(forwarder, l.slot(n, c, src_position));
+          const char* src = ctx.row(forwarder, layout.slot(source_node, channel, src_position));
           const int64_t row = base + got;
           ++got;
-          if (row >= a.num_rows) {
+          if (row >= args.num_rows) {
             // num_worst_tokens too small: drop the row, say so.
             if (lane == 0)
-              device::report(ctx.p.diagnostics, Phase::kInternodeTooManyRows, false, ctx.p.rank, s, c, -1, a.num_rows, row + 1);
+              device::report(ctx.peers.diagnostics, Phase::kInternodeTooManyRows, false, ctx.peers.rank, source,
+                             channel, -1, args.num_rows, row + 1);
             continue;
           }
-          device::warp_copy<8>(reinterpret_cast<int4*>(a.recv_x + row * a.row_bytes), reinterpret_cast<const int4*>(src),
-                               a.row_bytes / 16, lane, device::ld_queue);
-          const float* scales = reinterpret_cast<const float*>(src + rl.scales_offset);
-          for (int k = lane; k < a.num_scales; k += 32) a.recv_x_scales[row * a.num_scales + k] = __ldcg(scales + k);
-          if (a.num_topk > 0 && a.recv_topk_idx) {
-            const int* topk = reinterpret_cast<const int*>(src + rl.topk_idx_offset);
-            const float* weights = reinterpret_cast<const float*>(src + rl.topk_weights_offset);
-            for (int k = lane; k < a.num_topk; k += 32) {
-              const int e = __ldcg(topk + k);
-              const bool local = e >= first_expert && e < first_expert + L;
-              a.recv_topk_idx[row * a.num_topk + k] = local ? e - first_expert : -1;
-              a.recv_topk_weights[row * a.num_topk + k] = local ? __ldcg(weights + k) : 0.0f;
+          device::warp_copy<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
+                               reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane, device::ld_queue);
+          const float* scales = reinterpret_cast<const float*>(src + row_layout.scales_offset);
+          for (int k = lane; k < args.num_scales; k += 32)
+            args.recv_x_scales[row * args.num_scales + k] = __ldcg(scales + k);
+          if (args.num_topk > 0 && args.recv_topk_idx) {
+            const int* topk = reinterpret_cast<const int*>(src + row_layout.topk_idx_offset);
+            const float* weights = reinterpret_cast<const float*>(src + row_layout.topk_weights_offset);
+            for (int k = lane; k < args.num_topk; k += 32) {
+              const int expert = __ldcg(topk + k);
+              const bool local = expert >= first_expert && expert < first_expert + num_local_experts;
+              args.recv_topk_idx[row * args.num_topk + k] = local ? expert - first_expert : -1;
+              args.recv_topk_weights[row * args.num_topk + k] = local ? __ldcg(weights + k) : 0.0f;
             }
           }
           if (lane == 0) {
-            a.recv_src_meta[row * 2] = __ldcg(reinterpret_cast<const int*>(src + rl.src_token_offset));
-            a.recv_src_meta[row * 2 + 1] = src_position;
+            args.recv_src_meta[row * 2] = __ldcg(reinterpret_cast<const int*>(src + row_layout.src_token_offset));
+            args.recv_src_meta[row * 2 + 1] = src_position;
           }
         }
       }
       position = min(position, ready);
-      // rows_scanned(n, c, my local) on the forwarder: after this warp's reads of the scanned slots
-      // (the __syncwarp orders every lane's loads before lane 0's release).
+      // rows_scanned(source_node, channel, my local) on the forwarder: after this warp's reads of the
+      // scanned slots (the __syncwarp orders every lane's loads before lane 0's release).
       __syncwarp();
       if (lane == 0) {
-        scanned[s] = position;
-        found[s] = got;
-        device::st_release_sys(ctx.flag(forwarder, l.flag_rows_scanned(n, c, ctx.local)),
+        scanned[source] = position;
+        found[source] = got;
+        device::st_release_sys(ctx.flag(forwarder, layout.flag_rows_scanned(source_node, channel, ctx.local)),
                                tagged(epoch, got >= expected ? kScanDone : position));
       }
       __syncwarp();
@@ -401,13 +443,14 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& a, const 
     if (!pending) return;
     if (progressed) {
       clock.progressed();
-    } else if (clock.expired(ctx.p)) {
+    } else if (clock.expired(ctx.peers)) {
       // Name the first source still short of rows.
-      for (int s = rw; s < R; s += kNumReceiverWarps) {
-        const int expected = channel_count(a.recv_gbl_channel_prefix_matrix + s * C, c);
-        if (found[s] < expected) {
+      for (int source = receive_warp; source < num_ranks; source += kNumReceiverWarps) {
+        const int expected = channel_count(args.recv_gbl_channel_prefix_matrix + source * num_channels, channel);
+        if (found[source] < expected) {
           if (lane == 0)
-            device::report(ctx.p.diagnostics, Phase::kInternodeDispatchRecv, true, ctx.p.rank, s, c, -1, expected, found[s]);
+            device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchRecv, true, ctx.peers.rank, source, channel,
+                           -1, expected, found[source]);
           break;
         }
       }
@@ -422,15 +465,15 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(Peers peers, Layout l
                                                            DispatchArgs args) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
-  const RowLayout rl = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
-  const int c = blockIdx.x;
+  const RowLayout row_layout = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
+  const int channel = blockIdx.x;
   const int warp = threadIdx.x / 32;
   if (warp < args.num_sender_warps) {
-    send(ctx, args, rl, c);
+    send(ctx, args, row_layout, channel);
   } else if (warp == args.num_sender_warps) {
-    forward(ctx, args, rl, epoch, c);
+    forward(ctx, args, row_layout, epoch, channel);
   } else {
-    receive(ctx, args, rl, epoch, c);
+    receive(ctx, args, row_layout, epoch, channel);
   }
   end_op(ctx);
 }

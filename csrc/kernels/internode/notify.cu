@@ -17,40 +17,43 @@ namespace {
 constexpr int kNumWarps = kNumThreads / 32;
 
 template <typename Transport>
-__device__ void send_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, int epoch, int dest_node) {
-  const Layout& l = ctx.l;
-  const int R = ctx.p.num_ranks, Rn = l.num_ranks_per_node, C = l.num_channels;
+__device__ void send_counts(const Ctx<Transport>& ctx, const NotifyArgs& args, int epoch, int dest_node) {
+  const Layout& layout = ctx.layout;
+  const int num_ranks = ctx.peers.num_ranks, num_ranks_per_node = layout.num_ranks_per_node;
+  const int num_channels = layout.num_channels;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   const bool to_self = dest_node == ctx.node;
-  int* meta = to_self ? ctx.meta(ctx.p.rank, ctx.node) : ctx.meta_send(dest_node);
-  for (int c = warp; c < C; c += kNumWarps) {
+  int* meta = to_self ? ctx.meta(ctx.peers.rank, ctx.node) : ctx.meta_send(dest_node);
+  for (int channel = warp; channel < num_channels; channel += kNumWarps) {
     int begin, end;
-    device::channel_range(c, C, a.num_tokens, begin, end);
+    device::channel_range(channel, num_channels, args.num_tokens, begin, end);
     int node_count = 0;
     int rank_count[32];
-    for (int lr = 0; lr < Rn; ++lr) rank_count[lr] = 0;
-    for (int t = begin + lane; t < end; t += 32) {
-      const bool* row = a.is_token_in_rank + static_cast<int64_t>(t) * R + dest_node * Rn;
+    for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank) rank_count[local_rank] = 0;
+    for (int token = begin + lane; token < end; token += 32) {
+      const bool* row =
+          args.is_token_in_rank + static_cast<int64_t>(token) * num_ranks + dest_node * num_ranks_per_node;
       bool any = false;
-      for (int lr = 0; lr < Rn; ++lr) {
-        rank_count[lr] += row[lr];
-        any |= row[lr];
+      for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank) {
+        rank_count[local_rank] += row[local_rank];
+        any |= row[local_rank];
       }
       node_count += any;
     }
     node_count = __reduce_add_sync(0xffffffffu, node_count);
-    if (lane == 0) meta[l.meta_node_count(c)] = node_count;
-    for (int lr = 0; lr < Rn; ++lr) {
-      const int v = __reduce_add_sync(0xffffffffu, rank_count[lr]);
-      if (lane == 0) meta[l.meta_rank_count(lr, c)] = v;
+    if (lane == 0) meta[layout.meta_node_count(channel)] = node_count;
+    for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank) {
+      const int count = __reduce_add_sync(0xffffffffu, rank_count[local_rank]);
+      if (lane == 0) meta[layout.meta_rank_count(local_rank, channel)] = count;
     }
   }
-  const int L = a.num_experts / R;
-  for (int i = threadIdx.x; i < Rn * L; i += blockDim.x) {
-    const int lr = i / L, e = i % L;
-    meta[l.meta_expert_count(lr, e)] = a.num_tokens_per_expert[(dest_node * Rn + lr) * L + e];
+  const int num_local_experts = args.num_experts / num_ranks;
+  for (int i = threadIdx.x; i < num_ranks_per_node * num_local_experts; i += blockDim.x) {
+    const int local_rank = i / num_local_experts, local_expert = i % num_local_experts;
+    meta[layout.meta_expert_count(local_rank, local_expert)] =
+        args.num_tokens_per_expert[(dest_node * num_ranks_per_node + local_rank) * num_local_experts + local_expert];
   }
-  if (threadIdx.x == 0) meta[0] = a.num_tokens;
+  if (threadIdx.x == 0) meta[0] = args.num_tokens;
   // Node-mates read the record after the flag below (own node); the forwarder of node dest_node after
   // the put's signal (the fence also orders these stores before the NIC reads them).
   __threadfence_system();
@@ -59,123 +62,131 @@ __device__ void send_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, int 
   // The send-side handle rows of node dest_node: inclusive prefixes over channels.
   if (warp == 0) {
     int carry = 0;
-    for (int c0 = 0; c0 < C; c0 += 32) {
-      const int c = c0 + lane;
-      const int v = c < C ? meta[l.meta_node_count(c)] : 0;
-      const int inclusive = warp_inclusive_scan(v) + carry;
-      if (c < C) a.rdma_channel_prefix_matrix[dest_node * C + c] = inclusive;
+    for (int first_channel = 0; first_channel < num_channels; first_channel += 32) {
+      const int channel = first_channel + lane;
+      const int count = channel < num_channels ? meta[layout.meta_node_count(channel)] : 0;
+      const int inclusive = warp_inclusive_scan(count) + carry;
+      if (channel < num_channels) args.rdma_channel_prefix_matrix[dest_node * num_channels + channel] = inclusive;
       carry = __shfl_sync(0xffffffffu, inclusive, 31);
     }
   }
-  for (int lr = warp - 1; warp > 0 && lr < Rn; lr += kNumWarps - 1) {
+  for (int local_rank = warp - 1; warp > 0 && local_rank < num_ranks_per_node; local_rank += kNumWarps - 1) {
     int carry = 0;
-    for (int c0 = 0; c0 < C; c0 += 32) {
-      const int c = c0 + lane;
-      const int v = c < C ? meta[l.meta_rank_count(lr, c)] : 0;
-      const int inclusive = warp_inclusive_scan(v) + carry;
-      if (c < C) a.gbl_channel_prefix_matrix[(dest_node * Rn + lr) * C + c] = inclusive;
+    for (int first_channel = 0; first_channel < num_channels; first_channel += 32) {
+      const int channel = first_channel + lane;
+      const int count = channel < num_channels ? meta[layout.meta_rank_count(local_rank, channel)] : 0;
+      const int inclusive = warp_inclusive_scan(count) + carry;
+      if (channel < num_channels)
+        args.gbl_channel_prefix_matrix[(dest_node * num_ranks_per_node + local_rank) * num_channels + channel] =
+            inclusive;
       carry = __shfl_sync(0xffffffffu, inclusive, 31);
     }
   }
 
   if (warp == 0) {
     if (to_self) {
-      if (lane == 0) device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_meta_ready(ctx.node)), int64_t(epoch) + 1);
+      if (lane == 0)
+        device::st_release_sys(ctx.flag(ctx.peers.rank, layout.flag_meta_ready(ctx.node)), int64_t(epoch) + 1);
     } else {
       // Another node: staged in meta_send (written by every warp before the barrier above) and put.
       // signal_meta(my node) on the forwarder: one add per op, after the record's bytes.
-      ctx.net.put_with_signal(ctx.rank_of(dest_node, ctx.local), l.meta_offset + int64_t(ctx.node) * l.meta_bytes(),
-                              l.meta_send_offset + int64_t(dest_node) * l.meta_bytes(), l.meta_bytes(),
-                              l.signal_meta(ctx.node), 1);
+      ctx.net.put_with_signal(ctx.rank_of(dest_node, ctx.local),
+                              layout.meta_offset + int64_t(ctx.node) * layout.meta_bytes(),
+                              layout.meta_send_offset + int64_t(dest_node) * layout.meta_bytes(), layout.meta_bytes(),
+                              layout.signal_meta(ctx.node), 1);
     }
   }
 }
 
 template <typename Transport>
-__device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& a, int epoch) {
-  const Layout& l = ctx.l;
-  const int R = ctx.p.num_ranks, N = l.num_nodes, C = l.num_channels;
+__device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& args, int epoch) {
+  const Layout& layout = ctx.layout;
+  const int num_ranks = ctx.peers.num_ranks, num_nodes = layout.num_nodes, num_channels = layout.num_channels;
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  const int L = a.num_experts / R;
+  const int num_local_experts = args.num_experts / num_ranks;
   __shared__ int total_from[kMaxInternodeRanks];
   __shared__ int expert_count[kMaxLocalExperts];
   __shared__ int node_total[kMaxInternodeNodes];
-  for (int i = threadIdx.x; i < L; i += blockDim.x) expert_count[i] = 0;
+  for (int i = threadIdx.x; i < num_local_experts; i += blockDim.x) expert_count[i] = 0;
 
   // Relay: records from other nodes arrive as transport signals; node-mates poll flags.
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    if (n == ctx.node) continue;
-    if (ctx.wait_signal_once(l.signal_meta(n), Phase::kInternodeNotify, ctx.rank_of(n, ctx.local), -1))
-      device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_meta_ready(n)), int64_t(epoch) + 1);
+  for (int node = threadIdx.x; node < num_nodes; node += blockDim.x) {
+    if (node == ctx.node) continue;
+    if (ctx.wait_signal_once(layout.signal_meta(node), Phase::kInternodeNotify, ctx.rank_of(node, ctx.local), -1))
+      device::st_release_sys(ctx.flag(ctx.peers.rank, layout.flag_meta_ready(node)), int64_t(epoch) + 1);
   }
   __syncthreads();
 
-  // Source s = (n, lr) reaches this node through forwarder (my node, lr): its record is there, slot n.
-  for (int s = warp; s < R; s += kNumWarps) {
-    const int n = s / l.num_ranks_per_node, lr = s % l.num_ranks_per_node;
-    const int forwarder = ctx.rank_of(ctx.node, lr);
+  // Source rank (source_node, local_rank) reaches this node through forwarder (my node, local_rank): its
+  // record is there, slot source_node.
+  for (int source = warp; source < num_ranks; source += kNumWarps) {
+    const int source_node = source / layout.num_ranks_per_node, local_rank = source % layout.num_ranks_per_node;
+    const int forwarder = ctx.rank_of(ctx.node, local_rank);
     bool ok = true;
-    if (lane == 0) ok = ctx.wait_flag(ctx.flag(forwarder, l.flag_meta_ready(n)), int64_t(epoch) + 1,
-                                      Phase::kInternodeNotify, s, -1);
+    if (lane == 0) ok = ctx.wait_flag(ctx.flag(forwarder, layout.flag_meta_ready(source_node)), int64_t(epoch) + 1,
+                                      Phase::kInternodeNotify, source, -1);
     ok = __shfl_sync(0xffffffffu, ok, 0);
-    const int* meta = ctx.meta(forwarder, n);
+    const int* meta = ctx.meta(forwarder, source_node);
     int carry = 0;
-    for (int c0 = 0; c0 < C; c0 += 32) {
-      const int c = c0 + lane;
-      const int v = (ok && c < C) ? __ldcg(meta + l.meta_rank_count(ctx.local, c)) : 0;
-      const int inclusive = warp_inclusive_scan(v) + carry;
-      if (c < C) a.recv_gbl_channel_prefix_matrix[s * C + c] = inclusive;
+    for (int first_channel = 0; first_channel < num_channels; first_channel += 32) {
+      const int channel = first_channel + lane;
+      const int count = (ok && channel < num_channels) ? __ldcg(meta + layout.meta_rank_count(ctx.local, channel)) : 0;
+      const int inclusive = warp_inclusive_scan(count) + carry;
+      if (channel < num_channels) args.recv_gbl_channel_prefix_matrix[source * num_channels + channel] = inclusive;
       carry = __shfl_sync(0xffffffffu, inclusive, 31);
     }
-    if (lane == 0) total_from[s] = carry;
+    if (lane == 0) total_from[source] = carry;
     if (ok)
-      for (int e = lane; e < L; e += 32) atomicAdd(&expert_count[e], __ldcg(meta + l.meta_expert_count(ctx.local, e)));
+      for (int local_expert = lane; local_expert < num_local_experts; local_expert += 32)
+        atomicAdd(&expert_count[local_expert], __ldcg(meta + layout.meta_expert_count(ctx.local, local_expert)));
   }
   // As forwarder: rows this rank receives from each source node, per channel.
-  for (int n = warp; n < N; n += kNumWarps) {
+  for (int node = warp; node < num_nodes; node += kNumWarps) {
     bool ok = true;
-    if (lane == 0) ok = ctx.wait_flag(ctx.flag(ctx.p.rank, l.flag_meta_ready(n)), int64_t(epoch) + 1,
-                                      Phase::kInternodeNotify, ctx.rank_of(n, ctx.local), -1);
+    if (lane == 0) ok = ctx.wait_flag(ctx.flag(ctx.peers.rank, layout.flag_meta_ready(node)), int64_t(epoch) + 1,
+                                      Phase::kInternodeNotify, ctx.rank_of(node, ctx.local), -1);
     ok = __shfl_sync(0xffffffffu, ok, 0);
-    const int* meta = ctx.meta(ctx.p.rank, n);
+    const int* meta = ctx.meta(ctx.peers.rank, node);
     int carry = 0;
-    for (int c0 = 0; c0 < C; c0 += 32) {
-      const int c = c0 + lane;
-      const int v = (ok && c < C) ? __ldcg(meta + l.meta_node_count(c)) : 0;
-      const int inclusive = warp_inclusive_scan(v) + carry;
-      if (c < C) a.recv_rdma_channel_prefix_matrix[n * C + c] = inclusive;
+    for (int first_channel = 0; first_channel < num_channels; first_channel += 32) {
+      const int channel = first_channel + lane;
+      const int count = (ok && channel < num_channels) ? __ldcg(meta + layout.meta_node_count(channel)) : 0;
+      const int inclusive = warp_inclusive_scan(count) + carry;
+      if (channel < num_channels) args.recv_rdma_channel_prefix_matrix[node * num_channels + channel] = inclusive;
       carry = __shfl_sync(0xffffffffu, inclusive, 31);
     }
-    if (lane == 0) node_total[n] = carry;
+    if (lane == 0) node_total[node] = carry;
   }
   __syncthreads();
 
   int* published = ctx.own_published();
   if (threadIdx.x == 0) {
     int sum = 0;
-    for (int s = 0; s < R; ++s) {
-      sum += total_from[s];
-      a.recv_gbl_rank_prefix_sum[s] = sum;
+    for (int source = 0; source < num_ranks; ++source) {
+      sum += total_from[source];
+      args.recv_gbl_rank_prefix_sum[source] = sum;
     }
     int node_sum = 0;
-    for (int n = 0; n < N; ++n) {
-      node_sum += node_total[n];
-      a.recv_rdma_rank_prefix_sum[n] = node_sum;
+    for (int node = 0; node < num_nodes; ++node) {
+      node_sum += node_total[node];
+      args.recv_rdma_rank_prefix_sum[node] = node_sum;
     }
-    *a.host.num_recv_tokens = sum;
-    *a.host.num_rdma_recv_tokens = node_sum;
+    *args.host.num_recv_tokens = sum;
+    *args.host.num_rdma_recv_tokens = node_sum;
   }
   // The forwarders of this node build send_nvl_head from the published copy.
-  for (int i = threadIdx.x; i < R * C; i += blockDim.x) published[i] = a.recv_gbl_channel_prefix_matrix[i];
-  for (int e = threadIdx.x; e < L; e += blockDim.x) {
-    const int aligned = (expert_count[e] + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
-    a.host.num_recv_tokens_per_expert[e] = aligned;
+  for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x)
+    published[i] = args.recv_gbl_channel_prefix_matrix[i];
+  for (int local_expert = threadIdx.x; local_expert < num_local_experts; local_expert += blockDim.x) {
+    const int aligned =
+        (expert_count[local_expert] + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
+    args.host.num_recv_tokens_per_expert[local_expert] = aligned;
   }
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    device::st_release_sys(ctx.flag(ctx.p.rank, l.flag_published()), int64_t(epoch) + 1);
-    *a.host.ready = a.host.epoch;
+    device::st_release_sys(ctx.flag(ctx.peers.rank, layout.flag_published()), int64_t(epoch) + 1);
+    *args.host.ready = args.host.epoch;
     __threadfence_system();
   }
 }

@@ -11,7 +11,7 @@
 
 namespace deep_ep::intranode {
 
-constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+constexpr int64_t align_up(int64_t value, int64_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
 struct DispatchQueueLayout {
   int64_t row_stride;     // bytes per staged row, 16-aligned
@@ -21,21 +21,21 @@ struct DispatchQueueLayout {
 
   // Each array is 128-byte aligned; slot s of channel c is element c * num_slots + s.
   static DispatchQueueLayout make(int num_channels, int num_slots, int64_t row_bytes, int num_scales, int num_topk) {
-    DispatchQueueLayout l{};
-    l.num_channels = num_channels;
-    l.num_slots = num_slots;
-    l.num_scales = num_scales;
-    l.num_topk = num_topk;
-    l.row_stride = align_up(row_bytes, 16);
+    DispatchQueueLayout layout{};
+    layout.num_channels = num_channels;
+    layout.num_slots = num_slots;
+    layout.num_scales = num_scales;
+    layout.num_topk = num_topk;
+    layout.row_stride = align_up(row_bytes, 16);
     const int64_t slots = int64_t(num_channels) * num_slots;
     int64_t off = 0;
-    l.rows_offset = off;          off = align_up(off + slots * l.row_stride, 128);
-    l.scales_offset = off;        off = align_up(off + slots * num_scales * 4, 128);
-    l.topk_idx_offset = off;      off = align_up(off + slots * num_topk * 4, 128);   // global expert ids, int32
-    l.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
-    l.meta_offset = off;          off = align_up(off + slots * 8, 128);              // {src_idx, dest_mask}
-    l.total_bytes = off;
-    return l;
+    layout.rows_offset = off;          off = align_up(off + slots * layout.row_stride, 128);
+    layout.scales_offset = off;        off = align_up(off + slots * num_scales * 4, 128);
+    layout.topk_idx_offset = off;      off = align_up(off + slots * num_topk * 4, 128);   // global expert ids, int32
+    layout.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
+    layout.meta_offset = off;          off = align_up(off + slots * 8, 128);              // {src_idx, dest_mask}
+    layout.total_bytes = off;
+    return layout;
   }
 };
 
@@ -47,18 +47,18 @@ struct CombineQueueLayout {
 
   // Slot s of queue (channel c, expert rank j) is element (c * num_ranks + j) * num_slots + s.
   static CombineQueueLayout make(int num_channels, int num_ranks, int num_slots, int64_t row_bytes, int num_topk) {
-    CombineQueueLayout l{};
-    l.num_channels = num_channels;
-    l.num_ranks = num_ranks;
-    l.num_slots = num_slots;
-    l.num_topk = num_topk;
-    l.row_stride = align_up(row_bytes, 16);
+    CombineQueueLayout layout{};
+    layout.num_channels = num_channels;
+    layout.num_ranks = num_ranks;
+    layout.num_slots = num_slots;
+    layout.num_topk = num_topk;
+    layout.row_stride = align_up(row_bytes, 16);
     const int64_t slots = int64_t(num_channels) * num_ranks * num_slots;
     int64_t off = 0;
-    l.rows_offset = off;          off = align_up(off + slots * l.row_stride, 128);
-    l.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
-    l.total_bytes = off;
-    return l;
+    layout.rows_offset = off;          off = align_up(off + slots * layout.row_stride, 128);
+    layout.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
+    layout.total_bytes = off;
+    return layout;
   }
 };
 

@@ -1,6 +1,6 @@
 // Intranode combine. Block c owns channel c of every rank's tokens. Its sender warps (expert-rank
 // role) push the rows this rank received from home rank r in channel c, in order, into r's ring
-// (c, me); its receiver warps (home role) walk this rank's tokens of channel c in order and sum, in
+// (c, this rank); its receiver warps (home role) walk this rank's tokens of channel c in order and sum, in
 // float32 over expert ranks in increasing order, the rows arriving for each token, then add the
 // biases and round to bf16 once (the CPU reference's order, so results match bit for bit).
 //
@@ -43,58 +43,61 @@ struct Ring {
   float* topk_weights;
 };
 
-__device__ __forceinline__ Ring ring_of(const Peers& p, const CombineQueueLayout& l, int rank) {
-  char* base = p.bases[rank] + p.payload_offset;
-  return {reinterpret_cast<uint16_t*>(base + l.rows_offset), reinterpret_cast<float*>(base + l.topk_weights_offset)};
+__device__ __forceinline__ Ring ring_of(const Peers& peers, const CombineQueueLayout& layout, int rank) {
+  char* base = peers.bases[rank] + peers.payload_offset;
+  return {reinterpret_cast<uint16_t*>(base + layout.rows_offset),
+          reinterpret_cast<float*>(base + layout.topk_weights_offset)};
 }
 
 // Each sender warp serves home ranks warp, warp + kSendWarps, ... in turn, a chunk at a time, so that
 // no home rank waits behind another's whole channel.
 template <int kSendWarps>
-__device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int warp,
-                           int lane) {
+__device__ void run_sender(const Peers& peers, const CombineArgs& args, const CombineQueueLayout& layout, int channel,
+                           int warp, int lane) {
   constexpr int kMaxOwned = (kNumMaxNvlPeers + kSendWarps - 1) / kSendWarps;
-  const int R = p.num_ranks, me = p.rank, C = a.num_channels, Q = a.num_slots;
-  const int row_int4 = a.hidden / 8;
+  const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
+  const int ring_slots = args.num_slots;
+  const int row_int4 = args.hidden / 8;
   int first_row[kMaxOwned], num_rows[kMaxOwned], pushed[kMaxOwned];
 #pragma unroll
-  for (int o = 0; o < kMaxOwned; ++o) {
-    const int r = warp + o * kSendWarps;
-    first_row[o] = num_rows[o] = pushed[o] = 0;
-    if (r < R)
-      received_channel_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, r, me, c, C, R, first_row[o],
-                            num_rows[o]);
+  for (int owned = 0; owned < kMaxOwned; ++owned) {
+    const int home_rank = warp + owned * kSendWarps;
+    first_row[owned] = num_rows[owned] = pushed[owned] = 0;
+    if (home_rank < num_ranks)
+      received_channel_rows(args.rank_prefix_matrix, args.recv_channel_prefix_matrix, home_rank, rank, channel,
+                            num_channels, num_ranks, first_row[owned], num_rows[owned]);
   }
   uint64_t idle_since = device::global_timer_ns();
   for (int polls = 1;; ++polls) {
     bool pending = false, progressed = false;
 #pragma unroll
-    for (int o = 0; o < kMaxOwned; ++o) {
-      const int r = warp + o * kSendWarps;
-      if (r >= R || pushed[o] >= num_rows[o]) continue;
+    for (int owned = 0; owned < kMaxOwned; ++owned) {
+      const int home_rank = warp + owned * kSendWarps;
+      if (home_rank >= num_ranks || pushed[owned] >= num_rows[owned]) continue;
       pending = true;
       // Push as much as fits, up to a chunk: the home rank may need exactly these rows to finish a batch.
       int head = 0;
-      if (lane == 0) head = device::ld_acquire_sys(&control_of(p, me)->combine_head[c][r]);
+      if (lane == 0) head = device::ld_acquire_sys(&control_of(peers, rank)->combine_head[channel][home_rank]);
       __syncwarp();  // the warp's slot writes below are ordered after lane 0's acquire
       head = __shfl_sync(0xffffffffu, head, 0);
-      const int free_slots = head + Q - pushed[o];
+      const int free_slots = head + ring_slots - pushed[owned];
       if (free_slots <= 0) continue;
-      const int n = min(min(a.send_chunk, free_slots), num_rows[o] - pushed[o]);
-      const Ring ring = ring_of(p, l, r);
-      const int64_t queue = static_cast<int64_t>(c) * R + me;
-      for (int k = 0; k < n; ++k) {
-        const int64_t row = first_row[o] + pushed[o] + k;
-        const int64_t slot = queue * Q + (pushed[o] + k) % Q;
-        device::warp_copy<8>(reinterpret_cast<int4*>(ring.rows + slot * (l.row_stride / 2)),
-                             reinterpret_cast<const int4*>(a.x + row * a.hidden), row_int4, lane, device::ld_input);
-        for (int k2 = lane; k2 < a.num_topk; k2 += 32)
-          ring.topk_weights[slot * a.num_topk + k2] = a.topk_weights[row * a.num_topk + k2];
+      const int num_to_push = min(min(args.send_chunk, free_slots), num_rows[owned] - pushed[owned]);
+      const Ring ring = ring_of(peers, layout, home_rank);
+      const int64_t queue = static_cast<int64_t>(channel) * num_ranks + rank;
+      for (int k = 0; k < num_to_push; ++k) {
+        const int64_t row = first_row[owned] + pushed[owned] + k;
+        const int64_t slot = queue * ring_slots + (pushed[owned] + k) % ring_slots;
+        device::warp_copy<8>(reinterpret_cast<int4*>(ring.rows + slot * (layout.row_stride / 2)),
+                             reinterpret_cast<const int4*>(args.x + row * args.hidden), row_int4, lane,
+                             device::ld_input);
+        for (int k2 = lane; k2 < args.num_topk; k2 += 32)
+          ring.topk_weights[slot * args.num_topk + k2] = args.topk_weights[row * args.num_topk + k2];
       }
-      pushed[o] += n;
+      pushed[owned] += num_to_push;
       __threadfence_system();
       __syncwarp();
-      if (lane == 0) device::st_release_sys(&control_of(p, r)->combine_tail[c][me], pushed[o]);
+      if (lane == 0) device::st_release_sys(&control_of(peers, home_rank)->combine_tail[channel][rank], pushed[owned]);
       progressed = true;
     }
     if (!pending) return;
@@ -102,49 +105,49 @@ __device__ void run_sender(const Peers& p, const CombineArgs& a, const CombineQu
       idle_since = device::global_timer_ns();
     } else if (polls % device::kPollsPerSlowCheck != 0) {
       continue;
-    } else if (device::error_reported(p.diagnostics)) {
+    } else if (device::error_reported(peers.diagnostics)) {
       return;
-    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(p.timeout_ns)) {
+    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(peers.timeout_ns)) {
       int stuck = warp;
 #pragma unroll
-      for (int o = kMaxOwned - 1; o >= 0; --o)
-        if (warp + o * kSendWarps < R && pushed[o] < num_rows[o]) stuck = warp + o * kSendWarps;
-      if (lane == 0) device::report(p.diagnostics, Phase::kCombineWaitSpace, true, me, stuck, c, -1, 0, 0);
+      for (int owned = kMaxOwned - 1; owned >= 0; --owned)
+        if (warp + owned * kSendWarps < num_ranks && pushed[owned] < num_rows[owned]) stuck = warp + owned * kSendWarps;
+      if (lane == 0) device::report(peers.diagnostics, Phase::kCombineWaitSpace, true, rank, stuck, channel, -1, 0, 0);
       return;
     }
   }
 }
 
 template <int kRecvWarps>
-__device__ void run_receiver(const Peers& p, const CombineArgs& a, const CombineQueueLayout& l, int c, int rwarp,
-                             int lane) {
-  const int R = p.num_ranks, me = p.rank, Q = a.num_slots;
-  const int batch = min(32, Q);
+__device__ void run_receiver(const Peers& peers, const CombineArgs& args, const CombineQueueLayout& layout, int channel,
+                             int receive_warp, int lane) {
+  const int num_ranks = peers.num_ranks, rank = peers.rank, ring_slots = args.num_slots;
+  const int batch = min(32, ring_slots);
   int begin, end;
-  device::channel_range(c, a.num_channels, a.num_tokens, begin, end);
-  const Ring ring = ring_of(p, l, me);
-  ControlRegion* mine = control_of(p, me);
+  device::channel_range(channel, args.num_channels, args.num_tokens, begin, end);
+  const Ring ring = ring_of(peers, layout, rank);
+  ControlRegion* mine = control_of(peers, rank);
   __shared__ int abort_flag;
-  if (rwarp == 0 && lane == 0) abort_flag = 0;
+  if (receive_warp == 0 && lane == 0) abort_flag = 0;
   device::named_barrier(kRecvBarrier, kRecvWarps * 32);
 
-  int consumed[kNumMaxNvlPeers];  // rows of ring (c, j) consumed before this batch, same in every thread
+  int consumed[kNumMaxNvlPeers];  // rows of ring (channel, j) consumed before this batch, same in every thread
 #pragma unroll
   for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] = 0;
-  // Lane j < R: the tail of ring (c, j) this warp last acquired. Senders usually run rows ahead, so
+  // Lane j < num_ranks: the tail of ring (channel, j) this warp last acquired. Senders usually run rows ahead, so
   // most tokens need no load at all: rows below a value already acquired by this lane are visible.
   int acquired_tail = 0;
 
-  for (int t0 = begin; t0 < end; t0 += batch) {
-    const int n = min(batch, end - t0);
+  for (int batch_begin = begin; batch_begin < end; batch_begin += batch) {
+    const int batch_size = min(batch, end - batch_begin);
     unsigned mask, lanes_of[kNumMaxNvlPeers];
-    token_group_masks(a.is_token_in_rank, t0, n, R, lane, mask, lanes_of);
+    token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
 
-    for (int k = rwarp; k < n; k += kRecvWarps) {
-      const int t = t0 + k;
+    for (int k = receive_warp; k < batch_size; k += kRecvWarps) {
+      const int token = batch_begin + k;
       const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
       int slot_of[kNumMaxNvlPeers];
-      int needed = 0;  // lane j: rows of ring (c, j) this token needs pushed, 0 if none
+      int needed = 0;  // lane j: rows of ring (channel, j) this token needs pushed, 0 if none
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j) {
         slot_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
@@ -154,23 +157,25 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
       // acquires of every lane order the whole warp's reads of the rows after the __syncwarp.
       bool ok = true;
       if (needed > acquired_tail)
-        ok = device::wait_at_least(&mine->combine_tail[c][lane], needed, p.timeout_ns, p.diagnostics,
-                                   Phase::kCombineWaitData, me, lane, c, &acquired_tail);
+        ok = device::wait_at_least(&mine->combine_tail[channel][lane], needed, peers.timeout_ns, peers.diagnostics,
+                                   Phase::kCombineWaitData, rank, lane, channel, &acquired_tail);
       __syncwarp();
       if (!__all_sync(0xffffffffu, ok)) {
         if (lane == 0) abort_flag = 1;
         break;
       }
-      const int64_t row_int4_stride = l.row_stride / 16;
+      const int64_t row_int4_stride = layout.row_stride / 16;
       const int4* rows = reinterpret_cast<const int4*>(ring.rows);
       sum_token(
-          lane, t, token_mask, a.hidden, a.num_topk, a.bias_0, a.bias_1, a.combined_x, a.combined_topk_weights,
+          lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
+          args.combined_topk_weights,
           [&](int j, int col) {
-            return device::ld_queue(rows + ((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * row_int4_stride +
-                                    col);
+            return device::ld_queue(rows + ((static_cast<int64_t>(channel) * num_ranks + j) * ring_slots +
+                                            slot_of[j] % ring_slots) * row_int4_stride + col);
           },
           [&](int j, int k) {
-            return __ldcg(&ring.topk_weights[((static_cast<int64_t>(c) * R + j) * Q + slot_of[j] % Q) * a.num_topk + k]);
+            return __ldcg(&ring.topk_weights[((static_cast<int64_t>(channel) * num_ranks + j) * ring_slots +
+                                              slot_of[j] % ring_slots) * args.num_topk + k]);
           });
     }
     // All reads of this batch are done before its slots are released.
@@ -178,24 +183,24 @@ __device__ void run_receiver(const Peers& p, const CombineArgs& a, const Combine
     if (abort_flag) return;
 #pragma unroll
     for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);
-    if (rwarp == 0 && lane < R) {
+    if (receive_warp == 0 && lane < num_ranks) {
       int value = 0;
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j)
         if (j == lane) value = consumed[j];
-      device::st_release_sys(&control_of(p, lane)->combine_head[c][me], value);
+      device::st_release_sys(&control_of(peers, lane)->combine_head[channel][rank], value);
     }
   }
 }
 
 template <typename Shape>
 __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
-    combine(Peers p, CombineArgs a, CombineQueueLayout l) {
+    combine(Peers peers, CombineArgs args, CombineQueueLayout layout) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   if (warp < Shape::kSendWarps) {
-    run_sender<Shape::kSendWarps>(p, a, l, blockIdx.x, warp, lane);
+    run_sender<Shape::kSendWarps>(peers, args, layout, blockIdx.x, warp, lane);
   } else {
-    run_receiver<Shape::kRecvWarps>(p, a, l, blockIdx.x, warp - Shape::kSendWarps, lane);
+    run_receiver<Shape::kRecvWarps>(peers, args, layout, blockIdx.x, warp - Shape::kSendWarps, lane);
   }
 }
 

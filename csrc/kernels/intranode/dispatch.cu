@@ -46,24 +46,25 @@ struct Ring {
   SlotMeta* meta;
 };
 
-__device__ __forceinline__ Ring ring_of(const Peers& p, const DispatchQueueLayout& l, int rank) {
-  char* base = p.bases[rank] + p.payload_offset;
-  return {reinterpret_cast<uint8_t*>(base + l.rows_offset), reinterpret_cast<float*>(base + l.scales_offset),
-          reinterpret_cast<int*>(base + l.topk_idx_offset), reinterpret_cast<float*>(base + l.topk_weights_offset),
-          reinterpret_cast<SlotMeta*>(base + l.meta_offset)};
+__device__ __forceinline__ Ring ring_of(const Peers& peers, const DispatchQueueLayout& layout, int rank) {
+  char* base = peers.bases[rank] + peers.payload_offset;
+  return {reinterpret_cast<uint8_t*>(base + layout.rows_offset), reinterpret_cast<float*>(base + layout.scales_offset),
+          reinterpret_cast<int*>(base + layout.topk_idx_offset),
+          reinterpret_cast<float*>(base + layout.topk_weights_offset),
+          reinterpret_cast<SlotMeta*>(base + layout.meta_offset)};
 }
 
 template <int kSendWarps>
-__device__ void run_sender(const Peers& p, const DispatchArgs& a, const DispatchQueueLayout& l, int c, int warp,
-                           int lane) {
-  const int R = p.num_ranks, me = p.rank;
-  ControlRegion* mine = control_of(p, me);
-  const Ring ring = ring_of(p, l, me);
+__device__ void run_sender(const Peers& peers, const DispatchArgs& args, const DispatchQueueLayout& layout, int channel,
+                           int warp, int lane) {
+  const int num_ranks = peers.num_ranks, rank = peers.rank;
+  ControlRegion* mine = control_of(peers, rank);
+  const Ring ring = ring_of(peers, layout, rank);
   int begin, end;
-  device::channel_range(c, a.num_channels, a.num_tokens, begin, end);
-  const int batch = min(a.send_chunk, 32);
-  const int row_int4 = a.row_bytes / 16;
-  const int Q = a.num_slots;
+  device::channel_range(channel, args.num_channels, args.num_tokens, begin, end);
+  const int batch = min(args.send_chunk, 32);
+  const int row_int4 = args.row_bytes / 16;
+  const int ring_slots = args.num_slots;
   __shared__ int abort_flag;
   if (warp == 0 && lane == 0) abort_flag = 0;
 
@@ -71,16 +72,18 @@ __device__ void run_sender(const Peers& p, const DispatchArgs& a, const Dispatch
   int next_row[kNumMaxNvlPeers];
 #pragma unroll
   for (int j = 0; j < kNumMaxNvlPeers; ++j)
-    next_row[j] = j < R ? rank_begin(a.rank_prefix_matrix, me, j, R) + a.channel_prefix_matrix[j * a.num_channels + c] : 0;
+    next_row[j] = j < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, j, num_ranks) +
+                                      args.channel_prefix_matrix[j * args.num_channels + channel]
+                                : 0;
   device::named_barrier(kSendBarrier, kSendWarps * 32);
 
   int staged = 0;
-  for (int t0 = begin; t0 < end; t0 += batch) {
-    const int n = min(batch, end - t0);
+  for (int batch_begin = begin; batch_begin < end; batch_begin += batch) {
+    const int batch_size = min(batch, end - batch_begin);
     unsigned mask = 0;
-    if (lane < n) {
-      const bool* row = a.is_token_in_rank + static_cast<int64_t>(t0 + lane) * R;
-      for (int j = 0; j < R; ++j) mask |= static_cast<unsigned>(row[j]) << j;
+    if (lane < batch_size) {
+      const bool* row = args.is_token_in_rank + static_cast<int64_t>(batch_begin + lane) * num_ranks;
+      for (int j = 0; j < num_ranks; ++j) mask |= static_cast<unsigned>(row[j]) << j;
     }
     const unsigned staged_lanes = __ballot_sync(0xffffffffu, mask != 0);
     const int num_staged = __popc(staged_lanes);
@@ -88,19 +91,19 @@ __device__ void run_sender(const Peers& p, const DispatchArgs& a, const Dispatch
     // send_head: where each destination will place this token (warp 0 writes, all keep next_row).
 #pragma unroll
     for (int j = 0; j < kNumMaxNvlPeers; ++j) {
-      if (j >= R) break;
+      if (j >= num_ranks) break;
       const unsigned to_j = __ballot_sync(0xffffffffu, (mask >> j) & 1u);
-      if (warp == 0 && lane < n)
-        a.send_head[static_cast<int64_t>(t0 + lane) * R + j] =
+      if (warp == 0 && lane < batch_size)
+        args.send_head[static_cast<int64_t>(batch_begin + lane) * num_ranks + j] =
             ((mask >> j) & 1u) ? next_row[j] + __popc(to_j & ((1u << lane) - 1u)) : -1;
       next_row[j] += __popc(to_j);
     }
     if (num_staged == 0) continue;
 
     // Wait until every receiver released the slots this batch overwrites.
-    if (warp == 0 && lane < R) {
-      if (!device::wait_at_least(&mine->dispatch_head[c][lane], staged + num_staged - Q, p.timeout_ns, p.diagnostics,
-                                 Phase::kDispatchWaitSpace, me, lane, c))
+    if (warp == 0 && lane < num_ranks) {
+      if (!device::wait_at_least(&mine->dispatch_head[channel][lane], staged + num_staged - ring_slots,
+                                 peers.timeout_ns, peers.diagnostics, Phase::kDispatchWaitSpace, rank, lane, channel))
         abort_flag = 1;
     }
     device::named_barrier(kSendBarrier, kSendWarps * 32);
@@ -108,94 +111,101 @@ __device__ void run_sender(const Peers& p, const DispatchArgs& a, const Dispatch
 
     for (int k = warp; k < num_staged; k += kSendWarps) {
       const int src_lane = device::nth_set_bit(staged_lanes, k);
-      const int t = t0 + src_lane;
+      const int token = batch_begin + src_lane;
       const unsigned token_mask = __shfl_sync(0xffffffffu, mask, src_lane);
-      const int64_t slot = static_cast<int64_t>(c) * Q + (staged + k) % Q;
-      device::warp_copy<4>(reinterpret_cast<int4*>(ring.rows + slot * l.row_stride),
-                           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(t) * a.row_bytes), row_int4, lane,
-                           device::ld_input);
-      for (int s = lane; s < a.num_scales; s += 32)
-        ring.scales[slot * a.num_scales + s] = a.x_scales[t * a.scale_token_stride + s * a.scale_channel_stride];
-      for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
-        ring.topk_idx[slot * a.num_topk + k2] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * a.num_topk + k2]);
-        ring.topk_weights[slot * a.num_topk + k2] = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + k2];
+      const int64_t slot = static_cast<int64_t>(channel) * ring_slots + (staged + k) % ring_slots;
+      device::warp_copy<4>(reinterpret_cast<int4*>(ring.rows + slot * layout.row_stride),
+                           reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
+                           row_int4, lane, device::ld_input);
+      for (int scale = lane; scale < args.num_scales; scale += 32)
+        ring.scales[slot * args.num_scales + scale] =
+            args.x_scales[token * args.scale_token_stride + scale * args.scale_channel_stride];
+      for (int k2 = lane; k2 < args.num_topk; k2 += 32) {
+        ring.topk_idx[slot * args.num_topk + k2] =
+            static_cast<int>(args.topk_idx[static_cast<int64_t>(token) * args.num_topk + k2]);
+        ring.topk_weights[slot * args.num_topk + k2] =
+            args.topk_weights[static_cast<int64_t>(token) * args.num_topk + k2];
       }
-      if (lane == 0) ring.meta[slot] = {t, token_mask};
+      if (lane == 0) ring.meta[slot] = {token, token_mask};
     }
     staged += num_staged;
     __threadfence_system();
     device::named_barrier(kSendBarrier, kSendWarps * 32);
-    if (warp == 0 && lane < R) device::st_release_sys(&control_of(p, lane)->dispatch_tail[c][me], staged);
+    if (warp == 0 && lane < num_ranks)
+      device::st_release_sys(&control_of(peers, lane)->dispatch_tail[channel][rank], staged);
   }
 }
 
 template <int kRecvWarps>
-__device__ void run_receiver(const Peers& p, const DispatchArgs& a, const DispatchQueueLayout& l, int c, int rwarp,
-                             int lane) {
-  const int R = p.num_ranks, me = p.rank, C = a.num_channels;
-  const int warps_per_sender = kRecvWarps / R;
-  const int i = rwarp / warps_per_sender, sub = rwarp % warps_per_sender;
-  if (i >= R) return;
+__device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const DispatchQueueLayout& layout,
+                             int channel, int receive_warp, int lane) {
+  const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
+  const int warps_per_sender = kRecvWarps / num_ranks;
+  const int source = receive_warp / warps_per_sender, group_warp = receive_warp % warps_per_sender;
+  if (source >= num_ranks) return;
   const int group_threads = warps_per_sender * 32;
-  const Ring ring = ring_of(p, l, i);
-  const int Q = a.num_slots;
-  const int L = a.num_experts > 0 ? a.num_experts / R : 0;
-  const int row_int4 = a.row_bytes / 16;
+  const Ring ring = ring_of(peers, layout, source);
+  const int ring_slots = args.num_slots;
+  const int num_local_experts = args.num_experts > 0 ? args.num_experts / num_ranks : 0;
+  const int row_int4 = args.row_bytes / 16;
 
   int out_base, expected;
-  received_channel_rows(a.rank_prefix_matrix, a.recv_channel_prefix_matrix, i, me, c, C, R, out_base, expected);
-  int* tail = &control_of(p, me)->dispatch_tail[c][i];
-  int* head = &control_of(p, i)->dispatch_head[c][me];
+  received_channel_rows(args.rank_prefix_matrix, args.recv_channel_prefix_matrix, source, rank, channel, num_channels,
+                        num_ranks, out_base, expected);
+  int* tail = &control_of(peers, rank)->dispatch_tail[channel][source];
+  int* head = &control_of(peers, source)->dispatch_head[channel][rank];
 
   // The warps of a group agree on each window: the first warp's acquire of the tail is shared through
   // shared memory behind a named barrier (which also orders the later slot reads after it).
   __shared__ int window_end[kNumMaxNvlPeers];
   auto group_sync = [&] {
-    if (warps_per_sender > 1) device::named_barrier(kRecvBarrierBase + i, group_threads);
+    if (warps_per_sender > 1) device::named_barrier(kRecvBarrierBase + source, group_threads);
     else __syncwarp();
   };
   int scanned = 0, received = 0;
   while (received < expected) {
-    if (sub == 0 && lane == 0) {
-      const bool ok = device::wait_at_least(tail, scanned + 1, p.timeout_ns, p.diagnostics, Phase::kDispatchWaitData,
-                                            me, i, c);
-      window_end[i] = ok ? device::ld_acquire_sys(tail) : -1;
+    if (group_warp == 0 && lane == 0) {
+      const bool ok = device::wait_at_least(tail, scanned + 1, peers.timeout_ns, peers.diagnostics,
+                                            Phase::kDispatchWaitData, rank, source, channel);
+      window_end[source] = ok ? device::ld_acquire_sys(tail) : -1;
     }
     group_sync();
-    const int available = window_end[i];
+    const int available = window_end[source];
     if (available < 0) return;
-    for (int g0 = scanned; g0 < available; g0 += 32) {
-      const int s = g0 + lane;
+    for (int scan_begin = scanned; scan_begin < available; scan_begin += 32) {
+      const int position = scan_begin + lane;
       SlotMeta meta{0, 0};
-      if (s < available) {
-        const int64_t slot = static_cast<int64_t>(c) * Q + s % Q;
+      if (position < available) {
+        const int64_t slot = static_cast<int64_t>(channel) * ring_slots + position % ring_slots;
         meta.src_idx = __ldcg(&ring.meta[slot].src_idx);
         meta.dest_mask = static_cast<unsigned>(__ldcg(reinterpret_cast<const int*>(&ring.meta[slot].dest_mask)));
       }
-      const unsigned mine_lanes = __ballot_sync(0xffffffffu, (meta.dest_mask >> me) & 1u);
+      const unsigned mine_lanes = __ballot_sync(0xffffffffu, (meta.dest_mask >> rank) & 1u);
       const int count = __popc(mine_lanes);
-      for (int k = sub; k < count; k += warps_per_sender) {
+      for (int k = group_warp; k < count; k += warps_per_sender) {
         const int src_lane = device::nth_set_bit(mine_lanes, k);
         const int src_idx = __shfl_sync(0xffffffffu, meta.src_idx, src_lane);
-        const int64_t slot = static_cast<int64_t>(c) * Q + (g0 + src_lane) % Q;
+        const int64_t slot = static_cast<int64_t>(channel) * ring_slots + (scan_begin + src_lane) % ring_slots;
         const int64_t row = out_base + received + k;
-        if (row >= a.num_rows) {
+        if (row >= args.num_rows) {
           if (lane == 0)
-            device::report(p.diagnostics, Phase::kDispatchWaitData, false, me, i, c, src_idx, a.num_rows, row + 1);
+            device::report(peers.diagnostics, Phase::kDispatchWaitData, false, rank, source, channel, src_idx,
+                           args.num_rows, row + 1);
           continue;
         }
-        device::warp_copy<8>(reinterpret_cast<int4*>(a.recv_x + row * a.row_bytes),
-                             reinterpret_cast<const int4*>(ring.rows + slot * l.row_stride), row_int4, lane,
+        device::warp_copy<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
+                             reinterpret_cast<const int4*>(ring.rows + slot * layout.row_stride), row_int4, lane,
                              device::ld_queue);
-        for (int s2 = lane; s2 < a.num_scales; s2 += 32)
-          a.recv_x_scales[row * a.num_scales + s2] = __ldcg(&ring.scales[slot * a.num_scales + s2]);
-        for (int k2 = lane; k2 < a.num_topk; k2 += 32) {
-          const int e = __ldcg(&ring.topk_idx[slot * a.num_topk + k2]);
-          const bool local = e >= me * L && e < (me + 1) * L;
-          a.recv_topk_idx[row * a.num_topk + k2] = local ? e - me * L : -1;
-          a.recv_topk_weights[row * a.num_topk + k2] = local ? __ldcg(&ring.topk_weights[slot * a.num_topk + k2]) : 0.0f;
+        for (int scale = lane; scale < args.num_scales; scale += 32)
+          args.recv_x_scales[row * args.num_scales + scale] = __ldcg(&ring.scales[slot * args.num_scales + scale]);
+        for (int k2 = lane; k2 < args.num_topk; k2 += 32) {
+          const int expert = __ldcg(&ring.topk_idx[slot * args.num_topk + k2]);
+          const bool local = expert >= rank * num_local_experts && expert < (rank + 1) * num_local_experts;
+          args.recv_topk_idx[row * args.num_topk + k2] = local ? expert - rank * num_local_experts : -1;
+          args.recv_topk_weights[row * args.num_topk + k2] =
+              local ? __ldcg(&ring.topk_weights[slot * args.num_topk + k2]) : 0.0f;
         }
-        if (lane == 0) a.recv_src_idx[row] = src_idx;
+        if (lane == 0) args.recv_src_idx[row] = src_idx;
       }
       received += count;
     }
@@ -203,29 +213,29 @@ __device__ void run_receiver(const Peers& p, const DispatchArgs& a, const Dispat
     // Every warp of the group has finished reading the window before the slots are released, and
     // before window_end is overwritten.
     group_sync();
-    if (sub == 0 && lane == 0) device::st_release_sys(head, received >= expected ? kDone : scanned);
+    if (group_warp == 0 && lane == 0) device::st_release_sys(head, received >= expected ? kDone : scanned);
   }
-  if (expected == 0 && sub == 0 && lane == 0) device::st_release_sys(head, kDone);
+  if (expected == 0 && group_warp == 0 && lane == 0) device::st_release_sys(head, kDone);
 }
 
 template <typename Shape>
 __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), Shape::kMinBlocksPerSm)
-    dispatch(Peers p, DispatchArgs a, DispatchQueueLayout l) {
+    dispatch(Peers peers, DispatchArgs args, DispatchQueueLayout layout) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
-  const int c = blockIdx.x;
+  const int channel = blockIdx.x;
   if (warp < Shape::kSendWarps) {
-    run_sender<Shape::kSendWarps>(p, a, l, c, warp, lane);
+    run_sender<Shape::kSendWarps>(peers, args, layout, channel, warp, lane);
   } else {
-    run_receiver<Shape::kRecvWarps>(p, a, l, c, warp - Shape::kSendWarps, lane);
+    run_receiver<Shape::kRecvWarps>(peers, args, layout, channel, warp - Shape::kSendWarps, lane);
   }
   // num_worst_tokens: rows past the real count carry no expert.
-  const int num_recv = a.rank_prefix_matrix[(p.num_ranks - 1) * p.num_ranks + p.rank];
+  const int num_recv = args.rank_prefix_matrix[(peers.num_ranks - 1) * peers.num_ranks + peers.rank];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t r = num_recv + first; r < a.num_rows; r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    a.recv_src_idx[r] = -1;
-    for (int k = 0; k < a.num_topk; ++k) {
-      a.recv_topk_idx[r * a.num_topk + k] = -1;
-      a.recv_topk_weights[r * a.num_topk + k] = 0.0f;
+  for (int64_t row = num_recv + first; row < args.num_rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    args.recv_src_idx[row] = -1;
+    for (int k = 0; k < args.num_topk; ++k) {
+      args.recv_topk_idx[row * args.num_topk + k] = -1;
+      args.recv_topk_weights[row * args.num_topk + k] = 0.0f;
     }
   }
 }

@@ -7,7 +7,7 @@
 //   3. dispatch: block c stages its channel's tokens once into its own ring, and pulls from every
 //      peer's ring of channel c the slots whose destination mask names it;
 //      combine: block c pushes the rows it received from each home rank in channel c back into that
-//      rank's ring (c, me), and sums the rows of its own tokens arriving from every expert rank.
+//      rank's ring (c, this rank), and sums the rows of its own tokens arriving from every expert rank.
 #pragma once
 
 #include <cuda_runtime_api.h>

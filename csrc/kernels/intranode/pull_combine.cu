@@ -5,7 +5,7 @@
 // order, then the biases, rounding to bf16 once (the CPU reference's order). No ring, no sender:
 // the rows cross HBM (or NVLink) once.
 //
-// Row of token t at expert rank j: rank_begin(me, j) (rows from lower ranks) + channel_prefix_matrix
+// Row of token t at expert rank j: rank_begin(this rank, j) (rows from lower ranks) + channel_prefix_matrix
 // [j][c] (this rank's earlier channels) + the channel's earlier tokens that go to j, as dispatch
 // placed them.
 //
@@ -33,46 +33,49 @@ namespace {
 constexpr int kPullWarps = 16;
 
 // One thread: waits for flags[j] >= target for every rank j.
-__device__ bool wait_all_ranks(const Peers& p, const int* flags, int target, Phase phase, int channel) {
-  for (int j = 0; j < p.num_ranks; ++j)
-    if (!device::wait_at_least(&flags[j], target, p.timeout_ns, p.diagnostics, phase, p.rank, j, channel))
+__device__ bool wait_all_ranks(const Peers& peers, const int* flags, int target, Phase phase, int channel) {
+  for (int j = 0; j < peers.num_ranks; ++j)
+    if (!device::wait_at_least(&flags[j], target, peers.timeout_ns, peers.diagnostics, phase, peers.rank, j, channel))
       return false;
   return true;
 }
 
-__global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers p, PullCombineArgs a) {  // V1's kernel name
+__global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullCombineArgs args) {  // V1's kernel name
   const int warp = threadIdx.x / 32, lane = device::lane_id(), block = blockIdx.x;
-  const int R = p.num_ranks, me = p.rank, C = a.num_channels;
-  ControlRegion* mine = control_of(p, me);
+  const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
+  ControlRegion* mine = control_of(peers, rank);
   __shared__ int epoch_shared, ok_shared;
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
     if (block == 0) {
       __threadfence_system();
-      for (int r = 0; r < R; ++r) device::st_release_sys(&control_of(p, r)->pull_ready[me], epoch + 1);
+      for (int peer = 0; peer < num_ranks; ++peer)
+        device::st_release_sys(&control_of(peers, peer)->pull_ready[rank], epoch + 1);
     }
     epoch_shared = epoch;
-    ok_shared = wait_all_ranks(p, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
+    ok_shared = wait_all_ranks(peers, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
   }
   __syncthreads();
 
   // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
   // GPU); a block then takes channels block, block + gridDim.x, ...
-  for (int c = block; ok_shared && c < C; c += gridDim.x) {
+  for (int channel = block; ok_shared && channel < num_channels; channel += gridDim.x) {
     int begin, end;
-    device::channel_range(c, C, a.num_tokens, begin, end);
+    device::channel_range(channel, num_channels, args.num_tokens, begin, end);
     int consumed[kNumMaxNvlPeers];  // row at rank j of the next token of this channel that goes to j
 #pragma unroll
     for (int j = 0; j < kNumMaxNvlPeers; ++j)
-      consumed[j] = j < R ? rank_begin(a.rank_prefix_matrix, me, j, R) + a.channel_prefix_matrix[j * C + c] : 0;
+      consumed[j] = j < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, j, num_ranks) +
+                                        args.channel_prefix_matrix[j * num_channels + channel]
+                                  : 0;
 
-    for (int t0 = begin; t0 < end; t0 += 32) {
-      const int n = min(32, end - t0);
+    for (int batch_begin = begin; batch_begin < end; batch_begin += 32) {
+      const int batch_size = min(32, end - batch_begin);
       unsigned mask, lanes_of[kNumMaxNvlPeers];
-      token_group_masks(a.is_token_in_rank, t0, n, R, lane, mask, lanes_of);
+      token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
 
-      for (int k = warp; k < n; k += kPullWarps) {
-        const int t = t0 + k;
+      for (int k = warp; k < batch_size; k += kPullWarps) {
+        const int token = batch_begin + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
         int row_of[kNumMaxNvlPeers];
 #pragma unroll
@@ -80,11 +83,15 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers p, PullCombi
         // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
         // call's rows at the same address must not be read.
         sum_token(
-            lane, t, token_mask, a.hidden, a.num_topk, a.bias_0, a.bias_1, a.combined_x, a.combined_topk_weights,
+            lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
+            args.combined_topk_weights,
             [&](int j, int col) {
-              return __ldcg(reinterpret_cast<const int4*>(a.x[j] + static_cast<int64_t>(row_of[j]) * a.hidden) + col);
+              return __ldcg(reinterpret_cast<const int4*>(args.x[j] + static_cast<int64_t>(row_of[j]) * args.hidden) +
+                            col);
             },
-            [&](int j, int k2) { return __ldcg(&a.topk_weights[j][static_cast<int64_t>(row_of[j]) * a.num_topk + k2]); });
+            [&](int j, int k2) {
+              return __ldcg(&args.topk_weights[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
+            });
       }
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);
@@ -98,8 +105,9 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers p, PullCombi
     const int epoch = epoch_shared;
     if (atomicAdd(&mine->pull_arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
       mine->pull_arrivals = 0;
-      for (int r = 0; r < R; ++r) device::st_release_sys(&control_of(p, r)->pull_done[me], epoch + 1);
-      wait_all_ranks(p, mine->pull_done, epoch + 1, Phase::kPullCombineDone, -1);
+      for (int peer = 0; peer < num_ranks; ++peer)
+        device::st_release_sys(&control_of(peers, peer)->pull_done[rank], epoch + 1);
+      wait_all_ranks(peers, mine->pull_done, epoch + 1, Phase::kPullCombineDone, -1);
       mine->pull_epoch = epoch + 1;
       __threadfence();
     }

@@ -10,13 +10,14 @@
 
 namespace deep_ep::intranode {
 
-// Tokens t0 .. t0 + n - 1 (n <= 32), one per lane: `mask` is lane's token's ranks (bit j: rank j gets
-// it), lanes_of[j] the lanes whose token goes to rank j. Whole warp.
-__device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, int t0, int n, int num_ranks,
-                                                  int lane, unsigned& mask, unsigned (&lanes_of)[kNumMaxNvlPeers]) {
+// Tokens batch_begin .. batch_begin + batch_size - 1 (batch_size <= 32), one per lane: `mask` is lane's
+// token's ranks (bit j: rank j gets it), lanes_of[j] the lanes whose token goes to rank j. Whole warp.
+__device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, int batch_begin, int batch_size,
+                                                  int num_ranks, int lane, unsigned& mask,
+                                                  unsigned (&lanes_of)[kNumMaxNvlPeers]) {
   mask = 0;
-  if (lane < n) {
-    const bool* row = is_token_in_rank + static_cast<int64_t>(t0 + lane) * num_ranks;
+  if (lane < batch_size) {
+    const bool* row = is_token_in_rank + static_cast<int64_t>(batch_begin + lane) * num_ranks;
     for (int j = 0; j < num_ranks; ++j) mask |= static_cast<unsigned>(row[j]) << j;
   }
 #pragma unroll
@@ -24,19 +25,21 @@ __device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, 
     lanes_of[j] = __ballot_sync(0xffffffffu, j < num_ranks && ((mask >> j) & 1u));
 }
 
-// One warp combines token t: every 16-byte column of combined_x[t] is the float32 sum over the ranks of
-// token_mask, in increasing order, of load_column(j, col), then bias_0 and bias_1 when given, rounded
-// to bf16 once (the CPU reference's order); combined_topk_weights[t][k] (when given) sums
+// One warp combines `token`: every 16-byte column of combined_x[token] is the float32 sum over the ranks
+// of token_mask, in increasing order, of load_column(j, col), then bias_0 and bias_1 when given, rounded
+// to bf16 once (the CPU reference's order); combined_topk_weights[token][k] (when given) sums
 // load_weight(j, k) the same way. All of a column's loads are issued before its sums.
 template <typename LoadColumn, typename LoadWeight>
-__device__ __forceinline__ void sum_token(int lane, int t, unsigned token_mask, int hidden, int num_topk,
+__device__ __forceinline__ void sum_token(int lane, int token, unsigned token_mask, int hidden, int num_topk,
                                           const uint16_t* bias_0, const uint16_t* bias_1, uint16_t* combined_x,
                                           float* combined_topk_weights, LoadColumn load_column,
                                           LoadWeight load_weight) {
   const int row_int4 = hidden / 8;
-  int4* out = reinterpret_cast<int4*>(combined_x + static_cast<int64_t>(t) * hidden);
-  const int4* bias_0_row = bias_0 ? reinterpret_cast<const int4*>(bias_0 + static_cast<int64_t>(t) * hidden) : nullptr;
-  const int4* bias_1_row = bias_1 ? reinterpret_cast<const int4*>(bias_1 + static_cast<int64_t>(t) * hidden) : nullptr;
+  int4* out = reinterpret_cast<int4*>(combined_x + static_cast<int64_t>(token) * hidden);
+  const int4* bias_0_row =
+      bias_0 ? reinterpret_cast<const int4*>(bias_0 + static_cast<int64_t>(token) * hidden) : nullptr;
+  const int4* bias_1_row =
+      bias_1 ? reinterpret_cast<const int4*>(bias_1 + static_cast<int64_t>(token) * hidden) : nullptr;
   for (int col = lane; col < row_int4; col += 32) {
     int4 v[kNumMaxNvlPeers];
 #pragma unroll
@@ -52,11 +55,11 @@ __device__ __forceinline__ void sum_token(int lane, int t, unsigned token_mask, 
   }
   if (combined_topk_weights) {
     for (int k = lane; k < num_topk; k += 32) {
-      float w = 0.0f;
+      float weight = 0.0f;
 #pragma unroll
       for (int j = 0; j < kNumMaxNvlPeers; ++j)
-        if ((token_mask >> j) & 1u) w += load_weight(j, k);
-      combined_topk_weights[static_cast<int64_t>(t) * num_topk + k] = w;
+        if ((token_mask >> j) & 1u) weight += load_weight(j, k);
+      combined_topk_weights[static_cast<int64_t>(token) * num_topk + k] = weight;
     }
   }
 }

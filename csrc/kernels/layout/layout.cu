@@ -31,45 +31,47 @@ __global__ void __launch_bounds__(kThreads) get_dispatch_layout(
   __syncthreads();
 
   if (static_cast<int>(blockIdx.x) < num_expert_blocks) {
-    const int first = blockIdx.x * kExpertsPerBlock;
-    const int owned = min(kExpertsPerBlock, num_experts - first);
+    const int first_expert = blockIdx.x * kExpertsPerBlock;
+    const int num_owned_experts = min(kExpertsPerBlock, num_experts - first_expert);
     const int64_t num_slots = static_cast<int64_t>(num_tokens) * num_topk;
     for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
-      const int64_t e = __ldg(topk_idx + i) - first;
-      if (e >= 0 && e < owned) atomicAdd(&counts[e], 1);
+      const int64_t expert_offset = __ldg(topk_idx + i) - first_expert;
+      if (expert_offset >= 0 && expert_offset < num_owned_experts) atomicAdd(&counts[expert_offset], 1);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < owned; i += blockDim.x) num_tokens_per_expert[first + i] = counts[i];
+    for (int i = threadIdx.x; i < num_owned_experts; i += blockDim.x)
+      num_tokens_per_expert[first_expert + i] = counts[i];
     return;
   }
 
-  const int block = blockIdx.x - num_expert_blocks;
-  const int first_rank = block * ranks_per_block;
-  const int owned = min(ranks_per_block, num_ranks - first_rank);
+  const int rank_block = blockIdx.x - num_expert_blocks;
+  const int first_rank = rank_block * ranks_per_block;
+  const int num_owned_ranks = min(ranks_per_block, num_ranks - first_rank);
   const int experts_per_rank = num_experts / num_ranks;
-  for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
-    const int64_t* row = topk_idx + static_cast<int64_t>(t) * num_topk;
+  for (int token = threadIdx.x; token < num_tokens; token += blockDim.x) {
+    const int64_t* row = topk_idx + static_cast<int64_t>(token) * num_topk;
     uint32_t mask = 0;
     for (int k = 0; k < num_topk; ++k) {
-      const int64_t e = __ldg(row + k);
-      if (e == -1) continue;
-      if (e < -1 || e >= num_experts) {
+      const int64_t expert = __ldg(row + k);
+      if (expert == -1) continue;
+      if (expert < -1 || expert >= num_experts) {
         // Reported once (by the first rank block); the slot is skipped everywhere.
-        if (block == 0) device::report(diagnostics, Phase::kLayoutExpertRange, false, rank, -1, -1, t, num_experts, e);
+        if (rank_block == 0)
+          device::report(diagnostics, Phase::kLayoutExpertRange, false, rank, -1, -1, token, num_experts, expert);
         continue;
       }
-      const int r = static_cast<int>(e) / experts_per_rank - first_rank;
-      if (r >= 0 && r < owned) mask |= 1u << r;
+      const int rank_offset = static_cast<int>(expert) / experts_per_rank - first_rank;
+      if (rank_offset >= 0 && rank_offset < num_owned_ranks) mask |= 1u << rank_offset;
     }
-    bool* in_rank = is_token_in_rank + static_cast<int64_t>(t) * num_ranks + first_rank;
-    for (int j = 0; j < owned; ++j) in_rank[j] = (mask >> j) & 1u;
+    bool* in_rank = is_token_in_rank + static_cast<int64_t>(token) * num_ranks + first_rank;
+    for (int j = 0; j < num_owned_ranks; ++j) in_rank[j] = (mask >> j) & 1u;
     for (uint32_t bits = mask; bits != 0; bits &= bits - 1) atomicAdd(&counts[__ffs(bits) - 1], 1);
     if (num_tokens_per_rdma_rank != nullptr && mask != 0) atomicAdd(&node_count, 1);
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < owned; j += blockDim.x) num_tokens_per_rank[first_rank + j] = counts[j];
+  for (int j = threadIdx.x; j < num_owned_ranks; j += blockDim.x) num_tokens_per_rank[first_rank + j] = counts[j];
   // With num_tokens_per_rdma_rank, a rank block is one node (ranks_per_block == ranks per node).
-  if (num_tokens_per_rdma_rank != nullptr && threadIdx.x == 0) num_tokens_per_rdma_rank[block] = node_count;
+  if (num_tokens_per_rdma_rank != nullptr && threadIdx.x == 0) num_tokens_per_rdma_rank[rank_block] = node_count;
 }
 
 }  // namespace

@@ -78,44 +78,44 @@ struct HalfLayout {
   static HalfLayout make(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                          int64_t num_experts) {
     using intranode::align_up;
-    HalfLayout l{};
+    HalfLayout layout{};
     const int64_t M = num_max_dispatch_tokens_per_rank;
     const int64_t local_experts = num_experts / num_ranks;
-    l.num_local_experts = static_cast<int>(local_experts);
-    l.num_ranks = static_cast<int>(num_ranks);
-    l.combine_slots_per_token = std::min<int64_t>(num_experts, kNumMaxTopk);
-    l.dispatch_scales_offset = hidden * 2;
-    l.dispatch_meta_offset = align_up(hidden * 2 + hidden / 128 * 4, 16);
-    l.dispatch_slot_bytes = l.dispatch_meta_offset + 16;
-    l.combine_row_bytes = hidden * 2;
+    layout.num_local_experts = static_cast<int>(local_experts);
+    layout.num_ranks = static_cast<int>(num_ranks);
+    layout.combine_slots_per_token = std::min<int64_t>(num_experts, kNumMaxTopk);
+    layout.dispatch_scales_offset = hidden * 2;
+    layout.dispatch_meta_offset = align_up(hidden * 2 + hidden / 128 * 4, 16);
+    layout.dispatch_slot_bytes = layout.dispatch_meta_offset + 16;
+    layout.combine_row_bytes = hidden * 2;
     int64_t off = 0;
-    l.dispatch_offset = off;
-    off = align_up(off + local_experts * num_ranks * M * l.dispatch_slot_bytes, 128);
-    l.combine_offset = off;
-    off = align_up(off + M * l.combine_slots_per_token * l.combine_row_bytes, 128);
-    l.dispatch_send_offset = off;
-    off = align_up(off + M * l.dispatch_slot_bytes, 128);
-    l.dispatch_send_meta_offset = off;
+    layout.dispatch_offset = off;
+    off = align_up(off + local_experts * num_ranks * M * layout.dispatch_slot_bytes, 128);
+    layout.combine_offset = off;
+    off = align_up(off + M * layout.combine_slots_per_token * layout.combine_row_bytes, 128);
+    layout.dispatch_send_offset = off;
+    off = align_up(off + M * layout.dispatch_slot_bytes, 128);
+    layout.dispatch_send_meta_offset = off;
     off = align_up(off + M * kNumMaxTopk * 16, 128);
-    l.signals_offset = off;
-    off = align_up(off + int64_t(l.num_signals()) * 8, 128);
-    l.dispatch_consumed_offset = off;
+    layout.signals_offset = off;
+    off = align_up(off + int64_t(layout.num_signals()) * 8, 128);
+    layout.dispatch_consumed_offset = off;
     off = align_up(off + local_experts * num_ranks * 8, 128);
-    l.combine_consumed_offset = off;
+    layout.combine_consumed_offset = off;
     off = align_up(off + int64_t(kMaxLowLatencyBlocks) * num_ranks * 8, 128);
-    l.dispatch_mirror_offset = off;
+    layout.dispatch_mirror_offset = off;
     off = align_up(off + num_experts * 8, 128);
-    l.combine_mirror_offset = off;
+    layout.combine_mirror_offset = off;
     off = align_up(off + num_ranks * 8, 128);
-    l.send_done_offset = off;
+    layout.send_done_offset = off;
     off = align_up(off + num_experts * 4, 128);
     // Where the second half starts, measured (H100, 8 ranks under MPS, 128 tokens x 7168, top-8 of 288;
     // `scripts/ab_bench.sh`): with the same kernels, the low-latency sends ran about twice as slow when the
     // halves were 0, 512 or 1536 bytes past a 4 KiB multiple apart (and the old layout shifted by 25 KB),
     // and at full speed 3584 bytes past a 64 KiB multiple apart, as the layout before the transport
     // regions happened to be. The cause (an L2 or DRAM address mapping effect) is not identified.
-    l.bytes = align_up(off, int64_t(1) << 16) + 3584;
-    return l;
+    layout.bytes = align_up(off, int64_t(1) << 16) + 3584;
+    return layout;
   }
 };
 

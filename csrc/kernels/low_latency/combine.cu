@@ -34,21 +34,21 @@ __device__ __forceinline__ void encode_octet(const int4& v, char* group_base, in
   }
   float max_abs = 0.0f, min_abs = __int_as_float(0x7f800000);  // +inf
 #pragma unroll
-  for (int c = 0; c < 8; ++c) {
-    const float m = fabsf(f[c]);
-    max_abs = fmaxf(max_abs, m);
-    if (m > 0.0f) min_abs = fminf(min_abs, m);
+  for (int element = 0; element < 8; ++element) {
+    const float magnitude = fabsf(f[element]);
+    max_abs = fmaxf(max_abs, magnitude);
+    if (magnitude > 0.0f) min_abs = fminf(min_abs, magnitude);
   }
 #pragma unroll
-  for (int m = 4; m >= 1; m >>= 1) {
-    max_abs = fmaxf(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, m));
-    min_abs = fminf(min_abs, __shfl_xor_sync(0xffffffffu, min_abs, m));
+  for (int lane_mask = 4; lane_mask >= 1; lane_mask >>= 1) {
+    max_abs = fmaxf(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, lane_mask));
+    min_abs = fminf(min_abs, __shfl_xor_sync(0xffffffffu, min_abs, lane_mask));
   }
   float lmin, step;
   logfmt_group_params(max_abs, min_abs, lmin, step);
   uint32_t codes[8];
 #pragma unroll
-  for (int c = 0; c < 8; ++c) codes[c] = logfmt_encode_value(f[c], lmin, step);
+  for (int element = 0; element < 8; ++element) codes[element] = logfmt_encode_value(f[element], lmin, step);
   uint8_t bytes[10];
   logfmt_pack_octet(codes, bytes);
   if (!valid) return;
@@ -72,73 +72,78 @@ __device__ __forceinline__ void decode_octet(const char* group_base, int octet_i
   uint32_t codes[8];
   logfmt_unpack_octet(bytes, codes);
 #pragma unroll
-  for (int c = 0; c < 8; ++c) f[c] = logfmt_decode_value(codes[c], header.x, header.y);
+  for (int element = 0; element < 8; ++element) f[element] = logfmt_decode_value(codes[element], header.x, header.y);
 }
 
 template <typename Transport>
-__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
-                                 int tag, int r);
+__device__ void signal_home_rank(const Peers& peers, const HalfLayout& layout, const Transport& net,
+                                 const CombineArgs& args, int tag, int home_rank);
 
 template <typename Transport>
-__device__ void run_send(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a, int tag,
-                         int* row_prefix, int* rank_ends, int warp, int lane) {
-  const int R = p.num_ranks, L = a.num_local_experts, H = a.hidden;
-  const int64_t S = static_cast<int64_t>(R) * a.num_max_tokens;
-  ControlRegion* mine = control_of(p, p.rank);
-  // Rows of expert l: ranks' blocks are contiguous and in rank order, so the last one ends them.
+__device__ void run_send(const Peers& peers, const HalfLayout& layout, const Transport& net, const CombineArgs& args,
+                         int tag, int* row_prefix, int* rank_ends, int warp, int lane) {
+  const int num_ranks = peers.num_ranks, num_local_experts = args.num_local_experts, hidden = args.hidden;
+  const int64_t num_slots_per_expert = static_cast<int64_t>(num_ranks) * args.num_max_tokens;
+  ControlRegion* mine = control_of(peers, peers.rank);
+  // Rows of each local expert: ranks' blocks are contiguous and in rank order, so the last one ends them.
   if (warp == 0) {
     int carry = 0;
-    for (int base = 0; base < L; base += 32) {
-      const int l = base + lane;
-      int n = 0;
-      if (l < L) {
-        const int64_t last = a.layout_range[l * R + R - 1];
-        n = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
+    for (int base = 0; base < num_local_experts; base += 32) {
+      const int local_expert = base + lane;
+      int num_rows = 0;
+      if (local_expert < num_local_experts) {
+        const int64_t last = args.layout_range[local_expert * num_ranks + num_ranks - 1];
+        num_rows = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
       }
-      int inclusive = n;
+      int inclusive = num_rows;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
-        if (lane >= d) inclusive += v;
+        const int below = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += below;
       }
-      if (l < L) row_prefix[l + 1] = carry + inclusive;
+      if (local_expert < num_local_experts) row_prefix[local_expert + 1] = carry + inclusive;
       carry += __shfl_sync(0xffffffffu, inclusive, 31);
     }
     if (lane == 0) row_prefix[0] = 0;
   }
-  // rank_ends[l * R + r]: end of source rank r's rows inside expert l (shared, so that finding a row's
-  // home rank costs no dependent global loads).
-  for (int j = threadIdx.x; j < L * R; j += blockDim.x) {
-    const int64_t range = a.layout_range[j];
+  // rank_ends[e * num_ranks + r]: end of source rank r's rows inside local expert e (shared, so that finding
+  // a row's home rank costs no dependent global loads).
+  for (int j = threadIdx.x; j < num_local_experts * num_ranks; j += blockDim.x) {
+    const int64_t range = args.layout_range[j];
     rank_ends[j] = static_cast<int>(range >> 32) + static_cast<int>(range & 0xffffffff);
   }
   __syncthreads();
 
-  const int total_rows = row_prefix[L];
+  const int total_rows = row_prefix[num_local_experts];
   const int num_warps = gridDim.x * kWarps, global_warp = blockIdx.x * kWarps + warp;
-  const int num_octets = H / 8;
+  const int num_octets = hidden / 8;
   int rows_to_lane_rank = 0;  // lane r counts the rows this warp wrote to home rank r
-  for (int q = global_warp; q < total_rows; q += num_warps) {
-    int lo = 0, hi = L;  // the expert whose rows contain q
+  for (int row = global_warp; row < total_rows; row += num_warps) {
+    int lo = 0, hi = num_local_experts;  // the expert whose rows contain `row`
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      if (row_prefix[mid] <= q) lo = mid; else hi = mid;
+      if (row_prefix[mid] <= row) lo = mid; else hi = mid;
     }
-    const int l = lo, i = q - row_prefix[l];
-    int r = 0;
-    while (r < R - 1 && i >= rank_ends[l * R + r]) ++r;
-    if (is_masked(p, r)) continue;
-    const int token = a.src_info[l * S + i];
-    const int k = a.src_info[L * S + l * S + i];
+    const int local_expert = lo, expert_row = row - row_prefix[local_expert];
+    int home_rank = 0;
+    while (home_rank < num_ranks - 1 && expert_row >= rank_ends[local_expert * num_ranks + home_rank]) ++home_rank;
+    if (is_masked(peers, home_rank)) continue;
+    const int token = args.src_info[local_expert * num_slots_per_expert + expert_row];
+    const int topk_slot =
+        args.src_info[num_local_experts * num_slots_per_expert + local_expert * num_slots_per_expert + expert_row];
     const int64_t dst_offset =
-        lay.combine_offset + (static_cast<int64_t>(token) * lay.combine_slots_per_token + k) * lay.combine_row_bytes;
-    const bool remote = via_transport(p, r);
-    // A transport home rank gets the row from this rank's dispatch slot (l, i) of the same half, where a
-    // zero-copy combine's rows already are (no peer dispatches into this half before this send is done).
-    const int64_t staged_offset = lay.dispatch_offset + (l * S + i) * lay.dispatch_slot_bytes;
-    char* dst = remote ? half_of(p, p.rank) + staged_offset : half_of(p, r) + dst_offset;
-    const int4* src = reinterpret_cast<const int4*>(a.x + l * a.x_expert_stride + i * a.x_row_stride);
-    if (!a.use_logfmt) {
+        layout.combine_offset +
+        (static_cast<int64_t>(token) * layout.combine_slots_per_token + topk_slot) * layout.combine_row_bytes;
+    const bool remote = via_transport(peers, home_rank);
+    // A transport home rank gets the row from this rank's dispatch slot (local_expert, expert_row) of the
+    // same half, where a zero-copy combine's rows already are (no peer dispatches into this half before this
+    // send is done).
+    const int64_t staged_offset =
+        layout.dispatch_offset + (local_expert * num_slots_per_expert + expert_row) * layout.dispatch_slot_bytes;
+    char* dst = remote ? half_of(peers, peers.rank) + staged_offset : half_of(peers, home_rank) + dst_offset;
+    const int4* src =
+        reinterpret_cast<const int4*>(args.x + local_expert * args.x_expert_stride + expert_row * args.x_row_stride);
+    if (!args.use_logfmt) {
       if (reinterpret_cast<const char*>(src) != dst)
         device::warp_copy<8>(reinterpret_cast<int4*>(dst), src, num_octets, lane, device::ld_input);
     } else {
@@ -154,37 +159,41 @@ __device__ void run_send(const Peers& p, const HalfLayout& lay, const Transport&
     }
     if (remote) {
       __syncwarp();  // the put reads the staged row through other lanes than those that wrote it
-      const int64_t row_bytes = a.use_logfmt ? static_cast<int64_t>(H / kLogfmtGroup) * kLogfmtGroupBytes
-                                             : static_cast<int64_t>(H) * 2;
-      net.put_with_signal(r, dst_offset, staged_offset, row_bytes, lay.combine_arrivals_signal(p.rank), 1);
+      const int64_t row_bytes = args.use_logfmt ? static_cast<int64_t>(hidden / kLogfmtGroup) * kLogfmtGroupBytes
+                                                : static_cast<int64_t>(hidden) * 2;
+      net.put_with_signal(home_rank, dst_offset, staged_offset, row_bytes, layout.combine_arrivals_signal(peers.rank),
+                          1);
     }
-    if (lane == r) ++rows_to_lane_rank;
+    if (lane == home_rank) ++rows_to_lane_rank;
   }
   // Rows before counts: every lane fences its own stores at system scope, then the adds are made.
   __threadfence_system();
   __syncwarp();
-  if (lane < R && rows_to_lane_rank > 0) atomicAdd(&mine->ll_combine_rows_done[p.half][lane], rows_to_lane_rank);
+  if (lane < num_ranks && rows_to_lane_rank > 0)
+    atomicAdd(&mine->ll_combine_rows_done[peers.half][lane], rows_to_lane_rank);
 
-  if (global_warp < R && !is_masked(p, global_warp)) signal_home_rank(p, lay, net, a, tag, global_warp);
+  if (global_warp < num_ranks && !is_masked(peers, global_warp))
+    signal_home_rank(peers, layout, net, args, tag, global_warp);
   // A later op may overwrite the staged rows: no put of this warp may still be reading them.
-  if (p.transport_peers != 0) net.flush();
+  if (peers.transport_peers != 0) net.flush();
 }
 
-// Global warp r: once every warp's rows to home rank r are counted, set r's count signal.
+// Global warp `home_rank`: once every warp's rows to `home_rank` are counted, set its count signal.
 template <typename Transport>
-__device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a,
-                                 int tag, int r) {
-  const int R = p.num_ranks, L = a.num_local_experts;
+__device__ void signal_home_rank(const Peers& peers, const HalfLayout& layout, const Transport& net,
+                                 const CombineArgs& args, int tag, int home_rank) {
+  const int num_ranks = peers.num_ranks, num_local_experts = args.num_local_experts;
   int expected = 0;
-  for (int l = 0; l < L; ++l) expected += static_cast<int>(a.layout_range[l * R + r] & 0xffffffff);
-  int* done = &control_of(p, p.rank)->ll_combine_rows_done[p.half][r];
+  for (int local_expert = 0; local_expert < num_local_experts; ++local_expert)
+    expected += static_cast<int>(args.layout_range[local_expert * num_ranks + home_rank] & 0xffffffff);
+  int* done = &control_of(peers, peers.rank)->ll_combine_rows_done[peers.half][home_rank];
   if (device::lane_id() == 0) {
     // Local warps only; the bound is a safety net against a bug, not a peer.
     const uint64_t start = device::global_timer_ns();
     for (int polls = 1; device::ld_acquire_gpu(done) < expected; ++polls) {
       if (polls % device::kPollsPerSlowCheck == 0 &&
-          device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
-        device::report(p.diagnostics, Phase::kLowLatencyCombineSend, true, p.rank, r, -1, -1, expected,
+          device::global_timer_ns() - start > static_cast<uint64_t>(peers.timeout_ns)) {
+        device::report(peers.diagnostics, Phase::kLowLatencyCombineSend, true, peers.rank, home_rank, -1, -1, expected,
                        device::ld_acquire_gpu(done));
         break;
       }
@@ -193,92 +202,96 @@ __device__ void signal_home_rank(const Peers& p, const HalfLayout& lay, const Tr
     __threadfence_system();
   }
   __syncwarp();
-  if (device::error_reported(p.diagnostics)) return;
-  auto* mirror = reinterpret_cast<uint64_t*>(half_of(p, p.rank) + lay.combine_mirror_offset) + r;
-  set_count(p, lay, net, r, lay.combine_count_signal(p.rank), mirror, tag, expected);
+  if (device::error_reported(peers.diagnostics)) return;
+  auto* mirror = reinterpret_cast<uint64_t*>(half_of(peers, peers.rank) + layout.combine_mirror_offset) + home_rank;
+  set_count(peers, layout, net, home_rank, layout.combine_count_signal(peers.rank), mirror, tag, expected);
 }
 
 template <typename Transport>
-__device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transport& net, const CombineArgs& a, int tag,
-                            int warp, int lane, int* masked, int* abort_flag) {
-  const int R = p.num_ranks, H = a.hidden, K = a.num_topk, L = a.num_local_experts;
-  char* half = half_of(p, p.rank);
-  for (int r = warp; r < R; r += kWarps) {
+__device__ void run_receive(const Peers& peers, const HalfLayout& layout, const Transport& net, const CombineArgs& args,
+                            int tag, int warp, int lane, int* masked, int* abort_flag) {
+  const int num_ranks = peers.num_ranks, hidden = args.hidden, num_topk = args.num_topk;
+  const int num_local_experts = args.num_local_experts;
+  char* half = half_of(peers, peers.rank);
+  for (int source = warp; source < num_ranks; source += kWarps) {
     if (lane != 0) continue;
     long long cycles = 0;
-    int n = wait_count(p, lay, net, lay.combine_count_signal(r), r, tag, Phase::kLowLatencyCombineRecv, -1, cycles);
-    if (n > 0 && via_transport(p, r)) {
+    int count = wait_count(peers, layout, net, layout.combine_count_signal(source), source, tag,
+                           Phase::kLowLatencyCombineRecv, -1, cycles);
+    if (count > 0 && via_transport(peers, source)) {
       // Every block waits for every source: each keeps its own consumed counter per source.
-      auto* consumed = reinterpret_cast<uint64_t*>(half + lay.combine_consumed_offset) +
-                       static_cast<int64_t>(blockIdx.x) * R + r;
-      const int arrived = wait_arrivals(p, net, lay.combine_arrivals_signal(r), consumed, static_cast<uint64_t>(n), r,
-                                        Phase::kLowLatencyCombineRecv, -1);
-      if (arrived < 0) n = arrived;
+      auto* consumed = reinterpret_cast<uint64_t*>(half + layout.combine_consumed_offset) +
+                       static_cast<int64_t>(blockIdx.x) * num_ranks + source;
+      const int arrived = wait_arrivals(peers, net, layout.combine_arrivals_signal(source), consumed,
+                                        static_cast<uint64_t>(count), source, Phase::kLowLatencyCombineRecv, -1);
+      if (arrived < 0) count = arrived;
     }
-    if (n == -2) *abort_flag = 1;
-    if (blockIdx.x == 0 && a.wait_recv_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[r]),
+    if (count == -2) *abort_flag = 1;
+    if (blockIdx.x == 0 && args.wait_recv_cost_stats && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&args.wait_recv_cost_stats[source]),
                 static_cast<unsigned long long>(cycles));
   }
   __syncwarp();  // lane 0 waited alone; reconverge before the block barrier
   __syncthreads();
   if (*abort_flag) return;
-  if (threadIdx.x < R) masked[threadIdx.x] = is_masked(p, threadIdx.x) ? 1 : 0;
+  if (threadIdx.x < num_ranks) masked[threadIdx.x] = is_masked(peers, threadIdx.x) ? 1 : 0;
   __syncthreads();
 
   // Work units: (token, range of 64-channel groups), enough of them to give every warp one.
-  const int num_groups = H / kLogfmtGroup;
+  const int num_groups = hidden / kLogfmtGroup;
   const int num_warps = gridDim.x * kWarps, global_warp = blockIdx.x * kWarps + warp;
-  const int T = max(a.num_tokens, 1);
-  const int chunks = max(1, min(num_groups, (num_warps + T - 1) / T));
+  const int num_tokens_or_one = max(args.num_tokens, 1);
+  const int chunks = max(1, min(num_groups, (num_warps + num_tokens_or_one - 1) / num_tokens_or_one));
   const int groups_per_chunk = (num_groups + chunks - 1) / chunks;
-  for (int u = global_warp; u < a.num_tokens * chunks; u += num_warps) {
-    const int t = u / chunks, chunk = u % chunks;
+  for (int unit = global_warp; unit < args.num_tokens * chunks; unit += num_warps) {
+    const int token = unit / chunks, chunk = unit % chunks;
     const int octet_begin = chunk * groups_per_chunk * kOctetsPerGroup;
     const int octet_end = min(num_groups, (chunk + 1) * groups_per_chunk) * kOctetsPerGroup;
-    const char* rows = half + lay.combine_offset + static_cast<int64_t>(t) * lay.combine_slots_per_token * lay.combine_row_bytes;
-    // Two octets per lane per pass: 2 * K row loads in flight.
+    const char* rows = half + layout.combine_offset +
+                       static_cast<int64_t>(token) * layout.combine_slots_per_token * layout.combine_row_bytes;
+    // Two octets per lane per pass: 2 * num_topk row loads in flight.
     for (int first = octet_begin + lane; first < octet_end; first += 64) {
       const bool has_second = first + 32 < octet_end;
       float acc[2][8] = {};
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = a.topk_idx[static_cast<int64_t>(t) * K + k];
-        if (e < 0 || e >= a.num_experts || masked[e / L]) continue;
-        const float w = a.topk_weights[static_cast<int64_t>(t) * K + k];
-        const char* row = rows + static_cast<int64_t>(k) * lay.combine_row_bytes;
-        float y[2][8];
+      for (int k = 0; k < num_topk; ++k) {
+        const int64_t expert = args.topk_idx[static_cast<int64_t>(token) * num_topk + k];
+        if (expert < 0 || expert >= args.num_experts || masked[expert / num_local_experts]) continue;
+        const float weight = args.topk_weights[static_cast<int64_t>(token) * num_topk + k];
+        const char* row = rows + static_cast<int64_t>(k) * layout.combine_row_bytes;
+        float values[2][8];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int octet = first + 32 * h;
-          if (h == 1 && !has_second) break;
-          if (a.use_logfmt) {
+        for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {
+          const int octet = first + 32 * octet_idx;
+          if (octet_idx == 1 && !has_second) break;
+          if (args.use_logfmt) {
             decode_octet(row + static_cast<int64_t>(octet / kOctetsPerGroup) * kLogfmtGroupBytes,
-                         octet % kOctetsPerGroup, y[h]);
+                         octet % kOctetsPerGroup, values[octet_idx]);
           } else {
             const int4 v = device::ld_queue(reinterpret_cast<const int4*>(row) + octet);
-            const uint32_t wd[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+            const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
                                     static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              y[h][2 * q] = bf16_to_float(wd[q] & 0xffffu);
-              y[h][2 * q + 1] = bf16_to_float(wd[q] >> 16);
+              values[octet_idx][2 * q] = bf16_to_float(words[q] & 0xffffu);
+              values[octet_idx][2 * q + 1] = bf16_to_float(words[q] >> 16);
             }
           }
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int octet_idx = 0; octet_idx < 2; ++octet_idx)
 #pragma unroll
-          for (int c = 0; c < 8; ++c) acc[h][c] = fmaf(w, y[h][c], acc[h][c]);
+          for (int element = 0; element < 8; ++element)
+            acc[octet_idx][element] = fmaf(weight, values[octet_idx][element], acc[octet_idx][element]);
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (h == 1 && !has_second) break;
-        int4 o;
-        o.x = static_cast<int>(float_to_bf16_bits(acc[h][0]) | (float_to_bf16_bits(acc[h][1]) << 16));
-        o.y = static_cast<int>(float_to_bf16_bits(acc[h][2]) | (float_to_bf16_bits(acc[h][3]) << 16));
-        o.z = static_cast<int>(float_to_bf16_bits(acc[h][4]) | (float_to_bf16_bits(acc[h][5]) << 16));
-        o.w = static_cast<int>(float_to_bf16_bits(acc[h][6]) | (float_to_bf16_bits(acc[h][7]) << 16));
-        reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * H)[first + 32 * h] = o;
+      for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {
+        if (octet_idx == 1 && !has_second) break;
+        int4 out;
+        out.x = static_cast<int>(float_to_bf16_bits(acc[octet_idx][0]) | (float_to_bf16_bits(acc[octet_idx][1]) << 16));
+        out.y = static_cast<int>(float_to_bf16_bits(acc[octet_idx][2]) | (float_to_bf16_bits(acc[octet_idx][3]) << 16));
+        out.z = static_cast<int>(float_to_bf16_bits(acc[octet_idx][4]) | (float_to_bf16_bits(acc[octet_idx][5]) << 16));
+        out.w = static_cast<int>(float_to_bf16_bits(acc[octet_idx][6]) | (float_to_bf16_bits(acc[octet_idx][7]) << 16));
+        reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(token) * hidden)[first + 32 * octet_idx] = out;
       }
     }
   }
@@ -287,8 +300,8 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transpo
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) combine(Peers p, HalfLayout lay,
-                                                              const __grid_constant__ Transport net, CombineArgs a,
+__global__ void __launch_bounds__(kThreads, 1) combine(Peers peers, HalfLayout layout,
+                                                              const __grid_constant__ Transport net, CombineArgs args,
                                                               int phases) {
   __shared__ int tag_shared, abort_flag;
   __shared__ int row_prefix[kMaxLocalExperts + 1];
@@ -297,12 +310,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine(Peers p, HalfLayout lay,
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   if (threadIdx.x == 0) {
     abort_flag = 0;
-    tag_shared = (phases & kSend) ? begin_send(p, 1) : receive_tag(p, 1);
+    tag_shared = (phases & kSend) ? begin_send(peers, 1) : receive_tag(peers, 1);
   }
   __syncthreads();
   const int tag = tag_shared;
-  if (phases & kSend) run_send(p, lay, net, a, tag, row_prefix, rank_ends, warp, lane);
-  if (phases & kReceive) run_receive(p, lay, net, a, tag, warp, lane, masked, &abort_flag);
+  if (phases & kSend) run_send(peers, layout, net, args, tag, row_prefix, rank_ends, warp, lane);
+  if (phases & kReceive) run_receive(peers, layout, net, args, tag, warp, lane, masked, &abort_flag);
 }
 
 template <typename Transport>
@@ -335,8 +348,8 @@ void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineA
 namespace {
 
 __global__ void reset_signals_kernel(const __grid_constant__ transport::GinTransport gin, int num_signals) {
-  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < num_signals; s += gridDim.x * blockDim.x)
-    gin.reset_signal(s);
+  for (int signal = blockIdx.x * blockDim.x + threadIdx.x; signal < num_signals; signal += gridDim.x * blockDim.x)
+    gin.reset_signal(signal);
 }
 
 }  // namespace
@@ -351,12 +364,12 @@ void launch_reset_signals(const transport::GinTransport& gin, int num_signals, c
 namespace {
 
 __global__ void update_mask_kernel(ControlRegion* mine, int rank, int value, int num_ranks) {
-  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
-    if (rank < 0 || r == rank) mine->ll_mask[r] = value;
+  for (int peer = threadIdx.x; peer < num_ranks; peer += blockDim.x)
+    if (rank < 0 || peer == rank) mine->ll_mask[peer] = value;
 }
 
 __global__ void query_mask_kernel(const ControlRegion* mine, int* status, int num_ranks) {
-  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) status[r] = mine->ll_mask[r] != 0 ? 1 : 0;
+  for (int peer = threadIdx.x; peer < num_ranks; peer += blockDim.x) status[peer] = mine->ll_mask[peer] != 0 ? 1 : 0;
 }
 
 }  // namespace

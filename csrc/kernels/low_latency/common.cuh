@@ -4,9 +4,9 @@
 // (transport.cuh) that reaches the peers for which via_transport is true.
 //
 // Reach. A kernel dereferences bases[r] (half_of, control_of) only for this rank and for peers with
-// !via_transport(p, r); with GIN, bases of other nodes are null. Every row and signal for a transport
+// !via_transport(peers, r); with GIN, bases of other nodes are null. Every row and signal for a transport
 // peer goes through the transport: staged in this rank's half, then put. The transport's window is
-// the active half (its local_ptr(0) is half_of(p, p.rank)), so a put's offsets are offsets in a half.
+// the active half (its local_ptr(0) is half_of(peers, peers.rank)), so a put's offsets are offsets in a half.
 #pragma once
 
 #include <cstdint>
@@ -18,38 +18,38 @@
 
 namespace deep_ep::low_latency {
 
-__device__ __forceinline__ ControlRegion* control_of(const Peers& p, int rank) {
-  return reinterpret_cast<ControlRegion*>(p.bases[rank]);
+__device__ __forceinline__ ControlRegion* control_of(const Peers& peers, int rank) {
+  return reinterpret_cast<ControlRegion*>(peers.bases[rank]);
 }
 
-__device__ __forceinline__ char* half_of(const Peers& p, int rank) { return p.bases[rank] + p.half_offset; }
+__device__ __forceinline__ char* half_of(const Peers& peers, int rank) { return peers.bases[rank] + peers.half_offset; }
 
 __device__ __forceinline__ int64_t make_signal(int tag, int rows) {
   return (static_cast<int64_t>(tag) << 32) | static_cast<uint32_t>(rows);
 }
 
-__device__ __forceinline__ bool is_masked(const Peers& p, int rank) {
-  return p.enable_shrink && *reinterpret_cast<volatile int*>(&control_of(p, p.rank)->ll_mask[rank]) != 0;
+__device__ __forceinline__ bool is_masked(const Peers& peers, int rank) {
+  return peers.enable_shrink && *reinterpret_cast<volatile int*>(&control_of(peers, peers.rank)->ll_mask[rank]) != 0;
 }
 
 // Called by thread 0 of every block at the start of a send. Returns the tag of this op. Ordering:
 // the read of ll_epoch precedes this block's arrival (fence), and the last block's bump follows
 // every arrival, so all blocks read the same value.
-__device__ __forceinline__ int begin_send(const Peers& p, int op) {
-  ControlRegion* mine = control_of(p, p.rank);
-  const int epoch = *reinterpret_cast<volatile int*>(&mine->ll_epoch[p.half][op]);
+__device__ __forceinline__ int begin_send(const Peers& peers, int op) {
+  ControlRegion* mine = control_of(peers, peers.rank);
+  const int epoch = *reinterpret_cast<volatile int*>(&mine->ll_epoch[peers.half][op]);
   __threadfence();
-  if (atomicAdd(&mine->ll_arrivals[p.half][op], 1) == static_cast<int>(gridDim.x) - 1) {
+  if (atomicAdd(&mine->ll_arrivals[peers.half][op], 1) == static_cast<int>(gridDim.x) - 1) {
     __threadfence();
-    mine->ll_arrivals[p.half][op] = 0;
-    *reinterpret_cast<volatile int*>(&mine->ll_epoch[p.half][op]) = epoch + 1;
+    mine->ll_arrivals[peers.half][op] = 0;
+    *reinterpret_cast<volatile int*>(&mine->ll_epoch[peers.half][op]) = epoch + 1;
   }
   return epoch + 1;
 }
 
 // The tag a hooked receive expects: its send has bumped ll_epoch already (the receive runs after it).
-__device__ __forceinline__ int receive_tag(const Peers& p, int op) {
-  return *reinterpret_cast<volatile int*>(&control_of(p, p.rank)->ll_epoch[p.half][op]);
+__device__ __forceinline__ int receive_tag(const Peers& peers, int op) {
+  return *reinterpret_cast<volatile int*>(&control_of(peers, peers.rank)->ll_epoch[peers.half][op]);
 }
 
 // One lane. Polls `poll(observed)` until it returns a value >= 0 (returned) or -2 (it reported an
@@ -57,11 +57,11 @@ __device__ __forceinline__ int receive_tag(const Peers& p, int op) {
 // enable_shrink, and is reported otherwise, naming `expected` and the last `observed` (then -2: the
 // caller unwinds). `waited_cycles` gets the clock cycles spent when the first poll was not enough.
 template <typename Poll>
-__device__ __forceinline__ int wait_for_peer(const Peers& p, int peer, Phase phase, int channel, long long expected,
+__device__ __forceinline__ int wait_for_peer(const Peers& peers, int peer, Phase phase, int channel, long long expected,
                                              Poll poll, long long& waited_cycles) {
   const long long start_clock = clock64();
   waited_cycles = 0;
-  if (is_masked(p, peer)) return -1;
+  if (is_masked(peers, peer)) return -1;
   long long observed = 0;
   int result = poll(observed);
   if (result != -1) return result;
@@ -75,15 +75,15 @@ __device__ __forceinline__ int wait_for_peer(const Peers& p, int peer, Phase pha
     // Hundreds of waiters poll at once: back off a little so their loads leave L2 bandwidth to the data.
     __nanosleep(64);
     if (polls % device::kPollsPerSlowCheck != 0) continue;
-    if (is_masked(p, peer)) return -1;
-    if (device::error_reported(p.diagnostics)) return -2;
-    if (device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
+    if (is_masked(peers, peer)) return -1;
+    if (device::error_reported(peers.diagnostics)) return -2;
+    if (device::global_timer_ns() - start > static_cast<uint64_t>(peers.timeout_ns)) {
       waited_cycles = clock64() - start_clock;
-      if (p.enable_shrink) {
-        atomicExch(&control_of(p, p.rank)->ll_mask[peer], 1);
+      if (peers.enable_shrink) {
+        atomicExch(&control_of(peers, peers.rank)->ll_mask[peer], 1);
         return -1;
       }
-      device::report(p.diagnostics, phase, true, p.rank, peer, channel, -1, expected, observed);
+      device::report(peers.diagnostics, phase, true, peers.rank, peer, channel, -1, expected, observed);
       return -2;
     }
   }
@@ -91,12 +91,12 @@ __device__ __forceinline__ int wait_for_peer(const Peers& p, int peer, Phase pha
 
 // The P2P transport of the active half, built on the host from the mapped bases: offsets of its
 // operations are relative to the start of the half, and its signals are HalfLayout's signal array.
-inline transport::P2pTransport p2p_transport(const Peers& p, const HalfLayout& lay) {
-  return transport::P2pTransport{p.bases, p.half_offset, lay.signals_offset, p.rank};
+inline transport::P2pTransport p2p_transport(const Peers& peers, const HalfLayout& layout) {
+  return transport::P2pTransport{peers.bases, peers.half_offset, layout.signals_offset, peers.rank};
 }
 
-__device__ __forceinline__ bool via_transport(const Peers& p, int peer) {
-  return (p.transport_peers >> peer) & 1u;
+__device__ __forceinline__ bool via_transport(const Peers& peers, int peer) {
+  return (peers.transport_peers >> peer) & 1u;
 }
 
 // One lane waits until this rank's count signal `idx`, written by `source`, carries `tag`; returns the
@@ -104,11 +104,11 @@ __device__ __forceinline__ bool via_transport(const Peers& p, int peer) {
 // rank's memory, a transport source adds to it: the matching acquire read differs (with GIN the two
 // are different memory: the own half's signal array, and the transport's signals).
 template <typename Transport>
-__device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay, const Transport& net, int idx,
+__device__ __forceinline__ int wait_count(const Peers& peers, const HalfLayout& layout, const Transport& net, int idx,
                                           int source, int tag, Phase phase, int channel, long long& waited_cycles) {
-  const bool remote = via_transport(p, source);
-  const auto* signal = reinterpret_cast<const int64_t*>(half_of(p, p.rank) + lay.signals_offset) + idx;
-  return wait_for_peer(p, source, phase, channel, tag,
+  const bool remote = via_transport(peers, source);
+  const auto* signal = reinterpret_cast<const int64_t*>(half_of(peers, peers.rank) + layout.signals_offset) + idx;
+  return wait_for_peer(peers, source, phase, channel, tag,
                        [&](long long& observed) {
                          const int64_t value = remote ? static_cast<int64_t>(net.read_signal(idx))
                                                       : device::ld_acquire_sys(signal);
@@ -118,8 +118,8 @@ __device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay,
                          // Tags only grow: a later one means the peer overwrote this op's signal (and
                          // maybe its rows).
                          if (observed_tag - tag > 0) {
-                           device::report(p.diagnostics, Phase::kLowLatencyOverrun, false, p.rank, source, channel,
-                                          -1, tag, observed_tag);
+                           device::report(peers.diagnostics, Phase::kLowLatencyOverrun, false, peers.rank, source,
+                                          channel, -1, tag, observed_tag);
                            return -2;
                          }
                          return -1;
@@ -133,11 +133,11 @@ __device__ __forceinline__ int wait_count(const Peers& p, const HalfLayout& lay,
 // visible. Returns 0, or -1 / -2 as wait_for_peer (a masked source leaves *consumed behind; only
 // clean_low_latency_buffer realigns it).
 template <typename Transport>
-__device__ __forceinline__ int wait_arrivals(const Peers& p, const Transport& net, int idx, uint64_t* consumed,
+__device__ __forceinline__ int wait_arrivals(const Peers& peers, const Transport& net, int idx, uint64_t* consumed,
                                              uint64_t units, int source, Phase phase, int channel) {
   const uint64_t target = *consumed + units;
   long long cycles = 0;
-  const int result = wait_for_peer(p, source, phase, channel, static_cast<long long>(target),
+  const int result = wait_for_peer(peers, source, phase, channel, static_cast<long long>(target),
                                    [&](long long& observed) {
                                      const uint64_t value = net.read_signal(idx);
                                      observed = static_cast<long long>(value);
@@ -153,12 +153,12 @@ __device__ __forceinline__ int wait_arrivals(const Peers& p, const Transport& ne
 // difference to *mirror (this rank's memory: what it last set there) as an add, which the transport
 // orders after this warp's earlier puts to dest (others' puts are covered by their arrivals).
 template <typename Transport>
-__device__ __forceinline__ void set_count(const Peers& p, const HalfLayout& lay, const Transport& net, int dest,
+__device__ __forceinline__ void set_count(const Peers& peers, const HalfLayout& layout, const Transport& net, int dest,
                                           int idx, uint64_t* mirror, int tag, int rows) {
   const uint64_t value = static_cast<uint64_t>(make_signal(tag, rows));
-  if (!via_transport(p, dest)) {
+  if (!via_transport(peers, dest)) {
     if (device::lane_id() == 0) {
-      auto* signal = reinterpret_cast<int64_t*>(half_of(p, dest) + lay.signals_offset) + idx;
+      auto* signal = reinterpret_cast<int64_t*>(half_of(peers, dest) + layout.signals_offset) + idx;
       device::st_release_sys(signal, static_cast<int64_t>(value));
     }
     __syncwarp();

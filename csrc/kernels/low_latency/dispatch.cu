@@ -65,45 +65,47 @@ struct QuantizedChunk {
   float scale[kChunk];
 };
 
-__device__ __forceinline__ void quantize_chunk(const int4 (&v)[kChunk], bool round_scale, QuantizedChunk& q) {
+__device__ __forceinline__ void quantize_chunk(const int4 (&octets)[kChunk], bool round_scale,
+                                               QuantizedChunk& quantized) {
 #pragma unroll
   for (int u = 0; u < kChunk; ++u) {
     float f[8];
-    unpack_bf16x8(v[u], f);
+    unpack_bf16x8(octets[u], f);
     float amax = 0.0f;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) amax = fmaxf(amax, fabsf(f[c]));
+    for (int element = 0; element < 8; ++element) amax = fmaxf(amax, fabsf(f[element]));
 #pragma unroll
-    for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    for (int lane_mask = 8; lane_mask >= 1; lane_mask >>= 1)
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, lane_mask));
     const float scale_inv = fp8_scale_inv(amax, round_scale);
     const float inv = __fdiv_rn(1.0f, scale_inv);
     uint32_t packed[2] = {0, 0};
 #pragma unroll
-    for (int c = 0; c < 8; c += 2) {
+    for (int element = 0; element < 8; element += 2) {
       const __nv_fp8x2_storage_t pair = __nv_cvt_float2_to_fp8x2(
-          make_float2(__fmul_rn(f[c], inv), __fmul_rn(f[c + 1], inv)), __NV_SATFINITE, __NV_E4M3);
-      packed[c / 4] |= static_cast<uint32_t>(pair) << (16 * ((c / 2) % 2));
+          make_float2(__fmul_rn(f[element], inv), __fmul_rn(f[element + 1], inv)), __NV_SATFINITE, __NV_E4M3);
+      packed[element / 4] |= static_cast<uint32_t>(pair) << (16 * ((element / 2) % 2));
     }
-    q.fp8[u] = make_uint2(packed[0], packed[1]);
-    q.scale[u] = scale_inv;
+    quantized.fp8[u] = make_uint2(packed[0], packed[1]);
+    quantized.scale[u] = scale_inv;
   }
 }
 
 // Each block's view of topk_idx: entry i of the whole batch at experts[i]. positions[j] is the slot
 // position of the block's own entry first_entry + j, or -1 when that entry sends nothing (no expert,
-// a masked rank, or past the M slots a source owns per expert; the owner reports the last case).
-__device__ void compute_positions(const Peers& p, const DispatchArgs& a, const int* experts, int first_entry,
+// a masked rank, or past the num_max_tokens slots a source owns per expert; the owner reports the last case).
+__device__ void compute_positions(const Peers& peers, const DispatchArgs& args, const int* experts, int first_entry,
                                   int num_own, int* positions) {
   for (int j = threadIdx.x; j < num_own; j += blockDim.x) {
-    const int i = first_entry + j, e = experts[i];
-    int pos = -1;
-    if (e >= 0 && !is_masked(p, e / a.num_local_experts)) {
+    const int i = first_entry + j, expert = experts[i];
+    int position = -1;
+    if (expert >= 0 && !is_masked(peers, expert / args.num_local_experts)) {
       // Threads walk the prefix in step, so each shared load is a broadcast.
-      pos = 0;
-      for (int q = 0; q < i; ++q) pos += experts[q] == e;
-      if (pos >= a.num_max_tokens) pos = -1;
+      position = 0;
+      for (int earlier = 0; earlier < i; ++earlier) position += experts[earlier] == expert;
+      if (position >= args.num_max_tokens) position = -1;
     }
-    positions[j] = pos;
+    positions[j] = position;
   }
 }
 
@@ -125,9 +127,9 @@ __device__ __forceinline__ void part_groups(int num_groups, int parts, int part,
 // staged for this destination) into slot `dst_slot_offset` of `dest`; the last put adds this part's
 // arrival units to `arrivals`.
 template <typename Transport>
-__device__ void put_part(const Transport& net, const HalfLayout& lay, bool use_fp8, int dest, int64_t dst_slot_offset,
-                         int64_t src_slot_offset, int64_t src_meta_offset, int num_groups, int group_begin,
-                         int group_end, int part, int parts, int arrivals) {
+__device__ void put_part(const Transport& net, const HalfLayout& layout, bool use_fp8, int dest,
+                         int64_t dst_slot_offset, int64_t src_slot_offset, int64_t src_meta_offset, int num_groups,
+                         int group_begin, int group_end, int part, int parts, int arrivals) {
   const uint64_t units = kRowArrivalUnits / static_cast<uint64_t>(parts);
   // Each piece is a put; the last one carries the signal.
   auto piece = [&](bool last, int64_t offset_in_slot, int64_t src_offset, int64_t num_bytes) {
@@ -146,225 +148,246 @@ __device__ void put_part(const Transport& net, const HalfLayout& lay, bool use_f
       // The last part's scales end where the slot's padding before the metadata does, so rounding the
       // size up to 16 bytes stays inside the slot.
       const int64_t scale_bytes = (group_end - group_begin) * 4;
-      const int64_t offset = lay.dispatch_scales_offset + group_begin * 4;
+      const int64_t offset = layout.dispatch_scales_offset + group_begin * 4;
       piece(!has_meta, offset, src_slot_offset + offset, group_end == num_groups ? (scale_bytes + 15) / 16 * 16 : scale_bytes);
     }
   }
-  if (has_meta) piece(true, lay.dispatch_meta_offset, src_meta_offset, 16);
+  if (has_meta) piece(true, layout.dispatch_meta_offset, src_meta_offset, 16);
   if (!has_rows && !has_meta) net.signal_add(dest, arrivals, units);
 }
 
 template <typename Transport>
-__device__ void run_send(const Peers& p, const HalfLayout& lay, const Transport& net, const DispatchArgs& a,
+__device__ void run_send(const Peers& peers, const HalfLayout& layout, const Transport& net, const DispatchArgs& args,
                          const int* experts, const int* positions, int first_token, int num_own_tokens, int parts,
                          int tag, int warp, int lane) {
-  const int R = p.num_ranks, me = p.rank, L = a.num_local_experts, M = a.num_max_tokens, K = a.num_topk;
-  const int num_groups = a.hidden / 128;
-  int* done = reinterpret_cast<int*>(half_of(p, me) + lay.send_done_offset);
+  const int num_ranks = peers.num_ranks, rank = peers.rank, num_local_experts = args.num_local_experts;
+  const int num_max_tokens = args.num_max_tokens, num_topk = args.num_topk;
+  const int num_groups = args.hidden / 128;
+  int* done = reinterpret_cast<int*>(half_of(peers, rank) + layout.send_done_offset);
 
   for (int unit = warp; unit < num_own_tokens * parts; unit += kWarps) {
     const int local_token = unit / parts, part = unit % parts, token = first_token + local_token;
     int group_begin, group_end;
-    part_groups(num_groups, parts, part, p.transport_peers != 0, group_begin, group_end);
+    part_groups(num_groups, parts, part, peers.transport_peers != 0, group_begin, group_end);
     const int octet_begin = group_begin * 16, octet_end = group_end * 16;
     // Transport destinations read the part from this rank's send slot of the token (staged once).
     bool staged = false;
-    for (int k = 0; k < K; ++k) {
-      const int pos = positions[local_token * K + k];
-      staged |= pos >= 0 && via_transport(p, experts[token * K + k] / L);
+    for (int k = 0; k < num_topk; ++k) {
+      const int position = positions[local_token * num_topk + k];
+      staged |= position >= 0 && via_transport(peers, experts[token * num_topk + k] / num_local_experts);
     }
-    const int64_t send_slot_offset = lay.dispatch_send_offset + static_cast<int64_t>(token) * lay.dispatch_slot_bytes;
-    const int4* src = reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * a.hidden);
+    const int64_t send_slot_offset =
+        layout.dispatch_send_offset + static_cast<int64_t>(token) * layout.dispatch_slot_bytes;
+    const int4* src = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.hidden);
     for (int base = octet_begin; base < octet_end; base += 32 * kChunk) {
-      int4 v[kChunk];
+      int4 octets[kChunk];
 #pragma unroll
       for (int u = 0; u < kChunk; ++u) {
         const int octet = base + 32 * u + lane;
-        v[u] = octet < octet_end ? device::ld_input(src + octet) : make_int4(0, 0, 0, 0);
+        octets[u] = octet < octet_end ? device::ld_input(src + octet) : make_int4(0, 0, 0, 0);
       }
-      QuantizedChunk q;
-      if (a.use_fp8) quantize_chunk(v, a.round_scale, q);
-      // k == K is the send slot, when staged.
-      for (int k = 0; k <= K; ++k) {
+      QuantizedChunk quantized;
+      if (args.use_fp8) quantize_chunk(octets, args.round_scale, quantized);
+      // k == num_topk is the send slot, when staged.
+      for (int k = 0; k <= num_topk; ++k) {
         char* slot;
-        if (k < K) {
-          const int e = experts[token * K + k], pos = positions[local_token * K + k];
-          if (pos < 0 || via_transport(p, e / L)) continue;
-          slot = half_of(p, e / L) + lay.dispatch_offset +
-                 ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes;
+        if (k < num_topk) {
+          const int expert = experts[token * num_topk + k], position = positions[local_token * num_topk + k];
+          if (position < 0 || via_transport(peers, expert / num_local_experts)) continue;
+          slot = half_of(peers, expert / num_local_experts) + layout.dispatch_offset +
+                 ((static_cast<int64_t>(expert % num_local_experts) * num_ranks + rank) * num_max_tokens + position) *
+                     layout.dispatch_slot_bytes;
         } else {
           if (!staged) continue;
-          slot = half_of(p, me) + send_slot_offset;
+          slot = half_of(peers, rank) + send_slot_offset;
         }
 #pragma unroll
         for (int u = 0; u < kChunk; ++u) {
           const int octet = base + 32 * u + lane;
           if (octet >= octet_end) continue;
-          if (a.use_fp8) {
-            reinterpret_cast<uint2*>(slot)[octet] = q.fp8[u];
-            if ((lane & 15) == 0) reinterpret_cast<float*>(slot + lay.dispatch_scales_offset)[octet / 16] = q.scale[u];
+          if (args.use_fp8) {
+            reinterpret_cast<uint2*>(slot)[octet] = quantized.fp8[u];
+            if ((lane & 15) == 0)
+              reinterpret_cast<float*>(slot + layout.dispatch_scales_offset)[octet / 16] = quantized.scale[u];
           } else {
-            reinterpret_cast<int4*>(slot)[octet] = v[u];
+            reinterpret_cast<int4*>(slot)[octet] = octets[u];
           }
         }
       }
     }
     // Part 0 carries the metadata {token, top-k slot}: into load/store slots directly, into one staged
     // entry per transport destination (each names its own top-k slot).
-    const int64_t send_meta_offset = lay.dispatch_send_meta_offset + static_cast<int64_t>(token) * kNumMaxTopk * 16;
+    const int64_t send_meta_offset = layout.dispatch_send_meta_offset + static_cast<int64_t>(token) * kNumMaxTopk * 16;
     if (part == 0 && lane == 0) {
-      for (int k = 0; k < K; ++k) {
-        const int e = experts[token * K + k], pos = positions[local_token * K + k];
-        if (pos < 0) continue;
-        char* meta = via_transport(p, e / L)
-                         ? half_of(p, me) + send_meta_offset + k * 16
-                         : half_of(p, e / L) + lay.dispatch_offset +
-                               ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes +
-                               lay.dispatch_meta_offset;
+      for (int k = 0; k < num_topk; ++k) {
+        const int expert = experts[token * num_topk + k], position = positions[local_token * num_topk + k];
+        if (position < 0) continue;
+        char* meta = via_transport(peers, expert / num_local_experts)
+                         ? half_of(peers, rank) + send_meta_offset + k * 16
+                         : half_of(peers, expert / num_local_experts) + layout.dispatch_offset +
+                               ((static_cast<int64_t>(expert % num_local_experts) * num_ranks + rank) * num_max_tokens +
+                                position) * layout.dispatch_slot_bytes + layout.dispatch_meta_offset;
         *reinterpret_cast<int4*>(meta) = make_int4(token, k, 0, 0);
       }
     }
     if (staged) {
       // The puts read the send slot through other lanes than those that wrote it.
       __syncwarp();
-      for (int k = 0; k < K; ++k) {
-        const int e = experts[token * K + k], pos = positions[local_token * K + k];
-        if (pos < 0 || !via_transport(p, e / L)) continue;
-        const int64_t dst = lay.dispatch_offset + ((static_cast<int64_t>(e % L) * R + me) * M + pos) * lay.dispatch_slot_bytes;
-        put_part(net, lay, a.use_fp8, e / L, dst, send_slot_offset, send_meta_offset + k * 16, num_groups, group_begin,
-                 group_end, part, parts, lay.dispatch_arrivals_signal(e % L, me));
+      for (int k = 0; k < num_topk; ++k) {
+        const int expert = experts[token * num_topk + k], position = positions[local_token * num_topk + k];
+        if (position < 0 || !via_transport(peers, expert / num_local_experts)) continue;
+        const int64_t dst =
+            layout.dispatch_offset +
+            ((static_cast<int64_t>(expert % num_local_experts) * num_ranks + rank) * num_max_tokens + position) *
+                layout.dispatch_slot_bytes;
+        put_part(net, layout, args.use_fp8, expert / num_local_experts, dst, send_slot_offset,
+                 send_meta_offset + k * 16, num_groups, group_begin, group_end, part, parts,
+                 layout.dispatch_arrivals_signal(expert % num_local_experts, rank));
       }
     }
     // This part is stored in every load/store slot: fence (every lane, its own stores), then count it.
     __threadfence_system();
     __syncwarp();
-    for (int k = lane; k < K; k += 32) {
-      if (positions[local_token * K + k] >= 0) atomicAdd(&done[experts[token * K + k]], 1);
+    for (int k = lane; k < num_topk; k += 32) {
+      if (positions[local_token * num_topk + k] >= 0) atomicAdd(&done[experts[token * num_topk + k]], 1);
     }
   }
 
-  // Owners: once every part of every row of expert e is counted, set e's count signal.
-  const int num_entries = a.num_tokens * K;
+  // Owners: once every part of every row of `expert` is counted, set its count signal.
+  const int num_entries = args.num_tokens * num_topk;
   const int num_warps = gridDim.x * kWarps;
-  auto* mirrors = reinterpret_cast<uint64_t*>(half_of(p, me) + lay.dispatch_mirror_offset);
-  for (int e = blockIdx.x * kWarps + warp; e < a.num_experts; e += num_warps) {
-    const int dest = e / L;
-    if (is_masked(p, dest)) continue;
+  auto* mirrors = reinterpret_cast<uint64_t*>(half_of(peers, rank) + layout.dispatch_mirror_offset);
+  for (int expert = blockIdx.x * kWarps + warp; expert < args.num_experts; expert += num_warps) {
+    const int dest = expert / num_local_experts;
+    if (is_masked(peers, dest)) continue;
     int count = 0;
     for (int base = 0; base < num_entries; base += 32) {
-      const int i = base + lane;
-      count += __popc(__ballot_sync(0xffffffffu, i < num_entries && experts[i] == e));
+      const int entry = base + lane;
+      count += __popc(__ballot_sync(0xffffffffu, entry < num_entries && experts[entry] == expert));
     }
-    if (count > M && lane == 0)
-      device::report(p.diagnostics, Phase::kLowLatencyTooManyRows, false, me, dest, e, -1, M, count);
-    count = min(count, M);
+    if (count > num_max_tokens && lane == 0)
+      device::report(peers.diagnostics, Phase::kLowLatencyTooManyRows, false, rank, dest, expert, -1, num_max_tokens,
+                     count);
+    count = min(count, num_max_tokens);
     if (lane == 0) {
       const uint64_t start = device::global_timer_ns();
-      for (int polls = 1; device::ld_acquire_gpu(&done[e]) < count * parts; ++polls) {
+      for (int polls = 1; device::ld_acquire_gpu(&done[expert]) < count * parts; ++polls) {
         if (polls % device::kPollsPerSlowCheck == 0 &&
-            device::global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
-          device::report(p.diagnostics, Phase::kLowLatencyDispatchSend, true, me, dest, e, -1, count * parts,
-                         device::ld_acquire_gpu(&done[e]));
+            device::global_timer_ns() - start > static_cast<uint64_t>(peers.timeout_ns)) {
+          device::report(peers.diagnostics, Phase::kLowLatencyDispatchSend, true, rank, dest, expert, -1, count * parts,
+                         device::ld_acquire_gpu(&done[expert]));
           break;
         }
       }
-      done[e] = 0;  // the next dispatch on this half is a later kernel
+      done[expert] = 0;  // the next dispatch on this half is a later kernel
     }
     __syncwarp();
-    set_count(p, lay, net, dest, lay.dispatch_count_signal(e % L, me), mirrors + e, tag, count);
+    set_count(peers, layout, net, dest, layout.dispatch_count_signal(expert % num_local_experts, rank),
+              mirrors + expert, tag, count);
   }
   // A later op may overwrite the send slots: no put of this warp may still be reading them.
-  if (p.transport_peers != 0) net.flush();
+  if (peers.transport_peers != 0) net.flush();
 }
 
 template <typename Transport>
-__device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transport& net, const DispatchArgs& a, int tag,
-                            int warp, int lane, int* counts, int* abort_flag) {
-  const int R = p.num_ranks, L = a.num_local_experts, M = a.num_max_tokens, H = a.hidden;
-  const int64_t S = static_cast<int64_t>(R) * M;
-  const int num_scales = H / 128;
-  char* half = half_of(p, p.rank);
-  // This block's experts: local = blockIdx.x + i * gridDim.x. counts[i * (R + 1) + r] holds the rows
-  // of (expert i, source r); after the prefix pass it holds their begin, with the total at r = R.
-  const int num_mine = (L - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  for (int pair = warp; pair < num_mine * R; pair += kWarps) {
+__device__ void run_receive(const Peers& peers, const HalfLayout& layout, const Transport& net,
+                            const DispatchArgs& args, int tag, int warp, int lane, int* counts, int* abort_flag) {
+  const int num_ranks = peers.num_ranks, num_local_experts = args.num_local_experts;
+  const int num_max_tokens = args.num_max_tokens, hidden = args.hidden;
+  const int64_t num_slots_per_expert = static_cast<int64_t>(num_ranks) * num_max_tokens;
+  const int num_scales = hidden / 128;
+  char* half = half_of(peers, peers.rank);
+  // This block's experts: local_expert = blockIdx.x + i * gridDim.x. counts[i * (num_ranks + 1) + source]
+  // holds the rows of (expert i, source); after the prefix pass it holds their begin, with the total at
+  // source = num_ranks.
+  const int num_mine = (num_local_experts - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
+                       static_cast<int>(gridDim.x);
+  for (int pair = warp; pair < num_mine * num_ranks; pair += kWarps) {
     if (lane != 0) continue;
-    const int i = pair / R, r = pair % R, local = blockIdx.x + i * gridDim.x;
+    const int i = pair / num_ranks, source = pair % num_ranks, local_expert = blockIdx.x + i * gridDim.x;
     long long cycles = 0;
-    int n = wait_count(p, lay, net, lay.dispatch_count_signal(local, r), r, tag, Phase::kLowLatencyDispatchRecv, local,
-                       cycles);
-    if (n > 0 && via_transport(p, r)) {
+    int count = wait_count(peers, layout, net, layout.dispatch_count_signal(local_expert, source), source, tag,
+                           Phase::kLowLatencyDispatchRecv, local_expert, cycles);
+    if (count > 0 && via_transport(peers, source)) {
       // The count is set after the source's puts were issued, not after they landed: wait for their
       // arrival units too (this warp is the pair's only reader of its consumed counter).
-      auto* consumed = reinterpret_cast<uint64_t*>(half + lay.dispatch_consumed_offset) + local * R + r;
-      const int arrived = wait_arrivals(p, net, lay.dispatch_arrivals_signal(local, r), consumed,
-                                        static_cast<uint64_t>(n) * kRowArrivalUnits, r, Phase::kLowLatencyDispatchRecv,
-                                        local);
-      if (arrived < 0) n = arrived;
+      auto* consumed =
+          reinterpret_cast<uint64_t*>(half + layout.dispatch_consumed_offset) + local_expert * num_ranks + source;
+      const int arrived = wait_arrivals(peers, net, layout.dispatch_arrivals_signal(local_expert, source), consumed,
+                                        static_cast<uint64_t>(count) * kRowArrivalUnits, source,
+                                        Phase::kLowLatencyDispatchRecv, local_expert);
+      if (arrived < 0) count = arrived;
     }
-    if (n == -2) *abort_flag = 1;
-    counts[i * (R + 1) + r] = max(n, 0);
-    if (a.wait_recv_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(&a.wait_recv_cost_stats[r]), static_cast<unsigned long long>(cycles));
+    if (count == -2) *abort_flag = 1;
+    counts[i * (num_ranks + 1) + source] = max(count, 0);
+    if (args.wait_recv_cost_stats && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&args.wait_recv_cost_stats[source]),
+                static_cast<unsigned long long>(cycles));
   }
   __syncwarp();  // lane 0 waited alone; reconverge before the block barrier
   __syncthreads();
   if (*abort_flag) return;
   for (int i = threadIdx.x; i < num_mine; i += blockDim.x) {
-    const int local = blockIdx.x + i * gridDim.x;
-    int* row = counts + i * (R + 1);
+    const int local_expert = blockIdx.x + i * gridDim.x;
+    int* row = counts + i * (num_ranks + 1);
     int running = 0;
-    for (int r = 0; r < R; ++r) {
-      const int n = row[r];
-      row[r] = running;
-      a.layout_range[local * R + r] = (static_cast<int64_t>(running) << 32) | static_cast<uint32_t>(n);
-      running += n;
+    for (int source = 0; source < num_ranks; ++source) {
+      const int count = row[source];
+      row[source] = running;
+      args.layout_range[local_expert * num_ranks + source] =
+          (static_cast<int64_t>(running) << 32) | static_cast<uint32_t>(count);
+      running += count;
     }
-    row[R] = running;
-    a.recv_count[local] = running;
-    if (a.cumulative_recv_stats) a.cumulative_recv_stats[local] += running;
+    row[num_ranks] = running;
+    args.recv_count[local_expert] = running;
+    if (args.cumulative_recv_stats) args.cumulative_recv_stats[local_expert] += running;
   }
   __syncthreads();
 
   // Rows of all this block's experts, one list; the lane-0 acquires and the barrier order these reads
   // after the senders' stores, and slots are read at L2 because earlier calls rewrote them.
   int total = 0;
-  for (int i = 0; i < num_mine; ++i) total += counts[i * (R + 1) + R];
-  for (int q = warp; q < total; q += kWarps) {
-    int i = 0, row = q;
-    while (row >= counts[i * (R + 1) + R]) row -= counts[(i++) * (R + 1) + R];
-    const int local = blockIdx.x + i * gridDim.x;
-    const int* begins = counts + i * (R + 1);
-    int r = 0;
-    while (r + 1 < R && row >= begins[r + 1]) ++r;
-    const int pos = row - begins[r];
-    const char* slot = half + lay.dispatch_offset + ((static_cast<int64_t>(local) * R + r) * M + pos) * lay.dispatch_slot_bytes;
-    const int64_t out_row = local * S + row;
-    if (a.use_fp8) {
-      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint8_t*>(a.recv_x) + out_row * H),
-                           reinterpret_cast<const int4*>(slot), H / 16, lane, device::ld_queue);
-      const float* scales = reinterpret_cast<const float*>(slot + lay.dispatch_scales_offset);
-      if (a.use_ue8m0) {
-        int* out = static_cast<int*>(a.recv_scales);
-        for (int w = lane; w < num_scales / 4; w += 32) {
+  for (int i = 0; i < num_mine; ++i) total += counts[i * (num_ranks + 1) + num_ranks];
+  for (int list_row = warp; list_row < total; list_row += kWarps) {
+    int i = 0, row = list_row;
+    while (row >= counts[i * (num_ranks + 1) + num_ranks]) row -= counts[(i++) * (num_ranks + 1) + num_ranks];
+    const int local_expert = blockIdx.x + i * gridDim.x;
+    const int* begins = counts + i * (num_ranks + 1);
+    int source = 0;
+    while (source + 1 < num_ranks && row >= begins[source + 1]) ++source;
+    const int position = row - begins[source];
+    const char* slot = half + layout.dispatch_offset +
+                       ((static_cast<int64_t>(local_expert) * num_ranks + source) * num_max_tokens + position) *
+                           layout.dispatch_slot_bytes;
+    const int64_t out_row = local_expert * num_slots_per_expert + row;
+    if (args.use_fp8) {
+      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint8_t*>(args.recv_x) + out_row * hidden),
+                           reinterpret_cast<const int4*>(slot), hidden / 16, lane, device::ld_queue);
+      const float* scales = reinterpret_cast<const float*>(slot + layout.dispatch_scales_offset);
+      if (args.use_ue8m0) {
+        int* out = static_cast<int*>(args.recv_scales);
+        for (int word_idx = lane; word_idx < num_scales / 4; word_idx += 32) {
           uint32_t word = 0;
 #pragma unroll
-          for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(__ldcg(scales + 4 * w + b)) >> 23) & 0xffu) << (8 * b);
-          out[(static_cast<int64_t>(local) * (num_scales / 4) + w) * S + row] = static_cast<int>(word);
+          for (int byte = 0; byte < 4; ++byte)
+            word |= ((__float_as_uint(__ldcg(scales + 4 * word_idx + byte)) >> 23) & 0xffu) << (8 * byte);
+          out[(static_cast<int64_t>(local_expert) * (num_scales / 4) + word_idx) * num_slots_per_expert + row] =
+              static_cast<int>(word);
         }
       } else {
-        float* out = static_cast<float*>(a.recv_scales);
-        for (int g = lane; g < num_scales; g += 32)
-          out[(static_cast<int64_t>(local) * num_scales + g) * S + row] = __ldcg(scales + g);
+        float* out = static_cast<float*>(args.recv_scales);
+        for (int group = lane; group < num_scales; group += 32)
+          out[(static_cast<int64_t>(local_expert) * num_scales + group) * num_slots_per_expert + row] =
+              __ldcg(scales + group);
       }
     } else {
-      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint16_t*>(a.recv_x) + out_row * H),
-                           reinterpret_cast<const int4*>(slot), H / 8, lane, device::ld_queue);
+      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint16_t*>(args.recv_x) + out_row * hidden),
+                           reinterpret_cast<const int4*>(slot), hidden / 8, lane, device::ld_queue);
     }
     if (lane == 0) {
-      const int4 meta = __ldcg(reinterpret_cast<const int4*>(slot + lay.dispatch_meta_offset));
-      a.src_info[out_row] = meta.x;
-      a.src_info[L * S + out_row] = meta.y;
+      const int4 meta = __ldcg(reinterpret_cast<const int4*>(slot + layout.dispatch_meta_offset));
+      args.src_info[out_row] = meta.x;
+      args.src_info[num_local_experts * num_slots_per_expert + out_row] = meta.y;
     }
   }
 }
@@ -372,8 +395,8 @@ __device__ void run_receive(const Peers& p, const HalfLayout& lay, const Transpo
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) dispatch(Peers p, HalfLayout lay,
-                                                               const __grid_constant__ Transport net, DispatchArgs a,
+__global__ void __launch_bounds__(kThreads, 1) dispatch(Peers peers, HalfLayout layout,
+                                                               const __grid_constant__ Transport net, DispatchArgs args,
                                                                int phases) {
   // Send: [T * K] expert ids (-1 for none or out of range), then the block's own positions.
   // Receive: [experts of this block][R + 1] counts. The two phases reuse the same memory.
@@ -382,34 +405,35 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(Peers p, HalfLayout lay,
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   if (threadIdx.x == 0) {
     abort_flag = 0;
-    tag_shared = (phases & kSend) ? begin_send(p, 0) : receive_tag(p, 0);
+    tag_shared = (phases & kSend) ? begin_send(peers, 0) : receive_tag(peers, 0);
   }
   if (phases & kSend) {
-    const int K = a.num_topk, num_entries = a.num_tokens * K;
+    const int num_topk = args.num_topk, num_entries = args.num_tokens * num_topk;
     int* experts = shared;
     int* positions = shared + num_entries;
     for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
-      int64_t e = a.topk_idx[i];
-      if (e < -1 || e >= a.num_experts) {
+      int64_t expert = args.topk_idx[i];
+      if (expert < -1 || expert >= args.num_experts) {
         if (blockIdx.x == 0)
-          device::report(p.diagnostics, Phase::kLowLatencyExpertRange, false, p.rank, -1, -1, i / K, a.num_experts, e);
-        e = -1;
+          device::report(peers.diagnostics, Phase::kLowLatencyExpertRange, false, peers.rank, -1, -1, i / num_topk,
+                         args.num_experts, expert);
+        expert = -1;
       }
-      experts[i] = static_cast<int>(e);
+      experts[i] = static_cast<int>(expert);
     }
     __syncthreads();
-    const int per_block = tokens_per_block(a.num_tokens, gridDim.x);
-    const int first_token = min(a.num_tokens, static_cast<int>(blockIdx.x) * per_block);
-    const int num_own = min(a.num_tokens, first_token + per_block) - first_token;
-    compute_positions(p, a, experts, first_token * K, num_own * K, positions);
+    const int per_block = tokens_per_block(args.num_tokens, gridDim.x);
+    const int first_token = min(args.num_tokens, static_cast<int>(blockIdx.x) * per_block);
+    const int num_own = min(args.num_tokens, first_token + per_block) - first_token;
+    compute_positions(peers, args, experts, first_token * num_topk, num_own * num_topk, positions);
     __syncthreads();
-    run_send(p, lay, net, a, experts, positions, first_token, num_own,
-             parts_per_token(a.num_tokens, gridDim.x, a.hidden), tag_shared, warp, lane);
+    run_send(peers, layout, net, args, experts, positions, first_token, num_own,
+             parts_per_token(args.num_tokens, gridDim.x, args.hidden), tag_shared, warp, lane);
     __syncthreads();  // the receive reuses the shared memory
   } else {
     __syncthreads();
   }
-  if (phases & kReceive) run_receive(p, lay, net, a, tag_shared, warp, lane, shared, &abort_flag);
+  if (phases & kReceive) run_receive(peers, layout, net, args, tag_shared, warp, lane, shared, &abort_flag);
 }
 
 template <typename Transport>

@@ -82,13 +82,13 @@ DEEP_EP_HOST_DEVICE void logfmt_group_params(float max_abs, float min_abs_nonzer
 DEEP_EP_HOST_DEVICE uint32_t logfmt_encode_value(float x, float lmin, float step) {
   // Zero, and every flushed value, is code 0 whatever its sign, so a zero has a single encoding.
   if (x == 0.0f) return 0;
-  const float l = log2f(fabsf(x));
+  const float log_abs = log2f(fabsf(x));
   // At |x| = 2^(lmin - 1) flushing to 0 and snapping up to 2^lmin miss by the same amount, so
   // splitting there keeps the absolute error of clamped-away values below 2^(lmin - 1).
-  if (l < lmin - 1.0f) return 0;
+  if (log_abs < lmin - 1.0f) return 0;
   float m = 1.0f;
   if (step != 0.0f) {
-    m = 1.0f + rintf((l - lmin) / step);
+    m = 1.0f + rintf((log_abs - lmin) / step);
     m = fminf(fmaxf(m, 1.0f), static_cast<float>(kLogfmtLevels));
   }
   return static_cast<uint32_t>(m) | (x < 0.0f ? kLogfmtSignBit : 0u);
@@ -146,9 +146,9 @@ inline void logfmt_encode_row(const float* x, int64_t hidden, uint8_t* out) {
     uint8_t* group_out = out + group_idx * kLogfmtGroupBytes;
     float max_abs = 0.0f, min_abs_nonzero = INFINITY;
     for (int i = 0; i < kLogfmtGroup; ++i) {
-      const float a = fabsf(values[i]);
-      max_abs = fmaxf(max_abs, a);
-      if (a != 0.0f) min_abs_nonzero = fminf(min_abs_nonzero, a);
+      const float abs_value = fabsf(values[i]);
+      max_abs = fmaxf(max_abs, abs_value);
+      if (abs_value != 0.0f) min_abs_nonzero = fminf(min_abs_nonzero, abs_value);
     }
     float lmin, step;
     logfmt_group_params(max_abs, min_abs_nonzero, lmin, step);

@@ -22,6 +22,7 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
     rows, dispatch_us = [], {}
     for num_tokens in counts:
         table, us = _bench_tokens(ctx, group, dict(opts, num_tokens=num_tokens), flush, copy_gbps)
+        torch.cuda.empty_cache()  # this count's tensors are gone: the next count's outputs reuse the memory
         rows += table
         dispatch_us[num_tokens] = us
     if len(counts) > 1:
@@ -136,8 +137,6 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     rows.append(("internode dispatch BF16 (with notify)", size, str(num_sms), f"{mean[3] * 1e3:.0f} us",
                  f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}"))
     rows += sweep_rows
-    del recv_x, x, x_fp8, handle, layout
     torch.cuda.synchronize()
     buffer.destroy()
-    torch.cuda.empty_cache()  # the next token count's outputs reuse this one's memory
     return rows, {name: mean[i] for i, name in enumerate(timed)}
