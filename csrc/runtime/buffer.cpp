@@ -11,7 +11,7 @@
 
 #include "deep_ep/error.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 #include "runtime/transport_launch.hpp"

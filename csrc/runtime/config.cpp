@@ -4,9 +4,9 @@
 #include <algorithm>
 
 #include "deep_ep/error.hpp"
-#include "kernels/common/control_region.hpp"
-#include "kernels/internode/buffer_layout.hpp"
-#include "kernels/intranode/buffer_layout.hpp"
+#include "protocol/control_region.hpp"
+#include "protocol/internode_layout.hpp"
+#include "protocol/intranode_layout.hpp"
 
 namespace deep_ep {
 
@@ -110,7 +110,7 @@ Config get_combine_config(int num_ranks, int num_sms) {
 
 }  // namespace deep_ep
 
-#include "kernels/low_latency/buffer_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 
 namespace deep_ep {
 

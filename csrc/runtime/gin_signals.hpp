@@ -6,8 +6,8 @@
 #pragma once
 
 #include "deep_ep/config.hpp"
-#include "kernels/internode/buffer_layout.hpp"
-#include "kernels/low_latency/buffer_layout.hpp"
+#include "protocol/internode_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 
 namespace deep_ep {
 

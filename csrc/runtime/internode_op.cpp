@@ -10,7 +10,7 @@
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
 #include "runtime/transport_launch.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 #include "runtime/normal_inputs.hpp"
 
 namespace deep_ep {

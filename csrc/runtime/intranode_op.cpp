@@ -8,7 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 #include "runtime/normal_inputs.hpp"
 
 namespace deep_ep {

@@ -3,7 +3,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/layout/layout.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep {
 

@@ -8,7 +8,7 @@
 #include "kernels/low_latency/low_latency.hpp"
 #include "runtime/buffer_internals.hpp"
 #include "runtime/transport_launch.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep {
 

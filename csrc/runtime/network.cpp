@@ -6,7 +6,7 @@
 #include <string>
 
 #include "deep_ep/error.hpp"
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "runtime/buffer_internals.hpp"
 #include "runtime/gin_signals.hpp"
 

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "deep_ep/error.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep {
 

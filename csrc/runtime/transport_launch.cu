@@ -5,7 +5,7 @@
 #include <memory>
 
 #include "deep_ep/error.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 #include <nccl.h>

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "kernels/common/diagnostics.hpp"
+#include "protocol/diagnostics.hpp"
 #include "transport/timing.cuh"
 #include "transport/transport.cuh"
 

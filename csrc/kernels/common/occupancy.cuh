@@ -5,7 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::device {
 

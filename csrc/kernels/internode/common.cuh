@@ -22,7 +22,7 @@
 
 #include <cstdint>
 
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/internode/internode.hpp"
 #include "transport/transport.cuh"

@@ -18,7 +18,7 @@
 #include "kernels/common/occupancy.cuh"
 #include "kernels/internode/common.cuh"
 #include "kernels/internode/internode_gin.cuh"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::internode {
 

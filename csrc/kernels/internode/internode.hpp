@@ -1,7 +1,7 @@
 // Launchers of the internode normal-mode kernels (hierarchical: the network between nodes, load/store
 // inside a node). Every op's main kernel starts by waiting until every rank has finished the previous
 // op (the `done` signal), so an op may overwrite any area the previous op used. Tokens stream through
-// the bounded rings of buffer_layout.hpp, so a call carries any number of tokens.
+// the bounded rings of protocol/internode_layout.hpp, so a call carries any number of tokens.
 //   notify_dispatch (non-cached dispatch): each rank sends every node's forwarder (the rank with its own
 //            local index there) its per-channel counts; every rank then derives the handle's prefix
 //            matrices and publishes its received counts to the host.
@@ -21,9 +21,9 @@
 
 #include <cstdint>
 
-#include "kernels/common/diagnostics.hpp"
-#include "kernels/common/host_counts.hpp"
-#include "kernels/internode/buffer_layout.hpp"
+#include "protocol/diagnostics.hpp"
+#include "protocol/host_counts.hpp"
+#include "protocol/internode_layout.hpp"
 
 namespace deep_ep::internode {
 

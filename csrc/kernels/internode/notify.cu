@@ -8,7 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/common.cuh"
 #include "kernels/internode/internode_gin.cuh"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::internode {
 

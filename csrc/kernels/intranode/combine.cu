@@ -14,11 +14,11 @@
 #include <cuda_bf16.h>
 
 #include "kernels/common/bf16.cuh"
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
 

@@ -12,10 +12,10 @@
 //     more). Written by j (st.release.sys after its reads); read by i before reusing slots.
 #include <algorithm>
 
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
 

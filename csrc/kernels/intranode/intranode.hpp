@@ -14,9 +14,9 @@
 
 #include <cstdint>
 
-#include "kernels/common/diagnostics.hpp"
-#include "kernels/common/host_counts.hpp"
-#include "kernels/intranode/buffer_layout.hpp"
+#include "protocol/diagnostics.hpp"
+#include "protocol/host_counts.hpp"
+#include "protocol/intranode_layout.hpp"
 
 namespace deep_ep::intranode {
 

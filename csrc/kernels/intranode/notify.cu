@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "kernels/intranode/prologue.cuh"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
 

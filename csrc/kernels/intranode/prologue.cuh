@@ -1,7 +1,7 @@
 // Cross-rank barrier and counter reset shared by the intranode prologue and notify kernels.
 #pragma once
 
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/intranode/intranode.hpp"
 

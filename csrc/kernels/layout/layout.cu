@@ -10,7 +10,7 @@
 
 #include "kernels/common/device_utils.cuh"
 #include "kernels/layout/layout.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::layout {
 

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "kernels/common/diagnostics.hpp"
+#include "protocol/diagnostics.hpp"
 
 namespace deep_ep::layout {
 

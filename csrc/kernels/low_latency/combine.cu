@@ -11,7 +11,7 @@
 #include "kernels/low_latency/common.cuh"
 #include "kernels/low_latency/low_latency_gin.cuh"
 #include "kernels/low_latency/logfmt.hpp"
-#include "runtime/cuda_check.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep::low_latency {
 

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "kernels/common/control_region.hpp"
+#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/low_latency/low_latency.hpp"
 #include "transport/transport.cuh"

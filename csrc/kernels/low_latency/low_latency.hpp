@@ -21,8 +21,8 @@
 
 #include <cstdint>
 
-#include "kernels/common/diagnostics.hpp"
-#include "kernels/low_latency/buffer_layout.hpp"
+#include "protocol/diagnostics.hpp"
+#include "protocol/low_latency_layout.hpp"
 
 namespace deep_ep::low_latency {
 

@@ -5,9 +5,9 @@
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
-#include "kernels/internode/buffer_layout.hpp"
-#include "kernels/intranode/buffer_layout.hpp"
-#include "kernels/low_latency/buffer_layout.hpp"
+#include "protocol/internode_layout.hpp"
+#include "protocol/intranode_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 #include "kernels/low_latency/low_latency.hpp"
 
 using namespace deep_ep;

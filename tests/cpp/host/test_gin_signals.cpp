@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "deep_ep/config.hpp"
-#include "kernels/internode/buffer_layout.hpp"
-#include "kernels/low_latency/buffer_layout.hpp"
+#include "protocol/internode_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 #include "runtime/gin_signals.hpp"
 
 using namespace deep_ep;

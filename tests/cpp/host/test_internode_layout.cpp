@@ -1,4 +1,4 @@
-// The internode buffer layout (csrc/kernels/internode/buffer_layout.hpp): every signal, flag, meta
+// The internode buffer layout (csrc/protocol/internode_layout.hpp): every signal, flag, meta
 // field and region has its own place, regions are aligned and inside the sizes the hints report.
 #include <gtest/gtest.h>
 
@@ -6,7 +6,7 @@
 #include <tuple>
 
 #include "deep_ep/config.hpp"
-#include "kernels/internode/buffer_layout.hpp"
+#include "protocol/internode_layout.hpp"
 
 namespace deep_ep {
 namespace {

@@ -25,7 +25,7 @@
 #include <cstdint>
 
 #include "deep_ep/config.hpp"
-#include "kernels/intranode/buffer_layout.hpp"
+#include "protocol/intranode_layout.hpp"
 
 // Host and device both use the signal index functions; plain C++ compilers see ordinary inline functions.
 #ifdef __CUDACC__
