@@ -22,8 +22,13 @@ class Dispatch(torch.autograd.Function):
     def forward(ctx, x, topk_weights, topk_idx, buffer):
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, EXPERTS_PER_RANK * buffer.group_size)
         recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights)
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+        )
         ctx.buffer, ctx.handle = buffer, handle
         ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_w, recv_idx, handle
@@ -31,7 +36,9 @@ class Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_recv_x, grad_recv_w, _grad_idx, _grad_handle):
         # Each token's gradient is the sum of its copies' gradients: a combine over the same routing.
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), ctx.handle, topk_weights=grad_recv_w.contiguous())
+        grad_x, grad_w, _ = ctx.buffer.combine(
+            grad_recv_x.contiguous(), ctx.handle, topk_weights=grad_recv_w.contiguous()
+        )
         return grad_x, grad_w, None, None
 
 
@@ -69,8 +76,8 @@ def run_rank(ctx):
     buffer = deep_ep.Buffer(group, num_nvl_bytes=hint)
 
     torch.manual_seed(0)  # the same expert weights on every rank
-    all_weights = torch.randn(num_experts, HIDDEN, HIDDEN, device="cuda") / HIDDEN ** 0.5
-    my_weights = all_weights[ctx.rank * EXPERTS_PER_RANK:(ctx.rank + 1) * EXPERTS_PER_RANK]
+    all_weights = torch.randn(num_experts, HIDDEN, HIDDEN, device="cuda") / HIDDEN**0.5
+    my_weights = all_weights[ctx.rank * EXPERTS_PER_RANK : (ctx.rank + 1) * EXPERTS_PER_RANK]
     torch.manual_seed(1 + ctx.rank)
     x = torch.randn(NUM_TOKENS, HIDDEN, device="cuda").to(torch.bfloat16).requires_grad_()
     topk_idx = torch.rand(NUM_TOKENS, num_experts, device="cuda").topk(NUM_TOPK, dim=1).indices
@@ -90,8 +97,11 @@ def run_rank(ctx):
     def rel_err(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
-    errors = {"out": rel_err(out, out_ref), "grad_x": rel_err(x.grad, x_ref.grad),
-              "grad_topk_weights": rel_err(topk_weights.grad, w_ref.grad)}
+    errors = {
+        "out": rel_err(out, out_ref),
+        "grad_x": rel_err(x.grad, x_ref.grad),
+        "grad_topk_weights": rel_err(topk_weights.grad, w_ref.grad),
+    }
     for name, err in errors.items():
         assert err < 3e-2, f"rank {ctx.rank}: {name} relative error {err:.2e} vs the single-process layer"
     destroy_process_group()

@@ -9,7 +9,7 @@
 
 namespace deep_ep {
 
-constexpr int kMaxChannels = 128;             // one channel per block: num_sms <= 128
+constexpr int kMaxChannels = 128;               // one channel per block: num_sms <= 128
 constexpr int kMaxIntranodeExperts = 8 * 1024;  // R <= 8 ranks, L <= 1024 local experts
 constexpr int kMaxLowLatencyRanks = 32;         // a warp's lanes cover every rank in the LL kernels
 
@@ -23,12 +23,12 @@ struct ControlRegion {
   int pad0[31 - kNumMaxNvlPeers];
 
   // Notify exchange, written by the owner before a barrier and read by every peer after it.
-  int num_tokens;                                               // owner's T
+  int num_tokens;  // owner's T
   int pad1[31];
-  int num_tokens_per_rank[kNumMaxNvlPeers];                     // tokens the owner sends to each rank
+  int num_tokens_per_rank[kNumMaxNvlPeers];  // tokens the owner sends to each rank
   int pad2[32 - kNumMaxNvlPeers];
   int num_tokens_per_channel_rank[kMaxChannels][kNumMaxNvlPeers];  // same, per dispatch channel
-  int num_tokens_per_expert[kMaxIntranodeExperts];              // slots the owner sends to each expert
+  int num_tokens_per_expert[kMaxIntranodeExperts];                 // slots the owner sends to each expert
 
   // Queue counters. Each is written by exactly one remote rank with st.release.sys and polled by the
   // owner with ld.acquire.sys, so the payload stored before the release is visible after the acquire.

@@ -9,70 +9,92 @@ namespace deep_ep {
 
 enum class Phase : int {
   kNone = 0,
-  kLayoutExpertRange,   // get_dispatch_layout met an expert id outside [-1, num_experts)
-  kBarrier,             // cross-rank barrier of an op's prologue
-  kNotifyCounts,        // notify waiting for peers' counts
-  kDispatchWaitSpace,   // dispatch sender waiting for receivers to free ring slots
-  kDispatchWaitData,    // dispatch receiver waiting for a sender to stage slots
-  kDispatchDrain,       // dispatch sender waiting for receivers to finish
-  kCombineWaitSpace,    // combine sender waiting for the home rank to free ring slots
-  kCombineWaitData,     // combine receiver waiting for an expert rank's rows
-  kDispatchExpertRange, // dispatch met an expert id outside [-1, num_experts)
-  kLowLatencyDispatchRecv,   // low-latency dispatch receive waiting for a source rank's rows
-  kLowLatencyCombineRecv,    // low-latency combine receive waiting for an expert rank's rows
-  kLowLatencyCombineSend,    // low-latency combine send waiting for its own warps' rows
-  kLowLatencyDispatchSend,   // low-latency dispatch send waiting for its own warps' rows
-  kLowLatencyExpertRange,    // low-latency dispatch met an expert id outside [-1, num_experts)
-  kLowLatencyTooManyRows,    // a source rank sends one expert more than num_max_dispatch_tokens_per_rank rows
-  kLowLatencyOverrun,        // a peer's next op on a buffer half arrived before this op's receive read it
-  kInternodeBarrier,         // an internode op waiting for every rank to finish the previous one
-  kInternodeNotify,          // internode notify waiting for a source's counts
-  kInternodeDispatchForward, // internode dispatch forwarder waiting for a source node's rows
-  kInternodeDispatchRecv,    // internode dispatch receiver waiting for a forwarder of its node
-  kInternodeCombineStage,    // internode combine forwarder waiting for a local rank's staged rows
-  kInternodeCombineRecv,     // internode combine home rank waiting for a node's partial sums
-  kInternodeTooManyRows,     // an internode dispatch receives more rows than num_worst_tokens
-  kPullCombineReady,         // pull combine waiting for an expert rank's outputs to be ready
-  kPullCombineDone,          // pull combine waiting for a home rank to finish reading this rank's outputs
-  kInternodeDispatchSend,    // internode dispatch sender waiting for a forwarder's credits (ring space)
-  kInternodeCombineSend,     // internode combine forwarder waiting for a home rank's credits (ring space)
+  kLayoutExpertRange,         // get_dispatch_layout met an expert id outside [-1, num_experts)
+  kBarrier,                   // cross-rank barrier of an op's prologue
+  kNotifyCounts,              // notify waiting for peers' counts
+  kDispatchWaitSpace,         // dispatch sender waiting for receivers to free ring slots
+  kDispatchWaitData,          // dispatch receiver waiting for a sender to stage slots
+  kDispatchDrain,             // dispatch sender waiting for receivers to finish
+  kCombineWaitSpace,          // combine sender waiting for the home rank to free ring slots
+  kCombineWaitData,           // combine receiver waiting for an expert rank's rows
+  kDispatchExpertRange,       // dispatch met an expert id outside [-1, num_experts)
+  kLowLatencyDispatchRecv,    // low-latency dispatch receive waiting for a source rank's rows
+  kLowLatencyCombineRecv,     // low-latency combine receive waiting for an expert rank's rows
+  kLowLatencyCombineSend,     // low-latency combine send waiting for its own warps' rows
+  kLowLatencyDispatchSend,    // low-latency dispatch send waiting for its own warps' rows
+  kLowLatencyExpertRange,     // low-latency dispatch met an expert id outside [-1, num_experts)
+  kLowLatencyTooManyRows,     // a source rank sends one expert more than num_max_dispatch_tokens_per_rank rows
+  kLowLatencyOverrun,         // a peer's next op on a buffer half arrived before this op's receive read it
+  kInternodeBarrier,          // an internode op waiting for every rank to finish the previous one
+  kInternodeNotify,           // internode notify waiting for a source's counts
+  kInternodeDispatchForward,  // internode dispatch forwarder waiting for a source node's rows
+  kInternodeDispatchRecv,     // internode dispatch receiver waiting for a forwarder of its node
+  kInternodeCombineStage,     // internode combine forwarder waiting for a local rank's staged rows
+  kInternodeCombineRecv,      // internode combine home rank waiting for a node's partial sums
+  kInternodeTooManyRows,      // an internode dispatch receives more rows than num_worst_tokens
+  kPullCombineReady,          // pull combine waiting for an expert rank's outputs to be ready
+  kPullCombineDone,           // pull combine waiting for a home rank to finish reading this rank's outputs
+  kInternodeDispatchSend,     // internode dispatch sender waiting for a forwarder's credits (ring space)
+  kInternodeCombineSend,      // internode combine forwarder waiting for a home rank's credits (ring space)
 };
 
 inline const char* phase_name(Phase phase) {
   switch (phase) {
-    case Phase::kNone: return "none";
-    case Phase::kLayoutExpertRange: return "get_dispatch_layout (expert id out of range)";
-    case Phase::kBarrier: return "barrier";
-    case Phase::kNotifyCounts: return "notify (count exchange)";
-    case Phase::kDispatchWaitSpace: return "dispatch send (waiting for free queue slots)";
-    case Phase::kDispatchWaitData: return "dispatch receive (waiting for staged tokens)";
-    case Phase::kDispatchDrain: return "dispatch send (waiting for receivers to drain)";
-    case Phase::kCombineWaitSpace: return "combine send (waiting for free queue slots)";
-    case Phase::kCombineWaitData: return "combine receive (waiting for rows)";
-    case Phase::kDispatchExpertRange: return "dispatch (expert id out of range)";
-    case Phase::kLowLatencyDispatchRecv: return "low-latency dispatch receive (waiting for a source rank)";
-    case Phase::kLowLatencyCombineRecv: return "low-latency combine receive (waiting for an expert rank)";
-    case Phase::kLowLatencyCombineSend: return "low-latency combine send (waiting for this rank's rows)";
-    case Phase::kLowLatencyDispatchSend: return "low-latency dispatch send (waiting for this rank's rows)";
-    case Phase::kLowLatencyExpertRange: return "low-latency dispatch (expert id out of range)";
+    case Phase::kNone:
+      return "none";
+    case Phase::kLayoutExpertRange:
+      return "get_dispatch_layout (expert id out of range)";
+    case Phase::kBarrier:
+      return "barrier";
+    case Phase::kNotifyCounts:
+      return "notify (count exchange)";
+    case Phase::kDispatchWaitSpace:
+      return "dispatch send (waiting for free queue slots)";
+    case Phase::kDispatchWaitData:
+      return "dispatch receive (waiting for staged tokens)";
+    case Phase::kDispatchDrain:
+      return "dispatch send (waiting for receivers to drain)";
+    case Phase::kCombineWaitSpace:
+      return "combine send (waiting for free queue slots)";
+    case Phase::kCombineWaitData:
+      return "combine receive (waiting for rows)";
+    case Phase::kDispatchExpertRange:
+      return "dispatch (expert id out of range)";
+    case Phase::kLowLatencyDispatchRecv:
+      return "low-latency dispatch receive (waiting for a source rank)";
+    case Phase::kLowLatencyCombineRecv:
+      return "low-latency combine receive (waiting for an expert rank)";
+    case Phase::kLowLatencyCombineSend:
+      return "low-latency combine send (waiting for this rank's rows)";
+    case Phase::kLowLatencyDispatchSend:
+      return "low-latency dispatch send (waiting for this rank's rows)";
+    case Phase::kLowLatencyExpertRange:
+      return "low-latency dispatch (expert id out of range)";
     case Phase::kLowLatencyOverrun:
       return "low-latency receive (a peer already sent its next op on this buffer half: calls must alternate "
              "halves, e.g. a CUDA graph replayed in a loop must hold an even number of low-latency ops)";
     case Phase::kInternodeBarrier:
       return "internode barrier (waiting for every rank to finish the previous internode op)";
-    case Phase::kInternodeNotify: return "internode notify (waiting for a source rank's counts)";
+    case Phase::kInternodeNotify:
+      return "internode notify (waiting for a source rank's counts)";
     case Phase::kInternodeDispatchForward:
       return "internode dispatch forward (waiting for a source node's rows, or for the node's ranks to scan them)";
     case Phase::kInternodeDispatchSend:
       return "internode dispatch send (waiting for a forwarder to credit ring slots: its node's ranks read too slowly)";
     case Phase::kInternodeCombineSend:
       return "internode combine forward (waiting for a home rank to credit ring slots of partial sums)";
-    case Phase::kInternodeDispatchRecv: return "internode dispatch receive (waiting for a forwarder of this node)";
-    case Phase::kInternodeCombineStage: return "internode combine (waiting for a local rank's staged rows)";
-    case Phase::kInternodeCombineRecv: return "internode combine receive (waiting for a node's partial sums)";
-    case Phase::kInternodeTooManyRows: return "internode dispatch (more received rows than num_worst_tokens)";
-    case Phase::kPullCombineReady: return "combine (waiting for an expert rank's outputs to be ready)";
-    case Phase::kPullCombineDone: return "combine (waiting for a home rank to finish reading this rank's outputs)";
+    case Phase::kInternodeDispatchRecv:
+      return "internode dispatch receive (waiting for a forwarder of this node)";
+    case Phase::kInternodeCombineStage:
+      return "internode combine (waiting for a local rank's staged rows)";
+    case Phase::kInternodeCombineRecv:
+      return "internode combine receive (waiting for a node's partial sums)";
+    case Phase::kInternodeTooManyRows:
+      return "internode dispatch (more received rows than num_worst_tokens)";
+    case Phase::kPullCombineReady:
+      return "combine (waiting for an expert rank's outputs to be ready)";
+    case Phase::kPullCombineDone:
+      return "combine (waiting for a home rank to finish reading this rank's outputs)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

@@ -65,7 +65,9 @@ struct RowLayout {
 };
 
 // A combine row (ring entry or partial sum): [bf16 x: hidden * 2][float weights: K], 16-aligned.
-inline int64_t combine_row_stride(int64_t hidden, int num_topk) { return align_up(hidden * 2 + 4 * int64_t(num_topk), 16); }
+inline int64_t combine_row_stride(int64_t hidden, int num_topk) {
+  return align_up(hidden * 2 + 4 * int64_t(num_topk), 16);
+}
 
 // NVLink bytes of the combine rings after nvl_fixed_bytes.
 inline int64_t combine_ring_bytes(int num_channels, int num_ranks_per_node, int ring_slots, int64_t row_stride) {
@@ -165,15 +167,22 @@ struct Layout {
     const int64_t meta_bytes = align_up(layout.meta_ints * 4, 16);
     const int64_t rows_bytes = int64_t(num_nodes) * num_channels * capacity * row_stride;
     int64_t off = 0;
-    layout.signals_offset = off;    off = align_up(off + 8 * int64_t(layout.num_signals()), 128);
-    layout.meta_offset = off;       off = align_up(off + num_nodes * meta_bytes, 128);
-    layout.meta_send_offset = off;  off = align_up(off + num_nodes * meta_bytes, 128);
-    layout.rows_offset = off;       off = align_up(off + rows_bytes, 128);
-    layout.send_rows_offset = off;  off = align_up(off + rows_bytes, 128);
+    layout.signals_offset = off;
+    off = align_up(off + 8 * int64_t(layout.num_signals()), 128);
+    layout.meta_offset = off;
+    off = align_up(off + num_nodes * meta_bytes, 128);
+    layout.meta_send_offset = off;
+    off = align_up(off + num_nodes * meta_bytes, 128);
+    layout.rows_offset = off;
+    off = align_up(off + rows_bytes, 128);
+    layout.send_rows_offset = off;
+    off = align_up(off + rows_bytes, 128);
     layout.rdma_bytes = off;
     off = 0;
-    layout.flags_offset = off;      off = align_up(off + 8 * int64_t(layout.num_flags()), 128);
-    layout.published_offset = off;  off = align_up(off + 4 * int64_t(layout.num_ranks) * num_channels, 128);
+    layout.flags_offset = off;
+    off = align_up(off + 8 * int64_t(layout.num_flags()), 128);
+    layout.published_offset = off;
+    off = align_up(off + 4 * int64_t(layout.num_ranks) * num_channels, 128);
     layout.rings_offset = off;
     layout.nvl_fixed_bytes = off;
     return layout;

@@ -14,7 +14,7 @@ namespace deep_ep::intranode {
 constexpr int64_t align_up(int64_t value, int64_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
 struct DispatchQueueLayout {
-  int64_t row_stride;     // bytes per staged row, 16-aligned
+  int64_t row_stride;  // bytes per staged row, 16-aligned
   int64_t rows_offset, scales_offset, topk_idx_offset, topk_weights_offset, meta_offset;
   int64_t total_bytes;
   int num_channels, num_slots, num_scales, num_topk;
@@ -29,11 +29,16 @@ struct DispatchQueueLayout {
     layout.row_stride = align_up(row_bytes, 16);
     const int64_t slots = int64_t(num_channels) * num_slots;
     int64_t off = 0;
-    layout.rows_offset = off;          off = align_up(off + slots * layout.row_stride, 128);
-    layout.scales_offset = off;        off = align_up(off + slots * num_scales * 4, 128);
-    layout.topk_idx_offset = off;      off = align_up(off + slots * num_topk * 4, 128);   // global expert ids, int32
-    layout.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
-    layout.meta_offset = off;          off = align_up(off + slots * 8, 128);              // {src_idx, dest_mask}
+    layout.rows_offset = off;
+    off = align_up(off + slots * layout.row_stride, 128);
+    layout.scales_offset = off;
+    off = align_up(off + slots * num_scales * 4, 128);
+    layout.topk_idx_offset = off;
+    off = align_up(off + slots * num_topk * 4, 128);  // global expert ids, int32
+    layout.topk_weights_offset = off;
+    off = align_up(off + slots * num_topk * 4, 128);
+    layout.meta_offset = off;
+    off = align_up(off + slots * 8, 128);  // {src_idx, dest_mask}
     layout.total_bytes = off;
     return layout;
   }
@@ -55,8 +60,10 @@ struct CombineQueueLayout {
     layout.row_stride = align_up(row_bytes, 16);
     const int64_t slots = int64_t(num_channels) * num_ranks * num_slots;
     int64_t off = 0;
-    layout.rows_offset = off;          off = align_up(off + slots * layout.row_stride, 128);
-    layout.topk_weights_offset = off;  off = align_up(off + slots * num_topk * 4, 128);
+    layout.rows_offset = off;
+    off = align_up(off + slots * layout.row_stride, 128);
+    layout.topk_weights_offset = off;
+    off = align_up(off + slots * num_topk * 4, 128);
     layout.total_bytes = off;
     return layout;
   }

@@ -48,8 +48,8 @@ struct HalfLayout {
   int64_t dispatch_scales_offset;  // inside a slot
   int64_t dispatch_meta_offset;    // inside a slot
   int64_t dispatch_slot_bytes;
-  int64_t combine_row_bytes;       // bf16 row; a LogFMT row is smaller
-  int64_t combine_slots_per_token; // min(E, kNumMaxTopk)
+  int64_t combine_row_bytes;        // bf16 row; a LogFMT row is smaller
+  int64_t combine_slots_per_token;  // min(E, kNumMaxTopk)
   int64_t dispatch_offset, combine_offset, dispatch_send_offset, dispatch_send_meta_offset, signals_offset;
   int64_t dispatch_consumed_offset, combine_consumed_offset, dispatch_mirror_offset, combine_mirror_offset;
   int64_t send_done_offset;

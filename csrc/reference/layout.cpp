@@ -15,8 +15,8 @@ DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int 
   DEEP_EP_CHECK(num_tokens >= 0, "get_dispatch_layout: num_tokens must be >= 0, got ", num_tokens);
   DEEP_EP_CHECK(num_topk >= 0, "get_dispatch_layout: num_topk must be >= 0, got ", num_topk);
   DEEP_EP_CHECK(num_ranks > 0, "get_dispatch_layout: num_ranks must be positive, got ", num_ranks);
-  DEEP_EP_CHECK(num_experts > 0 && num_experts % num_ranks == 0, "get_dispatch_layout: num_experts (",
-                num_experts, ") must be a positive multiple of num_ranks (", num_ranks, ")");
+  DEEP_EP_CHECK(num_experts > 0 && num_experts % num_ranks == 0, "get_dispatch_layout: num_experts (", num_experts,
+                ") must be a positive multiple of num_ranks (", num_ranks, ")");
   DEEP_EP_CHECK(num_ranks <= kNumMaxNvlPeers || num_ranks % kNumMaxNvlPeers == 0,
                 "get_dispatch_layout: with more than ", kNumMaxNvlPeers, " ranks, num_ranks must be a multiple of ",
                 kNumMaxNvlPeers, ", got ", num_ranks);
@@ -39,8 +39,8 @@ DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int 
     is_token_in_rdma_rank.assign(num_rdma_ranks, 0);
     for (int k = 0; k < num_topk; ++k) {
       int64_t expert = topk_idx[static_cast<size_t>(t) * num_topk + k];
-      DEEP_EP_CHECK(expert >= -1 && expert < num_experts, "get_dispatch_layout: topk_idx[", t, "][", k, "] = ",
-                    expert, " is outside [-1, ", num_experts, ")");
+      DEEP_EP_CHECK(expert >= -1 && expert < num_experts, "get_dispatch_layout: topk_idx[", t, "][", k, "] = ", expert,
+                    " is outside [-1, ", num_experts, ")");
       if (expert < 0) continue;
       // Experts are counted per (token, k) slot; ranks and nodes once per token.
       ++layout.num_tokens_per_expert[expert];

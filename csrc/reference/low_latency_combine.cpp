@@ -32,8 +32,8 @@ void validate(const std::vector<LowLatencyDispatchInput>& dispatch_inputs,
   const size_t num_slots = num_local_experts * num_ranks * args.num_max_dispatch_tokens_per_rank;  // L * S
   for (int r = 0; r < num_ranks; ++r) {
     const size_t num_tokens = static_cast<size_t>(dispatch_inputs[r].num_tokens);
-    DEEP_EP_CHECK(inputs[r].x.size() == num_slots * args.hidden, "low_latency_combine: rank ", r, " x must be [L, S, hidden] = ",
-                  num_slots * args.hidden, " elements, got ", inputs[r].x.size());
+    DEEP_EP_CHECK(inputs[r].x.size() == num_slots * args.hidden, "low_latency_combine: rank ", r,
+                  " x must be [L, S, hidden] = ", num_slots * args.hidden, " elements, got ", inputs[r].x.size());
     DEEP_EP_CHECK(dispatch_inputs[r].topk_idx.size() == num_tokens * args.num_topk, "low_latency_combine: rank ", r,
                   " topk_idx must be [", num_tokens, ", ", args.num_topk, "]");
     DEEP_EP_CHECK(inputs[r].topk_weights.size() == num_tokens * args.num_topk, "low_latency_combine: rank ", r,

@@ -9,20 +9,22 @@
 namespace deep_ep::reference {
 namespace {
 
-constexpr int kScaleGroup = 128;          // channels per FP8 scale
-constexpr int kScalesPerUe8m0Word = 4;    // exponent bytes packed into one int32
+constexpr int kScaleGroup = 128;        // channels per FP8 scale
+constexpr int kScalesPerUe8m0Word = 4;  // exponent bytes packed into one int32
 
 void validate(const std::vector<LowLatencyDispatchInput>& inputs, const LowLatencyDispatchArgs& args) {
   DEEP_EP_CHECK(args.num_ranks > 0, "low_latency_dispatch: num_ranks must be positive, got ", args.num_ranks);
   DEEP_EP_CHECK(static_cast<int>(inputs.size()) == args.num_ranks, "low_latency_dispatch: expected one input per ",
                 "rank (", args.num_ranks, "), got ", inputs.size());
-  DEEP_EP_CHECK(args.num_experts > 0 && args.num_experts % args.num_ranks == 0, "low_latency_dispatch: ",
-                "num_experts (", args.num_experts, ") must be a positive multiple of num_ranks (", args.num_ranks, ")");
+  DEEP_EP_CHECK(args.num_experts > 0 && args.num_experts % args.num_ranks == 0,
+                "low_latency_dispatch: ", "num_experts (", args.num_experts,
+                ") must be a positive multiple of num_ranks (", args.num_ranks, ")");
   DEEP_EP_CHECK(args.hidden >= 0 && args.hidden % kScaleGroup == 0, "low_latency_dispatch: hidden must be a ",
                 "multiple of ", kScaleGroup, ", got ", args.hidden);
   DEEP_EP_CHECK(args.num_topk >= 0, "low_latency_dispatch: num_topk must be >= 0, got ", args.num_topk);
-  DEEP_EP_CHECK(args.num_max_dispatch_tokens_per_rank >= 0, "low_latency_dispatch: ",
-                "num_max_dispatch_tokens_per_rank must be >= 0, got ", args.num_max_dispatch_tokens_per_rank);
+  DEEP_EP_CHECK(args.num_max_dispatch_tokens_per_rank >= 0,
+                "low_latency_dispatch: ", "num_max_dispatch_tokens_per_rank must be >= 0, got ",
+                args.num_max_dispatch_tokens_per_rank);
   if (args.use_fp8 && args.use_ue8m0) {
     DEEP_EP_CHECK(args.round_scale, "low_latency_dispatch: use_ue8m0 requires round_scale");
     DEEP_EP_CHECK(args.hidden % (kScaleGroup * kScalesPerUe8m0Word) == 0, "low_latency_dispatch: use_ue8m0 ",
@@ -35,8 +37,8 @@ void validate(const std::vector<LowLatencyDispatchInput>& inputs, const LowLaten
                   "low_latency_dispatch: rank ", r, " num_tokens (", in.num_tokens,
                   ") must be in [0, num_max_dispatch_tokens_per_rank = ", args.num_max_dispatch_tokens_per_rank, "]");
     const size_t num_tokens = static_cast<size_t>(in.num_tokens);
-    DEEP_EP_CHECK(in.x.size() == num_tokens * args.hidden, "low_latency_dispatch: rank ", r, " x must be [",
-                  num_tokens, ", ", args.hidden, "], got ", in.x.size(), " elements");
+    DEEP_EP_CHECK(in.x.size() == num_tokens * args.hidden, "low_latency_dispatch: rank ", r, " x must be [", num_tokens,
+                  ", ", args.hidden, "], got ", in.x.size(), " elements");
     DEEP_EP_CHECK(in.topk_idx.size() == num_tokens * args.num_topk, "low_latency_dispatch: rank ", r,
                   " topk_idx must be [", num_tokens, ", ", args.num_topk, "], got ", in.topk_idx.size(), " elements");
     for (size_t slot = 0; slot < in.topk_idx.size(); ++slot) {
@@ -117,8 +119,8 @@ std::vector<LowLatencyDispatchOutput> low_latency_dispatch(const std::vector<Low
             // A source rank owns M slots of each expert region, so it may send an expert at most M rows
             // (only a token that lists the same expert twice can exceed that).
             DEEP_EP_CHECK(num_expert_rows - begin < num_max_tokens, "low_latency_dispatch: rank ", i,
-                          " sends more than num_max_dispatch_tokens_per_rank = ", num_max_tokens,
-                          " rows to expert ", expert, " (a token lists the expert more than once)");
+                          " sends more than num_max_dispatch_tokens_per_rank = ", num_max_tokens, " rows to expert ",
+                          expert, " (a token lists the expert more than once)");
             const size_t row = expert_base + num_expert_rows;
             write_row(in.x.data() + static_cast<size_t>(t) * hidden, args, row, out);
             out.src_info[row] = t;

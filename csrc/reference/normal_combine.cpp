@@ -36,9 +36,9 @@ std::vector<std::vector<int>> rows_by_source(const std::vector<NormalDispatchInp
                   dispatched.num_recv_tokens);
     for (int row = begin; row < end; ++row) {
       const int32_t token = dispatched.recv_src_idx[row];
-      DEEP_EP_CHECK(token >= 0 && token < dispatch_inputs[r].num_tokens, "normal_combine: rank ", j,
-                    " recv_src_idx[", row, "] = ", token, " is outside the ", dispatch_inputs[r].num_tokens,
-                    " tokens of source rank ", r);
+      DEEP_EP_CHECK(token >= 0 && token < dispatch_inputs[r].num_tokens, "normal_combine: rank ", j, " recv_src_idx[",
+                    row, "] = ", token, " is outside the ", dispatch_inputs[r].num_tokens, " tokens of source rank ",
+                    r);
       row_of[r][token] = row;
     }
   }
@@ -49,17 +49,16 @@ std::vector<std::vector<int>> rows_by_source(const std::vector<NormalDispatchInp
 
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
-                                                const std::vector<NormalCombineInput>& inputs, int hidden,
-                                                int num_topk, int num_ranks_per_node) {
+                                                const std::vector<NormalCombineInput>& inputs, int hidden, int num_topk,
+                                                int num_ranks_per_node) {
   const int num_ranks = static_cast<int>(dispatch_inputs.size());
   DEEP_EP_CHECK(num_ranks > 0, "normal_combine: needs at least one rank");
   DEEP_EP_CHECK(dispatch_outputs.size() == dispatch_inputs.size() && inputs.size() == dispatch_inputs.size(),
-                "normal_combine: expected one dispatch input, dispatch output and combine input per rank (",
-                num_ranks, "), got ", dispatch_outputs.size(), " and ", inputs.size());
+                "normal_combine: expected one dispatch input, dispatch output and combine input per rank (", num_ranks,
+                "), got ", dispatch_outputs.size(), " and ", inputs.size());
   DEEP_EP_CHECK(hidden >= 0, "normal_combine: hidden must be >= 0, got ", hidden);
   DEEP_EP_CHECK(num_topk >= 0, "normal_combine: num_topk must be >= 0, got ", num_topk);
-  DEEP_EP_CHECK(num_ranks_per_node >= 0, "normal_combine: num_ranks_per_node must be >= 0, got ",
-                num_ranks_per_node);
+  DEEP_EP_CHECK(num_ranks_per_node >= 0, "normal_combine: num_ranks_per_node must be >= 0, got ", num_ranks_per_node);
   // Flat order: every rank in one group whose sum is not rounded before the bias.
   const bool hierarchical = num_ranks_per_node > 0 && num_ranks_per_node < num_ranks;
   DEEP_EP_CHECK(!hierarchical || num_ranks % num_ranks_per_node == 0, "normal_combine: num_ranks (", num_ranks,
@@ -70,13 +69,12 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
 
   std::vector<std::vector<std::vector<int>>> row_of(num_ranks);  // [receiver j][source r][token t]
   for (int j = 0; j < num_ranks; ++j) {
-    DEEP_EP_CHECK(is_row_count_of(inputs[j].x.size(), row_elements, dispatch_outputs[j]), "normal_combine: rank ",
-                  j, " x must be [", dispatch_outputs[j].num_recv_tokens, " or ", dispatch_outputs[j].num_rows, ", ",
+    DEEP_EP_CHECK(is_row_count_of(inputs[j].x.size(), row_elements, dispatch_outputs[j]), "normal_combine: rank ", j,
+                  " x must be [", dispatch_outputs[j].num_recv_tokens, " or ", dispatch_outputs[j].num_rows, ", ",
                   hidden, "], got ", inputs[j].x.size(), " elements");
     DEEP_EP_CHECK(is_row_count_of(inputs[j].topk_weights.size(), weight_elements, dispatch_outputs[j]),
                   "normal_combine: rank ", j, " topk_weights must be [", dispatch_outputs[j].num_recv_tokens, " or ",
-                  dispatch_outputs[j].num_rows, ", ", num_topk, "], got ", inputs[j].topk_weights.size(),
-                  " elements");
+                  dispatch_outputs[j].num_rows, ", ", num_topk, "], got ", inputs[j].topk_weights.size(), " elements");
     row_of[j] = rows_by_source(dispatch_inputs, dispatch_outputs[j], j);
   }
 
@@ -114,8 +112,8 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
         for (int j = begin; j < begin + group_size; ++j) {
           if (home.is_token_in_rank[t * num_ranks + j] == 0) continue;
           const int row = row_of[j][r][t];
-          DEEP_EP_CHECK(row >= 0, "normal_combine: is_token_in_rank of rank ", r, " sends token ", t, " to rank ",
-                        j, ", but rank ", j, "'s handle holds no row for it");
+          DEEP_EP_CHECK(row >= 0, "normal_combine: is_token_in_rank of rank ", r, " sends token ", t, " to rank ", j,
+                        ", but rank ", j, "'s handle holds no row for it");
           any = true;
           const uint16_t* x = inputs[j].x.data() + static_cast<size_t>(row) * row_elements;
           for (size_t c = 0; c < row_elements; ++c) acc[c] += bf16_to_float(x[c]);

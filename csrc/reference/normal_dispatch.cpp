@@ -31,16 +31,16 @@ void validate(const std::vector<NormalDispatchInput>& inputs, const NormalDispat
     const NormalDispatchInput& in = inputs[r];
     const size_t num_tokens = static_cast<size_t>(in.num_tokens);
     DEEP_EP_CHECK(in.num_tokens >= 0, "normal_dispatch: rank ", r, " num_tokens must be >= 0, got ", in.num_tokens);
-    DEEP_EP_CHECK(in.x.size() == num_tokens * args.row_bytes, "normal_dispatch: rank ", r, " x must hold ",
-                  num_tokens, " x ", args.row_bytes, " bytes, got ", in.x.size());
+    DEEP_EP_CHECK(in.x.size() == num_tokens * args.row_bytes, "normal_dispatch: rank ", r, " x must hold ", num_tokens,
+                  " x ", args.row_bytes, " bytes, got ", in.x.size());
     DEEP_EP_CHECK(in.x_scales.size() == num_tokens * args.num_scales, "normal_dispatch: rank ", r,
                   " x_scales must hold ", num_tokens, " x ", args.num_scales, " floats, got ", in.x_scales.size());
     DEEP_EP_CHECK(in.is_token_in_rank.size() == num_tokens * num_ranks, "normal_dispatch: rank ", r,
                   " is_token_in_rank must be [", num_tokens, ", ", num_ranks, "], got ", in.is_token_in_rank.size(),
                   " elements");
     const size_t num_slots = num_tokens * args.num_topk;
-    DEEP_EP_CHECK(in.topk_idx.size() == num_slots && in.topk_weights.size() == num_slots, "normal_dispatch: rank ",
-                  r, " topk_idx and topk_weights must both be [", num_tokens, ", ", args.num_topk, "], got ",
+    DEEP_EP_CHECK(in.topk_idx.size() == num_slots && in.topk_weights.size() == num_slots, "normal_dispatch: rank ", r,
+                  " topk_idx and topk_weights must both be [", num_tokens, ", ", args.num_topk, "], got ",
                   in.topk_idx.size(), " and ", in.topk_weights.size(), " elements");
     for (size_t slot = 0; slot < num_slots; ++slot) {
       int64_t expert = in.topk_idx[slot];
@@ -81,8 +81,8 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
   for (int j = 0; j < num_ranks; ++j) {
     NormalDispatchOutput& out = outputs[j];
     const int num_recv_tokens = rank_prefix_matrix[static_cast<size_t>(num_ranks - 1) * num_ranks + j];
-    DEEP_EP_CHECK(args.num_worst_tokens == 0 || num_recv_tokens <= args.num_worst_tokens, "normal_dispatch: rank ",
-                  j, " receives ", num_recv_tokens, " tokens, more than num_worst_tokens = ", args.num_worst_tokens);
+    DEEP_EP_CHECK(args.num_worst_tokens == 0 || num_recv_tokens <= args.num_worst_tokens, "normal_dispatch: rank ", j,
+                  " receives ", num_recv_tokens, " tokens, more than num_worst_tokens = ", args.num_worst_tokens);
     const int num_rows = args.num_worst_tokens > 0 ? args.num_worst_tokens : num_recv_tokens;
     out.num_recv_tokens = num_recv_tokens;
     out.num_rows = num_rows;

@@ -70,9 +70,9 @@ uint8_t float_to_e4m3(float value) {
 
   int exponent;  // magnitude = fraction * 2^exponent, fraction in [0.5, 1)
   double fraction = std::frexp(magnitude, &exponent);
-  int unbiased = exponent - 1;  // magnitude = (2 * fraction) * 2^unbiased
+  int unbiased = exponent - 1;                                      // magnitude = (2 * fraction) * 2^unbiased
   double mantissa = round_half_even((2.0 * fraction - 1.0) * 8.0);  // exact in double before rounding
-  if (mantissa == 8.0) {  // rounded up into the next binade
+  if (mantissa == 8.0) {                                            // rounded up into the next binade
     mantissa = 0.0;
     ++unbiased;
   }
@@ -83,9 +83,8 @@ float e4m3_to_float(uint8_t bits) {
   int exponent_field = (bits >> 3) & 0xF;
   int mantissa = bits & 0x7;
   if (exponent_field == 0xF && mantissa == 0x7) return std::nanf("");
-  float magnitude = exponent_field == 0
-                        ? std::ldexp(static_cast<float>(mantissa), -9)
-                        : std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent_field - 7);
+  float magnitude = exponent_field == 0 ? std::ldexp(static_cast<float>(mantissa), -9)
+                                        : std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent_field - 7);
   return (bits & 0x80) ? -magnitude : magnitude;
 }
 

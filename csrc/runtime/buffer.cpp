@@ -14,8 +14,8 @@
 #include "util/cuda_check.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-#include "runtime/transport_launch.hpp"
 #include "runtime/nccl_comm.hpp"
+#include "runtime/transport_launch.hpp"
 #endif
 
 namespace deep_ep {
@@ -51,8 +51,8 @@ int64_t default_timeout_ns(double timeout_s) {
 // Every rank's bootstrap record, in rank order.
 std::vector<PeerInfo> gather_peer_infos(Group& group, const PeerInfo& mine, int num_ranks) {
   const auto gathered = group.all_gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)));
-  DEEP_EP_RUNTIME_CHECK(static_cast<int>(gathered.size()) == num_ranks, "group all_gather returned ",
-                        gathered.size(), " entries for ", num_ranks, " ranks");
+  DEEP_EP_RUNTIME_CHECK(static_cast<int>(gathered.size()) == num_ranks, "group all_gather returned ", gathered.size(),
+                        " entries for ", num_ranks, " ranks");
   std::vector<PeerInfo> peers(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
     DEEP_EP_RUNTIME_CHECK(gathered[r].size() == sizeof(PeerInfo), "bootstrap record of rank ", r, " has ",
@@ -79,7 +79,6 @@ bool fabric_supported(int device) {
   }
   return (handle_types & cudaMemHandleTypeFabric) != 0;
 }
-
 
 // ---- the phases of Buffer::Buffer, in order ---------------------------------------------------------------
 
@@ -147,8 +146,8 @@ void allocate_local_memory(Buffer::Internals& in, const BufferOptions& options, 
     DEEP_EP_CUDA_CHECK(cudaMallocFromPoolAsync(&p, in.total_bytes, fabric_pool, nullptr));
     DEEP_EP_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     in.local_base = static_cast<char*>(p);
-    DEEP_EP_CUDA_CHECK(cudaMemPoolExportToShareableHandle(&mine.fabric_pool_handle, fabric_pool,
-                                                          cudaMemHandleTypeFabric, 0));
+    DEEP_EP_CUDA_CHECK(
+        cudaMemPoolExportToShareableHandle(&mine.fabric_pool_handle, fabric_pool, cudaMemHandleTypeFabric, 0));
     DEEP_EP_CUDA_CHECK(cudaMemPoolExportPointer(&mine.fabric_ptr, p));
   } else {
     void* p = nullptr;
@@ -162,7 +161,8 @@ void allocate_local_memory(Buffer::Internals& in, const BufferOptions& options, 
   // from an earlier buffer could otherwise hold a matching one.
   // The NVLink payload too: internode flags count up from 0.
   if (options.num_nvl_bytes + options.num_rdma_bytes > 0)
-    DEEP_EP_CUDA_CHECK(cudaMemset(in.local_base + in.nvl_payload_offset, 0, options.num_nvl_bytes + options.num_rdma_bytes));
+    DEEP_EP_CUDA_CHECK(
+        cudaMemset(in.local_base + in.nvl_payload_offset, 0, options.num_nvl_bytes + options.num_rdma_bytes));
   mine.base_ptr = reinterpret_cast<uint64_t>(in.local_base);
 }
 
@@ -182,9 +182,9 @@ void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine,
                        int rank) {
   for (int r = 0; r < static_cast<int>(peers.size()); ++r) {
     DEEP_EP_CHECK(peers[r].num_nvl_bytes == options.num_nvl_bytes && peers[r].num_rdma_bytes == options.num_rdma_bytes,
-                  "all ranks must create Buffer with the same sizes: rank ", rank, " has num_nvl_bytes=",
-                  options.num_nvl_bytes, " num_rdma_bytes=", options.num_rdma_bytes, ", rank ", r, " has ",
-                  peers[r].num_nvl_bytes, " and ", peers[r].num_rdma_bytes);
+                  "all ranks must create Buffer with the same sizes: rank ", rank,
+                  " has num_nvl_bytes=", options.num_nvl_bytes, " num_rdma_bytes=", options.num_rdma_bytes, ", rank ",
+                  r, " has ", peers[r].num_nvl_bytes, " and ", peers[r].num_rdma_bytes);
     DEEP_EP_CHECK(peers[r].use_fabric == mine.use_fabric, "all ranks must agree on use_fabric (rank ", r, " differs)");
     // Ranks that group nodes differently would run different ops and wait for each other forever.
     DEEP_EP_CHECK(peers[r].ranks_per_node_override == mine.ranks_per_node_override,
@@ -223,7 +223,8 @@ void open_peer_memory(Buffer::Internals& in, const std::vector<PeerInfo>& peers,
       access.flags = cudaMemAccessFlagsProtReadWrite;
       DEEP_EP_CUDA_CHECK(cudaMemPoolSetAccess(imported, &access, 1));
       void* ptr = nullptr;
-      DEEP_EP_CUDA_CHECK(cudaMemPoolImportPointer(&ptr, imported, const_cast<cudaMemPoolPtrExportData*>(&p.fabric_ptr)));
+      DEEP_EP_CUDA_CHECK(
+          cudaMemPoolImportPointer(&ptr, imported, const_cast<cudaMemPoolPtrExportData*>(&p.fabric_ptr)));
       in.peer_bases[r] = static_cast<char*>(ptr);
     } else {
       void* ptr = nullptr;
@@ -279,8 +280,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   DEEP_EP_CUDA_CHECK(cudaGetDeviceProperties(&prop, options.device));
   num_device_sms_ = prop.multiProcessorCount;
   if (options.use_fabric)
-    DEEP_EP_CHECK_AS(std::runtime_error, fabric_supported(options.device),
-                     "use_fabric=True, but cuda:", options.device,
+    DEEP_EP_CHECK_AS(std::runtime_error, fabric_supported(options.device), "use_fabric=True, but cuda:", options.device,
                      " (driver) does not support fabric memory handles; use the default CUDA IPC handles");
 
   // One allocation: control region, then the NVLink payload, then the RDMA/low-latency payload.
@@ -306,8 +306,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
 
   // Without a network step above (one host, or a build without GIN), record what the transport choice
   // needs: whether any peer is unmapped, and (GIN builds) the communicator for it.
-  if (!in.nccl) connect_network(in, *group_, options, in.first_unmapped_peer() >= 0, in.topology.num_nodes,
-                                num_device_sms_);
+  if (!in.nccl)
+    connect_network(in, *group_, options, in.first_unmapped_peer() >= 0, in.topology.num_nodes, num_device_sms_);
   // The pull combine's per-call address exchange, where that combine can run (every peer mapped by CUDA
   // IPC). Collective, so it is made here with the rest of the buffer: a rank that skips a combine then
   // costs the others a bounded wait in the exchange instead of a mismatched group collective.
@@ -409,7 +409,8 @@ void Buffer::check_device_errors() {
   if (phase == Phase::kLowLatencyOverrun) {
     // The ranks' low-latency state no longer agrees: only a collective clean recovers it.
     msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": peer rank ", d->peer,
-                         " signalled op ", d->observed, " while op ", d->expected, " was expected; the buffer must be "
+                         " signalled op ", d->observed, " while op ", d->expected,
+                         " was expected; the buffer must be "
                          "re-created");
     in.poisoned = true;
     in.poison_message = msg;
@@ -420,10 +421,11 @@ void Buffer::check_device_errors() {
                          " brings row ", d->observed, " but num_worst_tokens=", d->expected,
                          "; the extra rows were dropped, outputs of that call are incomplete");
   } else if (phase == Phase::kLowLatencyTooManyRows) {
-    msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
-                         " is row ", d->observed, " to expert ", d->channel, ", but a source rank has only ",
-                         d->expected, " slots per expert (a token lists that expert more than once); the extra rows "
-                         "were dropped, outputs of that call are incomplete");
+    msg =
+        detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
+                       " is row ", d->observed, " to expert ", d->channel, ", but a source rank has only ", d->expected,
+                       " slots per expert (a token lists that expert more than once); the extra rows "
+                       "were dropped, outputs of that call are incomplete");
   } else {
     msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": token ", d->token,
                          " has expert id ", d->observed, ", expected -1 or a value in [0, ", d->expected,

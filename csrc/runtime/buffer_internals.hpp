@@ -39,23 +39,23 @@ struct Buffer::Internals {
   int64_t nvl_payload_offset = kControlRegionBytes;
   int64_t rdma_payload_offset = 0;
   int64_t total_bytes = 0;
-  std::vector<char*> peer_bases;         // [R]; own entry is local_base
-  std::vector<bool> peer_is_ipc;         // opened through cudaIpcOpenMemHandle (to close on release)
-  char** peer_bases_device = nullptr;    // device copy of peer_bases
-  HostMapped* host = nullptr;            // host view
-  HostMapped* host_device = nullptr;     // device view of the same memory
-  int counts_epoch = 0;                  // grows by one per notify
-  Topology topology;                     // nodes of the group (deep_ep/topology.hpp)
+  std::vector<char*> peer_bases;       // [R]; own entry is local_base
+  std::vector<bool> peer_is_ipc;       // opened through cudaIpcOpenMemHandle (to close on release)
+  char** peer_bases_device = nullptr;  // device copy of peer_bases
+  HostMapped* host = nullptr;          // host view
+  HostMapped* host_device = nullptr;   // device view of the same memory
+  int counts_epoch = 0;                // grows by one per notify
+  Topology topology;                   // nodes of the group (deep_ep/topology.hpp)
   int64_t timeout_ns = 0;
   // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
-  PeerTensorMap peer_tensors;            // other ranks' pull-combine inputs, mapped here
+  PeerTensorMap peer_tensors;  // other ranks' pull-combine inputs, mapped here
   // Their addresses, per call (made with the buffer); null where some peer is not mapped by CUDA IPC
   // (GIN window, fabric memory, another host) or shared memory is unusable: the ring combine runs.
   std::unique_ptr<HostExchange> pull_exchange;
-  RdmaPayloadUsers rdma_payload_users;   // internode and low-latency ops on one low_latency_mode Buffer
+  RdmaPayloadUsers rdma_payload_users;  // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;
   // The network side of the transport choice (runtime/network.cpp): set up only when a peer is on

@@ -16,14 +16,14 @@ Config::Config(int num_sms_, int nvl_send, int nvl_recv, int rdma_send, int rdma
       num_max_nvl_chunked_recv_tokens(nvl_recv),
       num_max_rdma_chunked_send_tokens(rdma_send),
       num_max_rdma_chunked_recv_tokens(rdma_recv) {
-  DEEP_EP_CHECK(num_sms >= 2 && num_sms % 2 == 0 && num_sms <= kMaxChannels,
-                "Config.num_sms must be even and in [2, ", kMaxChannels, "], got ", num_sms);
+  DEEP_EP_CHECK(num_sms >= 2 && num_sms % 2 == 0 && num_sms <= kMaxChannels, "Config.num_sms must be even and in [2, ",
+                kMaxChannels, "], got ", num_sms);
   DEEP_EP_CHECK(nvl_send > 0 && nvl_send < nvl_recv,
                 "Config.num_max_nvl_chunked_send_tokens must be in (0, num_max_nvl_chunked_recv_tokens=", nvl_recv,
                 "), got ", nvl_send);
   DEEP_EP_CHECK(rdma_send > 0 && rdma_send < rdma_recv,
-                "Config.num_max_rdma_chunked_send_tokens must be in (0, num_max_rdma_chunked_recv_tokens=",
-                rdma_recv, "), got ", rdma_send);
+                "Config.num_max_rdma_chunked_send_tokens must be in (0, num_max_rdma_chunked_recv_tokens=", rdma_recv,
+                "), got ", rdma_send);
   num_max_rdma_chunked_recv_tokens = (rdma_recv + rdma_send - 1) / rdma_send * rdma_send;
   DEEP_EP_CHECK(rdma_send <= num_max_rdma_chunked_recv_tokens / 2,
                 "Config.num_max_rdma_chunked_send_tokens must be at most half of num_max_rdma_chunked_recv_tokens=",
@@ -53,9 +53,9 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, in
   if (num_ranks > num_ranks_per_node) {
     const auto layout = internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node);
     return internode::align_up(
-        layout.nvl_fixed_bytes + internode::combine_ring_bytes(num_channels(), num_ranks_per_node,
-                                                               num_max_nvl_chunked_recv_tokens,
-                                                               internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk)),
+        layout.nvl_fixed_bytes +
+            internode::combine_ring_bytes(num_channels(), num_ranks_per_node, num_max_nvl_chunked_recv_tokens,
+                                          internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk)),
         128);
   }
   const int nvl_ranks = std::min(num_ranks, kNumMaxNvlPeers);
@@ -64,8 +64,8 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, in
   const int num_scales = static_cast<int>(hidden_bytes / 256);
   const auto dispatch = intranode::DispatchQueueLayout::make(num_channels(), num_max_nvl_chunked_recv_tokens,
                                                              hidden_bytes, num_scales, kNumMaxTopk);
-  const auto combine = intranode::CombineQueueLayout::make(num_channels(), nvl_ranks,
-                                                           num_max_nvl_chunked_recv_tokens, hidden_bytes, kNumMaxTopk);
+  const auto combine = intranode::CombineQueueLayout::make(num_channels(), nvl_ranks, num_max_nvl_chunked_recv_tokens,
+                                                           hidden_bytes, kNumMaxTopk);
   return intranode::align_up(std::max(dispatch.total_bytes, combine.total_bytes), 128);
 }
 
@@ -85,8 +85,8 @@ static void check_table_ranks(int num_ranks) {
 // Intranode dispatch rings are small on purpose: staged rows are read back by the receivers while still
 // in L2 (measured on one H100 with 8 ranks and 16 SMs each: 16 slots beat 64 to 256 slots by 10-30%).
 // Combine wants deeper queues (32 slots measured best among 2 to 128).
-// Internode: V1's table (docs/compatibility.md section 2), so that code tuned for V1 gets the rings it expects. The RDMA
-// numbers are ring sizes and send batches: a call streams any number of tokens through them.
+// Internode: V1's table (docs/compatibility.md section 2), so that code tuned for V1 gets the rings it expects. The
+// RDMA numbers are ring sizes and send batches: a call streams any number of tokens through them.
 Config get_dispatch_config(int num_ranks, int num_sms) {
   check_table_ranks(num_ranks);
   if (num_ranks <= kNumMaxNvlPeers) return Config(num_sms, 4, 16, 6, 256);
@@ -120,8 +120,8 @@ int64_t get_low_latency_rdma_size_hint(int64_t num_max_dispatch_tokens_per_rank,
                 num_max_dispatch_tokens_per_rank);
   DEEP_EP_CHECK(hidden > 0 && hidden % 128 == 0, "hidden must be a positive multiple of 128, got ", hidden);
   DEEP_EP_CHECK(num_ranks > 0, "num_ranks must be positive, got ", num_ranks);
-  DEEP_EP_CHECK(num_experts > 0 && num_experts % num_ranks == 0, "num_experts must be a positive multiple of num_ranks=",
-                num_ranks, ", got ", num_experts);
+  DEEP_EP_CHECK(num_experts > 0 && num_experts % num_ranks == 0,
+                "num_experts must be a positive multiple of num_ranks=", num_ranks, ", got ", num_experts);
   return low_latency::rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
 }
 

@@ -9,17 +9,17 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/normal_inputs.hpp"
 #include "runtime/transport_launch.hpp"
 #include "util/cuda_check.hpp"
-#include "runtime/normal_inputs.hpp"
 
 namespace deep_ep {
 
 namespace {
 
 internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
-  return {in.peer_bases_device, in.nvl_payload_offset, in.rdma_payload_offset, b.rank(), b.num_ranks(),
-          b.num_nodes(), b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
+  return {in.peer_bases_device, in.nvl_payload_offset,  in.rdma_payload_offset,  b.rank(),     b.num_ranks(),
+          b.num_nodes(),        b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
 }
 
 void check_co_residency(const Buffer& b, int blocks, const char* op) {
@@ -33,9 +33,9 @@ void check_co_residency(const Buffer& b, int blocks, const char* op) {
 void check_fits(const Buffer& b, const internode::Layout& layout, int64_t nvl_needed, const Config& config,
                 const char* op) {
   DEEP_EP_CHECK(layout.rdma_bytes <= b.options().num_rdma_bytes, op, " needs ", layout.rdma_bytes,
-                " bytes of RDMA buffer (num_sms=", config.num_sms, ", num_max_rdma_chunked_recv_tokens=",
-                config.num_max_rdma_chunked_recv_tokens, ", rows of ", layout.row_stride,
-                " bytes) but the Buffer has num_rdma_bytes=", b.options().num_rdma_bytes,
+                " bytes of RDMA buffer (num_sms=", config.num_sms,
+                ", num_max_rdma_chunked_recv_tokens=", config.num_max_rdma_chunked_recv_tokens, ", rows of ",
+                layout.row_stride, " bytes) but the Buffer has num_rdma_bytes=", b.options().num_rdma_bytes,
                 "; size it with Config.get_rdma_buffer_size_hint");
   DEEP_EP_CHECK(nvl_needed <= b.options().num_nvl_bytes, op, " needs ", nvl_needed,
                 " bytes of NVLink buffer but the Buffer has num_nvl_bytes=", b.options().num_nvl_bytes,
@@ -46,10 +46,12 @@ void check_handle(const InternodeHandle& h, int R, int N, int Rn, int device, in
   check_tensor(h.is_token_in_rank, "handle[0] (is_token_in_rank)", {DType::kBool, {T, R}, true, device});
   check_tensor(h.rdma_channel_prefix_matrix, "handle[1] (rdma_channel_prefix_matrix)",
                {DType::kInt32, {N, C}, true, device});
-  check_tensor(h.gbl_channel_prefix_matrix, "handle[2] (gbl_channel_prefix_matrix)", {DType::kInt32, {R, C}, true, device});
+  check_tensor(h.gbl_channel_prefix_matrix, "handle[2] (gbl_channel_prefix_matrix)",
+               {DType::kInt32, {R, C}, true, device});
   check_tensor(h.recv_rdma_channel_prefix_matrix, "handle[3] (recv_rdma_channel_prefix_matrix)",
                {DType::kInt32, {N, C}, true, device});
-  check_tensor(h.recv_rdma_rank_prefix_sum, "handle[4] (recv_rdma_rank_prefix_sum)", {DType::kInt32, {N}, true, device});
+  check_tensor(h.recv_rdma_rank_prefix_sum, "handle[4] (recv_rdma_rank_prefix_sum)",
+               {DType::kInt32, {N}, true, device});
   check_tensor(h.recv_gbl_channel_prefix_matrix, "handle[5] (recv_gbl_channel_prefix_matrix)",
                {DType::kInt32, {R, C}, true, device});
   check_tensor(h.recv_gbl_rank_prefix_sum, "handle[6] (recv_gbl_rank_prefix_sum)", {DType::kInt32, {R}, true, device});
@@ -70,8 +72,8 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
 // for tuning: "senders,producers,forwarders"), checked against what the kernels need.
 internode::WarpSplit warp_split(int num_ranks_per_node) {
   internode::WarpSplit split;
-  const int min_producers = (num_ranks_per_node + internode::kMaxRingsPerProducerWarp - 1) /
-                            internode::kMaxRingsPerProducerWarp;
+  const int min_producers =
+      (num_ranks_per_node + internode::kMaxRingsPerProducerWarp - 1) / internode::kMaxRingsPerProducerWarp;
   split.combine_producers = std::max(std::min(num_ranks_per_node, split.combine_producers), min_producers);
   if (const char* env = std::getenv("DEEP_EP_INTERNODE_WARPS"); env != nullptr && *env != '\0') {
     internode::WarpSplit custom;
@@ -81,8 +83,8 @@ internode::WarpSplit warp_split(int num_ranks_per_node) {
     split = custom;
   }
   const int warps = internode::kNumThreads / 32;
-  DEEP_EP_CHECK(split.dispatch_senders >= 1 && split.dispatch_senders <= warps - 2,
-                "internode dispatch needs 1 to ", warps - 2, " sender warps, got ", split.dispatch_senders);
+  DEEP_EP_CHECK(split.dispatch_senders >= 1 && split.dispatch_senders <= warps - 2, "internode dispatch needs 1 to ",
+                warps - 2, " sender warps, got ", split.dispatch_senders);
   DEEP_EP_CHECK(split.combine_producers >= min_producers && split.combine_producers <= num_ranks_per_node &&
                     split.combine_forwarders >= 1 && split.combine_producers + split.combine_forwarders <= warps - 1,
                 "internode combine needs ", min_producers, " to ", num_ranks_per_node, " producer warps and at least ",
@@ -101,7 +103,8 @@ void check_ring_slots(const Config& config, const char* op) {
 
 void Buffer::prepare_internode_state(cudaStream_t stream, const char* op) {
   auto& in = *internals_;
-  DEEP_EP_CHECK(!in.ll_receive_pending[0] && !in.ll_receive_pending[1], op, ": a low-latency result still waits for "
+  DEEP_EP_CHECK(!in.ll_receive_pending[0] && !in.ll_receive_pending[1], op,
+                ": a low-latency result still waits for "
                 "its receive hook, and this op reuses the RDMA buffer it is in; call the hook first");
   if (in.rdma_payload_users.internode_state_needs_reset()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -120,8 +123,8 @@ void Buffer::prepare_internode_state(cudaStream_t stream, const char* op) {
       // GIN signals are NCCL's, in a range of their own (gin_signals.hpp): the low-latency ops left them alone.
       const auto layout = internode::Layout::make(num_nodes(), num_ranks_per_node(), num_device_sms_, 1, 16);
       char* signals = in.local_base + in.rdma_payload_offset + layout.signals_offset;
-      const int64_t bytes = std::min<int64_t>(8 * int64_t(layout.num_signals()),
-                                              options_.num_rdma_bytes - layout.signals_offset);
+      const int64_t bytes =
+          std::min<int64_t>(8 * int64_t(layout.num_signals()), options_.num_rdma_bytes - layout.signals_offset);
       int ops = 0;
       DEEP_EP_CUDA_CHECK(cudaMemcpy(&ops, &reinterpret_cast<ControlRegion*>(in.local_base)->internode_ops, sizeof(ops),
                                     cudaMemcpyDeviceToHost));
@@ -145,7 +148,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   const Config& config = a.config;
   const int C = config.num_channels(), capacity = config.num_max_rdma_chunked_recv_tokens;
   const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
-                                                                  a.num_worst_tokens, a.expert_alignment, device);
+                                                                 a.num_worst_tokens, a.expert_alignment, device);
   const bool fp8 = shape.fp8;
   const int64_t T = shape.num_tokens, H = shape.hidden, row_bytes = shape.row_bytes;
   const int num_scales = shape.num_scales, num_topk = shape.num_topk;
@@ -312,8 +315,10 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
                 h.recv_src_meta.size(0), "), got ", rows);
 
   const int ring_slots = config.num_max_nvl_chunked_recv_tokens;
-  DEEP_EP_CHECK(ring_slots >= 16, "internode combine needs config.num_max_nvl_chunked_recv_tokens >= 16 (its ring "
-                "rows per channel and local rank), got ", ring_slots);
+  DEEP_EP_CHECK(ring_slots >= 16,
+                "internode combine needs config.num_max_nvl_chunked_recv_tokens >= 16 (its ring "
+                "rows per channel and local rank), got ",
+                ring_slots);
   const int64_t stride = internode::combine_row_stride(H, num_topk);
   const auto layout = internode::Layout::make(N, Rn, C, capacity, stride);
   check_fits(*this, layout, layout.nvl_fixed_bytes + internode::combine_ring_bytes(C, Rn, ring_slots, stride), config,
@@ -344,8 +349,10 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   // A home round (one token per home warp) and a forwarder batch (one position per forwarder warp) must
   // fit one ring of partials together, or each would wait for the other.
   const int home_warps = internode::kNumThreads / 32 - split.combine_producers - split.combine_forwarders;
-  DEEP_EP_CHECK(capacity >= split.combine_forwarders + home_warps, "internode combine needs "
-                "config.num_max_rdma_chunked_recv_tokens >= ", split.combine_forwarders + home_warps, ", got ", capacity);
+  DEEP_EP_CHECK(capacity >= split.combine_forwarders + home_warps,
+                "internode combine needs "
+                "config.num_max_rdma_chunked_recv_tokens >= ",
+                split.combine_forwarders + home_warps, ", got ", capacity);
   c.ring_chunk = config.num_max_nvl_chunked_send_tokens;
   c.send_rdma_head = h.send_rdma_head.ptr<int>();
   c.send_nvl_head = h.send_nvl_head.ptr<int>();

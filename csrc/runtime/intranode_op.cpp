@@ -8,16 +8,15 @@
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
 #include "runtime/buffer_internals.hpp"
-#include "util/cuda_check.hpp"
 #include "runtime/normal_inputs.hpp"
+#include "util/cuda_check.hpp"
 
 namespace deep_ep {
 
 namespace {
 
 intranode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
-  return {in.peer_bases_device, in.nvl_payload_offset, b.rank(), b.num_ranks(), in.device_diagnostics(),
-          in.timeout_ns};
+  return {in.peer_bases_device, in.nvl_payload_offset, b.rank(), b.num_ranks(), in.device_diagnostics(), in.timeout_ns};
 }
 
 // Every block of every rank sharing the GPU must be resident at once (they spin on each other). Returns
@@ -42,9 +41,10 @@ bool pull_combine_requested() {
 }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
-  DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed, " bytes of NVLink buffer (num_sms=",
-                config.num_sms, ", num_max_nvl_chunked_recv_tokens=", config.num_max_nvl_chunked_recv_tokens,
-                ", rows of ", row_bytes, " bytes) but the Buffer has num_nvl_bytes=", b.options().num_nvl_bytes,
+  DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed,
+                " bytes of NVLink buffer (num_sms=", config.num_sms,
+                ", num_max_nvl_chunked_recv_tokens=", config.num_max_nvl_chunked_recv_tokens, ", rows of ", row_bytes,
+                " bytes) but the Buffer has num_nvl_bytes=", b.options().num_nvl_bytes,
                 "; size it with Config.get_nvl_buffer_size_hint");
 }
 
@@ -53,7 +53,8 @@ void check_handle(const IntranodeHandle& h, int R, int device, int64_t num_token
   check_tensor(h.channel_prefix_matrix, "handle[1] (channel_prefix_matrix)",
                {DType::kInt32, {R, kAnySize}, true, device});
   const int64_t C = h.channel_prefix_matrix.size(1);
-  check_tensor(h.recv_channel_prefix_matrix, "handle[2] (recv_channel_prefix_matrix)", {DType::kInt32, {R, C}, true, device});
+  check_tensor(h.recv_channel_prefix_matrix, "handle[2] (recv_channel_prefix_matrix)",
+               {DType::kInt32, {R, C}, true, device});
   check_tensor(h.recv_src_idx, "handle[3] (recv_src_idx)", {DType::kInt32, {kAnySize}, true, device});
   check_tensor(h.is_token_in_rank, "handle[4] (is_token_in_rank)", {DType::kBool, {num_tokens, R}, true, device});
   check_tensor(h.send_head, "handle[5] (send_head)", {DType::kInt32, {num_tokens, R}, true, device});
@@ -70,7 +71,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   const int R = num_ranks_, device = options_.device;
   const Config& config = a.config;
   const NormalDispatchShape shape = check_normal_dispatch_inputs(a.x, a.x_scales, a.topk_idx, a.topk_weights,
-                                                                  a.num_worst_tokens, a.expert_alignment, device);
+                                                                 a.num_worst_tokens, a.expert_alignment, device);
   const bool fp8 = shape.fp8;
   const int64_t T = shape.num_tokens, H = shape.hidden, row_bytes = shape.row_bytes;
   const int num_scales = shape.num_scales, num_topk = shape.num_topk;
@@ -105,8 +106,8 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     DEEP_EP_CHECK(a.num_worst_tokens == 0 || a.topk_idx, "num_worst_tokens > 0 requires topk_idx and topk_weights");
   }
 
-  const auto layout = intranode::DispatchQueueLayout::make(config.num_channels(), config.num_max_nvl_chunked_recv_tokens,
-                                                           row_bytes, num_scales, num_topk);
+  const auto layout = intranode::DispatchQueueLayout::make(
+      config.num_channels(), config.num_max_nvl_chunked_recv_tokens, row_bytes, num_scales, num_topk);
   check_fits(*this, layout.total_bytes, config, row_bytes, "dispatch");
   const bool wide = pick_wide_shape(*this, config, intranode::max_resident_dispatch_blocks_per_sm, "dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
@@ -218,7 +219,8 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   DEEP_EP_CHECK(C == config.num_channels(), "config.num_sms=", config.num_sms, " differs from the handle's ", C,
                 " channels: combine must use the num_sms of the dispatch that made the handle");
 
-  const auto layout = intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
+  const auto layout =
+      intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
   check_fits(*this, layout.total_bytes, config, H * 2, "combine");
   const bool wide = pick_wide_shape(*this, config, intranode::max_resident_combine_blocks_per_sm, "combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
@@ -238,9 +240,9 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const auto& inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
-                                             num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0,
-                                             capture == cudaStreamCaptureStatusNone);
+    const auto& inputs =
+        in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data, num_topk ? a.topk_weights->data : nullptr, num_topk > 0,
+                            N > 0, capture == cudaStreamCaptureStatusNone);
     if (!inputs.x.empty()) {
       intranode::PullCombineArgs pc{};
       for (int r = 0; r < R; ++r) {

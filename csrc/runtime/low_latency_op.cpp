@@ -1,6 +1,6 @@
-// Buffer's low-latency ops (docs/compatibility.md section 8): validation (docs/design.md decision 7), the choice of buffer
-// half, output allocation, the grid sized for the ranks sharing the GPU (decision 5), and the
-// send / receive launches. Nothing here waits on the GPU, so every op can be captured in a CUDA graph.
+// Buffer's low-latency ops (docs/compatibility.md section 8): validation (docs/design.md decision 7), the choice of
+// buffer half, output allocation, the grid sized for the ranks sharing the GPU (decision 5), and the send / receive
+// launches. Nothing here waits on the GPU, so every op can be captured in a CUDA graph.
 #include <algorithm>
 
 #include "deep_ep/buffer.hpp"
@@ -74,8 +74,8 @@ Geometry check_geometry(const Buffer& b, int M, int H, int E, const char* op) {
   DEEP_EP_CHECK(E / R <= kMaxLocalExperts, op, ": at most ", kMaxLocalExperts, " local experts, got ", E / R);
   Geometry g{R, E / R, M, H, E, static_cast<int64_t>(R) * M, low_latency::HalfLayout::make(M, H, R, E)};
   const int64_t needed = 2 * g.layout.bytes;
-  DEEP_EP_CHECK(b.options().num_rdma_bytes >= needed, op, " with num_max_dispatch_tokens_per_rank=", M, ", hidden=",
-                H, ", num_experts=", E, " needs num_rdma_bytes >= ", needed, " (Buffer.get_low_latency_rdma_size_hint)",
+  DEEP_EP_CHECK(b.options().num_rdma_bytes >= needed, op, " with num_max_dispatch_tokens_per_rank=", M, ", hidden=", H,
+                ", num_experts=", E, " needs num_rdma_bytes >= ", needed, " (Buffer.get_low_latency_rdma_size_hint)",
                 ", the Buffer has ", b.options().num_rdma_bytes);
   return g;
 }
@@ -131,8 +131,7 @@ int take_half(Buffer::Internals& in, const char* op) {
 }  // namespace
 
 std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a,
-                                                                       const Allocator& allocate,
-                                                                       cudaStream_t stream) {
+                                                                       const Allocator& allocate, cudaStream_t stream) {
   check_device_errors();
   auto& in = *internals_;
   const int device = options_.device;
@@ -159,7 +158,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
     check_tensor(*a.cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
                  {DType::kInt32, {g.L}, true, device});
   if (a.dispatch_wait_recv_cost_stats)
-    check_tensor(*a.dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", {DType::kInt64, {g.R}, true, device});
+    check_tensor(*a.dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats",
+                 {DType::kInt64, {g.R}, true, device});
 
   const bool fp8 = a.use_fp8;
   const bool ue8m0 = fp8 && a.use_ue8m0;
@@ -198,7 +198,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_dispatch(const Low
   d.recv_count = recv_count.ptr<int>();
   d.src_info = src_info.ptr<int>();
   d.layout_range = layout_range.ptr<int64_t>();
-  d.cumulative_recv_stats = a.cumulative_local_expert_recv_stats ? a.cumulative_local_expert_recv_stats->ptr<int>() : nullptr;
+  d.cumulative_recv_stats =
+      a.cumulative_local_expert_recv_stats ? a.cumulative_local_expert_recv_stats->ptr<int>() : nullptr;
   d.wait_recv_cost_stats = a.dispatch_wait_recv_cost_stats ? a.dispatch_wait_recv_cost_stats->ptr<int64_t>() : nullptr;
 
   return start(std::move(pending), a.return_recv_hook, in, device, stream);
@@ -210,8 +211,8 @@ std::shared_ptr<LowLatencyPendingReceive> Buffer::low_latency_combine(const LowL
   auto& in = *internals_;
   const int device = options_.device;
   const LowLatencyHandle& h = a.handle;
-  const Geometry g = check_geometry(*this, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts,
-                                    "low_latency_combine");
+  const Geometry g =
+      check_geometry(*this, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts, "low_latency_combine");
   in.rdma_payload_users.check_low_latency_op("low_latency_combine");
   check_handle(h, g, device);
   DEEP_EP_CHECK(a.x.dim() == 3, "x must be 3-D [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, ",
@@ -298,8 +299,8 @@ std::pair<void*, int64_t> Buffer::next_low_latency_combine_buffer(const LowLaten
 
 void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
   check_device_errors();
-  const Geometry g = check_geometry(*this, num_max_dispatch_tokens_per_rank, hidden, num_experts,
-                                    "clean_low_latency_buffer");
+  const Geometry g =
+      check_geometry(*this, num_max_dispatch_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
   auto& in = *internals_;
   DEEP_EP_CUDA_CHECK(cudaSetDevice(options_.device));
   // Nobody may still be writing into this rank's halves, and nobody may send before all are clean.
@@ -324,9 +325,10 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
 
 void Buffer::low_latency_update_mask(int rank_to_mask, bool mask, cudaStream_t stream) {
   check_device_errors();
-  DEEP_EP_CHECK(options_.enable_shrink, "low_latency_update_mask_buffer needs a Buffer created with enable_shrink=True");
-  DEEP_EP_CHECK(rank_to_mask >= 0 && rank_to_mask < num_ranks_, "rank_to_mask must be in [0, ", num_ranks_,
-                "), got ", rank_to_mask);
+  DEEP_EP_CHECK(options_.enable_shrink,
+                "low_latency_update_mask_buffer needs a Buffer created with enable_shrink=True");
+  DEEP_EP_CHECK(rank_to_mask >= 0 && rank_to_mask < num_ranks_, "rank_to_mask must be in [0, ", num_ranks_, "), got ",
+                rank_to_mask);
   DEEP_EP_CUDA_CHECK(cudaSetDevice(options_.device));
   low_latency::launch_update_mask(internals_->local_base, rank_to_mask, mask ? 1 : 0, num_ranks_, stream);
 }

@@ -57,23 +57,32 @@ void report_if_failed(const char* call, ncclResult_t result, ncclComm_t comm, in
 
 std::string nccl_result_name(ncclResult_t result) {
   switch (result) {
-    case ncclSuccess: return "ncclSuccess";
-    case ncclUnhandledCudaError: return "ncclUnhandledCudaError";
-    case ncclSystemError: return "ncclSystemError";
-    case ncclInternalError: return "ncclInternalError";
-    case ncclInvalidArgument: return "ncclInvalidArgument";
-    case ncclInvalidUsage: return "ncclInvalidUsage";
-    case ncclRemoteError: return "ncclRemoteError";
-    case ncclInProgress: return "ncclInProgress";
-    default: break;
+    case ncclSuccess:
+      return "ncclSuccess";
+    case ncclUnhandledCudaError:
+      return "ncclUnhandledCudaError";
+    case ncclSystemError:
+      return "ncclSystemError";
+    case ncclInternalError:
+      return "ncclInternalError";
+    case ncclInvalidArgument:
+      return "ncclInvalidArgument";
+    case ncclInvalidUsage:
+      return "ncclInvalidUsage";
+    case ncclRemoteError:
+      return "ncclRemoteError";
+    case ncclInProgress:
+      return "ncclInProgress";
+    default:
+      break;
   }
   return detail::concat("ncclResult_t(", static_cast<int>(result), ")");
 }
 
-std::string nccl_error_message(const char* call, ncclResult_t result, const char* error_string,
-                               const char* last_error, const char* file, int line) {
-  std::string message = detail::concat("NCCL error in ", call, " at ", file, ":", line, ": ",
-                                       nccl_result_name(result), " (", error_string, ")");
+std::string nccl_error_message(const char* call, ncclResult_t result, const char* error_string, const char* last_error,
+                               const char* file, int line) {
+  std::string message = detail::concat("NCCL error in ", call, " at ", file, ":", line, ": ", nccl_result_name(result),
+                                       " (", error_string, ")");
   if (last_error != nullptr && last_error[0] != '\0') message += detail::concat("; NCCL's last error: ", last_error);
   return message;
 }

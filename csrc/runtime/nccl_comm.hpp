@@ -57,22 +57,20 @@ std::string nccl_result_name(ncclResult_t result);
 
 // The text of an NcclError: "NCCL error in <call> at <file>:<line>: <result name> (<error_string>)",
 // then "; NCCL's last error: <last_error>" when last_error is non-empty.
-std::string nccl_error_message(const char* call, ncclResult_t result, const char* error_string,
-                               const char* last_error, const char* file, int line);
+std::string nccl_error_message(const char* call, ncclResult_t result, const char* error_string, const char* last_error,
+                               const char* file, int line);
 
 // Throws NcclError with ncclGetErrorString(result) and ncclGetLastError(comm); comm may be null
 // (before a communicator exists, NCCL reports its process-wide last error).
-[[noreturn]] void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm, const char* file,
-                                   int line);
+[[noreturn]] void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm, const char* file, int line);
 
 }  // namespace deep_ep
 
 // Every NCCL return code is checked: anything but ncclSuccess throws NcclError naming the call.
-#define DEEP_EP_NCCL_CHECK(call, comm)                                                         \
-  do {                                                                                         \
-    const ncclResult_t nccl_result_ = (call);                                                  \
-    if (nccl_result_ != ncclSuccess)                                                           \
-      ::deep_ep::throw_nccl_error(#call, nccl_result_, (comm), __FILE__, __LINE__);            \
+#define DEEP_EP_NCCL_CHECK(call, comm)                                                                             \
+  do {                                                                                                             \
+    const ncclResult_t nccl_result_ = (call);                                                                      \
+    if (nccl_result_ != ncclSuccess) ::deep_ep::throw_nccl_error(#call, nccl_result_, (comm), __FILE__, __LINE__); \
   } while (0)
 
 namespace deep_ep {

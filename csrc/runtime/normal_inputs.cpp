@@ -28,12 +28,12 @@ NormalDispatchShape check_normal_dispatch_inputs(const TensorView& x, const std:
   s.num_tokens = x.size(0);
   s.hidden = x.size(1);
   s.row_bytes = s.hidden * dtype_size(x.dtype);
-  DEEP_EP_CHECK(s.hidden > 0 && s.row_bytes % 16 == 0, "x rows must be a positive multiple of 16 bytes, got hidden=",
-                s.hidden, " (", s.row_bytes, " bytes)");
+  DEEP_EP_CHECK(s.hidden > 0 && s.row_bytes % 16 == 0,
+                "x rows must be a positive multiple of 16 bytes, got hidden=", s.hidden, " (", s.row_bytes, " bytes)");
   check_aligned_rows(x, "x");
   if (s.fp8) {
-    DEEP_EP_CHECK(s.hidden % 128 == 0, "FP8 x needs hidden % 128 == 0 (one scale per 128 channels), got hidden=",
-                  s.hidden);
+    DEEP_EP_CHECK(s.hidden % 128 == 0,
+                  "FP8 x needs hidden % 128 == 0 (one scale per 128 channels), got hidden=", s.hidden);
     s.num_scales = static_cast<int>(s.hidden / 128);
     check_tensor(*x_scales, "x_scales", {DType::kFloat32, {s.num_tokens, s.num_scales}, false, device});
     s.scale_token_stride = x_scales->strides[0];
@@ -63,8 +63,8 @@ NormalCombineShape check_normal_combine_inputs(const TensorView& x, const std::o
   check_tensor(x, "x", {DType::kBFloat16, {kAnySize, kAnySize}, true, device});
   s.num_rows = x.size(0);
   s.hidden = x.size(1);
-  DEEP_EP_CHECK(s.hidden > 0 && s.hidden % 8 == 0, "combine x rows must be a positive multiple of 16 bytes, got hidden=",
-                s.hidden);
+  DEEP_EP_CHECK(s.hidden > 0 && s.hidden % 8 == 0,
+                "combine x rows must be a positive multiple of 16 bytes, got hidden=", s.hidden);
   check_aligned_rows(x, "x");
   if (topk_weights) {
     DEEP_EP_CHECK(topk_weights->dim() == 2, "topk_weights must be 2-D [num_recv_tokens, num_topk], got ",

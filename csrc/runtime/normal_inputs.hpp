@@ -14,7 +14,7 @@ struct NormalDispatchShape {
   bool fp8 = false;
   int num_scales = 0;  // hidden / 128 for FP8, else 0
   int64_t scale_token_stride = 0, scale_channel_stride = 0;
-  int num_topk = 0;    // 0 without top-k
+  int num_topk = 0;  // 0 without top-k
 };
 
 // x (bf16, or e4m3 with x_scales of any strides), topk_idx / topk_weights (both or neither),
@@ -32,7 +32,6 @@ struct NormalCombineShape {
 // x (bf16 [rows, H]), topk_weights ([rows, K] or none) and the biases ([num_tokens, H] each).
 NormalCombineShape check_normal_combine_inputs(const TensorView& x, const std::optional<TensorView>& topk_weights,
                                                const std::optional<TensorView>& bias_0,
-                                               const std::optional<TensorView>& bias_1, int64_t num_tokens,
-                                               int device);
+                                               const std::optional<TensorView>& bias_1, int64_t num_tokens, int device);
 
 }  // namespace deep_ep

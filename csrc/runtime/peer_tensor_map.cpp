@@ -95,7 +95,7 @@ const char* PeerTensorMap::open(int rank, const cudaIpcMemHandle_t& handle, uint
 }
 
 const PeerTensorMap::Inputs& PeerTensorMap::map(HostExchange& exchange, int rank, const void* x, const void* weights,
-                                         bool with_weights, bool has_rows, bool may_synchronize) {
+                                                bool with_weights, bool has_rows, bool may_synchronize) {
   DEEP_EP_RUNTIME_CHECK(exchange.record_bytes() == sizeof(Record), "pull combine: exchange records of ",
                         exchange.record_bytes(), " bytes, expected ", sizeof(Record));
   Record mine{};

@@ -16,7 +16,8 @@ class RdmaPayloadUsers {
  public:
   // Before a low-latency dispatch or combine.
   void check_low_latency_op(const char* op) const {
-    DEEP_EP_CHECK(low_latency_state_valid_, op, ": internode normal ops ran on this Buffer since the last "
+    DEEP_EP_CHECK(low_latency_state_valid_, op,
+                  ": internode normal ops ran on this Buffer since the last "
                   "low-latency op; call clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, "
                   "num_experts) between them (DeepEP V1 requires it too)");
   }

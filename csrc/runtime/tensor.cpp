@@ -1,7 +1,6 @@
 // TensorView helpers and argument validation (docs/design.md decision 7).
 #include "deep_ep/tensor.hpp"
 
-
 #include "deep_ep/error.hpp"
 
 namespace deep_ep {
@@ -10,24 +9,35 @@ int dtype_size(DType dtype) {
   switch (dtype) {
     case DType::kBool:
     case DType::kUInt8:
-    case DType::kFloat8E4M3: return 1;
-    case DType::kBFloat16: return 2;
+    case DType::kFloat8E4M3:
+      return 1;
+    case DType::kBFloat16:
+      return 2;
     case DType::kInt32:
-    case DType::kFloat32: return 4;
-    case DType::kInt64: return 8;
+    case DType::kFloat32:
+      return 4;
+    case DType::kInt64:
+      return 8;
   }
   return 0;
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kBool: return "torch.bool";
-    case DType::kUInt8: return "torch.uint8";
-    case DType::kInt32: return "torch.int32";
-    case DType::kInt64: return "torch.int64";
-    case DType::kFloat32: return "torch.float32";
-    case DType::kBFloat16: return "torch.bfloat16";
-    case DType::kFloat8E4M3: return "torch.float8_e4m3fn";
+    case DType::kBool:
+      return "torch.bool";
+    case DType::kUInt8:
+      return "torch.uint8";
+    case DType::kInt32:
+      return "torch.int32";
+    case DType::kInt64:
+      return "torch.int64";
+    case DType::kFloat32:
+      return "torch.float32";
+    case DType::kBFloat16:
+      return "torch.bfloat16";
+    case DType::kFloat8E4M3:
+      return "torch.float8_e4m3fn";
   }
   return "unknown";
 }
@@ -41,7 +51,8 @@ DType dtype_from_name(const std::string& raw) {
   if (name == "float32") return DType::kFloat32;
   if (name == "bfloat16") return DType::kBFloat16;
   if (name == "float8_e4m3fn") return DType::kFloat8E4M3;
-  throw TypeError("unsupported dtype " + raw + " (deep_ep takes bool, uint8, int32, int64, float32, "
+  throw TypeError("unsupported dtype " + raw +
+                  " (deep_ep takes bool, uint8, int32, int64, float32, "
                   "bfloat16, float8_e4m3fn)");
 }
 
@@ -93,8 +104,7 @@ void check_tensor(const TensorView& t, const char* arg, const TensorRequirement&
     DEEP_EP_TYPE_CHECK(t.device == req.device, arg, " must be on cuda:", req.device, ", got ", t.describe());
   }
   bool shape_ok = t.dim() == static_cast<int>(req.shape.size());
-  for (int d = 0; shape_ok && d < t.dim(); ++d)
-    shape_ok = req.shape[d] == kAnySize || req.shape[d] == t.shape[d];
+  for (int d = 0; shape_ok && d < t.dim(); ++d) shape_ok = req.shape[d] == kAnySize || req.shape[d] == t.shape[d];
   DEEP_EP_CHECK(shape_ok, arg, " must have shape ", join(req.shape), ", got ", t.describe());
   DEEP_EP_CHECK(!req.contiguous || t.is_contiguous(), arg, " must be contiguous, got ", t.describe());
   DEEP_EP_CHECK(t.numel() == 0 || t.data != nullptr, arg, " has a null data pointer: ", t.describe());

@@ -32,8 +32,10 @@ TransportKind choose_transport(const TransportChoiceInputs& inputs, int rank, in
 
 const char* transport_name(TransportKind kind) {
   switch (kind) {
-    case TransportKind::kP2p: return "p2p";
-    case TransportKind::kGin: return "gin";
+    case TransportKind::kP2p:
+      return "p2p";
+    case TransportKind::kGin:
+      return "gin";
   }
   return "unknown";
 }

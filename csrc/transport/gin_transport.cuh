@@ -67,8 +67,9 @@ struct GinTransport {
                                               const int* abort_flag, uint64_t* observed) const {
     const ncclGin gin_ctx = gin();
     const ncclGinSignal_t signal = signal_id(signal_idx);
-    return detail::wait_at_least([&gin_ctx, signal] { return gin_ctx.readSignal(signal, 64, cuda::memory_order_acquire); },
-                                 target, timeout_ns, abort_flag, observed);
+    return detail::wait_at_least(
+        [&gin_ctx, signal] { return gin_ctx.readSignal(signal, 64, cuda::memory_order_acquire); }, target, timeout_ns,
+        abort_flag, observed);
   }
 
   __device__ __forceinline__ uint64_t read_signal(int signal_idx) const {

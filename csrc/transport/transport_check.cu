@@ -26,7 +26,8 @@ __global__ void exercise_transport(Transport transport, CheckArgs args) {
   transport.flush();
   if ((threadIdx.x & 31) == 0) {
     uint64_t observed = 0;
-    const bool reached = transport.wait_signal(args.signal_idx, args.target, args.timeout_ns, args.abort_flag, &observed);
+    const bool reached =
+        transport.wait_signal(args.signal_idx, args.target, args.timeout_ns, args.abort_flag, &observed);
     args.out[0] = reached ? observed : ~observed;
     args.out[3] = transport.read_signal(args.signal_idx);
     transport.reset_signal(args.signal_idx);

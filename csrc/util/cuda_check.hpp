@@ -7,11 +7,10 @@
 #include <stdexcept>
 #include <string>
 
-#define DEEP_EP_CUDA_CHECK(call)                                                                \
-  do {                                                                                          \
-    cudaError_t status_ = (call);                                                               \
-    if (status_ != cudaSuccess)                                                                 \
-      throw std::runtime_error(std::string("CUDA error in ") + #call + ": " +                   \
-                               cudaGetErrorName(status_) + " (" + cudaGetErrorString(status_) + \
-                               ") at " __FILE__ ":" + std::to_string(__LINE__));                \
+#define DEEP_EP_CUDA_CHECK(call)                                                                                 \
+  do {                                                                                                           \
+    cudaError_t status_ = (call);                                                                                \
+    if (status_ != cudaSuccess)                                                                                  \
+      throw std::runtime_error(std::string("CUDA error in ") + #call + ": " + cudaGetErrorName(status_) + " (" + \
+                               cudaGetErrorString(status_) + ") at " __FILE__ ":" + std::to_string(__LINE__));   \
   } while (0)

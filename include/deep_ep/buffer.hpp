@@ -33,8 +33,8 @@ struct BufferOptions {
   bool use_fabric = false;
   bool explicitly_destroy = false;
   bool enable_shrink = false;
-  int device = 0;             // CUDA ordinal this rank runs on
-  double timeout_s = 0;       // bound of every device and host wait; 0 = DEEP_EP_TIMEOUT_S or 60 s
+  int device = 0;        // CUDA ordinal this rank runs on
+  double timeout_s = 0;  // bound of every device and host wait; 0 = DEEP_EP_TIMEOUT_S or 60 s
   // GIN builds, asked only when a peer is on another host: the address of an ncclComm_t over the group
   // in its rank order (torch's ProcessGroupNCCL), or 0 (or no function) to create one from a unique id
   // sent over the group. Ignored by builds without GIN.
@@ -46,10 +46,10 @@ struct BufferOptions {
 using Allocator = std::function<TensorView(const std::string& name, DType dtype, const std::vector<int64_t>& shape)>;
 
 struct LayoutOutputs {
-  TensorView num_tokens_per_rank;       // int32 [R]
+  TensorView num_tokens_per_rank;                      // int32 [R]
   std::optional<TensorView> num_tokens_per_rdma_rank;  // int32 [num_nodes] when num_nodes() > 1
-  TensorView num_tokens_per_expert;     // int32 [E]
-  TensorView is_token_in_rank;          // bool [T, R]
+  TensorView num_tokens_per_expert;                    // int32 [E]
+  TensorView is_token_in_rank;                         // bool [T, R]
 };
 
 // Normal-mode intranode dispatch (docs/compatibility.md section 6). Either the layout (non-cached) or the handle
@@ -62,8 +62,8 @@ struct IntranodeHandle {
 };
 
 struct IntranodeDispatchArgs {
-  TensorView x;                          // bf16 [T, H], or e4m3 [T, H] with x_scales
-  std::optional<TensorView> x_scales;    // float32 [T, H / 128], any strides
+  TensorView x;                        // bf16 [T, H], or e4m3 [T, H] with x_scales
+  std::optional<TensorView> x_scales;  // float32 [T, H / 128], any strides
   std::optional<TensorView> topk_idx, topk_weights;
   std::optional<TensorView> num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert;
   std::optional<IntranodeHandle> handle;  // cached mode
@@ -73,13 +73,13 @@ struct IntranodeDispatchArgs {
 };
 
 struct IntranodeDispatchResult {
-  int num_rows = 0;                                // rows of the outputs
-  std::vector<int> num_recv_tokens_per_expert;     // empty in cached and num_worst_tokens modes
+  int num_rows = 0;                             // rows of the outputs
+  std::vector<int> num_recv_tokens_per_expert;  // empty in cached and num_worst_tokens modes
 };
 
 struct IntranodeCombineArgs {
-  TensorView x;                          // bf16 [N, H]
-  std::optional<TensorView> topk_weights;  // float32 [N, K]
+  TensorView x;                              // bf16 [N, H]
+  std::optional<TensorView> topk_weights;    // float32 [N, K]
   std::optional<TensorView> bias_0, bias_1;  // bf16 [T, H]
   IntranodeHandle handle;
   Config config;
@@ -98,11 +98,11 @@ struct InternodeHandle {
   TensorView recv_rdma_channel_prefix_matrix;  // int32 [N, C]: rows this forwarder got from node n, channels <= c
   TensorView recv_rdma_rank_prefix_sum;        // int32 [N]: rows this forwarder got from nodes <= n
   TensorView recv_gbl_channel_prefix_matrix;   // int32 [R, C]: rows received from rank r, channels <= c
-  TensorView recv_gbl_rank_prefix_sum;         // int32 [R]: rows received from ranks <= r (docs/compatibility.md section 6)
-  TensorView recv_src_meta;                    // int32 [rows, 2]: (source token, forwarder slot) per row
-  TensorView send_rdma_head;                   // int32 [T, N]: slot of token t in node n's forwarder, or -1
-  TensorView send_nvl_head;                    // int32 [N * C * cap, Rn]: per forwarder slot, the position of
-                                               //   local rank j's row in j's combine stream, or -1
+  TensorView recv_gbl_rank_prefix_sum;  // int32 [R]: rows received from ranks <= r (docs/compatibility.md section 6)
+  TensorView recv_src_meta;             // int32 [rows, 2]: (source token, forwarder slot) per row
+  TensorView send_rdma_head;            // int32 [T, N]: slot of token t in node n's forwarder, or -1
+  TensorView send_nvl_head;             // int32 [N * C * cap, Rn]: per forwarder slot, the position of
+                                        //   local rank j's row in j's combine stream, or -1
 };
 
 // Outputs are allocated under the names recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights and

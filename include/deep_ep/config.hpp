@@ -10,7 +10,7 @@ namespace deep_ep {
 
 constexpr int kNumMaxNvlPeers = 8;
 constexpr int kMaxLocalExperts = 1024;  // L: experts per rank (docs/compatibility.md section 9)
-constexpr int kNumMaxTopk = 128;  // size hints reserve this many top-k slots per token
+constexpr int kNumMaxTopk = 128;        // size hints reserve this many top-k slots per token
 
 struct Config {
   int num_sms = 20;
@@ -38,7 +38,8 @@ struct Config {
   // a ring of num_max_rdma_chunked_recv_tokens rows twice (received and staged for sending). The rings
   // bound the buffer, not the call: a call streams any number of tokens through them, and neither hint
   // depends on the token count.
-  int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node = kNumMaxNvlPeers) const;
+  int64_t get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks,
+                                    int num_ranks_per_node = kNumMaxNvlPeers) const;
 };
 
 // Recommended configs (docs/compatibility.md section 2) for num_ranks in {2,4,8,16,24,32,48,64,96,128,144,160}.

@@ -60,9 +60,9 @@ std::string concat(const Args&... args) {
 
 // Checks that stay in release builds. The message parts are streamed, so callers can write
 // DEEP_EP_CHECK(k > 0, "num_topk must be positive, got ", k).
-#define DEEP_EP_CHECK_AS(ExceptionType, cond, ...)                              \
-  do {                                                                          \
-    if (!(cond)) throw ExceptionType(::deep_ep::detail::concat(__VA_ARGS__));   \
+#define DEEP_EP_CHECK_AS(ExceptionType, cond, ...)                            \
+  do {                                                                        \
+    if (!(cond)) throw ExceptionType(::deep_ep::detail::concat(__VA_ARGS__)); \
   } while (0)
 
 #define DEEP_EP_CHECK(cond, ...) DEEP_EP_CHECK_AS(::deep_ep::ValueError, cond, __VA_ARGS__)

@@ -35,8 +35,8 @@ struct LowLatencyHandle {
 //   src_info       int32 [2, L, S] (see LowLatencyHandle)
 //   layout_range   int64 [L, R]
 struct LowLatencyDispatchArgs {
-  TensorView x;          // bf16 [T, H], T <= num_max_dispatch_tokens_per_rank
-  TensorView topk_idx;   // int64 [T, K], -1 = no expert
+  TensorView x;         // bf16 [T, H], T <= num_max_dispatch_tokens_per_rank
+  TensorView topk_idx;  // int64 [T, K], -1 = no expert
   int num_max_dispatch_tokens_per_rank = 0;
   int num_experts = 0;
   std::optional<TensorView> cumulative_local_expert_recv_stats;  // int32 [L], += rows received per expert
@@ -54,10 +54,10 @@ struct LowLatencyCombineArgs {
   TensorView topk_weights;  // float32 [T, K]
   LowLatencyHandle handle;
   bool use_logfmt = false;
-  bool zero_copy = false;   // x is the view next_low_latency_combine_buffer returned
+  bool zero_copy = false;  // x is the view next_low_latency_combine_buffer returned
   bool return_recv_hook = false;
-  std::optional<TensorView> out;                            // bf16 [T, H]
-  std::optional<TensorView> combine_wait_recv_cost_stats;   // int64 [R]
+  std::optional<TensorView> out;                           // bf16 [T, H]
+  std::optional<TensorView> combine_wait_recv_cost_stats;  // int64 [R]
 };
 
 // A receive half not launched yet. Launch it once, with Buffer::low_latency_receive.

@@ -10,10 +10,10 @@ namespace deep_ep::reference {
 
 // ---- number formats -------------------------------------------------------------------------
 float bf16_to_float(uint16_t bits);
-uint16_t float_to_bf16(float value);          // round to nearest even, NaN preserved
-                                              // (sign and top payload bits kept, quiet bit set)
-uint8_t float_to_e4m3(float value);           // round to nearest even, saturating to +-448 (SATFINITE),
-                                              // infinities too; NaN -> 0x7F; -0 -> 0x80
+uint16_t float_to_bf16(float value);  // round to nearest even, NaN preserved
+                                      // (sign and top payload bits kept, quiet bit set)
+uint8_t float_to_e4m3(float value);   // round to nearest even, saturating to +-448 (SATFINITE),
+                                      // infinities too; NaN -> 0x7F; -0 -> 0x80
 float e4m3_to_float(uint8_t bits);
 
 // FP8 quantization of one row of `hidden` values in groups of 128 channels (docs/compatibility.md section 8), all in
@@ -44,20 +44,20 @@ DispatchLayout get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int 
 // float32 scales (hidden / 128), 0 for bf16.
 struct NormalDispatchInput {  // one rank's arguments
   int num_tokens = 0;
-  std::vector<uint8_t> x;                // [T, row_bytes]
-  std::vector<float> x_scales;           // [T, num_scales] row-major; empty when num_scales == 0
-  std::vector<int64_t> topk_idx;         // [T, K] or empty (no top-k)
-  std::vector<float> topk_weights;       // [T, K] or empty
-  std::vector<uint8_t> is_token_in_rank; // [T, R]
+  std::vector<uint8_t> x;                 // [T, row_bytes]
+  std::vector<float> x_scales;            // [T, num_scales] row-major; empty when num_scales == 0
+  std::vector<int64_t> topk_idx;          // [T, K] or empty (no top-k)
+  std::vector<float> topk_weights;        // [T, K] or empty
+  std::vector<uint8_t> is_token_in_rank;  // [T, R]
 };
 
-struct NormalDispatchOutput {  // one rank's results
-  int num_recv_tokens = 0;               // real rows N (before num_worst_tokens padding)
-  int num_rows = 0;                      // rows of the outputs: N, or num_worst_tokens when > 0
-  std::vector<uint8_t> recv_x;           // [num_rows, row_bytes]; padding rows zero
-  std::vector<float> recv_x_scales;      // [num_rows, num_scales]
-  std::vector<int64_t> recv_topk_idx;    // [num_rows, K] local expert ids, -1 elsewhere and in padding
-  std::vector<float> recv_topk_weights;  // [num_rows, K] 0 where not local and in padding
+struct NormalDispatchOutput {                       // one rank's results
+  int num_recv_tokens = 0;                          // real rows N (before num_worst_tokens padding)
+  int num_rows = 0;                                 // rows of the outputs: N, or num_worst_tokens when > 0
+  std::vector<uint8_t> recv_x;                      // [num_rows, row_bytes]; padding rows zero
+  std::vector<float> recv_x_scales;                 // [num_rows, num_scales]
+  std::vector<int64_t> recv_topk_idx;               // [num_rows, K] local expert ids, -1 elsewhere and in padding
+  std::vector<float> recv_topk_weights;             // [num_rows, K] 0 where not local and in padding
   std::vector<int32_t> num_recv_tokens_per_expert;  // [L], each rounded up to expert_alignment; counts
                                                     // (row, k) slots of real rows (a row naming local expert
                                                     // l twice counts twice); empty when num_topk == 0;
@@ -68,10 +68,10 @@ struct NormalDispatchOutput {  // one rank's results
 
 struct NormalDispatchArgs {
   int num_ranks = 0;
-  int num_experts = 0;     // needed for the local-expert remap; 0 allowed when no top-k
+  int num_experts = 0;  // needed for the local-expert remap; 0 allowed when no top-k
   int row_bytes = 0;
   int num_scales = 0;
-  int num_topk = 0;        // 0 when no top-k
+  int num_topk = 0;  // 0 when no top-k
   int expert_alignment = 1;
   int num_worst_tokens = 0;
 };
@@ -83,16 +83,16 @@ struct NormalDispatchArgs {
 std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispatchInput>& inputs,
                                                   const NormalDispatchArgs& args);
 
-struct NormalCombineInput {  // one rank's arguments
-  std::vector<uint16_t> x;             // [N, hidden] bf16: one row per row this rank received
-  std::vector<float> topk_weights;     // [N, K] or empty
-  std::vector<uint16_t> bias_0;        // [T, hidden] or empty
-  std::vector<uint16_t> bias_1;        // [T, hidden] or empty
+struct NormalCombineInput {         // one rank's arguments
+  std::vector<uint16_t> x;          // [N, hidden] bf16: one row per row this rank received
+  std::vector<float> topk_weights;  // [N, K] or empty
+  std::vector<uint16_t> bias_0;     // [T, hidden] or empty
+  std::vector<uint16_t> bias_1;     // [T, hidden] or empty
 };
 
 struct NormalCombineOutput {
-  std::vector<uint16_t> combined_x;           // [T, hidden] bf16
-  std::vector<float> combined_topk_weights;   // [T, K]; empty without topk_weights
+  std::vector<uint16_t> combined_x;          // [T, hidden] bf16
+  std::vector<float> combined_topk_weights;  // [T, K]; empty without topk_weights
 };
 
 // Routing comes from the dispatch that produced the rows: `dispatch_inputs[r].is_token_in_rank` and
@@ -114,14 +114,14 @@ struct NormalCombineOutput {
 // A token sent to no rank gets zeros (plus the bias) and weights 0 in either order.
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
-                                                const std::vector<NormalCombineInput>& inputs, int hidden,
-                                                int num_topk, int num_ranks_per_node = 0);
+                                                const std::vector<NormalCombineInput>& inputs, int hidden, int num_topk,
+                                                int num_ranks_per_node = 0);
 
 // ---- low-latency dispatch and combine (docs/compatibility.md section 8) ----------------------
 struct LowLatencyDispatchInput {
-  int num_tokens = 0;                 // T <= num_max_dispatch_tokens_per_rank
-  std::vector<uint16_t> x;            // [T, hidden] bf16
-  std::vector<int64_t> topk_idx;      // [T, K], -1 allowed
+  int num_tokens = 0;             // T <= num_max_dispatch_tokens_per_rank
+  std::vector<uint16_t> x;        // [T, hidden] bf16
+  std::vector<int64_t> topk_idx;  // [T, K], -1 allowed
 };
 
 struct LowLatencyDispatchArgs {
@@ -132,7 +132,7 @@ struct LowLatencyDispatchArgs {
   int num_max_dispatch_tokens_per_rank = 0;  // M
   bool use_fp8 = true;
   bool round_scale = false;
-  bool use_ue8m0 = false;                    // requires round_scale
+  bool use_ue8m0 = false;  // requires round_scale
 };
 
 // Expert l's rows are grouped by source rank in increasing order; within a source rank, by source
@@ -141,21 +141,21 @@ struct LowLatencyDispatchArgs {
 // an expert more than M rows, or (use_fp8 only) when use_ue8m0 lacks round_scale or hidden % 512 != 0;
 // without use_fp8, round_scale and use_ue8m0 are ignored.
 struct LowLatencyDispatchOutput {
-  std::vector<uint16_t> recv_x_bf16;     // [L, S, hidden] when !use_fp8
-  std::vector<uint8_t> recv_x_fp8;       // [L, S, hidden] when use_fp8
-  std::vector<float> recv_scales;        // [L, S, hidden / 128] logical (row-major here) when use_fp8 && !use_ue8m0
+  std::vector<uint16_t> recv_x_bf16;       // [L, S, hidden] when !use_fp8
+  std::vector<uint8_t> recv_x_fp8;         // [L, S, hidden] when use_fp8
+  std::vector<float> recv_scales;          // [L, S, hidden / 128] logical (row-major here) when use_fp8 && !use_ue8m0
   std::vector<int32_t> recv_scales_ue8m0;  // [L, S, hidden / 512] when use_ue8m0, 4 exponent bytes each, low byte first
-  std::vector<int32_t> recv_count;       // [L]
-  std::vector<int32_t> src_info;         // [L, S] source token index of each valid row, 0 elsewhere
-  std::vector<int64_t> layout_range;     // [L, R] (begin << 32) | count
+  std::vector<int32_t> recv_count;         // [L]
+  std::vector<int32_t> src_info;           // [L, S] source token index of each valid row, 0 elsewhere
+  std::vector<int64_t> layout_range;       // [L, R] (begin << 32) | count
 };
 
 std::vector<LowLatencyDispatchOutput> low_latency_dispatch(const std::vector<LowLatencyDispatchInput>& inputs,
                                                            const LowLatencyDispatchArgs& args);
 
 struct LowLatencyCombineInput {
-  std::vector<uint16_t> x;             // [L, S, hidden] bf16 expert outputs in dispatch's row layout
-  std::vector<float> topk_weights;     // [T, K] of this rank as the dispatching rank
+  std::vector<uint16_t> x;          // [L, S, hidden] bf16 expert outputs in dispatch's row layout
+  std::vector<float> topk_weights;  // [T, K] of this rank as the dispatching rank
 };
 
 // combined_x[t] = sum over valid k (in k order, float32) of topk_weights[t, k] * y(t, k), rounded to bf16.

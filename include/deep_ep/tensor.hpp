@@ -13,7 +13,7 @@ namespace deep_ep {
 enum class DType : int { kBool, kUInt8, kInt32, kInt64, kFloat32, kBFloat16, kFloat8E4M3 };
 
 int dtype_size(DType dtype);
-const char* dtype_name(DType dtype);   // torch spelling, e.g. "torch.bfloat16"
+const char* dtype_name(DType dtype);             // torch spelling, e.g. "torch.bfloat16"
 DType dtype_from_name(const std::string& name);  // accepts "bfloat16" or "torch.bfloat16"
 
 constexpr int kCpuDevice = -1;
@@ -34,7 +34,9 @@ struct TensorView {
   std::string describe() const;  // "torch.int64 [4096, 8] strides [8, 1] on cuda:0"
 
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 TensorView make_contiguous_view(void* data, DType dtype, std::vector<int64_t> shape, int device);

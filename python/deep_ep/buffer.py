@@ -17,10 +17,17 @@ from .groups import make_group, nccl_comm_address
 Config = _C.Config
 
 # Outputs of a non-cached internode dispatch that follow is_token_in_rank in its handle, in V1's order.
-_INTERNODE_HANDLE_OUTPUTS = ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
-                             "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
-                             "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
-                             "send_rdma_head", "send_nvl_head")
+_INTERNODE_HANDLE_OUTPUTS = (
+    "rdma_channel_prefix_matrix",
+    "gbl_channel_prefix_matrix",
+    "recv_rdma_channel_prefix_matrix",
+    "recv_rdma_rank_prefix_sum",
+    "recv_gbl_channel_prefix_matrix",
+    "recv_gbl_rank_prefix_sum",
+    "recv_src_meta",
+    "send_rdma_head",
+    "send_nvl_head",
+)
 
 
 class Buffer:
@@ -32,15 +39,28 @@ class Buffer:
 
     num_sms: int = 20
 
-    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
-                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
-                 allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
-                 enable_shrink: bool = False, comm=None) -> None:
+    def __init__(
+        self,
+        group,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm=None,
+    ) -> None:
         core_group = make_group(group, comm)
         if not torch.cuda.is_available():
             raise RuntimeError("deep_ep.Buffer needs a CUDA device; none is visible")
-        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
-                            ("num_qps_per_rank", num_qps_per_rank)):
+        for name, value in (
+            ("num_nvl_bytes", num_nvl_bytes),
+            ("num_rdma_bytes", num_rdma_bytes),
+            ("num_qps_per_rank", num_qps_per_rank),
+        ):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         self.group = group
@@ -52,10 +72,20 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
-        self.runtime = _C.Buffer(core_group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
-                                 allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy,
-                                 enable_shrink, torch.cuda.current_device(),
-                                 nccl_comm_address=lambda: nccl_comm_address(group))
+        self.runtime = _C.Buffer(
+            core_group,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            low_latency_mode,
+            num_qps_per_rank,
+            allow_nvlink_for_low_latency_mode,
+            allow_mnnvl,
+            use_fabric,
+            explicitly_destroy,
+            enable_shrink,
+            torch.cuda.current_device(),
+            nccl_comm_address=lambda: nccl_comm_address(group),
+        )
         self._device = torch.device("cuda", self.runtime.device)
         self._comm_stream = torch.cuda.Stream(device=self._device)
 
@@ -63,8 +93,10 @@ class Buffer:
     def destroy(self) -> None:
         """Release the buffers (collective). Only for buffers created with explicitly_destroy=True."""
         if not self.explicitly_destroy:
-            raise RuntimeError("Buffer.destroy() is only for buffers created with explicitly_destroy=True; "
-                               "other buffers are released when they are garbage-collected")
+            raise RuntimeError(
+                "Buffer.destroy() is only for buffers created with explicitly_destroy=True; "
+                "other buffers are released when they are garbage-collected"
+            )
         self.runtime.destroy()
 
     def is_available(self) -> bool:
@@ -91,13 +123,15 @@ class Buffer:
         return _C.is_sm90_compiled()
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
         return _C.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- raw access ----------------------------------------------------------------------------
-    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
-                                use_rdma_buffer: bool = False) -> torch.Tensor:
+    def get_local_buffer_tensor(
+        self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0, use_rdma_buffer: bool = False
+    ) -> torch.Tensor:
         """This rank's payload buffer as a `dtype` tensor starting `offset` bytes in (as in V1)."""
         raw = self.runtime.payload_tensor(use_rdma_buffer)
         if offset < 0 or offset > raw.numel():
@@ -152,10 +186,14 @@ class Buffer:
             return torch.empty(shape, dtype=dtype, device=self._device)
 
     # ---- layout ----------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
-                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                            allocate_on_comm_stream: bool = False
-                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
         """(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event)."""
         topk_view = view(topk_idx, "topk_idx")
         if topk_idx.dim() != 2:
@@ -170,55 +208,108 @@ class Buffer:
         per_rdma_rank = self._empty((num_nodes,), torch.int32, alloc_stream) if num_nodes > 1 else None
         per_expert = self._empty((max(num_experts, 0),), torch.int32, alloc_stream)
         in_rank = self._empty((num_tokens, num_ranks), torch.bool, alloc_stream)
-        self.runtime.get_dispatch_layout(topk_view, num_experts, view(per_rank, "num_tokens_per_rank"),
-                                         None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
-                                         view(per_expert, "num_tokens_per_expert"), view(in_rank, "is_token_in_rank"),
-                                         self._comm_stream.cuda_stream)
+        self.runtime.get_dispatch_layout(
+            topk_view,
+            num_experts,
+            view(per_rank, "num_tokens_per_rank"),
+            None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
+            view(per_expert, "num_tokens_per_expert"),
+            view(in_rank, "is_token_in_rank"),
+            self._comm_stream.cuda_stream,
+        )
         event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
         return per_rank, per_rdma_rank, per_expert, in_rank, event
 
     # ---- normal-mode dispatch and combine (docs/compatibility.md sections 6 and 7) ------------
     def _allocator(self, stream, outputs):
         """The core's output allocator: torch tensors on `stream`, kept in `outputs` by name."""
+
         def allocate(name, dtype_name, shape):
             tensor = self._empty(tuple(shape), getattr(torch, dtype_name.split(".")[-1]), stream)
             outputs[name] = tensor
             return view(tensor, name)
+
         return allocate
 
-    def dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank: Optional[torch.Tensor] = None,
-                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
-                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
-                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
-                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
-                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+    def dispatch(
+        self,
+        x,
+        handle: Optional[tuple] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Send each token to the ranks in `is_token_in_rank` (or the routing of `handle`).
 
         Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
         in cached mode (handle given) (recv_x, None, None, None, None, event).
         """
         if self.runtime.num_nodes() > 1:
-            return self.internode_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                                           num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                                           num_worst_tokens, config, previous_event, async_finish,
-                                           allocate_on_comm_stream)
-        return self._normal_dispatch(False, x, handle, num_tokens_per_rank, None, is_token_in_rank,
-                                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-                                     config, previous_event, async_finish, allocate_on_comm_stream)
+            return self.internode_dispatch(
+                x,
+                handle,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+                previous_event,
+                async_finish,
+                allocate_on_comm_stream,
+            )
+        return self._normal_dispatch(
+            False,
+            x,
+            handle,
+            num_tokens_per_rank,
+            None,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
-                bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias=None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Sum each token's rows from the ranks it was dispatched to (plus `bias`).
 
         Returns (combined_x, combined_topk_weights or None, event).
         """
         if self.runtime.num_nodes() > 1:
-            return self.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                          allocate_on_comm_stream)
-        return self._normal_combine(False, x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                    allocate_on_comm_stream)
+            return self.internode_combine(
+                x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+            )
+        return self._normal_combine(
+            False, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+        )
 
     def _dispatch_inputs(self, x, config):
         """(config, x data, x scales or None) of a normal-mode dispatch."""
@@ -245,35 +336,81 @@ class Buffer:
         raise ValueError("bias must be None, a tensor, or a tuple of one or two tensors")
 
     # ---- internode normal mode (num_nodes() > 1): a token crosses to each node once -------------
-    def internode_dispatch(self, x, handle: Optional[tuple] = None,
-                           num_tokens_per_rank: Optional[torch.Tensor] = None,
-                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
-                           is_token_in_rank: Optional[torch.Tensor] = None,
-                           num_tokens_per_expert: Optional[torch.Tensor] = None,
-                           topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
-                           expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
-                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                           allocate_on_comm_stream: bool = False):
+    def internode_dispatch(
+        self,
+        x,
+        handle: Optional[tuple] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """dispatch() across nodes; the handle is V1's internode 10-tuple (is_token_in_rank first)."""
-        return self._normal_dispatch(True, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-                                     config, previous_event, async_finish, allocate_on_comm_stream)
+        return self._normal_dispatch(
+            True,
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
-                          bias=None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def internode_combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias=None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """combine() across nodes, for the handle of internode_dispatch.
 
         Returns (combined_x, combined_topk_weights or None, event).
         """
-        return self._normal_combine(True, x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                    allocate_on_comm_stream)
+        return self._normal_combine(
+            True, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+        )
 
     # One implementation for both forms: the core op, the handle's length and the handle's contents
     # differ; the streams, events, allocation and results do not.
-    def _normal_dispatch(self, internode: bool, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                         is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                         num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream):
+    def _normal_dispatch(
+        self,
+        internode: bool,
+        x,
+        handle,
+        num_tokens_per_rank,
+        num_tokens_per_rdma_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
         config, x_data, x_scales = self._dispatch_inputs(x, config)
         _check_handle(handle, internode, optional=True)
         compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -281,42 +418,85 @@ class Buffer:
         layout = [optional_view(num_tokens_per_rank, "num_tokens_per_rank")]
         if internode:
             layout.append(optional_view(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"))
-        layout += [optional_view(is_token_in_rank, "is_token_in_rank"),
-                   optional_view(num_tokens_per_expert, "num_tokens_per_expert")]
+        layout += [
+            optional_view(is_token_in_rank, "is_token_in_rank"),
+            optional_view(num_tokens_per_expert, "num_tokens_per_expert"),
+        ]
         run = self.runtime.internode_dispatch if internode else self.runtime.intranode_dispatch
         _, per_expert = run(
-            view(x_data, "x"), optional_view(x_scales, "x_scales"), optional_view(topk_idx, "topk_idx"),
-            optional_view(topk_weights, "topk_weights"), *layout,
+            view(x_data, "x"),
+            optional_view(x_scales, "x_scales"),
+            optional_view(topk_idx, "topk_idx"),
+            optional_view(topk_weights, "topk_weights"),
+            *layout,
             None if handle is None else [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
-            expert_alignment, num_worst_tokens, config, self._allocator(alloc_stream, outputs),
-            self._comm_stream.cuda_stream)
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            self._allocator(alloc_stream, outputs),
+            self._comm_stream.cuda_stream,
+        )
         cached = handle is not None
         if not cached and internode:
             handle = (is_token_in_rank, *(outputs[name] for name in _INTERNODE_HANDLE_OUTPUTS))
         elif not cached:
-            handle = (outputs["rank_prefix_matrix"], outputs["channel_prefix_matrix"],
-                      outputs["recv_channel_prefix_matrix"], outputs["recv_src_idx"], is_token_in_rank,
-                      outputs["send_head"])
-        event = self._end(compute, async_finish, (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                                                  num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                                                  *outputs.values(), *handle))
+            handle = (
+                outputs["rank_prefix_matrix"],
+                outputs["channel_prefix_matrix"],
+                outputs["recv_channel_prefix_matrix"],
+                outputs["recv_src_idx"],
+                is_token_in_rank,
+                outputs["send_head"],
+            )
+        event = self._end(
+            compute,
+            async_finish,
+            (
+                x_data,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                *outputs.values(),
+                *handle,
+            ),
+        )
         recv_x = outputs["recv_x"] if x_scales is None else (outputs["recv_x"], outputs["recv_x_scales"])
         if cached:
             return recv_x, None, None, None, None, event
         per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
-        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle,
-                event)
+        return (recv_x, outputs.get("recv_topk_idx"), outputs.get("recv_topk_weights"), per_expert_list, handle, event)
 
-    def _normal_combine(self, internode: bool, x, handle, topk_weights, bias, config, previous_event, async_finish,
-                        allocate_on_comm_stream):
+    def _normal_combine(
+        self,
+        internode: bool,
+        x,
+        handle,
+        topk_weights,
+        bias,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
         config, biases = self._combine_inputs(config, bias)
         _check_handle(handle, internode, optional=False)
         compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         outputs = {}
         run = self.runtime.internode_combine if internode else self.runtime.intranode_combine
-        run(view(x, "x"), optional_view(topk_weights, "topk_weights"), optional_view(biases[0], "bias[0]"),
-            optional_view(biases[1], "bias[1]"), [view(t, f"handle[{i}]") for i, t in enumerate(handle)], config,
-            self._allocator(alloc_stream, outputs), self._comm_stream.cuda_stream)
+        run(
+            view(x, "x"),
+            optional_view(topk_weights, "topk_weights"),
+            optional_view(biases[0], "bias[0]"),
+            optional_view(biases[1], "bias[1]"),
+            [view(t, f"handle[{i}]") for i, t in enumerate(handle)],
+            config,
+            self._allocator(alloc_stream, outputs),
+            self._comm_stream.cuda_stream,
+        )
         event = self._end(compute, async_finish, (x, topk_weights, *biases, *outputs.values(), *handle))
         return outputs["combined_x"], outputs.get("combined_topk_weights"), event
 
@@ -327,8 +507,10 @@ class Buffer:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency ops need a Buffer created with low_latency_mode=True")
         if async_finish and return_recv_hook:
-            raise ValueError("return_recv_hook=True cannot be combined with async_finish=True: the hook launches "
-                             "the receive on the stream current when it is called")
+            raise ValueError(
+                "return_recv_hook=True cannot be combined with async_finish=True: the hook launches "
+                "the receive on the stream current when it is called"
+            )
 
     def _low_latency_begin(self, async_finish: bool):
         """(compute stream, stream the op runs on)."""
@@ -366,19 +548,35 @@ class Buffer:
 
     def _low_latency_handle(self, handle):
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
-            raise ValueError("handle must be the 5-tuple (src_info, layout_range, num_max_dispatch_tokens_per_rank, "
-                             "hidden, num_experts) returned by low_latency_dispatch")
+            raise ValueError(
+                "handle must be the 5-tuple (src_info, layout_range, num_max_dispatch_tokens_per_rank, "
+                "hidden, num_experts) returned by low_latency_dispatch"
+            )
         src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts = handle
         for i, name in ((2, "num_max_dispatch_tokens_per_rank"), (3, "hidden"), (4, "num_experts")):
             _check_int(f"handle[{i}] ({name})", handle[i])
-        return (view(src_info, "handle[0] (src_info)"), view(layout_range, "handle[1] (layout_range)"),
-                num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        return (
+            view(src_info, "handle[0] (src_info)"),
+            view(layout_range, "handle[1] (layout_range)"),
+            num_max_dispatch_tokens_per_rank,
+            hidden,
+            num_experts,
+        )
 
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
-                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False):
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
         """Send each (token, top-k expert) pair to the expert's rank, into fixed per-expert slots.
 
         Returns (recv_x, recv_count, handle, event, hook). recv_x is bf16 [L, S, H], or with use_fp8 the
@@ -391,27 +589,53 @@ class Buffer:
         compute, stream = self._low_latency_begin(async_finish)
         outputs = {}
         pending = self.runtime.low_latency_dispatch(
-            view(x, "x"), view(topk_idx, "topk_idx"), num_max_dispatch_tokens_per_rank, num_experts,
+            view(x, "x"),
+            view(topk_idx, "topk_idx"),
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
             optional_view(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats"),
-            optional_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats"), use_fp8, round_scale,
-            use_ue8m0, return_recv_hook, self._allocator(compute, outputs), stream.cuda_stream)
+            optional_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats"),
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            return_recv_hook,
+            self._allocator(compute, outputs),
+            stream.cuda_stream,
+        )
         recv_x = outputs["recv_x"]
         if use_fp8:
             # Stored [L, H / 128, S] so that each expert's scales of one channel group are contiguous;
             # V1 users index them as [L, S, H / 128].
             recv_x = (recv_x, outputs["recv_x_scales"].transpose(1, 2))
         # Plane 1 of src_info stays reachable through plane 0's storage, which combine reads.
-        handle = (outputs["src_info"][0], outputs["layout_range"], num_max_dispatch_tokens_per_rank,
-                  outputs["recv_x"].size(-1), num_experts)
-        event, hook = self._low_latency_end(compute, async_finish, pending,
-                                            (x, topk_idx, cumulative_local_expert_recv_stats,
-                                             dispatch_wait_recv_cost_stats, *outputs.values()))
+        handle = (
+            outputs["src_info"][0],
+            outputs["layout_range"],
+            num_max_dispatch_tokens_per_rank,
+            outputs["recv_x"].size(-1),
+            num_experts,
+        )
+        event, hook = self._low_latency_end(
+            compute,
+            async_finish,
+            pending,
+            (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, *outputs.values()),
+        )
         return recv_x, outputs["recv_count"], handle, event, hook
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
-                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ):
         """Send the expert outputs x [L, S, H] back and reduce them with topk_weights on each token's rank.
 
         Returns (combined_x, event, hook); combined_x is bf16 [T, H], or `out` when given.
@@ -421,14 +645,29 @@ class Buffer:
         compute, stream = self._low_latency_begin(async_finish)
         outputs = {}
         pending = self.runtime.low_latency_combine(
-            view(x, "x"), view(topk_idx, "topk_idx"), view(topk_weights, "topk_weights"), src_info, layout_range,
-            num_max_dispatch_tokens_per_rank, hidden, num_experts, use_logfmt, zero_copy, return_recv_hook,
-            optional_view(out, "out"), optional_view(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats"),
-            self._allocator(compute, outputs), stream.cuda_stream)
+            view(x, "x"),
+            view(topk_idx, "topk_idx"),
+            view(topk_weights, "topk_weights"),
+            src_info,
+            layout_range,
+            num_max_dispatch_tokens_per_rank,
+            hidden,
+            num_experts,
+            use_logfmt,
+            zero_copy,
+            return_recv_hook,
+            optional_view(out, "out"),
+            optional_view(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats"),
+            self._allocator(compute, outputs),
+            stream.cuda_stream,
+        )
         combined_x = out if out is not None else outputs["combined_x"]
-        event, hook = self._low_latency_end(compute, async_finish, pending,
-                                            (x, topk_idx, topk_weights, handle[0], handle[1], out,
-                                             combine_wait_recv_cost_stats, *outputs.values()))
+        event, hook = self._low_latency_end(
+            compute,
+            async_finish,
+            pending,
+            (x, topk_idx, topk_weights, handle[0], handle[1], out, combine_wait_recv_cost_stats, *outputs.values()),
+        )
         return combined_x, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
@@ -436,23 +675,32 @@ class Buffer:
         self._check_low_latency()
         src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts = self._low_latency_handle(handle)
         ptr, row_stride = self.runtime.next_low_latency_combine_buffer(
-            src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts
+        )
         payload = self.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True)
         offset_bytes = ptr - payload.data_ptr()
         if offset_bytes % payload.element_size() != 0:
-            raise RuntimeError(f"the zero-copy combine buffer starts {offset_bytes} bytes into the RDMA payload, "
-                               "not on a bf16 boundary")
+            raise RuntimeError(
+                f"the zero-copy combine buffer starts {offset_bytes} bytes into the RDMA payload, "
+                "not on a bf16 boundary"
+            )
         num_slots = self.group_size * num_max_dispatch_tokens_per_rank
-        return torch.as_strided(payload, (num_experts // self.group_size, num_slots, hidden),
-                                (num_slots * row_stride, row_stride, 1),
-                                payload.storage_offset() + offset_bytes // payload.element_size())
+        return torch.as_strided(
+            payload,
+            (num_experts // self.group_size, num_slots, hidden),
+            (num_slots * row_stride, row_stride, 1),
+            payload.storage_offset() + offset_bytes // payload.element_size(),
+        )
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency signalling state (collective; synchronizes). Needed after internode normal ops
         on this Buffer: the next low-latency op raises a ValueError until it is called."""
         self._check_low_latency()
-        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
-                            ("hidden", hidden), ("num_experts", num_experts)):
+        for name, value in (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_experts", num_experts),
+        ):
             _check_int(name, value)
         self.runtime.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 

@@ -36,8 +36,9 @@ def make_group(group=None, comm=None) -> "_C.Group":
         return _torch_group(group)
     if comm is not None:
         return _mpi_group(comm)
-    raise ValueError("Buffer needs a torch.distributed ProcessGroup as `group`, or an mpi4py communicator as `comm`; "
-                     "both were None")
+    raise ValueError(
+        "Buffer needs a torch.distributed ProcessGroup as `group`, or an mpi4py communicator as `comm`; both were None"
+    )
 
 
 def nccl_comm_address(group) -> int:

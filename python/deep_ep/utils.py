@@ -13,8 +13,10 @@ from typing import Optional, Sequence
 try:
     import torch
 except ImportError as _error:  # deep_ep itself imports without torch; these helpers cannot
-    raise ImportError("deep_ep.utils needs PyTorch: EventHandle, EventOverlap and check_nvlink_connections work "
-                      "on torch CUDA streams and process groups; install torch to use them") from _error
+    raise ImportError(
+        "deep_ep.utils needs PyTorch: EventHandle, EventOverlap and check_nvlink_connections work "
+        "on torch CUDA streams and process groups; install torch to use them"
+    ) from _error
 
 __all__ = ["EventHandle", "EventOverlap", "check_nvlink_connections"]
 
@@ -93,8 +95,10 @@ class EventOverlap:
     def __init__(self, event=None, extra_tensors: Optional[Sequence["torch.Tensor"]] = None) -> None:
         if event is not None and not isinstance(event, EventHandle):
             if not isinstance(event, _event_types()):
-                raise TypeError(f"EventOverlap(event): event must be a deep_ep.utils.EventHandle or a "
-                                f"torch.cuda.Event, got {type(event).__name__}")
+                raise TypeError(
+                    f"EventOverlap(event): event must be a deep_ep.utils.EventHandle or a "
+                    f"torch.cuda.Event, got {type(event).__name__}"
+                )
             event = EventHandle.from_event(event)
         self.event: Optional[EventHandle] = event
         self.extra_tensors = tuple(extra_tensors) if extra_tensors is not None else None
@@ -120,8 +124,10 @@ def _torch_event_of(previous_event: Optional[EventOverlap], arg: str = "previous
     if not isinstance(previous_event, EventOverlap):
         wrappable = isinstance(previous_event, (EventHandle,) + _event_types())
         hint = "; wrap it in an EventOverlap" if wrappable else ""
-        raise TypeError(f"{arg} must be a deep_ep.EventOverlap such as Buffer.capture() or "
-                        f"EventOverlap(EventHandle()), got {type(previous_event).__name__}{hint}")
+        raise TypeError(
+            f"{arg} must be a deep_ep.EventOverlap such as Buffer.capture() or "
+            f"EventOverlap(EventHandle()), got {type(previous_event).__name__}{hint}"
+        )
     return None if previous_event.event is None else previous_event.event.event
 
 
@@ -134,8 +140,9 @@ def _physical_gpu_id(device_index: int) -> str:
         return str(device_index)
     entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
     if device_index >= len(entries):
-        raise RuntimeError(f"check_nvlink_connections: CUDA device {device_index} is not among "
-                           f"CUDA_VISIBLE_DEVICES={visible!r}")
+        raise RuntimeError(
+            f"check_nvlink_connections: CUDA device {device_index} is not among CUDA_VISIBLE_DEVICES={visible!r}"
+        )
     return entries[device_index]
 
 
@@ -161,22 +168,33 @@ def check_nvlink_connections(group) -> None:
     me = (socket.gethostname(), _physical_gpu_id(torch.cuda.current_device()))
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, me, group=group)
-    pairs = sorted({tuple(sorted((a, b))) for i, a in enumerate(everyone) for b in everyone[i + 1:]
-                    if a[0] == b[0] and a[1] != b[1]})
+    pairs = sorted(
+        {
+            tuple(sorted((a, b)))
+            for i, a in enumerate(everyone)
+            for b in everyone[i + 1 :]
+            if a[0] == b[0] and a[1] != b[1]
+        }
+    )
     if not pairs:
         return
     try:
         import pynvml
     except ImportError as error:
-        raise ImportError("check_nvlink_connections needs pynvml (pip install nvidia-ml-py) to check the NVLink "
-                          "connections of PCIe GPUs") from error
+        raise ImportError(
+            "check_nvlink_connections needs pynvml (pip install nvidia-ml-py) to check the NVLink "
+            "connections of PCIe GPUs"
+        ) from error
     pynvml.nvmlInit()
     try:
         for (host, first), (_, second) in pairs:
-            status = pynvml.nvmlDeviceGetP2PStatus(_nvml_handle(pynvml, first), _nvml_handle(pynvml, second),
-                                                   pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+            status = pynvml.nvmlDeviceGetP2PStatus(
+                _nvml_handle(pynvml, first), _nvml_handle(pynvml, second), pynvml.NVML_P2P_CAPS_INDEX_NVLINK
+            )
             if status != pynvml.NVML_P2P_STATUS_OK:
-                raise AssertionError(f"GPU {first} and GPU {second} on {host} are not connected by NVLink "
-                                     f"(NVML P2P status {status}); the group's GPUs must be")
+                raise AssertionError(
+                    f"GPU {first} and GPU {second} on {host} are not connected by NVLink "
+                    f"(NVML P2P status {status}); the group's GPUs must be"
+                )
     finally:
         pynvml.nvmlShutdown()

@@ -105,9 +105,10 @@ void bind_buffer(nb::module_& m) {
           [](Buffer& b, const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
              std::optional<TensorView> num_tokens_per_rdma_rank, const TensorView& num_tokens_per_expert,
              const TensorView& is_token_in_rank, uintptr_t stream) {
-            b.get_dispatch_layout(topk_idx, num_experts,
-                                  {num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank},
-                                  as_stream(stream));
+            b.get_dispatch_layout(
+                topk_idx, num_experts,
+                {num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank},
+                as_stream(stream));
           },
           nb::arg("topk_idx"), nb::arg("num_experts"), nb::arg("num_tokens_per_rank"),
           nb::arg("num_tokens_per_rdma_rank").none(), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
@@ -163,8 +164,7 @@ void bind_buffer(nb::module_& m) {
              std::optional<TensorView> topk_weights, std::optional<TensorView> num_tokens_per_rank,
              std::optional<TensorView> num_tokens_per_rdma_rank, std::optional<TensorView> is_token_in_rank,
              std::optional<TensorView> num_tokens_per_expert, std::optional<std::vector<TensorView>> handle,
-             int expert_alignment, int num_worst_tokens, const Config& config, PyAllocator allocate,
-             uintptr_t stream) {
+             int expert_alignment, int num_worst_tokens, const Config& config, PyAllocator allocate, uintptr_t stream) {
             InternodeDispatchArgs a;
             a.x = x;
             a.x_scales = x_scales;
@@ -210,9 +210,16 @@ void bind_buffer(nb::module_& m) {
              int num_experts, std::optional<TensorView> cumulative_local_expert_recv_stats,
              std::optional<TensorView> dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale, bool use_ue8m0,
              bool return_recv_hook, PyAllocator allocate, uintptr_t stream) {
-            const LowLatencyDispatchArgs a{x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-                                           use_fp8, round_scale, use_ue8m0, return_recv_hook};
+            const LowLatencyDispatchArgs a{x,
+                                           topk_idx,
+                                           num_max_dispatch_tokens_per_rank,
+                                           num_experts,
+                                           cumulative_local_expert_recv_stats,
+                                           dispatch_wait_recv_cost_stats,
+                                           use_fp8,
+                                           round_scale,
+                                           use_ue8m0,
+                                           return_recv_hook};
             return b.low_latency_dispatch(a, wrap(std::move(allocate)), as_stream(stream));
           },
           nb::arg("x"), nb::arg("topk_idx"), nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("num_experts"),
@@ -227,14 +234,20 @@ void bind_buffer(nb::module_& m) {
              std::optional<TensorView> out, std::optional<TensorView> combine_wait_recv_cost_stats,
              PyAllocator allocate, uintptr_t stream) {
             const LowLatencyCombineArgs a{
-                x, topk_idx, topk_weights,
+                x,
+                topk_idx,
+                topk_weights,
                 make_low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts),
-                use_logfmt, zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats};
+                use_logfmt,
+                zero_copy,
+                return_recv_hook,
+                out,
+                combine_wait_recv_cost_stats};
             return b.low_latency_combine(a, wrap(std::move(allocate)), as_stream(stream));
           },
           nb::arg("x"), nb::arg("topk_idx"), nb::arg("topk_weights"), nb::arg("src_info"), nb::arg("layout_range"),
-          nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"),
-          nb::arg("use_logfmt"), nb::arg("zero_copy"), nb::arg("return_recv_hook"), nb::arg("out").none(),
+          nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("use_logfmt"),
+          nb::arg("zero_copy"), nb::arg("return_recv_hook"), nb::arg("out").none(),
           nb::arg("combine_wait_recv_cost_stats").none(), nb::arg("allocate"), nb::arg("stream"))
       .def(
           "low_latency_receive",

@@ -67,9 +67,9 @@ void bind_core(nb::module_& m) {
         nb::arg("device"));
 
   nb::class_<Config>(m, "Config")
-      .def(nb::init<int, int, int, int, int>(), nb::arg("num_sms") = 20,
-           nb::arg("num_max_nvl_chunked_send_tokens") = 6, nb::arg("num_max_nvl_chunked_recv_tokens") = 256,
-           nb::arg("num_max_rdma_chunked_send_tokens") = 6, nb::arg("num_max_rdma_chunked_recv_tokens") = 256)
+      .def(nb::init<int, int, int, int, int>(), nb::arg("num_sms") = 20, nb::arg("num_max_nvl_chunked_send_tokens") = 6,
+           nb::arg("num_max_nvl_chunked_recv_tokens") = 256, nb::arg("num_max_rdma_chunked_send_tokens") = 6,
+           nb::arg("num_max_rdma_chunked_recv_tokens") = 256)
       .def_ro("num_sms", &Config::num_sms)
       .def_ro("num_max_nvl_chunked_send_tokens", &Config::num_max_nvl_chunked_send_tokens)
       .def_ro("num_max_nvl_chunked_recv_tokens", &Config::num_max_nvl_chunked_recv_tokens)
@@ -81,11 +81,11 @@ void bind_core(nb::module_& m) {
       .def("get_rdma_buffer_size_hint", &Config::get_rdma_buffer_size_hint, nb::arg("hidden_bytes"),
            nb::arg("num_ranks"), nb::arg("num_ranks_per_node") = kNumMaxNvlPeers)
       .def("__repr__", [](const Config& c) {
-        return detail::concat("Config(num_sms=", c.num_sms, ", num_max_nvl_chunked_send_tokens=",
-                              c.num_max_nvl_chunked_send_tokens, ", num_max_nvl_chunked_recv_tokens=",
-                              c.num_max_nvl_chunked_recv_tokens, ", num_max_rdma_chunked_send_tokens=",
-                              c.num_max_rdma_chunked_send_tokens, ", num_max_rdma_chunked_recv_tokens=",
-                              c.num_max_rdma_chunked_recv_tokens, ")");
+        return detail::concat("Config(num_sms=", c.num_sms,
+                              ", num_max_nvl_chunked_send_tokens=", c.num_max_nvl_chunked_send_tokens,
+                              ", num_max_nvl_chunked_recv_tokens=", c.num_max_nvl_chunked_recv_tokens,
+                              ", num_max_rdma_chunked_send_tokens=", c.num_max_rdma_chunked_send_tokens,
+                              ", num_max_rdma_chunked_recv_tokens=", c.num_max_rdma_chunked_recv_tokens, ")");
       });
   m.def("get_dispatch_config", &get_dispatch_config, nb::arg("num_ranks"), nb::arg("num_sms"));
   m.def("get_combine_config", &get_combine_config, nb::arg("num_ranks"), nb::arg("num_sms"));
@@ -98,18 +98,19 @@ void bind_core(nb::module_& m) {
   nb::class_<Group>(m, "Group")
       .def_prop_ro("rank", &Group::rank)
       .def_prop_ro("size", &Group::size)
-      .def("all_gather", [](Group& g, nb::bytes b) {
-        std::vector<std::string> parts;
-        {
-          // Callback groups take the GIL back themselves; file groups wait without it.
-          std::string mine(b.c_str(), b.size());
-          nb::gil_scoped_release release;
-          parts = g.all_gather(mine);
-        }
-        std::vector<nb::bytes> out;
-        for (auto& p : parts) out.emplace_back(p.data(), p.size());
-        return out;
-      })
+      .def("all_gather",
+           [](Group& g, nb::bytes b) {
+             std::vector<std::string> parts;
+             {
+               // Callback groups take the GIL back themselves; file groups wait without it.
+               std::string mine(b.c_str(), b.size());
+               nb::gil_scoped_release release;
+               parts = g.all_gather(mine);
+             }
+             std::vector<nb::bytes> out;
+             for (auto& p : parts) out.emplace_back(p.data(), p.size());
+             return out;
+           })
       .def("barrier", &Group::barrier, nb::call_guard<nb::gil_scoped_release>());
   nb::class_<CallbackGroup, Group>(m, "CallbackGroup")
       .def(nb::init<int, int, CallbackGroup::AllGather, std::function<void()>>(), nb::arg("rank"), nb::arg("size"),

@@ -22,11 +22,11 @@ os.environ.setdefault("DEEP_EP_TIMEOUT_S", "30")
 
 # Combined rows are sums of bf16 partials (one per receiving rank, or per expert slot), each rounded to bf16,
 # then rounded once more: at most 2^-8 of the magnitude each, so 2^-7 in all. The bound doubles that.
-BF16_SUM_RELATIVE = 2.0 ** -6
+BF16_SUM_RELATIVE = 2.0**-6
 # An e4m3 value is within half an ulp (2^-4 of it) of what it encodes, or within half the smallest
 # subnormal (2^-10 of the group's scale) near zero.
-E4M3_RELATIVE = 2.0 ** -4
-E4M3_SUBNORMAL = 2.0 ** -10
+E4M3_RELATIVE = 2.0**-4
+E4M3_SUBNORMAL = 2.0**-10
 
 
 # ---- layouts and bootstrap ------------------------------------------------------------------------------------
@@ -126,8 +126,9 @@ def normal_expert_output(recv_x, local_mask, recv_expert_ids, recv_topk_weights)
     """An expert stand-in for normal mode, reduced over top-k the way vLLM's TopKWeightAndReduceContiguous and
     SGLang's DeepGEMM path reduce: row m -> bf16(x_m * sum_k w_mk * scale(e_mk)) over the slots local to this
     rank. float32 [N, K] pieces only: the [N, K, H] expert outputs are never materialized."""
-    weights = torch.where(local_mask, recv_topk_weights * expert_scale(recv_expert_ids.clamp(min=0)),
-                          torch.zeros_like(recv_topk_weights))
+    weights = torch.where(
+        local_mask, recv_topk_weights * expert_scale(recv_expert_ids.clamp(min=0)), torch.zeros_like(recv_topk_weights)
+    )
     return (rows_as_float(recv_x) * weights.sum(dim=1, keepdim=True)).to(torch.bfloat16)
 
 
@@ -148,14 +149,17 @@ def assert_same(label, got, expected):
     if not isinstance(got, torch.Tensor):
         raise AssertionError(f"{label}: expected a tensor, got {type(got).__name__}")
     if got.dtype != expected.dtype or tuple(got.shape) != tuple(expected.shape):
-        raise AssertionError(f"{label}: got {got.dtype} {tuple(got.shape)}, expected {expected.dtype} "
-                             f"{tuple(expected.shape)}")
+        raise AssertionError(
+            f"{label}: got {got.dtype} {tuple(got.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+        )
     a, b = _bits(got).cpu(), _bits(expected).cpu()
     if not torch.equal(a, b):
         bad = (a != b).nonzero()
         first = tuple(bad[0].tolist())
-        raise AssertionError(f"{label}: {bad.size(0)} of {a.numel()} elements differ; first at {first}: "
-                             f"got {_value(got, first)}, expected {_value(expected, first)}")
+        raise AssertionError(
+            f"{label}: {bad.size(0)} of {a.numel()} elements differ; first at {first}: "
+            f"got {_value(got, first)}, expected {_value(expected, first)}"
+        )
 
 
 def _value(t, index):
@@ -173,9 +177,11 @@ def assert_close(label, got, expected, bound):
     if not bool(ok.all()):
         bad = (~ok).nonzero()
         first = tuple(bad[0].tolist())
-        raise AssertionError(f"{label}: {bad.size(0)} of {ok.numel()} elements outside the bound; first at {first}: "
-                             f"got {got[first].item()}, expected {expected[first].item()}, "
-                             f"bound {bound[first].item() if isinstance(bound, torch.Tensor) else bound}")
+        raise AssertionError(
+            f"{label}: {bad.size(0)} of {ok.numel()} elements outside the bound; first at {first}: "
+            f"got {got[first].item()}, expected {expected[first].item()}, "
+            f"bound {bound[first].item() if isinstance(bound, torch.Tensor) else bound}"
+        )
 
 
 def weighted_rows(x_float, topk_idx, topk_weights):
@@ -226,8 +232,12 @@ def expected_normal_dispatch(group, rank, num_experts, x, topk_idx, topk_weights
     data = torch.cat(rows)
     if fp8:
         data = data.view(torch.float8_e4m3fn)
-    return {"x": (data, torch.cat(scales)) if fp8 else data, "topk_idx": recv_idx,
-            "topk_weights": torch.cat(recv_weights), "num_recv_tokens_per_expert": aligned}
+    return {
+        "x": (data, torch.cat(scales)) if fp8 else data,
+        "topk_idx": recv_idx,
+        "topk_weights": torch.cat(recv_weights),
+        "num_recv_tokens_per_expert": aligned,
+    }
 
 
 def check_normal_dispatch(label, expected, recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert):
@@ -247,8 +257,21 @@ def check_normal_dispatch(label, expected, recv_x, recv_topk_idx, recv_topk_weig
 
 
 # ---- low-latency mode: direct checks of dispatch and combine ---------------------------------------------------
-def check_low_latency_dispatch(label, group, rank, x, topk_idx, num_experts, num_max_tokens, recv_x, recv_count,
-                               handle, use_fp8, round_scale=False, use_ue8m0=False):
+def check_low_latency_dispatch(
+    label,
+    group,
+    rank,
+    x,
+    topk_idx,
+    num_experts,
+    num_max_tokens,
+    recv_x,
+    recv_count,
+    handle,
+    use_fp8,
+    round_scale=False,
+    use_ue8m0=False,
+):
     """A low-latency dispatch's outputs (docs/compatibility.md section 8) against every rank's inputs:
     recv_count, layout_range and the set of source tokens of each (expert, source rank) exactly; every valid row
     equal to its source row (bf16) or, with FP8, its scale following the rule and its e4m3 values within half an
@@ -260,8 +283,9 @@ def check_low_latency_dispatch(label, group, rank, x, topk_idx, num_experts, num
     num_slots = num_ranks * num_max_tokens
     hidden = x.size(1)
     if tuple(handle[2:]) != (num_max_tokens, hidden, num_experts):
-        raise AssertionError(f"{label}: handle[2:] = {tuple(handle[2:])}, expected "
-                             f"{(num_max_tokens, hidden, num_experts)}")
+        raise AssertionError(
+            f"{label}: handle[2:] = {tuple(handle[2:])}, expected {(num_max_tokens, hidden, num_experts)}"
+        )
     src_info, layout_range = handle[0].cpu(), handle[1].cpu()
     counts = recv_count.cpu()
     src_rank = torch.full((num_local, num_slots), -1, dtype=torch.int64)
@@ -272,25 +296,31 @@ def check_low_latency_dispatch(label, group, rank, x, topk_idx, num_experts, num
             tokens = (all_idx[src] == expert).any(dim=1).nonzero().flatten()
             begin, count = int(layout_range[local, src]) >> 32, int(layout_range[local, src]) & 0xFFFFFFFF
             if count != tokens.numel():
-                raise AssertionError(f"{label}: expert {expert} got {count} rows from rank {src} in layout_range, "
-                                     f"expected {tokens.numel()}")
-            got_tokens = src_info[local, begin:begin + count].to(torch.int64).sort().values
+                raise AssertionError(
+                    f"{label}: expert {expert} got {count} rows from rank {src} in layout_range, "
+                    f"expected {tokens.numel()}"
+                )
+            got_tokens = src_info[local, begin : begin + count].to(torch.int64).sort().values
             if not torch.equal(got_tokens, tokens):
-                raise AssertionError(f"{label}: expert {expert}, rows from rank {src}: source tokens "
-                                     f"{got_tokens.tolist()} != {tokens.tolist()}")
-            if count and bool((src_rank[local, begin:begin + count] >= 0).any()):
+                raise AssertionError(
+                    f"{label}: expert {expert}, rows from rank {src}: source tokens "
+                    f"{got_tokens.tolist()} != {tokens.tolist()}"
+                )
+            if count and bool((src_rank[local, begin : begin + count] >= 0).any()):
                 raise AssertionError(f"{label}: expert {expert}: the row ranges of two source ranks overlap")
-            src_rank[local, begin:begin + count] = src
+            src_rank[local, begin : begin + count] = src
             expected_total += count
         if int(counts[local]) != expected_total or bool((src_rank[local, :expected_total] < 0).any()):
-            raise AssertionError(f"{label}: expert {expert}: recv_count {int(counts[local])}, expected "
-                                 f"{expected_total} rows covering slots [0, {expected_total})")
+            raise AssertionError(
+                f"{label}: expert {expert}: recv_count {int(counts[local])}, expected "
+                f"{expected_total} rows covering slots [0, {expected_total})"
+            )
 
     # The source row of every valid slot, on the GPU.
     max_tokens = max(1, max(t.size(0) for t in all_x))
     sources = torch.zeros(num_ranks, max_tokens, hidden, dtype=torch.bfloat16)
     for src, rows in enumerate(all_x):
-        sources[src, :rows.size(0)] = rows
+        sources[src, : rows.size(0)] = rows
     valid = src_rank >= 0
     expected_rows = sources[src_rank[valid], src_info.to(torch.int64)[valid]].cuda()
     valid = valid.cuda()
@@ -312,8 +342,10 @@ def check_low_latency_dispatch(label, group, rank, x, topk_idx, num_experts, num
         bad = (scale - wanted).abs() > 1e-6 * wanted
     if bool(bad.any()):
         first = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{label}: {int(bad.sum())} scales break the FP8 rule; first at valid row/group {first}: "
-                             f"got {scale[first].item()}, amax / 448 = {wanted[first].item()}")
+        raise AssertionError(
+            f"{label}: {int(bad.sum())} scales break the FP8 rule; first at valid row/group {first}: "
+            f"got {scale[first].item()}, amax / 448 = {wanted[first].item()}"
+        )
     values = dequantize(data[valid], scale)
     bound = E4M3_RELATIVE * expected_rows.float().abs() + E4M3_SUBNORMAL * scale.repeat_interleave(128, dim=1)
     assert_close(f"{label} recv_x rows (e4m3 x scale)", values, expected_rows.float(), bound)
@@ -335,10 +367,12 @@ def check_low_latency_combine(label, combined, x, topk_idx, topk_weights, use_fp
         check_combined(label, combined, x.float(), topk_idx, topk_weights)
         return
     valid = topk_idx >= 0
-    weight_sum = torch.where(valid, topk_weights.abs() * expert_scale(topk_idx.clamp(min=0)),
-                             torch.zeros_like(topk_weights)).sum(dim=1, keepdim=True)
+    weight_sum = torch.where(
+        valid, topk_weights.abs() * expert_scale(topk_idx.clamp(min=0)), torch.zeros_like(topk_weights)
+    ).sum(dim=1, keepdim=True)
     group_scale = x.float().view(x.size(0), -1, 128).abs().amax(dim=2).clamp(min=1e-4) / FP8_MAX
     # round_scale may double a scale: take the larger one.
     subnormal = 2 * E4M3_SUBNORMAL * group_scale.repeat_interleave(128, dim=1) * weight_sum
-    check_combined(label, combined, x.float(), topk_idx, topk_weights, extra_relative=E4M3_RELATIVE,
-                   extra_absolute=subnormal)
+    check_combined(
+        label, combined, x.float(), topk_idx, topk_weights, extra_relative=E4M3_RELATIVE, extra_absolute=subnormal
+    )

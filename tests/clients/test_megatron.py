@@ -29,8 +29,19 @@ import torch
 import torch.distributed as dist
 
 import deep_ep
-from clients_common import (Skip, assert_close, check_combined, check_normal_dispatch, expected_normal_dispatch,
-                            expert_scale, finish, layouts, random_routing, start, sync)
+from clients_common import (
+    Skip,
+    assert_close,
+    check_combined,
+    check_normal_dispatch,
+    expected_normal_dispatch,
+    expert_scale,
+    finish,
+    layouts,
+    random_routing,
+    start,
+    sync,
+)
 from common import teardown
 
 NUM_EXPERTS = 64
@@ -44,8 +55,10 @@ def _fused_a2a():
     try:
         from megatron.core.transformer.moe import fused_a2a
     except ImportError as error:
-        raise Skip(f"megatron-core is not importable ({error}); scripts/run_gpu.sh installs .whl/*.whl "
-                   f"(pip download megatron-core==0.19.2) on the PYTHONPATH") from None
+        raise Skip(
+            f"megatron-core is not importable ({error}); scripts/run_gpu.sh installs .whl/*.whl "
+            f"(pip download megatron-core==0.19.2) on the PYTHONPATH"
+        ) from None
     if not fused_a2a.HAVE_DEEP_EP or fused_a2a.fused_dispatch is None:
         # Megatron swallowed an ImportError of `from deep_ep.utils import EventHandle, EventOverlap`: say which.
         try:
@@ -59,8 +72,10 @@ def _fused_a2a():
 def _megatron_buffer_sizes(group, hidden_bytes):
     """The (num_nvl_bytes, num_rdma_bytes) fused_a2a.get_buffer asks for."""
     configs = (deep_ep.Buffer.get_dispatch_config(group.size()), deep_ep.Buffer.get_combine_config(group.size()))
-    return (max(c.get_nvl_buffer_size_hint(hidden_bytes, group.size()) for c in configs),
-            max(c.get_rdma_buffer_size_hint(hidden_bytes, group.size()) for c in configs))
+    return (
+        max(c.get_nvl_buffer_size_hint(hidden_bytes, group.size()) for c in configs),
+        max(c.get_rdma_buffer_size_hint(hidden_bytes, group.size()) for c in configs),
+    )
 
 
 def _round(ctx, group, fused_a2a, async_finish, allocate_on_comm_stream, label):
@@ -74,10 +89,12 @@ def _round(ctx, group, fused_a2a, async_finish, allocate_on_comm_stream, label):
     grad_out = torch.randn(num_tokens, HIDDEN, device="cuda").to(torch.bfloat16)
 
     recv_x, recv_idx, recv_probs, tokens_per_expert, handle = fused_a2a.fused_dispatch(
-        x, topk_idx, probs, NUM_EXPERTS, group, async_finish, allocate_on_comm_stream)
+        x, topk_idx, probs, NUM_EXPERTS, group, async_finish, allocate_on_comm_stream
+    )
     expected = expected_normal_dispatch(group, ctx.rank, NUM_EXPERTS, x.detach(), topk_idx, probs.detach())
-    check_normal_dispatch(f"{label} dispatch", expected, recv_x.detach(), recv_idx, recv_probs.detach(),
-                          tokens_per_expert.tolist())
+    check_normal_dispatch(
+        f"{label} dispatch", expected, recv_x.detach(), recv_idx, recv_probs.detach(), tokens_per_expert.tolist()
+    )
 
     # The experts of this rank: row m -> x_m * sum_k p_mk * scale(e_mk) over its local slots, differentiable in
     # recv_x and recv_probs (what a grouped GEMM with probabilities applied does to the gradients' routes).
@@ -123,8 +140,10 @@ def fused_a2a_forward_backward(ctx, num_ranks_per_node):
             raise AssertionError(f"{label}: fused_a2a._buffer is {type(buffer).__name__}, expected deep_ep.Buffer")
         sizes = (buffer.num_nvl_bytes, buffer.num_rdma_bytes)
         if sizes != _megatron_buffer_sizes(group, hidden_bytes) or buffer.group is not group:
-            raise AssertionError(f"{label}: Buffer made with {sizes} for group {buffer.group}, expected "
-                                 f"{_megatron_buffer_sizes(group, hidden_bytes)} for the WORLD group")
+            raise AssertionError(
+                f"{label}: Buffer made with {sizes} for group {buffer.group}, expected "
+                f"{_megatron_buffer_sizes(group, hidden_bytes)} for the WORLD group"
+            )
 
         # Every later call passes Megatron's re-use checks (group, num_nvl_bytes, num_rdma_bytes).
         _round(ctx, group, fused_a2a, True, False, f"{label} async_finish")
@@ -141,8 +160,9 @@ def fused_a2a_forward_backward(ctx, num_ranks_per_node):
         _round(ctx, group, fused_a2a, False, False, f"{label} {more_sms} SMs")
         grown = fused_a2a._buffer
         if grown is buffer or grown.num_nvl_bytes <= buffer.num_nvl_bytes:
-            raise AssertionError(f"{label}: {more_sms} SMs need a larger NVLink buffer; fused_a2a kept "
-                                 f"{buffer.num_nvl_bytes} bytes")
+            raise AssertionError(
+                f"{label}: {more_sms} SMs need a larger NVLink buffer; fused_a2a kept {buffer.num_nvl_bytes} bytes"
+            )
         del buffer
         fused_a2a.set_deepep_num_sms(base_sms)
         _round(ctx, group, fused_a2a, True, False, f"{label} back to {base_sms} SMs")
@@ -160,6 +180,13 @@ def fused_a2a_forward_backward(ctx, num_ranks_per_node):
 def cases(rank_counts):
     out = []
     for tag, num_ranks, num_ranks_per_node in layouts(rank_counts, emulated=("2x8",)):
-        out.append((f"clients/megatron/{tag}/fused_a2a_forward_backward", fused_a2a_forward_backward, num_ranks,
-                    (num_ranks_per_node,), 240))
+        out.append(
+            (
+                f"clients/megatron/{tag}/fused_a2a_forward_backward",
+                fused_a2a_forward_backward,
+                num_ranks,
+                (num_ranks_per_node,),
+                240,
+            )
+        )
     return out

@@ -40,16 +40,28 @@ import gc
 import torch
 
 import deep_ep
-from clients_common import (check_combined, check_low_latency_combine, check_low_latency_dispatch,
-                            check_normal_dispatch, dequantize, expected_normal_dispatch, finish, layouts,
-                            low_latency_expert_output, normal_expert_output, per_token_group_quant_fp8,
-                            random_routing, start, sync)
+from clients_common import (
+    check_combined,
+    check_low_latency_combine,
+    check_low_latency_dispatch,
+    check_normal_dispatch,
+    dequantize,
+    expected_normal_dispatch,
+    finish,
+    layouts,
+    low_latency_expert_output,
+    normal_expert_output,
+    per_token_group_quant_fp8,
+    random_routing,
+    start,
+    sync,
+)
 
 NUM_EXPERTS = 32
 NUM_TOPK = 8
 HIDDEN = 4096
-NUM_TOKENS = 256                          # a prefill chunk per rank (normal mode)
-NUM_MAX_DISPATCH_TOKENS_PER_RANK = 128    # SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK default
+NUM_TOKENS = 256  # a prefill chunk per rank (normal mode)
+NUM_MAX_DISPATCH_TOKENS_PER_RANK = 128  # SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK default
 DECODE_TOKENS = 48
 PARAMS_BYTES = 2
 
@@ -76,13 +88,18 @@ class _DeepEPConfig:
             self.num_sms = deep_ep.Buffer.num_sms
             return
         self.num_sms = 8
-        fields = ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
-                  "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens")
-        for name, getter in (("normal_dispatch_config", deep_ep.Buffer.get_dispatch_config),
-                             ("normal_combine_config", deep_ep.Buffer.get_combine_config)):
+        fields = (
+            "num_max_nvl_chunked_send_tokens",
+            "num_max_nvl_chunked_recv_tokens",
+            "num_max_rdma_chunked_send_tokens",
+            "num_max_rdma_chunked_recv_tokens",
+        )
+        for name, getter in (
+            ("normal_dispatch_config", deep_ep.Buffer.get_dispatch_config),
+            ("normal_combine_config", deep_ep.Buffer.get_combine_config),
+        ):
             recommended = getter(num_ranks)
-            setattr(self, name, deep_ep.Config(num_sms=self.num_sms,
-                                               **{f: getattr(recommended, f) for f in fields}))
+            setattr(self, name, deep_ep.Config(num_sms=self.num_sms, **{f: getattr(recommended, f) for f in fields}))
 
 
 class _DeepEPBuffer:
@@ -100,22 +117,34 @@ class _DeepEPBuffer:
         num_nvl_bytes, num_rdma_bytes = 0, 0
         if mode.enable_normal():
             hidden_bytes = HIDDEN * PARAMS_BYTES
-            for cfg in (config.normal_dispatch_config or deep_ep.Buffer.get_dispatch_config(group.size()),
-                        config.normal_combine_config or deep_ep.Buffer.get_combine_config(group.size())):
+            for cfg in (
+                config.normal_dispatch_config or deep_ep.Buffer.get_dispatch_config(group.size()),
+                config.normal_combine_config or deep_ep.Buffer.get_combine_config(group.size()),
+            ):
                 num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, group.size()), num_nvl_bytes)
                 num_rdma_bytes = max(cfg.get_rdma_buffer_size_hint(hidden_bytes, group.size()), num_rdma_bytes)
         if mode.enable_low_latency():
             assert NUM_EXPERTS % group.size() == 0
-            num_rdma_bytes = max(deep_ep.Buffer.get_low_latency_rdma_size_hint(
-                NUM_MAX_DISPATCH_TOKENS_PER_RANK, HIDDEN, group.size(), NUM_EXPERTS), num_rdma_bytes)
+            num_rdma_bytes = max(
+                deep_ep.Buffer.get_low_latency_rdma_size_hint(
+                    NUM_MAX_DISPATCH_TOKENS_PER_RANK, HIDDEN, group.size(), NUM_EXPERTS
+                ),
+                num_rdma_bytes,
+            )
         if mode == Mode.NORMAL:
             num_qps_per_rank = config.num_sms
         elif mode == Mode.LOW_LATENCY:
             num_qps_per_rank = NUM_EXPERTS // group.size()
         else:
             num_qps_per_rank = max(config.num_sms, NUM_EXPERTS // group.size())
-        self.buffer = deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=mode.enable_low_latency(),
-                                     num_qps_per_rank=num_qps_per_rank, allow_mnnvl=True)
+        self.buffer = deep_ep.Buffer(
+            group,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            low_latency_mode=mode.enable_low_latency(),
+            num_qps_per_rank=num_qps_per_rank,
+            allow_mnnvl=True,
+        )
         return self.buffer
 
     def as_normal(self):
@@ -145,17 +174,29 @@ class _Normal:
 
     def dispatch_b(self, hidden_states, topk_ids, topk_weights, previous_event):
         buffer = self.buffers.as_normal()
-        (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
-         previous_event) = buffer.get_dispatch_layout(topk_ids, NUM_EXPERTS, previous_event=previous_event,
-                                                      async_finish=self.async_finish,
-                                                      allocate_on_comm_stream=previous_event is not None)
-        (recv_x, recv_topk_ids, recv_topk_weights, num_recv_tokens_per_expert, self.handle,
-         event) = buffer.dispatch(
-            hidden_states, topk_idx=topk_ids, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event,
-            async_finish=self.async_finish, allocate_on_comm_stream=(previous_event is not None) and self.async_finish,
-            expert_alignment=128, config=self.buffers.config.normal_dispatch_config)
+        (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event) = (
+            buffer.get_dispatch_layout(
+                topk_ids,
+                NUM_EXPERTS,
+                previous_event=previous_event,
+                async_finish=self.async_finish,
+                allocate_on_comm_stream=previous_event is not None,
+            )
+        )
+        (recv_x, recv_topk_ids, recv_topk_weights, num_recv_tokens_per_expert, self.handle, event) = buffer.dispatch(
+            hidden_states,
+            topk_idx=topk_ids,
+            topk_weights=topk_weights,
+            num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            previous_event=previous_event,
+            async_finish=self.async_finish,
+            allocate_on_comm_stream=(previous_event is not None) and self.async_finish,
+            expert_alignment=128,
+            config=self.buffers.config.normal_dispatch_config,
+        )
         event.current_stream_wait() if self.async_finish else ()
         return recv_x, recv_topk_ids, recv_topk_weights, num_recv_tokens_per_expert
 
@@ -166,8 +207,13 @@ class _Normal:
     def combine_b(self, hidden_states, previous_event):
         buffer = self.buffers.as_normal()
         combined_x, _, event = buffer.combine(
-            hidden_states, self.handle, async_finish=self.async_finish, previous_event=previous_event,
-            allocate_on_comm_stream=previous_event is not None, config=self.buffers.config.normal_combine_config)
+            hidden_states,
+            self.handle,
+            async_finish=self.async_finish,
+            previous_event=previous_event,
+            allocate_on_comm_stream=previous_event is not None,
+            config=self.buffers.config.normal_combine_config,
+        )
         event.current_stream_wait() if self.async_finish else ()
         self.handle = None
         return combined_x
@@ -187,8 +233,15 @@ class _LowLatency:
         fp8_opts = dict(round_scale=False, use_ue8m0=False) if self.use_fp8 else dict()
         buffer = self.buffers.as_low_latency()
         packed_recv_hidden, self.packed_recv_count, self.handle, event, hook = buffer.low_latency_dispatch(
-            hidden_states, topk_ids, NUM_MAX_DISPATCH_TOKENS_PER_RANK, NUM_EXPERTS, use_fp8=self.use_fp8,
-            async_finish=not self.return_recv_hook, return_recv_hook=self.return_recv_hook, **fp8_opts)
+            hidden_states,
+            topk_ids,
+            NUM_MAX_DISPATCH_TOKENS_PER_RANK,
+            NUM_EXPERTS,
+            use_fp8=self.use_fp8,
+            async_finish=not self.return_recv_hook,
+            return_recv_hook=self.return_recv_hook,
+            **fp8_opts,
+        )
         return packed_recv_hidden, self.packed_recv_count, expected_m, event, hook
 
     def dispatch_b(self, packed_recv_hidden, masked_m, expected_m, event, hook):
@@ -198,8 +251,13 @@ class _LowLatency:
     def combine_a(self, hidden_states, topk_ids, topk_weights):
         buffer = self.buffers.as_low_latency()
         combined_hidden_states, event, hook = buffer.low_latency_combine(
-            x=hidden_states, topk_idx=topk_ids, topk_weights=topk_weights, handle=self.handle,
-            async_finish=not self.return_recv_hook, return_recv_hook=self.return_recv_hook)
+            x=hidden_states,
+            topk_idx=topk_ids,
+            topk_weights=topk_weights,
+            handle=self.handle,
+            async_finish=not self.return_recv_hook,
+            return_recv_hook=self.return_recv_hook,
+        )
         self.packed_recv_count = self.handle = None
         return combined_hidden_states, event, hook
 
@@ -217,14 +275,16 @@ def _normal_round(ctx, group, buffers, async_finish, use_fp8, label):
     state = impl.dispatch_a(hidden_states, topk_ids, topk_weights)
     recv_x, recv_topk_ids, recv_topk_weights, per_expert = impl.dispatch_b(*state)
     sent = state[0]
-    expected = expected_normal_dispatch(group, ctx.rank, NUM_EXPERTS, sent, topk_ids, topk_weights,
-                                        expert_alignment=128)
+    expected = expected_normal_dispatch(
+        group, ctx.rank, NUM_EXPERTS, sent, topk_ids, topk_weights, expert_alignment=128
+    )
     check_normal_dispatch(f"{label} dispatch", expected, recv_x, recv_topk_ids, recv_topk_weights, per_expert)
 
     num_local = NUM_EXPERTS // ctx.num_ranks
     local = recv_topk_ids >= 0
-    y = normal_expert_output(recv_x, local, torch.where(local, recv_topk_ids + ctx.rank * num_local, recv_topk_ids),
-                             recv_topk_weights)
+    y = normal_expert_output(
+        recv_x, local, torch.where(local, recv_topk_ids + ctx.rank * num_local, recv_topk_ids), recv_topk_weights
+    )
     combined = impl.combine_b(*impl.combine_a(y))
     torch.cuda.synchronize()
     x_float = dequantize(*sent) if use_fp8 else hidden_states.float()
@@ -244,18 +304,31 @@ def _low_latency_rounds(ctx, group, buffers, return_recv_hook, use_fp8, label, n
     dispatched = [impl.dispatch_b(*state) for impl, state in zip(impls, states)]
     handles = [impl.handle for impl in impls]
     ys = [low_latency_expert_output(recv_x, ctx.rank) for recv_x, _, _ in dispatched]
-    combine_states = [impl.combine_a(y, topk_ids, topk_weights)
-                      for impl, y, (_, topk_ids, topk_weights) in zip(impls, ys, inputs)]
+    combine_states = [
+        impl.combine_a(y, topk_ids, topk_weights) for impl, y, (_, topk_ids, topk_weights) in zip(impls, ys, inputs)
+    ]
     combined = [impl.combine_b(*state) for impl, state in zip(impls, combine_states)]
     torch.cuda.synchronize()
     for b, ((x, topk_ids, topk_weights), (recv_x, masked_m, expected_m), handle) in enumerate(
-            zip(inputs, dispatched, handles)):
+        zip(inputs, dispatched, handles)
+    ):
         batch = f"{label} batch {b}"
         wanted_m = (x.size(0) * ctx.num_ranks * NUM_TOPK + NUM_EXPERTS) // NUM_EXPERTS
         if expected_m != wanted_m:
             raise AssertionError(f"{batch}: expected_m {expected_m} != {wanted_m}")
-        check_low_latency_dispatch(f"{batch} dispatch", group, ctx.rank, x, topk_ids, NUM_EXPERTS,
-                                   NUM_MAX_DISPATCH_TOKENS_PER_RANK, recv_x, masked_m, handle, use_fp8)
+        check_low_latency_dispatch(
+            f"{batch} dispatch",
+            group,
+            ctx.rank,
+            x,
+            topk_ids,
+            NUM_EXPERTS,
+            NUM_MAX_DISPATCH_TOKENS_PER_RANK,
+            recv_x,
+            masked_m,
+            handle,
+            use_fp8,
+        )
         check_low_latency_combine(f"{batch} combine", combined[b], x, topk_ids, topk_weights, use_fp8)
     sync(group)
 
@@ -276,8 +349,14 @@ def normal_mode(ctx, num_ranks_per_node):
     buffers = _DeepEPBuffer(group, Mode.NORMAL, _DeepEPConfig(ctx.num_ranks))
     for async_finish in (False, True):
         for use_fp8 in (False, True):
-            _normal_round(ctx, group, buffers, async_finish, use_fp8,
-                          f"rank {ctx.rank} {'fp8' if use_fp8 else 'bf16'} async_finish={async_finish}")
+            _normal_round(
+                ctx,
+                group,
+                buffers,
+                async_finish,
+                use_fp8,
+                f"rank {ctx.rank} {'fp8' if use_fp8 else 'bf16'} async_finish={async_finish}",
+            )
             sync(group)
     _release(group, buffers)
     finish(group)
@@ -290,8 +369,14 @@ def low_latency_mode(ctx, num_ranks_per_node):
     buffers = _DeepEPBuffer(group, Mode.LOW_LATENCY, _DeepEPConfig(ctx.num_ranks))
     for return_recv_hook in (False, True):
         for use_fp8 in (True, False):
-            _low_latency_rounds(ctx, group, buffers, return_recv_hook, use_fp8,
-                                f"rank {ctx.rank} {'fp8' if use_fp8 else 'bf16'} hook={return_recv_hook}")
+            _low_latency_rounds(
+                ctx,
+                group,
+                buffers,
+                return_recv_hook,
+                use_fp8,
+                f"rank {ctx.rank} {'fp8' if use_fp8 else 'bf16'} hook={return_recv_hook}",
+            )
     _low_latency_rounds(ctx, group, buffers, True, True, f"rank {ctx.rank} two-batch overlap", num_batches=2)
     _release(group, buffers)
     finish(group)

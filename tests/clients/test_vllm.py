@@ -41,10 +41,22 @@ Low latency (LL):
 import torch
 
 import deep_ep
-from clients_common import (check_combined, check_low_latency_combine, check_low_latency_dispatch,
-                            check_normal_dispatch, dequantize, expected_normal_dispatch, finish, layouts,
-                            low_latency_expert_output, normal_expert_output, per_token_group_quant_fp8,
-                            random_routing, start, sync)
+from clients_common import (
+    check_combined,
+    check_low_latency_combine,
+    check_low_latency_dispatch,
+    check_normal_dispatch,
+    dequantize,
+    expected_normal_dispatch,
+    finish,
+    layouts,
+    low_latency_expert_output,
+    normal_expert_output,
+    per_token_group_quant_fp8,
+    random_routing,
+    start,
+    sync,
+)
 
 VLLM_DEEPEP_BUFFER_SIZE_MB = 1024
 VLLM_NUM_SMS = 20  # DeepEPAll2AllManagerBase.num_sms
@@ -73,8 +85,14 @@ def _ht_buffer(group, internode):
         num_rdma_bytes, num_qps_per_rank = VLLM_DEEPEP_BUFFER_SIZE_MB * 1024 * 1024, VLLM_NUM_SMS // 2
     else:
         num_rdma_bytes, num_qps_per_rank = 0, 1
-    return deep_ep.Buffer(group=group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                          low_latency_mode=False, num_qps_per_rank=num_qps_per_rank, explicitly_destroy=True)
+    return deep_ep.Buffer(
+        group=group,
+        num_nvl_bytes=num_nvl_bytes,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=False,
+        num_qps_per_rank=num_qps_per_rank,
+        explicitly_destroy=True,
+    )
 
 
 class _HighThroughput:
@@ -99,36 +117,57 @@ class _HighThroughput:
     def prepare_async(self, tokens, token_scales, topk_ids, topk_weights, num_experts, dbo=None):
         has_scales = token_scales is not None
         previous_event = self._previous_event(dbo)
-        (num_tokens_per_rank, num_tokens_per_rdma_rank, dispatch_expert_num_tokens, is_token_in_rank,
-         event) = self.buffer.get_dispatch_layout(topk_idx=topk_ids, num_experts=num_experts,
-                                                  previous_event=previous_event, async_finish=False,
-                                                  allocate_on_comm_stream=False)
+        (num_tokens_per_rank, num_tokens_per_rdma_rank, dispatch_expert_num_tokens, is_token_in_rank, event) = (
+            self.buffer.get_dispatch_layout(
+                topk_idx=topk_ids,
+                num_experts=num_experts,
+                previous_event=previous_event,
+                async_finish=False,
+                allocate_on_comm_stream=False,
+            )
+        )
         token_data = (tokens, token_scales) if has_scales else tokens
-        (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list, handle,
-         event) = self.buffer.dispatch(
-            x=token_data, handle=None, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=dispatch_expert_num_tokens, topk_idx=topk_ids, topk_weights=topk_weights,
-            expert_alignment=1, config=self._config(deep_ep.Buffer.get_dispatch_config),
-            previous_event=previous_event, async_finish=self.async_prepare and dbo is None,
-            allocate_on_comm_stream=False)
+        (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list, handle, event) = (
+            self.buffer.dispatch(
+                x=token_data,
+                handle=None,
+                num_tokens_per_rank=num_tokens_per_rank,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=dispatch_expert_num_tokens,
+                topk_idx=topk_ids,
+                topk_weights=topk_weights,
+                expert_alignment=1,
+                config=self._config(deep_ep.Buffer.get_dispatch_config),
+                previous_event=previous_event,
+                async_finish=self.async_prepare and dbo is None,
+                allocate_on_comm_stream=False,
+            )
+        )
 
         def receiver():
             if event.event is not None:
                 event.current_stream_wait()
-            mapped_ids = torch.where(expert_topk_ids == -1, num_experts - 1 if self.rank_expert_offset == 0 else 0,
-                                     expert_topk_ids + self.rank_expert_offset)
-            return (token_data, expert_topk_ids, mapped_ids, expert_topk_weights,
-                    expert_num_tokens_per_expert_list)
+            mapped_ids = torch.where(
+                expert_topk_ids == -1,
+                num_experts - 1 if self.rank_expert_offset == 0 else 0,
+                expert_topk_ids + self.rank_expert_offset,
+            )
+            return (token_data, expert_topk_ids, mapped_ids, expert_topk_weights, expert_num_tokens_per_expert_list)
 
         return handle, receiver
 
     def finalize_async(self, output, fused_expert_output, handle, dbo=None):
         previous_event = self._previous_event(dbo)
         combined_x, _, event = self.buffer.combine(
-            x=fused_expert_output, handle=handle, topk_weights=None,
-            config=self._config(deep_ep.Buffer.get_combine_config), previous_event=previous_event,
-            async_finish=dbo is None, allocate_on_comm_stream=False)
+            x=fused_expert_output,
+            handle=handle,
+            topk_weights=None,
+            config=self._config(deep_ep.Buffer.get_combine_config),
+            previous_event=previous_event,
+            async_finish=dbo is None,
+            allocate_on_comm_stream=False,
+        )
 
         def receiver():
             if event.event is not None:
@@ -160,8 +199,7 @@ def _ht_check(ctx, group, label, tokens, token_scales, topk_ids, topk_weights, r
     token_data, expert_topk_ids, _, expert_topk_weights, per_expert = received
     x = (tokens, token_scales) if token_scales is not None else tokens
     expected = expected_normal_dispatch(group, ctx.rank, NUM_EXPERTS, x, topk_ids, topk_weights)
-    check_normal_dispatch(f"{label} dispatch", expected, token_data, expert_topk_ids, expert_topk_weights,
-                          per_expert)
+    check_normal_dispatch(f"{label} dispatch", expected, token_data, expert_topk_ids, expert_topk_weights, per_expert)
     x_float = dequantize(tokens, token_scales) if token_scales is not None else tokens.float()
     check_combined(f"{label} combine", output, x_float, topk_ids, topk_weights)
 
@@ -200,8 +238,9 @@ def ht_prepare_finalize(ctx, num_ranks_per_node):
                 batches.append(_ht_inputs(ctx, block_fp8))
             (tokens, scales), topk_ids, topk_weights = batches[-1]
             with torch.cuda.stream(comm):
-                handle, receive = ht.prepare_async(tokens, scales, topk_ids, topk_weights, NUM_EXPERTS,
-                                                   dbo=(compute, comm))
+                handle, receive = ht.prepare_async(
+                    tokens, scales, topk_ids, topk_weights, NUM_EXPERTS, dbo=(compute, comm)
+                )
             compute.wait_stream(comm)  # dbo_switch_to_compute_sync
             handles.append(handle)
             receivers.append(receive)
@@ -218,8 +257,17 @@ def ht_prepare_finalize(ctx, num_ranks_per_node):
             received_all.append(received)
         torch.cuda.synchronize()
         for ub, ((tokens, scales), topk_ids, topk_weights) in enumerate(batches):
-            _ht_check(ctx, group, f"rank {ctx.rank} {fmt} DBO micro-batch {ub}", tokens, scales, topk_ids,
-                      topk_weights, received_all[ub], outputs[ub])
+            _ht_check(
+                ctx,
+                group,
+                f"rank {ctx.rank} {fmt} DBO micro-batch {ub}",
+                tokens,
+                scales,
+                topk_ids,
+                topk_weights,
+                received_all[ub],
+                outputs[ub],
+            )
         sync(group)
     buffer.destroy()
     deep_ep.Buffer.set_num_sms(20)
@@ -229,11 +277,19 @@ def ht_prepare_finalize(ctx, num_ranks_per_node):
 # ---- low latency -----------------------------------------------------------------------------------------------
 def _ll_buffer(group, num_ranks, hidden):
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
-        num_max_dispatch_tokens_per_rank=LL_MAX_TOKENS, hidden=hidden, num_ranks=num_ranks, num_experts=NUM_EXPERTS)
-    return deep_ep.Buffer(group=group, num_nvl_bytes=VLLM_DEEPEP_BUFFER_SIZE_MB * 1024 * 1024,
-                          num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
-                          num_qps_per_rank=NUM_EXPERTS // num_ranks, allow_nvlink_for_low_latency_mode=True,
-                          allow_mnnvl=False, explicitly_destroy=True, enable_shrink=False)
+        num_max_dispatch_tokens_per_rank=LL_MAX_TOKENS, hidden=hidden, num_ranks=num_ranks, num_experts=NUM_EXPERTS
+    )
+    return deep_ep.Buffer(
+        group=group,
+        num_nvl_bytes=VLLM_DEEPEP_BUFFER_SIZE_MB * 1024 * 1024,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=True,
+        num_qps_per_rank=NUM_EXPERTS // num_ranks,
+        allow_nvlink_for_low_latency_mode=True,
+        allow_mnnvl=False,
+        explicitly_destroy=True,
+        enable_shrink=False,
+    )
 
 
 def _vllm_dequant_fp8(expert_x_fp8, expert_x_scales):
@@ -256,16 +312,30 @@ class _LowLatency:
 
     def prepare(self, a1, topk_ids, num_experts):
         expert_x, expert_num_tokens, handle, _, hook = self.buffer.low_latency_dispatch(
-            a1, topk_ids, self.max_tokens_per_rank, num_experts, use_fp8=self.use_fp8_dispatch,
-            round_scale=self.use_ue8m0_dispatch, use_ue8m0=self.use_ue8m0_dispatch, async_finish=False,
-            return_recv_hook=True)
+            a1,
+            topk_ids,
+            self.max_tokens_per_rank,
+            num_experts,
+            use_fp8=self.use_fp8_dispatch,
+            round_scale=self.use_ue8m0_dispatch,
+            use_ue8m0=self.use_ue8m0_dispatch,
+            async_finish=False,
+            return_recv_hook=True,
+        )
         hook()
         return expert_x, expert_num_tokens, handle
 
     def finalize(self, output, fused_expert_output, topk_ids, topk_weights, handle, do_async):
         _, _, recv_hook = self.buffer.low_latency_combine(
-            fused_expert_output, topk_ids, topk_weights, handle, async_finish=False, zero_copy=False,
-            return_recv_hook=do_async, out=output)
+            fused_expert_output,
+            topk_ids,
+            topk_weights,
+            handle,
+            async_finish=False,
+            zero_copy=False,
+            return_recv_hook=do_async,
+            out=output,
+        )
         return recv_hook
 
 
@@ -287,9 +357,21 @@ def _ll_round(ctx, group, ll, hidden, num_tokens, label, use_ue8m0=False, block_
     if do_async:
         recv_hook()
     torch.cuda.synchronize()
-    check_low_latency_dispatch(f"{label} dispatch", group, ctx.rank, a1, topk_ids, NUM_EXPERTS, LL_MAX_TOKENS,
-                               expert_x, expert_num_tokens, handle, ll.use_fp8_dispatch,
-                               round_scale=use_ue8m0, use_ue8m0=use_ue8m0)
+    check_low_latency_dispatch(
+        f"{label} dispatch",
+        group,
+        ctx.rank,
+        a1,
+        topk_ids,
+        NUM_EXPERTS,
+        LL_MAX_TOKENS,
+        expert_x,
+        expert_num_tokens,
+        handle,
+        ll.use_fp8_dispatch,
+        round_scale=use_ue8m0,
+        use_ue8m0=use_ue8m0,
+    )
     check_low_latency_combine(f"{label} combine", output, a1, topk_ids, topk_weights, ll.use_fp8_dispatch)
 
 
@@ -302,15 +384,44 @@ def ll_hidden_sizes(ctx, num_ranks_per_node):
         buffer = _ll_buffer(group, ctx.num_ranks, hidden)
         num_tokens = max(1, 32 - 5 * ctx.rank - i)
         label = f"rank {ctx.rank} hidden {hidden}"
-        _ll_round(ctx, group, _LowLatency(buffer, LL_MAX_TOKENS, True, False), hidden, num_tokens,
-                  f"{label} fp8", do_async=i % 2 == 1)
-        _ll_round(ctx, group, _LowLatency(buffer, LL_MAX_TOKENS, True, True), hidden, num_tokens,
-                  f"{label} fp8 ue8m0", use_ue8m0=True, do_async=i % 2 == 0)
+        _ll_round(
+            ctx,
+            group,
+            _LowLatency(buffer, LL_MAX_TOKENS, True, False),
+            hidden,
+            num_tokens,
+            f"{label} fp8",
+            do_async=i % 2 == 1,
+        )
+        _ll_round(
+            ctx,
+            group,
+            _LowLatency(buffer, LL_MAX_TOKENS, True, True),
+            hidden,
+            num_tokens,
+            f"{label} fp8 ue8m0",
+            use_ue8m0=True,
+            do_async=i % 2 == 0,
+        )
         if i % 4 == 0:
-            _ll_round(ctx, group, _LowLatency(buffer, LL_MAX_TOKENS, True, False), hidden, num_tokens,
-                      f"{label} fp8 dequantized", block_128=False)
-            _ll_round(ctx, group, _LowLatency(buffer, LL_MAX_TOKENS, False, False), hidden, num_tokens,
-                      f"{label} bf16", do_async=True)
+            _ll_round(
+                ctx,
+                group,
+                _LowLatency(buffer, LL_MAX_TOKENS, True, False),
+                hidden,
+                num_tokens,
+                f"{label} fp8 dequantized",
+                block_128=False,
+            )
+            _ll_round(
+                ctx,
+                group,
+                _LowLatency(buffer, LL_MAX_TOKENS, False, False),
+                hidden,
+                num_tokens,
+                f"{label} bf16",
+                do_async=True,
+            )
         sync(group)
         buffer.destroy()
     finish(group)
@@ -326,10 +437,12 @@ def ll_cuda_graph(ctx, num_ranks_per_node):
     ll = _LowLatency(buffer, LL_MAX_TOKENS, use_fp8_dispatch=True, use_ue8m0_dispatch=False)
     graphs = {}
     for batch_size in (8, 32):
-        static = {"a1": torch.zeros(batch_size, hidden, dtype=torch.bfloat16, device="cuda"),
-                  "topk_ids": torch.zeros(batch_size, NUM_TOPK, dtype=torch.int64, device="cuda"),
-                  "topk_weights": torch.zeros(batch_size, NUM_TOPK, dtype=torch.float32, device="cuda"),
-                  "output": torch.empty(batch_size, hidden, dtype=torch.bfloat16, device="cuda")}
+        static = {
+            "a1": torch.zeros(batch_size, hidden, dtype=torch.bfloat16, device="cuda"),
+            "topk_ids": torch.zeros(batch_size, NUM_TOPK, dtype=torch.int64, device="cuda"),
+            "topk_weights": torch.zeros(batch_size, NUM_TOPK, dtype=torch.float32, device="cuda"),
+            "output": torch.empty(batch_size, hidden, dtype=torch.bfloat16, device="cuda"),
+        }
         _fill(static)
 
         def step(static=static):
@@ -359,10 +472,22 @@ def ll_cuda_graph(ctx, num_ranks_per_node):
         graph.replay()
         torch.cuda.synchronize()
         label = f"rank {ctx.rank} replay {replay} (batch {batch_size})"
-        check_low_latency_dispatch(f"{label} dispatch", group, ctx.rank, static["a1"], static["topk_ids"],
-                                   NUM_EXPERTS, LL_MAX_TOKENS, expert_x, expert_num_tokens, handle, True)
-        check_low_latency_combine(f"{label} combine", static["output"], static["a1"], static["topk_ids"],
-                                  static["topk_weights"], True)
+        check_low_latency_dispatch(
+            f"{label} dispatch",
+            group,
+            ctx.rank,
+            static["a1"],
+            static["topk_ids"],
+            NUM_EXPERTS,
+            LL_MAX_TOKENS,
+            expert_x,
+            expert_num_tokens,
+            handle,
+            True,
+        )
+        check_low_latency_combine(
+            f"{label} combine", static["output"], static["a1"], static["topk_ids"], static["topk_weights"], True
+        )
         # An eager batch between replays (prefill or a batch size without a graph) on the same Buffer.
         _ll_round(ctx, group, ll, hidden, max(1, 40 - 3 * ctx.rank), f"rank {ctx.rank} eager after replay {replay}")
     del graphs

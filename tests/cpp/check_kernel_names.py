@@ -28,7 +28,7 @@ def _identifiers(mangled, count):
             break
         length = int(match.group(1))
         start = i + len(match.group(1))
-        out.append(mangled[start:start + length])
+        out.append(mangled[start : start + length])
         i = start + length
     return out
 

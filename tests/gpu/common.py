@@ -54,8 +54,10 @@ def assert_equal(name, got, expected):
         raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
     if not np.array_equal(got, expected):
         bad = np.flatnonzero(got.reshape(-1) != expected.reshape(-1))
-        raise AssertionError(f"{name}: {bad.size} of {got.size} elements differ; first at {bad[0]}: "
-                             f"got {got.reshape(-1)[bad[0]]}, expected {expected.reshape(-1)[bad[0]]}")
+        raise AssertionError(
+            f"{name}: {bad.size} of {got.size} elements differ; first at {bad[0]}: "
+            f"got {got.reshape(-1)[bad[0]]}, expected {expected.reshape(-1)[bad[0]]}"
+        )
 
 
 def expect_raises(exc_type, fragment, fn):

@@ -53,8 +53,10 @@ def wait_for_outputs(mode, event):
 
 def make_bias(num_tokens, hidden, num_tensors):
     """combine's bias: None, one bf16 [T, H] tensor, or a tuple of two."""
+
     def one():
         return torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+
     if num_tensors == 0:
         return None
     return one() if num_tensors == 1 else (one(), one())
@@ -84,7 +86,7 @@ def make_x(num_tokens, hidden, fp8):
 
 def dispatch_input(x, topk_idx, topk_weights, is_token_in_rank, with_topk):
     item = ref.NormalDispatchInput()
-    x_data, x_scales = (x if isinstance(x, tuple) else (x, None))
+    x_data, x_scales = x if isinstance(x, tuple) else (x, None)
     item.num_tokens = x_data.size(0)
     item.x = to_numpy(x_data.view(torch.uint8))
     if x_scales is not None:
@@ -96,8 +98,9 @@ def dispatch_input(x, topk_idx, topk_weights, is_token_in_rank, with_topk):
     return item
 
 
-def reference_dispatch(group, ctx, x, topk_idx, topk_weights, is_token_in_rank, with_topk, num_experts,
-                       expert_alignment, num_worst_tokens):
+def reference_dispatch(
+    group, ctx, x, topk_idx, topk_weights, is_token_in_rank, with_topk, num_experts, expert_alignment, num_worst_tokens
+):
     """(inputs of all ranks, reference outputs of all ranks)."""
     mine = dispatch_input(x, topk_idx, topk_weights, is_token_in_rank, with_topk)
     fields = {name: getattr(mine, name) for name in ("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank")}
@@ -122,10 +125,11 @@ def reference_dispatch(group, ctx, x, topk_idx, topk_weights, is_token_in_rank, 
     return inputs, ref.normal_dispatch(inputs, args)
 
 
-def check_dispatch(expected, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, with_topk,
-                   num_worst_tokens, label):
+def check_dispatch(
+    expected, recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, with_topk, num_worst_tokens, label
+):
     n = expected.num_recv_tokens
-    x_data, x_scales = (recv_x if isinstance(recv_x, tuple) else (recv_x, None))
+    x_data, x_scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
     rows = num_worst_tokens if num_worst_tokens else n
     assert x_data.size(0) == rows, f"{label}: recv_x has {x_data.size(0)} rows, expected {rows}"
     row_bytes = x_data.size(1) * x_data.element_size()
@@ -140,8 +144,11 @@ def check_dispatch(expected, recv_x, recv_topk_idx, recv_topk_weights, per_exper
         if num_worst_tokens:
             assert per_expert_list == [], f"{label}: num_worst_tokens must return an empty list"
         else:
-            assert_equal(f"{label} num_recv_tokens_per_expert", np.array(per_expert_list, dtype=np.int32),
-                         expected.num_recv_tokens_per_expert)
+            assert_equal(
+                f"{label} num_recv_tokens_per_expert",
+                np.array(per_expert_list, dtype=np.int32),
+                expected.num_recv_tokens_per_expert,
+            )
     if handle is not None:
         assert_equal(f"{label} rank_prefix_matrix", to_numpy(handle[0]), expected.rank_prefix_matrix)
         assert_equal(f"{label} recv_src_idx", to_numpy(handle[3][:n]), expected.recv_src_idx)
@@ -149,8 +156,9 @@ def check_dispatch(expected, recv_x, recv_topk_idx, recv_topk_weights, per_exper
             assert bool((handle[3][n:] == -1).all()), f"{label}: padded recv_src_idx rows must be -1"
 
 
-def reference_combine(group, dispatch_inputs, dispatch_outputs, x, topk_weights, bias, hidden, num_topk,
-                      num_ranks_per_node=0):
+def reference_combine(
+    group, dispatch_inputs, dispatch_outputs, x, topk_weights, bias, hidden, num_topk, num_ranks_per_node=0
+):
     """Every rank's reference combine. num_ranks_per_node > 0 selects the internode (two-level) summation
     order of nodes of that many consecutive ranks; 0 is the flat intranode order."""
     item = ref.NormalCombineInput()
@@ -170,6 +178,7 @@ def reference_combine(group, dispatch_inputs, dispatch_outputs, x, topk_weights,
             setattr(c, name, value)
         inputs.append(c)
     if num_ranks_per_node:
-        return ref.normal_combine(dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk,
-                                  num_ranks_per_node=num_ranks_per_node)
+        return ref.normal_combine(
+            dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk, num_ranks_per_node=num_ranks_per_node
+        )
     return ref.normal_combine(dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk)

@@ -131,9 +131,11 @@ def _assert_rows_equal(label, got, expected, mask):
     if differs.any():
         row, column = np.argwhere(differs)[0]
         expert, slot = np.argwhere(mask)[row]
-        raise AssertionError(f"{label}: {int(differs.any(axis=1).sum())} of {expected.shape[0]} valid rows differ; "
-                             f"first at local expert {expert}, slot {slot}, column {column}: got {got[row, column]}, "
-                             f"expected {expected[row, column]}")
+        raise AssertionError(
+            f"{label}: {int(differs.any(axis=1).sum())} of {expected.shape[0]} valid rows differ; "
+            f"first at local expert {expert}, slot {slot}, column {column}: got {got[row, column]}, "
+            f"expected {expected[row, column]}"
+        )
 
 
 def _check_tensor(label, tensor, dtype, shape):
@@ -149,8 +151,9 @@ class LowLatencyReference:
     the global reference state; each rank keeps `expected`, its own part of the dispatch result.
     """
 
-    def __init__(self, group, ctx, x, topk_idx, num_experts, num_max_tokens, use_fp8=True, round_scale=False,
-                 use_ue8m0=False):
+    def __init__(
+        self, group, ctx, x, topk_idx, num_experts, num_max_tokens, use_fp8=True, round_scale=False, use_ue8m0=False
+    ):
         self.group, self.rank, self.num_ranks = group, ctx.rank, ctx.num_ranks
         self.num_tokens, self.hidden = x.size(0), x.size(1)
         self.num_topk = topk_idx.size(1)
@@ -180,8 +183,9 @@ class LowLatencyReference:
             outputs = ref.low_latency_dispatch(inputs, args)
             dims = (self.num_local_experts, self.num_slots, self.hidden)
             masks = [_valid_row_mask(out.recv_count, self.num_slots) for out in outputs]
-            per_rank = [_expected_dispatch_of(out, mask, dims, use_fp8, self.use_ue8m0)
-                        for out, mask in zip(outputs, masks)]
+            per_rank = [
+                _expected_dispatch_of(out, mask, dims, use_fp8, self.use_ue8m0) for out, mask in zip(outputs, masks)
+            ]
             self._prepare_combine(args, inputs, outputs, masks)
         del everyone
         self.expected = _scatter_from_root(group, per_rank)
@@ -225,18 +229,25 @@ class LowLatencyReference:
             data, scales = recv_x
             num_scales = H // 512 if self.use_ue8m0 else H // 128
             _check_tensor(f"{label} recv_x", data, torch.float8_e4m3fn, (L, S, H))
-            _check_tensor(f"{label} recv_x scales", scales, torch.int32 if self.use_ue8m0 else torch.float32,
-                          (L, S, num_scales))
+            _check_tensor(
+                f"{label} recv_x scales", scales, torch.int32 if self.use_ue8m0 else torch.float32, (L, S, num_scales)
+            )
             # Column-major in the last two dims: a transposed view of [L, num_scales, S].
             assert scales.stride(1) == 1, f"{label}: scales must be column-major, got strides {scales.stride()}"
-            _assert_rows_equal(f"{label} recv_x (e4m3 bytes)", to_numpy(data.view(torch.uint8)[mask]).reshape(-1, H),
-                               e["rows"], self.mask)
-            _assert_rows_equal(f"{label} recv_x scales", to_numpy(scales[mask]).reshape(-1, num_scales),
-                               e["scales"], self.mask)
+            _assert_rows_equal(
+                f"{label} recv_x (e4m3 bytes)",
+                to_numpy(data.view(torch.uint8)[mask]).reshape(-1, H),
+                e["rows"],
+                self.mask,
+            )
+            _assert_rows_equal(
+                f"{label} recv_x scales", to_numpy(scales[mask]).reshape(-1, num_scales), e["scales"], self.mask
+            )
         else:
             _check_tensor(f"{label} recv_x", recv_x, torch.bfloat16, (L, S, H))
-            _assert_rows_equal(f"{label} recv_x (bf16 bits)", to_numpy(recv_x[mask]).reshape(-1, H), e["rows"],
-                               self.mask)
+            _assert_rows_equal(
+                f"{label} recv_x (bf16 bits)", to_numpy(recv_x[mask]).reshape(-1, H), e["rows"], self.mask
+            )
 
         assert isinstance(handle, tuple) and len(handle) == 5, f"{label}: handle must be a 5-tuple"
         src_info, layout_range = handle[0], handle[1]
@@ -244,8 +255,9 @@ class LowLatencyReference:
         assert tuple(handle[2:]) == geometry, f"{label}: handle[2:] = {tuple(handle[2:])}, expected {geometry}"
         _check_tensor(f"{label} src_info", src_info, torch.int32, (L, S))
         _check_tensor(f"{label} layout_range", layout_range, torch.int64, (L, R))
-        _assert_rows_equal(f"{label} src_info", to_numpy(src_info[mask]).reshape(-1, 1),
-                           e["src_info"].reshape(-1, 1), self.mask)
+        _assert_rows_equal(
+            f"{label} src_info", to_numpy(src_info[mask]).reshape(-1, 1), e["src_info"].reshape(-1, 1), self.mask
+        )
         assert_equal(f"{label} layout_range ((begin << 32) | count)", to_numpy(layout_range), e["layout_range"])
 
     # ---- combine: collective ------------------------------------------------------------------------------
@@ -269,8 +281,11 @@ class LowLatencyReference:
             worst = [s for s in summaries if s is not None]
             if worst:
                 what = "max |got - ref| / bound" if logfmt else "max bf16 ulp"
-                print(f"{label}: combined_x max |got - ref| = {max(s[0] for s in worst):.4g}, "
-                      f"{what} = {max(s[1] for s in worst):.4g} (over {len(worst)} ranks)", flush=True)
+                print(
+                    f"{label}: combined_x max |got - ref| = {max(s[0] for s in worst):.4g}, "
+                    f"{what} = {max(s[1] for s in worst):.4g} (over {len(worst)} ranks)",
+                    flush=True,
+                )
         if failure is not None:
             raise AssertionError(failure)
 
@@ -294,15 +309,15 @@ class LowLatencyReference:
 
         masked = [1 if r in masked_ranks else 0 for r in range(self.num_ranks)]
         inputs = inputs_from(lambda rows: rows, lambda w: w)
-        combined = ref.low_latency_combine(self._inputs, self._outputs, inputs, self._combine_args,
-                                           masked_ranks=masked)
+        combined = ref.low_latency_combine(self._inputs, self._outputs, inputs, self._combine_args, masked_ranks=masked)
         del inputs
         if not logfmt:
             return [{"combined": c} for c in combined]
         # The same reduction over |w| and |y|: the scale of each element's LogFMT error.
         inputs = inputs_from(lambda rows: rows & np.uint16(0x7FFF), lambda w: np.abs(w))
-        magnitude = ref.low_latency_combine(self._inputs, self._outputs, inputs, self._combine_args,
-                                           masked_ranks=masked)
+        magnitude = ref.low_latency_combine(
+            self._inputs, self._outputs, inputs, self._combine_args, masked_ranks=masked
+        )
         del inputs
         max_abs_y = 0.0
         for r, (rows, _) in enumerate(gathered):
@@ -314,8 +329,9 @@ class LowLatencyReference:
         """(summary (max abs diff, max ulp or bound ratio), failure text or None) of this rank's result."""
         T, H = self.num_tokens, self.hidden
         if combined_x.dtype != torch.bfloat16 or tuple(combined_x.shape) != (T, H):
-            return None, (f"{label}: combined_x must be bf16 [{T}, {H}], "
-                          f"got {combined_x.dtype} {tuple(combined_x.shape)}")
+            return None, (
+                f"{label}: combined_x must be bf16 [{T}, {H}], got {combined_x.dtype} {tuple(combined_x.shape)}"
+            )
         got_bits = to_numpy(combined_x)
         exp_bits = expected["combined"]
         if got_bits.size == 0:
@@ -329,21 +345,24 @@ class LowLatencyReference:
             summary = (max_abs, float(ulps.max()))
             if bad.size:
                 i = bad[0]
-                return summary, (f"{label}: combined_x differs from the reference by more than 1 bf16 ulp in "
-                                 f"{bad.size} of {ulps.size} elements; first at token {i // H}, channel {i % H}: "
-                                 f"got {float(got[i])}, expected {float(exp[i])} ({int(ulps[i])} ulp)")
+                return summary, (
+                    f"{label}: combined_x differs from the reference by more than 1 bf16 ulp in "
+                    f"{bad.size} of {ulps.size} elements; first at token {i // H}, channel {i % H}: "
+                    f"got {float(got[i])}, expected {float(exp[i])} ({int(ulps[i])} ulp)"
+                )
             return summary, None
-        bound = (LOGFMT_RELATIVE * bf16_bits_to_float(expected["magnitude"])
-                 + LOGFMT_ABSOLUTE * expected["max_abs_y"])
+        bound = LOGFMT_RELATIVE * bf16_bits_to_float(expected["magnitude"]) + LOGFMT_ABSOLUTE * expected["max_abs_y"]
         ok = diff <= bound  # False for NaN
         ratio = diff / np.maximum(bound, np.float32(1e-30))
         summary = (max_abs, float(np.nan_to_num(ratio, nan=np.inf).max()))
         bad = np.flatnonzero(~ok)
         if bad.size:
             i = bad[0]
-            return summary, (f"{label}: LogFMT combined_x outside the bound in {bad.size} of {ok.size} elements; "
-                             f"first at token {i // H}, channel {i % H}: got {float(got[i])}, "
-                             f"expected {float(exp[i])}, bound {float(bound[i])}")
+            return summary, (
+                f"{label}: LogFMT combined_x outside the bound in {bad.size} of {ok.size} elements; "
+                f"first at token {i // H}, channel {i % H}: got {float(got[i])}, "
+                f"expected {float(exp[i])}, bound {float(bound[i])}"
+            )
         return summary, None
 
 
@@ -363,7 +382,7 @@ def identity_combine_excess(combined_x, expected, ulps=2):
     within `ulps` (up to twice that many) bf16 ulps of the float32 expectation. NaN makes it +inf."""
     if combined_x.numel() == 0:
         return torch.zeros((), device=combined_x.device)
-    excess = (combined_x.float() - expected).abs() - ulps * 2.0 ** -7 * expected.abs()
+    excess = (combined_x.float() - expected).abs() - ulps * 2.0**-7 * expected.abs()
     return torch.nan_to_num(excess, nan=float("inf")).max()
 
 

@@ -24,10 +24,17 @@ CLIENTS = os.path.join(os.path.dirname(HERE), "clients")
 sys.path.insert(0, CLIENTS)
 sys.path.insert(0, HERE)
 
-MODULES = ["test_foundation", "test_intranode", "test_internode", "test_low_latency",
-           "test_megatron", "test_vllm", "test_sglang"]
+MODULES = [
+    "test_foundation",
+    "test_intranode",
+    "test_internode",
+    "test_low_latency",
+    "test_megatron",
+    "test_vllm",
+    "test_sglang",
+]
 
-EXIT_FAILED = 1       # a case failed
+EXIT_FAILED = 1  # a case failed
 EXIT_NOTHING_RAN = 2  # no case ran: no CUDA device, nothing matched --filter, or every case skipped
 
 
@@ -48,11 +55,17 @@ def collect(rank_counts):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--filter", default="",
-                        help="run only tests whose name contains this substring, or one of several given "
-                             "comma-separated (intranode/r8,internode/2x8)")
-    parser.add_argument("--ranks", default=os.environ.get("DEEP_EP_TEST_RANKS", "2,4,8"),
-                        help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)")
+    parser.add_argument(
+        "--filter",
+        default="",
+        help="run only tests whose name contains this substring, or one of several given "
+        "comma-separated (intranode/r8,internode/2x8)",
+    )
+    parser.add_argument(
+        "--ranks",
+        default=os.environ.get("DEEP_EP_TEST_RANKS", "2,4,8"),
+        help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)",
+    )
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
 
@@ -67,8 +80,11 @@ def main() -> int:
         return 0
     if not cases:
         print_summary([])
-        print(f"run_all: no GPU case ran: no case name matches --filter {args.filter!r} (see --list)",
-              file=sys.stderr, flush=True)
+        print(
+            f"run_all: no GPU case ran: no case name matches --filter {args.filter!r} (see --list)",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_NOTHING_RAN
     num_gpus = visible_gpu_count()
     results = []
@@ -77,12 +93,16 @@ def main() -> int:
             print(f"RESULT {name} SKIP 0.0 no CUDA device", flush=True)
             results.append((name, "SKIP", 0.0))
         print_summary(results)
-        print(f"run_all: no GPU case ran: no CUDA device is visible (torch missing, built without CUDA, or "
-              f"CUDA_VISIBLE_DEVICES empty); {len(cases)} case(s) skipped", file=sys.stderr, flush=True)
+        print(
+            f"run_all: no GPU case ran: no CUDA device is visible (torch missing, built without CUDA, or "
+            f"CUDA_VISIBLE_DEVICES empty); {len(cases)} case(s) skipped",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_NOTHING_RAN
     needs_mps = any(c[2] > num_gpus for c in cases)
     daemon = MpsDaemon() if needs_mps else None
-    with (daemon if daemon is not None else contextlib.nullcontext()):
+    with daemon if daemon is not None else contextlib.nullcontext():
         for name, fn, num_ranks, fn_args, timeout_s in cases:
             start = time.time()
             try:

@@ -50,8 +50,9 @@ def layout_matches_reference(ctx, num_tokens):
         elif mode == "previous_event":
             out = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS, previous_event=buffer.capture())
         else:
-            out = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS, previous_event=buffer.capture(),
-                                             async_finish=True, allocate_on_comm_stream=True)
+            out = buffer.get_dispatch_layout(
+                topk_idx, NUM_EXPERTS, previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True
+            )
             out[4].current_stream_wait()
         per_rank, per_rdma_rank, per_expert, in_rank, _ = out
         assert per_rdma_rank is None
@@ -70,15 +71,19 @@ def bad_inputs_raise_before_launch(ctx):
     group = setup(ctx)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
     good = random_topk_idx(16, NUM_EXPERTS, NUM_TOPK)
-    expect_raises(TypeError, "topk_idx must be torch.int64", lambda: buffer.get_dispatch_layout(good.int(), NUM_EXPERTS))
+    expect_raises(
+        TypeError, "topk_idx must be torch.int64", lambda: buffer.get_dispatch_layout(good.int(), NUM_EXPERTS)
+    )
     expect_raises(TypeError, "cpu", lambda: buffer.get_dispatch_layout(good.cpu(), NUM_EXPERTS))
-    expect_raises(ValueError, "contiguous",
-                  lambda: buffer.get_dispatch_layout(good.t().contiguous().t(), NUM_EXPERTS))
+    expect_raises(ValueError, "contiguous", lambda: buffer.get_dispatch_layout(good.t().contiguous().t(), NUM_EXPERTS))
     expect_raises(ValueError, "2-D", lambda: buffer.get_dispatch_layout(good.reshape(-1), NUM_EXPERTS))
     expect_raises(ValueError, "num_experts", lambda: buffer.get_dispatch_layout(good, NUM_EXPERTS + 1))
     expect_raises(TypeError, "torch.Tensor", lambda: buffer.get_dispatch_layout(good.tolist(), NUM_EXPERTS))
-    expect_raises(ValueError, "allocate_on_comm_stream",
-                  lambda: buffer.get_dispatch_layout(good, NUM_EXPERTS, allocate_on_comm_stream=True))
+    expect_raises(
+        ValueError,
+        "allocate_on_comm_stream",
+        lambda: buffer.get_dispatch_layout(good, NUM_EXPERTS, allocate_on_comm_stream=True),
+    )
     expect_raises(ValueError, "even", lambda: deep_ep.Buffer.set_num_sms(7))
     expect_raises(ValueError, "num_sms", lambda: deep_ep.Config(7))
     # Still fully usable after the errors.
@@ -103,8 +108,11 @@ def out_of_range_expert_is_reported(ctx):
     ref = deep_ep.reference.get_dispatch_layout(valid.cpu().numpy(), ctx.num_ranks, NUM_EXPERTS)
     assert_equal("num_tokens_per_expert", to_numpy(per_expert), ref.num_tokens_per_expert)
     assert_equal("is_token_in_rank", to_numpy(in_rank), ref.is_token_in_rank)
-    expect_raises(ValueError, f"token {bad_token} has expert id {NUM_EXPERTS + 7}",
-                  lambda: buffer.get_dispatch_layout(valid, NUM_EXPERTS))
+    expect_raises(
+        ValueError,
+        f"token {bad_token} has expert id {NUM_EXPERTS + 7}",
+        lambda: buffer.get_dispatch_layout(valid, NUM_EXPERTS),
+    )
     # Reported once: the buffer stays usable.
     buffer.get_dispatch_layout(valid, NUM_EXPERTS)
     torch.cuda.synchronize()

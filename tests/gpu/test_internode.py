@@ -9,10 +9,26 @@ import torch
 
 import deep_ep
 from common import assert_equal, expect_raises, setup, teardown, to_numpy
-from intranode_cases import (check_combine, check_dispatch, event_kwargs, make_bias, make_topk, make_x,
-                             reference_combine, reference_dispatch, wait_for_outputs)
-from internode_cases import (LAYOUTS, buffer_sizes, check_internode_handle, check_rdma_layout, make_buffer,
-                             parse_layout, use_ranks_per_node)
+from intranode_cases import (
+    check_combine,
+    check_dispatch,
+    event_kwargs,
+    make_bias,
+    make_topk,
+    make_x,
+    reference_combine,
+    reference_dispatch,
+    wait_for_outputs,
+)
+from internode_cases import (
+    LAYOUTS,
+    buffer_sizes,
+    check_internode_handle,
+    check_rdma_layout,
+    make_buffer,
+    parse_layout,
+    use_ranks_per_node,
+)
 
 NUM_EXPERTS = 256
 
@@ -42,8 +58,12 @@ def _num_tokens(ctx, opts):
 def _layout(buffer, topk_idx, rn, label):
     per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
     check_rdma_layout(per_rdma, in_rank, rn, label)
-    return dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert)
+    return dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+    )
 
 
 def _round(ctx, group, buffer, rn, opts, round_idx):
@@ -75,11 +95,13 @@ def _round(ctx, group, buffer, rn, opts, round_idx):
     kwargs.update(event_kwargs(buffer, mode))
     recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
     wait_for_outputs(mode, event)
-    inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
-                                         opts.get("alignment", 1), num_worst)
+    inputs, outputs = reference_dispatch(
+        group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS, opts.get("alignment", 1), num_worst
+    )
     # Outputs as intranode; the handle is the internode 10-tuple.
-    check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, None,
-                   with_topk, num_worst, label)
+    check_dispatch(
+        outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, None, with_topk, num_worst, label
+    )
     check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
 
     # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
@@ -87,19 +109,32 @@ def _round(ctx, group, buffer, rn, opts, round_idx):
     expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
     bias = make_bias(num_tokens, hidden, opts.get("bias", 0))
     combined_x, combined_weights, event = buffer.combine(
-        expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias, **config,
-        **event_kwargs(buffer, mode))
+        expert_out,
+        handle,
+        topk_weights=recv_topk_weights if with_topk else None,
+        bias=bias,
+        **config,
+        **event_kwargs(buffer, mode),
+    )
     wait_for_outputs(mode, event)
-    expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
-                                 bias, hidden, num_topk if with_topk else 0, num_ranks_per_node=rn)[ctx.rank]
+    expected = reference_combine(
+        group,
+        inputs,
+        outputs,
+        expert_out,
+        recv_topk_weights if with_topk else None,
+        bias,
+        hidden,
+        num_topk if with_topk else 0,
+        num_ranks_per_node=rn,
+    )[ctx.rank]
     check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label)
 
     # Cached dispatch with the handle: same routing, fresh x.
     x2 = make_x(num_tokens, hidden, fp8)
     cached = buffer.dispatch(x2, handle=handle, **config)
     assert cached[1] is None and cached[4] is None
-    _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
-                                     num_worst)
+    _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1, num_worst)
     check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
 
 
@@ -135,17 +170,27 @@ def with_low_latency_ops(ctx, rn):
     group = _prepare(ctx, rn)
     hidden = 2048
     nvl, rdma = buffer_sizes(ctx.num_ranks, hidden, rn)
-    rdma = max(rdma, deep_ep.Buffer.get_low_latency_rdma_size_hint(ll.NUM_MAX_TOKENS, hidden, ctx.num_ranks,
-                                                                    ll.NUM_EXPERTS))
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True,
-                            num_qps_per_rank=ll.NUM_EXPERTS // ctx.num_ranks, explicitly_destroy=True)
+    rdma = max(
+        rdma, deep_ep.Buffer.get_low_latency_rdma_size_hint(ll.NUM_MAX_TOKENS, hidden, ctx.num_ranks, ll.NUM_EXPERTS)
+    )
+    buffer = deep_ep.Buffer(
+        group,
+        num_nvl_bytes=nvl,
+        num_rdma_bytes=rdma,
+        low_latency_mode=True,
+        num_qps_per_rank=ll.NUM_EXPERTS // ctx.num_ranks,
+        explicitly_destroy=True,
+    )
     opts = dict(hidden=hidden, bias=1)
     for cycle in range(2):
         for i in range(2):
             _round(ctx, group, buffer, rn, opts, 2 * cycle + i)
         x, topk_idx, _ = ll._inputs(ll.NUM_MAX_TOKENS, hidden)
-        expect_raises(ValueError, "clean_low_latency_buffer",
-                      lambda: buffer.low_latency_dispatch(x, topk_idx, ll.NUM_MAX_TOKENS, ll.NUM_EXPERTS))
+        expect_raises(
+            ValueError,
+            "clean_low_latency_buffer",
+            lambda: buffer.low_latency_dispatch(x, topk_idx, ll.NUM_MAX_TOKENS, ll.NUM_EXPERTS),
+        )
         buffer.clean_low_latency_buffer(ll.NUM_MAX_TOKENS, hidden, ll.NUM_EXPERTS)
         for i in range(3):  # both halves, and the first again
             ll._round(ctx, group, buffer, hidden, f"rank {ctx.rank} cycle {cycle} low-latency round {i}")
@@ -200,11 +245,15 @@ def streaming_identity(ctx, rn, num_tokens, hidden, rings):
         expected = send_x.float() * reached
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
-            raise AssertionError(f"rank {ctx.rank} ({num_tokens} tokens, {expected_rows} rows sent, attempt "
-                                 f"{attempt}): combine(dispatch(x)) differs at {bad}")
+            raise AssertionError(
+                f"rank {ctx.rank} ({num_tokens} tokens, {expected_rows} rows sent, attempt "
+                f"{attempt}): combine(dispatch(x)) differs at {bad}"
+            )
         routed = layout["is_token_in_rank"].any(dim=1, keepdim=True) & (topk_idx >= 0)
-        assert torch.equal(torch.where(routed, weights, 0.0), torch.where(routed, combined_w, 0.0)), \
+        assert torch.equal(torch.where(routed, weights, 0.0), torch.where(routed, combined_w, 0.0)), (
             f"rank {ctx.rank}: combined_topk_weights must restore the routed weights"
+        )
+
     # FP8 rows (payload and scales) stream too: each received row is its source's, bit for bit. The
     # values are a function of (source rank, token, column), so no rank needs another's inputs.
     def fp8_rows(source, tokens):
@@ -222,9 +271,12 @@ def streaming_identity(ctx, rn, num_tokens, hidden, rings):
     for source, end in enumerate(handle[6].tolist()):
         if end > begin:
             want_bits, want_scales = fp8_rows(source, src_idx[begin:end])
-            assert torch.equal(recv_fp8[begin:end].view(torch.uint8), want_bits), \
+            assert torch.equal(recv_fp8[begin:end].view(torch.uint8), want_bits), (
                 f"rank {ctx.rank}: FP8 rows from rank {source} differ"
-            assert torch.equal(recv_scales[begin:end], want_scales), f"rank {ctx.rank}: scales from rank {source} differ"
+            )
+            assert torch.equal(recv_scales[begin:end], want_scales), (
+                f"rank {ctx.rank}: scales from rank {source} differ"
+            )
         begin = end
     torch.cuda.synchronize()
     buffer.destroy()
@@ -244,8 +296,15 @@ def cuda_graph(ctx, rn):
     def step():
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(static_topk, NUM_EXPERTS)
         recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-            static_x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, topk_idx=static_topk, topk_weights=static_w, num_worst_tokens=num_worst)
+            static_x,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=static_topk,
+            topk_weights=static_w,
+            num_worst_tokens=num_worst,
+        )
         combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
         return recv_x, recv_idx, in_rank, handle, combined, combined_w
 
@@ -269,16 +328,19 @@ def cuda_graph(ctx, rn):
         torch.cuda.synchronize()
         recv_x, recv_idx, in_rank, handle, combined, combined_w = outs
         label = f"rank {ctx.rank} replay {replay}"
-        inputs, outputs = reference_dispatch(group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS,
-                                             1, num_worst)
+        inputs, outputs = reference_dispatch(
+            group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS, 1, num_worst
+        )
         check_dispatch(outputs[ctx.rank], recv_x, recv_idx, None, [], None, False, num_worst, label)
         check_internode_handle(outputs[ctx.rank], handle, in_rank, ctx.rank, rn, num_worst, label)
-        expected = reference_combine(group, inputs, outputs, recv_x, None, None, hidden, 0,
-                                     num_ranks_per_node=rn)[ctx.rank]
+        expected = reference_combine(group, inputs, outputs, recv_x, None, None, hidden, 0, num_ranks_per_node=rn)[
+            ctx.rank
+        ]
         assert_equal(f"{label} combined_x", to_numpy(combined), expected.combined_x)
         routed = in_rank.any(dim=1, keepdim=True) & (static_topk >= 0)
-        assert torch.equal(torch.where(routed, static_w, 0.0), torch.where(routed, combined_w, 0.0)), \
+        assert torch.equal(torch.where(routed, static_w, 0.0), torch.where(routed, combined_w, 0.0)), (
             f"{label}: combined_topk_weights must restore the routed weights"
+        )
     del graph
     torch.cuda.synchronize()
     buffer.destroy()
@@ -367,24 +429,41 @@ def cases(rank_counts):
                 add("comm_alloc", dispatch_combine, dict(mode="comm_alloc"))
             add("edges", dispatch_combine, dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"))
             if full:
-                add("all_minus_one_topk9_h4096", dispatch_combine,
-                    dict(routing="all_minus_one", hidden=4096, num_topk=9))
+                add(
+                    "all_minus_one_topk9_h4096",
+                    dispatch_combine,
+                    dict(routing="all_minus_one", hidden=4096, num_topk=9),
+                )
                 add("topk9_multi_round", dispatch_combine, dict(hidden=4096, num_topk=9, rounds=3))
                 # Ops with other channel counts on one Buffer (the done counter must stay where it is).
                 add("num_sms_per_round", dispatch_combine, dict(hidden=2048, rounds=3, round_num_sms=(8, 6, 4)))
             # Streaming: token counts far beyond the rings, with V1's configs and V1's small rings.
             add("one_token", dispatch_combine, dict(num_tokens=1, uneven=False, hidden=2048))
             add("zero_tokens", dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
-            add("tokens_4096_v1_rings", dispatch_combine,
-                dict(num_tokens=4096, hidden=512, fp8=True, round_configs=[(8, 512, 16, 128)]))
-            add("tokens_4096_small_rings_sweep", dispatch_combine,
-                dict(num_tokens=4096, hidden=256, bias=1, rounds=4,
-                     round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)]))
+            add(
+                "tokens_4096_v1_rings",
+                dispatch_combine,
+                dict(num_tokens=4096, hidden=512, fp8=True, round_configs=[(8, 512, 16, 128)]),
+            )
+            add(
+                "tokens_4096_small_rings_sweep",
+                dispatch_combine,
+                dict(
+                    num_tokens=4096,
+                    hidden=256,
+                    bias=1,
+                    rounds=4,
+                    round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
+                ),
+            )
             add("tokens_16384", streaming_identity, 16384, 2048, None)
             if full:
                 add("tokens_16384_v1_rings", streaming_identity, 16384, 2048, (8, 512, 16, 128))
-                add("tokens_4096_worst_tokens", dispatch_combine,
-                    dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]))
+                add(
+                    "tokens_4096_worst_tokens",
+                    dispatch_combine,
+                    dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]),
+                )
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)

@@ -7,8 +7,17 @@ import torch
 
 import deep_ep
 from common import assert_equal, expect_raises, setup, teardown, to_numpy
-from intranode_cases import (check_combine, check_dispatch, event_kwargs, make_bias, make_topk, make_x,
-                             reference_combine, reference_dispatch, wait_for_outputs)
+from intranode_cases import (
+    check_combine,
+    check_dispatch,
+    event_kwargs,
+    make_bias,
+    make_topk,
+    make_x,
+    reference_combine,
+    reference_dispatch,
+    wait_for_outputs,
+)
 
 NUM_EXPERTS = 256
 
@@ -19,8 +28,10 @@ os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
 def _buffer(group, hidden, num_sms=None):
     num_sms = num_sms or deep_ep.Buffer.num_sms
     num_ranks = group.size() if hasattr(group, "size") else torch.distributed.get_world_size(group)
-    hint = max(deep_ep.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks),
-               deep_ep.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks))
+    hint = max(
+        deep_ep.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks),
+        deep_ep.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden * 2, num_ranks),
+    )
     return deep_ep.Buffer(group, num_nvl_bytes=hint, explicitly_destroy=True)
 
 
@@ -50,39 +61,67 @@ def dispatch_combine(ctx, opts):
         topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
         num_worst = ctx.num_ranks * opts.get("num_tokens", 300) if worst else 0
-        kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                      expert_alignment=opts.get("alignment", 1), num_worst_tokens=num_worst)
+        kwargs = dict(
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            expert_alignment=opts.get("alignment", 1),
+            num_worst_tokens=num_worst,
+        )
         if with_topk:
             kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
         kwargs.update(event_kwargs(buffer, mode))
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
         wait_for_outputs(mode, event)
-        inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS,
-                                             opts.get("alignment", 1), num_worst)
+        inputs, outputs = reference_dispatch(
+            group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS, opts.get("alignment", 1), num_worst
+        )
         label = f"rank {ctx.rank} round {round_idx}"
-        check_dispatch(outputs[ctx.rank], recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle,
-                       with_topk, num_worst, label)
+        check_dispatch(
+            outputs[ctx.rank],
+            recv_x,
+            recv_topk_idx,
+            recv_topk_weights,
+            per_expert_list,
+            handle,
+            with_topk,
+            num_worst,
+            label,
+        )
 
         # Combine fresh expert outputs (bf16) of the received rows, with the received weights and bias.
         rows = (recv_x[0] if fp8 else recv_x).size(0)
         expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
         bias = make_bias(num_tokens, hidden, opts.get("bias", 0))
         combined_x, combined_weights, event = buffer.combine(
-            expert_out, handle, topk_weights=recv_topk_weights if with_topk else None, bias=bias,
-            **event_kwargs(buffer, mode))
+            expert_out,
+            handle,
+            topk_weights=recv_topk_weights if with_topk else None,
+            bias=bias,
+            **event_kwargs(buffer, mode),
+        )
         wait_for_outputs(mode, event)
         pulled = pull and not opts.get("nccl_window")
         assert buffer.runtime.last_combine_pulled() == pulled, f"expected the {'pull' if pulled else 'ring'} combine"
-        expected = reference_combine(group, inputs, outputs, expert_out, recv_topk_weights if with_topk else None,
-                                     bias, hidden, num_topk if with_topk else 0)[ctx.rank]
+        expected = reference_combine(
+            group,
+            inputs,
+            outputs,
+            expert_out,
+            recv_topk_weights if with_topk else None,
+            bias,
+            hidden,
+            num_topk if with_topk else 0,
+        )[ctx.rank]
         check_combine(expected, combined_x, combined_weights, topk_idx, topk_weights, in_rank, with_topk, label)
 
         # Cached dispatch with the handle: same routing, fresh x.
         x2 = make_x(num_tokens, hidden, fp8)
         cached = buffer.dispatch(x2, handle=handle)
         assert cached[1] is None and cached[4] is None
-        _, outputs2 = reference_dispatch(group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1,
-                                         num_worst)
+        _, outputs2 = reference_dispatch(
+            group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1, num_worst
+        )
         check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
     torch.cuda.synchronize()
     buffer.destroy()
@@ -100,8 +139,9 @@ def back_to_back(ctx, num_calls):
         # Small integers: sums of bf16 copies are exact.
         x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-        recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                     num_tokens_per_expert=per_expert)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+        )
         combined, _, _ = buffer.combine(recv_x, handle)
         expected = x.float() * in_rank.sum(dim=1, keepdim=True).float()
         if not torch.equal(combined.float(), expected):
@@ -124,8 +164,14 @@ def cuda_graph(ctx):
     def step():
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(static_topk, NUM_EXPERTS)
         recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-            static_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=static_topk, topk_weights=static_w, num_worst_tokens=num_worst)
+            static_x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=static_topk,
+            topk_weights=static_w,
+            num_worst_tokens=num_worst,
+        )
         combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
         return recv_x, recv_idx, in_rank, combined, combined_w
 
@@ -148,8 +194,9 @@ def cuda_graph(ctx):
         graph.replay()
         torch.cuda.synchronize()
         recv_x, recv_idx, in_rank, combined, combined_w = outs
-        inputs, outputs = reference_dispatch(group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS,
-                                             1, num_worst)
+        inputs, outputs = reference_dispatch(
+            group, ctx, static_x, static_topk, static_w, in_rank, True, NUM_EXPERTS, 1, num_worst
+        )
         check_dispatch(outputs[ctx.rank], recv_x, recv_idx, None, [], None, False, num_worst, f"replay {replay}")
         expected = reference_combine(group, inputs, outputs, recv_x, None, None, hidden, 0)[ctx.rank]
         assert_equal(f"replay {replay} combined_x", to_numpy(combined), expected.combined_x)
@@ -194,8 +241,9 @@ def combine_timeout_names_rank_peer_phase(ctx):
     topk_idx = make_topk(64, NUM_EXPERTS, 8, ctx.num_ranks, "random")
     x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                 num_tokens_per_expert=per_expert)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+    )
     if ctx.rank != 0:
         try:
             buffer.combine(recv_x, handle)
@@ -221,7 +269,11 @@ def bad_dispatch_inputs(ctx):
     expect_raises(ValueError, "both or neither", lambda: buffer.dispatch(x, topk_idx=topk_idx, **layout))
     expect_raises(ValueError, "num_tokens_per_rank", lambda: buffer.dispatch(x))
     expect_raises(TypeError, "cpu", lambda: buffer.dispatch(x.cpu(), **layout))
-    expect_raises(ValueError, "x_scales", lambda: buffer.dispatch((x.to(torch.float8_e4m3fn), torch.ones(32, 15, device="cuda")), **layout))
+    expect_raises(
+        ValueError,
+        "x_scales",
+        lambda: buffer.dispatch((x.to(torch.float8_e4m3fn), torch.ones(32, 15, device="cuda")), **layout),
+    )
     small = deep_ep.Buffer(group, num_nvl_bytes=1 << 16, explicitly_destroy=True)
     expect_raises(ValueError, "get_nvl_buffer_size_hint", lambda: small.dispatch(x, **layout))
     # Contiguous views that start 2 bytes past a 16-byte boundary: the kernels move 16-byte vectors.
@@ -252,12 +304,33 @@ def cases(rank_counts):
         out.append((f"{base}/async", dispatch_combine, r, (dict(mode="async", bias=2),), t))
         out.append((f"{base}/previous_event", dispatch_combine, r, (dict(mode="previous_event"),), t))
         out.append((f"{base}/comm_alloc", dispatch_combine, r, (dict(mode="comm_alloc"),), t))
-        out.append((f"{base}/edges", dispatch_combine, r, (dict(empty_rank=r - 1, hidden=2048, num_topk=1,
-                                                                  routing="one_rank"),), t))
-        out.append((f"{base}/all_minus_one_topk9_h4096", dispatch_combine, r,
-                    (dict(routing="all_minus_one", hidden=4096, num_topk=9),), t))
-        out.append((f"{base}/topk9_h4096_multi_round", dispatch_combine, r,
-                    (dict(hidden=4096, num_topk=9, rounds=3, num_sms=8),), t))
+        out.append(
+            (
+                f"{base}/edges",
+                dispatch_combine,
+                r,
+                (dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),),
+                t,
+            )
+        )
+        out.append(
+            (
+                f"{base}/all_minus_one_topk9_h4096",
+                dispatch_combine,
+                r,
+                (dict(routing="all_minus_one", hidden=4096, num_topk=9),),
+                t,
+            )
+        )
+        out.append(
+            (
+                f"{base}/topk9_h4096_multi_round",
+                dispatch_combine,
+                r,
+                (dict(hidden=4096, num_topk=9, rounds=3, num_sms=8),),
+                t,
+            )
+        )
         out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
@@ -270,29 +343,51 @@ def cases(rank_counts):
         out.append((f"{base}/ring_bf16_no_topk", dispatch_combine, r, (dict(ring, with_topk=False, bias=2),), t))
         out.append((f"{base}/ring_fp8_worst_tokens", dispatch_combine, r, (dict(ring, fp8=True, worst=True),), t))
         out.append((f"{base}/ring_async", dispatch_combine, r, (dict(ring, mode="async", bias=2),), t))
-        out.append((f"{base}/ring_edges", dispatch_combine, r, (dict(ring, empty_rank=r - 1, hidden=2048, num_topk=1,
-                                                                       routing="one_rank"),), t))
-        out.append((f"{base}/ring_all_minus_one_topk9_h4096", dispatch_combine, r,
-                    (dict(ring, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),), t))
+        out.append(
+            (
+                f"{base}/ring_edges",
+                dispatch_combine,
+                r,
+                (dict(ring, empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),),
+                t,
+            )
+        )
+        out.append(
+            (
+                f"{base}/ring_all_minus_one_topk9_h4096",
+                dispatch_combine,
+                r,
+                (dict(ring, routing="all_minus_one", hidden=4096, num_topk=9, rounds=2),),
+                t,
+            )
+        )
         out.append((f"{base}/ring_back_to_back_200", with_ring_combine, r, (back_to_back, 200), t))
         out.append((f"{base}/ring_cuda_graph", with_ring_combine, r, (cuda_graph,), t))
         out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
         # 24 channels, fewer pull blocks (8 ranks x 24 do not fit): blocks take several channels.
         out.append(("intranode/r8/24_sms_per_rank", dispatch_combine, 8, (dict(num_sms=24, num_tokens=512),), t))
-        out.append(("intranode/r8/ring_24_sms_per_rank", dispatch_combine, 8,
-                    (dict(combine="ring", num_sms=24, num_tokens=512),), t))
+        out.append(
+            (
+                "intranode/r8/ring_24_sms_per_rank",
+                dispatch_combine,
+                8,
+                (dict(combine="ring", num_sms=24, num_tokens=512),),
+                t,
+            )
+        )
     # The memory of a group spanning hosts with GIN (an NCCL window, peers mapped by NCCL), on one host:
     # NCCL takes one GPU per rank, and the build must have GIN.
     from deep_ep import _C
     from deep_ep.testing import visible_gpu_count
+
     if _C.gin_compiled():
         for r in rank_counts:
             if r <= visible_gpu_count():
-                out.append((f"intranode/r{r}/nccl_window", dispatch_combine, r,
-                            (dict(nccl_window=True, bias=1, rounds=2),), t))
+                out.append(
+                    (f"intranode/r{r}/nccl_window", dispatch_combine, r, (dict(nccl_window=True, bias=1, rounds=2),), t)
+                )
     return out
-
 
 
 def moe_layer_example(ctx):
@@ -305,4 +400,3 @@ def moe_layer_example(ctx):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.run_rank(ctx)
-

@@ -12,14 +12,23 @@ import torch.distributed as dist
 
 import deep_ep
 from common import expect_raises, setup, teardown
-from low_latency_cases import (LowLatencyReference, expected_recv_count, identity_combine_excess,
-                               identity_combine_expected, make_expert_output, make_topk, make_weights, make_x, sync)
+from low_latency_cases import (
+    LowLatencyReference,
+    expected_recv_count,
+    identity_combine_excess,
+    identity_combine_expected,
+    make_expert_output,
+    make_topk,
+    make_weights,
+    make_x,
+    sync,
+)
 
-NUM_EXPERTS = 288          # divisible by 2, 4 and 8 ranks
-NUM_MAX_TOKENS = 128       # M: num_max_dispatch_tokens_per_rank
+NUM_EXPERTS = 288  # divisible by 2, 4 and 8 ranks
+NUM_MAX_TOKENS = 128  # M: num_max_dispatch_tokens_per_rank
 NUM_TOPK = 8
 HIDDEN = 7168
-SMALL_HIDDEN = 2048        # cases whose subject is not the row size; keeps the CPU reference cheap
+SMALL_HIDDEN = 2048  # cases whose subject is not the row size; keeps the CPU reference cheap
 
 # Bounded waits in tests fail fast; the automatic-mask test lowers it further.
 os.environ.setdefault("DEEP_EP_TIMEOUT_S", "20")
@@ -31,11 +40,16 @@ _ALLOW_NVLINK = True
 
 
 def _buffer(ctx, group, hidden, enable_shrink=False):
-    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(NUM_MAX_TOKENS, hidden, ctx.num_ranks,
-                                                                    NUM_EXPERTS)
-    return deep_ep.Buffer(group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
-                          num_qps_per_rank=NUM_EXPERTS // ctx.num_ranks, explicitly_destroy=True,
-                          enable_shrink=enable_shrink, allow_nvlink_for_low_latency_mode=_ALLOW_NVLINK)
+    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(NUM_MAX_TOKENS, hidden, ctx.num_ranks, NUM_EXPERTS)
+    return deep_ep.Buffer(
+        group,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=True,
+        num_qps_per_rank=NUM_EXPERTS // ctx.num_ranks,
+        explicitly_destroy=True,
+        enable_shrink=enable_shrink,
+        allow_nvlink_for_low_latency_mode=_ALLOW_NVLINK,
+    )
 
 
 def _geometry(ctx):
@@ -44,9 +58,11 @@ def _geometry(ctx):
 
 
 def _inputs(num_tokens, hidden, drop_prob=0.1, num_empty_tokens=0):
-    return (make_x(num_tokens, hidden),
-            make_topk(num_tokens, NUM_EXPERTS, NUM_TOPK, drop_prob=drop_prob, num_empty_tokens=num_empty_tokens),
-            make_weights(num_tokens, NUM_TOPK))
+    return (
+        make_x(num_tokens, hidden),
+        make_topk(num_tokens, NUM_EXPERTS, NUM_TOPK, drop_prob=drop_prob, num_empty_tokens=num_empty_tokens),
+        make_weights(num_tokens, NUM_TOPK),
+    )
 
 
 def _finish(mode, event, hook):
@@ -69,8 +85,9 @@ def _combine(buffer, y, topk_idx, topk_weights, handle, mode, kind):
         kwargs["use_logfmt"] = True
     elif kind in ("zero_copy", "zero_copy_v1"):
         send = buffer.get_next_low_latency_combine_buffer(handle)
-        assert send.dtype == torch.bfloat16 and send.shape == y.shape, \
+        assert send.dtype == torch.bfloat16 and send.shape == y.shape, (
             f"get_next_low_latency_combine_buffer: expected bf16 {tuple(y.shape)}, got {send.dtype} {tuple(send.shape)}"
+        )
         send.copy_(y)
         x = send if kind == "zero_copy" else y
         kwargs["zero_copy"] = True
@@ -86,16 +103,29 @@ def _combine(buffer, y, topk_idx, topk_weights, handle, mode, kind):
     return combined_x
 
 
-def _round(ctx, group, buffer, hidden, label, num_tokens=NUM_MAX_TOKENS, mode="sync", kind="plain", use_fp8=True,
-           round_scale=False, use_ue8m0=False, drop_prob=0.1, num_empty_tokens=0):
+def _round(
+    ctx,
+    group,
+    buffer,
+    hidden,
+    label,
+    num_tokens=NUM_MAX_TOKENS,
+    mode="sync",
+    kind="plain",
+    use_fp8=True,
+    round_scale=False,
+    use_ue8m0=False,
+    drop_prob=0.1,
+    num_empty_tokens=0,
+):
     """Fresh inputs -> dispatch (checked exactly) -> combine of fresh expert outputs (checked). Collective."""
     L, S = _geometry(ctx)
     x, topk_idx, topk_weights = _inputs(num_tokens, hidden, drop_prob, num_empty_tokens)
     flags = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0)
     sync(group)
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-        x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, async_finish=mode == "async", return_recv_hook=mode == "hook",
-        **flags)
+        x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, async_finish=mode == "async", return_recv_hook=mode == "hook", **flags
+    )
     _finish(mode, event, hook)
     reference = LowLatencyReference(group, ctx, x, topk_idx, NUM_EXPERTS, NUM_MAX_TOKENS, **flags)
     reference.check_dispatch(recv_x, recv_count, handle, f"{label} dispatch")
@@ -116,10 +146,21 @@ def dispatch_combine(ctx, opts):
         # Fewer than M tokens, a different count on every rank, and none at all on one rank.
         num_tokens = 0 if ctx.rank == ctx.num_ranks // 2 else max(1, NUM_MAX_TOKENS - 1 - 23 * ctx.rank)
     for i, kind in enumerate(opts.get("combine", ("plain",))):
-        _round(ctx, group, buffer, hidden, f"rank {ctx.rank} round {i}", num_tokens=num_tokens,
-               mode=opts.get("mode", "sync"), kind=kind, use_fp8=opts.get("use_fp8", True),
-               round_scale=opts.get("round_scale", False), use_ue8m0=opts.get("use_ue8m0", False),
-               drop_prob=opts.get("drop_prob", 0.1), num_empty_tokens=opts.get("num_empty_tokens", 0))
+        _round(
+            ctx,
+            group,
+            buffer,
+            hidden,
+            f"rank {ctx.rank} round {i}",
+            num_tokens=num_tokens,
+            mode=opts.get("mode", "sync"),
+            kind=kind,
+            use_fp8=opts.get("use_fp8", True),
+            round_scale=opts.get("round_scale", False),
+            use_ue8m0=opts.get("use_ue8m0", False),
+            drop_prob=opts.get("drop_prob", 0.1),
+            num_empty_tokens=opts.get("num_empty_tokens", 0),
+        )
     sync(group)
     buffer.destroy()
     teardown()
@@ -134,8 +175,10 @@ def two_micro_batches(ctx, opts):
     L, S = _geometry(ctx)
     batches = [_inputs(NUM_MAX_TOKENS - 9 * b, hidden) for b in range(2)]
     sync(group)
-    dispatched = [buffer.low_latency_dispatch(x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, return_recv_hook=True)
-                  for x, topk_idx, _ in batches]
+    dispatched = [
+        buffer.low_latency_dispatch(x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, return_recv_hook=True)
+        for x, topk_idx, _ in batches
+    ]
     for result in dispatched:
         result[4]()
     references = []
@@ -146,8 +189,10 @@ def two_micro_batches(ctx, opts):
 
     ys = [make_expert_output(L, S, hidden) for _ in batches]
     sync(group)
-    combined = [buffer.low_latency_combine(y, topk_idx, topk_weights, result[2], return_recv_hook=True)
-                for y, (_, topk_idx, topk_weights), result in zip(ys, batches, dispatched)]
+    combined = [
+        buffer.low_latency_combine(y, topk_idx, topk_weights, result[2], return_recv_hook=True)
+        for y, (_, topk_idx, topk_weights), result in zip(ys, batches, dispatched)
+    ]
     for result in combined:
         result[2]()
     for b, (reference, y, (_, _, topk_weights), result) in enumerate(zip(references, ys, batches, combined)):
@@ -162,8 +207,7 @@ def _check_wait_costs(label, snapshots):
     snapshots = [s.cpu() for s in snapshots]
     for i, (before, after) in enumerate(zip(snapshots, snapshots[1:])):
         assert after.dtype == torch.int64 and bool((after >= 0).all()), f"{label} after call {i}: {after.tolist()}"
-        assert bool((after >= before).all()), \
-            f"{label} decreased in call {i}: {before.tolist()} -> {after.tolist()}"
+        assert bool((after >= before).all()), f"{label} decreased in call {i}: {before.tolist()} -> {after.tolist()}"
     assert int(snapshots[-1].sum()) > int(snapshots[0].sum()), f"{label} did not grow: {snapshots[-1].tolist()}"
 
 
@@ -184,13 +228,21 @@ def stats(ctx, opts):
     sync(group)
     dispatched = []
     for x, topk_idx, _ in rounds:
-        dispatched.append(buffer.low_latency_dispatch(x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS,
-                                                      cumulative_local_expert_recv_stats=cumulative,
-                                                      dispatch_wait_recv_cost_stats=dispatch_wait))
+        dispatched.append(
+            buffer.low_latency_dispatch(
+                x,
+                topk_idx,
+                NUM_MAX_TOKENS,
+                NUM_EXPERTS,
+                cumulative_local_expert_recv_stats=cumulative,
+                dispatch_wait_recv_cost_stats=dispatch_wait,
+            )
+        )
         dispatch_snapshots.append(dispatch_wait.clone())
     expected = initial.long() + sum(result[1].long() for result in dispatched)
-    assert torch.equal(cumulative.long(), expected), \
+    assert torch.equal(cumulative.long(), expected), (
         f"rank {ctx.rank}: cumulative_local_expert_recv_stats {cumulative.tolist()} != {expected.tolist()}"
+    )
 
     for i, ((x, topk_idx, topk_weights), (recv_x, recv_count, handle, _, _)) in enumerate(zip(rounds, dispatched)):
         label = f"rank {ctx.rank} call {i}"
@@ -198,8 +250,9 @@ def stats(ctx, opts):
         reference.check_dispatch(recv_x, recv_count, handle, f"{label} dispatch")
         y = make_expert_output(L, S, hidden)
         sync(group)
-        combined_x, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle,
-                                                      combine_wait_recv_cost_stats=combine_wait)
+        combined_x, _, _ = buffer.low_latency_combine(
+            y, topk_idx, topk_weights, handle, combine_wait_recv_cost_stats=combine_wait
+        )
         combine_snapshots.append(combine_wait.clone())
         reference.check_combine(y, topk_weights, combined_x, f"{label} combine")
     _check_wait_costs(f"rank {ctx.rank} dispatch_wait_recv_cost_stats", dispatch_snapshots)
@@ -221,8 +274,9 @@ def many_rounds(ctx, num_rounds):
     sync(group)
     for i in range(num_rounds):
         x, topk_idx, topk_weights = _inputs(rng.randint(0, NUM_MAX_TOKENS), hidden)
-        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS,
-                                                                       use_fp8=False)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, use_fp8=False
+        )
         combined_x, _, _ = buffer.low_latency_combine(recv_x, topk_idx, topk_weights, handle)
         excess[i] = identity_combine_excess(combined_x, identity_combine_expected(x, topk_idx, topk_weights))
         if i in (0, num_rounds - 1):
@@ -233,9 +287,11 @@ def many_rounds(ctx, num_rounds):
             sync(group)
     bad = (excess > 0).nonzero().flatten().tolist()
     if bad:
-        raise AssertionError(f"rank {ctx.rank}: combine(dispatch(x)) with identity experts is off x * sum(w) by "
-                             f"more than 2^-6 of its magnitude in {len(bad)} of {num_rounds} rounds; first round "
-                             f"{bad[0]} (excess {excess[bad[0]].item():.4g})")
+        raise AssertionError(
+            f"rank {ctx.rank}: combine(dispatch(x)) with identity experts is off x * sum(w) by "
+            f"more than 2^-6 of its magnitude in {len(bad)} of {num_rounds} rounds; first round "
+            f"{bad[0]} (excess {excess[bad[0]].item():.4g})"
+        )
     sync(group)
     buffer.destroy()
     teardown()
@@ -256,8 +312,9 @@ def cuda_graph(ctx, opts):
             static.copy_(fresh)
 
     def step():
-        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(static_x, static_topk_idx, NUM_MAX_TOKENS,
-                                                                       NUM_EXPERTS, use_fp8=False)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            static_x, static_topk_idx, NUM_MAX_TOKENS, NUM_EXPERTS, use_fp8=False
+        )
         y = torch.empty_like(recv_x)
         y.copy_(recv_x)
         combined_x, _, _ = buffer.low_latency_combine(y, static_topk_idx, static_weights, handle)
@@ -283,8 +340,9 @@ def cuda_graph(ctx, opts):
         label = f"rank {ctx.rank} replay {replay}"
         counts = expected_recv_count(group, static_topk_idx, NUM_EXPERTS, ctx.rank, ctx.num_ranks)
         assert recv_count.tolist() == counts.tolist(), f"{label}: recv_count {recv_count.tolist()} != {counts.tolist()}"
-        excess = identity_combine_excess(combined_x, identity_combine_expected(static_x, static_topk_idx,
-                                                                               static_weights)).item()
+        excess = identity_combine_excess(
+            combined_x, identity_combine_expected(static_x, static_topk_idx, static_weights)
+        ).item()
         assert excess <= 0, f"{label}: combined_x is off x * sum(w) by more than 2^-6 of it (excess {excess:.4g})"
     del graph
     sync(group)
@@ -386,8 +444,9 @@ def bad_input(ctx, opts):
     # A dtype the library takes nowhere: the message must still name the argument.
     expect_raises(TypeError, "x", lambda: dispatch(x.half(), topk_idx, M, E))
     expect_raises(TypeError, "topk_idx must be torch.int64", lambda: dispatch(x, topk_idx.int(), M, E))
-    expect_raises(ValueError, "return_recv_hook", lambda: dispatch(x, topk_idx, M, E, async_finish=True,
-                                                                  return_recv_hook=True))
+    expect_raises(
+        ValueError, "return_recv_hook", lambda: dispatch(x, topk_idx, M, E, async_finish=True, return_recv_hook=True)
+    )
     expect_raises(ValueError, "round_scale", lambda: dispatch(x, topk_idx, M, E, use_ue8m0=True))
 
     # Nothing was launched: a normal dispatch works, then the combine's own argument checks.
@@ -398,8 +457,11 @@ def bad_input(ctx, opts):
     L, S = _geometry(ctx)
     y = make_expert_output(L, S, hidden)
     combine = buffer.low_latency_combine
-    expect_raises(ValueError, "return_recv_hook", lambda: combine(y, topk_idx, topk_weights, handle, async_finish=True,
-                                                                 return_recv_hook=True))
+    expect_raises(
+        ValueError,
+        "return_recv_hook",
+        lambda: combine(y, topk_idx, topk_weights, handle, async_finish=True, return_recv_hook=True),
+    )
     bf16_weights = topk_weights.bfloat16()
     expect_raises(TypeError, "topk_weights must be torch.float32", lambda: combine(y, topk_idx, bf16_weights, handle))
     half_rows = y[:, :, : hidden // 2]
@@ -449,12 +511,12 @@ def cases(rank_counts):
         out.append((f"{base}/hook", dispatch_combine, r, (dict(small, mode="hook"),), light))
         out.append((f"{base}/two_micro_batches", two_micro_batches, r, (dict(),), light))
         out.append((f"{base}/logfmt", dispatch_combine, r, (dict(small, combine=("logfmt",)),), light))
-        out.append((f"{base}/zero_copy", dispatch_combine, r,
-                    (dict(small, combine=("zero_copy", "zero_copy_v1")),), light))
+        out.append(
+            (f"{base}/zero_copy", dispatch_combine, r, (dict(small, combine=("zero_copy", "zero_copy_v1")),), light)
+        )
         out.append((f"{base}/out", dispatch_combine, r, (dict(small, combine=("out",)),), light))
         out.append((f"{base}/fewer_tokens", dispatch_combine, r, (dict(small, fewer_tokens=True),), light))
-        out.append((f"{base}/minus_one", dispatch_combine, r,
-                    (dict(small, drop_prob=0.5, num_empty_tokens=1),), light))
+        out.append((f"{base}/minus_one", dispatch_combine, r, (dict(small, drop_prob=0.5, num_empty_tokens=1),), light))
         out.append((f"{base}/async", dispatch_combine, r, (dict(small, mode="async"),), light))
         out.append((f"{base}/stats", stats, r, (dict(),), light))
         out.append((f"{base}/rounds_1000", many_rounds, r, (1000,), heavy))
@@ -465,36 +527,56 @@ def cases(rank_counts):
         if r not in (8, 16):
             continue
         base = f"low_latency/2x{r // 2}"
-        for name, fn, args in (("bf16", "dispatch_combine", (dict(use_fp8=False),)), ("fp8", "dispatch_combine", (dict(),)),
-                               ("hook", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, mode="hook"),)),
-                               ("logfmt_zero_copy", "dispatch_combine",
-                                (dict(hidden=SMALL_HIDDEN, combine=("logfmt", "zero_copy", "zero_copy_v1")),)),
-                               ("fewer_tokens", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, fewer_tokens=True),)),
-                               ("two_micro_batches", "two_micro_batches", (dict(),)),
-                               ("cuda_graph", "cuda_graph", (dict(),)), ("mask", "mask_rank", (dict(),)),
-                               ("auto_mask", "auto_mask", (dict(),))):
+        for name, fn, args in (
+            ("bf16", "dispatch_combine", (dict(use_fp8=False),)),
+            ("fp8", "dispatch_combine", (dict(),)),
+            ("hook", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, mode="hook"),)),
+            (
+                "logfmt_zero_copy",
+                "dispatch_combine",
+                (dict(hidden=SMALL_HIDDEN, combine=("logfmt", "zero_copy", "zero_copy_v1")),),
+            ),
+            ("fewer_tokens", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, fewer_tokens=True),)),
+            ("two_micro_batches", "two_micro_batches", (dict(),)),
+            ("cuda_graph", "cuda_graph", (dict(),)),
+            ("mask", "mask_rank", (dict(),)),
+            ("auto_mask", "auto_mask", (dict(),)),
+        ):
             out.append((f"{base}/{name}", on_emulated_nodes, r, (r // 2, fn, *args), heavy))
     for r in rank_counts:
         if r not in (2, 4):
             continue
         base = f"low_latency/r{r}_no_nvlink"
-        for name, fn, args in (("bf16", "dispatch_combine", (dict(use_fp8=False),)),
-                               ("fp8_ue8m0", "dispatch_combine", (dict(round_scale=True, use_ue8m0=True),)),
-                               ("hook_logfmt_zero_copy", "dispatch_combine",
-                                (dict(hidden=SMALL_HIDDEN, mode="hook", combine=("logfmt", "zero_copy", "zero_copy_v1")),)),
-                               ("minus_one", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, drop_prob=0.5, num_empty_tokens=1),)),
-                               ("odd_hidden", "dispatch_combine", (dict(hidden=1152, fewer_tokens=True),)),
-                               ("rounds_200", "many_rounds", (200,))):
+        for name, fn, args in (
+            ("bf16", "dispatch_combine", (dict(use_fp8=False),)),
+            ("fp8_ue8m0", "dispatch_combine", (dict(round_scale=True, use_ue8m0=True),)),
+            (
+                "hook_logfmt_zero_copy",
+                "dispatch_combine",
+                (dict(hidden=SMALL_HIDDEN, mode="hook", combine=("logfmt", "zero_copy", "zero_copy_v1")),),
+            ),
+            ("minus_one", "dispatch_combine", (dict(hidden=SMALL_HIDDEN, drop_prob=0.5, num_empty_tokens=1),)),
+            ("odd_hidden", "dispatch_combine", (dict(hidden=1152, fewer_tokens=True),)),
+            ("rounds_200", "many_rounds", (200,)),
+        ):
             out.append((f"{base}/{name}", without_nvlink, r, (fn, *args), heavy))
     # NCCL takes one GPU per rank, and the build must have GIN.
     from deep_ep import _C
     from deep_ep.testing import visible_gpu_count
+
     if _C.gin_compiled():
         for r in rank_counts:
             if r >= 2 and NUM_EXPERTS % r == 0 and r <= visible_gpu_count():
                 out.append((f"low_latency/r{r}/nccl_window", on_nccl_window, r, ("dispatch_combine", dict()), heavy))
-                out.append((f"low_latency/r{r}_no_nvlink/nccl_window", without_nvlink, r,
-                            ("on_nccl_window", "dispatch_combine", dict(hidden=SMALL_HIDDEN, mode="hook")), heavy))
+                out.append(
+                    (
+                        f"low_latency/r{r}_no_nvlink/nccl_window",
+                        without_nvlink,
+                        r,
+                        ("on_nccl_window", "dispatch_combine", dict(hidden=SMALL_HIDDEN, mode="hook")),
+                        heavy,
+                    )
+                )
     valid = [r for r in rank_counts if r >= 2 and NUM_EXPERTS % r == 0]
     if valid:
         out.append((f"low_latency/r{min(valid)}/bad_input", bad_input, min(valid), ({},), light))

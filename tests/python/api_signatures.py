@@ -33,7 +33,8 @@ def buffer_source_methods():
             continue
         positional = node.args.args
         defaults = [REQUIRED] * (len(positional) - len(node.args.defaults)) + [
-            ast.literal_eval(d) for d in node.args.defaults]
+            ast.literal_eval(d) for d in node.args.defaults
+        ]
         params = list(zip((a.arg for a in positional), defaults))
         is_static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
         methods[node.name] = params if is_static else params[1:]
@@ -44,7 +45,7 @@ def binding_parameters(function):
     """[(name, default text or None)] of a nanobind method, self left out, from the signature line nanobind
     writes at the top of its docstring."""
     text = function.__doc__.splitlines()[0]
-    inside = text[text.index("(") + 1: text.rindex(") ->")]
+    inside = text[text.index("(") + 1 : text.rindex(") ->")]
     # Annotations such as Callable[[str, str], ...] hold commas: drop bracketed parts first.
     while True:
         flattened = re.sub(r"\[[^\[\]]*\]", "", inside)

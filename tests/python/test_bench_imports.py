@@ -20,7 +20,7 @@ def _bench_targets(node, names):
         if node.level == 1:
             base = node.module
         elif node.level == 0 and node.module and (node.module == PACKAGE or node.module.startswith(PACKAGE + ".")):
-            base = node.module[len(PACKAGE) + 1:] or None
+            base = node.module[len(PACKAGE) + 1 :] or None
         else:
             return targets
         if base is None:  # from . import suite
@@ -30,7 +30,7 @@ def _bench_targets(node, names):
     elif isinstance(node, ast.Import):
         for alias in node.names:
             if alias.name.startswith(PACKAGE + "."):
-                targets.add(alias.name[len(PACKAGE) + 1:].split(".")[0])
+                targets.add(alias.name[len(PACKAGE) + 1 :].split(".")[0])
     return targets & names
 
 
@@ -58,7 +58,7 @@ def _cycle(graph):
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 found = visit(target, path + [target])
                 if found:

@@ -39,8 +39,9 @@ def run(monkeypatch):
             return [None] * num_ranks
 
         # The stand-in cases carry their name as their argument, so the launcher knows which one it runs.
-        monkeypatch.setattr(module, "collect", lambda rank_counts: [
-            (name, lambda ctx, n: None, 1, (name,), 60.0) for name in CASES])
+        monkeypatch.setattr(
+            module, "collect", lambda rank_counts: [(name, lambda ctx, n: None, 1, (name,), 60.0) for name in CASES]
+        )
         monkeypatch.setattr(testing, "visible_gpu_count", lambda: gpus)
         monkeypatch.setattr(testing, "launch", launch)
         monkeypatch.setattr(sys, "argv", ["run_all.py", *argv])

@@ -42,7 +42,7 @@ def test_nccl_backed_group_gives_its_communicator_address():
 
 
 def test_backend_without_a_communicator_gives_zero():
-    assert groups.nccl_comm_address(_Group(object())) == 0                           # no _comm_ptr (not NCCL)
+    assert groups.nccl_comm_address(_Group(object())) == 0  # no _comm_ptr (not NCCL)
     assert groups.nccl_comm_address(_Group(error=RuntimeError("no cuda backend"))) == 0
     assert groups.nccl_comm_address(_Group(_Backend(error=RuntimeError("not initialized")))) == 0
     assert groups.nccl_comm_address(None) == 0

@@ -15,23 +15,50 @@ from api_signatures import REQUIRED, binding_parameters, buffer_source_methods
 # V1's parameter names in order, with their defaults (the same as dispatch and combine).
 V1_INTERNODE_METHODS = {
     "internode_dispatch": [
-        ("x", REQUIRED), ("handle", None), ("num_tokens_per_rank", None), ("num_tokens_per_rdma_rank", None),
-        ("is_token_in_rank", None), ("num_tokens_per_expert", None), ("topk_idx", None), ("topk_weights", None),
-        ("expert_alignment", 1), ("num_worst_tokens", 0), ("config", None), ("previous_event", None),
-        ("async_finish", False), ("allocate_on_comm_stream", False),
+        ("x", REQUIRED),
+        ("handle", None),
+        ("num_tokens_per_rank", None),
+        ("num_tokens_per_rdma_rank", None),
+        ("is_token_in_rank", None),
+        ("num_tokens_per_expert", None),
+        ("topk_idx", None),
+        ("topk_weights", None),
+        ("expert_alignment", 1),
+        ("num_worst_tokens", 0),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
     ],
     "internode_combine": [
-        ("x", REQUIRED), ("handle", REQUIRED), ("topk_weights", None), ("bias", None), ("config", None),
-        ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False),
+        ("x", REQUIRED),
+        ("handle", REQUIRED),
+        ("topk_weights", None),
+        ("bias", None),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
     ],
 }
 
 # What deep_ep.Buffer calls on its runtime (deep_ep._C.Buffer), with the argument names it passes.
 CORE_INTERNODE_BINDINGS = {
     "internode_dispatch": [
-        "x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_rank", "num_tokens_per_rdma_rank",
-        "is_token_in_rank", "num_tokens_per_expert", "handle", "expert_alignment", "num_worst_tokens", "config",
-        "allocate", "stream",
+        "x",
+        "x_scales",
+        "topk_idx",
+        "topk_weights",
+        "num_tokens_per_rank",
+        "num_tokens_per_rdma_rank",
+        "is_token_in_rank",
+        "num_tokens_per_expert",
+        "handle",
+        "expert_alignment",
+        "num_worst_tokens",
+        "config",
+        "allocate",
+        "stream",
     ],
     "internode_combine": ["x", "topk_weights", "bias_0", "bias_1", "handle", "config", "allocate", "stream"],
     "num_nodes": [],
@@ -39,9 +66,17 @@ CORE_INTERNODE_BINDINGS = {
 }
 
 # The handle's tensors after is_token_in_rank, as the core allocates them (include/deep_ep/buffer.hpp).
-HANDLE_OUTPUTS = ("rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "recv_rdma_channel_prefix_matrix",
-                  "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum",
-                  "recv_src_meta", "send_rdma_head", "send_nvl_head")
+HANDLE_OUTPUTS = (
+    "rdma_channel_prefix_matrix",
+    "gbl_channel_prefix_matrix",
+    "recv_rdma_channel_prefix_matrix",
+    "recv_rdma_rank_prefix_sum",
+    "recv_gbl_channel_prefix_matrix",
+    "recv_gbl_rank_prefix_sum",
+    "recv_src_meta",
+    "send_rdma_head",
+    "send_nvl_head",
+)
 
 
 @pytest.mark.parametrize("name", sorted(V1_INTERNODE_METHODS))
@@ -64,7 +99,10 @@ def test_core_buffer_binds_internode_op_with_named_arguments(name):
 def test_config_hints_take_num_ranks_per_node_defaulting_to_8(hint):
     _C = pytest.importorskip("deep_ep._C")
     assert binding_parameters(getattr(_C.Config, hint)) == [
-        ("hidden_bytes", None), ("num_ranks", None), ("num_ranks_per_node", "8")]
+        ("hidden_bytes", None),
+        ("num_ranks", None),
+        ("num_ranks_per_node", "8"),
+    ]
     method = getattr(_C.Config(16, 4, 16), hint)
     default = method(7168 * 2, 8)
     assert method(7168 * 2, 8, num_ranks_per_node=8) == default
@@ -74,6 +112,7 @@ def test_config_hints_take_num_ranks_per_node_defaulting_to_8(hint):
 # ---- deep_ep.Buffer over a stand-in runtime (needs torch, not a GPU) ----------------------------------
 # The stand-in allocates what the core allocates, by name, so these tests check what Python builds from
 # it: routing between the intranode and internode ops, handles and layout outputs.
+
 
 class _FakeStream:
     def __init__(self, handle):
@@ -119,20 +158,60 @@ class _FakeRuntime:
                 allocate(name, "torch.int32", [i + 1])
         return rows, ([] if handle is not None or num_worst_tokens else [3, 2])
 
-    def intranode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                           num_tokens_per_expert, handle, expert_alignment, num_worst_tokens, config, allocate,
-                           stream):
+    def intranode_dispatch(
+        self,
+        x,
+        x_scales,
+        topk_idx,
+        topk_weights,
+        num_tokens_per_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        handle,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        allocate,
+        stream,
+    ):
         self.calls.append(("intranode_dispatch", None if handle is None else len(handle)))
-        return self._dispatch("intranode", x, x_scales, topk_idx, handle, num_worst_tokens, allocate,
-                              ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix",
-                               "recv_src_idx", "send_head"))
+        return self._dispatch(
+            "intranode",
+            x,
+            x_scales,
+            topk_idx,
+            handle,
+            num_worst_tokens,
+            allocate,
+            ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx", "send_head"),
+        )
 
-    def internode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                           is_token_in_rank, num_tokens_per_expert, handle, expert_alignment, num_worst_tokens, config,
-                           allocate, stream):
-        self.calls.append(("internode_dispatch", None if handle is None else len(handle),
-                           None if num_tokens_per_rdma_rank is None else list(num_tokens_per_rdma_rank.shape),
-                           config.num_sms, stream))
+    def internode_dispatch(
+        self,
+        x,
+        x_scales,
+        topk_idx,
+        topk_weights,
+        num_tokens_per_rank,
+        num_tokens_per_rdma_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        handle,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        allocate,
+        stream,
+    ):
+        self.calls.append(
+            (
+                "internode_dispatch",
+                None if handle is None else len(handle),
+                None if num_tokens_per_rdma_rank is None else list(num_tokens_per_rdma_rank.shape),
+                config.num_sms,
+                stream,
+            )
+        )
         return self._dispatch("internode", x, x_scales, topk_idx, handle, num_worst_tokens, allocate, HANDLE_OUTPUTS)
 
     def _combine(self, op, x, topk_weights, bias_0, bias_1, handle, allocate):
@@ -179,10 +258,12 @@ def intranode(monkeypatch):
 
 
 def _layout_inputs(torch, num_ranks, num_nodes):
-    return dict(num_tokens_per_rank=torch.zeros(num_ranks, dtype=torch.int32),
-                num_tokens_per_rdma_rank=torch.zeros(num_nodes, dtype=torch.int32) if num_nodes > 1 else None,
-                is_token_in_rank=torch.zeros(_T, num_ranks, dtype=torch.bool),
-                num_tokens_per_expert=torch.zeros(num_ranks * 2, dtype=torch.int32))
+    return dict(
+        num_tokens_per_rank=torch.zeros(num_ranks, dtype=torch.int32),
+        num_tokens_per_rdma_rank=torch.zeros(num_nodes, dtype=torch.int32) if num_nodes > 1 else None,
+        is_token_in_rank=torch.zeros(_T, num_ranks, dtype=torch.bool),
+        num_tokens_per_expert=torch.zeros(num_ranks * 2, dtype=torch.int32),
+    )
 
 
 def test_dispatch_routes_to_internode_and_returns_the_v1_handle(internode):
@@ -191,7 +272,8 @@ def test_dispatch_routes_to_internode_and_returns_the_v1_handle(internode):
     layout = _layout_inputs(torch, 16, 2)
     topk_idx, topk_weights = torch.zeros(_T, _K, dtype=torch.int64), torch.zeros(_T, _K)
     recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, event = buffer.dispatch(
-        x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
+        x, topk_idx=topk_idx, topk_weights=topk_weights, **layout
+    )
     assert buffer.runtime.calls == [("internode_dispatch", None, [2], buffer.get_dispatch_config(16).num_sms, 2)]
     assert recv_x.shape == (5, _H) and recv_topk_idx.shape == (5, _K) and recv_topk_weights.shape == (5, _K)
     assert per_expert == [3, 2] and event.event is None
@@ -212,9 +294,15 @@ def test_internode_dispatch_keeps_fp8_worst_tokens_and_async_like_intranode(inte
     x = torch.zeros(_T, _H, dtype=torch.float8_e4m3fn)
     scales = torch.zeros(_T, _H // 128)
     recv_x, _, _, per_expert, handle, event = buffer.internode_dispatch(
-        (x, scales), topk_idx=torch.zeros(_T, _K, dtype=torch.int64), topk_weights=torch.zeros(_T, _K),
-        num_worst_tokens=7, previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True,
-        **_layout_inputs(torch, 16, 2))
+        (x, scales),
+        topk_idx=torch.zeros(_T, _K, dtype=torch.int64),
+        topk_weights=torch.zeros(_T, _K),
+        num_worst_tokens=7,
+        previous_event=buffer.capture(),
+        async_finish=True,
+        allocate_on_comm_stream=True,
+        **_layout_inputs(torch, 16, 2),
+    )
     assert isinstance(recv_x, tuple) and recv_x[0].shape == (7, _H) and recv_x[1].shape == (7, _H // 128)
     assert per_expert == [] and len(handle) == 10
     # The event is V1's EventHandle, recorded on the comm stream; its torch event is .event.

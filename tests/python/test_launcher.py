@@ -32,8 +32,15 @@ except (ImportError, OSError):
     mps = _load("mps")
     launcher = _load("launcher")
 
-ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DEEP_EP_TEST_EXTRA",
-             *launcher.MULTICAST_OFF_ENV)
+ENV_NAMES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "DEEP_EP_TEST_EXTRA",
+    *launcher.MULTICAST_OFF_ENV,
+)
 
 
 def _report_rank(ctx, tag):
@@ -85,8 +92,14 @@ def no_outside_mps(monkeypatch):
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
 def test_launch_returns_results_in_rank_order_with_rank_environment(num_ranks):
-    results = launcher.launch(_report_rank, num_ranks, args=("hello",), timeout_s=60, num_gpus=0,
-                              env={"DEEP_EP_TEST_EXTRA": "x", "NCCL_NVLS_ENABLE": "1"})
+    results = launcher.launch(
+        _report_rank,
+        num_ranks,
+        args=("hello",),
+        timeout_s=60,
+        num_gpus=0,
+        env={"DEEP_EP_TEST_EXTRA": "x", "NCCL_NVLS_ENABLE": "1"},
+    )
 
     assert len(results) == num_ranks
     assert len({result["pid"] for result in results}) == num_ranks
@@ -104,8 +117,7 @@ def test_launch_returns_results_in_rank_order_with_rank_environment(num_ranks):
 
 
 def test_multicast_stays_off_in_ranks_and_in_the_launching_process():
-    results = launcher.launch(_report_rank, 1, args=(None,), timeout_s=60, num_gpus=0,
-                              env={"NCCL_NVLS_ENABLE": "1"})
+    results = launcher.launch(_report_rank, 1, args=(None,), timeout_s=60, num_gpus=0, env={"NCCL_NVLS_ENABLE": "1"})
     expected = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     for name, value in expected.items():
         assert results[0]["env"][name] == value

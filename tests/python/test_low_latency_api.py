@@ -16,25 +16,43 @@ from api_signatures import REQUIRED, binding_parameters, buffer_source_methods
 # docs/compatibility.md section 8 (and section 3 for the size hint): parameter names in order, with V1's defaults.
 V1_LOW_LATENCY_METHODS = {
     "low_latency_dispatch": [
-        ("x", REQUIRED), ("topk_idx", REQUIRED), ("num_max_dispatch_tokens_per_rank", REQUIRED),
-        ("num_experts", REQUIRED), ("cumulative_local_expert_recv_stats", None),
-        ("dispatch_wait_recv_cost_stats", None), ("use_fp8", True), ("round_scale", False), ("use_ue8m0", False),
-        ("async_finish", False), ("return_recv_hook", False),
+        ("x", REQUIRED),
+        ("topk_idx", REQUIRED),
+        ("num_max_dispatch_tokens_per_rank", REQUIRED),
+        ("num_experts", REQUIRED),
+        ("cumulative_local_expert_recv_stats", None),
+        ("dispatch_wait_recv_cost_stats", None),
+        ("use_fp8", True),
+        ("round_scale", False),
+        ("use_ue8m0", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
     ],
     "low_latency_combine": [
-        ("x", REQUIRED), ("topk_idx", REQUIRED), ("topk_weights", REQUIRED), ("handle", REQUIRED),
-        ("use_logfmt", False), ("zero_copy", False), ("async_finish", False), ("return_recv_hook", False),
-        ("out", None), ("combine_wait_recv_cost_stats", None),
+        ("x", REQUIRED),
+        ("topk_idx", REQUIRED),
+        ("topk_weights", REQUIRED),
+        ("handle", REQUIRED),
+        ("use_logfmt", False),
+        ("zero_copy", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
+        ("out", None),
+        ("combine_wait_recv_cost_stats", None),
     ],
     "get_next_low_latency_combine_buffer": [("handle", REQUIRED)],
     "clean_low_latency_buffer": [
-        ("num_max_dispatch_tokens_per_rank", REQUIRED), ("hidden", REQUIRED), ("num_experts", REQUIRED),
+        ("num_max_dispatch_tokens_per_rank", REQUIRED),
+        ("hidden", REQUIRED),
+        ("num_experts", REQUIRED),
     ],
     "low_latency_update_mask_buffer": [("rank_to_mask", REQUIRED), ("mask", False)],
     "low_latency_query_mask_buffer": [("mask_status", REQUIRED)],
     "low_latency_clean_mask_buffer": [],
     "get_low_latency_rdma_size_hint": [
-        ("num_max_dispatch_tokens_per_rank", REQUIRED), ("hidden", REQUIRED), ("num_ranks", REQUIRED),
+        ("num_max_dispatch_tokens_per_rank", REQUIRED),
+        ("hidden", REQUIRED),
+        ("num_ranks", REQUIRED),
         ("num_experts", REQUIRED),
     ],
 }
@@ -42,18 +60,43 @@ V1_LOW_LATENCY_METHODS = {
 # What deep_ep.Buffer calls on its runtime (deep_ep._C.Buffer), with the argument names it passes.
 CORE_LOW_LATENCY_BINDINGS = {
     "low_latency_dispatch": [
-        "x", "topk_idx", "num_max_dispatch_tokens_per_rank", "num_experts", "cumulative_local_expert_recv_stats",
-        "dispatch_wait_recv_cost_stats", "use_fp8", "round_scale", "use_ue8m0", "return_recv_hook", "allocate",
+        "x",
+        "topk_idx",
+        "num_max_dispatch_tokens_per_rank",
+        "num_experts",
+        "cumulative_local_expert_recv_stats",
+        "dispatch_wait_recv_cost_stats",
+        "use_fp8",
+        "round_scale",
+        "use_ue8m0",
+        "return_recv_hook",
+        "allocate",
         "stream",
     ],
     "low_latency_combine": [
-        "x", "topk_idx", "topk_weights", "src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden",
-        "num_experts", "use_logfmt", "zero_copy", "return_recv_hook", "out", "combine_wait_recv_cost_stats",
-        "allocate", "stream",
+        "x",
+        "topk_idx",
+        "topk_weights",
+        "src_info",
+        "layout_range",
+        "num_max_dispatch_tokens_per_rank",
+        "hidden",
+        "num_experts",
+        "use_logfmt",
+        "zero_copy",
+        "return_recv_hook",
+        "out",
+        "combine_wait_recv_cost_stats",
+        "allocate",
+        "stream",
     ],
     "low_latency_receive": ["pending", "stream"],
     "next_low_latency_combine_buffer": [
-        "src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts",
+        "src_info",
+        "layout_range",
+        "num_max_dispatch_tokens_per_rank",
+        "hidden",
+        "num_experts",
     ],
     "clean_low_latency_buffer": ["num_max_dispatch_tokens_per_rank", "hidden", "num_experts"],
     "low_latency_update_mask": ["rank_to_mask", "mask", "stream"],
@@ -99,9 +142,9 @@ def test_low_latency_hint_is_positive_and_grows_with_each_size():
     hint = _C.get_low_latency_rdma_size_hint
     base = hint(128, 7168, 8, 256)
     assert base > 0 and base % 128 == 0
-    assert hint(256, 7168, 8, 256) > base          # more tokens per rank
-    assert hint(128, 7168 + 128, 8, 256) > base    # wider rows
-    assert hint(128, 7168, 8, 288) > base          # more experts
+    assert hint(256, 7168, 8, 256) > base  # more tokens per rank
+    assert hint(128, 7168 + 128, 8, 256) > base  # wider rows
+    assert hint(128, 7168, 8, 288) > base  # more experts
     # With the experts fixed, more ranks never shrink the buffer: every expert still needs a slot per
     # (source rank, token), and the per-rank signals grow.
     assert hint(128, 7168, 16, 256) >= base
@@ -113,13 +156,16 @@ def test_low_latency_hint_covers_the_fp8_payload_of_both_halves():
     num_tokens, hidden, num_ranks, num_experts = 128, 7168, 8, 256
     # Each half holds at least one FP8 row with its float32 scales per (expert, source token).
     fp8_row_bytes = hidden + hidden // 128 * 4
-    assert _C.get_low_latency_rdma_size_hint(num_tokens, hidden, num_ranks, num_experts) >= \
-        2 * num_experts * num_tokens * fp8_row_bytes
+    assert (
+        _C.get_low_latency_rdma_size_hint(num_tokens, hidden, num_ranks, num_experts)
+        >= 2 * num_experts * num_tokens * fp8_row_bytes
+    )
 
 
 # ---- deep_ep.Buffer's adaptation layer over a stand-in runtime (needs torch, not a GPU) --------------
 # The stand-in allocates what the core allocates, by name and storage shape (include/deep_ep/low_latency.hpp),
 # so these tests check what Python builds from it: views, handle, hooks and streams.
+
 
 class _FakeStream:
     def __init__(self, handle):
@@ -150,12 +196,28 @@ class _FakeRuntime:
     def payload_tensor(self, use_rdma_buffer):
         return self.payload
 
-    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, recv_stats, wait_stats,
-                             use_fp8, round_scale, use_ue8m0, return_recv_hook, allocate, stream):
+    def low_latency_dispatch(
+        self,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        recv_stats,
+        wait_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        return_recv_hook,
+        allocate,
+        stream,
+    ):
         self.calls.append(("dispatch", stream))
         num_slots, hidden = self.num_ranks * num_max_dispatch_tokens_per_rank, x.shape[1]
-        allocate("recv_x", "torch.float8_e4m3fn" if use_fp8 else "torch.bfloat16",
-                 [self.num_local_experts, num_slots, hidden])
+        allocate(
+            "recv_x",
+            "torch.float8_e4m3fn" if use_fp8 else "torch.bfloat16",
+            [self.num_local_experts, num_slots, hidden],
+        )
         if use_fp8:
             allocate("recv_x_scales", "torch.float32", [self.num_local_experts, hidden // 128, num_slots])
         allocate("recv_count", "torch.int32", [self.num_local_experts])
@@ -163,11 +225,27 @@ class _FakeRuntime:
         allocate("layout_range", "torch.int64", [self.num_local_experts, self.num_ranks])
         return object() if return_recv_hook else None
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                            hidden, num_experts, use_logfmt, zero_copy, return_recv_hook, out, wait_stats, allocate,
-                            stream):
-        self.calls.append(("combine", stream, list(src_info.shape), num_max_dispatch_tokens_per_rank, hidden,
-                           num_experts))
+    def low_latency_combine(
+        self,
+        x,
+        topk_idx,
+        topk_weights,
+        src_info,
+        layout_range,
+        num_max_dispatch_tokens_per_rank,
+        hidden,
+        num_experts,
+        use_logfmt,
+        zero_copy,
+        return_recv_hook,
+        out,
+        wait_stats,
+        allocate,
+        stream,
+    ):
+        self.calls.append(
+            ("combine", stream, list(src_info.shape), num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        )
         if out is None:
             allocate("combined_x", "torch.bfloat16", [topk_idx.shape[0], hidden])
         return object() if return_recv_hook else None
@@ -175,8 +253,9 @@ class _FakeRuntime:
     def low_latency_receive(self, pending, stream):
         self.calls.append(("receive", stream))
 
-    def next_low_latency_combine_buffer(self, src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
-                                        num_experts):
+    def next_low_latency_combine_buffer(
+        self, src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts
+    ):
         return self.payload.data_ptr() + 256, hidden + 64
 
 

@@ -47,8 +47,12 @@ def test_event_module_takes_its_classes_from_utils():
     package = _package_dir()
     event_tree = ast.parse((package / "event.py").read_text())
     defined = {node.name for node in event_tree.body if isinstance(node, ast.ClassDef)}
-    imported = {alias.name for node in event_tree.body if isinstance(node, ast.ImportFrom) and node.module == "utils"
-                for alias in node.names}
+    imported = {
+        alias.name
+        for node in event_tree.body
+        if isinstance(node, ast.ImportFrom) and node.module == "utils"
+        for alias in node.names
+    }
     assert not defined and {"EventHandle", "EventOverlap"} <= imported
     utils_tree = ast.parse((package / "utils.py").read_text())
     names = {node.name for node in utils_tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
@@ -194,8 +198,9 @@ def test_previous_event_may_be_built_from_an_event_handle(utils, layout_buffer):
     torch, buffer = layout_buffer
     topk_idx = torch.zeros(4, 2, dtype=torch.int64)
     previous = utils.EventOverlap(utils.EventHandle())
-    *_, event = buffer.get_dispatch_layout(topk_idx, 4, previous_event=previous, async_finish=True,
-                                           allocate_on_comm_stream=True)
+    *_, event = buffer.get_dispatch_layout(
+        topk_idx, 4, previous_event=previous, async_finish=True, allocate_on_comm_stream=True
+    )
     # The comm stream waits on the torch event inside the handle, not on the current stream.
     assert buffer._comm_stream.waited == [previous.event.event]
     assert isinstance(event.event, utils.EventHandle) and event.event.event in buffer._comm_stream.recorded

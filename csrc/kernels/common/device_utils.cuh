@@ -119,7 +119,8 @@ __device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
 __device__ __forceinline__ int4 ld_input(const int4* ptr) {
   int4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
   return v;
 }
 

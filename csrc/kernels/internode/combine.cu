@@ -4,7 +4,8 @@
 //              rows of channel c that forwarder (my node, l) needs into ring (c, l) in this rank's
 //              NVLink area, in the order the forwarder sums them: sources (n, l) for n = 0, 1, ...,
 //              each in received order;
-//   forwarders (CombineArgs::num_forward_warps): for each stream position (source node n, channel c, i) this rank received
+//   forwarders (CombineArgs::num_forward_warps): for each stream position (source node n, channel c, i) this rank
+//   received
 //              in the dispatch, in batches of one position per warp, sum the ring entries of the node's
 //              ranks that got it (send_nvl_head gives each entry's position in its ring), in local-rank
 //              order in float32, round to bf16, hand the ring space back, and write the batch into the
@@ -49,7 +50,6 @@ __shared__ int heads[kNumWarps][32];
 
 using device::add_bf16x8;
 using device::pack_bf16x8;
-
 
 // Rows [first, first + count) of this rank's input that `source` brought in `channel`.
 __device__ __forceinline__ void source_rows(const CombineArgs& args, int source, int channel, int num_channels,
@@ -247,9 +247,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
             float acc = 0.0f;
             for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
               if (warp_heads[local_rank] >= 0)
-                acc += __ldcg(reinterpret_cast<const float*>(
-                                  reinterpret_cast<const char*>(entry(local_rank, warp_heads[local_rank])) +
-                                  args.hidden * 2) + k);
+                acc += __ldcg(
+                    reinterpret_cast<const float*>(
+                        reinterpret_cast<const char*>(entry(local_rank, warp_heads[local_rank])) + args.hidden * 2) +
+                    k);
             reinterpret_cast<float*>(dst + args.hidden * 2)[k] = acc;
           }
         }
@@ -363,7 +364,8 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
             const int position = heads[warp][node];
             if (position >= 0)
               acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(partial_row(node, position)) +
-                                                           args.hidden * 2) + k);
+                                                           args.hidden * 2) +
+                            k);
           }
           args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] = acc;
         }
@@ -393,8 +395,8 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
 
 // Kernel name: V1's (profiles and users' kernel-name filters read it).
 template <typename Transport>
-__global__ void __launch_bounds__(kNumThreads, 1) combine(Peers peers, Layout layout, const __grid_constant__ Transport net,
-                                                          CombineArgs args, int64_t ring_stride) {
+__global__ void __launch_bounds__(kNumThreads, 1)
+    combine(Peers peers, Layout layout, const __grid_constant__ Transport net, CombineArgs args, int64_t ring_stride) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   const int channel = blockIdx.x;

@@ -22,9 +22,9 @@
 
 #include <cstdint>
 
-#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/internode/internode.hpp"
+#include "protocol/control_region.hpp"
 #include "transport/transport.cuh"
 
 namespace deep_ep::internode {

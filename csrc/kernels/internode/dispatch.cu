@@ -307,10 +307,9 @@ __device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& args, con
     if (node < num_nodes) {
       consumable = recorded;
       for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
-        consumable = min(consumable,
-                         count_of(device::ld_acquire_sys(ctx.flag(ctx.peers.rank,
-                                                                  layout.flag_rows_scanned(node, channel, local_rank))),
-                                  epoch));
+        consumable = min(consumable, count_of(device::ld_acquire_sys(ctx.flag(
+                                                  ctx.peers.rank, layout.flag_rows_scanned(node, channel, local_rank))),
+                                              epoch));
     }
     for (int source_node = 0; source_node < num_nodes; ++source_node) {
       const int delta = __shfl_sync(0xffffffffu, consumable - credited, source_node);
@@ -461,8 +460,8 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
 
 // Kernel name: V1's (profiles and users' kernel-name filters read it).
 template <typename Transport>
-__global__ void __launch_bounds__(kNumThreads, 1) dispatch(Peers peers, Layout layout, const __grid_constant__ Transport net,
-                                                           DispatchArgs args) {
+__global__ void __launch_bounds__(kNumThreads, 1)
+    dispatch(Peers peers, Layout layout, const __grid_constant__ Transport net, DispatchArgs args) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   const RowLayout row_layout = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);

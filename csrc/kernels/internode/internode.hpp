@@ -35,8 +35,8 @@ struct Peers {
   // Device array [R]: each rank's buffer (control region first) as mapped here. Only this rank's and
   // its node's entries are dereferenced; with GIN the other nodes' entries are null.
   char** bases;
-  int64_t nvl_offset;        // where the NVLink payload starts inside each buffer
-  int64_t rdma_offset;       // where the RDMA payload (the transport window) starts
+  int64_t nvl_offset;   // where the NVLink payload starts inside each buffer
+  int64_t rdma_offset;  // where the RDMA payload (the transport window) starts
   int rank, num_ranks, num_nodes, num_ranks_per_node;
   DeviceDiagnostics* diagnostics;
   int64_t timeout_ns;
@@ -53,7 +53,7 @@ struct NotifyArgs {
   int* recv_rdma_rank_prefix_sum;        // [N]
   int* recv_gbl_channel_prefix_matrix;   // [R, C]
   int* recv_gbl_rank_prefix_sum;         // [R]
-  HostCounts host;  // host-mapped received counts (rows, rows per expert, rows received over RDMA)
+  HostCounts host;                       // host-mapped received counts (rows, rows per expert, rows received over RDMA)
 };
 
 void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, cudaStream_t stream);
@@ -61,51 +61,51 @@ void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& a
 void launch_cached_notify(const Peers& peers, const Layout& layout, cudaStream_t stream);
 
 struct DispatchArgs {
-  const uint8_t* x;                 // [T, row_bytes]
-  const float* x_scales;            // [T, num_scales] with strides below, or null
+  const uint8_t* x;       // [T, row_bytes]
+  const float* x_scales;  // [T, num_scales] with strides below, or null
   int64_t scale_token_stride, scale_channel_stride;
-  const int64_t* topk_idx;          // [T, K] or null
-  const float* topk_weights;        // [T, K] or null
-  const bool* is_token_in_rank;     // [T, R]
+  const int64_t* topk_idx;                     // [T, K] or null
+  const float* topk_weights;                   // [T, K] or null
+  const bool* is_token_in_rank;                // [T, R]
   const int* rdma_channel_prefix_matrix;       // [N, C]
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
   const int* recv_rdma_rank_prefix_sum;        // [N]
   int num_tokens, row_bytes, num_scales, num_topk, num_experts;
-  int send_chunk;                   // tokens a sender writes between credit checks (rdma send chunk)
-  int num_sender_warps;             // of the block's 16: senders, then one forwarder, then receivers
-  bool cached;                      // send_rdma_head is given and send_nvl_head is not rebuilt
-  int num_rows;                     // rows allocated in the outputs
-  int num_rdma_rows;                // rows of send_nvl_head
-  uint8_t* recv_x;                  // [num_rows, row_bytes]
-  float* recv_x_scales;             // [num_rows, num_scales] or null
-  int64_t* recv_topk_idx;           // [num_rows, K] or null
-  float* recv_topk_weights;         // [num_rows, K] or null
-  int* recv_src_meta;               // [num_rows, 2]
-  int* send_rdma_head;              // [T, N]: position in the (node, channel) stream, or -1 (computed unless cached)
-  int* send_nvl_head;               // [num_rdma_rows, Rn]: position in the combine ring stream, or -1
+  int send_chunk;            // tokens a sender writes between credit checks (rdma send chunk)
+  int num_sender_warps;      // of the block's 16: senders, then one forwarder, then receivers
+  bool cached;               // send_rdma_head is given and send_nvl_head is not rebuilt
+  int num_rows;              // rows allocated in the outputs
+  int num_rdma_rows;         // rows of send_nvl_head
+  uint8_t* recv_x;           // [num_rows, row_bytes]
+  float* recv_x_scales;      // [num_rows, num_scales] or null
+  int64_t* recv_topk_idx;    // [num_rows, K] or null
+  float* recv_topk_weights;  // [num_rows, K] or null
+  int* recv_src_meta;        // [num_rows, 2]
+  int* send_rdma_head;       // [T, N]: position in the (node, channel) stream, or -1 (computed unless cached)
+  int* send_nvl_head;        // [num_rdma_rows, Rn]: position in the combine ring stream, or -1
 };
 
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream);
 
 struct CombineArgs {
-  const uint16_t* x;                // [rows, hidden] bf16
-  const float* topk_weights;        // [rows, K] or null
-  const uint16_t* bias_0;           // [T, hidden] or null
-  const uint16_t* bias_1;           // [T, hidden] or null
+  const uint16_t* x;                           // [rows, hidden] bf16
+  const float* topk_weights;                   // [rows, K] or null
+  const uint16_t* bias_0;                      // [T, hidden] or null
+  const uint16_t* bias_1;                      // [T, hidden] or null
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
   const int* recv_rdma_rank_prefix_sum;        // [N]
   const int* rdma_channel_prefix_matrix;       // [N, C]: partials this home rank gets per node and channel
-  const int* send_rdma_head;        // [T, N]
-  const int* send_nvl_head;         // [num_rdma_rows, Rn]
+  const int* send_rdma_head;                   // [T, N]
+  const int* send_nvl_head;                    // [num_rdma_rows, Rn]
   int num_tokens, num_rows, hidden, num_topk, num_rdma_rows;
-  int ring_slots, ring_chunk;       // Q = num_max_nvl_chunked_recv_tokens, push chunk = ..._send_tokens
+  int ring_slots, ring_chunk;                 // Q = num_max_nvl_chunked_recv_tokens, push chunk = ..._send_tokens
   int num_producer_warps, num_forward_warps;  // of the block's 16; the rest sum for the home rank
-  uint16_t* combined_x;             // [T, hidden]
-  float* combined_topk_weights;     // [T, K] or null
+  uint16_t* combined_x;                       // [T, hidden]
+  float* combined_topk_weights;               // [T, K] or null
 };
 
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream);

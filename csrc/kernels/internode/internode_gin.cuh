@@ -16,8 +16,8 @@ namespace deep_ep::internode {
 // signals cover layout.num_signals(). The done signal counts across ops, so every call of a Buffer passes
 // the same signals and context_idx, zeroed before the first op. peers.bases must map this rank and the
 // ranks of its node.
-void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args,
-                   const transport::GinTransport& gin, cudaStream_t stream);
+void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, const transport::GinTransport& gin,
+                   cudaStream_t stream);
 void launch_cached_notify(const Peers& peers, const Layout& layout, const transport::GinTransport& gin,
                           cudaStream_t stream);
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args,

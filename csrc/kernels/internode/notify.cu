@@ -123,8 +123,9 @@ __device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& args
     const int source_node = source / layout.num_ranks_per_node, local_rank = source % layout.num_ranks_per_node;
     const int forwarder = ctx.rank_of(ctx.node, local_rank);
     bool ok = true;
-    if (lane == 0) ok = ctx.wait_flag(ctx.flag(forwarder, layout.flag_meta_ready(source_node)), int64_t(epoch) + 1,
-                                      Phase::kInternodeNotify, source, -1);
+    if (lane == 0)
+      ok = ctx.wait_flag(ctx.flag(forwarder, layout.flag_meta_ready(source_node)), int64_t(epoch) + 1,
+                         Phase::kInternodeNotify, source, -1);
     ok = __shfl_sync(0xffffffffu, ok, 0);
     const int* meta = ctx.meta(forwarder, source_node);
     int carry = 0;
@@ -143,8 +144,9 @@ __device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& args
   // As forwarder: rows this rank receives from each source node, per channel.
   for (int node = warp; node < num_nodes; node += kNumWarps) {
     bool ok = true;
-    if (lane == 0) ok = ctx.wait_flag(ctx.flag(ctx.peers.rank, layout.flag_meta_ready(node)), int64_t(epoch) + 1,
-                                      Phase::kInternodeNotify, ctx.rank_of(node, ctx.local), -1);
+    if (lane == 0)
+      ok = ctx.wait_flag(ctx.flag(ctx.peers.rank, layout.flag_meta_ready(node)), int64_t(epoch) + 1,
+                         Phase::kInternodeNotify, ctx.rank_of(node, ctx.local), -1);
     ok = __shfl_sync(0xffffffffu, ok, 0);
     const int* meta = ctx.meta(ctx.peers.rank, node);
     int carry = 0;
@@ -194,9 +196,8 @@ __device__ void receive_counts(const Ctx<Transport>& ctx, const NotifyArgs& args
 // Kernel names are V1's (profiles and users' kernel-name filters read them): notify_dispatch for a
 // non-cached dispatch, cached_notify before a cached dispatch or a combine.
 template <typename Transport>
-__global__ void __launch_bounds__(kNumThreads, 1) notify_dispatch(Peers peers, Layout layout,
-                                                                  const __grid_constant__ Transport net,
-                                                                  NotifyArgs args) {
+__global__ void __launch_bounds__(kNumThreads, 1)
+    notify_dispatch(Peers peers, Layout layout, const __grid_constant__ Transport net, NotifyArgs args) {
   const Ctx<Transport> ctx(peers, layout, net);
   const int epoch = begin_op(ctx);
   if (static_cast<int>(blockIdx.x) < layout.num_nodes) {
@@ -221,7 +222,8 @@ void launch(const Peers& peers, const Layout& layout, const Transport& net, cons
 // The start barrier alone: waits until every rank has finished the previous op. It counts no op (the
 // main kernel after it does), so the main kernel's own begin_op then finds the barrier passed at once.
 template <typename Transport>
-__global__ void __launch_bounds__(32, 1) cached_notify(Peers peers, Layout layout, const __grid_constant__ Transport net) {
+__global__ void __launch_bounds__(32, 1)
+    cached_notify(Peers peers, Layout layout, const __grid_constant__ Transport net) {
   const Ctx<Transport> ctx(peers, layout, net);
   begin_op(ctx);
 }
@@ -244,8 +246,8 @@ void launch_cached_notify(const Peers& peers, const Layout& layout, cudaStream_t
 }
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
-void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args,
-                   const transport::GinTransport& gin, cudaStream_t stream) {
+void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& args, const transport::GinTransport& gin,
+                   cudaStream_t stream) {
   launch(peers, layout, gin, args, stream);
 }
 

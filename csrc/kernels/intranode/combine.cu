@@ -14,10 +14,10 @@
 #include <cuda_bf16.h>
 
 #include "kernels/common/bf16.cuh"
-#include "protocol/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
+#include "protocol/control_region.hpp"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
@@ -170,12 +170,17 @@ __device__ void run_receiver(const Peers& peers, const CombineArgs& args, const 
           lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
           args.combined_topk_weights,
           [&](int j, int col) {
-            return device::ld_queue(rows + ((static_cast<int64_t>(channel) * num_ranks + j) * ring_slots +
-                                            slot_of[j] % ring_slots) * row_int4_stride + col);
+            return device::ld_queue(
+                rows +
+                ((static_cast<int64_t>(channel) * num_ranks + j) * ring_slots + slot_of[j] % ring_slots) *
+                    row_int4_stride +
+                col);
           },
           [&](int j, int k) {
             return __ldcg(&ring.topk_weights[((static_cast<int64_t>(channel) * num_ranks + j) * ring_slots +
-                                              slot_of[j] % ring_slots) * args.num_topk + k]);
+                                              slot_of[j] % ring_slots) *
+                                                 args.num_topk +
+                                             k]);
           });
     }
     // All reads of this batch are done before its slots are released.
@@ -217,8 +222,8 @@ int max_resident_combine_blocks_per_sm(bool wide) {
 }
 
 void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream) {
-  const auto layout = CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2,
-                                               args.num_topk);
+  const auto layout =
+      CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2, args.num_topk);
   if (wide) {
     combine<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {

@@ -12,9 +12,9 @@
 //     more). Written by j (st.release.sys after its reads); read by i before reusing slots.
 #include <algorithm>
 
-#include "protocol/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
+#include "protocol/control_region.hpp"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
@@ -159,8 +159,10 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
   // shared memory behind a named barrier (which also orders the later slot reads after it).
   __shared__ int window_end[kNumMaxNvlPeers];
   auto group_sync = [&] {
-    if (warps_per_sender > 1) device::named_barrier(kRecvBarrierBase + source, group_threads);
-    else __syncwarp();
+    if (warps_per_sender > 1)
+      device::named_barrier(kRecvBarrierBase + source, group_threads);
+    else
+      __syncwarp();
   };
   int scanned = 0, received = 0;
   while (received < expected) {
@@ -253,8 +255,8 @@ int max_resident_dispatch_blocks_per_sm(bool wide) {
 }
 
 void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream) {
-  const auto layout = DispatchQueueLayout::make(args.num_channels, args.num_slots, args.row_bytes, args.num_scales,
-                                                args.num_topk);
+  const auto layout =
+      DispatchQueueLayout::make(args.num_channels, args.num_slots, args.row_bytes, args.num_scales, args.num_topk);
   if (wide) {
     dispatch<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {

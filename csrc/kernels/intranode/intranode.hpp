@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "deep_ep/config.hpp"
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "protocol/intranode_layout.hpp"
@@ -32,55 +33,55 @@ struct Peers {
 void launch_prologue(const Peers& peers, bool before_combine, cudaStream_t stream);
 
 struct NotifyArgs {
-  const bool* is_token_in_rank;     // [T, R]
-  const int* num_tokens_per_rank;   // [R]
-  const int* num_tokens_per_expert; // [E]
+  const bool* is_token_in_rank;      // [T, R]
+  const int* num_tokens_per_rank;    // [R]
+  const int* num_tokens_per_expert;  // [E]
   int num_tokens, num_experts, num_channels, expert_alignment;
   int* rank_prefix_matrix;          // out [R, R]
   int* channel_prefix_matrix;       // out [R, C]: first position of channel c among my tokens to rank j
   int* recv_channel_prefix_matrix;  // out [R, C]: first row of (source i, channel c) inside source i's block
-  HostCounts host;  // host-mapped received counts
+  HostCounts host;                  // host-mapped received counts
 };
 
 // Prologue + count exchange.
 void launch_notify(const Peers& peers, const NotifyArgs& args, cudaStream_t stream);
 
 struct DispatchArgs {
-  const uint8_t* x;                 // [T, row_bytes]
-  const float* x_scales;            // [T, num_scales] with strides below, or null
+  const uint8_t* x;       // [T, row_bytes]
+  const float* x_scales;  // [T, num_scales] with strides below, or null
   int64_t scale_token_stride, scale_channel_stride;
-  const int64_t* topk_idx;          // [T, K] or null
-  const float* topk_weights;        // [T, K] or null
-  const bool* is_token_in_rank;     // [T, R]
-  const int* rank_prefix_matrix;    // [R, R]
+  const int64_t* topk_idx;                // [T, K] or null
+  const float* topk_weights;              // [T, K] or null
+  const bool* is_token_in_rank;           // [T, R]
+  const int* rank_prefix_matrix;          // [R, R]
   const int* channel_prefix_matrix;       // [R, C]
   const int* recv_channel_prefix_matrix;  // [R, C]
   int num_tokens, row_bytes, num_scales, num_topk, num_experts;
   int num_channels, num_slots, send_chunk;
-  int num_rows;                     // rows allocated in the outputs (N, or num_worst_tokens)
-  uint8_t* recv_x;                  // [num_rows, row_bytes]
-  float* recv_x_scales;             // [num_rows, num_scales] or null
-  int64_t* recv_topk_idx;           // [num_rows, K] or null
-  float* recv_topk_weights;         // [num_rows, K] or null
-  int* recv_src_idx;                // [num_rows]
-  int* send_head;                   // [T, R]: row of token t in rank j's output, -1 if not sent
+  int num_rows;              // rows allocated in the outputs (N, or num_worst_tokens)
+  uint8_t* recv_x;           // [num_rows, row_bytes]
+  float* recv_x_scales;      // [num_rows, num_scales] or null
+  int64_t* recv_topk_idx;    // [num_rows, K] or null
+  float* recv_topk_weights;  // [num_rows, K] or null
+  int* recv_src_idx;         // [num_rows]
+  int* send_head;            // [T, R]: row of token t in rank j's output, -1 if not sent
 };
 
 // wide: the one-block-per-SM shape (more warps); otherwise the two-blocks-per-SM shape.
 void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream);
 
 struct CombineArgs {
-  const uint16_t* x;                // [N, hidden] bf16, this rank's received rows
-  const float* topk_weights;        // [N, K] or null
-  const uint16_t* bias_0;           // [T, hidden] or null
-  const uint16_t* bias_1;           // [T, hidden] or null
-  const bool* is_token_in_rank;     // [T, R] of this rank's tokens
-  const int* rank_prefix_matrix;    // [R, R]
+  const uint16_t* x;                      // [N, hidden] bf16, this rank's received rows
+  const float* topk_weights;              // [N, K] or null
+  const uint16_t* bias_0;                 // [T, hidden] or null
+  const uint16_t* bias_1;                 // [T, hidden] or null
+  const bool* is_token_in_rank;           // [T, R] of this rank's tokens
+  const int* rank_prefix_matrix;          // [R, R]
   const int* recv_channel_prefix_matrix;  // [R, C]
   int num_tokens, num_recv_tokens, hidden, num_topk;
   int num_channels, num_slots, send_chunk;
-  uint16_t* combined_x;             // [T, hidden]
-  float* combined_topk_weights;     // [T, K] or null
+  uint16_t* combined_x;          // [T, hidden]
+  float* combined_topk_weights;  // [T, K] or null
 };
 
 void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream);
@@ -88,17 +89,17 @@ void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cuda
 // Pull combine: the home rank reads its tokens' rows straight out of every expert rank's combine
 // input (mapped here; pull_combine.cu), one pass over the rows instead of three.
 struct PullCombineArgs {
-  const uint16_t* x[kNumMaxNvlPeers];           // rank j's [N_j, hidden] bf16 combine input, mapped here
-  const float* topk_weights[kNumMaxNvlPeers];   // rank j's [N_j, K], mapped here; null without top-k
-  const uint16_t* bias_0;                       // [T, hidden] or null
-  const uint16_t* bias_1;                       // [T, hidden] or null
-  const bool* is_token_in_rank;                 // [T, R] of this rank's tokens
-  const int* rank_prefix_matrix;                // [R, R]
-  const int* channel_prefix_matrix;             // [R, C]: this rank's tokens to rank j before channel c
+  const uint16_t* x[kNumMaxNvlPeers];          // rank j's [N_j, hidden] bf16 combine input, mapped here
+  const float* topk_weights[kNumMaxNvlPeers];  // rank j's [N_j, K], mapped here; null without top-k
+  const uint16_t* bias_0;                      // [T, hidden] or null
+  const uint16_t* bias_1;                      // [T, hidden] or null
+  const bool* is_token_in_rank;                // [T, R] of this rank's tokens
+  const int* rank_prefix_matrix;               // [R, R]
+  const int* channel_prefix_matrix;            // [R, C]: this rank's tokens to rank j before channel c
   int num_tokens, hidden, num_topk, num_channels;
-  int num_blocks;                               // in [1, num_channels]: resident beside the other ranks
-  uint16_t* combined_x;                         // [T, hidden]
-  float* combined_topk_weights;                 // [T, K] or null
+  int num_blocks;                // in [1, num_channels]: resident beside the other ranks
+  uint16_t* combined_x;          // [T, hidden]
+  float* combined_topk_weights;  // [T, K] or null
 };
 
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream);

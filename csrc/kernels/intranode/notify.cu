@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(kThreads, 1) notify_dispatch(Peers peers, Noti
   for (int local_expert = threadIdx.x; local_expert < num_local_experts; local_expert += blockDim.x) {
     int count = 0;
     for (int i = 0; i < num_ranks; ++i) {
-      count += device::ld_relaxed_sys(
-          &control_of(peers, i)->num_tokens_per_expert[rank * num_local_experts + local_expert]);
+      count +=
+          device::ld_relaxed_sys(&control_of(peers, i)->num_tokens_per_expert[rank * num_local_experts + local_expert]);
     }
     args.host.num_recv_tokens_per_expert[local_expert] =
         (count + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;

@@ -1,9 +1,9 @@
 // Cross-rank barrier and counter reset shared by the intranode prologue and notify kernels.
 #pragma once
 
-#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/intranode/intranode.hpp"
+#include "protocol/control_region.hpp"
 
 namespace deep_ep::intranode {
 
@@ -27,8 +27,8 @@ __device__ __forceinline__ bool rank_barrier(const Peers& peers) {
   bool ok = true;
   if (threadIdx.x < peers.num_ranks) {
     device::st_release_sys(&control_of(peers, threadIdx.x)->barrier_signal[peers.rank], epoch);
-    ok = device::wait_at_least(&control_of(peers, peers.rank)->barrier_signal[threadIdx.x], epoch,
-                               peers.timeout_ns, peers.diagnostics, Phase::kBarrier, peers.rank, threadIdx.x, -1);
+    ok = device::wait_at_least(&control_of(peers, peers.rank)->barrier_signal[threadIdx.x], epoch, peers.timeout_ns,
+                               peers.diagnostics, Phase::kBarrier, peers.rank, threadIdx.x, -1);
   }
   return !__syncthreads_or(!ok);
 }
@@ -60,9 +60,8 @@ __device__ __forceinline__ void received_channel_rows(const int* rank_prefix_mat
                                                       int& num_rows) {
   const int source_begin = rank_begin(rank_prefix_matrix, source, rank, num_ranks);
   const int channel_begin = recv_channel_prefix_matrix[source * num_channels + channel];
-  const int channel_end = channel + 1 < num_channels
-                              ? recv_channel_prefix_matrix[source * num_channels + channel + 1]
-                              : rank_prefix_matrix[source * num_ranks + rank] - source_begin;
+  const int channel_end = channel + 1 < num_channels ? recv_channel_prefix_matrix[source * num_channels + channel + 1]
+                                                     : rank_prefix_matrix[source * num_ranks + rank] - source_begin;
   first_row = source_begin + channel_begin;
   num_rows = channel_end - channel_begin;
 }

@@ -1,9 +1,9 @@
 // Intranode pull combine. Block b owns channels b, b + gridDim.x, ... of this rank's tokens (the
 // dispatch's channels; the grid is at most one block per channel, fewer where the ranks sharing this
-// GPU would not fit side by side). Its warps walk a channel's tokens in order and read each token's rows straight out of the expert ranks' combine inputs
-// (mapped into this process by the host), summing them in float32 over expert ranks in increasing
-// order, then the biases, rounding to bf16 once (the CPU reference's order). No ring, no sender:
-// the rows cross HBM (or NVLink) once.
+// GPU would not fit side by side). Its warps walk a channel's tokens in order and read each token's rows straight out
+// of the expert ranks' combine inputs (mapped into this process by the host), summing them in float32 over expert ranks
+// in increasing order, then the biases, rounding to bf16 once (the CPU reference's order). No ring, no sender: the rows
+// cross HBM (or NVLink) once.
 //
 // Row of token t at expert rank j: rank_begin(this rank, j) (rows from lower ranks) + channel_prefix_matrix
 // [j][c] (this rank's earlier channels) + the channel's earlier tokens that go to j, as dispatch
@@ -20,10 +20,10 @@
 #include <cuda_bf16.h>
 
 #include "kernels/common/bf16.cuh"
-#include "protocol/control_region.hpp"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
+#include "protocol/control_region.hpp"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep::intranode {
@@ -116,9 +116,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
 
 }  // namespace
 
-int max_resident_pull_combine_blocks_per_sm() {
-  return device::resident_blocks_per_sm<combine>(kPullWarps * 32);
-}
+int max_resident_pull_combine_blocks_per_sm() { return device::resident_blocks_per_sm<combine>(kPullWarps * 32); }
 
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream) {
   combine<<<args.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);

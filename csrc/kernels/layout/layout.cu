@@ -20,10 +20,11 @@ constexpr int kThreads = 256;
 constexpr int kExpertsPerBlock = 64;
 constexpr int kMaxRanksPerBlock = 32;  // a uint32 mask per token
 
-__global__ void __launch_bounds__(kThreads) get_dispatch_layout(
-    const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
-    int* num_tokens_per_rank, int* num_tokens_per_rdma_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
-    DeviceDiagnostics* diagnostics, int rank, int ranks_per_block, int num_expert_blocks) {
+__global__ void __launch_bounds__(kThreads)
+    get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
+                        int* num_tokens_per_rank, int* num_tokens_per_rdma_rank, int* num_tokens_per_expert,
+                        bool* is_token_in_rank, DeviceDiagnostics* diagnostics, int rank, int ranks_per_block,
+                        int num_expert_blocks) {
   __shared__ int counts[kExpertsPerBlock];  // this block's experts, or its ranks
   __shared__ int node_count;
   for (int i = threadIdx.x; i < kExpertsPerBlock; i += blockDim.x) counts[i] = 0;
@@ -76,13 +77,13 @@ __global__ void __launch_bounds__(kThreads) get_dispatch_layout(
 
 }  // namespace
 
-void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks,
-                                int num_experts, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
-                                int* num_tokens_per_expert, bool* is_token_in_rank, DeviceDiagnostics* diagnostics,
-                                int rank, int num_ranks_per_node, cudaStream_t stream) {
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
+                                int* num_tokens_per_rank, int* num_tokens_per_rdma_rank, int* num_tokens_per_expert,
+                                bool* is_token_in_rank, DeviceDiagnostics* diagnostics, int rank,
+                                int num_ranks_per_node, cudaStream_t stream) {
   const int ranks_per_block = num_tokens_per_rdma_rank ? num_ranks_per_node : std::min(num_ranks, kMaxRanksPerBlock);
-  DEEP_EP_CHECK(ranks_per_block >= 1 && ranks_per_block <= kMaxRanksPerBlock,
-                "get_dispatch_layout supports at most ", kMaxRanksPerBlock, " ranks per node, got ", ranks_per_block);
+  DEEP_EP_CHECK(ranks_per_block >= 1 && ranks_per_block <= kMaxRanksPerBlock, "get_dispatch_layout supports at most ",
+                kMaxRanksPerBlock, " ranks per node, got ", ranks_per_block);
   const int num_expert_blocks = (num_experts + kExpertsPerBlock - 1) / kExpertsPerBlock;
   const int num_rank_blocks = (num_ranks + ranks_per_block - 1) / ranks_per_block;
   get_dispatch_layout<<<num_expert_blocks + num_rank_blocks, kThreads, 0, stream>>>(

@@ -9,8 +9,8 @@
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/low_latency/common.cuh"
-#include "kernels/low_latency/low_latency_gin.cuh"
 #include "kernels/low_latency/logfmt.hpp"
+#include "kernels/low_latency/low_latency_gin.cuh"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep::low_latency {
@@ -122,7 +122,10 @@ __device__ void run_send(const Peers& peers, const HalfLayout& layout, const Tra
     int lo = 0, hi = num_local_experts;  // the expert whose rows contain `row`
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      if (row_prefix[mid] <= row) lo = mid; else hi = mid;
+      if (row_prefix[mid] <= row)
+        lo = mid;
+      else
+        hi = mid;
     }
     const int local_expert = lo, expert_row = row - row_prefix[local_expert];
     int home_rank = 0;
@@ -269,7 +272,7 @@ __device__ void run_receive(const Peers& peers, const HalfLayout& layout, const 
           } else {
             const int4 v = device::ld_queue(reinterpret_cast<const int4*>(row) + octet);
             const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
-                                    static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
+                                       static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
               values[octet_idx][2 * q] = bf16_to_float(words[q] & 0xffffu);
@@ -300,9 +303,8 @@ __device__ void run_receive(const Peers& peers, const HalfLayout& layout, const 
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) combine(Peers peers, HalfLayout layout,
-                                                              const __grid_constant__ Transport net, CombineArgs args,
-                                                              int phases) {
+__global__ void __launch_bounds__(kThreads, 1)
+    combine(Peers peers, HalfLayout layout, const __grid_constant__ Transport net, CombineArgs args, int phases) {
   __shared__ int tag_shared, abort_flag;
   __shared__ int row_prefix[kMaxLocalExperts + 1];
   __shared__ int masked[kMaxLowLatencyRanks];
@@ -323,8 +325,7 @@ void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, 
             int num_blocks, cudaStream_t stream) {
   const int shared = (phases & kSend) ? combine_shared_bytes(args.num_local_experts, peers.num_ranks) : 0;
   if (shared > 40 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
-    DEEP_EP_CUDA_CHECK(
-        cudaFuncSetAttribute(combine<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(combine<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   combine<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }

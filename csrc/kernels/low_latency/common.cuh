@@ -11,9 +11,9 @@
 
 #include <cstdint>
 
-#include "protocol/control_region.hpp"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/low_latency/low_latency.hpp"
+#include "protocol/control_region.hpp"
 #include "transport/transport.cuh"
 
 namespace deep_ep::low_latency {
@@ -108,23 +108,23 @@ __device__ __forceinline__ int wait_count(const Peers& peers, const HalfLayout& 
                                           int source, int tag, Phase phase, int channel, long long& waited_cycles) {
   const bool remote = via_transport(peers, source);
   const auto* signal = reinterpret_cast<const int64_t*>(half_of(peers, peers.rank) + layout.signals_offset) + idx;
-  return wait_for_peer(peers, source, phase, channel, tag,
-                       [&](long long& observed) {
-                         const int64_t value = remote ? static_cast<int64_t>(net.read_signal(idx))
-                                                      : device::ld_acquire_sys(signal);
-                         const int observed_tag = static_cast<int>(value >> 32);
-                         observed = observed_tag;
-                         if (observed_tag == tag) return static_cast<int>(value & 0xffffffff);
-                         // Tags only grow: a later one means the peer overwrote this op's signal (and
-                         // maybe its rows).
-                         if (observed_tag - tag > 0) {
-                           device::report(peers.diagnostics, Phase::kLowLatencyOverrun, false, peers.rank, source,
-                                          channel, -1, tag, observed_tag);
-                           return -2;
-                         }
-                         return -1;
-                       },
-                       waited_cycles);
+  return wait_for_peer(
+      peers, source, phase, channel, tag,
+      [&](long long& observed) {
+        const int64_t value = remote ? static_cast<int64_t>(net.read_signal(idx)) : device::ld_acquire_sys(signal);
+        const int observed_tag = static_cast<int>(value >> 32);
+        observed = observed_tag;
+        if (observed_tag == tag) return static_cast<int>(value & 0xffffffff);
+        // Tags only grow: a later one means the peer overwrote this op's signal (and
+        // maybe its rows).
+        if (observed_tag - tag > 0) {
+          device::report(peers.diagnostics, Phase::kLowLatencyOverrun, false, peers.rank, source, channel, -1, tag,
+                         observed_tag);
+          return -2;
+        }
+        return -1;
+      },
+      waited_cycles);
 }
 
 // One lane, after wait_count announced `units` arrival units from transport source `source`: waits
@@ -137,13 +137,14 @@ __device__ __forceinline__ int wait_arrivals(const Peers& peers, const Transport
                                              uint64_t units, int source, Phase phase, int channel) {
   const uint64_t target = *consumed + units;
   long long cycles = 0;
-  const int result = wait_for_peer(peers, source, phase, channel, static_cast<long long>(target),
-                                   [&](long long& observed) {
-                                     const uint64_t value = net.read_signal(idx);
-                                     observed = static_cast<long long>(value);
-                                     return value >= target ? 0 : -1;
-                                   },
-                                   cycles);
+  const int result = wait_for_peer(
+      peers, source, phase, channel, static_cast<long long>(target),
+      [&](long long& observed) {
+        const uint64_t value = net.read_signal(idx);
+        observed = static_cast<long long>(value);
+        return value >= target ? 0 : -1;
+      },
+      cycles);
   if (result == 0) *consumed = target;
   return result;
 }
@@ -165,7 +166,7 @@ __device__ __forceinline__ void set_count(const Peers& peers, const HalfLayout& 
     return;
   }
   const uint64_t last = *reinterpret_cast<volatile uint64_t*>(mirror);
-  __syncwarp();  // every lane has read the mirror before lane 0 rewrites it
+  __syncwarp();                             // every lane has read the mirror before lane 0 rewrites it
   net.signal_add(dest, idx, value - last);  // wraps modulo 2^64 to exactly `value`
   if (device::lane_id() == 0) *mirror = value;
   __syncwarp();

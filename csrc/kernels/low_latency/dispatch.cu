@@ -149,7 +149,8 @@ __device__ void put_part(const Transport& net, const HalfLayout& layout, bool us
       // size up to 16 bytes stays inside the slot.
       const int64_t scale_bytes = (group_end - group_begin) * 4;
       const int64_t offset = layout.dispatch_scales_offset + group_begin * 4;
-      piece(!has_meta, offset, src_slot_offset + offset, group_end == num_groups ? (scale_bytes + 15) / 16 * 16 : scale_bytes);
+      piece(!has_meta, offset, src_slot_offset + offset,
+            group_end == num_groups ? (scale_bytes + 15) / 16 * 16 : scale_bytes);
     }
   }
   if (has_meta) piece(true, layout.dispatch_meta_offset, src_meta_offset, 16);
@@ -226,7 +227,9 @@ __device__ void run_send(const Peers& peers, const HalfLayout& layout, const Tra
                          ? half_of(peers, rank) + send_meta_offset + k * 16
                          : half_of(peers, expert / num_local_experts) + layout.dispatch_offset +
                                ((static_cast<int64_t>(expert % num_local_experts) * num_ranks + rank) * num_max_tokens +
-                                position) * layout.dispatch_slot_bytes + layout.dispatch_meta_offset;
+                                position) *
+                                   layout.dispatch_slot_bytes +
+                               layout.dispatch_meta_offset;
         *reinterpret_cast<int4*>(meta) = make_int4(token, k, 0, 0);
       }
     }
@@ -395,9 +398,8 @@ __device__ void run_receive(const Peers& peers, const HalfLayout& layout, const 
 // `net` reaches the peers for which via_transport is true: the kernel's __grid_constant__ parameter,
 // read in place, never copied (GIN keeps references into it for the whole kernel).
 template <typename Transport>
-__global__ void __launch_bounds__(kThreads, 1) dispatch(Peers peers, HalfLayout layout,
-                                                               const __grid_constant__ Transport net, DispatchArgs args,
-                                                               int phases) {
+__global__ void __launch_bounds__(kThreads, 1)
+    dispatch(Peers peers, HalfLayout layout, const __grid_constant__ Transport net, DispatchArgs args, int phases) {
   // Send: [T * K] expert ids (-1 for none or out of range), then the block's own positions.
   // Receive: [experts of this block][R + 1] counts. The two phases reuse the same memory.
   extern __shared__ int shared[];
@@ -439,11 +441,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(Peers peers, HalfLayout 
 template <typename Transport>
 void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, const DispatchArgs& args, int phases,
             int num_blocks, cudaStream_t stream) {
-  const int shared = dispatch_shared_bytes(args.num_tokens, args.num_topk, args.num_local_experts, peers.num_ranks,
-                                          num_blocks);
+  const int shared =
+      dispatch_shared_bytes(args.num_tokens, args.num_topk, args.num_local_experts, peers.num_ranks, num_blocks);
   if (shared > 47 * 1024)  // with the static shared memory, over the 48 KB a launch gets by default
-    DEEP_EP_CUDA_CHECK(
-        cudaFuncSetAttribute(dispatch<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(dispatch<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   dispatch<Transport><<<num_blocks, kThreads, shared, stream>>>(peers, layout, net, args, phases);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
@@ -462,8 +463,8 @@ int max_resident_blocks_per_sm() {
 }
 
 // The transports dispatch is built for.
-void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases,
-                     int num_blocks, cudaStream_t stream) {
+void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases, int num_blocks,
+                     cudaStream_t stream) {
   launch(peers, layout, p2p_transport(peers, layout), args, phases, num_blocks, stream);
 }
 

@@ -47,22 +47,20 @@
 
 namespace deep_ep::low_latency {
 
-constexpr int kLogfmtGroup = 64;                         // channels sharing one (lmin, step) header
-constexpr int kLogfmtOctet = 8;                          // codes per 10-byte octet, one lane's load
+constexpr int kLogfmtGroup = 64;  // channels sharing one (lmin, step) header
+constexpr int kLogfmtOctet = 8;   // codes per 10-byte octet, one lane's load
 constexpr int kLogfmtOctetBytes = 10;
-constexpr int kLogfmtHeaderBytes = 8;                    // float lmin, float step
+constexpr int kLogfmtHeaderBytes = 8;  // float lmin, float step
 constexpr int kLogfmtGroupBytes = kLogfmtHeaderBytes + kLogfmtGroup / kLogfmtOctet * kLogfmtOctetBytes;
-constexpr float kLogfmtRange = 20.0f;                    // octaves kept below the group maximum
-constexpr int kLogfmtLevels = 511;                       // nonzero magnitude levels, m in [1, 511]
+constexpr float kLogfmtRange = 20.0f;  // octaves kept below the group maximum
+constexpr int kLogfmtLevels = 511;     // nonzero magnitude levels, m in [1, 511]
 constexpr uint32_t kLogfmtSignBit = 1u << 9;
 constexpr uint32_t kLogfmtMagnitudeMask = kLogfmtSignBit - 1;
 constexpr uint32_t kLogfmtCodeMask = kLogfmtSignBit | kLogfmtMagnitudeMask;
-constexpr float kLogfmtSlack = 0x1p-15f;                 // float rounding allowance of the error bound
+constexpr float kLogfmtSlack = 0x1p-15f;  // float rounding allowance of the error bound
 static_assert(kLogfmtGroupBytes == 88, "the wire format fixes a group at 88 bytes");
 
-DEEP_EP_HOST_DEVICE int64_t logfmt_row_bytes(int64_t hidden) {
-  return hidden / kLogfmtGroup * kLogfmtGroupBytes;
-}
+DEEP_EP_HOST_DEVICE int64_t logfmt_row_bytes(int64_t hidden) { return hidden / kLogfmtGroup * kLogfmtGroupBytes; }
 
 // max_abs == 0 marks an all-zero group; min_abs_nonzero is then ignored.
 DEEP_EP_HOST_DEVICE void logfmt_group_params(float max_abs, float min_abs_nonzero, float& lmin, float& step) {

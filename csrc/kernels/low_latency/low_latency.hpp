@@ -41,51 +41,51 @@ inline uint32_t transport_peer_mask(int rank, int num_ranks, int num_ranks_per_n
 }
 
 struct Peers {
-  char** bases;          // device array [R]: each rank's allocation (control region first)
-  int64_t half_offset;   // where the active half starts inside each allocation
+  char** bases;         // device array [R]: each rank's allocation (control region first)
+  int64_t half_offset;  // where the active half starts inside each allocation
   int rank, num_ranks;
   uint32_t transport_peers;  // bit r: rank r is reached through the transport (transport_peer_mask)
-  int half;              // 0 or 1
-  bool enable_shrink;    // a peer that times out is masked instead of reported
+  int half;                  // 0 or 1
+  bool enable_shrink;        // a peer that times out is masked instead of reported
   DeviceDiagnostics* diagnostics;
   int64_t timeout_ns;
 };
 
 struct DispatchArgs {
-  const uint16_t* x;          // bf16 [T, H]
-  const int64_t* topk_idx;    // [T, K]
+  const uint16_t* x;        // bf16 [T, H]
+  const int64_t* topk_idx;  // [T, K]
   int num_tokens, num_topk, hidden, num_experts, num_local_experts, num_max_tokens;
   bool use_fp8, round_scale, use_ue8m0;
-  void* recv_x;               // [L, S, H] bf16 or e4m3
-  void* recv_scales;          // [L, H / 128, S] float32, or [L, H / 512, S] int32 (ue8m0), or null
-  int* recv_count;            // [L]
-  int* src_info;              // [2, L, S]: token, then top-k slot
-  int64_t* layout_range;      // [L, R]
-  int* cumulative_recv_stats; // [L] or null
+  void* recv_x;                   // [L, S, H] bf16 or e4m3
+  void* recv_scales;              // [L, H / 128, S] float32, or [L, H / 512, S] int32 (ue8m0), or null
+  int* recv_count;                // [L]
+  int* src_info;                  // [2, L, S]: token, then top-k slot
+  int64_t* layout_range;          // [L, R]
+  int* cumulative_recv_stats;     // [L] or null
   int64_t* wait_recv_cost_stats;  // [R] or null
 };
 
 struct CombineArgs {
-  const uint16_t* x;          // bf16 [L, S, H] rows with the strides below (elements)
+  const uint16_t* x;  // bf16 [L, S, H] rows with the strides below (elements)
   int64_t x_expert_stride, x_row_stride;
-  const int* src_info;        // [2, L, S]
+  const int* src_info;          // [2, L, S]
   const int64_t* layout_range;  // [L, R]
-  const int64_t* topk_idx;    // [T, K]
-  const float* topk_weights;  // [T, K]
+  const int64_t* topk_idx;      // [T, K]
+  const float* topk_weights;    // [T, K]
   int num_tokens, num_topk, hidden, num_experts, num_local_experts, num_max_tokens;
   bool use_logfmt;
-  uint16_t* combined_x;       // [T, H]
+  uint16_t* combined_x;           // [T, H]
   int64_t* wait_recv_cost_stats;  // [R] or null
 };
 
 // Grid and shared memory: `num_blocks` blocks of kThreads threads, one block per SM at most.
 constexpr int kThreads = 512;
 int dispatch_shared_bytes(int num_tokens, int num_topk, int num_local_experts, int num_ranks, int num_blocks);
-void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases,
-                     int num_blocks, cudaStream_t stream);
+void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases, int num_blocks,
+                     cudaStream_t stream);
 int combine_shared_bytes(int num_local_experts, int num_ranks);
-void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, int phases,
-                    int num_blocks, cudaStream_t stream);
+void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, int phases, int num_blocks,
+                    cudaStream_t stream);
 // Sets (1) or clears (0) ll_mask[rank] of this rank, or all entries with rank == -1.
 void launch_update_mask(char* own_base, int rank, int value, int num_ranks, cudaStream_t stream);
 void launch_query_mask(const char* own_base, int* mask_status, int num_ranks, cudaStream_t stream);

@@ -18,8 +18,9 @@ from . import suite
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-ranks", type=int, default=None,
-                        help="ranks (processes); default 8, or 16 with --mode internode")
+    parser.add_argument(
+        "--num-ranks", type=int, default=None, help="ranks (processes); default 8, or 16 with --mode internode"
+    )
     parser.add_argument("--num-sms", type=int, default=16, help="SMs (blocks) per rank for normal mode")
     parser.add_argument("--num-tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=7168)
@@ -27,17 +28,33 @@ def main() -> int:
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
-    parser.add_argument("--mode", choices=("all", "normal", "low_latency", "internode"), default="all",
-                        help="which ops to time: normal mode, low-latency mode, or both (default); or internode")
-    parser.add_argument("--internode-tokens", type=lambda v: [int(t) for t in v.split(",") if t], default=None,
-                        help="--mode internode: comma-separated tokens per rank to time (default: --num-tokens and "
-                             "4x it, to show the streaming scales linearly)")
-    parser.add_argument("--internode-sweep", action="store_true",
-                        help="--mode internode: also time other warp splits and batches (tuning)")
-    parser.add_argument("--ranks-per-node", type=int, default=8,
-                        help="--mode internode: ranks per (emulated) node; default 8")
-    parser.add_argument("--ll-num-tokens", type=int, default=128,
-                        help="low-latency mode: tokens per rank (= num_max_dispatch_tokens_per_rank)")
+    parser.add_argument(
+        "--mode",
+        choices=("all", "normal", "low_latency", "internode"),
+        default="all",
+        help="which ops to time: normal mode, low-latency mode, or both (default); or internode",
+    )
+    parser.add_argument(
+        "--internode-tokens",
+        type=lambda v: [int(t) for t in v.split(",") if t],
+        default=None,
+        help="--mode internode: comma-separated tokens per rank to time (default: --num-tokens and "
+        "4x it, to show the streaming scales linearly)",
+    )
+    parser.add_argument(
+        "--internode-sweep",
+        action="store_true",
+        help="--mode internode: also time other warp splits and batches (tuning)",
+    )
+    parser.add_argument(
+        "--ranks-per-node", type=int, default=8, help="--mode internode: ranks per (emulated) node; default 8"
+    )
+    parser.add_argument(
+        "--ll-num-tokens",
+        type=int,
+        default=128,
+        help="low-latency mode: tokens per rank (= num_max_dispatch_tokens_per_rank)",
+    )
     parser.add_argument("--ll-num-experts", type=int, default=288, help="low-latency mode: experts")
     args = parser.parse_args()
 
@@ -50,8 +67,10 @@ def main() -> int:
     if num_gpus == 0:
         print("deep_ep.bench: no CUDA device visible; nothing to benchmark")
         return 1
-    print(f"deep_ep.bench: {args.num_ranks} ranks on {num_gpus} GPU(s), {args.num_sms} SMs per rank (normal mode), "
-          f"mode {args.mode}")
+    print(
+        f"deep_ep.bench: {args.num_ranks} ranks on {num_gpus} GPU(s), {args.num_sms} SMs per rank (normal mode), "
+        f"mode {args.mode}"
+    )
     results = launch(suite.run_rank, args.num_ranks, args=(vars(args),), timeout_s=600, num_gpus=num_gpus)
     rows = results[0]
     print("\n=== SUMMARY ===")

@@ -51,15 +51,22 @@ def bench_multi_gpu_baselines(ctx, group, opts):
     dist.all_to_all_single(recv_counts, send_counts, group=nccl)
     recv_rows = torch.empty(int(recv_counts.sum().item()), h, dtype=torch.bfloat16, device="cuda")
     in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
-    ms = median_ms(lambda: dist.all_to_all_single(recv_rows, send_rows, out_splits, in_splits, group=nccl),
-                   opts["iters"])
+    ms = median_ms(
+        lambda: dist.all_to_all_single(recv_rows, send_rows, out_splits, in_splits, group=nccl), opts["iters"]
+    )
     local = torch.tensor([ms, recv_rows.numel() * 2], dtype=torch.float64)
     gathered = [None] * ctx.num_ranks
     dist.all_gather_object(gathered, local.tolist(), group=group)
     mean_ms = statistics.fmean(g[0] for g in gathered)
     mean_bytes = statistics.fmean(g[1] for g in gathered)
-    rows.append(("NCCL all_to_all_single, dispatch BF16 bytes", f"{t} tok x {h}, top-{k}/{e}", "NCCL",
-                 f"{mean_bytes / (mean_ms * 1e-3) / 1e9:.0f} GB/s/rank, {mean_ms * 1e3:.0f} us",
-                 "same bytes as dispatch BF16"))
+    rows.append(
+        (
+            "NCCL all_to_all_single, dispatch BF16 bytes",
+            f"{t} tok x {h}, top-{k}/{e}",
+            "NCCL",
+            f"{mean_bytes / (mean_ms * 1e-3) / 1e9:.0f} GB/s/rank, {mean_ms * 1e3:.0f} us",
+            "same bytes as dispatch BF16",
+        )
+    )
     dist.destroy_process_group(nccl)
     return rows

@@ -28,10 +28,18 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
     if len(counts) > 1:
         first = counts[0]
         for t in counts[1:]:
-            ratios = ", ".join(f"{name} {dispatch_us[t][name] / dispatch_us[first][name]:.2f}x"
-                               for name in dispatch_us[first])
-            rows.append((f"internode time {t} / {first} tokens", f"{t // first}x the tokens", "-", ratios,
-                         "linear streaming gives the token ratio"))
+            ratios = ", ".join(
+                f"{name} {dispatch_us[t][name] / dispatch_us[first][name]:.2f}x" for name in dispatch_us[first]
+            )
+            rows.append(
+                (
+                    f"internode time {t} / {first} tokens",
+                    f"{t // first}x the tokens",
+                    "-",
+                    ratios,
+                    "linear streaming gives the token ratio",
+                )
+            )
     return rows
 
 
@@ -48,20 +56,32 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
     results = []
     for warps in _SWEEP_WARPS:
         os.environ["DEEP_EP_INTERNODE_WARPS"] = warps
-        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
-                    group, iters, flush)
-        c = time_op(lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)), group,
-                    iters, flush)
+        d = time_op(
+            lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
+            group,
+            iters,
+            flush,
+        )
+        c = time_op(
+            lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)), group, iters, flush
+        )
         results.append((f"warps {warps}", d, c))
     os.environ.pop("DEEP_EP_INTERNODE_WARPS", None)
     for nvl_send, rdma_send in _SWEEP_BATCHES:
-        d = time_op(lambda: buffer.dispatch(x, handle=handle,
-                                            config=deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)),
-                    group, iters, flush)
+        d = time_op(
+            lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)),
+            group,
+            iters,
+            flush,
+        )
         results.append((f"dispatch batch {rdma_send}", d, float("nan")))
     for push in _SWEEP_PUSH:
-        c = time_op(lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, push, 288, 12, 128)), group,
-                    iters, flush)
+        c = time_op(
+            lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, push, 288, 12, 128)),
+            group,
+            iters,
+            flush,
+        )
         results.append((f"combine push {push}", float("nan"), c))
     gathered = [None] * group.size()
     dist.all_gather_object(gathered, [(d, c) for _, d, c in results], group=group)
@@ -69,8 +89,15 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
     for i, (name, _, _) in enumerate(results):
         d = sum(g[i][0] for g in gathered) / len(gathered)
         c = sum(g[i][1] for g in gathered) / len(gathered)
-        rows.append((f"internode sweep {name}", f"{x.size(0)} tok", str(num_sms),
-                     f"dispatch BF16 {d * 1e3:.0f} us, combine {c * 1e3:.0f} us", "-"))
+        rows.append(
+            (
+                f"internode sweep {name}",
+                f"{x.size(0)} tok",
+                str(num_sms),
+                f"dispatch BF16 {d * 1e3:.0f} us, combine {c * 1e3:.0f} us",
+                "-",
+            )
+        )
     return rows
 
 
@@ -81,10 +108,12 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     deep_ep.Buffer.set_num_sms(num_sms)
     dispatch_config = deep_ep.Buffer.get_dispatch_config(num_ranks)
     combine_config = deep_ep.Buffer.get_combine_config(num_ranks)
-    nvl_bytes = max(c.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
-                    for c in (dispatch_config, combine_config))
-    rdma_bytes = max(c.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn)
-                     for c in (dispatch_config, combine_config))
+    nvl_bytes = max(
+        c.get_nvl_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn) for c in (dispatch_config, combine_config)
+    )
+    rdma_bytes = max(
+        c.get_rdma_buffer_size_hint(h * 2, num_ranks, num_ranks_per_node=rn) for c in (dispatch_config, combine_config)
+    )
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
     assert buffer.runtime.num_nodes() == num_ranks // rn, "DEEP_EP_RANKS_PER_NODE must be set before the ranks start"
 
@@ -95,10 +124,15 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
     topk_weights = torch.rand(t, k, device="cuda")
     per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
-    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-                  num_tokens_per_expert=per_expert)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
-                                                 config=dispatch_config, **layout)
+    layout = dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+    )
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout
+    )
     num_recv = recv_x.size(0)
     node = ctx.rank // rn
     sent_per_node = handle[1][:, -1].tolist()  # tokens this rank sends to each node
@@ -106,14 +140,20 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
 
     iters = opts["iters"]
     timed = {
-        "dispatch FP8": time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters,
-                                flush),
-        "dispatch BF16": time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters,
-                                 flush),
+        "dispatch FP8": time_op(
+            lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters, flush
+        ),
+        "dispatch BF16": time_op(
+            lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters, flush
+        ),
         "combine BF16": time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush),
     }
-    with_notify = time_op(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
-                                                  config=dispatch_config, **layout), group, iters, flush)
+    with_notify = time_op(
+        lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout),
+        group,
+        iters,
+        flush,
+    )
     sweep_rows = _sweep(buffer, x, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
     local = [timed[name] for name in timed] + [with_notify, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
@@ -121,21 +161,36 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
     mean_recv, mean_rdma = mean[-2], mean[-1]
     size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
-    rings = (f"rings: dispatch RDMA {dispatch_config.num_max_rdma_chunked_recv_tokens} rows (batch "
-             f"{dispatch_config.num_max_rdma_chunked_send_tokens}), combine NVL "
-             f"{combine_config.num_max_nvl_chunked_recv_tokens} / RDMA {combine_config.num_max_rdma_chunked_recv_tokens}")
+    rings = (
+        f"rings: dispatch RDMA {dispatch_config.num_max_rdma_chunked_recv_tokens} rows (batch "
+        f"{dispatch_config.num_max_rdma_chunked_send_tokens}), combine NVL "
+        f"{combine_config.num_max_nvl_chunked_recv_tokens} / RDMA {combine_config.num_max_rdma_chunked_recv_tokens}"
+    )
     rows = []
     for i, name in enumerate(timed):
         ms = mean[i]
         row_bytes = h * 2 * ((1 + 4 / 128) / 2 if "FP8" in name else 1)
         logical = mean_recv * row_bytes / (ms * 1e-3) / 1e9
         rdma = mean_rdma * row_bytes / (ms * 1e-3) / 1e9
-        rows.append((f"internode {name} (cached)", size, str(num_sms),
-                     f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us",
-                     f"RDMA {rdma:.0f} GB/s, NVLink {logical:.0f} GB/s per rank; {num_ranks} ranks x {logical:.0f} "
-                     f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
-    rows.append(("internode dispatch BF16 (with notify)", size, str(num_sms), f"{mean[3] * 1e3:.0f} us",
-                 f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}"))
+        rows.append(
+            (
+                f"internode {name} (cached)",
+                size,
+                str(num_sms),
+                f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                f"RDMA {rdma:.0f} GB/s, NVLink {logical:.0f} GB/s per rank; {num_ranks} ranks x {logical:.0f} "
+                f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}",
+            )
+        )
+    rows.append(
+        (
+            "internode dispatch BF16 (with notify)",
+            size,
+            str(num_sms),
+            f"{mean[3] * 1e3:.0f} us",
+            f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}",
+        )
+    )
     rows += sweep_rows
     torch.cuda.synchronize()
     buffer.destroy()

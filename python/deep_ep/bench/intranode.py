@@ -31,8 +31,10 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
     deep_ep.Buffer.set_num_sms(opts["num_sms"])
     dispatch_config = deep_ep.Buffer.get_dispatch_config(num_ranks)
     combine_config = deep_ep.Buffer.get_combine_config(num_ranks)
-    nvl_bytes = max(dispatch_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
-                    combine_config.get_nvl_buffer_size_hint(h * 2, num_ranks))
+    nvl_bytes = max(
+        dispatch_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
+        combine_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
+    )
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
 
     torch.manual_seed(100 + ctx.rank)
@@ -42,20 +44,32 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
     topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
     topk_weights = torch.rand(t, k, device="cuda")
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
-    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                      num_tokens_per_expert=per_expert, topk_idx=topk_idx,
-                                                      topk_weights=topk_weights, config=dispatch_config)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        config=dispatch_config,
+    )
     num_recv = recv_x.size(0)
     recv_bf16_bytes = num_recv * h * 2
 
     iters = opts["iters"]
     results = {}
-    results["dispatch FP8"] = (time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group,
-                                       iters, flush), recv_bf16_bytes * (1 + 4 / 128) / 2)
-    results["dispatch BF16"] = (time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group,
-                                        iters, flush), recv_bf16_bytes)
-    results["combine BF16"] = (time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters,
-                                       flush), recv_bf16_bytes)
+    results["dispatch FP8"] = (
+        time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters, flush),
+        recv_bf16_bytes * (1 + 4 / 128) / 2,
+    )
+    results["dispatch BF16"] = (
+        time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters, flush),
+        recv_bf16_bytes,
+    )
+    results["combine BF16"] = (
+        time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush),
+        recv_bf16_bytes,
+    )
     pulled = buffer.runtime.last_combine_pulled()
     # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
     chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
@@ -65,14 +79,26 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         os.environ.pop("DEEP_EP_PULL_COMBINE")
     else:
         os.environ["DEEP_EP_PULL_COMBINE"] = chosen
-    non_cached_ms = time_op(lambda: buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config), group, iters, flush)
+    non_cached_ms = time_op(
+        lambda: buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            config=dispatch_config,
+        ),
+        group,
+        iters,
+        flush,
+    )
 
     # Mean over ranks of each rank's median time.
-    local = torch.tensor([results[name][0] for name in REFERENCE_GBPS] + [ring_combine_ms, non_cached_ms,
-                                                                           float(num_recv)],
-                         dtype=torch.float64)
+    local = torch.tensor(
+        [results[name][0] for name in REFERENCE_GBPS] + [ring_combine_ms, non_cached_ms, float(num_recv)],
+        dtype=torch.float64,
+    )
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local.tolist(), group=group)
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
@@ -83,18 +109,37 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         ms = mean[i]
         logical = results[name][1] / num_recv * mean_recv
         gbps = logical / (ms * 1e-3) / 1e9
-        rows.append((f"{name} (cached)", size, str(opts["num_sms"]),
-                     f"{gbps:.0f} GB/s/rank, {ms * 1e3:.0f} us",
-                     f"{gbps / REFERENCE_GBPS[name]:.2f}x DeepEP ({REFERENCE_GBPS[name]:.0f}), "
-                     f"{_vs_scaled_reference(gbps, name, copy_gbps)}; "
-                     f"{num_ranks} ranks x {gbps:.0f} = {num_ranks * gbps:.0f} GB/s logical vs copy {copy_gbps:.0f}"))
+        rows.append(
+            (
+                f"{name} (cached)",
+                size,
+                str(opts["num_sms"]),
+                f"{gbps:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                f"{gbps / REFERENCE_GBPS[name]:.2f}x DeepEP ({REFERENCE_GBPS[name]:.0f}), "
+                f"{_vs_scaled_reference(gbps, name, copy_gbps)}; "
+                f"{num_ranks} ranks x {gbps:.0f} = {num_ranks * gbps:.0f} GB/s logical vs copy {copy_gbps:.0f}",
+            )
+        )
     ring_gbps = recv_bf16_bytes / num_recv * mean_recv / (mean[3] * 1e-3) / 1e9
-    rows.append(("combine BF16 (cached), ring", size, str(opts["num_sms"]),
-                 f"{ring_gbps:.0f} GB/s/rank, {mean[3] * 1e3:.0f} us",
-                 f"DEEP_EP_PULL_COMBINE=0: {ring_gbps / REFERENCE_GBPS['combine BF16']:.2f}x DeepEP; the row above "
-                 f"{'pulled' if pulled else 'did not pull'}, {mean[3] / mean[2]:.2f}x faster than this"))
-    rows.append(("dispatch BF16 (with notify)", size, str(opts["num_sms"]), f"{mean[4] * 1e3:.0f} us",
-                 f"{mean_recv:.0f} rows received per rank"))
+    rows.append(
+        (
+            "combine BF16 (cached), ring",
+            size,
+            str(opts["num_sms"]),
+            f"{ring_gbps:.0f} GB/s/rank, {mean[3] * 1e3:.0f} us",
+            f"DEEP_EP_PULL_COMBINE=0: {ring_gbps / REFERENCE_GBPS['combine BF16']:.2f}x DeepEP; the row above "
+            f"{'pulled' if pulled else 'did not pull'}, {mean[3] / mean[2]:.2f}x faster than this",
+        )
+    )
+    rows.append(
+        (
+            "dispatch BF16 (with notify)",
+            size,
+            str(opts["num_sms"]),
+            f"{mean[4] * 1e3:.0f} us",
+            f"{mean_recv:.0f} rows received per rank",
+        )
+    )
     if opts.get("sweep"):
         rows.extend(_sweep(ctx, group, opts, flush, buffer_args=(x, x_fp8, recv_x, handle, num_recv)))
     buffer.destroy()
@@ -118,7 +163,14 @@ def _sweep(ctx, group, opts, flush, buffer_args):
         d = sum(g[0] for g in gathered) / len(gathered)
         c = sum(g[1] for g in gathered) / len(gathered)
         gb = num_recv * h * 2 / 1e9
-        rows.append((f"sweep send={send} slots={slots}", "BF16", str(num_sms),
-                     f"dispatch {gb / (d * 1e-3):.0f} GB/s, combine {gb / (c * 1e-3):.0f} GB/s", "-"))
+        rows.append(
+            (
+                f"sweep send={send} slots={slots}",
+                "BF16",
+                str(num_sms),
+                f"dispatch {gb / (d * 1e-3):.0f} GB/s, combine {gb / (c * 1e-3):.0f} GB/s",
+                "-",
+            )
+        )
     buffer.destroy()
     return rows

@@ -53,8 +53,10 @@ def _time_graphs(parts, group, iters, flush, calls_per_sample):
         flush.zero_()
         torch.cuda.synchronize()
         dist.barrier(group)
-        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in parts]
-                  for _ in range(calls_per_sample if len(parts) > 1 else 1)]
+        events = [
+            [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in parts]
+            for _ in range(calls_per_sample if len(parts) > 1 else 1)
+        ]
         for per_part in events:
             for graph, (start, end) in zip(parts, per_part):
                 torch.cuda._sleep(_SLEEP_CYCLES)
@@ -103,8 +105,13 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
         return [("LL dispatch/combine", size, "-", "skipped", f"{e} experts do not split over {num_ranks} ranks")]
     num_local_experts, num_slots = e // num_ranks, num_ranks * t
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(t, h, num_ranks, e)
-    buffer = deep_ep.Buffer(group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
-                            num_qps_per_rank=num_local_experts, explicitly_destroy=True)
+    buffer = deep_ep.Buffer(
+        group,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=True,
+        num_qps_per_rank=num_local_experts,
+        explicitly_destroy=True,
+    )
 
     torch.manual_seed(200 + ctx.rank)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
@@ -121,12 +128,14 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
         return buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle, return_recv_hook=hook)
 
     iters, calls = opts["iters"], 8
-    dispatch_ms, = _time_graphs([_capture(dispatch, calls)], group, iters, flush, calls)
-    combine_ms, = _time_graphs([_capture(combine, calls)], group, iters, flush, calls)
+    (dispatch_ms,) = _time_graphs([_capture(dispatch, calls)], group, iters, flush, calls)
+    (combine_ms,) = _time_graphs([_capture(combine, calls)], group, iters, flush, calls)
     # The same calls as two kernels each (the send, then its hook at once): whether a receive that starts
     # after the whole send beats the fused kernel, whose receiving blocks poll while others still send.
-    split_dispatch_ms, = _time_graphs([_capture(lambda: dispatch(hook=True)[-1](), calls)], group, iters, flush, calls)
-    split_combine_ms, = _time_graphs([_capture(lambda: combine(hook=True)[-1](), calls)], group, iters, flush, calls)
+    (split_dispatch_ms,) = _time_graphs(
+        [_capture(lambda: dispatch(hook=True)[-1](), calls)], group, iters, flush, calls
+    )
+    (split_combine_ms,) = _time_graphs([_capture(lambda: combine(hook=True)[-1](), calls)], group, iters, flush, calls)
     dispatch_halves = _time_halves(lambda: dispatch(hook=True), group, iters, flush)
     combine_halves = _time_halves(lambda: combine(hook=True), group, iters, flush)
 
@@ -139,8 +148,18 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
     combine_min = num_received * h * 2 + t * h * 2
     dispatch_design = t * h * 2 + num_sent * fp8_slot + num_received * (fp8_slot + fp8_row + 8)
     combine_design = num_received * h * 2 * 2 + num_sent * h * 2 + t * h * 2
-    local = [dispatch_ms, combine_ms, *dispatch_halves, *combine_halves, dispatch_min, combine_min, dispatch_design,
-             combine_design, split_dispatch_ms, split_combine_ms]
+    local = [
+        dispatch_ms,
+        combine_ms,
+        *dispatch_halves,
+        *combine_halves,
+        dispatch_min,
+        combine_min,
+        dispatch_design,
+        combine_design,
+        split_dispatch_ms,
+        split_combine_ms,
+    ]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     sharing = _ranks_on_my_gpu(ctx)
@@ -153,22 +172,34 @@ def bench_low_latency(ctx, group, opts, flush, copy_gbps):
         def share(num_bytes):
             gbps = num_bytes / (ms * 1e-3) / 1e9
             return f"{num_bytes / 1e6:.0f} MB = {100 * gbps / copy_gbps:.0f}%" if copy_gbps > 0 else "no ceiling"
-        return (f"min {share(min_bytes)}, design moves {share(design_bytes)} of copy {copy_gbps:.0f} GB/s; "
-                f"{len(sharing)} rank(s) on this GPU")
+
+        return (
+            f"min {share(min_bytes)}, design moves {share(design_bytes)} of copy {copy_gbps:.0f} GB/s; "
+            f"{len(sharing)} rank(s) on this GPU"
+        )
 
     # The kernels take the GPU's SMs split among the ranks sharing it (one block per SM).
     sms = str(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count // len(sharing))
     rows = []
-    ops = (("LL dispatch FP8", mean[0], mean[2], mean[3], gpu_bytes[0], gpu_bytes[2]),
-           ("LL combine BF16", mean[1], mean[4], mean[5], gpu_bytes[1], gpu_bytes[3]))
+    ops = (
+        ("LL dispatch FP8", mean[0], mean[2], mean[3], gpu_bytes[0], gpu_bytes[2]),
+        ("LL combine BF16", mean[1], mean[4], mean[5], gpu_bytes[1], gpu_bytes[3]),
+    )
     for name, ms, _, _, min_bytes, design_bytes in ops:
         rows.append((name, size, sms, f"{ms * 1e3:.1f} us", figures(ms, min_bytes, design_bytes)))
     for (name, _, _, _, min_bytes, design_bytes), ms in zip(ops, split):
-        rows.append((f"{name}, send + hook back to back", size, sms, f"{ms * 1e3:.1f} us",
-                     figures(ms, min_bytes, design_bytes)))
+        rows.append(
+            (f"{name}, send + hook back to back", size, sms, f"{ms * 1e3:.1f} us", figures(ms, min_bytes, design_bytes))
+        )
     for name, _, send_ms, receive_ms, min_bytes, design_bytes in ops:
-        rows.append((f"{name} with hook: send | recv", size, sms,
-                     f"{send_ms * 1e3:.1f} | {receive_ms * 1e3:.1f} us",
-                     "sum: " + figures(send_ms + receive_ms, min_bytes, design_bytes)))
+        rows.append(
+            (
+                f"{name} with hook: send | recv",
+                size,
+                sms,
+                f"{send_ms * 1e3:.1f} | {receive_ms * 1e3:.1f} us",
+                "sum: " + figures(send_ms + receive_ms, min_bytes, design_bytes),
+            )
+        )
     buffer.destroy()
     return rows

@@ -62,8 +62,9 @@ class RankFailure(Exception):
     lists the ranks that were still running when the run was stopped.
     """
 
-    def __init__(self, message: str, failures: Optional[Mapping[int, str]] = None,
-                 unfinished: Sequence[int] = ()) -> None:
+    def __init__(
+        self, message: str, failures: Optional[Mapping[int, str]] = None, unfinished: Sequence[int] = ()
+    ) -> None:
         super().__init__(message)
         self.failures: Dict[int, str] = dict(failures or {})
         self.unfinished: List[int] = list(unfinished)
@@ -111,9 +112,15 @@ def visible_gpu_count() -> int:
         return 0
 
 
-def launch(fn: Callable[..., Any], num_ranks: int, args: Sequence[Any] = (), timeout_s: float = 300.0,
-           num_gpus: Optional[int] = None, use_mps: Optional[bool] = None,
-           env: Optional[Mapping[str, str]] = None) -> List[Any]:
+def launch(
+    fn: Callable[..., Any],
+    num_ranks: int,
+    args: Sequence[Any] = (),
+    timeout_s: float = 300.0,
+    num_gpus: Optional[int] = None,
+    use_mps: Optional[bool] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> List[Any]:
     """Call fn(ctx, *args) on num_ranks spawned processes and return their results in rank order.
 
     fn and args must be picklable (a module-level function), and so must every result. use_mps: None starts a
@@ -129,8 +136,9 @@ def launch(fn: Callable[..., Any], num_ranks: int, args: Sequence[Any] = (), tim
     try:
         payload = pickle.dumps((fn, tuple(args)))
     except Exception as error:
-        raise TypeError(f"fn and args must be picklable to reach spawned ranks (use a module-level function): "
-                        f"{error!r}") from error
+        raise TypeError(
+            f"fn and args must be picklable to reach spawned ranks (use a module-level function): {error!r}"
+        ) from error
     disable_multicast()
     if num_gpus is None:
         num_gpus = visible_gpu_count()
@@ -154,9 +162,13 @@ def init_process_group(ctx: RankContext, timeout_s: float = 300.0) -> Any:
     disable_multicast()
     if ctx.device is not None:
         torch.cuda.set_device(ctx.device)
-    dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.num_ranks,
-                            init_method=f"tcp://{MASTER_ADDR}:{ctx.master_port}",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        rank=ctx.rank,
+        world_size=ctx.num_ranks,
+        init_method=f"tcp://{MASTER_ADDR}:{ctx.master_port}",
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     return dist.group.WORLD
 
 
@@ -183,8 +195,10 @@ def _mps_for_run(num_ranks: int, num_gpus: int, use_mps: Optional[bool]) -> cont
     except ImportError:  # loaded as a top-level module, beside mps.py, without the compiled package
         from mps import MpsDaemon, mps_control_path  # type: ignore[no-redef]
     if use_mps is None and mps_control_path() is None:
-        warnings.warn(f"{num_ranks} ranks share {num_gpus} GPU(s) but nvidia-cuda-mps-control is not on PATH: "
-                      f"ranks will be time-sliced and cross-rank handshakes will be slow")
+        warnings.warn(
+            f"{num_ranks} ranks share {num_gpus} GPU(s) but nvidia-cuda-mps-control is not on PATH: "
+            f"ranks will be time-sliced and cross-rank handshakes will be slow"
+        )
         return contextlib.nullcontext()
     return MpsDaemon()
 
@@ -238,8 +252,9 @@ def _patched_environ(updates: Mapping[str, Optional[str]]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _run_ranks(payload: bytes, num_ranks: int, num_gpus: int, timeout_s: float,
-               extra_env: Mapping[str, str]) -> List[Any]:
+def _run_ranks(
+    payload: bytes, num_ranks: int, num_gpus: int, timeout_s: float, extra_env: Mapping[str, str]
+) -> List[Any]:
     mp_context = multiprocessing.get_context("spawn")
     results_queue = mp_context.Queue()
     master_port = _free_port()
@@ -247,11 +262,17 @@ def _run_ranks(payload: bytes, num_ranks: int, num_gpus: int, timeout_s: float,
     processes: List[Any] = []
     try:
         for rank in range(num_ranks):
-            ctx = RankContext(rank=rank, num_ranks=num_ranks, device=rank % num_gpus if num_gpus > 0 else None,
-                              num_gpus=num_gpus, master_port=master_port)
+            ctx = RankContext(
+                rank=rank,
+                num_ranks=num_ranks,
+                device=rank % num_gpus if num_gpus > 0 else None,
+                num_gpus=num_gpus,
+                master_port=master_port,
+            )
             # Not daemonic: a rank may start processes of its own; _stop_ranks below reaps every rank instead.
-            process = mp_context.Process(target=_rank_main, args=(ctx, payload, results_queue),
-                                         name=f"deep_ep-rank{rank}")
+            process = mp_context.Process(
+                target=_rank_main, args=(ctx, payload, results_queue), name=f"deep_ep-rank{rank}"
+            )
             with _patched_environ(_rank_environ(ctx, extra_env)):
                 process.start()
             processes.append(process)
@@ -300,8 +321,9 @@ def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, time
                 stop_at = min(stop_at, time.monotonic() + FAILURE_GRACE_S)
             seen_dead.add(rank)
 
-    unfinished = [rank for rank in range(num_ranks)
-                  if rank not in results and rank not in failures and rank not in skipped]
+    unfinished = [
+        rank for rank in range(num_ranks) if rank not in results and rank not in failures and rank not in skipped
+    ]
     if failures:
         raise RankFailure(_failure_message(failures, unfinished, num_ranks), failures, unfinished)
     if skipped:
@@ -316,10 +338,12 @@ def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, time
         process.join(max(0.0, deadline - time.monotonic()))
     lingering = [rank for rank, process in enumerate(processes) if process.exitcode is None]
     if lingering:
-        raise RankTimeout(_timeout_message(lingering, num_ranks, timeout_s, "returned but did not exit"),
-                          {}, lingering)
-    crashed = {rank: _describe_exit(process.exitcode, reported=True)
-               for rank, process in enumerate(processes) if process.exitcode != 0}
+        raise RankTimeout(_timeout_message(lingering, num_ranks, timeout_s, "returned but did not exit"), {}, lingering)
+    crashed = {
+        rank: _describe_exit(process.exitcode, reported=True)
+        for rank, process in enumerate(processes)
+        if process.exitcode != 0
+    }
     if crashed:
         raise RankFailure(_failure_message(crashed, [], num_ranks), crashed, [])
     return [results[rank] for rank in range(num_ranks)]
@@ -357,8 +381,10 @@ def _failure_message(failures: Mapping[int, str], unfinished: Sequence[int], num
 
 def _timeout_message(ranks: Sequence[int], num_ranks: int, timeout_s: float, what: str) -> str:
     noun = "rank" if len(ranks) == 1 else "ranks"
-    return (f"timed out after {timeout_s:g} s: {noun} {_rank_list(ranks)} of {num_ranks} {what}; "
-            f"all ranks have been stopped")
+    return (
+        f"timed out after {timeout_s:g} s: {noun} {_rank_list(ranks)} of {num_ranks} {what}; "
+        f"all ranks have been stopped"
+    )
 
 
 def _stop_ranks(processes: Sequence[Any]) -> None:

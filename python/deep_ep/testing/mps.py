@@ -63,8 +63,10 @@ class MpsDaemon:
             raise RuntimeError("this MPS daemon is already running")
         control = mps_control_path()
         if control is None:
-            raise RuntimeError(f"{MPS_CONTROL} is not on PATH: cannot start an MPS daemon to share a GPU between "
-                               f"ranks (install the CUDA MPS tools, or run one rank per GPU with use_mps=False)")
+            raise RuntimeError(
+                f"{MPS_CONTROL} is not on PATH: cannot start an MPS daemon to share a GPU between "
+                f"ranks (install the CUDA MPS tools, or run one rank per GPU with use_mps=False)"
+            )
         self._control = control
         # Short folders directly under /tmp: MPS puts unix sockets there, whose paths are limited to ~100 bytes.
         base = "/tmp" if os.path.isdir("/tmp") else None
@@ -107,16 +109,23 @@ class MpsDaemon:
         # Output goes to a file, not a pipe: the forked daemon could keep a pipe open and block the wait for EOF.
         out_path = os.path.join(self.log_dir, "start.out")
         with open(out_path, "wb") as out:
-            done = subprocess.run([self._control, "-d"], stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, env=dict(os.environ), timeout=self.start_timeout_s)
+            done = subprocess.run(
+                [self._control, "-d"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ),
+                timeout=self.start_timeout_s,
+            )
         if done.returncode != 0:
             raise RuntimeError(f"`{MPS_CONTROL} -d` failed with exit code {done.returncode}: {self._logs()}")
         pipe = os.path.join(self.pipe_dir, "control")
         give_up = time.monotonic() + self.start_timeout_s
         while not os.path.exists(pipe):
             if time.monotonic() > give_up:
-                raise RuntimeError(f"the MPS control daemon did not create {pipe} within "
-                                   f"{self.start_timeout_s:g} s: {self._logs()}")
+                raise RuntimeError(
+                    f"the MPS control daemon did not create {pipe} within {self.start_timeout_s:g} s: {self._logs()}"
+                )
             time.sleep(0.02)
         self._daemon_pid = _read_daemon_pid(self.pipe_dir)
 
@@ -125,8 +134,14 @@ class MpsDaemon:
         environ = dict(os.environ, **{PIPE_ENV: self.pipe_dir, LOG_ENV: self.log_dir})
         give_up = time.monotonic() + self.stop_timeout_s
         try:
-            subprocess.run([self._control], input=b"quit\n", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=environ, timeout=self.stop_timeout_s)
+            subprocess.run(
+                [self._control],
+                input=b"quit\n",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=environ,
+                timeout=self.stop_timeout_s,
+            )
         except subprocess.TimeoutExpired:
             pass
         pid = self._daemon_pid
@@ -135,8 +150,9 @@ class MpsDaemon:
         while _process_alive(pid) and time.monotonic() < give_up:
             time.sleep(0.05)
         if _process_alive(pid):
-            warnings.warn(f"the MPS control daemon (pid {pid}) did not quit within {self.stop_timeout_s:g} s; "
-                          f"sending it SIGTERM")
+            warnings.warn(
+                f"the MPS control daemon (pid {pid}) did not quit within {self.stop_timeout_s:g} s; sending it SIGTERM"
+            )
             try:
                 os.kill(pid, signal.SIGTERM)
             except OSError:

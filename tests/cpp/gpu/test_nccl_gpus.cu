@@ -17,8 +17,8 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -137,9 +137,9 @@ std::string run_ranks(const std::function<void(int, Group&)>& body) {
   return failures;
 }
 
-#define SKIP_WITHOUT_TWO_GPUS()                                                                  \
-  do {                                                                                           \
-    static const int gpus = visible_gpu_count();                                                 \
+#define SKIP_WITHOUT_TWO_GPUS()                                                                     \
+  do {                                                                                              \
+    static const int gpus = visible_gpu_count();                                                    \
     if (gpus < kNumRanks) GTEST_SKIP() << "needs " << kNumRanks << " GPUs, " << gpus << " visible"; \
   } while (0)
 
@@ -227,11 +227,10 @@ TEST(NcclOnGpus, SymmetricWindowIsWrittenByThePeer) {
     require_cuda(cudaMemcpy(words.data(), memory, kWords * sizeof(int), cudaMemcpyDeviceToHost), "cudaMemcpy");
     const int writer = (rank + kNumRanks - 1) % kNumRanks;
     for (int i = 0; i < kWords; ++i)
-      require(words[i] == writer * 1000003 + i,
-              "word " + std::to_string(i) + " is " + std::to_string(words[i]) + ", expected from rank " +
-                  std::to_string(writer));
+      require(words[i] == writer * 1000003 + i, "word " + std::to_string(i) + " is " + std::to_string(words[i]) +
+                                                    ", expected from rank " + std::to_string(writer));
     group.barrier();  // no peer still reads this window when it goes
-    comm.reset();  // deregisters the window
+    comm.reset();     // deregisters the window
     NcclCommunicator::free_window_memory(memory);
   });
   EXPECT_EQ(failures, "");

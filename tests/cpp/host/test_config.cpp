@@ -5,10 +5,10 @@
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
+#include "kernels/low_latency/low_latency.hpp"
 #include "protocol/internode_layout.hpp"
 #include "protocol/intranode_layout.hpp"
 #include "protocol/low_latency_layout.hpp"
-#include "kernels/low_latency/low_latency.hpp"
 
 using namespace deep_ep;
 
@@ -70,9 +70,10 @@ TEST(Config, InternodeHintsMatchTheLayout) {
   const auto four_nodes = internode::Layout::make(4, 4, 8, 128, stride);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16, 4), four_nodes.rdma_bytes);
   // Combine rings: channels x ranks per node x 32 rows, whatever the token count.
-  EXPECT_EQ(c.get_nvl_buffer_size_hint(hidden_bytes, 16),
-            internode::align_up(two_nodes.nvl_fixed_bytes +
-                                    int64_t(8) * 8 * 32 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
+  EXPECT_EQ(
+      c.get_nvl_buffer_size_hint(hidden_bytes, 16),
+      internode::align_up(
+          two_nodes.nvl_fixed_bytes + int64_t(8) * 8 * 32 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
   EXPECT_EQ(internode::combine_ring_bytes(8, 8, 32, 100), int64_t(8) * 8 * 32 * 100);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16) % 128, 0);
 }
@@ -89,12 +90,16 @@ TEST(Config, TablesCoverV1RankCounts) {
 // Internode configs are V1's table: (nvl send, nvl recv, rdma send, rdma recv) per rank count, the
 // RDMA ring rounded up to a multiple of the send batch as V1 does.
 TEST(Config, InternodeTablesAreV1s) {
-  struct Row { int ranks, nvl_send, nvl_recv, rdma_send, rdma_recv; };
-  const Row dispatch[] = {{16, 36, 288, 20, 140}, {24, 32, 288, 8, 128}, {64, 32, 288, 8, 128}, {96, 20, 480, 12, 132},
-                          {128, 20, 560, 12, 132}, {144, 32, 720, 12, 132}, {160, 28, 720, 12, 132}};
-  const Row combine[] = {{16, 4, 288, 12, 132}, {32, 1, 288, 8, 128}, {48, 1, 288, 8, 128}, {96, 1, 480, 8, 128},
+  struct Row {
+    int ranks, nvl_send, nvl_recv, rdma_send, rdma_recv;
+  };
+  const Row dispatch[] = {{16, 36, 288, 20, 140}, {24, 32, 288, 8, 128},   {64, 32, 288, 8, 128},
+                          {96, 20, 480, 12, 132}, {128, 20, 560, 12, 132}, {144, 32, 720, 12, 132},
+                          {160, 28, 720, 12, 132}};
+  const Row combine[] = {{16, 4, 288, 12, 132}, {32, 1, 288, 8, 128},  {48, 1, 288, 8, 128}, {96, 1, 480, 8, 128},
                          {128, 1, 560, 8, 128}, {144, 2, 720, 8, 128}, {160, 2, 720, 8, 128}};
-  for (const auto& rows : {std::make_pair(dispatch, &get_dispatch_config), std::make_pair(combine, &get_combine_config)}) {
+  for (const auto& rows :
+       {std::make_pair(dispatch, &get_dispatch_config), std::make_pair(combine, &get_combine_config)}) {
     for (int i = 0; i < 7; ++i) {
       const Row& r = rows.first[i];
       const Config c = rows.second(r.ranks, 20);
@@ -141,7 +146,7 @@ TEST(LowLatencyLayout, HalfIsExactlyItsRegions) {
   // Signals: counts [36][8] + [8], arrivals [36][8] + [8], 64-bit: 4736 bytes, a multiple of 128.
   EXPECT_EQ(l.num_signals(), 2 * (36 + 1) * 8);
   EXPECT_EQ(l.dispatch_consumed_offset, l.signals_offset + 4736);
-  EXPECT_EQ(l.combine_consumed_offset, l.dispatch_consumed_offset + 36 * 8 * 8);        // 2304, 128-aligned
+  EXPECT_EQ(l.combine_consumed_offset, l.dispatch_consumed_offset + 36 * 8 * 8);  // 2304, 128-aligned
   EXPECT_EQ(l.dispatch_mirror_offset, l.combine_consumed_offset + low_latency::kMaxLowLatencyBlocks * 8 * 8);
   EXPECT_EQ(l.combine_mirror_offset, l.dispatch_mirror_offset + 288 * 8);
   EXPECT_EQ(l.send_done_offset, l.combine_mirror_offset + 128);  // 8 x 8 bytes rounded up to 128

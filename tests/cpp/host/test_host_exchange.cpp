@@ -49,7 +49,8 @@ TEST(HostExchange, EveryRoundReturnsEveryRanksRecordInRankOrder) {
         for (int p = 0; p < kRanks; ++p) {
           char want[40];
           std::snprintf(want, sizeof(want), "rank %d round %d", p, n);
-          if (all[p].rank != p || all[p].round != n || std::strncmp(all[p].tag, want, sizeof(want)) != 0) ++mismatches[r];
+          if (all[p].rank != p || all[p].round != n || std::strncmp(all[p].tag, want, sizeof(want)) != 0)
+            ++mismatches[r];
         }
       }
     });

@@ -128,7 +128,7 @@ TEST(Logfmt, HugeDynamicRangeFlushesOrSnapsValuesBelowTheKeptRange) {
   for (auto& v : x) v = moderate(rng);
   const float big = 1e3f;
   x[0] = big;
-  x[1] = 1e-12f;                                // far below the kept range: flushed
+  x[1] = 1e-12f;                                  // far below the kept range: flushed
   x[2] = -big * std::exp2(-kLogfmtRange - 0.5f);  // within one octave below it: snapped up to 2^lmin
   x[3] = big * std::exp2(-kLogfmtRange - 1.5f);   // more than one octave below it: flushed
   // Either side of the split at lmin - 1, where the absolute term of the bound is nearly reached.
@@ -154,8 +154,7 @@ TEST(Logfmt, EqualMagnitudesUseZeroStepAndKeepSigns) {
   std::vector<float> x(2 * kLogfmtGroup);
   std::mt19937 rng(5);
   for (int g = 0; g < 2; ++g)
-    for (int i = 0; i < kLogfmtGroup; ++i)
-      x[g * kLogfmtGroup + i] = (rng() & 1) ? -magnitudes[g] : magnitudes[g];
+    for (int i = 0; i < kLogfmtGroup; ++i) x[g * kLogfmtGroup + i] = (rng() & 1) ? -magnitudes[g] : magnitudes[g];
 
   const auto row = encode(x);
   for (int g = 0; g < 2; ++g) {

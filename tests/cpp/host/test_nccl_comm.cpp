@@ -12,8 +12,8 @@
 
 #include "deep_ep/error.hpp"
 #include "deep_ep/group.hpp"
-#include "temp_dir.hpp"
 #include "runtime/nccl_comm.hpp"
+#include "temp_dir.hpp"
 
 using namespace deep_ep;
 

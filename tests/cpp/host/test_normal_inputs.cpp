@@ -53,15 +53,18 @@ TEST(NormalInputs, CombineNamesAMisalignedXOrBias) {
   const auto x = rows_at(DType::kBFloat16, 6, 64, 0);
   const auto bias = make_contiguous_view(storage + 8192, DType::kBFloat16, {3, 64}, 0);
   EXPECT_EQ(check_normal_combine_inputs(x, std::nullopt, bias, bias, 3, 0).hidden, 64);
-  EXPECT_NE(message_of([&] { check_normal_combine_inputs(rows_at(DType::kBFloat16, 6, 64, 6), std::nullopt,
-                                                         std::nullopt, std::nullopt, 3, 0); })
-                .find("x must start at a 16-byte aligned address"),
+  EXPECT_NE(message_of([&] {
+              check_normal_combine_inputs(rows_at(DType::kBFloat16, 6, 64, 6), std::nullopt, std::nullopt, std::nullopt,
+                                          3, 0);
+            }).find("x must start at a 16-byte aligned address"),
             std::string::npos);
   const auto bias_off = make_contiguous_view(storage + 8192 + 2, DType::kBFloat16, {3, 64}, 0);
-  EXPECT_NE(message_of([&] { check_normal_combine_inputs(x, std::nullopt, bias, bias_off, 3, 0); })
-                .find("bias[1] must start at a 16-byte aligned address"),
+  EXPECT_NE(message_of([&] {
+              check_normal_combine_inputs(x, std::nullopt, bias, bias_off, 3, 0);
+            }).find("bias[1] must start at a 16-byte aligned address"),
             std::string::npos);
-  EXPECT_NE(message_of([&] { check_normal_combine_inputs(x, std::nullopt, bias_off, std::nullopt, 3, 0); })
-                .find("bias[0] must start"),
+  EXPECT_NE(message_of([&] {
+              check_normal_combine_inputs(x, std::nullopt, bias_off, std::nullopt, 3, 0);
+            }).find("bias[0] must start"),
             std::string::npos);
 }

@@ -13,9 +13,9 @@ namespace ref = deep_ep::reference;
 
 TEST(DispatchLayout, CountsHandComputedExample) {
   // 2 ranks, 4 experts: rank 0 owns experts 0-1, rank 1 owns 2-3.
-  const std::vector<int64_t> topk_idx = {0, 3,    // token 0: both ranks
-                                         1, -1,   // token 1: rank 0
-                                         -1, -1}; // token 2: nowhere
+  const std::vector<int64_t> topk_idx = {0,  3,    // token 0: both ranks
+                                         1,  -1,   // token 1: rank 0
+                                         -1, -1};  // token 2: nowhere
   ref::DispatchLayout layout = ref::get_dispatch_layout(topk_idx.data(), 3, 2, 2, 4);
   EXPECT_EQ(layout.num_tokens_per_rank, (std::vector<int32_t>{2, 1}));
   EXPECT_EQ(layout.num_tokens_per_expert, (std::vector<int32_t>{1, 1, 0, 1}));
@@ -34,8 +34,8 @@ TEST(DispatchLayout, CountsTokenOncePerRankButEverySlotPerExpert) {
 
 TEST(DispatchLayout, CountsTokensPerNodeAbove8Ranks) {
   // 16 ranks in 2 nodes of 8, 2 experts per rank.
-  const std::vector<int64_t> topk_idx = {0, 17,    // rank 0 (node 0) and rank 8 (node 1)
-                                         2, 4,     // ranks 1 and 2, both node 0
+  const std::vector<int64_t> topk_idx = {0,  17,   // rank 0 (node 0) and rank 8 (node 1)
+                                         2,  4,    // ranks 1 and 2, both node 0
                                          -1, -1};  // nowhere
   ref::DispatchLayout layout = ref::get_dispatch_layout(topk_idx.data(), 3, 2, 16, 32);
   EXPECT_EQ(layout.num_tokens_per_rdma_rank, (std::vector<int32_t>{2, 1}));

@@ -253,8 +253,8 @@ std::vector<ref::LowLatencyCombineInput> labelled_expert_outputs() {
 TEST(LowLatencyCombine, SumsWeightedExpertRowsOfEachToken) {
   auto dispatch_inputs = two_rank_inputs();
   auto dispatch_outputs = ref::low_latency_dispatch(dispatch_inputs, two_rank_args());
-  auto combined = ref::low_latency_combine(dispatch_inputs, dispatch_outputs, labelled_expert_outputs(),
-                                           two_rank_args());
+  auto combined =
+      ref::low_latency_combine(dispatch_inputs, dispatch_outputs, labelled_expert_outputs(), two_rank_args());
   // Rank 0: t0 = 0.5 * 10 + 0.25 * 100; t1 = 1 * 0 + 2 * 11; t2 = 0.5 * 110 (k = 0 is -1).
   EXPECT_EQ(first_channels(combined[0]), (std::vector<float>{30, 22, 55}));
   // Rank 1: t0 = 2 * 12; t1 = 0.5 * 101 + 0.5 * 111.
@@ -266,8 +266,8 @@ TEST(LowLatencyCombine, SumsWeightedExpertRowsOfEachToken) {
 TEST(LowLatencyCombine, LeavesOutExpertsOfMaskedRanks) {
   auto dispatch_inputs = two_rank_inputs();
   auto dispatch_outputs = ref::low_latency_dispatch(dispatch_inputs, two_rank_args());
-  auto combined = ref::low_latency_combine(dispatch_inputs, dispatch_outputs, labelled_expert_outputs(),
-                                           two_rank_args(), {0, 1});
+  auto combined =
+      ref::low_latency_combine(dispatch_inputs, dispatch_outputs, labelled_expert_outputs(), two_rank_args(), {0, 1});
   EXPECT_EQ(first_channels(combined[0]), (std::vector<float>{5, 22, 0}));
   EXPECT_EQ(first_channels(combined[1]), (std::vector<float>{24, 0}));
 }
@@ -340,7 +340,8 @@ Scenario make_scenario(uint32_t seed, Routing routing, int num_ranks) {
       }
       std::shuffle(candidates.begin(), candidates.end(), rng);
       for (int k = 0; k < args.num_topk; ++k) {
-        int64_t expert = routing == Routing::kRepeatedExperts ? static_cast<int64_t>(rng() % std::min(2, args.num_experts))
+        int64_t expert = routing == Routing::kRepeatedExperts
+                             ? static_cast<int64_t>(rng() % std::min(2, args.num_experts))
                          : k < static_cast<int>(candidates.size()) ? candidates[k]
                                                                    : -1;
         if (routing == Routing::kAllMinusOne || (routing == Routing::kRandom && rng() % 5 == 0)) expert = -1;

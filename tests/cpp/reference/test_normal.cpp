@@ -344,7 +344,9 @@ Scenario make_scenario(uint32_t seed, Routing routing, int num_ranks) {
   std::uniform_int_distribution<int> small_int(-8, 8);
   for (int r = 0; r < num_ranks; ++r) {
     ref::NormalDispatchInput in;
-    in.num_tokens = routing == Routing::kZeroTokens ? 0 : routing == Routing::kOneToken ? 1 : static_cast<int>(rng() % 24);
+    in.num_tokens = routing == Routing::kZeroTokens ? 0
+                    : routing == Routing::kOneToken ? 1
+                                                    : static_cast<int>(rng() % 24);
     const size_t num_slots = static_cast<size_t>(in.num_tokens) * s.num_topk;
     for (size_t slot = 0; slot < num_slots; ++slot) {
       int64_t expert = routing == Routing::kAllMinusOne    ? -1
@@ -354,9 +356,11 @@ Scenario make_scenario(uint32_t seed, Routing routing, int num_ranks) {
       in.topk_weights.push_back(static_cast<float>(1 + rng() % 8) / 8.0f);
     }
     std::vector<uint16_t> x;
-    for (int c = 0; c < in.num_tokens * s.hidden; ++c) x.push_back(ref::float_to_bf16(static_cast<float>(small_int(rng))));
+    for (int c = 0; c < in.num_tokens * s.hidden; ++c)
+      x.push_back(ref::float_to_bf16(static_cast<float>(small_int(rng))));
     in.x = bytes_of(x);
-    s.layouts.push_back(ref::get_dispatch_layout(in.topk_idx.data(), in.num_tokens, s.num_topk, num_ranks, num_experts));
+    s.layouts.push_back(
+        ref::get_dispatch_layout(in.topk_idx.data(), in.num_tokens, s.num_topk, num_ranks, num_experts));
     in.is_token_in_rank = s.layouts.back().is_token_in_rank;
     s.inputs.push_back(std::move(in));
   }
@@ -371,8 +375,8 @@ std::vector<Scenario> all_scenarios() {
   std::vector<Scenario> scenarios;
   uint32_t seed = 100;
   for (int num_ranks : {1, 2, 3, 4, 8}) {
-    for (Routing routing : {Routing::kRandom, Routing::kAllMinusOne, Routing::kAllToOneRank, Routing::kZeroTokens,
-                            Routing::kOneToken}) {
+    for (Routing routing :
+         {Routing::kRandom, Routing::kAllMinusOne, Routing::kAllToOneRank, Routing::kZeroTokens, Routing::kOneToken}) {
       for (int repeat = 0; repeat < 3; ++repeat) scenarios.push_back(make_scenario(seed++, routing, num_ranks));
     }
   }
@@ -463,7 +467,8 @@ TEST(NormalRoundTrip, ReceivedCountsMatchTheSendersLayouts) {
       EXPECT_EQ(outputs[j].num_recv_tokens, sent_to_j);
       for (int l = 0; l < s.num_local_experts; ++l) {
         int32_t sent_to_expert = 0;
-        for (const auto& layout : s.layouts) sent_to_expert += layout.num_tokens_per_expert[j * s.num_local_experts + l];
+        for (const auto& layout : s.layouts)
+          sent_to_expert += layout.num_tokens_per_expert[j * s.num_local_experts + l];
         EXPECT_EQ(outputs[j].num_recv_tokens_per_expert[l], sent_to_expert);
       }
     }

@@ -119,21 +119,21 @@ TEST(E4m3, DecodesKnownPatterns) {
 }
 
 TEST(E4m3, RoundsHalfwayCasesToEven) {
-  EXPECT_EQ(ref::float_to_e4m3(1.0625f), 0x38);   // between 1.0 (m=0) and 1.125 (m=1)
-  EXPECT_EQ(ref::float_to_e4m3(1.1875f), 0x3A);   // between 1.125 (m=1) and 1.25 (m=2)
+  EXPECT_EQ(ref::float_to_e4m3(1.0625f), 0x38);  // between 1.0 (m=0) and 1.125 (m=1)
+  EXPECT_EQ(ref::float_to_e4m3(1.1875f), 0x3A);  // between 1.125 (m=1) and 1.25 (m=2)
   EXPECT_EQ(ref::float_to_e4m3(-1.1875f), 0xBA);
-  EXPECT_EQ(ref::float_to_e4m3(15.5f), 0x58);     // between 15 (m=7) and 16: carries into the exponent
-  EXPECT_EQ(ref::float_to_e4m3(1.07f), 0x39);     // above the halfway point
+  EXPECT_EQ(ref::float_to_e4m3(15.5f), 0x58);  // between 15 (m=7) and 16: carries into the exponent
+  EXPECT_EQ(ref::float_to_e4m3(1.07f), 0x39);  // above the halfway point
 }
 
 TEST(E4m3, RoundsSubnormalsExactly) {
   const float unit = std::ldexp(1.0f, -9);
-  EXPECT_EQ(ref::float_to_e4m3(0.5f * unit), 0x00);    // halfway to the smallest subnormal: even is zero
+  EXPECT_EQ(ref::float_to_e4m3(0.5f * unit), 0x00);  // halfway to the smallest subnormal: even is zero
   EXPECT_EQ(ref::float_to_e4m3(-0.5f * unit), 0x80);
   EXPECT_EQ(ref::float_to_e4m3(0.51f * unit), 0x01);
-  EXPECT_EQ(ref::float_to_e4m3(1.5f * unit), 0x02);    // halfway between 1 and 2 units
-  EXPECT_EQ(ref::float_to_e4m3(2.5f * unit), 0x02);    // halfway between 2 and 3 units
-  EXPECT_EQ(ref::float_to_e4m3(7.5f * unit), 0x08);    // rounds up into the smallest normal
+  EXPECT_EQ(ref::float_to_e4m3(1.5f * unit), 0x02);  // halfway between 1 and 2 units
+  EXPECT_EQ(ref::float_to_e4m3(2.5f * unit), 0x02);  // halfway between 2 and 3 units
+  EXPECT_EQ(ref::float_to_e4m3(7.5f * unit), 0x08);  // rounds up into the smallest normal
   EXPECT_EQ(ref::float_to_e4m3(1e-30f), 0x00);
 }
 
@@ -202,12 +202,9 @@ TEST(Fp8Quantization, RoundScaleUsesNextPowerOfTwoAtOrAboveAmaxOver448) {
     float expected_scale_inv;
   };
   const Case cases[] = {
-      {448.0f, 1.0f},          // exactly a power of two: kept
-      {449.0f, 2.0f},          // just above: next power
-      {300.0f, 1.0f},
-      {224.0f, 0.5f},
-      {56.0f, 0.125f},
-      {57.0f, 0.25f},
+      {448.0f, 1.0f},  // exactly a power of two: kept
+      {449.0f, 2.0f},  // just above: next power
+      {300.0f, 1.0f}, {224.0f, 0.5f}, {56.0f, 0.125f}, {57.0f, 0.25f},
   };
   for (const Case& c : cases) {
     std::vector<float> x(128, 0.0f);
@@ -231,8 +228,8 @@ TEST(Fp8Quantization, AllZeroGroupUsesMinimumAmax) {
 
 TEST(Fp8Quantization, ScalesEachGroupOf128ChannelsIndependently) {
   std::vector<float> x(256, 0.0f);
-  x[3] = 1.0f;     // group 0 amax 1
-  x[130] = 100.0f; // group 1 amax 100
+  x[3] = 1.0f;      // group 0 amax 1
+  x[130] = 100.0f;  // group 1 amax 100
   x[131] = 1.0f;
   std::vector<uint8_t> out(256);
   float scale_invs[2];
