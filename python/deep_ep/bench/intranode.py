@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import deep_ep
 
-from .timing import fp8_cast, time_op
+from .timing import fp8_cast, time_op, time_op_graph, time_op_per_call
 
 # DeepEP V1 in exactly this setting (8 ranks on one H100 under MPS, 16 SMs per rank), GB/s per rank.
 REFERENCE_GBPS = {"dispatch FP8": 92.0, "dispatch BF16": 93.0, "combine BF16": 107.0}
@@ -70,6 +70,16 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush),
         recv_bf16_bytes,
     )
+    # The same ops as a training loop calls them (per-call events, eager) and replayed from a CUDA graph.
+    ops = {
+        "dispatch FP8": lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
+        "dispatch BF16": lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
+        "combine BF16": lambda: buffer.combine(recv_x, handle, config=combine_config),
+    }
+    modes = {
+        name: (time_op_per_call(fn, group, 50, flush), time_op_graph(fn, group, iters, flush))
+        for name, fn in ops.items()
+    }
     pulled = buffer.runtime.last_combine_pulled()
     # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
     chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
@@ -96,7 +106,10 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
 
     # Mean over ranks of each rank's median time.
     local = torch.tensor(
-        [results[name][0] for name in REFERENCE_GBPS] + [ring_combine_ms, non_cached_ms, float(num_recv)],
+        [results[name][0] for name in REFERENCE_GBPS]
+        + [ring_combine_ms, non_cached_ms]
+        + [ms for name in REFERENCE_GBPS for ms in modes[name]]
+        + [float(num_recv)],
         dtype=torch.float64,
     )
     gathered = [None] * num_ranks
@@ -140,6 +153,19 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
             f"{mean_recv:.0f} rows received per rank",
         )
     )
+    for i, name in enumerate(REFERENCE_GBPS):
+        eager_ms, graph_ms = mean[5 + 2 * i], mean[6 + 2 * i]
+        logical = results[name][1] / num_recv * mean_recv
+        rows.append(
+            (
+                f"{name} (cached), eager / graph",
+                size,
+                str(opts["num_sms"]),
+                f"eager {logical / (eager_ms * 1e-3) / 1e9:.0f}, graph {logical / (graph_ms * 1e-3) / 1e9:.0f} GB/s/rank",
+                f"eager: 50 calls, events per call, median {eager_ms * 1e3:.0f} us; graph replay {graph_ms * 1e3:.0f} us "
+                f"(eager / graph {eager_ms / graph_ms:.2f}x)",
+            )
+        )
     if opts.get("sweep"):
         rows.extend(_sweep(ctx, group, opts, flush, buffer_args=(x, x_fp8, recv_x, handle, num_recv)))
     buffer.destroy()

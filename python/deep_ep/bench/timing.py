@@ -36,6 +36,51 @@ def time_op(fn, group, iters, flush, calls_per_sample=8):
     return statistics.median(times)
 
 
+def time_op_per_call(fn, group, num_calls, flush):
+    """Milliseconds of one fn() call as training loops and DeepEP's own test loop see it: `num_calls` eager
+    calls back to back, CUDA events around each one, the median of the per-call times. Host work, allocations
+    and waits between calls show up here and not in a graph replay."""
+    for _ in range(3):
+        fn()
+    flush.zero_()
+    torch.cuda.synchronize()
+    dist.barrier(group)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(num_calls)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
+    """Milliseconds of one fn() call replayed from a CUDA graph of `calls_per_graph` back-to-back calls: the
+    median over `iters` replays, each after an L2 flush and a barrier. The device time alone, no host work."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier(group)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        torch.cuda.synchronize()
+        dist.barrier(group)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_graph)
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(times)
+
+
 def median_ms(fn, iters):
     """Milliseconds of one fn() call on this process alone (no barrier, no flush): the median over `iters`
     samples of one call each, after three warm-up calls."""
