@@ -290,7 +290,9 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
-  transport_launch::internode_dispatch(in, peers, layout, d, stream);
+  LaunchShape launch_shape;
+  launch_shape.num_blocks = layout.num_channels;  // one block per channel
+  transport_launch::internode_dispatch(in, peers, layout, d, launch_shape, stream);
   return result;
 }
 
@@ -365,7 +367,9 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   prepare_internode_state(stream, "internode combine");
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);
-  transport_launch::internode_combine(in, peers, layout, c, stream);
+  LaunchShape launch_shape;
+  launch_shape.num_blocks = layout.num_channels;  // one block per channel
+  transport_launch::internode_combine(in, peers, layout, c, launch_shape, stream);
 }
 
 }  // namespace deep_ep

@@ -20,16 +20,21 @@ intranode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
 }
 
 // Every block of every rank sharing the GPU must be resident at once (they spin on each other). Returns
-// whether the wide shape fits; raises if not even the narrow one does.
-bool pick_wide_shape(const Buffer& b, const Config& config, int (*blocks_per_sm)(bool), const char* op) {
+// whether the wide shape fits (else the narrow one); raises if not even the narrow one does.
+LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Kernel kernel, const char* op) {
+  LaunchShape shape;
+  shape.num_blocks = config.num_channels();
   const int needed = config.num_sms * b.num_ranks_per_device();
-  if (needed <= b.num_device_sms() * blocks_per_sm(true)) return true;
-  const int capacity = b.num_device_sms() * blocks_per_sm(false);
+  shape.wide = true;
+  if (needed <= b.num_device_sms() * intranode::max_resident_blocks_per_sm(kernel, shape)) return shape;
+  shape.wide = false;
+  const int per_sm = intranode::max_resident_blocks_per_sm(kernel, shape);
+  const int capacity = b.num_device_sms() * per_sm;
   DEEP_EP_CHECK(needed <= capacity, op, ": config.num_sms=", config.num_sms, " for each of the ",
                 b.num_ranks_per_device(), " ranks sharing cuda:", b.device(), " needs ", needed,
-                " resident blocks, but the GPU holds at most ", capacity, " (", b.num_device_sms(), " SMs x ",
-                blocks_per_sm(false), " blocks); use a smaller num_sms");
-  return false;
+                " resident blocks, but the GPU holds at most ", capacity, " (", b.num_device_sms(), " SMs x ", per_sm,
+                " blocks); use a smaller num_sms");
+  return shape;
 }
 
 // The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring
@@ -109,7 +114,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   const auto layout = intranode::DispatchQueueLayout::make(
       config.num_channels(), config.num_max_nvl_chunked_recv_tokens, row_bytes, num_scales, num_topk);
   check_fits(*this, layout.total_bytes, config, row_bytes, "dispatch");
-  const bool wide = pick_wide_shape(*this, config, intranode::max_resident_dispatch_blocks_per_sm, "dispatch");
+  const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
   const int C = config.num_channels();
@@ -194,7 +199,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   d.recv_topk_weights = num_topk ? recv_topk_weights.ptr<float>() : nullptr;
   d.recv_src_idx = recv_src_idx.ptr<int>();
   d.send_head = send_head.ptr<int>();
-  intranode::launch_dispatch(peers, d, wide, stream);
+  intranode::launch_dispatch(peers, layout, d, launch_shape, stream);
   return result;
 }
 
@@ -222,7 +227,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   const auto layout =
       intranode::CombineQueueLayout::make(C, R, config.num_max_nvl_chunked_recv_tokens, H * 2, num_topk);
   check_fits(*this, layout.total_bytes, config, H * 2, "combine");
-  const bool wide = pick_wide_shape(*this, config, intranode::max_resident_combine_blocks_per_sm, "combine");
+  const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kCombine, "combine");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
 
   TensorView combined_x = allocate("combined_x", DType::kBFloat16, {T, H});
@@ -236,7 +241,8 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   // condition is the same on every rank, and so is the outcome of the exchange below, so all ranks take
   // the same path.
   const int pull_blocks =
-      std::min(C, num_device_sms() * intranode::max_resident_pull_combine_blocks_per_sm() / num_ranks_per_device());
+      std::min(C, num_device_sms() * intranode::max_resident_blocks_per_sm(intranode::Kernel::kPullCombine, {}) /
+                      num_ranks_per_device());
   if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
@@ -258,10 +264,11 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
       pc.hidden = static_cast<int>(H);
       pc.num_topk = num_topk;
       pc.num_channels = C;
-      pc.num_blocks = pull_blocks;
       pc.combined_x = combined_x.ptr<uint16_t>();
       pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-      intranode::launch_pull_combine(peers, pc, stream);
+      LaunchShape pull_shape;
+      pull_shape.num_blocks = pull_blocks;
+      intranode::launch_pull_combine(peers, pc, pull_shape, stream);
       last_combine_pulled_ = true;
       return;
     }
@@ -284,7 +291,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   c.send_chunk = config.num_max_nvl_chunked_send_tokens;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-  intranode::launch_combine(peers, c, wide, stream);
+  intranode::launch_combine(peers, layout, c, launch_shape, stream);
 }
 
 }  // namespace deep_ep

@@ -30,10 +30,13 @@ struct PendingReceive final : LowLatencyPendingReceive {
 
   void launch(int phases, cudaStream_t stream) const {
     const Buffer::Internals& in = owner->internals();
+    LaunchShape shape;
+    shape.num_blocks = num_blocks;
+    shape.phases = phases;
     if (is_dispatch) {
-      transport_launch::low_latency_dispatch(in, peers, layout, dispatch, phases, num_blocks, stream);
+      transport_launch::low_latency_dispatch(in, peers, layout, dispatch, shape, stream);
     } else {
-      transport_launch::low_latency_combine(in, peers, layout, combine, phases, num_blocks, stream);
+      transport_launch::low_latency_combine(in, peers, layout, combine, shape, stream);
     }
   }
 };

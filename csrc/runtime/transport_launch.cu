@@ -127,52 +127,53 @@ void internode_cached_notify(const Buffer::Internals& in, const internode::Peers
 }
 
 void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
-                        const internode::DispatchArgs& args, cudaStream_t stream) {
+                        const internode::DispatchArgs& args, const LaunchShape& shape, cudaStream_t stream) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   if (in.uses_gin()) {
     const auto gin = internode_transport(in, peers, layout, "internode dispatch");
-    internode::launch_dispatch(peers, layout, args, gin, stream);
+    internode::launch_dispatch(peers, layout, args, gin, shape, stream);
     return;
   }
 #endif
-  internode::launch_dispatch(peers, layout, args, stream);
+  internode::launch_dispatch(peers, layout, args, shape, stream);
 }
 
 void internode_combine(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
-                       const internode::CombineArgs& args, cudaStream_t stream) {
+                       const internode::CombineArgs& args, const LaunchShape& shape, cudaStream_t stream) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   if (in.uses_gin()) {
-    internode::launch_combine(peers, layout, args, internode_transport(in, peers, layout, "internode combine"), stream);
+    internode::launch_combine(peers, layout, args, internode_transport(in, peers, layout, "internode combine"), shape,
+                              stream);
     return;
   }
 #endif
-  internode::launch_combine(peers, layout, args, stream);
+  internode::launch_combine(peers, layout, args, shape, stream);
 }
 
 void low_latency_dispatch(const Buffer::Internals& in, const low_latency::Peers& peers,
-                          const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args, int phases,
-                          int num_blocks, cudaStream_t stream) {
+                          const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args,
+                          const LaunchShape& shape, cudaStream_t stream) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   if (in.uses_gin()) {
     const auto gin = low_latency_transport(in, peers, layout, "low_latency_dispatch");
-    low_latency::launch_dispatch(peers, layout, args, gin, phases, num_blocks, stream);
+    low_latency::launch_dispatch(peers, layout, args, gin, shape, stream);
     return;
   }
 #endif
-  low_latency::launch_dispatch(peers, layout, args, phases, num_blocks, stream);
+  low_latency::launch_dispatch(peers, layout, args, shape, stream);
 }
 
 void low_latency_combine(const Buffer::Internals& in, const low_latency::Peers& peers,
-                         const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args, int phases,
-                         int num_blocks, cudaStream_t stream) {
+                         const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args,
+                         const LaunchShape& shape, cudaStream_t stream) {
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
   if (in.uses_gin()) {
     const auto gin = low_latency_transport(in, peers, layout, "low_latency_combine");
-    low_latency::launch_combine(peers, layout, args, gin, phases, num_blocks, stream);
+    low_latency::launch_combine(peers, layout, args, gin, shape, stream);
     return;
   }
 #endif
-  low_latency::launch_combine(peers, layout, args, phases, num_blocks, stream);
+  low_latency::launch_combine(peers, layout, args, shape, stream);
 }
 
 void reset_low_latency_transport_signals(const Buffer::Internals& in, cudaStream_t stream) {

@@ -22,17 +22,17 @@ void internode_notify(const Buffer::Internals& in, const internode::Peers& peers
 void internode_cached_notify(const Buffer::Internals& in, const internode::Peers& peers,
                              const internode::Layout& layout, cudaStream_t stream);
 void internode_dispatch(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
-                        const internode::DispatchArgs& args, cudaStream_t stream);
+                        const internode::DispatchArgs& args, const LaunchShape& shape, cudaStream_t stream);
 void internode_combine(const Buffer::Internals& in, const internode::Peers& peers, const internode::Layout& layout,
-                       const internode::CombineArgs& args, cudaStream_t stream);
+                       const internode::CombineArgs& args, const LaunchShape& shape, cudaStream_t stream);
 
 // On peers.half.
 void low_latency_dispatch(const Buffer::Internals& in, const low_latency::Peers& peers,
-                          const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args, int phases,
-                          int num_blocks, cudaStream_t stream);
+                          const low_latency::HalfLayout& layout, const low_latency::DispatchArgs& args,
+                          const LaunchShape& shape, cudaStream_t stream);
 void low_latency_combine(const Buffer::Internals& in, const low_latency::Peers& peers,
-                         const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args, int phases,
-                         int num_blocks, cudaStream_t stream);
+                         const low_latency::HalfLayout& layout, const low_latency::CombineArgs& args,
+                         const LaunchShape& shape, cudaStream_t stream);
 // The low-latency signals that are not memory (GIN's, both halves) back to zero; nothing otherwise, as
 // clean_low_latency_buffer zeroes the memory ones. Between its barriers.
 void reset_low_latency_transport_signals(const Buffer::Internals& in, cudaStream_t stream);

@@ -414,23 +414,24 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
 template <typename Transport>
 void launch(const Peers& peers, const Layout& layout, const Transport& net, const CombineArgs& args,
-            cudaStream_t stream) {
+            const LaunchShape& shape, cudaStream_t stream) {
   const int64_t ring_stride = combine_row_stride(args.hidden, args.num_topk);
-  combine<Transport><<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, net, args, ring_stride);
+  combine<Transport><<<shape.num_blocks, kNumThreads, 0, stream>>>(peers, layout, net, args, ring_stride);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 // The transports combine is built for.
-void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream) {
-  launch(peers, layout, p2p_transport(peers, layout), args, stream);
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, const LaunchShape& shape,
+                    cudaStream_t stream) {
+  launch(peers, layout, p2p_transport(peers, layout), args, shape, stream);
 }
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args,
-                    const transport::GinTransport& gin, cudaStream_t stream) {
-  launch(peers, layout, gin, args, stream);
+                    const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream) {
+  launch(peers, layout, gin, args, shape, stream);
 }
 #endif
 

@@ -479,22 +479,23 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
 template <typename Transport>
 void launch(const Peers& peers, const Layout& layout, const Transport& net, const DispatchArgs& args,
-            cudaStream_t stream) {
-  dispatch<Transport><<<layout.num_channels, kNumThreads, 0, stream>>>(peers, layout, net, args);
+            const LaunchShape& shape, cudaStream_t stream) {
+  dispatch<Transport><<<shape.num_blocks, kNumThreads, 0, stream>>>(peers, layout, net, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 // The transports dispatch is built for.
-void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream) {
-  launch(peers, layout, p2p_transport(peers, layout), args, stream);
+void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, const LaunchShape& shape,
+                     cudaStream_t stream) {
+  launch(peers, layout, p2p_transport(peers, layout), args, shape, stream);
 }
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args,
-                     const transport::GinTransport& gin, cudaStream_t stream) {
-  launch(peers, layout, gin, args, stream);
+                     const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream) {
+  launch(peers, layout, gin, args, shape, stream);
 }
 #endif
 

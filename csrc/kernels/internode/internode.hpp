@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "kernels/common/launch_shape.hpp"
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "protocol/internode_layout.hpp"
@@ -87,7 +88,9 @@ struct DispatchArgs {
   int* send_nvl_head;        // [num_rdma_rows, Rn]: position in the combine ring stream, or -1
 };
 
-void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, cudaStream_t stream);
+// shape.num_blocks: one block per channel (layout.num_channels).
+void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args, const LaunchShape& shape,
+                     cudaStream_t stream);
 
 struct CombineArgs {
   const uint16_t* x;                           // [rows, hidden] bf16
@@ -108,7 +111,9 @@ struct CombineArgs {
   float* combined_topk_weights;               // [T, K] or null
 };
 
-void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, cudaStream_t stream);
+// shape.num_blocks: one block per channel (layout.num_channels).
+void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, const LaunchShape& shape,
+                    cudaStream_t stream);
 
 constexpr int kNumThreads = 512;
 constexpr int kMaxRingsPerProducerWarp = 4;  // combine: rings (local ranks) one producer warp serves

@@ -21,9 +21,9 @@ void launch_notify(const Peers& peers, const Layout& layout, const NotifyArgs& a
 void launch_cached_notify(const Peers& peers, const Layout& layout, const transport::GinTransport& gin,
                           cudaStream_t stream);
 void launch_dispatch(const Peers& peers, const Layout& layout, const DispatchArgs& args,
-                     const transport::GinTransport& gin, cudaStream_t stream);
+                     const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream);
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args,
-                    const transport::GinTransport& gin, cudaStream_t stream);
+                    const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream);
 
 }  // namespace deep_ep::internode
 

@@ -221,13 +221,12 @@ int max_resident_combine_blocks_per_sm(bool wide) {
               : device::resident_blocks_per_sm<combine<Narrow>>(threads_of<Narrow>());
 }
 
-void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream) {
-  const auto layout =
-      CombineQueueLayout::make(args.num_channels, peers.num_ranks, args.num_slots, args.hidden * 2, args.num_topk);
-  if (wide) {
-    combine<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+void launch_combine(const Peers& peers, const CombineQueueLayout& layout, const CombineArgs& args,
+                    const LaunchShape& shape, cudaStream_t stream) {
+  if (shape.wide) {
+    combine<Wide><<<shape.num_blocks, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {
-    combine<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+    combine<Narrow><<<shape.num_blocks, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
   }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }

@@ -254,13 +254,12 @@ int max_resident_dispatch_blocks_per_sm(bool wide) {
               : device::resident_blocks_per_sm<dispatch<Narrow>>(threads_of<Narrow>());
 }
 
-void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream) {
-  const auto layout =
-      DispatchQueueLayout::make(args.num_channels, args.num_slots, args.row_bytes, args.num_scales, args.num_topk);
-  if (wide) {
-    dispatch<Wide><<<args.num_channels, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
+void launch_dispatch(const Peers& peers, const DispatchQueueLayout& layout, const DispatchArgs& args,
+                     const LaunchShape& shape, cudaStream_t stream) {
+  if (shape.wide) {
+    dispatch<Wide><<<shape.num_blocks, threads_of<Wide>(), 0, stream>>>(peers, args, layout);
   } else {
-    dispatch<Narrow><<<args.num_channels, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
+    dispatch<Narrow><<<shape.num_blocks, threads_of<Narrow>(), 0, stream>>>(peers, args, layout);
   }
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
 }

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "deep_ep/config.hpp"
+#include "kernels/common/launch_shape.hpp"
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "protocol/intranode_layout.hpp"
@@ -67,8 +68,10 @@ struct DispatchArgs {
   int* send_head;            // [T, R]: row of token t in rank j's output, -1 if not sent
 };
 
-// wide: the one-block-per-SM shape (more warps); otherwise the two-blocks-per-SM shape.
-void launch_dispatch(const Peers& peers, const DispatchArgs& args, bool wide, cudaStream_t stream);
+// shape.wide: the one-block-per-SM shape (more warps); otherwise two blocks per SM. shape.num_blocks:
+// one block per channel.
+void launch_dispatch(const Peers& peers, const DispatchQueueLayout& layout, const DispatchArgs& args,
+                     const LaunchShape& shape, cudaStream_t stream);
 
 struct CombineArgs {
   const uint16_t* x;                      // [N, hidden] bf16, this rank's received rows
@@ -84,7 +87,8 @@ struct CombineArgs {
   float* combined_topk_weights;  // [T, K] or null
 };
 
-void launch_combine(const Peers& peers, const CombineArgs& args, bool wide, cudaStream_t stream);
+void launch_combine(const Peers& peers, const CombineQueueLayout& layout, const CombineArgs& args,
+                    const LaunchShape& shape, cudaStream_t stream);
 
 // Pull combine: the home rank reads its tokens' rows straight out of every expert rank's combine
 // input (mapped here; pull_combine.cu), one pass over the rows instead of three.
@@ -97,16 +101,20 @@ struct PullCombineArgs {
   const int* rank_prefix_matrix;               // [R, R]
   const int* channel_prefix_matrix;            // [R, C]: this rank's tokens to rank j before channel c
   int num_tokens, hidden, num_topk, num_channels;
-  int num_blocks;                // in [1, num_channels]: resident beside the other ranks
   uint16_t* combined_x;          // [T, hidden]
   float* combined_topk_weights;  // [T, K] or null
 };
 
-void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream);
-int max_resident_pull_combine_blocks_per_sm();
+// shape.num_blocks: in [1, num_channels], resident beside the other ranks' blocks.
+void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, const LaunchShape& shape,
+                         cudaStream_t stream);
 
-// Resident blocks per SM of each shape, for the co-residency check (docs/design.md decision 5).
+// Resident blocks per SM of a kernel in a shape, for the co-residency check (docs/design.md decision 5).
+enum class Kernel { kDispatch, kCombine, kPullCombine };
+int max_resident_blocks_per_sm(Kernel kernel, const LaunchShape& shape);
+// Per kernel, behind max_resident_blocks_per_sm (each next to its kernel).
 int max_resident_dispatch_blocks_per_sm(bool wide);
 int max_resident_combine_blocks_per_sm(bool wide);
+int max_resident_pull_combine_blocks_per_sm();
 
 }  // namespace deep_ep::intranode

@@ -118,9 +118,22 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
 
 int max_resident_pull_combine_blocks_per_sm() { return device::resident_blocks_per_sm<combine>(kPullWarps * 32); }
 
-void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, cudaStream_t stream) {
-  combine<<<args.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);
+void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, const LaunchShape& shape,
+                         cudaStream_t stream) {
+  combine<<<shape.num_blocks, kPullWarps * 32, 0, stream>>>(peers, args);
   DEEP_EP_CUDA_CHECK(cudaGetLastError());
+}
+
+int max_resident_blocks_per_sm(Kernel kernel, const LaunchShape& shape) {
+  switch (kernel) {
+    case Kernel::kDispatch:
+      return max_resident_dispatch_blocks_per_sm(shape.wide);
+    case Kernel::kCombine:
+      return max_resident_combine_blocks_per_sm(shape.wide);
+    case Kernel::kPullCombine:
+      return max_resident_pull_combine_blocks_per_sm();
+  }
+  return 0;
 }
 
 }  // namespace deep_ep::intranode

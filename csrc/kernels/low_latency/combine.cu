@@ -335,15 +335,15 @@ void launch(const Peers& peers, const HalfLayout& layout, const Transport& net, 
 int combine_shared_bytes(int num_local_experts, int num_ranks) { return num_local_experts * num_ranks * 4; }
 
 // The transports combine is built for.
-void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, int phases, int num_blocks,
+void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, const LaunchShape& shape,
                     cudaStream_t stream) {
-  launch(peers, layout, p2p_transport(peers, layout), args, phases, num_blocks, stream);
+  launch(peers, layout, p2p_transport(peers, layout), args, shape.phases, shape.num_blocks, stream);
 }
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args,
-                    const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream) {
-  launch(peers, layout, gin, args, phases, num_blocks, stream);
+                    const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream) {
+  launch(peers, layout, gin, args, shape.phases, shape.num_blocks, stream);
 }
 
 namespace {

@@ -463,15 +463,15 @@ int max_resident_blocks_per_sm() {
 }
 
 // The transports dispatch is built for.
-void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases, int num_blocks,
+void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, const LaunchShape& shape,
                      cudaStream_t stream) {
-  launch(peers, layout, p2p_transport(peers, layout), args, phases, num_blocks, stream);
+  launch(peers, layout, p2p_transport(peers, layout), args, shape.phases, shape.num_blocks, stream);
 }
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
 void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args,
-                     const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream) {
-  launch(peers, layout, gin, args, phases, num_blocks, stream);
+                     const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream) {
+  launch(peers, layout, gin, args, shape.phases, shape.num_blocks, stream);
 }
 #endif
 

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "kernels/common/launch_shape.hpp"
 #include "protocol/diagnostics.hpp"
 #include "protocol/low_latency_layout.hpp"
 
@@ -81,10 +82,11 @@ struct CombineArgs {
 // Grid and shared memory: `num_blocks` blocks of kThreads threads, one block per SM at most.
 constexpr int kThreads = 512;
 int dispatch_shared_bytes(int num_tokens, int num_topk, int num_local_experts, int num_ranks, int num_blocks);
-void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, int phases, int num_blocks,
+// shape.num_blocks blocks (those that fit), shape.phases the halves that run.
+void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args, const LaunchShape& shape,
                      cudaStream_t stream);
 int combine_shared_bytes(int num_local_experts, int num_ranks);
-void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, int phases, int num_blocks,
+void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args, const LaunchShape& shape,
                     cudaStream_t stream);
 // Sets (1) or clears (0) ll_mask[rank] of this rank, or all entries with rank == -1.
 void launch_update_mask(char* own_base, int rank, int value, int num_ranks, cudaStream_t stream);

@@ -21,9 +21,9 @@ namespace deep_ep::low_latency {
 // peers.bases must map this rank and the ranks reached by load/store (same node, allow_nvlink); the
 // other entries may be null.
 void launch_dispatch(const Peers& peers, const HalfLayout& layout, const DispatchArgs& args,
-                     const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream);
+                     const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream);
 void launch_combine(const Peers& peers, const HalfLayout& layout, const CombineArgs& args,
-                    const transport::GinTransport& gin, int phases, int num_blocks, cudaStream_t stream);
+                    const transport::GinTransport& gin, const LaunchShape& shape, cudaStream_t stream);
 
 // Zeroes GIN signals [0, num_signals) of `gin` (clean_low_latency_buffer, between barriers: no peer
 // adds to them meanwhile).
