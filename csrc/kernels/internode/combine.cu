@@ -40,10 +40,6 @@ constexpr int kForwardBarrier = 2;
 
 // Warps: num_producer_warps producers, then num_forward_warps forwarders, home ranks' sums the rest
 // (CombineArgs).
-// Rows of `channel` in a [*, C] inclusive prefix row.
-__device__ __forceinline__ int channel_count(const int* prefix_row, int channel) {
-  return prefix_row[channel] - (channel > 0 ? prefix_row[channel - 1] : 0);
-}
 
 // Per warp: the ring positions (forwarder) or partial slots (home) of the row being summed.
 __shared__ int heads[kNumWarps][32];
@@ -268,20 +264,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         if (!staged) {
           net.signal_add(home_rank, layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
         } else {
-          const int64_t first_slot = layout.slot(ctx.node, channel, batch_begin) - layout.slot(ctx.node, channel, 0);
-          const int head_run = static_cast<int>(min(static_cast<int64_t>(batch), ring_capacity - first_slot));
-          const int64_t dst = layout.rows_offset + layout.slot(ctx.node, channel, batch_begin) * layout.row_stride;
-          const int64_t src = layout.send_rows_offset + layout.slot(node, channel, batch_begin) * layout.row_stride;
-          if (head_run < batch) {
-            net.put(home_rank, dst, src, static_cast<int64_t>(head_run) * layout.row_stride);
-            net.put_with_signal(home_rank, layout.rows_offset + layout.slot(ctx.node, channel, 0) * layout.row_stride,
-                                layout.send_rows_offset + layout.slot(node, channel, 0) * layout.row_stride,
-                                static_cast<int64_t>(batch - head_run) * layout.row_stride,
-                                layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
-          } else {
-            net.put_with_signal(home_rank, dst, src, static_cast<int64_t>(batch) * layout.row_stride,
-                                layout.signal_combine(ctx.node, channel), static_cast<uint64_t>(batch));
-          }
+          put_ring_range(ctx, home_rank, node, channel, batch_begin, batch, layout.signal_combine(ctx.node, channel));
         }
       }
     }

@@ -162,6 +162,35 @@ __device__ __forceinline__ void end_op(const Ctx<Transport>& ctx) {
     ctx.net.signal_add((ctx.peers.rank + i) % ctx.peers.num_ranks, ctx.layout.signal_done(), 1);
 }
 
+// Rows of `channel` in a [*, num_channels] inclusive prefix row.
+__device__ __forceinline__ int channel_count(const int* prefix_row, int channel) {
+  return prefix_row[channel] - (channel > 0 ? prefix_row[channel - 1] : 0);
+}
+
+// Warp-collective. Puts stream positions [first, first + count) of this rank's ring (my node, channel) on
+// `peer`, staged in this rank's send_rows at the same positions of (staged_node, channel), then adds
+// `count` to the peer's `signal_idx` after the bytes. The positions may wrap around the ring once: one
+// put per contiguous run.
+template <typename Transport>
+__device__ __forceinline__ void put_ring_range(const Ctx<Transport>& ctx, int peer, int staged_node, int channel,
+                                               int first, int count, int signal_idx) {
+  const Layout& layout = ctx.layout;
+  const int64_t first_slot = layout.slot(ctx.node, channel, first) - layout.slot(ctx.node, channel, 0);
+  const int head_run = static_cast<int>(min(static_cast<int64_t>(count), layout.capacity - first_slot));
+  const int64_t dst = layout.rows_offset + layout.slot(ctx.node, channel, first) * layout.row_stride;
+  const int64_t src = layout.send_rows_offset + layout.slot(staged_node, channel, first) * layout.row_stride;
+  if (head_run < count) {
+    ctx.net.put(peer, dst, src, static_cast<int64_t>(head_run) * layout.row_stride);
+    ctx.net.put_with_signal(peer, layout.rows_offset + layout.slot(ctx.node, channel, 0) * layout.row_stride,
+                            layout.send_rows_offset + layout.slot(staged_node, channel, 0) * layout.row_stride,
+                            static_cast<int64_t>(count - head_run) * layout.row_stride, signal_idx,
+                            static_cast<uint64_t>(count));
+  } else {
+    ctx.net.put_with_signal(peer, dst, src, static_cast<int64_t>(count) * layout.row_stride, signal_idx,
+                            static_cast<uint64_t>(count));
+  }
+}
+
 __device__ __forceinline__ int warp_inclusive_scan(int value) {
   const int lane = device::lane_id();
 #pragma unroll

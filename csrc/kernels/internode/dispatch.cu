@@ -37,11 +37,6 @@ __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int 
   return mask;
 }
 
-// Rows of `channel` in a [*, C] inclusive prefix row.
-__device__ __forceinline__ int channel_count(const int* prefix_row, int channel) {
-  return prefix_row[channel] - (channel > 0 ? prefix_row[channel - 1] : 0);
-}
-
 // Idle-time bookkeeping of a polling loop: true once `timeout_ns` passed without progress (or another
 // thread reported an error), checked every kPollsPerSlowCheck polls.
 struct IdleClock {
@@ -173,21 +168,8 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
         if (node == ctx.node || net.direct_ptr(forwarder, layout.rows_offset) != nullptr) {
           net.signal_add(forwarder, layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
         } else {
-          // Staged at the same ring slots: one put per contiguous run (the ring may wrap once).
-          const int64_t first_slot = layout.slot(ctx.node, channel, first) - layout.slot(ctx.node, channel, 0);
-          const int head_run = static_cast<int>(min(static_cast<int64_t>(count), ring_capacity - first_slot));
-          const int64_t dst = layout.rows_offset + layout.slot(ctx.node, channel, first) * layout.row_stride;
-          const int64_t src = layout.send_rows_offset + layout.slot(node, channel, first) * layout.row_stride;
-          if (head_run < count) {
-            net.put(forwarder, dst, src, static_cast<int64_t>(head_run) * layout.row_stride);
-            net.put_with_signal(forwarder, layout.rows_offset + layout.slot(ctx.node, channel, 0) * layout.row_stride,
-                                layout.send_rows_offset + layout.slot(node, channel, 0) * layout.row_stride,
-                                static_cast<int64_t>(count - head_run) * layout.row_stride,
-                                layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
-          } else {
-            net.put_with_signal(forwarder, dst, src, static_cast<int64_t>(count) * layout.row_stride,
-                                layout.signal_dispatch(ctx.node, channel), static_cast<uint64_t>(count));
-          }
+          // Staged at the same ring slots.
+          put_ring_range(ctx, forwarder, node, channel, first, count, layout.signal_dispatch(ctx.node, channel));
         }
         if (lane == 0) sent[node] = round_sent[node];
         __syncwarp();
