@@ -2,13 +2,13 @@
 // and co-residency checks (decisions 4 and 5), the GPU-to-CPU count handshake, output allocation and
 // the kernel launches (csrc/kernels/internode/).
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/internode_warps.hpp"
 #include "runtime/normal_inputs.hpp"
 #include "runtime/transport_launch.hpp"
 #include "util/cuda_check.hpp"
@@ -68,29 +68,9 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
                 " channels: ", op, " must use the num_sms of the dispatch that made the handle");
 }
 
-// The warp roles of the dispatch and combine blocks: defaults, or DEEP_EP_INTERNODE_WARPS (a testing aid
-// for tuning: "senders,producers,forwarders"), checked against what the kernels need.
+// The warp roles of this op's blocks (DEEP_EP_INTERNODE_WARPS may override the defaults; read per call).
 internode::WarpSplit warp_split(int num_ranks_per_node) {
-  internode::WarpSplit split;
-  const int min_producers =
-      (num_ranks_per_node + internode::kMaxRingsPerProducerWarp - 1) / internode::kMaxRingsPerProducerWarp;
-  split.combine_producers = std::max(std::min(num_ranks_per_node, split.combine_producers), min_producers);
-  if (const char* env = std::getenv("DEEP_EP_INTERNODE_WARPS"); env != nullptr && *env != '\0') {
-    internode::WarpSplit custom;
-    DEEP_EP_CHECK(std::sscanf(env, "%d,%d,%d", &custom.dispatch_senders, &custom.combine_producers,
-                              &custom.combine_forwarders) == 3,
-                  "DEEP_EP_INTERNODE_WARPS must be \"senders,producers,forwarders\", got '", env, "'");
-    split = custom;
-  }
-  const int warps = internode::kNumThreads / 32;
-  DEEP_EP_CHECK(split.dispatch_senders >= 1 && split.dispatch_senders <= warps - 2, "internode dispatch needs 1 to ",
-                warps - 2, " sender warps, got ", split.dispatch_senders);
-  DEEP_EP_CHECK(split.combine_producers >= min_producers && split.combine_producers <= num_ranks_per_node &&
-                    split.combine_forwarders >= 1 && split.combine_producers + split.combine_forwarders <= warps - 1,
-                "internode combine needs ", min_producers, " to ", num_ranks_per_node, " producer warps and at least ",
-                "one forwarder and one home warp out of ", warps, ", got ", split.combine_producers, " and ",
-                split.combine_forwarders);
-  return split;
+  return internode_warp_split(num_ranks_per_node, std::getenv("DEEP_EP_INTERNODE_WARPS"));
 }
 
 void check_ring_slots(const Config& config, const char* op) {
@@ -348,13 +328,10 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   const internode::WarpSplit split = warp_split(Rn);
   c.num_producer_warps = split.combine_producers;
   c.num_forward_warps = split.combine_forwarders;
-  // A home round (one token per home warp) and a forwarder batch (one position per forwarder warp) must
-  // fit one ring of partials together, or each would wait for the other.
-  const int home_warps = internode::kNumThreads / 32 - split.combine_producers - split.combine_forwarders;
-  DEEP_EP_CHECK(capacity >= split.combine_forwarders + home_warps,
-                "internode combine needs "
-                "config.num_max_rdma_chunked_recv_tokens >= ",
-                split.combine_forwarders + home_warps, ", got ", capacity);
+  const int min_ring_slots = internode_combine_min_ring_slots(split);
+  DEEP_EP_CHECK(capacity >= min_ring_slots,
+                "internode combine needs config.num_max_rdma_chunked_recv_tokens >= ", min_ring_slots,
+                " with its warp split, got ", capacity);
   c.ring_chunk = config.num_max_nvl_chunked_send_tokens;
   c.send_rdma_head = h.send_rdma_head.ptr<int>();
   c.send_nvl_head = h.send_nvl_head.ptr<int>();
