@@ -204,10 +204,11 @@ def _ht_check(ctx, group, label, tokens, token_scales, topk_ids, topk_weights, r
     check_combined(f"{label} combine", output, x_float, topk_ids, topk_weights)
 
 
-def ht_prepare_finalize(ctx, num_ranks_per_node):
+def ht_prepare_finalize(ctx, num_ranks_per_node, repeats=1):
     """vLLM's HT prepare/finalize: bf16 and block-FP8 dispatch, then combine; without DBO (async prepare and
     finalize, waits through event.event) and with DBO (two micro-batches in flight on their own streams, events
-    captured on the compute stream, two handles held at once)."""
+    captured on the compute stream, two handles held at once). `repeats` runs the whole sequence that many times
+    (a soak: the DBO sequence once timed out on 8 ranks of one GPU and passed when rerun)."""
     group = start(ctx, num_ranks_per_node, seed=41)
     num_ranks = ctx.num_ranks
     # vLLM's `internode`: whether the group spans nodes (here: emulated ones).
@@ -216,7 +217,7 @@ def ht_prepare_finalize(ctx, num_ranks_per_node):
     buffer = _ht_buffer(group, internode)
     num_local = NUM_EXPERTS // num_ranks
     ht = _HighThroughput(buffer, num_dispatchers=num_ranks, rank_expert_offset=ctx.rank * num_local)
-    for block_fp8 in (False, True):
+    for block_fp8 in [fp8 for _ in range(repeats) for fp8 in (False, True)]:
         fmt = "block-fp8" if block_fp8 else "bf16"
         # Without DBO: async prepare, async finalize.
         (tokens, scales), topk_ids, topk_weights = _ht_inputs(ctx, block_fp8)
@@ -509,6 +510,8 @@ def cases(rank_counts):
     for tag, num_ranks, num_ranks_per_node in layouts(rank_counts):
         base = f"clients/vllm/{tag}"
         out.append((f"{base}/ht_prepare_finalize", ht_prepare_finalize, num_ranks, (num_ranks_per_node,), 240))
+        if tag == "r8":
+            out.append((f"{base}/ht_dbo_soak", ht_prepare_finalize, num_ranks, (num_ranks_per_node, 20), 420))
         out.append((f"{base}/ll_hidden_sizes", ll_hidden_sizes, num_ranks, (num_ranks_per_node,), 300))
         out.append((f"{base}/ll_cuda_graph", ll_cuda_graph, num_ranks, (num_ranks_per_node,), 240))
     return out
