@@ -322,7 +322,6 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   c.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
   c.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
-  c.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
   c.num_rdma_rows = static_cast<int>(h.send_nvl_head.size(0));
   c.ring_slots = ring_slots;
   const internode::WarpSplit split = warp_split(Rn);

@@ -101,7 +101,6 @@ struct CombineArgs {
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
   const int* recv_rdma_rank_prefix_sum;        // [N]
-  const int* rdma_channel_prefix_matrix;       // [N, C]: partials this home rank gets per node and channel
   const int* send_rdma_head;                   // [T, N]
   const int* send_nvl_head;                    // [num_rdma_rows, Rn]
   int num_tokens, num_rows, hidden, num_topk, num_rdma_rows;
