@@ -96,6 +96,7 @@ __device__ __forceinline__ bool wait_at_least(Read read, uint64_t target, int64_
   }
   const uint64_t start = global_timer_ns();
   for (int polls = 1;; ++polls) {
+    poll_pause();
     value = read();
     if (value >= target) break;
     if (polls % kPollsPerSlowCheck == 0) {

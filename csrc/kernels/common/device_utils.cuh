@@ -47,6 +47,7 @@ __device__ __forceinline__ int ld_volatile(const int* ptr) {
 }
 
 using transport::detail::global_timer_ns;
+using transport::detail::poll_pause;
 
 // First reporter wins; see DeviceDiagnostics for the publication protocol.
 __device__ __forceinline__ void report(DeviceDiagnostics* diag, Phase phase, bool is_timeout, int rank, int peer,

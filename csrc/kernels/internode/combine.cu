@@ -25,6 +25,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/occupancy.cuh"
+#include "kernels/common/role_timer.cuh"
 #include "kernels/internode/common.cuh"
 #include "kernels/internode/internode_gin.cuh"
 #include "util/cuda_check.hpp"
@@ -40,9 +41,6 @@ constexpr int kForwardBarrier = 2;
 
 // Warps: num_producer_warps producers, then num_forward_warps forwarders, home ranks' sums the rest
 // (CombineArgs).
-
-// Per warp: the ring positions (forwarder) or partial slots (home) of the row being summed.
-__shared__ int heads[kNumWarps][32];
 
 using device::add_bf16x8;
 using device::pack_bf16x8;
@@ -68,8 +66,11 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   int node[kMaxRingsPerProducer], offset[kMaxRingsPerProducer], pushed[kMaxRingsPerProducer];
 #pragma unroll
   for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) node[owned] = offset[owned] = pushed[owned] = 0;
-  uint64_t idle_since = device::global_timer_ns();
-  for (int polls = 1;; ++polls) {
+  IdleClock clock;
+  // Buckets: 0 copying rows, 1 reading credits, 2 fencing and publishing.
+  device::RoleTimer timer;
+  timer.begin();
+  for (;;) {
     bool pending = false, progressed = false;
 #pragma unroll
     for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
@@ -82,6 +83,7 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       __syncwarp();  // the entry writes below are ordered after lane 0's acquire
       const int free_slots = count_of(__shfl_sync(0xffffffffu, head_value, 0), epoch) + ring_slots - pushed[owned];
       int budget = min(free_slots, args.ring_chunk);
+      timer.lap(1);
       if (budget <= 0) continue;
       char* ring = ctx.rings(ctx.peers.rank) +
                    (static_cast<int64_t>(channel) * num_ranks_per_node + local_rank) * ring_slots * stride;
@@ -104,20 +106,21 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         --budget;
         progressed = true;
       }
+      timer.lap(0);
       __threadfence_system();
       __syncwarp();
       if (lane == 0)
         device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, local_rank), layout.flag_ring_tail(channel, ctx.local)),
                                tagged(epoch, pushed[owned]));
+      timer.lap(2);
     }
-    if (!pending) return;
-    if (progressed) {
-      idle_since = device::global_timer_ns();
-    } else if (polls % device::kPollsPerSlowCheck != 0) {
-      continue;
-    } else if (device::error_reported(ctx.peers.diagnostics)) {
+    if (!pending) {
+      timer.report("combine", "producer", ctx.peers.rank, num_ranks_per_node, 0);
       return;
-    } else if (device::global_timer_ns() - idle_since > static_cast<uint64_t>(ctx.peers.timeout_ns)) {
+    }
+    if (progressed) {
+      clock.progressed();
+    } else if (clock.expired(ctx.peers)) {
       if (lane == 0)
         device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
                        ctx.rank_of(ctx.node, warp), channel, -1, 0, 0);
@@ -126,23 +129,52 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   }
 }
 
-// acc += the rows `heads[0..num)` name (negative: none), in index order, kBatch loads in flight per lane.
-// row_ptr(i, head) gives the int4 row of source i.
-template <typename RowPtr>
-__device__ __forceinline__ void sum_rows(float (&acc)[8], const int* heads, int num, int col, RowPtr row_ptr) {
-  constexpr int kBatch = 8;
-  for (int i0 = 0; i0 < num; i0 += kBatch) {
-    int4 vals[kBatch];
+// Per warp: the rows being summed, in summation order (forwarder: entries by local rank; home: partials by node,
+// then the biases).
+__shared__ const int4* sources_of[kNumWarps][32];
+
+// dst[col] = bf16(the float32 sum over s = 0, 1, ... of sources[s][col]) for every 16-byte column of a row of
+// row_int4 columns. A lane keeps kCols columns x kGroup sources of loads in flight: one column per step would
+// leave the warp waiting one memory latency per 512 bytes.
+template <int kCols, int kGroup>
+__device__ __forceinline__ void sum_sources(int4* dst, const int4* const* sources, int num_sources, int row_int4,
+                                            int lane) {
+  for (int col0 = lane; col0 < row_int4; col0 += 32 * kCols) {
+    float acc[kCols][8];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int head = i0 + u < num ? heads[i0 + u] : -1;
-      if (head >= 0) vals[u] = __ldcg(row_ptr(i0 + u, head) + col);
+    for (int u = 0; u < kCols; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+    for (int s0 = 0; s0 < num_sources; s0 += kGroup) {
+      int4 vals[kGroup][kCols];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+        for (int u = 0; u < kCols; ++u)
+          if (s0 + g < num_sources && col0 + 32 * u < row_int4) vals[g][u] = __ldcg(sources[s0 + g] + col0 + 32 * u);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+        for (int u = 0; u < kCols; ++u)
+          if (s0 + g < num_sources && col0 + 32 * u < row_int4) add_bf16x8(acc[u], vals[g][u]);
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (i0 + u < num && heads[i0 + u] >= 0) add_bf16x8(acc, vals[u]);
+    for (int u = 0; u < kCols; ++u)
+      if (col0 + 32 * u < row_int4) dst[col0 + 32 * u] = pack_bf16x8(acc[u]);
   }
 }
+
+// The float32 sum over s of the float `k` that follows the hidden bf16 values of sources[s], in order.
+__device__ __forceinline__ float sum_weights(const int4* const* sources, int num_sources, int hidden, int k) {
+  float acc = 0.0f;
+  for (int s = 0; s < num_sources; ++s)
+    acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(sources[s]) + hidden * 2) + k);
+  return acc;
+}
+
+// Columns x sources of loads a lane keeps in flight in the sums.
+constexpr int kSumCols = 4;
+constexpr int kSumGroup = 2;
 
 template <typename Transport>
 __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int64_t stride, int epoch, int channel) {
@@ -163,6 +195,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   device::named_barrier(kForwardBarrier, num_forward_warps * 32);
   const int row_int4 = args.hidden * 2 / 16;
   const Transport& net = ctx.net;
+  // Buckets: 0 waiting for the home rank's credits, 1 waiting for the producers' entries, 2 summing, 3 fencing
+  // and signalling.
+  device::RoleTimer timer;
+  timer.begin();
   // The partial of position (node, channel, i) goes to home rank (node, my local index), ring (my node,
   // channel): written in place for the own node, straight into the home rank's window where the transport
   // maps it, else staged in send_rows at the same slot and put.
@@ -188,6 +224,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         }
       }
       device::named_barrier(kForwardBarrier, num_forward_warps * 32);
+      timer.lap(0);
       if (abort_forward) break;
       const int i = batch_begin + forward_warp;
       if (i < count) {
@@ -196,13 +233,13 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         const int position = lane < num_ranks_per_node && nvl_row < args.num_rdma_rows
                                  ? args.send_nvl_head[nvl_row * num_ranks_per_node + lane]
                                  : -1;
-        heads[threadIdx.x / 32][lane] = position;
         // Lane j waits until local rank j has pushed this entry.
         bool ok = true;
         if (position >= 0) {
           const int64_t* tail = ctx.flag(ctx.peers.rank, layout.flag_ring_tail(channel, lane));
           const uint64_t start = device::global_timer_ns();
           for (int polls = 1; count_of(device::ld_acquire_sys(tail), epoch) <= position; ++polls) {
+            device::poll_pause();
             if (polls % device::kPollsPerSlowCheck == 0 &&
                 (device::error_reported(ctx.peers.diagnostics) ||
                  device::global_timer_ns() - start > static_cast<uint64_t>(ctx.peers.timeout_ns))) {
@@ -216,15 +253,18 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           atomicMax(&consumed[lane], position + 1);
         }
         const bool all_ok = __all_sync(0xffffffffu, ok);
-        __syncwarp();  // heads[] of every lane is visible to the warp
+        timer.lap(1);
         if (!all_ok) {
           abort_forward = 1;
         } else {
-          const int* warp_heads = heads[threadIdx.x / 32];
-          const auto entry = [&](int local_rank, int ring_position) {
-            return reinterpret_cast<const int4*>(ring_of[local_rank] +
-                                                 static_cast<int64_t>(ring_position % ring_slots) * stride);
-          };
+          // The entries, compacted in local-rank order (the reference's order of additions).
+          const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
+          const int4** sources = sources_of[threadIdx.x / 32];
+          if (position >= 0)
+            sources[__popc(present & ((1u << lane) - 1u))] =
+                reinterpret_cast<const int4*>(ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride);
+          __syncwarp();
+          const int num_sources = __popc(present);
           const int64_t home_slot = layout.slot(ctx.node, channel, i);
           char* dst;
           if (node == ctx.node) {
@@ -234,23 +274,13 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           } else {
             dst = ctx.send_row(layout.slot(node, channel, i));
           }
-          for (int col = lane; col < row_int4; col += 32) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            sum_rows(acc, warp_heads, num_ranks_per_node, col, entry);
-            reinterpret_cast<int4*>(dst)[col] = pack_bf16x8(acc);
-          }
-          for (int k = lane; k < args.num_topk; k += 32) {
-            float acc = 0.0f;
-            for (int local_rank = 0; local_rank < num_ranks_per_node; ++local_rank)
-              if (warp_heads[local_rank] >= 0)
-                acc += __ldcg(
-                    reinterpret_cast<const float*>(
-                        reinterpret_cast<const char*>(entry(local_rank, warp_heads[local_rank])) + args.hidden * 2) +
-                    k);
-            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = acc;
-          }
+          sum_sources<kSumCols, kSumGroup>(reinterpret_cast<int4*>(dst), sources, num_sources, row_int4, lane);
+          for (int k = lane; k < args.num_topk; k += 32)
+            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = sum_weights(sources, num_sources, args.hidden, k);
+          __syncwarp();  // sources_of is rewritten by the warp's next position
         }
       }
+      timer.lap(2);
       // The batch's partials are written and fenced (direct stores and staged put sources alike) before
       // the signal; its ring entries are read before their space is handed back.
       __threadfence_system();
@@ -267,8 +297,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           put_ring_range(ctx, home_rank, node, channel, batch_begin, batch, layout.signal_combine(ctx.node, channel));
         }
       }
+      timer.lap(3);
     }
   }
+  timer.report("combine", "forwarder", ctx.peers.rank, num_ranks_per_node, 0);
   // Every credit of the op is in once the home ranks summed every partial: then nobody adds to the
   // credit signals any more and they are reset for the next op.
   if (forward_warp == 0 && !abort_forward) {
@@ -305,6 +337,9 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
   device::channel_range(channel, num_channels, args.num_tokens, begin, end);
   const int row_int4 = args.hidden * 2 / 16;
   const char* partials = ctx.row(ctx.peers.rank, 0);
+  // Buckets: 0 waiting for partials, 1 summing, 2 crediting and the round's barriers.
+  device::RoleTimer timer;
+  timer.begin();
   const auto partial_row = [&](int node, int position) {
     return reinterpret_cast<const int4*>(partials + layout.slot(node, channel, position) * layout.row_stride);
   };
@@ -313,7 +348,6 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
     if (token < end) {
       __syncwarp();
       const int head = lane < num_nodes ? args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + lane] : -1;
-      heads[warp][lane] = head;
       // Lane j waits for partial `head` of node j: combine(j, channel) counts the partials that have landed.
       bool ok = true;
       if (head >= 0) {
@@ -327,33 +361,34 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
       }
       const bool all_ok = __all_sync(0xffffffffu, ok);
       __syncwarp();
+      timer.lap(0);
       if (!all_ok) {
         home_abort = 1;
       } else {
-        for (int col = lane; col < row_int4; col += 32) {
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          sum_rows(acc, heads[warp], num_nodes, col, partial_row);
+        // The partials in node order, then the biases (the reference's order of additions).
+        const unsigned present = __ballot_sync(0xffffffffu, head >= 0);
+        const int num_partials = __popc(present);
+        const int4** sources = sources_of[warp];
+        if (head >= 0) sources[__popc(present & ((1u << lane) - 1u))] = partial_row(lane, head);
+        if (lane == 0) {
+          int num = num_partials;
           if (args.bias_0)
-            add_bf16x8(acc,
-                       reinterpret_cast<const int4*>(args.bias_0 + static_cast<int64_t>(token) * args.hidden)[col]);
+            sources[num++] = reinterpret_cast<const int4*>(args.bias_0 + static_cast<int64_t>(token) * args.hidden);
           if (args.bias_1)
-            add_bf16x8(acc,
-                       reinterpret_cast<const int4*>(args.bias_1 + static_cast<int64_t>(token) * args.hidden)[col]);
-          reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(token) * args.hidden)[col] = pack_bf16x8(acc);
+            sources[num++] = reinterpret_cast<const int4*>(args.bias_1 + static_cast<int64_t>(token) * args.hidden);
         }
-        for (int k = lane; k < args.num_topk; k += 32) {
-          float acc = 0.0f;
-          for (int node = 0; node < num_nodes; ++node) {
-            const int position = heads[warp][node];
-            if (position >= 0)
-              acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(partial_row(node, position)) +
-                                                           args.hidden * 2) +
-                            k);
-          }
-          args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] = acc;
-        }
+        __syncwarp();
+        const int num_sources = num_partials + (args.bias_0 != nullptr) + (args.bias_1 != nullptr);
+        sum_sources<kSumCols, kSumGroup>(
+            reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(token) * args.hidden), sources, num_sources,
+            row_int4, lane);
+        for (int k = lane; k < args.num_topk; k += 32)
+          args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] =
+              sum_weights(sources, num_partials, args.hidden, k);
+        __syncwarp();  // sources_of is rewritten by the warp's next token
       }
     }
+    timer.lap(1);
     // The round's partials are read: credit their slots back (one add per node that advanced), then
     // let the next round start, so that `used` holds only finished rounds when it is credited.
     device::named_barrier(kHomeBarrier, num_home_warps * 32);
@@ -369,7 +404,9 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
       }
     }
     device::named_barrier(kHomeBarrier, num_home_warps * 32);
+    timer.lap(2);
   }
+  timer.report("combine", "home", ctx.peers.rank, layout.num_ranks_per_node, 0);
   // Every partial of the op has landed (the token with each node's last position waited for it): no
   // add to combine(node, channel) can follow.
   if (home_warp == 0)

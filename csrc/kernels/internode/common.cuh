@@ -201,4 +201,18 @@ __device__ __forceinline__ int warp_inclusive_scan(int value) {
   return value;
 }
 
+// Idle-time bookkeeping of a polling loop: true once `timeout_ns` passed without progress (or another
+// thread reported an error), checked every kPollsPerSlowCheck polls; every poll that found nothing pauses first.
+struct IdleClock {
+  uint64_t since = device::global_timer_ns();
+  int polls = 0;
+  __device__ __forceinline__ void progressed() { since = device::global_timer_ns(); }
+  __device__ __forceinline__ bool expired(const Peers& peers) {
+    device::poll_pause();
+    if (++polls % device::kPollsPerSlowCheck != 0) return false;
+    return device::error_reported(peers.diagnostics) ||
+           device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
+  }
+};
+
 }  // namespace deep_ep::internode

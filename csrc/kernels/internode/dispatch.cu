@@ -16,6 +16,7 @@
 // forwarder wait only for arrivals. So every ring drains whatever its size.
 #include "deep_ep/error.hpp"
 #include "kernels/common/occupancy.cuh"
+#include "kernels/common/role_timer.cuh"
 #include "kernels/internode/common.cuh"
 #include "kernels/internode/internode_gin.cuh"
 #include "util/cuda_check.hpp"
@@ -36,19 +37,6 @@ __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int 
     mask |= static_cast<uint32_t>(row[local_rank]) << local_rank;
   return mask;
 }
-
-// Idle-time bookkeeping of a polling loop: true once `timeout_ns` passed without progress (or another
-// thread reported an error), checked every kPollsPerSlowCheck polls.
-struct IdleClock {
-  uint64_t since = device::global_timer_ns();
-  int polls = 0;
-  __device__ __forceinline__ void progressed() { since = device::global_timer_ns(); }
-  __device__ __forceinline__ bool expired(const Peers& peers) {
-    if (++polls % device::kPollsPerSlowCheck != 0) return false;
-    return device::error_reported(peers.diagnostics) ||
-           device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
-  }
-};
 
 template <typename Transport>
 __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int channel) {
@@ -88,6 +76,9 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
   device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
   const Transport& net = ctx.net;
+  // Buckets: 0 waiting for credits (warp 0; the others at the barrier), 1 copying rows, 2 fencing and signalling.
+  device::RoleTimer timer;
+  timer.begin();
   for (int round_begin = begin; round_begin < end; round_begin += args.send_chunk) {
     const int round_end = min(end, round_begin + args.send_chunk);
     // Warp 0, lane `node`: the positions this round writes for `node`, and the credit they need: position
@@ -116,6 +107,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       }
     }
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
+    timer.lap(0);
     if (send_failed) return;
 
     // A row for `node` lands in forwarder (node, my local index), ring (my node, channel).
@@ -153,6 +145,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
         }
       }
     }
+    timer.lap(1);
     // In-place and direct stores count as puts once fenced and ordered before the signalling warp by
     // the barrier; staged rows are a put's source, written before the barrier.
     __threadfence_system();
@@ -175,7 +168,9 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
         __syncwarp();
       }
     }
+    timer.lap(2);
   }
+  timer.report("dispatch", "sender", ctx.peers.rank, num_ranks_per_node, 0);
 
   // Every credit of the op is in once each node's ranks scanned every row: then nobody adds to the
   // credit signals any more and they are reset for the next op.
@@ -348,7 +343,11 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
   }
   __syncwarp();
   IdleClock clock;
+  // Buckets: 0 polling without rows to copy, 1 copying rows and publishing the scan.
+  device::RoleTimer timer;
+  timer.begin();
   for (;;) {
+    timer.lap(0);
     bool pending = false, progressed = false;
     for (int source = receive_warp; source < num_ranks; source += kNumReceiverWarps) {
       const int* prefix = args.recv_gbl_channel_prefix_matrix + source * num_channels;
@@ -420,8 +419,12 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
       }
       __syncwarp();
       progressed = true;
+      timer.lap(1);
     }
-    if (!pending) return;
+    if (!pending) {
+      timer.report("dispatch", "receiver", ctx.peers.rank, num_ranks_per_node, 0);
+      return;
+    }
     if (progressed) {
       clock.progressed();
     } else if (clock.expired(ctx.peers)) {
