@@ -162,13 +162,14 @@ class Buffer:
         # An EventOverlap whose event is an EventHandle (Buffer.capture(), EventOverlap(EventHandle()), an
         # earlier op's event); the stream waits on the torch event inside.
         wait_for = _torch_event_of(previous_event, "previous_event")
-        self.runtime.check_device_errors()
+        # Device errors of earlier ops are raised by the op's own first check, before anything is launched.
         compute = torch.cuda.current_stream()
         if wait_for is not None:
             self._comm_stream.wait_event(wait_for)
         else:
             self._comm_stream.wait_stream(compute)
-        return compute, (self._comm_stream if allocate_on_comm_stream else compute)
+        # None: outputs on the current stream (the common case, without a stream switch per allocation).
+        return compute, (self._comm_stream if allocate_on_comm_stream else None)
 
     def _end(self, compute: torch.cuda.Stream, async_finish: bool, tensors) -> EventOverlap:
         if async_finish:
@@ -182,6 +183,9 @@ class Buffer:
         return EventOverlap(None)
 
     def _empty(self, shape, dtype, stream) -> torch.Tensor:
+        """A tensor allocated on `stream` (None: the current stream)."""
+        if stream is None:
+            return torch.empty(shape, dtype=dtype, device=self._device)
         with torch.cuda.stream(stream):
             return torch.empty(shape, dtype=dtype, device=self._device)
 
@@ -200,7 +204,14 @@ class Buffer:
             raise ValueError(f"topk_idx must be 2-D [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
         if not isinstance(num_experts, int) or isinstance(num_experts, bool):
             raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
-        compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # Nothing to overlap: the kernel runs on the current stream, as if on the comm stream between two
+            # stream waits (it touches no communication buffer, so no earlier comm-stream op can conflict), and
+            # the call saves both waits.
+            compute, alloc_stream, run_stream = None, None, torch.cuda.current_stream()
+        else:
+            compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+            run_stream = self._comm_stream
         num_ranks = self.group_size
         num_tokens = topk_idx.size(0)
         per_rank = self._empty((num_ranks,), torch.int32, alloc_stream)
@@ -215,8 +226,10 @@ class Buffer:
             None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
             view(per_expert, "num_tokens_per_expert"),
             view(in_rank, "is_token_in_rank"),
-            self._comm_stream.cuda_stream,
+            run_stream.cuda_stream,
         )
+        if compute is None:
+            return per_rank, per_rdma_rank, per_expert, in_rank, EventOverlap(None)
         event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
         return per_rank, per_rdma_rank, per_expert, in_rank, event
 
