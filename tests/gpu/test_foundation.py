@@ -7,15 +7,32 @@ import torch
 
 import deep_ep
 from common import assert_equal, expect_raises, random_topk_idx, setup, teardown, to_numpy
+from internode_cases import check_rdma_layout, use_ranks_per_node
 
 NUM_EXPERTS = 256
 NUM_TOPK = 8
+# Past one node's ranks the group is emulated nodes of this many consecutive ranks (and the Buffer gets an RDMA
+# area): the layout then also counts tokens per node.
+RANKS_PER_NODE = 8
+
+
+def _buffer(ctx, group, num_nvl_bytes, **kwargs):
+    """A Buffer for this case; at more than RANKS_PER_NODE ranks, of emulated nodes with an RDMA area."""
+    if ctx.num_ranks > RANKS_PER_NODE:
+        kwargs.setdefault("num_rdma_bytes", 1 << 20)
+    return deep_ep.Buffer(group, num_nvl_bytes=num_nvl_bytes, **kwargs)
+
+
+def _setup(ctx, seed_base=0):
+    if ctx.num_ranks > RANKS_PER_NODE:
+        use_ranks_per_node(RANKS_PER_NODE)  # read when a Buffer is created
+    return setup(ctx, seed_base=seed_base)
 
 
 def buffer_create_destroy(ctx):
-    group = setup(ctx)
+    group = _setup(ctx)
     for round_idx in range(3):
-        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, explicitly_destroy=True)
+        buffer = _buffer(ctx, group, 1 << 22, explicitly_destroy=True)
         assert buffer.rank == ctx.rank and buffer.group_size == ctx.num_ranks
         assert buffer.runtime.num_ranks_per_device >= 1
         if ctx.num_gpus == 1:
@@ -30,7 +47,7 @@ def buffer_create_destroy(ctx):
         del buffer
     # Implicitly destroyed buffers are released on garbage collection.
     for _ in range(2):
-        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+        buffer = _buffer(ctx, group, 1 << 20)
         expect_raises(RuntimeError, "explicitly_destroy", buffer.destroy)
         del buffer
         gc.collect()
@@ -38,8 +55,8 @@ def buffer_create_destroy(ctx):
 
 
 def layout_matches_reference(ctx, num_tokens):
-    group = setup(ctx, seed_base=num_tokens)
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    group = _setup(ctx, seed_base=num_tokens)
+    buffer = _buffer(ctx, group, 1 << 20, explicitly_destroy=True)
     for mode in ("sync", "async", "previous_event", "comm_alloc"):
         topk_idx = random_topk_idx(num_tokens, NUM_EXPERTS, NUM_TOPK)
         if mode == "sync":
@@ -55,7 +72,10 @@ def layout_matches_reference(ctx, num_tokens):
             )
             out[4].current_stream_wait()
         per_rank, per_rdma_rank, per_expert, in_rank, _ = out
-        assert per_rdma_rank is None
+        if ctx.num_ranks > RANKS_PER_NODE:
+            check_rdma_layout(per_rdma_rank, in_rank, RANKS_PER_NODE, f"layout ({mode})")
+        else:
+            assert per_rdma_rank is None, "num_tokens_per_rdma_rank must be None within one node"
         assert per_rank.dtype == torch.int32 and per_expert.dtype == torch.int32 and in_rank.dtype == torch.bool
         assert tuple(in_rank.shape) == (num_tokens, ctx.num_ranks)
         ref = deep_ep.reference.get_dispatch_layout(topk_idx.cpu().numpy(), ctx.num_ranks, NUM_EXPERTS)
@@ -68,8 +88,8 @@ def layout_matches_reference(ctx, num_tokens):
 
 
 def bad_inputs_raise_before_launch(ctx):
-    group = setup(ctx)
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    group = _setup(ctx)
+    buffer = _buffer(ctx, group, 1 << 20, explicitly_destroy=True)
     good = random_topk_idx(16, NUM_EXPERTS, NUM_TOPK)
     expect_raises(
         TypeError, "topk_idx must be torch.int64", lambda: buffer.get_dispatch_layout(good.int(), NUM_EXPERTS)
@@ -95,8 +115,8 @@ def bad_inputs_raise_before_launch(ctx):
 
 
 def out_of_range_expert_is_reported(ctx):
-    group = setup(ctx)
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    group = _setup(ctx)
+    buffer = _buffer(ctx, group, 1 << 20, explicitly_destroy=True)
     topk_idx = random_topk_idx(64, NUM_EXPERTS, NUM_TOPK, drop_prob=0.0)
     bad_token = 5 + ctx.rank
     topk_idx[bad_token, 3] = NUM_EXPERTS + 7  # lives in device memory: only the kernel can see it

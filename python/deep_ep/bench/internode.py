@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import deep_ep
 
-from .timing import fp8_cast, time_op
+from .timing import fp8_cast, time_op, time_op_per_call
 
 
 def bench_internode(ctx, group, opts, flush, copy_gbps):
@@ -47,6 +47,9 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
 _SWEEP_WARPS = ("4,4,6", "2,4,6", "6,4,6", "4,8,4", "4,6,6", "4,4,8", "4,8,6")
 _SWEEP_BATCHES = ((36, 20), (36, 32), (16, 8))  # dispatch: (nvl send, rdma send) with V1's rings
 _SWEEP_PUSH = (4, 16, 64)  # combine: NVL push batch with V1's rings
+# Ring sizes: (dispatch RDMA ring with V1's batches; combine NVL ring, combine RDMA ring). On one GPU every rank's
+# rings share its L2: smaller rings keep the rows between their writer and their reader there.
+_SWEEP_RINGS = ((128, 288, 128), (64, 64, 64), (32, 32, 32), (24, 16, 24))
 
 
 def _sweep(buffer, x, recv_x, handle, group, opts, flush):
@@ -83,6 +86,22 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
             flush,
         )
         results.append((f"combine push {push}", float("nan"), c))
+    for dispatch_ring, nvl_ring, rdma_ring in _SWEEP_RINGS:
+        d = time_op(
+            lambda: buffer.dispatch(
+                x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, min(20, dispatch_ring // 2), dispatch_ring)
+            ),
+            group,
+            iters,
+            flush,
+        )
+        c = time_op(
+            lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, nvl_ring, 12, rdma_ring)),
+            group,
+            iters,
+            flush,
+        )
+        results.append((f"rings {dispatch_ring} / {nvl_ring},{rdma_ring}", d, c))
     gathered = [None] * group.size()
     dist.all_gather_object(gathered, [(d, c) for _, d, c in results], group=group)
     rows = []
@@ -124,6 +143,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     topk_idx = scores.topk(k, dim=1).indices.to(torch.int64)
     topk_weights = torch.rand(t, k, device="cuda")
     per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
+    layout_ms = time_op_per_call(lambda: buffer.get_dispatch_layout(topk_idx, e), group, 50, flush)
     layout = dict(
         num_tokens_per_rank=per_rank,
         num_tokens_per_rdma_rank=per_rdma,
@@ -155,7 +175,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
         flush,
     )
     sweep_rows = _sweep(buffer, x, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
-    local = [timed[name] for name in timed] + [with_notify, float(num_recv), float(rdma_rows)]
+    local = [timed[name] for name in timed] + [with_notify, layout_ms, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
@@ -189,6 +209,15 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
             str(num_sms),
             f"{mean[3] * 1e3:.0f} us",
             f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}",
+        )
+    )
+    rows.append(
+        (
+            "get_dispatch_layout (with num_tokens_per_rdma_rank)",
+            f"{t} tok, top-{k}/{e}, {num_ranks} ranks",
+            "-",
+            f"eager {mean[4] * 1e3:.1f} us/call",
+            "mean over ranks of the median of 50 back-to-back calls",
         )
     )
     rows += sweep_rows

@@ -76,10 +76,11 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         "dispatch BF16": lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
         "combine BF16": lambda: buffer.combine(recv_x, handle, config=combine_config),
     }
-    modes = {
-        name: (time_op_per_call(fn, group, 50, flush), time_op_graph(fn, group, iters, flush))
-        for name, fn in ops.items()
-    }
+    modes = {}
+    for name, fn in ops.items():
+        host_ms = []
+        eager_ms = time_op_per_call(fn, group, 50, flush, host_ms)
+        modes[name] = (eager_ms, time_op_graph(fn, group, iters, flush), host_ms[0])
     pulled = buffer.runtime.last_combine_pulled()
     # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
     chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
@@ -154,7 +155,7 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         )
     )
     for i, name in enumerate(REFERENCE_GBPS):
-        eager_ms, graph_ms = mean[5 + 2 * i], mean[6 + 2 * i]
+        eager_ms, graph_ms, host_ms = mean[5 + 3 * i], mean[6 + 3 * i], mean[7 + 3 * i]
         logical = results[name][1] / num_recv * mean_recv
         rows.append(
             (
@@ -163,7 +164,7 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
                 str(opts["num_sms"]),
                 f"eager {logical / (eager_ms * 1e-3) / 1e9:.0f}, graph {logical / (graph_ms * 1e-3) / 1e9:.0f} GB/s/rank",
                 f"eager: 50 calls, events per call, median {eager_ms * 1e3:.0f} us; graph replay {graph_ms * 1e3:.0f} us "
-                f"(eager / graph {eager_ms / graph_ms:.2f}x)",
+                f"(eager / graph {eager_ms / graph_ms:.2f}x); host {host_ms * 1e3:.0f} us per call",
             )
         )
     if opts.get("sweep"):

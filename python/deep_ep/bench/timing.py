@@ -6,6 +6,7 @@ baselines.py) import from here, never from each other in both directions.
 """
 
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,21 +37,27 @@ def time_op(fn, group, iters, flush, calls_per_sample=8):
     return statistics.median(times)
 
 
-def time_op_per_call(fn, group, num_calls, flush):
+def time_op_per_call(fn, group, num_calls, flush, host_ms=None):
     """Milliseconds of one fn() call as training loops and DeepEP's own test loop see it: `num_calls` eager
     calls back to back, CUDA events around each one, the median of the per-call times. Host work, allocations
-    and waits between calls show up here and not in a graph replay."""
+    and waits between calls show up here and not in a graph replay. When `host_ms` is a list, the median host
+    time of one call (its Python and C++ work up to the return, launches included) is appended to it."""
     for _ in range(3):
         fn()
     flush.zero_()
     torch.cuda.synchronize()
     dist.barrier(group)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(num_calls)]
+    host = []
     for start, end in events:
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host.append(time.perf_counter() - t0)
         end.record()
     torch.cuda.synchronize()
+    if host_ms is not None:
+        host_ms.append(statistics.median(host) * 1e3)
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
