@@ -30,6 +30,10 @@ _INTERNODE_HANDLE_OUTPUTS = (
 )
 
 
+# Buffer._comm_joined_by before the comm stream has had any work.
+_ANY_STREAM = "any"
+
+
 class Buffer:
     """Communication buffers of one rank, and the expert-parallel ops on them.
 
@@ -88,6 +92,9 @@ class Buffer:
         )
         self._device = torch.device("cuda", self.runtime.device)
         self._comm_stream = torch.cuda.Stream(device=self._device)
+        # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
+        # the comm stream has had none: a call made on that stream is already ordered after every earlier op.
+        self._comm_joined_by = _ANY_STREAM
 
     # ---- lifetime ------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -148,6 +155,7 @@ class Buffer:
         return tensor[: size.numel()].view(size)
 
     def get_comm_stream(self) -> torch.cuda.Stream:
+        self._comm_joined_by = None  # the caller may queue work there that no stream has waited for
         return self._comm_stream
 
     @staticmethod
@@ -178,8 +186,10 @@ class Buffer:
             # otherwise hand their memory to the compute stream early.
             for t in live:
                 t.record_stream(self._comm_stream)
+            self._comm_joined_by = None  # until a later op's compute stream waits for it
             return EventOverlap(EventHandle(self._comm_stream), extra_tensors=live)
         compute.wait_stream(self._comm_stream)
+        self._comm_joined_by = compute.cuda_stream
         return EventOverlap(None)
 
     def _empty(self, shape, dtype, stream) -> torch.Tensor:
@@ -204,11 +214,17 @@ class Buffer:
             raise ValueError(f"topk_idx must be 2-D [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
         if not isinstance(num_experts, int) or isinstance(num_experts, bool):
             raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
-        if previous_event is None and not async_finish and not allocate_on_comm_stream:
-            # Nothing to overlap: the kernel runs on the current stream, as if on the comm stream between two
-            # stream waits (it touches no communication buffer, so no earlier comm-stream op can conflict), and
-            # the call saves both waits.
-            compute, alloc_stream, run_stream = None, None, torch.cuda.current_stream()
+        current = torch.cuda.current_stream()
+        if (
+            previous_event is None
+            and not async_finish
+            and not allocate_on_comm_stream
+            and self._comm_joined_by in (_ANY_STREAM, current.cuda_stream)
+        ):
+            # Nothing to overlap, and the current stream already follows every earlier op: running the kernel here
+            # orders it exactly as the comm stream between two stream waits would (it touches no communication
+            # buffer), and the call saves both waits.
+            compute, alloc_stream, run_stream = None, None, current
         else:
             compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
             run_stream = self._comm_stream
