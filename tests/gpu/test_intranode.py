@@ -128,6 +128,67 @@ def dispatch_combine(ctx, opts):
     teardown()
 
 
+def dbo_streams(ctx, opts):
+    """Two micro-batches in flight on their own (compute, comm) stream pairs, as dual-batch-overlap runners issue
+    them: inputs made on the micro-batch's compute stream, every op called on its comm stream with previous_event
+    captured on the compute stream, the second micro-batch dispatched before the first is combined. `rounds`
+    times; every dispatch and combine checked exactly after each round."""
+    group = setup(ctx, seed_base=opts.get("seed", 7))
+    hidden, num_topk, fp8 = opts.get("hidden", 7168), 8, opts.get("fp8", False)
+    deep_ep.Buffer.set_num_sms(20)
+    os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
+    buffer = _buffer(group, hidden)
+    for round_idx in range(opts.get("rounds", 10)):
+        streams = [(torch.cuda.Stream(), torch.cuda.Stream()) for _ in range(2)]
+        batches = []
+        for compute, comm in streams:
+            compute.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(compute):
+                num_tokens = max(1, 192 - 23 * ctx.rank)
+                x = make_x(num_tokens, hidden, fp8)
+                topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+                topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+                ready = buffer.capture()
+            with torch.cuda.stream(comm):
+                per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+                    topk_idx, NUM_EXPERTS, previous_event=ready
+                )
+                received = buffer.dispatch(
+                    x,
+                    num_tokens_per_rank=per_rank,
+                    is_token_in_rank=in_rank,
+                    num_tokens_per_expert=per_expert,
+                    topk_idx=topk_idx,
+                    topk_weights=topk_weights,
+                    previous_event=ready,
+                )
+            compute.wait_stream(comm)
+            batches.append((x, topk_idx, topk_weights, in_rank, received))
+        combined_all = []
+        for (compute, comm), (_, _, _, _, received) in zip(streams, batches):
+            recv_x, _, recv_topk_weights, _, handle, _ = received
+            with torch.cuda.stream(compute):
+                rows = (recv_x[0] if fp8 else recv_x).size(0)
+                expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+                ready = buffer.capture()
+            with torch.cuda.stream(comm):
+                combined = buffer.combine(expert_out, handle, topk_weights=recv_topk_weights, previous_event=ready)
+            compute.wait_stream(comm)
+            combined_all.append((expert_out, combined))
+        torch.cuda.synchronize()
+        for ub, (batch, (expert_out, combined)) in enumerate(zip(batches, combined_all)):
+            x, topk_idx, topk_weights, in_rank, received = batch
+            label = f"rank {ctx.rank} round {round_idx} micro-batch {ub}"
+            inputs, outputs = reference_dispatch(
+                group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0
+            )
+            check_dispatch(outputs[ctx.rank], *received[:5], True, 0, label)
+            expected = reference_combine(group, inputs, outputs, expert_out, received[2], None, hidden, num_topk)
+            check_combine(expected[ctx.rank], combined[0], combined[1], topk_idx, topk_weights, in_rank, True, label)
+    buffer.destroy()
+    teardown()
+
+
 def back_to_back(ctx, num_calls):
     """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call."""
     group = setup(ctx, seed_base=7)
@@ -332,6 +393,10 @@ def cases(rank_counts):
             )
         )
         out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
+        # Dual-batch overlap on streams of its own (vLLM's DBO, as deep_ep calls alone): each format and combine.
+        out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
+        out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
+        out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
