@@ -45,15 +45,54 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
   ControlRegion* mine = control_of(peers, rank);
   __shared__ int epoch_shared, ok_shared;
+  // Every rank's inputs as this process reaches them.
+  __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
+  __shared__ const float* weights_of[kNumMaxNvlPeers];
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
     if (block == 0) {
+      // Host-free form: where this rank's inputs live, for every rank, ordered before pull_ready by the fence.
+      if (args.imports)
+        for (int peer = 0; peer < num_ranks; ++peer) control_of(peers, peer)->pull_inputs[rank] = args.own_input;
       __threadfence_system();
       for (int peer = 0; peer < num_ranks; ++peer)
         device::st_release_sys(&control_of(peers, peer)->pull_ready[rank], epoch + 1);
     }
     epoch_shared = epoch;
     ok_shared = wait_all_ranks(peers, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
+  }
+  __syncthreads();
+  // Thread j resolves rank j's inputs: given, or (host-free form) at the slot rank j published (read after the
+  // acquire of its pull_ready above, ordered by the barrier), once this process's mapping thread has mapped it.
+  if (threadIdx.x < num_ranks) {
+    const int j = threadIdx.x;
+    x_of[j] = args.x[j];
+    weights_of[j] = args.topk_weights[j];
+    if (args.imports && j != rank && ok_shared) {
+      const PullInput input = mine->pull_inputs[j];
+      const InputRef refs[2] = {input.x, input.topk_weights};
+      const void* resolved[2] = {nullptr, nullptr};
+      for (int i = 0; i < 2; ++i) {
+        if (refs[i].slot < 0) continue;
+        const ImportEntry* entry = args.imports + j * kExportSlots + refs[i].slot;
+        int64_t state = 0;
+        if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state), static_cast<int64_t>(kImportMapped),
+                                   peers.timeout_ns, peers.diagnostics, Phase::kPullCombineMap, rank, j, block,
+                                   &state)) {
+          ok_shared = 0;
+          break;
+        }
+        if (state != static_cast<int64_t>(kImportMapped)) {  // cudaIpcOpenMemHandle failed here
+          device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, kImportMapped, state);
+          ok_shared = 0;
+          break;
+        }
+        resolved[i] =
+            reinterpret_cast<const char*>(*reinterpret_cast<volatile const uint64_t*>(&entry->base)) + refs[i].offset;
+      }
+      x_of[j] = static_cast<const uint16_t*>(resolved[0]);
+      weights_of[j] = args.topk_weights[rank] ? static_cast<const float*>(resolved[1]) : nullptr;
+    }
   }
   __syncthreads();
 
@@ -86,11 +125,11 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
             lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
             args.combined_topk_weights,
             [&](int j, int col) {
-              return __ldcg(reinterpret_cast<const int4*>(args.x[j] + static_cast<int64_t>(row_of[j]) * args.hidden) +
+              return __ldcg(reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden) +
                             col);
             },
             [&](int j, int k2) {
-              return __ldcg(&args.topk_weights[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
+              return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
             });
       }
 #pragma unroll
