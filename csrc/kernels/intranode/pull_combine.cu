@@ -69,8 +69,10 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     x_of[j] = args.x[j];
     weights_of[j] = args.topk_weights[j];
     if (args.imports && j != rank && ok_shared) {
-      const PullInput input = mine->pull_inputs[j];
-      const InputRef refs[2] = {input.x, input.topk_weights};
+      // Volatile: another process wrote it; read at L2, never from an L1 copy.
+      const volatile PullInput* input = &mine->pull_inputs[j];
+      const InputRef refs[2] = {{input->x.slot, 0, input->x.offset},
+                                {input->topk_weights.slot, 0, input->topk_weights.offset}};
       const void* resolved[2] = {nullptr, nullptr};
       for (int i = 0; i < 2; ++i) {
         if (refs[i].slot < 0) continue;
