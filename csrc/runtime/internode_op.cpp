@@ -8,6 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/internode_rings.hpp"
 #include "runtime/internode_warps.hpp"
 #include "runtime/normal_inputs.hpp"
 #include "runtime/transport_launch.hpp"
@@ -17,17 +18,9 @@ namespace deep_ep {
 
 namespace {
 
-// The rows of each dispatch ring an op uses: all of config.num_max_rdma_chunked_recv_tokens where the rank has
-// its GPU. Where ranks share one, all their rings share its L2: a row written to a slot whose line left L2 costs
-// HBM traffic twice (the old line written back, the new one read by the receivers from HBM), so the op cycles
-// through fewer slots, about twice the L2 over every ring of every rank on the GPU, and never fewer than 32
-// rows (on one H100, 2 nodes x 8 ranks: 10.0 ms with 128-row rings, 7.0 with 64, 6.5 with 32, 7.0 with 24),
-// the send chunk or the smallest ring. Slots are internal to an op: positions, heads and credits do not change.
-// Every rank computes the same rows (the most ranks any GPU of the group holds): all index the rings alike.
+// internode_dispatch_ring_rows for this group: the most ranks any of its GPUs holds, this GPU's L2.
 int dispatch_ring_rows(const std::vector<int>& ranks_per_device, int capacity, int num_nodes, int num_channels,
                        int64_t row_stride, int send_chunk) {
-  const int64_t sharing = *std::max_element(ranks_per_device.begin(), ranks_per_device.end());
-  if (sharing <= 1) return capacity;
   static const int64_t l2_bytes = [] {
     int device = 0, bytes = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
@@ -35,9 +28,8 @@ int dispatch_ring_rows(const std::vector<int>& ranks_per_device, int capacity, i
       bytes = 50 << 20;
     return static_cast<int64_t>(bytes);
   }();
-  const int64_t rows = 2 * l2_bytes / (sharing * num_nodes * num_channels * row_stride);
-  const int64_t floor = std::max<int64_t>({32, internode::kMinRingSlots, send_chunk});
-  return static_cast<int>(std::min<int64_t>(std::max(rows, floor), capacity));
+  const int sharing = *std::max_element(ranks_per_device.begin(), ranks_per_device.end());
+  return internode_dispatch_ring_rows(sharing, capacity, num_nodes, num_channels, row_stride, send_chunk, l2_bytes);
 }
 
 internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
