@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +38,7 @@ struct PeerInfo {
   int low_latency_mode;
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
+  int64_t l2_bytes;             // the device's L2 (internode dispatch ring rows, from the group's smallest)
 };
 
 int64_t default_timeout_ns(double timeout_s) {
@@ -87,6 +89,7 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   PeerInfo mine{};
   mine.pid = static_cast<int>(getpid());
   mine.device_sms = prop.multiProcessorCount;
+  mine.l2_bytes = prop.l2CacheSize;
   gethostname(mine.hostname, sizeof(mine.hostname) - 1);
   std::memcpy(mine.device_uuid, prop.uuid.bytes, sizeof(mine.device_uuid));
   mine.num_nvl_bytes = options.num_nvl_bytes;
@@ -295,6 +298,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
+  // What the internode dispatch sizes its rings with (internode_rings.hpp), the same on every rank.
+  in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
+  in.min_l2_bytes = mine.l2_bytes;
+  for (const PeerInfo& peer : peers) in.min_l2_bytes = std::min(in.min_l2_bytes, peer.l2_bytes);
   if (in.topology.num_nodes == 1)
     DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
                   " ranks in this build; got a group of ", num_ranks_,

@@ -18,20 +18,6 @@ namespace deep_ep {
 
 namespace {
 
-// internode_dispatch_ring_rows for this group: the most ranks any of its GPUs holds, this GPU's L2.
-int dispatch_ring_rows(const std::vector<int>& ranks_per_device, int capacity, int num_nodes, int num_channels,
-                       int64_t row_stride, int send_chunk) {
-  static const int64_t l2_bytes = [] {
-    int device = 0, bytes = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess)
-      bytes = 50 << 20;
-    return static_cast<int64_t>(bytes);
-  }();
-  const int sharing = *std::max_element(ranks_per_device.begin(), ranks_per_device.end());
-  return internode_dispatch_ring_rows(sharing, capacity, num_nodes, num_channels, row_stride, send_chunk, l2_bytes);
-}
-
 internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
   return {in.peer_bases_device, in.nvl_payload_offset,  in.rdma_payload_offset,  b.rank(),     b.num_ranks(),
           b.num_nodes(),        b.num_ranks_per_node(), in.device_diagnostics(), in.timeout_ns};
@@ -186,8 +172,8 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   // The buffer holds the config's rings (the size hints say so); the op may cycle through fewer of their rows.
   const auto config_layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, config_layout, config_layout.nvl_fixed_bytes, config, "internode dispatch");
-  const int ring_rows = dispatch_ring_rows(in.topology.ranks_per_device, capacity, N, C, row.stride,
-                                           config.num_max_rdma_chunked_send_tokens);
+  const int ring_rows = internode_dispatch_ring_rows(in.max_ranks_per_device, capacity, N, C, row.stride,
+                                                     config.num_max_rdma_chunked_send_tokens, in.min_l2_bytes);
   const auto layout = internode::Layout::make(N, Rn, C, ring_rows, row.stride);
   internals_->require_reach(rank(), "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
