@@ -397,6 +397,49 @@ void* Buffer::local_rdma_buffer() const {
   return internals_->local_base + internals_->rdma_payload_offset;
 }
 
+namespace {
+
+// The intranode control state of every mapped rank, for a timeout's message: barrier and pull-combine epochs,
+// and the dispatch counters of the stuck (channel, peer) pair, copied on a stream of its own (the kernels that
+// wait may still be spinning). Best effort: empty when a copy fails.
+std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, int peer, int channel) {
+  if (peer_bases.empty() || channel < 0 || channel >= kMaxChannels) return {};
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
+  }
+  const int R = static_cast<int>(peer_bases.size());
+  std::vector<int> epochs(R, -1), pull_epochs(R, -1), tails(R, -1), heads(R, -1);
+  auto copy = [&](int* dst, const char* base, size_t offset) {
+    if (base) cudaMemcpyAsync(dst, base + offset, sizeof(int), cudaMemcpyDeviceToHost, stream);
+  };
+  for (int r = 0; r < R; ++r) {
+    copy(&epochs[r], peer_bases[r], offsetof(ControlRegion, barrier_epoch));
+    copy(&pull_epochs[r], peer_bases[r], offsetof(ControlRegion, pull_epoch));
+    // dispatch_tail[channel][r] here: what rank r staged for this rank; dispatch_head[channel][rank] at r: what
+    // this rank released of r's ring.
+    copy(&tails[r], peer_bases[rank],
+         offsetof(ControlRegion, dispatch_tail) + sizeof(int) * (channel * kNumMaxNvlPeers + r));
+    copy(&heads[r], peer_bases[r],
+         offsetof(ControlRegion, dispatch_head) + sizeof(int) * (channel * kNumMaxNvlPeers + rank));
+  }
+  const bool ok = cudaStreamSynchronize(stream) == cudaSuccess;
+  cudaStreamDestroy(stream);
+  cudaGetLastError();
+  if (!ok) return {};
+  auto list = [](const std::vector<int>& v) {
+    std::string out;
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
+    return out;
+  };
+  return detail::concat(" [control state: barrier epochs ", list(epochs), "; pull epochs ", list(pull_epochs),
+                        "; channel ", channel, " tails here ", list(tails), "; heads of this rank at each ",
+                        list(heads), "; peer ", peer, "]");
+}
+
+}  // namespace
+
 void Buffer::check_device_errors() {
   DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
   auto& in = *internals_;
@@ -408,7 +451,8 @@ void Buffer::check_device_errors() {
   if (d->is_timeout) {
     msg = detail::concat("deep_ep timeout on rank ", d->rank, ": waited for peer rank ", d->peer, " on channel ",
                          d->channel, " in phase ", phase_name(phase), " (expected ", d->expected, ", observed ",
-                         d->observed, "); the buffer must be re-created");
+                         d->observed, "); the buffer must be re-created",
+                         control_snapshot(in.peer_bases, rank_, d->peer, d->channel));
     in.poisoned = true;
     in.poison_message = msg;
     throw TimeoutError(msg);
