@@ -276,6 +276,7 @@ def ht_prepare_finalize(ctx, num_ranks_per_node, repeats=1):
             outputs.append(output)
             received_all.append(received)
         torch.cuda.synchronize()
+        buffer.runtime.check_device_errors()  # a device timeout is the cause to report, not the data it spoiled
         for ub, ((tokens, scales), topk_ids, topk_weights) in enumerate(batches):
             _ht_check(
                 ctx,

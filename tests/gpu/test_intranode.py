@@ -6,7 +6,7 @@ import os
 import torch
 
 import deep_ep
-from common import assert_equal, expect_raises, setup, teardown, to_numpy
+from common import StallWatchdog, assert_equal, expect_raises, setup, teardown, to_numpy
 from intranode_cases import (
     check_combine,
     check_dispatch,
@@ -139,6 +139,7 @@ def dbo_streams(ctx, opts):
     os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 10)):
+        watchdog = StallWatchdog(f"rank {ctx.rank} round {round_idx}", 12.0).__enter__()
         streams = [(torch.cuda.Stream(), torch.cuda.Stream()) for _ in range(2)]
         batches = []
         for compute, comm in streams:
@@ -176,6 +177,8 @@ def dbo_streams(ctx, opts):
             compute.wait_stream(comm)
             combined_all.append((expert_out, combined))
         torch.cuda.synchronize()
+        watchdog.__exit__(None, None, None)
+        buffer.runtime.check_device_errors()  # a device timeout is the cause to report, not the data it spoiled
         for ub, (batch, (expert_out, combined)) in enumerate(zip(batches, combined_all)):
             x, topk_idx, topk_weights, in_rank, received = batch
             label = f"rank {ctx.rank} round {round_idx} micro-batch {ub}"
