@@ -90,7 +90,6 @@ class Buffer:
             torch.cuda.current_device(),
             nccl_comm_address=lambda: nccl_comm_address(group),
         )
-        self._num_nodes = self.runtime.num_nodes()  # fixed for the Buffer's life; read on every op
         self._device = torch.device("cuda", self.runtime.device)
         self._comm_stream = torch.cuda.Stream(device=self._device)
         # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
@@ -229,18 +228,22 @@ class Buffer:
         else:
             compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
             run_stream = self._comm_stream
-        num_ranks, num_nodes = self.group_size, self._num_nodes
-        # Two allocations (the int32 counts side by side, then the mask) and raw addresses into the core: this
-        # op runs once per MoE layer and its host path is most of its time.
-        num_counts = num_ranks + (num_nodes if num_nodes > 1 else 0)
-        counts = self._empty((num_counts + max(num_experts, 0),), torch.int32, alloc_stream)
-        in_rank = self._empty((topk_idx.size(0), num_ranks), torch.bool, alloc_stream)
-        self.runtime.get_dispatch_layout_packed(
-            topk_view, num_experts, counts.data_ptr(), in_rank.data_ptr(), run_stream.cuda_stream
+        num_ranks = self.group_size
+        num_tokens = topk_idx.size(0)
+        per_rank = self._empty((num_ranks,), torch.int32, alloc_stream)
+        num_nodes = self.runtime.num_nodes()
+        per_rdma_rank = self._empty((num_nodes,), torch.int32, alloc_stream) if num_nodes > 1 else None
+        per_expert = self._empty((max(num_experts, 0),), torch.int32, alloc_stream)
+        in_rank = self._empty((num_tokens, num_ranks), torch.bool, alloc_stream)
+        self.runtime.get_dispatch_layout(
+            topk_view,
+            num_experts,
+            view(per_rank, "num_tokens_per_rank"),
+            None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
+            view(per_expert, "num_tokens_per_expert"),
+            view(in_rank, "is_token_in_rank"),
+            run_stream.cuda_stream,
         )
-        per_rank = counts[:num_ranks]
-        per_rdma_rank = counts[num_ranks:num_counts] if num_nodes > 1 else None
-        per_expert = counts[num_counts:]
         if compute is None:
             return per_rank, per_rdma_rank, per_expert, in_rank, EventOverlap(None)
         event = self._end(compute, async_finish, (topk_idx, per_rank, per_rdma_rank, per_expert, in_rank))
@@ -279,7 +282,7 @@ class Buffer:
         Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
         in cached mode (handle given) (recv_x, None, None, None, None, event).
         """
-        if self._num_nodes > 1:
+        if self.runtime.num_nodes() > 1:
             return self.internode_dispatch(
                 x,
                 handle,
@@ -329,7 +332,7 @@ class Buffer:
 
         Returns (combined_x, combined_topk_weights or None, event).
         """
-        if self._num_nodes > 1:
+        if self.runtime.num_nodes() > 1:
             return self.internode_combine(
                 x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
             )

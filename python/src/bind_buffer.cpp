@@ -114,28 +114,6 @@ void bind_buffer(nb::module_& m) {
           nb::arg("num_tokens_per_rdma_rank").none(), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
           nb::arg("stream"))
       .def(
-          "get_dispatch_layout_packed",
-          // The Python hot path: outputs the caller just allocated, contiguous on this device, passed as raw
-          // addresses (no per-output view): counts = [num_ranks | num_nodes if > 1 | num_experts] int32,
-          // is_token_in_rank = [num_tokens, num_ranks] bool.
-          [](Buffer& b, const TensorView& topk_idx, int num_experts, uintptr_t counts, uintptr_t is_token_in_rank,
-             uintptr_t stream) {
-            const int R = b.num_ranks(), nodes = b.num_nodes(), device = b.device();
-            int* base = reinterpret_cast<int*>(counts);
-            std::optional<TensorView> per_rdma_rank;
-            if (nodes > 1) per_rdma_rank = make_contiguous_view(base + R, DType::kInt32, {nodes}, device);
-            const int64_t num_tokens = topk_idx.dim() == 2 ? topk_idx.size(0) : 0;
-            b.get_dispatch_layout(
-                topk_idx, num_experts,
-                {make_contiguous_view(base, DType::kInt32, {R}, device), per_rdma_rank,
-                 make_contiguous_view(base + R + (nodes > 1 ? nodes : 0), DType::kInt32, {num_experts}, device),
-                 make_contiguous_view(reinterpret_cast<void*>(is_token_in_rank), DType::kBool, {num_tokens, R},
-                                      device)},
-                as_stream(stream));
-          },
-          nb::arg("topk_idx"), nb::arg("num_experts"), nb::arg("counts"), nb::arg("is_token_in_rank"),
-          nb::arg("stream"))
-      .def(
           "intranode_dispatch",
           [](Buffer& b, const TensorView& x, std::optional<TensorView> x_scales, std::optional<TensorView> topk_idx,
              std::optional<TensorView> topk_weights, std::optional<TensorView> num_tokens_per_rank,

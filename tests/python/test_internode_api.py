@@ -142,8 +142,8 @@ class _FakeRuntime:
     def num_ranks_per_node(self):
         return self.num_ranks // self.nodes
 
-    def get_dispatch_layout_packed(self, topk_idx, num_experts, counts, in_rank, stream):
-        self.calls.append(("layout", [self.nodes] if self.nodes > 1 else None))
+    def get_dispatch_layout(self, topk_idx, num_experts, per_rank, per_rdma_rank, per_expert, in_rank, stream):
+        self.calls.append(("layout", None if per_rdma_rank is None else list(per_rdma_rank.shape)))
 
     def _dispatch(self, op, x, x_scales, topk_idx, handle, num_worst_tokens, allocate, handle_outputs):
         rows = num_worst_tokens or 5
@@ -244,7 +244,6 @@ def _make_buffer(monkeypatch, num_nodes, num_ranks):
     buffer.low_latency_mode, buffer.group_size, buffer.rank = False, num_ranks, 0
     buffer._device, buffer._comm_stream = torch.device("cpu"), _FakeStream(2)
     buffer.runtime = _FakeRuntime(num_nodes, num_ranks)
-    buffer._num_nodes, buffer._comm_joined_by = num_nodes, "any"
     return torch, buffer
 
 
