@@ -135,7 +135,7 @@ def dbo_streams(ctx, opts):
     times; every dispatch and combine checked exactly after each round."""
     group = setup(ctx, seed_base=opts.get("seed", 7))
     hidden, num_topk, fp8 = opts.get("hidden", 7168), 8, opts.get("fp8", False)
-    deep_ep.Buffer.set_num_sms(20)
+    deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
     os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 10)):
@@ -400,6 +400,8 @@ def cases(rank_counts):
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
+        # Fewer blocks per rank: whether the DBO timeouts on a shared GPU follow the blocks the ranks keep resident.
+        out.append((f"{base}/dbo_streams_fp8_8_sms", dbo_streams, r, (dict(fp8=True, num_sms=8),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
