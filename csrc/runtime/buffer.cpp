@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +38,7 @@ struct PeerInfo {
   int low_latency_mode;
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
+  int64_t l2_bytes;             // the device's L2 (internode dispatch ring rows, from the group's smallest)
 };
 
 int64_t default_timeout_ns(double timeout_s) {
@@ -87,6 +89,7 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   PeerInfo mine{};
   mine.pid = static_cast<int>(getpid());
   mine.device_sms = prop.multiProcessorCount;
+  mine.l2_bytes = prop.l2CacheSize;
   gethostname(mine.hostname, sizeof(mine.hostname) - 1);
   std::memcpy(mine.device_uuid, prop.uuid.bytes, sizeof(mine.device_uuid));
   mine.num_nvl_bytes = options.num_nvl_bytes;
@@ -295,6 +298,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
+  // What the internode dispatch sizes its rings with (internode_rings.hpp), the same on every rank.
+  in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
+  in.min_l2_bytes = mine.l2_bytes;
+  for (const PeerInfo& peer : peers) in.min_l2_bytes = std::min(in.min_l2_bytes, peer.l2_bytes);
   if (in.topology.num_nodes == 1)
     DEEP_EP_CHECK(num_ranks_ <= kNumMaxNvlPeers, "a single node holds at most ", kNumMaxNvlPeers,
                   " ranks in this build; got a group of ", num_ranks_,
@@ -393,6 +400,49 @@ void* Buffer::local_rdma_buffer() const {
   return internals_->local_base + internals_->rdma_payload_offset;
 }
 
+namespace {
+
+// The intranode control state of every mapped rank, for a timeout's message: barrier and pull-combine epochs,
+// and the dispatch counters of the stuck (channel, peer) pair, copied on a stream of its own (the kernels that
+// wait may still be spinning). Best effort: empty when a copy fails.
+std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, int peer, int channel) {
+  if (peer_bases.empty() || channel < 0 || channel >= kMaxChannels) return {};
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
+  }
+  const int R = static_cast<int>(peer_bases.size());
+  std::vector<int> epochs(R, -1), pull_epochs(R, -1), tails(R, -1), heads(R, -1);
+  auto copy = [&](int* dst, const char* base, size_t offset) {
+    if (base) cudaMemcpyAsync(dst, base + offset, sizeof(int), cudaMemcpyDeviceToHost, stream);
+  };
+  for (int r = 0; r < R; ++r) {
+    copy(&epochs[r], peer_bases[r], offsetof(ControlRegion, barrier_epoch));
+    copy(&pull_epochs[r], peer_bases[r], offsetof(ControlRegion, pull_epoch));
+    // dispatch_tail[channel][r] here: what rank r staged for this rank; dispatch_head[channel][rank] at r: what
+    // this rank released of r's ring.
+    copy(&tails[r], peer_bases[rank],
+         offsetof(ControlRegion, dispatch_tail) + sizeof(int) * (channel * kNumMaxNvlPeers + r));
+    copy(&heads[r], peer_bases[r],
+         offsetof(ControlRegion, dispatch_head) + sizeof(int) * (channel * kNumMaxNvlPeers + rank));
+  }
+  const bool ok = cudaStreamSynchronize(stream) == cudaSuccess;
+  cudaStreamDestroy(stream);
+  cudaGetLastError();
+  if (!ok) return {};
+  auto list = [](const std::vector<int>& v) {
+    std::string out;
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
+    return out;
+  };
+  return detail::concat(" [control state: barrier epochs ", list(epochs), "; pull epochs ", list(pull_epochs),
+                        "; channel ", channel, " tails here ", list(tails), "; heads of this rank at each ",
+                        list(heads), "; peer ", peer, "]");
+}
+
+}  // namespace
+
 void Buffer::check_device_errors() {
   DEEP_EP_RUNTIME_CHECK(available_, "the Buffer was destroyed");
   auto& in = *internals_;
@@ -404,7 +454,8 @@ void Buffer::check_device_errors() {
   if (d->is_timeout) {
     msg = detail::concat("deep_ep timeout on rank ", d->rank, ": waited for peer rank ", d->peer, " on channel ",
                          d->channel, " in phase ", phase_name(phase), " (expected ", d->expected, ", observed ",
-                         d->observed, "); the buffer must be re-created");
+                         d->observed, "); the buffer must be re-created",
+                         control_snapshot(in.peer_bases, rank_, d->peer, d->channel));
     in.poisoned = true;
     in.poison_message = msg;
     throw TimeoutError(msg);

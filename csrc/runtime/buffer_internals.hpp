@@ -48,6 +48,9 @@ struct Buffer::Internals {
   int counts_epoch = 0;                // grows by one per notify
   Topology topology;                   // nodes of the group (deep_ep/topology.hpp)
   int64_t timeout_ns = 0;
+  // Agreed by every rank at creation: the most ranks any GPU of the group holds, the smallest L2 among them.
+  int max_ranks_per_device = 1;
+  int64_t min_l2_bytes = 0;
   // Low-latency mode: the half the next op uses, and whether a hooked receive of an op on each half
   // has not been launched yet (a new op on that half would overwrite what it has still to read).
   int ll_next_half = 0;

@@ -8,6 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/internode/internode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/internode_rings.hpp"
 #include "runtime/internode_warps.hpp"
 #include "runtime/normal_inputs.hpp"
 #include "runtime/transport_launch.hpp"
@@ -16,29 +17,6 @@
 namespace deep_ep {
 
 namespace {
-
-// The rows of each dispatch ring an op uses: all of config.num_max_rdma_chunked_recv_tokens where the rank has
-// its GPU. Where ranks share one, all their rings share its L2: a row written to a slot whose line left L2 costs
-// HBM traffic twice (the old line written back, the new one read by the receivers from HBM), so the op cycles
-// through fewer slots, about twice the L2 over every ring of every rank on the GPU, and never fewer than 32
-// rows (on one H100, 2 nodes x 8 ranks: 10.0 ms with 128-row rings, 7.0 with 64, 6.5 with 32, 7.0 with 24),
-// the send chunk or the smallest ring. Slots are internal to an op: positions, heads and credits do not change.
-// Every rank computes the same rows (the most ranks any GPU of the group holds): all index the rings alike.
-int dispatch_ring_rows(const std::vector<int>& ranks_per_device, int capacity, int num_nodes, int num_channels,
-                       int64_t row_stride, int send_chunk) {
-  const int64_t sharing = *std::max_element(ranks_per_device.begin(), ranks_per_device.end());
-  if (sharing <= 1) return capacity;
-  static const int64_t l2_bytes = [] {
-    int device = 0, bytes = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess)
-      bytes = 50 << 20;
-    return static_cast<int64_t>(bytes);
-  }();
-  const int64_t rows = 2 * l2_bytes / (sharing * num_nodes * num_channels * row_stride);
-  const int64_t floor = std::max<int64_t>({32, internode::kMinRingSlots, send_chunk});
-  return static_cast<int>(std::min<int64_t>(std::max(rows, floor), capacity));
-}
 
 internode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
   return {in.peer_bases_device, in.nvl_payload_offset,  in.rdma_payload_offset,  b.rank(),     b.num_ranks(),
@@ -194,8 +172,8 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   // The buffer holds the config's rings (the size hints say so); the op may cycle through fewer of their rows.
   const auto config_layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, config_layout, config_layout.nvl_fixed_bytes, config, "internode dispatch");
-  const int ring_rows = dispatch_ring_rows(in.topology.ranks_per_device, capacity, N, C, row.stride,
-                                           config.num_max_rdma_chunked_send_tokens);
+  const int ring_rows = internode_dispatch_ring_rows(in.max_ranks_per_device, capacity, N, C, row.stride,
+                                                     config.num_max_rdma_chunked_send_tokens, in.min_l2_bytes);
   const auto layout = internode::Layout::make(N, Rn, C, ring_rows, row.stride);
   internals_->require_reach(rank(), "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");

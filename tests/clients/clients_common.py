@@ -376,3 +376,49 @@ def check_low_latency_combine(label, combined, x, topk_idx, topk_weights, use_fp
     check_combined(
         label, combined, x.float(), topk_idx, topk_weights, extra_relative=E4M3_RELATIVE, extra_absolute=subnormal
     )
+
+
+# ---- diagnosis of a failed intranode dispatch --------------------------------------------------------------------
+def gather_intranode_routing(group, handle):
+    """Every rank's is_token_in_rank of an intranode dispatch handle (collective: call on every rank before the
+    checks, so that a rank whose check fails can still explain it)."""
+    return gather(group, handle[4])
+
+
+def explain_intranode_dispatch(rank, routing, handle, recv_rows, expected_rows):
+    """Where a failed intranode dispatch went wrong on `rank`: the (source, channel) row counts the handle's prefix
+    matrices give against those of every rank's is_token_in_rank, and for the first wrong rows their source,
+    channel, expected and received source index, and whether the row is all zeros. recv_rows and expected_rows are
+    [N, row_bytes] uint8 CPU tensors."""
+    rank_prefix = handle[0].cpu()
+    num_channels = handle[1].size(1)
+    recv_channel_prefix = handle[2].cpu()
+    recv_src_idx = handle[3].cpu()
+    lines = []
+    row_owner = []  # (source, channel, source token) of every expected row, in row order
+    for source, in_rank in enumerate(routing):
+        num_tokens = in_rank.size(0)
+        source_begin = int(rank_prefix[source - 1, rank]) if source > 0 else 0
+        source_rows = int(rank_prefix[source, rank]) - source_begin
+        for channel in range(num_channels):
+            begin, end = num_tokens * channel // num_channels, num_tokens * (channel + 1) // num_channels
+            tokens = in_rank[begin:end, rank].nonzero().flatten() + begin
+            row_owner += [(source, channel, int(t)) for t in tokens]
+            first = int(recv_channel_prefix[source, channel])
+            last = int(recv_channel_prefix[source, channel + 1]) if channel + 1 < num_channels else source_rows
+            if last - first != tokens.numel():
+                lines.append(
+                    f"source {source} channel {channel}: handle says {last - first} rows, routing says {tokens.numel()}"
+                )
+    if not lines:
+        lines.append("every (source, channel) row count of the handle matches the routing")
+    bad = (recv_rows != expected_rows).any(dim=1).nonzero().flatten().tolist()
+    lines.append(f"{len(bad)} wrong rows of {recv_rows.size(0)}")
+    for row in bad[:48]:
+        source, channel, token = row_owner[row] if row < len(row_owner) else (-1, -1, -1)
+        zero = bool((recv_rows[row] == 0).all())
+        lines.append(
+            f"  row {row}: source {source} channel {channel} token {token}, recv_src_idx {int(recv_src_idx[row])}, "
+            f"{'all zeros' if zero else 'wrong bytes'}"
+        )
+    return "\n".join(lines)

@@ -48,7 +48,9 @@ from clients_common import (
     check_normal_dispatch,
     dequantize,
     expected_normal_dispatch,
+    explain_intranode_dispatch,
     finish,
+    gather_intranode_routing,
     layouts,
     low_latency_expert_output,
     normal_expert_output,
@@ -195,11 +197,26 @@ def _ht_inputs(ctx, block_fp8):
     return (a1, None), topk_ids, topk_weights
 
 
-def _ht_check(ctx, group, label, tokens, token_scales, topk_ids, topk_weights, received, output):
+def _ht_check(ctx, group, label, tokens, token_scales, topk_ids, topk_weights, received, output, handle):
     token_data, expert_topk_ids, _, expert_topk_weights, per_expert = received
     x = (tokens, token_scales) if token_scales is not None else tokens
     expected = expected_normal_dispatch(group, ctx.rank, NUM_EXPERTS, x, topk_ids, topk_weights)
-    check_normal_dispatch(f"{label} dispatch", expected, token_data, expert_topk_ids, expert_topk_weights, per_expert)
+    routing = gather_intranode_routing(group, handle) if len(handle) == 6 else None
+    try:
+        check_normal_dispatch(
+            f"{label} dispatch", expected, token_data, expert_topk_ids, expert_topk_weights, per_expert
+        )
+    except AssertionError as error:
+        if routing is None:
+            raise
+        got = token_data[0] if isinstance(token_data, tuple) else token_data
+        want = expected["x"][0] if isinstance(expected["x"], tuple) else expected["x"]
+        got_bytes = got.contiguous().cpu().view(torch.uint8).view(got.size(0), -1)
+        want_bytes = want.contiguous().cpu().view(torch.uint8).view(want.size(0), -1)
+        if got_bytes.shape != want_bytes.shape:
+            raise
+        explanation = explain_intranode_dispatch(ctx.rank, routing, handle, got_bytes, want_bytes)
+        raise AssertionError(f"{error}\n{explanation}") from None
     x_float = dequantize(tokens, token_scales) if token_scales is not None else tokens.float()
     check_combined(f"{label} combine", output, x_float, topk_ids, topk_weights)
 
@@ -227,7 +244,9 @@ def ht_prepare_finalize(ctx, num_ranks_per_node, repeats=1):
         output = torch.empty(tokens.size(0), HT_HIDDEN, dtype=torch.bfloat16, device="cuda")
         ht.finalize_async(output, y, handle)()
         torch.cuda.synchronize()
-        _ht_check(ctx, group, f"rank {ctx.rank} {fmt}", tokens, scales, topk_ids, topk_weights, received, output)
+        _ht_check(
+            ctx, group, f"rank {ctx.rank} {fmt}", tokens, scales, topk_ids, topk_weights, received, output, handle
+        )
         sync(group)
 
         # DBO: each micro-batch's deep_ep calls run on its comm stream, its compute on its compute stream.
@@ -257,6 +276,7 @@ def ht_prepare_finalize(ctx, num_ranks_per_node, repeats=1):
             outputs.append(output)
             received_all.append(received)
         torch.cuda.synchronize()
+        buffer.runtime.check_device_errors()  # a device timeout is the cause to report, not the data it spoiled
         for ub, ((tokens, scales), topk_ids, topk_weights) in enumerate(batches):
             _ht_check(
                 ctx,
@@ -268,6 +288,7 @@ def ht_prepare_finalize(ctx, num_ranks_per_node, repeats=1):
                 topk_weights,
                 received_all[ub],
                 outputs[ub],
+                handles[ub],
             )
         sync(group)
     buffer.destroy()

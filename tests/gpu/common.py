@@ -68,3 +68,45 @@ def expect_raises(exc_type, fragment, fn):
             raise AssertionError(f"expected {exc_type.__name__} mentioning {fragment!r}, got: {error}")
         return
     raise AssertionError(f"expected {exc_type.__name__} mentioning {fragment!r}, nothing was raised")
+
+
+class StallWatchdog:
+    """Prints this rank's stacks (Python, and native ones through gdb where it is installed) when the block it
+    guards runs longer than `seconds`: a rank stuck on its host shows where, before the device timeout of the
+    ranks waiting for it ends the case."""
+
+    def __init__(self, label, seconds):
+        self.label, self.seconds = label, seconds
+
+    def __enter__(self):
+        import faulthandler
+        import os
+        import shutil
+        import subprocess
+        import sys
+        import threading
+
+        self._done = threading.Event()
+        faulthandler.dump_traceback_later(self.seconds, exit=False)
+        gdb = shutil.which("gdb")
+
+        def native_stacks():
+            if self._done.wait(self.seconds) or gdb is None:
+                return
+            result = subprocess.run(
+                [gdb, "-batch", "-p", str(os.getpid()), "-ex", "thread apply all bt 12"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            print(f"{self.label}: native stacks after {self.seconds} s\n{result.stdout[-6000:]}", file=sys.stderr)
+
+        threading.Thread(target=native_stacks, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+        self._done.set()
+        return False

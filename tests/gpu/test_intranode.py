@@ -7,7 +7,7 @@ import time
 import torch
 
 import deep_ep
-from common import assert_equal, expect_raises, setup, teardown, to_numpy
+from common import StallWatchdog, assert_equal, expect_raises, setup, teardown, to_numpy
 from intranode_cases import (
     check_combine,
     check_dispatch,
@@ -136,10 +136,11 @@ def dbo_streams(ctx, opts):
     times; every dispatch and combine checked exactly after each round."""
     group = setup(ctx, seed_base=opts.get("seed", 7))
     hidden, num_topk, fp8 = opts.get("hidden", 7168), 8, opts.get("fp8", False)
-    deep_ep.Buffer.set_num_sms(20)
+    deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
     os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 10)):
+        watchdog = StallWatchdog(f"rank {ctx.rank} round {round_idx}", 12.0).__enter__()
         streams = [(torch.cuda.Stream(), torch.cuda.Stream()) for _ in range(2)]
         batches = []
         for compute, comm in streams:
@@ -177,6 +178,8 @@ def dbo_streams(ctx, opts):
             compute.wait_stream(comm)
             combined_all.append((expert_out, combined))
         torch.cuda.synchronize()
+        watchdog.__exit__(None, None, None)
+        buffer.runtime.check_device_errors()  # a device timeout is the cause to report, not the data it spoiled
         for ub, (batch, (expert_out, combined)) in enumerate(zip(batches, combined_all)):
             x, topk_idx, topk_weights, in_rank, received = batch
             label = f"rank {ctx.rank} round {round_idx} micro-batch {ub}"
@@ -447,6 +450,8 @@ def cases(rank_counts):
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
+        # Fewer blocks per rank: whether the DBO timeouts on a shared GPU follow the blocks the ranks keep resident.
+        out.append((f"{base}/dbo_streams_fp8_8_sms", dbo_streams, r, (dict(fp8=True, num_sms=8),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))

@@ -2,8 +2,9 @@
 // not the tokens: an expert block owns 64 experts and counts their slots over every token (coalesced reads
 // of topk_idx as one flat array, counts in shared memory); a rank block owns up to 32 ranks (a whole node
 // when num_tokens_per_rdma_rank is wanted) and, per token, writes those ranks' is_token_in_rank entries
-// and counts the tokens per rank and per node. topk_idx is small (T x K x 8 bytes), so every block
-// reading it all costs less than the launches and atomics of a token-split grid.
+// and counts the tokens per rank and per node (ballots per warp, one shared add per warp and rank at the end).
+// topk_idx is small (T x K x 8 bytes), so every block reading it all costs less than the launches and atomics of
+// a token-split grid; the kernel is bound by load latency, so every thread keeps several loads in flight.
 #include <algorithm>
 
 #include "deep_ep/error.hpp"
@@ -17,6 +18,9 @@ namespace deep_ep::layout {
 namespace {
 
 constexpr int kThreads = 256;
+// topk_idx slots a thread loads before it uses any (the kernel reads a few hundred KB and is bound by memory
+// latency, not bandwidth): expert blocks over the flat array, rank blocks over a token's ids.
+constexpr int kSlotsPerRound = 8;
 constexpr int kExpertsPerBlock = 64;
 constexpr int kMaxRanksPerBlock = 32;  // a uint32 mask per token
 
@@ -35,9 +39,18 @@ __global__ void __launch_bounds__(kThreads)
     const int first_expert = blockIdx.x * kExpertsPerBlock;
     const int num_owned_experts = min(kExpertsPerBlock, num_experts - first_expert);
     const int64_t num_slots = static_cast<int64_t>(num_tokens) * num_topk;
-    for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
-      const int64_t expert_offset = __ldg(topk_idx + i) - first_expert;
-      if (expert_offset >= 0 && expert_offset < num_owned_experts) atomicAdd(&counts[expert_offset], 1);
+    for (int64_t base = threadIdx.x; base < num_slots; base += static_cast<int64_t>(blockDim.x) * kSlotsPerRound) {
+      int64_t experts[kSlotsPerRound];
+#pragma unroll
+      for (int u = 0; u < kSlotsPerRound; ++u) {
+        const int64_t i = base + static_cast<int64_t>(u) * blockDim.x;  // coalesced across the block for each u
+        experts[u] = i < num_slots ? __ldg(topk_idx + i) : -1;
+      }
+#pragma unroll
+      for (int u = 0; u < kSlotsPerRound; ++u) {
+        const int64_t expert_offset = experts[u] - first_expert;
+        if (expert_offset >= 0 && expert_offset < num_owned_experts) atomicAdd(&counts[expert_offset], 1);
+      }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < num_owned_experts; i += blockDim.x)
@@ -49,26 +62,48 @@ __global__ void __launch_bounds__(kThreads)
   const int first_rank = rank_block * ranks_per_block;
   const int num_owned_ranks = min(ranks_per_block, num_ranks - first_rank);
   const int experts_per_rank = num_experts / num_ranks;
-  for (int token = threadIdx.x; token < num_tokens; token += blockDim.x) {
-    const int64_t* row = topk_idx + static_cast<int64_t>(token) * num_topk;
+  // Counts per warp, lane j holding rank j's (ballots per round of 32 tokens): a shared atomic per token and rank
+  // would put every thread of the block on the same few counters. Rounds are warp-uniform for the ballots.
+  const int lane = device::lane_id();
+  int rank_count = 0, node_tokens = 0;
+  for (int first_token = threadIdx.x - lane; first_token < num_tokens; first_token += blockDim.x) {
+    const int token = first_token + lane;
     uint32_t mask = 0;
-    for (int k = 0; k < num_topk; ++k) {
-      const int64_t expert = __ldg(row + k);
-      if (expert == -1) continue;
-      if (expert < -1 || expert >= num_experts) {
-        // Reported once (by the first rank block); the slot is skipped everywhere.
-        if (rank_block == 0)
-          device::report(diagnostics, Phase::kLayoutExpertRange, false, rank, -1, -1, token, num_experts, expert);
-        continue;
+    int64_t bad_expert = -1;
+    if (token < num_tokens) {
+      const int64_t* row = topk_idx + static_cast<int64_t>(token) * num_topk;
+      // A token's ids are loaded kSlotsPerRound at a time before any is used.
+      for (int k0 = 0; k0 < num_topk; k0 += kSlotsPerRound) {
+        int64_t experts[kSlotsPerRound];
+#pragma unroll
+        for (int u = 0; u < kSlotsPerRound; ++u) experts[u] = k0 + u < num_topk ? __ldg(row + k0 + u) : -1;
+#pragma unroll
+        for (int u = 0; u < kSlotsPerRound; ++u) {
+          const int64_t expert = experts[u];
+          if (expert == -1) continue;
+          if (expert < -1 || expert >= num_experts) {
+            bad_expert = expert;  // the slot is skipped everywhere; reported below
+            continue;
+          }
+          const int rank_offset = static_cast<int>(expert) / experts_per_rank - first_rank;
+          if (rank_offset >= 0 && rank_offset < num_owned_ranks) mask |= 1u << rank_offset;
+        }
       }
-      const int rank_offset = static_cast<int>(expert) / experts_per_rank - first_rank;
-      if (rank_offset >= 0 && rank_offset < num_owned_ranks) mask |= 1u << rank_offset;
+      // Reported once (by the first rank block; the first report wins).
+      if (bad_expert != -1 && rank_block == 0)
+        device::report(diagnostics, Phase::kLayoutExpertRange, false, rank, -1, -1, token, num_experts, bad_expert);
+      bool* in_rank = is_token_in_rank + static_cast<int64_t>(token) * num_ranks + first_rank;
+      for (int j = 0; j < num_owned_ranks; ++j) in_rank[j] = (mask >> j) & 1u;
     }
-    bool* in_rank = is_token_in_rank + static_cast<int64_t>(token) * num_ranks + first_rank;
-    for (int j = 0; j < num_owned_ranks; ++j) in_rank[j] = (mask >> j) & 1u;
-    for (uint32_t bits = mask; bits != 0; bits &= bits - 1) atomicAdd(&counts[__ffs(bits) - 1], 1);
-    if (num_tokens_per_rdma_rank != nullptr && mask != 0) atomicAdd(&node_count, 1);
+    for (int j = 0; j < num_owned_ranks; ++j) {
+      const int hits = __popc(__ballot_sync(0xffffffffu, (mask >> j) & 1u));
+      if (lane == j) rank_count += hits;
+    }
+    const int routed = __popc(__ballot_sync(0xffffffffu, mask != 0));
+    if (lane == 0) node_tokens += routed;
   }
+  if (lane < num_owned_ranks && rank_count > 0) atomicAdd(&counts[lane], rank_count);
+  if (num_tokens_per_rdma_rank != nullptr && lane == 0 && node_tokens > 0) atomicAdd(&node_count, node_tokens);
   __syncthreads();
   for (int j = threadIdx.x; j < num_owned_ranks; j += blockDim.x) num_tokens_per_rank[first_rank + j] = counts[j];
   // With num_tokens_per_rdma_rank, a rank block is one node (ranks_per_block == ranks per node).

@@ -27,6 +27,11 @@ def main() -> int:
     parser.add_argument("--num-topk", type=int, default=8)
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument(
+        "--eager-breakdown",
+        action="store_true",
+        help="normal mode: also time the cached ops per call on the comm stream and with events around 50 calls",
+    )
     parser.add_argument("--sweep", action="store_true", help="also time queue shapes (send chunk, ring slots)")
     parser.add_argument(
         "--mode",

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import deep_ep
 
-from .timing import fp8_cast, time_op, time_op_graph, time_op_per_call
+from .timing import fp8_cast, time_op, time_op_back_to_back, time_op_graph, time_op_per_call
 
 # DeepEP V1 in exactly this setting (8 ranks on one H100 under MPS, 16 SMs per rank), GB/s per rank.
 REFERENCE_GBPS = {"dispatch FP8": 92.0, "dispatch BF16": 93.0, "combine BF16": 107.0}
@@ -167,9 +167,36 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
                 f"(eager / graph {eager_ms / graph_ms:.2f}x); host {host_ms * 1e3:.0f} us per call",
             )
         )
+    if opts.get("eager_breakdown"):
+        rows.extend(_eager_breakdown(ctx, group, flush, buffer.get_comm_stream(), ops, modes, size, opts["num_sms"]))
     if opts.get("sweep"):
         rows.extend(_sweep(ctx, group, opts, flush, buffer_args=(x, x_fp8, recv_x, handle, num_recv)))
     buffer.destroy()
+    return rows
+
+
+def _eager_breakdown(ctx, group, flush, comm_stream, ops, modes, size, num_sms):
+    """Where an eager loop loses time against graph replay: the same 50 calls timed per call (events on the
+    current stream, the op on the comm stream), per call with the comm stream current (no stream hop), and
+    with events around all 50 calls only; next to the graph replay."""
+    rows = []
+    for name, fn in ops.items():
+        with torch.cuda.stream(comm_stream):
+            on_comm_ms = time_op_per_call(fn, group, 50, flush)
+        back_to_back_ms = time_op_back_to_back(fn, group, 50, flush)
+        local = [modes[name][0], on_comm_ms, back_to_back_ms, modes[name][1]]
+        gathered = [None] * ctx.num_ranks
+        dist.all_gather_object(gathered, local, group=group)
+        per_call, on_comm, back_to_back, graph = (sum(g[i] for g in gathered) / len(gathered) for i in range(4))
+        rows.append(
+            (
+                f"{name} (cached), eager breakdown",
+                size,
+                str(num_sms),
+                f"{per_call * 1e3:.0f} / {on_comm * 1e3:.0f} / {back_to_back * 1e3:.0f} / {graph * 1e3:.0f} us",
+                "per-call events / per-call events on the comm stream / events around 50 calls / graph replay",
+            )
+        )
     return rows
 
 
