@@ -402,11 +402,17 @@ void* Buffer::local_rdma_buffer() const {
 
 namespace {
 
-// The intranode control state of every mapped rank, for a timeout's message: barrier and pull-combine epochs,
-// and the dispatch counters of the stuck (channel, peer) pair, copied on a stream of its own (the kernels that
-// wait may still be spinning). Best effort: empty when a copy fails.
-std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, int peer, int channel) {
-  if (peer_bases.empty() || channel < 0 || channel >= kMaxChannels) return {};
+// The intranode control state of every mapped rank, for the message of an intranode timeout: barrier and
+// pull-combine epochs, and for a ring wait the counters of the stuck (channel, peer) pair. Copied on a stream of
+// its own (the kernels that wait may still be spinning). Best effort: empty for other phases or when a copy fails.
+std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, Phase phase, int peer, int channel) {
+  const bool dispatch_ring =
+      phase == Phase::kDispatchWaitSpace || phase == Phase::kDispatchWaitData || phase == Phase::kDispatchDrain;
+  const bool combine_ring = phase == Phase::kCombineWaitSpace || phase == Phase::kCombineWaitData;
+  const bool intranode = dispatch_ring || combine_ring || phase == Phase::kBarrier || phase == Phase::kNotifyCounts ||
+                         phase == Phase::kPullCombineReady || phase == Phase::kPullCombineDone;
+  if (peer_bases.empty() || !intranode) return {};
+  const bool ring = (dispatch_ring || combine_ring) && channel >= 0 && channel < kMaxChannels;
   cudaStream_t stream = nullptr;
   if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
     cudaGetLastError();
@@ -417,15 +423,18 @@ std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, int
   auto copy = [&](int* dst, const char* base, size_t offset) {
     if (base) cudaMemcpyAsync(dst, base + offset, sizeof(int), cudaMemcpyDeviceToHost, stream);
   };
+  // tail[channel][r] here: what rank r has sent this rank; head[channel][rank] at r: what this rank released of
+  // rank r's sends.
+  const size_t tail_offset =
+      dispatch_ring ? offsetof(ControlRegion, dispatch_tail) : offsetof(ControlRegion, combine_tail);
+  const size_t head_offset =
+      dispatch_ring ? offsetof(ControlRegion, dispatch_head) : offsetof(ControlRegion, combine_head);
   for (int r = 0; r < R; ++r) {
     copy(&epochs[r], peer_bases[r], offsetof(ControlRegion, barrier_epoch));
     copy(&pull_epochs[r], peer_bases[r], offsetof(ControlRegion, pull_epoch));
-    // dispatch_tail[channel][r] here: what rank r staged for this rank; dispatch_head[channel][rank] at r: what
-    // this rank released of r's ring.
-    copy(&tails[r], peer_bases[rank],
-         offsetof(ControlRegion, dispatch_tail) + sizeof(int) * (channel * kNumMaxNvlPeers + r));
-    copy(&heads[r], peer_bases[r],
-         offsetof(ControlRegion, dispatch_head) + sizeof(int) * (channel * kNumMaxNvlPeers + rank));
+    if (!ring) continue;
+    copy(&tails[r], peer_bases[rank], tail_offset + sizeof(int) * (channel * kNumMaxNvlPeers + r));
+    copy(&heads[r], peer_bases[r], head_offset + sizeof(int) * (channel * kNumMaxNvlPeers + rank));
   }
   const bool ok = cudaStreamSynchronize(stream) == cudaSuccess;
   cudaStreamDestroy(stream);
@@ -436,9 +445,12 @@ std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, int
     for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
     return out;
   };
-  return detail::concat(" [control state: barrier epochs ", list(epochs), "; pull epochs ", list(pull_epochs),
-                        "; channel ", channel, " tails here ", list(tails), "; heads of this rank at each ",
-                        list(heads), "; peer ", peer, "]");
+  std::string out =
+      detail::concat(" [control state: barrier epochs ", list(epochs), "; pull epochs ", list(pull_epochs));
+  if (ring)
+    out += detail::concat("; channel ", channel, " tails here ", list(tails), "; heads of this rank at each ",
+                          list(heads), "; peer ", peer);
+  return out + "]";
 }
 
 }  // namespace
@@ -455,7 +467,7 @@ void Buffer::check_device_errors() {
     msg = detail::concat("deep_ep timeout on rank ", d->rank, ": waited for peer rank ", d->peer, " on channel ",
                          d->channel, " in phase ", phase_name(phase), " (expected ", d->expected, ", observed ",
                          d->observed, "); the buffer must be re-created",
-                         control_snapshot(in.peer_bases, rank_, d->peer, d->channel));
+                         control_snapshot(in.peer_bases, rank_, phase, d->peer, d->channel));
     in.poisoned = true;
     in.poison_message = msg;
     throw TimeoutError(msg);
