@@ -244,11 +244,13 @@ __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), 
     dispatch(Peers peers, DispatchArgs args, DispatchQueueLayout layout) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   const int channel = blockIdx.x;
+  const uint64_t started_ns = device::kProfileRoles ? device::global_timer_ns() : 0;
   if (warp < Shape::kSendWarps) {
     run_sender<Shape::kSendWarps>(peers, args, layout, channel, warp, lane);
   } else {
     run_receiver<Shape::kRecvWarps>(peers, args, layout, channel, warp - Shape::kSendWarps, lane);
   }
+  device::report_block_start("intra-dispatch", peers.rank, started_ns);
   // num_worst_tokens: rows past the real count carry no expert.
   const int num_recv = args.rank_prefix_matrix[(peers.num_ranks - 1) * peers.num_ranks + peers.rank];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
