@@ -27,12 +27,12 @@ def main(paths):
         print("no role lines (was the build made with DEEP_EP_PROFILE_ROLES=ON?)")
         return 1
     print(
-        f"{'kernel':<9} {'role':<10} {'rank':>4} {'warp-calls':>10} {'total us':>9} {'b0':>8} {'b1':>8} {'b2':>8} {'b3':>8}"
+        f"{'kernel':<15} {'role':<10} {'rank':>4} {'warp-calls':>10} {'total us':>9} {'b0':>8} {'b1':>8} {'b2':>8} {'b3':>8}"
     )
     for (kernel, role, rank), entry in sorted(sums.items()):
         n = entry[0]
         means = [v / n for v in entry[1:]]
-        print(f"{kernel:<9} {role:<10} {rank:>4} {n:>10} " + " ".join(f"{m:>8.0f}" for m in means))
+        print(f"{kernel:<15} {role:<10} {rank:>4} {n:>10} " + " ".join(f"{m:>8.0f}" for m in means))
     return 0
 
 

@@ -7,7 +7,8 @@
 #   --tests-only      build, then the GPU tests (no benchmark)
 #   --bench-only      build, then the benchmark (no tests)
 #   --filter PATTERN  passed to tests/gpu/run_all.py as --filter (substrings of case names, comma-separated)
-# DEEP_EP_BENCH_ARGS holds options for `python -m deep_ep.bench` (e.g. "--mode internode").
+# DEEP_EP_BENCH_ARGS holds options for `python -m deep_ep.bench` (e.g. "--mode internode"); DEEP_EP_BUILD_DEFINES
+# holds CMake definitions for the build (e.g. "DEEP_EP_PROFILE_ROLES=ON"), each passed as -C cmake.define.NAME=VALUE.
 # Logs go to $OUT when it is set, else ./build/gpu_logs. Stage time limits in seconds:
 #   DEEP_EP_BUILD_TIMEOUT_S (300), DEEP_EP_TESTS_TIMEOUT_S (1800: the whole suite at 2, 4 and 8 ranks on one
 #   GPU takes about 25 minutes; DEEP_EP_TEST_RANKS and --filter run a part), DEEP_EP_BENCH_TIMEOUT_S (300).
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
             filter="$2"
             shift ;;
         --filter=*) filter="${1#--filter=}" ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run_gpu.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -106,7 +107,10 @@ stop_stray_mps() {
 } >"$LOGDIR/env.log" 2>&1
 sed 's/^/  /' "$LOGDIR/env.log"
 
-run_stage build "$BUILD_TIMEOUT_S" "$LOGDIR/build.log" python3 -m pip install --no-build-isolation --no-deps -v .
+build_args=()
+for define in ${DEEP_EP_BUILD_DEFINES:-}; do build_args+=(-C "cmake.define.$define"); done
+run_stage build "$BUILD_TIMEOUT_S" "$LOGDIR/build.log" \
+    python3 -m pip install --no-build-isolation --no-deps -v ${build_args[@]+"${build_args[@]}"} .
 show_failure build "$LOGDIR/build.log"
 
 # Real clients for tests/clients (tests/clients/test_megatron.py: megatron-core): wheels fetched beforehand into

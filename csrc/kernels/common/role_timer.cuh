@@ -48,4 +48,15 @@ struct RoleTimer {
   }
 };
 
+// Thread 0 of every block prints "block-start <kernel> rank <r> block <b> at_us <t>" with the GPU's global
+// timer when the block began: ranks sharing a GPU read the same clock, so the lines show which blocks of which
+// ranks became resident late. Same build switch as RoleTimer.
+__device__ __forceinline__ void report_block_start(const char* kernel, int rank, uint64_t started_ns) {
+  if constexpr (kProfileRoles) {
+    if (threadIdx.x == 0)
+      printf("block-start %s rank %d block %d at_us %llu\n", kernel, rank, static_cast<int>(blockIdx.x),
+             static_cast<unsigned long long>(started_ns / 1000));
+  }
+}
+
 }  // namespace deep_ep::device

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "kernels/common/occupancy.cuh"
+#include "kernels/common/role_timer.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "protocol/control_region.hpp"
 #include "util/cuda_check.hpp"
@@ -77,6 +78,10 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
                                 : 0;
   device::named_barrier(kSendBarrier, kSendWarps * 32);
 
+  // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 copying rows into the ring, 1 waiting for ring
+  // space, 2 fence and tail publication, 3 masks and send_head.
+  device::RoleTimer timer;
+  timer.begin();
   int staged = 0;
   for (int batch_begin = begin; batch_begin < end; batch_begin += batch) {
     const int batch_size = min(batch, end - batch_begin);
@@ -98,6 +103,7 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
             ((mask >> j) & 1u) ? next_row[j] + __popc(to_j & ((1u << lane) - 1u)) : -1;
       next_row[j] += __popc(to_j);
     }
+    timer.lap(3);
     if (num_staged == 0) continue;
 
     // Wait until every receiver released the slots this batch overwrites.
@@ -107,6 +113,7 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
         abort_flag = 1;
     }
     device::named_barrier(kSendBarrier, kSendWarps * 32);
+    timer.lap(1);
     if (abort_flag) return;
 
     for (int k = warp; k < num_staged; k += kSendWarps) {
@@ -129,11 +136,14 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
       if (lane == 0) ring.meta[slot] = {token, token_mask};
     }
     staged += num_staged;
+    timer.lap(0);
     __threadfence_system();
     device::named_barrier(kSendBarrier, kSendWarps * 32);
     if (warp == 0 && lane < num_ranks)
       device::st_release_sys(&control_of(peers, lane)->dispatch_tail[channel][rank], staged);
+    timer.lap(2);
   }
+  timer.report("intra-dispatch", "sender", rank, 1, 0);
 }
 
 template <int kRecvWarps>
@@ -164,6 +174,10 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
     else
       __syncwarp();
   };
+  // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 copying rows out, 1 waiting for staged slots,
+  // 2 scanning slot metadata, 3 the group's syncs and the head release.
+  device::RoleTimer timer;
+  timer.begin();
   int scanned = 0, received = 0;
   while (received < expected) {
     if (group_warp == 0 && lane == 0) {
@@ -172,6 +186,7 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
       window_end[source] = ok ? device::ld_acquire_sys(tail) : -1;
     }
     group_sync();
+    timer.lap(1);
     const int available = window_end[source];
     if (available < 0) return;
     for (int scan_begin = scanned; scan_begin < available; scan_begin += 32) {
@@ -184,6 +199,7 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
       }
       const unsigned mine_lanes = __ballot_sync(0xffffffffu, (meta.dest_mask >> rank) & 1u);
       const int count = __popc(mine_lanes);
+      timer.lap(2);
       for (int k = group_warp; k < count; k += warps_per_sender) {
         const int src_lane = device::nth_set_bit(mine_lanes, k);
         const int src_idx = __shfl_sync(0xffffffffu, meta.src_idx, src_lane);
@@ -210,14 +226,17 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
         if (lane == 0) args.recv_src_idx[row] = src_idx;
       }
       received += count;
+      timer.lap(0);
     }
     scanned = available;
     // Every warp of the group has finished reading the window before the slots are released, and
     // before window_end is overwritten.
     group_sync();
     if (group_warp == 0 && lane == 0) device::st_release_sys(head, received >= expected ? kDone : scanned);
+    timer.lap(3);
   }
   if (expected == 0 && group_warp == 0 && lane == 0) device::st_release_sys(head, kDone);
+  timer.report("intra-dispatch", "receiver", rank, 1, 0);
 }
 
 template <typename Shape>
@@ -225,11 +244,13 @@ __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), 
     dispatch(Peers peers, DispatchArgs args, DispatchQueueLayout layout) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   const int channel = blockIdx.x;
+  const uint64_t started_ns = device::kProfileRoles ? device::global_timer_ns() : 0;
   if (warp < Shape::kSendWarps) {
     run_sender<Shape::kSendWarps>(peers, args, layout, channel, warp, lane);
   } else {
     run_receiver<Shape::kRecvWarps>(peers, args, layout, channel, warp - Shape::kSendWarps, lane);
   }
+  device::report_block_start("intra-dispatch", peers.rank, started_ns);
   // num_worst_tokens: rows past the real count carry no expert.
   const int num_recv = args.rank_prefix_matrix[(peers.num_ranks - 1) * peers.num_ranks + peers.rank];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
