@@ -379,12 +379,6 @@ def check_low_latency_combine(label, combined, x, topk_idx, topk_weights, use_fp
 
 
 # ---- diagnosis of a failed intranode dispatch --------------------------------------------------------------------
-def gather_intranode_routing(group, handle):
-    """Every rank's is_token_in_rank of an intranode dispatch handle (collective: call on every rank before the
-    checks, so that a rank whose check fails can still explain it)."""
-    return gather(group, handle[4])
-
-
 def explain_intranode_dispatch(rank, routing, handle, recv_rows, expected_rows):
     """Where a failed intranode dispatch went wrong on `rank`: the (source, channel) row counts the handle's prefix
     matrices give against those of every rank's is_token_in_rank, and for the first wrong rows their source,

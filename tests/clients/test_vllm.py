@@ -50,7 +50,7 @@ from clients_common import (
     expected_normal_dispatch,
     explain_intranode_dispatch,
     finish,
-    gather_intranode_routing,
+    gather,
     layouts,
     low_latency_expert_output,
     normal_expert_output,
@@ -201,7 +201,8 @@ def _ht_check(ctx, group, label, tokens, token_scales, topk_ids, topk_weights, r
     token_data, expert_topk_ids, _, expert_topk_weights, per_expert = received
     x = (tokens, token_scales) if token_scales is not None else tokens
     expected = expected_normal_dispatch(group, ctx.rank, NUM_EXPERTS, x, topk_ids, topk_weights)
-    routing = gather_intranode_routing(group, handle) if len(handle) == 6 else None
+    # Collective, so before the check: a rank whose check fails can still explain it.
+    routing = gather(group, handle[4]) if len(handle) == 6 else None
     try:
         check_normal_dispatch(
             f"{label} dispatch", expected, token_data, expert_topk_ids, expert_topk_weights, per_expert

@@ -1,5 +1,12 @@
 """Helpers shared by the GPU tests: bootstrap, random routing, tensor <-> reference conversions."""
 
+import faulthandler
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import torch
 
@@ -79,13 +86,6 @@ class StallWatchdog:
         self.label, self.seconds = label, seconds
 
     def __enter__(self):
-        import faulthandler
-        import os
-        import shutil
-        import subprocess
-        import sys
-        import threading
-
         self._done = threading.Event()
         faulthandler.dump_traceback_later(self.seconds, exit=False)
         gdb = shutil.which("gdb")
@@ -105,8 +105,6 @@ class StallWatchdog:
         return self
 
     def __exit__(self, *exc):
-        import faulthandler
-
         faulthandler.cancel_dump_traceback_later()
         self._done.set()
         return False

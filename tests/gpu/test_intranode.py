@@ -129,6 +129,49 @@ def dispatch_combine(ctx, opts):
     teardown()
 
 
+def _dbo_round(ctx, buffer, hidden, num_topk, fp8):
+    """One round of two micro-batches in flight (see dbo_streams); returns their inputs, dispatch results and
+    combine results once every stream has finished."""
+    streams = [(torch.cuda.Stream(), torch.cuda.Stream()) for _ in range(2)]
+    batches = []
+    for compute, comm in streams:
+        compute.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(compute):
+            num_tokens = max(1, 192 - 23 * ctx.rank)
+            x = make_x(num_tokens, hidden, fp8)
+            topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+            topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+            ready = buffer.capture()
+        with torch.cuda.stream(comm):
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+                topk_idx, NUM_EXPERTS, previous_event=ready
+            )
+            received = buffer.dispatch(
+                x,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+                previous_event=ready,
+            )
+        compute.wait_stream(comm)
+        batches.append((x, topk_idx, topk_weights, in_rank, received))
+    combined_all = []
+    for (compute, comm), (_, _, _, _, received) in zip(streams, batches):
+        recv_x, _, recv_topk_weights, _, handle, _ = received
+        with torch.cuda.stream(compute):
+            rows = (recv_x[0] if fp8 else recv_x).size(0)
+            expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+            ready = buffer.capture()
+        with torch.cuda.stream(comm):
+            combined = buffer.combine(expert_out, handle, topk_weights=recv_topk_weights, previous_event=ready)
+        compute.wait_stream(comm)
+        combined_all.append((expert_out, combined))
+    torch.cuda.synchronize()
+    return batches, combined_all
+
+
 def dbo_streams(ctx, opts):
     """Two micro-batches in flight on their own (compute, comm) stream pairs, as dual-batch-overlap runners issue
     them: inputs made on the micro-batch's compute stream, every op called on its comm stream with previous_event
@@ -140,45 +183,8 @@ def dbo_streams(ctx, opts):
     os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 10)):
-        watchdog = StallWatchdog(f"rank {ctx.rank} round {round_idx}", 12.0).__enter__()
-        streams = [(torch.cuda.Stream(), torch.cuda.Stream()) for _ in range(2)]
-        batches = []
-        for compute, comm in streams:
-            compute.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(compute):
-                num_tokens = max(1, 192 - 23 * ctx.rank)
-                x = make_x(num_tokens, hidden, fp8)
-                topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
-                topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-                ready = buffer.capture()
-            with torch.cuda.stream(comm):
-                per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(
-                    topk_idx, NUM_EXPERTS, previous_event=ready
-                )
-                received = buffer.dispatch(
-                    x,
-                    num_tokens_per_rank=per_rank,
-                    is_token_in_rank=in_rank,
-                    num_tokens_per_expert=per_expert,
-                    topk_idx=topk_idx,
-                    topk_weights=topk_weights,
-                    previous_event=ready,
-                )
-            compute.wait_stream(comm)
-            batches.append((x, topk_idx, topk_weights, in_rank, received))
-        combined_all = []
-        for (compute, comm), (_, _, _, _, received) in zip(streams, batches):
-            recv_x, _, recv_topk_weights, _, handle, _ = received
-            with torch.cuda.stream(compute):
-                rows = (recv_x[0] if fp8 else recv_x).size(0)
-                expert_out = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
-                ready = buffer.capture()
-            with torch.cuda.stream(comm):
-                combined = buffer.combine(expert_out, handle, topk_weights=recv_topk_weights, previous_event=ready)
-            compute.wait_stream(comm)
-            combined_all.append((expert_out, combined))
-        torch.cuda.synchronize()
-        watchdog.__exit__(None, None, None)
+        with StallWatchdog(f"rank {ctx.rank} round {round_idx}", 12.0):
+            batches, combined_all = _dbo_round(ctx, buffer, hidden, num_topk, fp8)
         buffer.runtime.check_device_errors()  # a device timeout is the cause to report, not the data it spoiled
         for ub, (batch, (expert_out, combined)) in enumerate(zip(batches, combined_all)):
             x, topk_idx, topk_weights, in_rank, received = batch
