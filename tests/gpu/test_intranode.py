@@ -359,7 +359,9 @@ def with_ring_combine(ctx, fn, *args):
 
 
 def combine_timeout_names_rank_peer_phase(ctx):
-    """A rank that skips a combine: the others' pull combine times out on the host naming rank, peer, phase."""
+    """A rank that skips a combine: the others' combine times out naming rank, peer and phase. The host-free
+    pull combine returns at once and its kernel times out on the device (raised at the next check); the
+    per-call host exchange (DEEP_EP_HOST_FREE_COMBINE=0) times out in the call, before launching."""
     os.environ["DEEP_EP_TIMEOUT_S"] = "4"
     group = setup(ctx)
     buffer = _buffer(group, 2048)
@@ -372,11 +374,14 @@ def combine_timeout_names_rank_peer_phase(ctx):
     if ctx.rank != 0:
         try:
             buffer.combine(recv_x, handle)
+            torch.cuda.synchronize()  # the device timeout ends the kernel: the process and its context survive
+            buffer.runtime.check_device_errors()
             raise AssertionError("combine without rank 0 must time out")
         except TimeoutError as error:
             text = str(error)
             assert f"rank {ctx.rank}" in text and "peer rank 0" in text and "combine" in text, text
-        torch.cuda.synchronize()  # nothing was launched: the process and its CUDA context survive
+        torch.cuda.synchronize()
+        expect_raises(RuntimeError, "unusable", lambda: buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS))
     torch.distributed.barrier(group)
     buffer.destroy()
     teardown()

@@ -93,7 +93,9 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
             reinterpret_cast<const char*>(*reinterpret_cast<volatile const uint64_t*>(&entry->base)) + refs[i].offset;
       }
       x_of[j] = static_cast<const uint16_t*>(resolved[0]);
-      weights_of[j] = args.topk_weights[rank] ? static_cast<const float*>(resolved[1]) : nullptr;
+      // By num_topk, not by this rank's own pointer: a rank that received no rows has a null one while its
+      // peers' weights are real.
+      weights_of[j] = args.num_topk > 0 ? static_cast<const float*>(resolved[1]) : nullptr;
     }
   }
   __syncthreads();
