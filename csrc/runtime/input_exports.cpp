@@ -1,9 +1,12 @@
 #include "runtime/input_exports.hpp"
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
+#include <ctime>
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
@@ -18,6 +21,10 @@ namespace deep_ep {
 // processes mapping the object at different addresses share it.
 struct InputExports::Table {
   std::atomic<uint32_t> exported[kExportSlots];
+  // Bumped by a peer after it exported a slot (then a futex wake): the owner's mapping thread sleeps on it
+  // while there is nothing to map instead of polling (8 ranks polling every few microseconds cost the hosts'
+  // cores measurable time in every other call).
+  std::atomic<uint32_t> wake_sequence;
   int32_t pid;
   uint64_t bases[kExportSlots];  // the owner's addresses (used by ranks of the same process)
   cudaIpcMemHandle_t handles[kExportSlots];
@@ -25,6 +32,19 @@ struct InputExports::Table {
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
 
 namespace {
+
+// Process-shared futex on a word of the shared object (FUTEX_WAIT / FUTEX_WAKE without _PRIVATE).
+void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, long timeout_ns) {
+  timespec timeout{timeout_ns / 1000000000L, timeout_ns % 1000000000L};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &timeout, nullptr, 0);
+}
+void futex_wake_all(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+void bump_and_wake(std::atomic<uint32_t>* word) {
+  word->fetch_add(1, std::memory_order_release);
+  futex_wake_all(word);
+}
 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -67,6 +87,7 @@ InputExports::InputExports(int rank, int size, int device, void* shared, size_t 
 
 InputExports::~InputExports() {
   stop_.store(true, std::memory_order_release);
+  bump_and_wake(&table(rank_)->wake_sequence);
   if (mapper_.joinable()) mapper_.join();
   cudaSetDevice(device_);
   for (auto& peer : opened_)
@@ -88,6 +109,8 @@ int InputExports::export_allocation(char* base, const cudaIpcMemHandle_t& handle
   mine->handles[slot] = handle;
   mine->bases[slot] = reinterpret_cast<uint64_t>(base);
   mine->exported[slot].store(1, std::memory_order_release);
+  for (int peer = 0; peer < size_; ++peer)
+    if (peer != rank_) bump_and_wake(&table(peer)->wake_sequence);
   return slot;
 }
 
@@ -165,14 +188,16 @@ void InputExports::serve() {
   constexpr int kOpenAttempts = 1000;
   std::vector<std::vector<char>> seen(size_, std::vector<char>(kExportSlots, 0));
   std::vector<std::vector<int>> failures(size_, std::vector<int>(kExportSlots, 0));
+  std::atomic<uint32_t>* wake = &table(rank_)->wake_sequence;
   while (!stop_.load(std::memory_order_acquire)) {
-    bool found = false;
+    // Read before the scan: an export after it changes the word, and the wait below returns at once.
+    const uint32_t sequence = wake->load(std::memory_order_acquire);
+    bool found = false, retry = false;
     for (int peer = 0; peer < size_; ++peer) {
       if (peer == rank_) continue;
       Table* theirs = table(peer);
       for (int slot = 0; slot < kExportSlots; ++slot) {
         if (seen[peer][slot] || !theirs->exported[slot].load(std::memory_order_acquire)) continue;
-        found = true;
         ImportEntry& entry = host_imports_[peer * kExportSlots + slot];
         uint64_t state = kImportMapped;
         if (theirs->pid == my_pid) {
@@ -184,17 +209,26 @@ void InputExports::serve() {
             entry.base = reinterpret_cast<uint64_t>(base);
           } else {
             cudaGetLastError();
-            if (++failures[peer][slot] < kOpenAttempts) continue;
+            if (++failures[peer][slot] < kOpenAttempts) {
+              retry = true;
+              continue;
+            }
             state = kImportFailed;
           }
         }
         seen[peer][slot] = 1;
+        found = true;
         // The kernel reads state with ld.acquire.sys, then base: base is visible first.
         std::atomic_thread_fence(std::memory_order_release);
         reinterpret_cast<volatile uint64_t&>(entry.state) = state;
       }
     }
-    if (!found) std::this_thread::sleep_for(std::chrono::microseconds(20));
+    if (retry) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));  // a refused open, tried again shortly
+    } else if (!found) {
+      // Woken by a peer's export or by the destructor; the timeout only bounds a missed wake.
+      futex_wait(wake, sequence, 100'000'000L);
+    }
   }
 }
 
