@@ -32,6 +32,8 @@ _INTERNODE_HANDLE_OUTPUTS = (
 
 # Buffer._comm_joined_by before the comm stream has had any work.
 _ANY_STREAM = "any"
+# torch's high stream priority (lower is higher), the one DeepEP V1 takes its comm stream from.
+_COMM_STREAM_PRIORITY = -1
 
 
 def _current_raw_stream(device_index: int) -> int:
@@ -100,7 +102,9 @@ class Buffer:
         )
         self._device = torch.device("cuda", self.runtime.device)
         self._device_index = self.runtime.device
-        self._comm_stream = torch.cuda.Stream(device=self._device)
+        # High priority, as DeepEP V1's: the scheduler places a comm kernel's blocks before the pending blocks of
+        # compute kernels, so a large compute grid launched first cannot hold back a kernel that peers wait for.
+        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_COMM_STREAM_PRIORITY)
         # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
         # the comm stream has had none: a call made on that stream is already ordered after every earlier op.
         self._comm_joined_by = _ANY_STREAM
