@@ -300,3 +300,38 @@ def test_pool_close_reports_a_rank_that_died_between_runs():
         pool.close()
     assert "rank 1 of 2 failed" in str(caught.value)
     assert multiprocessing.active_children() == []
+
+
+def _start_pool_and_vanish(result_path):
+    # A launching process that dies without closing its pool: the pool's ranks must not wait for work forever.
+    pool = launcher.RankPool(2, num_gpus=0)
+    pids = [r["pid"] for r in pool.run(_report_leftovers, timeout_s=60)]
+    pathlib.Path(result_path).write_text(" ".join(str(pid) for pid in pids))
+    os._exit(0)
+
+
+def test_pool_ranks_leave_when_the_launching_process_dies(tmp_path):
+    result_path = tmp_path / "pids"
+    parent = multiprocessing.get_context("spawn").Process(target=_start_pool_and_vanish, args=(str(result_path),))
+    parent.start()
+    parent.join(60)
+    pids = [int(pid) for pid in result_path.read_text().split()]
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in pids if _process_exists(pid)]
+    assert alive == [], f"pool ranks {alive} outlived their launching process"
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -572,9 +572,15 @@ def _pool_rank_main(ctx: RankContext, tasks: Any, results_queue: Any) -> None:
     between-runs payload) or None to stop) one after another, each with the environment the process started
     with and its own rendezvous port."""
     start_environ = dict(os.environ)
+    parent = os.getppid()
     try:
         while True:
-            task = tasks.get()
+            try:
+                task = tasks.get(timeout=POLL_INTERVAL_S * 20)
+            except queue_module.Empty:
+                if os.getppid() != parent:  # the launching process died without stopping the pool
+                    return
+                continue
             if task is None:
                 return
             run_id, master_port, payload, between_runs = task
