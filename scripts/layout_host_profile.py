@@ -54,9 +54,10 @@ def run_rank(ctx, opts):
             torch.empty((num_tokens, R), dtype=torch.bool, device=dev),
         ],
         "5 x view()": lambda: [view(t, "t") for t in (topk_idx,) + outs + (outs[0],)],
-        "runtime.get_dispatch_layout (views made)": lambda: buffer.runtime.get_dispatch_layout(
-            views[0], num_experts, views[1], None, views[2], views[3], stream
+        "runtime.get_dispatch_layout (inputs made)": lambda: buffer.runtime.get_dispatch_layout(
+            views[0], num_experts, outs[0].data_ptr(), 0, outs[1].data_ptr(), outs[2].data_ptr(), stream
         ),
+        "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(dev.index),
         "runtime.num_nodes() (empty binding call)": lambda: buffer.runtime.num_nodes(),
         "torch launch (tensor.zero_())": lambda: outs[0].zero_(),
     }

@@ -19,6 +19,13 @@ intranode::Peers peers_of(const Buffer& b, Buffer::Internals& in) {
   return {in.peer_bases_device, in.nvl_payload_offset, b.rank(), b.num_ranks(), in.device_diagnostics(), in.timeout_ns};
 }
 
+// DEEP_EP_INTRANODE_SHAPE=narrow (a diagnostic aid): the two-blocks-per-SM shape even where the wide one
+// fits, to tell a shape's behaviour from a block count's. Read per call; the same on every rank.
+bool narrow_shape_requested() {
+  const char* value = std::getenv("DEEP_EP_INTRANODE_SHAPE");
+  return value != nullptr && std::string(value) == "narrow";
+}
+
 // Every block of every rank sharing the GPU must be resident at once (they spin on each other). Returns
 // whether the wide shape fits (else the narrow one); raises if not even the narrow one does.
 LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Kernel kernel, const char* op) {
@@ -26,7 +33,8 @@ LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Ke
   shape.num_blocks = config.num_channels();
   const int needed = config.num_sms * b.num_ranks_per_device();
   shape.wide = true;
-  if (needed <= b.num_device_sms() * intranode::max_resident_blocks_per_sm(kernel, shape)) return shape;
+  if (!narrow_shape_requested() && needed <= b.num_device_sms() * intranode::max_resident_blocks_per_sm(kernel, shape))
+    return shape;
   shape.wide = false;
   const int per_sm = intranode::max_resident_blocks_per_sm(kernel, shape);
   const int capacity = b.num_device_sms() * per_sm;

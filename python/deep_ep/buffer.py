@@ -32,6 +32,16 @@ _INTERNODE_HANDLE_OUTPUTS = (
 
 # Buffer._comm_joined_by before the comm stream has had any work.
 _ANY_STREAM = "any"
+# torch's high stream priority (lower is higher), the one DeepEP V1 takes its comm stream from.
+_COMM_STREAM_PRIORITY = -1
+
+
+def _current_raw_stream(device_index: int) -> int:
+    """The current stream's handle (torch.cuda.Stream.cuda_stream) without building a Stream object."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:  # a torch without the private accessor
+        return torch.cuda.current_stream(device_index).cuda_stream
+    return raw(device_index)
 
 
 class Buffer:
@@ -91,7 +101,10 @@ class Buffer:
             nccl_comm_address=lambda: nccl_comm_address(group),
         )
         self._device = torch.device("cuda", self.runtime.device)
-        self._comm_stream = torch.cuda.Stream(device=self._device)
+        self._device_index = self.runtime.device
+        # High priority, as DeepEP V1's: the scheduler places a comm kernel's blocks before the pending blocks of
+        # compute kernels, so a large compute grid launched first cannot hold back a kernel that peers wait for.
+        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_COMM_STREAM_PRIORITY)
         # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
         # the comm stream has had none: a call made on that stream is already ordered after every earlier op.
         self._comm_joined_by = _ANY_STREAM
@@ -214,12 +227,13 @@ class Buffer:
             raise ValueError(f"topk_idx must be 2-D [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
         if not isinstance(num_experts, int) or isinstance(num_experts, bool):
             raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
-        current = torch.cuda.current_stream()
+        # The raw handle, not a torch.cuda.Stream: this call is host-bound when made eagerly.
+        current = _current_raw_stream(self._device_index)
         if (
             previous_event is None
             and not async_finish
             and not allocate_on_comm_stream
-            and self._comm_joined_by in (_ANY_STREAM, current.cuda_stream)
+            and self._comm_joined_by in (_ANY_STREAM, current)
         ):
             # Nothing to overlap, and the current stream already follows every earlier op: running the kernel here
             # orders it exactly as the comm stream between two stream waits would (it touches no communication
@@ -227,7 +241,7 @@ class Buffer:
             compute, alloc_stream, run_stream = None, None, current
         else:
             compute, alloc_stream = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-            run_stream = self._comm_stream
+            run_stream = self._comm_stream.cuda_stream
         num_ranks = self.group_size
         num_tokens = topk_idx.size(0)
         per_rank = self._empty((num_ranks,), torch.int32, alloc_stream)
@@ -235,14 +249,15 @@ class Buffer:
         per_rdma_rank = self._empty((num_nodes,), torch.int32, alloc_stream) if num_nodes > 1 else None
         per_expert = self._empty((max(num_experts, 0),), torch.int32, alloc_stream)
         in_rank = self._empty((num_tokens, num_ranks), torch.bool, alloc_stream)
+        # The outputs were made here (contiguous, of the shapes the core expects): their addresses suffice.
         self.runtime.get_dispatch_layout(
             topk_view,
             num_experts,
-            view(per_rank, "num_tokens_per_rank"),
-            None if per_rdma_rank is None else view(per_rdma_rank, "num_tokens_per_rdma_rank"),
-            view(per_expert, "num_tokens_per_expert"),
-            view(in_rank, "is_token_in_rank"),
-            run_stream.cuda_stream,
+            per_rank.data_ptr(),
+            0 if per_rdma_rank is None else per_rdma_rank.data_ptr(),
+            per_expert.data_ptr(),
+            in_rank.data_ptr(),
+            run_stream,
         )
         if compute is None:
             return per_rank, per_rdma_rank, per_expert, in_rank, EventOverlap(None)

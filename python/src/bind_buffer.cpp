@@ -8,6 +8,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
+
 #include "bindings.hpp"
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
@@ -102,17 +104,29 @@ void bind_buffer(nb::module_& m) {
       .def("payload_tensor", &payload_tensor, nb::arg("use_rdma_buffer"))
       .def(
           "get_dispatch_layout",
-          [](Buffer& b, const TensorView& topk_idx, int num_experts, const TensorView& num_tokens_per_rank,
-             std::optional<TensorView> num_tokens_per_rdma_rank, const TensorView& num_tokens_per_expert,
-             const TensorView& is_token_in_rank, uintptr_t stream) {
-            b.get_dispatch_layout(
-                topk_idx, num_experts,
-                {num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank},
-                as_stream(stream));
+          // The outputs are the package's own fresh contiguous tensors, passed as addresses: a TensorView each
+          // would cost more host time than the kernel takes (the call is host-bound when made eagerly).
+          [](Buffer& b, const TensorView& topk_idx, int num_experts, uintptr_t num_tokens_per_rank,
+             uintptr_t num_tokens_per_rdma_rank, uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank,
+             uintptr_t stream) {
+            const int device = b.device(), num_ranks = b.num_ranks();
+            const int64_t num_tokens = topk_idx.dim() == 2 ? topk_idx.size(0) : 0;
+            const auto contiguous = [&](uintptr_t address, DType dtype, std::vector<int64_t> shape) {
+              return make_contiguous_view(reinterpret_cast<void*>(address), dtype, std::move(shape), device);
+            };
+            std::optional<TensorView> per_rdma_rank;
+            if (num_tokens_per_rdma_rank)
+              per_rdma_rank = contiguous(num_tokens_per_rdma_rank, DType::kInt32, {b.num_nodes()});
+            b.get_dispatch_layout(topk_idx, num_experts,
+                                  {contiguous(num_tokens_per_rank, DType::kInt32, {num_ranks}), per_rdma_rank,
+                                   contiguous(num_tokens_per_expert, DType::kInt32, {std::max(num_experts, 0)}),
+                                   contiguous(is_token_in_rank, DType::kBool, {num_tokens, num_ranks})},
+                                  as_stream(stream));
           },
           nb::arg("topk_idx"), nb::arg("num_experts"), nb::arg("num_tokens_per_rank"),
-          nb::arg("num_tokens_per_rdma_rank").none(), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
-          nb::arg("stream"))
+          nb::arg("num_tokens_per_rdma_rank"), nb::arg("num_tokens_per_expert"), nb::arg("is_token_in_rank"),
+          nb::arg("stream"),
+          "Outputs: device addresses of contiguous tensors of the documented shapes (0: no num_tokens_per_rdma_rank).")
       .def(
           "intranode_dispatch",
           [](Buffer& b, const TensorView& x, std::optional<TensorView> x_scales, std::optional<TensorView> topk_idx,

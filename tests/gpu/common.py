@@ -1,6 +1,7 @@
 """Helpers shared by the GPU tests: bootstrap, random routing, tensor <-> reference conversions."""
 
 import faulthandler
+import gc
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import numpy as np
 import torch
 
+import deep_ep
 from deep_ep.testing import destroy_process_group, init_process_group
 
 
@@ -22,6 +24,21 @@ def setup(ctx, seed_base=0):
 
 def teardown():
     destroy_process_group()
+
+
+# Buffer.set_num_sms is class-level: what a case sets must not reach the next case of a rank process.
+_DEFAULT_NUM_SMS = deep_ep.Buffer.num_sms
+
+
+def between_cases(ctx):
+    """Run by run_all.py on every rank after each case that returned (deep_ep.testing.RankPool's between_runs):
+    leave the group a case left joined, undo class-level settings, and hand the case's cached memory back to the
+    GPU, whose other ranks' next case may need it. The environment is restored by the pool itself."""
+    destroy_process_group()
+    deep_ep.Buffer.num_sms = _DEFAULT_NUM_SMS
+    gc.collect()  # Buffers a case dropped without destroy() release their memory now
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def random_topk_idx(num_tokens, num_experts, num_topk, drop_prob=0.1, device="cuda"):

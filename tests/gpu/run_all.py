@@ -3,7 +3,11 @@ present, under one private MPS daemon for the whole suite. Prints `RESULT <name>
 <seconds> <detail>` per test and a summary table last (SKIP: no GPU, or a rank raised
 deep_ep.testing.Skip). Collects tests/gpu and tests/clients. Needs torch and a CUDA device; no pytest.
 
-    python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list]
+    python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list] [--fresh-processes]
+
+The cases of one rank count run one after another on the same rank processes (deep_ep.testing.RankPool: each case
+from the processes' starting environment, with common.between_cases after it; after a failed case, new processes),
+which saves the start-up of a process per rank and case. --fresh-processes starts new processes for every case.
 
 Exit status: 0 when every case that ran passed; 1 when a case failed; 2 when no case ran at all (no CUDA
 device, the filter matched no case, or every case skipped), since a run that tested nothing must not pass.
@@ -53,6 +57,14 @@ def collect(rank_counts):
     return cases
 
 
+def new_pool(num_ranks, num_gpus):
+    """The rank processes for a run of cases of num_ranks ranks (common.between_cases after each case)."""
+    from common import between_cases
+    from deep_ep.testing import RankPool
+
+    return RankPool(num_ranks, num_gpus=num_gpus, between_runs=between_cases)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -67,6 +79,9 @@ def main() -> int:
         help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)",
     )
     parser.add_argument("--list", action="store_true")
+    parser.add_argument(
+        "--fresh-processes", action="store_true", help="new rank processes for every case (no process reuse)"
+    )
     args = parser.parse_args()
 
     from deep_ep.testing import MpsDaemon, RankFailure, RankSkipped, launch, visible_gpu_count
@@ -102,11 +117,36 @@ def main() -> int:
         return EXIT_NOTHING_RAN
     needs_mps = any(c[2] > num_gpus for c in cases)
     daemon = MpsDaemon() if needs_mps else None
-    with daemon if daemon is not None else contextlib.nullcontext():
+    pool = None  # the rank processes of the current rank count, reused from case to case
+
+    def close_pool(after_case):
+        nonlocal pool
+        if pool is None:
+            return
+        try:
+            pool.close()
+        except RankFailure as error:  # a rank process ended badly after its last case returned
+            print(f"RESULT {after_case}/process_exit FAIL 0.0 {str(error).splitlines()[0]}", flush=True)
+            print(str(error), flush=True)
+            results.append((f"{after_case}/process_exit", "FAIL", 0.0))
+        pool = None
+
+    with daemon if daemon is not None else contextlib.nullcontext(), contextlib.ExitStack() as on_error:
+        # Interrupted (Ctrl-C, a runner's time limit): the pool's processes must not outlive the suite.
+        on_error.callback(lambda: pool is not None and pool.terminate())
+        previous = None
         for name, fn, num_ranks, fn_args, timeout_s in cases:
+            if pool is not None and pool.num_ranks != num_ranks:
+                close_pool(previous)
+            if pool is None and not args.fresh_processes:
+                pool = new_pool(num_ranks, num_gpus)
+            previous = name
             start = time.time()
             try:
-                launch(fn, num_ranks, args=fn_args, timeout_s=timeout_s, num_gpus=num_gpus)
+                if pool is not None:
+                    pool.run(fn, args=fn_args, timeout_s=timeout_s)
+                else:
+                    launch(fn, num_ranks, args=fn_args, timeout_s=timeout_s, num_gpus=num_gpus)
                 status, detail = "PASS", ""
             except RankFailure as error:
                 status, detail = "FAIL", str(error)
@@ -122,10 +162,12 @@ def main() -> int:
             results.append((name, status, seconds))
             if status == "FAIL" and daemon is not None:
                 # A rank that crashed mid-kernel can leave the MPS server refusing new clients ("busy or
-                # unavailable"): the next case starts with a fresh daemon.
+                # unavailable"): the next case starts with a fresh daemon (and the pool with new processes).
                 print("restarting the MPS daemon after a failed case", flush=True)
+                close_pool(name)
                 daemon.stop()
                 daemon.start()
+        close_pool(previous)
 
     print_summary(results)
     if any(r[1] == "FAIL" for r in results):

@@ -41,7 +41,8 @@ def buffer_create_destroy(ctx):
         local.fill_(ctx.rank * 100 + round_idx)
         torch.cuda.synchronize()
         assert int(local.sum()) == 1024 * (ctx.rank * 100 + round_idx)
-        assert buffer.get_comm_stream() is not None
+        comm_stream = buffer.get_comm_stream()
+        assert comm_stream.priority < 0, f"the comm stream has priority {comm_stream.priority}, expected a high one"
         buffer.destroy()
         assert not buffer.is_available()
         del buffer

@@ -27,8 +27,9 @@ def run(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    def invoke(capsys, argv, gpus=1, outcome=None):
+    def invoke(capsys, argv, gpus=1, outcome=None, ranks_from_names=False):
         launched = []
+        pools = []  # ("new", num_ranks) / ("close", num_ranks) events of the stand-in pools
 
         def launch(fn, num_ranks, args=(), timeout_s=None, num_gpus=None):
             name = args[0] if args else None
@@ -38,15 +39,36 @@ def run(monkeypatch):
                 raise error
             return [None] * num_ranks
 
+        class Pool:
+            def __init__(self, num_ranks, num_gpus):
+                self.num_ranks = num_ranks
+                pools.append(("new", num_ranks))
+
+            def run(self, fn, args=(), timeout_s=None):
+                return launch(fn, self.num_ranks, args, timeout_s)
+
+            def close(self):
+                pools.append(("close", self.num_ranks))
+
+            def terminate(self):
+                pools.append(("terminate", self.num_ranks))
+
         # The stand-in cases carry their name as their argument, so the launcher knows which one it runs.
+        def num_ranks(name):  # 1 unless asked: more ranks than GPUs would start an MPS daemon
+            return int(name.rsplit("/r", 1)[1]) if ranks_from_names else 1
+
         monkeypatch.setattr(
-            module, "collect", lambda rank_counts: [(name, lambda ctx, n: None, 1, (name,), 60.0) for name in CASES]
+            module,
+            "collect",
+            lambda rank_counts: [(name, lambda ctx, n: None, num_ranks(name), (name,), 60.0) for name in CASES],
         )
         monkeypatch.setattr(testing, "visible_gpu_count", lambda: gpus)
         monkeypatch.setattr(testing, "launch", launch)
+        monkeypatch.setattr(module, "new_pool", Pool)
         monkeypatch.setattr(sys, "argv", ["run_all.py", *argv])
         status = module.main()
         out, err = capsys.readouterr()
+        invoke.pools = pools
         return status, out, err, launched
 
     return invoke
@@ -116,3 +138,24 @@ def test_every_case_skipped_fails_and_a_skip_next_to_a_pass_does_not(run, capsys
     assert status == 0 and err == ""
     assert _results(out)[-1][:2] == ("low_latency/r2", "SKIP") and _results(out)[-1][3] == "megatron-core is missing"
     assert _summary_counts(out) == (2, 0, 1)
+
+
+def test_cases_of_one_rank_count_share_a_pool_and_a_failure_replaces_it(run, capsys):
+    status, out, _, launched = run(capsys, [], gpus=4, ranks_from_names=True)
+    assert status == 0 and launched == CASES
+    # intranode/r2, then r4, then low_latency/r2: a pool per change of rank count, each closed after its cases.
+    assert run.pools == [("new", 2), ("close", 2), ("new", 4), ("close", 4), ("new", 2), ("close", 2)]
+
+    status, out, _, _ = run(
+        capsys,
+        ["--filter", "intranode"],
+        gpus=4,
+        ranks_from_names=True,
+        outcome=lambda name: testing.RankFailure("rank 0 raised") if name == "intranode/r2" else None,
+    )
+    assert status == 1 and [state for _, state, _, _ in _results(out)] == ["FAIL", "PASS"]
+
+
+def test_fresh_processes_launch_every_case_on_its_own(run, capsys):
+    status, _, _, launched = run(capsys, ["--fresh-processes"], gpus=4, ranks_from_names=True)
+    assert status == 0 and launched == CASES and run.pools == []

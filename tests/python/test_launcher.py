@@ -211,3 +211,127 @@ def test_ranks_sharing_a_gpu_without_mps_tools_still_run_round_robin(monkeypatch
     with pytest.warns(UserWarning, match="time-sliced"):
         results = launcher.launch(_report_rank, 3, args=(None,), timeout_s=60, num_gpus=2)
     assert [result["ctx"].device for result in results] == [0, 1, 0]
+
+
+# ---- RankPool: many runs on the same processes ----------------------------------------------------------------
+
+_CLEANUPS = {"count": 0}
+
+
+def _leave_a_mark(ctx, value):
+    os.environ["DEEP_EP_TEST_LEFT_BEHIND"] = value
+    return {
+        "pid": os.getpid(),
+        "port": ctx.master_port,
+        "env_port": os.environ.get("MASTER_PORT"),
+        "seen": os.environ.get("DEEP_EP_TEST_SEEN"),
+        "cleanups": _CLEANUPS["count"],
+    }
+
+
+def _report_leftovers(ctx):
+    return {"pid": os.getpid(), "left": os.environ.get("DEEP_EP_TEST_LEFT_BEHIND"), "cleanups": _CLEANUPS["count"]}
+
+
+def _count_cleanup(ctx):
+    _CLEANUPS["count"] += 1
+
+
+def _fail_cleanup(ctx):
+    raise RuntimeError(f"rank {ctx.rank} could not clean up")
+
+
+def test_pool_runs_many_functions_on_the_same_processes_each_from_a_clean_environment():
+    with launcher.RankPool(3, num_gpus=0, env={"DEEP_EP_TEST_SEEN": "yes"}, between_runs=_count_cleanup) as pool:
+        first = pool.run(_leave_a_mark, args=("first",), timeout_s=60)
+        second = pool.run(_report_leftovers, timeout_s=60)
+        third = pool.run(_leave_a_mark, args=("third",), timeout_s=60)
+    assert [r["pid"] for r in first] == [r["pid"] for r in second] == [r["pid"] for r in third]
+    assert len({r["pid"] for r in first}) == 3
+    # Every run has its own rendezvous port, in ctx and in MASTER_PORT alike, and the pool's environment.
+    assert len({r["port"] for r in first}) == 1 and first[0]["port"] != third[0]["port"]
+    assert all(r["env_port"] == str(r["port"]) and r["seen"] == "yes" for r in first + third)
+    # What a run set in os.environ is gone for the next; between_runs ran after each run that returned.
+    assert [r["left"] for r in second] == [None] * 3
+    assert [r["cleanups"] for r in first] == [0] * 3
+    assert [r["cleanups"] for r in second] == [1] * 3
+    assert [r["cleanups"] for r in third] == [2] * 3
+    assert multiprocessing.active_children() == []
+
+
+def test_pool_replaces_its_processes_after_a_failed_run():
+    with launcher.RankPool(2, num_gpus=0) as pool:
+        before = pool.run(_report_leftovers, timeout_s=60)
+        with pytest.raises(launcher.RankFailure) as caught:
+            pool.run(_raise_on_rank, args=(1,), timeout_s=60)
+        assert "ValueError: rank 1 refuses to run" in str(caught.value)
+        after = pool.run(_report_leftovers, timeout_s=60)
+    assert {r["pid"] for r in before}.isdisjoint(r["pid"] for r in after)
+    assert multiprocessing.active_children() == []
+
+
+def test_pool_kills_a_hanging_run_at_its_timeout_and_goes_on():
+    start = time.monotonic()
+    with launcher.RankPool(2, num_gpus=0) as pool:
+        with pytest.raises(launcher.RankTimeout) as caught:
+            pool.run(_sleep_on_rank_one, timeout_s=3)
+        assert caught.value.unfinished == [1]
+        assert [r["left"] for r in pool.run(_report_leftovers, timeout_s=60)] == [None, None]
+    assert time.monotonic() - start < 60
+    assert multiprocessing.active_children() == []
+
+
+def test_pool_reports_skips_and_a_failing_between_runs():
+    with launcher.RankPool(2, num_gpus=0, between_runs=_fail_cleanup) as pool:
+        with pytest.raises(launcher.RankSkipped):
+            pool.run(_skip_on_ranks, args=((0, 1), "return"), timeout_s=60)
+        with pytest.raises(launcher.RankFailure) as caught:
+            pool.run(_report_leftovers, timeout_s=60)
+        assert "between_runs failed" in str(caught.value) and "could not clean up" in str(caught.value)
+    assert multiprocessing.active_children() == []
+
+
+def test_pool_close_reports_a_rank_that_died_between_runs():
+    pool = launcher.RankPool(2, num_gpus=0)
+    pool.run(_report_leftovers, timeout_s=60)
+    pool._processes[1].kill()  # as a crash after its run returned would
+    pool._processes[1].join(10)
+    with pytest.raises(launcher.RankFailure) as caught:
+        pool.close()
+    assert "rank 1 of 2 failed" in str(caught.value)
+    assert multiprocessing.active_children() == []
+
+
+def _start_pool_and_vanish(result_path):
+    # A launching process that dies without closing its pool: the pool's ranks must not wait for work forever.
+    pool = launcher.RankPool(2, num_gpus=0)
+    pids = [r["pid"] for r in pool.run(_report_leftovers, timeout_s=60)]
+    pathlib.Path(result_path).write_text(" ".join(str(pid) for pid in pids))
+    os._exit(0)
+
+
+def test_pool_ranks_leave_when_the_launching_process_dies(tmp_path):
+    result_path = tmp_path / "pids"
+    parent = multiprocessing.get_context("spawn").Process(target=_start_pool_and_vanish, args=(str(result_path),))
+    parent.start()
+    parent.join(60)
+    pids = [int(pid) for pid in result_path.read_text().split()]
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in pids if _process_exists(pid)]
+    assert alive == [], f"pool ranks {alive} outlived their launching process"
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

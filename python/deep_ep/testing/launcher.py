@@ -36,7 +36,8 @@ FAILURE_GRACE_S = 1.0
 TERMINATE_GRACE_S = 5.0
 # Granularity of the parent's polling loop; every wait of the parent is bounded by it or by the run's deadline.
 POLL_INTERVAL_S = 0.05
-# What a rank's report (rank, kind, body) carries: its pickled result, a traceback, or the reason of a Skip.
+# What a rank's report (rank, kind, body, run id) carries: its pickled result, a traceback, or the reason of a Skip.
+# The run id tells a RankPool's runs apart (launch() uses 0).
 _REPORT_RESULT, _REPORT_ERROR, _REPORT_SKIP = "result", "error", "skip"
 
 
@@ -131,14 +132,7 @@ def launch(
     """
     if num_ranks < 1:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    try:
-        payload = pickle.dumps((fn, tuple(args)))
-    except Exception as error:
-        raise TypeError(
-            f"fn and args must be picklable to reach spawned ranks (use a module-level function): {error!r}"
-        ) from error
+    payload = _run_payload(fn, args, timeout_s)
     disable_multicast()
     if num_gpus is None:
         num_gpus = visible_gpu_count()
@@ -147,6 +141,124 @@ def launch(
 
     with _mps_for_run(num_ranks, num_gpus, use_mps):
         return _run_ranks(payload, num_ranks, num_gpus, timeout_s, dict(env or {}))
+
+
+class RankPool:
+    """num_ranks rank processes kept for many runs: a test suite's cases without the several seconds each process
+    start costs (Python, torch and CUDA start-up, an MPS client connection).
+
+    run(fn, args, timeout_s) has launch()'s contract: fn(ctx, *args) on every rank, results in rank order,
+    RankFailure / RankTimeout / RankSkipped otherwise. Each run gets its own rendezvous port (ctx.master_port) and
+    starts from the environment the processes started with. After a run that did not return on every rank the
+    processes are stopped and the next run starts fresh ones, so a dead CUDA context or a rank left inside a
+    collective never reaches another run. between_runs, a module-level function, is called as between_runs(ctx) on
+    each rank after each run that returned there (leave a process group the run left joined, restore class-level
+    settings); if it raises, the run fails. close() stops the processes and raises RankFailure when one of them
+    ended badly; use the pool as a context manager.
+    """
+
+    def __init__(
+        self,
+        num_ranks: int,
+        num_gpus: Optional[int] = None,
+        use_mps: Optional[bool] = None,
+        env: Optional[Mapping[str, str]] = None,
+        between_runs: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        disable_multicast()
+        self.num_ranks = num_ranks
+        self.num_gpus = visible_gpu_count() if num_gpus is None else num_gpus
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        self._env = dict(env or {})
+        self._between_runs = None if between_runs is None else pickle.dumps((between_runs, ()))
+        self._mps = contextlib.ExitStack()
+        self._mps.enter_context(_mps_for_run(num_ranks, self.num_gpus, use_mps))
+        self._processes: List[Any] = []
+        self._tasks: List[Any] = []
+        self._results: Any = None
+        self._next_run_id = 1
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:  # the error in flight is the one to see
+            self.terminate()
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), timeout_s: float = 300.0) -> List[Any]:
+        payload = _run_payload(fn, args, timeout_s)
+        if not self._processes:
+            self._start()
+        run_id, self._next_run_id = self._next_run_id, self._next_run_id + 1
+        master_port = _free_port()
+        for tasks in self._tasks:
+            tasks.put((run_id, master_port, payload, self._between_runs))
+        try:
+            return _collect_reports(
+                self._processes, self._results, time.monotonic() + timeout_s, timeout_s, run_id=run_id
+            )
+        except BaseException:
+            self._stop(graceful=False)
+            raise
+
+    def terminate(self) -> None:
+        """Stop the processes at once, without asking or checking (an error is already on its way)."""
+        try:
+            self._stop(graceful=False)
+        finally:
+            self._mps.close()
+
+    def close(self) -> None:
+        try:
+            crashed = self._stop(graceful=True)
+        finally:
+            self._mps.close()
+        if crashed:
+            raise RankFailure(_failure_message(crashed, [], self.num_ranks), crashed, [])
+
+    def _start(self) -> None:
+        mp_context = multiprocessing.get_context("spawn")
+        self._results = mp_context.Queue()
+        for rank in range(self.num_ranks):
+            ctx = RankContext(
+                rank=rank,
+                num_ranks=self.num_ranks,
+                device=rank % self.num_gpus if self.num_gpus > 0 else None,
+                num_gpus=self.num_gpus,
+            )
+            tasks = mp_context.Queue()
+            process = mp_context.Process(
+                target=_pool_rank_main, args=(ctx, tasks, self._results), name=f"deep_ep-pool-rank{rank}"
+            )
+            with _patched_environ(_rank_environ(ctx, self._env)):
+                process.start()
+            self._processes.append(process)
+            self._tasks.append(tasks)
+
+    def _stop(self, graceful: bool) -> Dict[int, str]:
+        """Stop the processes (asking them to leave first when graceful); the ranks whose process ended badly."""
+        crashed: Dict[int, str] = {}
+        if graceful and self._processes:
+            for tasks in self._tasks:
+                tasks.put(None)
+            grace_end = time.monotonic() + TERMINATE_GRACE_S
+            for process in self._processes:
+                process.join(max(0.0, grace_end - time.monotonic()))
+            for rank, process in enumerate(self._processes):
+                if process.exitcode is None:
+                    crashed[rank] = "did not leave the pool when asked; stopped"
+                elif process.exitcode != 0:
+                    crashed[rank] = _describe_exit(process.exitcode, reported=True)
+        _stop_ranks(self._processes)
+        for q in self._tasks + ([self._results] if self._results is not None else []):
+            q.close()
+        self._processes, self._tasks, self._results = [], [], None
+        return crashed
 
 
 def init_process_group(ctx: RankContext, timeout_s: float = 300.0) -> Any:
@@ -182,6 +294,18 @@ def destroy_process_group() -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parent side
+
+
+def _run_payload(fn: Callable[..., Any], args: Sequence[Any], timeout_s: float) -> bytes:
+    """fn and args pickled for the ranks, after checking the run's arguments."""
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    try:
+        return pickle.dumps((fn, tuple(args)))
+    except Exception as error:
+        raise TypeError(
+            f"fn and args must be picklable to reach spawned ranks (use a module-level function): {error!r}"
+        ) from error
 
 
 def _mps_for_run(num_ranks: int, num_gpus: int, use_mps: Optional[bool]) -> contextlib.AbstractContextManager:
@@ -283,7 +407,32 @@ def _run_ranks(
 
 
 def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, timeout_s: float) -> List[Any]:
-    """Wait for every rank's report and exit; raise RankFailure / RankTimeout as soon as the outcome is known.
+    """Wait for every rank's report and exit; raise RankFailure / RankTimeout as soon as the outcome is known."""
+    results = _collect_reports(processes, results_queue, deadline, timeout_s, run_id=0)
+
+    # Every rank returned. A process that then crashes on its way out (a destructor, a driver teardown) is a bug
+    # worth hearing about too.
+    num_ranks = len(processes)
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    lingering = [rank for rank, process in enumerate(processes) if process.exitcode is None]
+    if lingering:
+        raise RankTimeout(_timeout_message(lingering, num_ranks, timeout_s, "returned but did not exit"), {}, lingering)
+    crashed = {
+        rank: _describe_exit(process.exitcode, reported=True)
+        for rank, process in enumerate(processes)
+        if process.exitcode != 0
+    }
+    if crashed:
+        raise RankFailure(_failure_message(crashed, [], num_ranks), crashed, [])
+    return results
+
+
+def _collect_reports(
+    processes: Sequence[Any], results_queue: Any, deadline: float, timeout_s: float, run_id: int
+) -> List[Any]:
+    """Wait for every rank's report of run `run_id`; raise RankFailure / RankTimeout / RankSkipped as soon as the
+    outcome is known, else return the results in rank order.
 
     A rank's report is flushed into the queue before its process exits, so a process seen dead in one pass and
     still without a report after the next (empty) read of the queue died without reporting.
@@ -296,10 +445,12 @@ def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, time
     stop_at = deadline
     while len(results) + len(failures) + len(skipped) < num_ranks and time.monotonic() < stop_at:
         try:
-            rank, status, body = results_queue.get(timeout=POLL_INTERVAL_S)
+            rank, status, body, report_run = results_queue.get(timeout=POLL_INTERVAL_S)
         except queue_module.Empty:
             pass
         else:
+            if report_run != run_id:  # cannot happen: a pool whose run failed is replaced, reports and all
+                continue
             if status == _REPORT_RESULT:
                 try:
                     results[rank] = pickle.loads(body)
@@ -331,21 +482,6 @@ def _collect(processes: Sequence[Any], results_queue: Any, deadline: float, time
         raise RankSkipped(f"skipped by rank {first}: {skipped[first]}", skipped)
     if unfinished:
         raise RankTimeout(_timeout_message(unfinished, num_ranks, timeout_s, "had not finished"), {}, unfinished)
-
-    # Every rank returned. A process that then crashes on its way out (a destructor, a driver teardown) is a bug
-    # worth hearing about too.
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    lingering = [rank for rank, process in enumerate(processes) if process.exitcode is None]
-    if lingering:
-        raise RankTimeout(_timeout_message(lingering, num_ranks, timeout_s, "returned but did not exit"), {}, lingering)
-    crashed = {
-        rank: _describe_exit(process.exitcode, reported=True)
-        for rank, process in enumerate(processes)
-        if process.exitcode != 0
-    }
-    if crashed:
-        raise RankFailure(_failure_message(crashed, [], num_ranks), crashed, [])
     return [results[rank] for rank in range(num_ranks)]
 
 
@@ -405,22 +541,60 @@ def _stop_ranks(processes: Sequence[Any]) -> None:
 # Rank side
 
 
-def _rank_main(ctx: RankContext, payload: bytes, results_queue: Any) -> None:
-    """Entry point of a rank process: run fn and report (rank, kind, pickled result | traceback | skip reason).
+def _run_one(ctx: RankContext, payload: bytes, run_id: int) -> tuple:
+    """Run fn(ctx, *args) from its pickled form; the report (rank, kind, pickled result | traceback | skip reason,
+    run id).
 
     fn is unpickled here rather than by multiprocessing so that an import error in fn's module is reported with
     its traceback like any other failure.
     """
     try:
-        try:
-            fn, args = pickle.loads(payload)
-            message = (ctx.rank, _REPORT_RESULT, pickle.dumps(fn(ctx, *args)))
-        except Skip as skip:
-            message = (ctx.rank, _REPORT_SKIP, str(skip) or "skipped")
-        except BaseException:  # SystemExit and KeyboardInterrupt too: the parent must learn how every rank ended
-            message = (ctx.rank, _REPORT_ERROR, traceback.format_exc())
-        results_queue.put(message)
+        fn, args = pickle.loads(payload)
+        return (ctx.rank, _REPORT_RESULT, pickle.dumps(fn(ctx, *args)), run_id)
+    except Skip as skip:
+        return (ctx.rank, _REPORT_SKIP, str(skip) or "skipped", run_id)
+    except BaseException:  # SystemExit and KeyboardInterrupt too: the parent must learn how every rank ended
+        return (ctx.rank, _REPORT_ERROR, traceback.format_exc(), run_id)
+
+
+def _rank_main(ctx: RankContext, payload: bytes, results_queue: Any) -> None:
+    """Entry point of a rank process of launch(): run fn once and report."""
+    try:
+        results_queue.put(_run_one(ctx, payload, 0))
     finally:
         # Flush the report into the pipe before the process exits; the parent relies on that order.
+        results_queue.close()
+        results_queue.join_thread()
+
+
+def _pool_rank_main(ctx: RankContext, tasks: Any, results_queue: Any) -> None:
+    """Entry point of a RankPool rank: run the functions sent in `tasks` ((run id, master port, payload,
+    between-runs payload) or None to stop) one after another, each with the environment the process started
+    with and its own rendezvous port."""
+    start_environ = dict(os.environ)
+    parent = os.getppid()
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=POLL_INTERVAL_S * 20)
+            except queue_module.Empty:
+                if os.getppid() != parent:  # the launching process died without stopping the pool
+                    return
+                continue
+            if task is None:
+                return
+            run_id, master_port, payload, between_runs = task
+            run_ctx = dataclasses.replace(ctx, master_port=master_port)
+            os.environ["MASTER_PORT"] = str(master_port)
+            message = _run_one(run_ctx, payload, run_id)
+            if message[1] == _REPORT_RESULT and between_runs is not None:
+                # The next run must not inherit this one's state (a process group left joined, class settings).
+                cleanup = _run_one(run_ctx, between_runs, run_id)
+                if cleanup[1] != _REPORT_RESULT:
+                    message = (ctx.rank, _REPORT_ERROR, "after the run, between_runs failed:\n" + cleanup[2], run_id)
+            os.environ.clear()
+            os.environ.update(start_environ)
+            results_queue.put(message)
+    finally:
         results_queue.close()
         results_queue.join_thread()

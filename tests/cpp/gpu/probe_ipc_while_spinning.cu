@@ -25,13 +25,13 @@ namespace {
 constexpr size_t kBytes = 64 << 20;
 constexpr uint64_t kSpinLimitNs = 10'000'000'000ull;
 
-#define CHECK(call)                                                                              \
-  do {                                                                                           \
-    cudaError_t status_ = (call);                                                                \
-    if (status_ != cudaSuccess) {                                                                \
+#define CHECK(call)                                                                                   \
+  do {                                                                                                \
+    cudaError_t status_ = (call);                                                                     \
+    if (status_ != cudaSuccess) {                                                                     \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
+      std::exit(1);                                                                                   \
+    }                                                                                                 \
   } while (0)
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
@@ -46,11 +46,11 @@ __device__ uint64_t global_ns() {
 
 // Host-mapped control block shared by the importer's threads and its kernel.
 struct Control {
-  volatile int started;      // kernel -> host: the kernel is running
-  volatile int go;           // host -> kernel: `address` holds the mapped pointer (or 0: give up)
+  volatile int started;  // kernel -> host: the kernel is running
+  volatile int go;       // host -> kernel: `address` holds the mapped pointer (or 0: give up)
   volatile uint64_t address;
-  volatile int timed_out;    // kernel -> host
-  volatile uint32_t sum;     // kernel -> host: sum of the first 256 words read through `address`
+  volatile int timed_out;  // kernel -> host
+  volatile uint32_t sum;   // kernel -> host: sum of the first 256 words read through `address`
 };
 
 // One thread: say it started, wait for `go`, then read through the published address.
