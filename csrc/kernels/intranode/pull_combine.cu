@@ -121,17 +121,20 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
         const int token = batch_begin + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
         int row_of[kNumMaxNvlPeers];
+        // The token's row at each rank, read out of shared memory once per token rather than per column.
+        const int4* row_ptr[kNumMaxNvlPeers];
 #pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j) row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+          row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+          row_ptr[j] = ((token_mask >> j) & 1u)
+                           ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
+                           : nullptr;
+        }
         // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
         // call's rows at the same address must not be read.
         sum_token(
             lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
-            args.combined_topk_weights,
-            [&](int j, int col) {
-              return __ldcg(reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden) +
-                            col);
-            },
+            args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
             [&](int j, int k2) {
               return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
             });
