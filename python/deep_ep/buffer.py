@@ -5,6 +5,7 @@ allocator on the right stream, and orders streams with events. Validation, layou
 in C++.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,18 @@ _INTERNODE_HANDLE_OUTPUTS = (
 _ANY_STREAM = "any"
 # torch's high stream priority (lower is higher), the one DeepEP V1 takes its comm stream from.
 _COMM_STREAM_PRIORITY = -1
+
+
+def _comm_stream_priority() -> int:
+    """The comm stream's priority: -1 (high), or DEEP_EP_COMM_STREAM_PRIORITY (a diagnostic aid; 0 is torch's
+    default priority)."""
+    value = os.environ.get("DEEP_EP_COMM_STREAM_PRIORITY")
+    if value is None or value == "":
+        return _COMM_STREAM_PRIORITY
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"DEEP_EP_COMM_STREAM_PRIORITY must be an integer, got {value!r}") from None
 
 
 def _current_raw_stream(device_index: int) -> int:
@@ -104,7 +117,7 @@ class Buffer:
         self._device_index = self.runtime.device
         # High priority, as DeepEP V1's: the scheduler places a comm kernel's blocks before the pending blocks of
         # compute kernels, so a large compute grid launched first cannot hold back a kernel that peers wait for.
-        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_COMM_STREAM_PRIORITY)
+        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_comm_stream_priority())
         # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
         # the comm stream has had none: a call made on that stream is already ordered after every earlier op.
         self._comm_joined_by = _ANY_STREAM
