@@ -49,12 +49,13 @@ def _comm_stream_priority() -> int:
         raise ValueError(f"DEEP_EP_COMM_STREAM_PRIORITY must be an integer, got {value!r}") from None
 
 
-def _current_raw_stream(device_index: int) -> int:
-    """The current stream's handle (torch.cuda.Stream.cuda_stream) without building a Stream object."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is None:  # a torch without the private accessor
-        return torch.cuda.current_stream(device_index).cuda_stream
-    return raw(device_index)
+def _current_stream_handle(device_index: int) -> int:
+    """The current stream's handle through torch.cuda.Stream, for a torch without the raw accessor below."""
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+# The current stream's handle (torch.cuda.Stream.cuda_stream) without building a Stream object.
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_handle)
 
 
 class Buffer:
