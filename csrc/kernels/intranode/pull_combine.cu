@@ -21,6 +21,7 @@
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/occupancy.cuh"
+#include "kernels/common/role_timer.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
 #include "protocol/control_region.hpp"
@@ -48,6 +49,11 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   // Every rank's inputs as this process reaches them.
   __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
   __shared__ const float* weights_of[kNumMaxNvlPeers];
+  // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 the start barrier, 1 finding the peers' inputs,
+  // 2 summing rows, 3 the end barrier (block 0's lines on rank 0).
+  device::RoleTimer timer;
+  timer.begin();
+  device::report_block_start("pull_combine", rank, timer.start);
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
     if (block == 0) {
@@ -62,6 +68,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     ok_shared = wait_all_ranks(peers, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
   }
   __syncthreads();
+  timer.lap(0);
   // Thread j resolves rank j's inputs: given, or (host-free form) at the slot rank j published (read after the
   // acquire of its pull_ready above, ordered by the barrier), once this process's mapping thread has mapped it.
   if (threadIdx.x < num_ranks) {
@@ -99,6 +106,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     }
   }
   __syncthreads();
+  timer.lap(1);
 
   // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
   // GPU); a block then takes channels block, block + gridDim.x, ...
@@ -145,6 +153,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   }
 
   // Every read of this block is done before it counts itself; the last block tells every rank.
+  timer.lap(2);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -158,6 +167,8 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       __threadfence();
     }
   }
+  timer.lap(3);
+  timer.report("pull_combine", "warp", rank, kNumMaxNvlPeers, 0);
 }
 
 }  // namespace
