@@ -82,6 +82,10 @@ InputExports::InputExports(int rank, int size, int device, void* shared, size_t 
                                    cudaHostAllocMapped | cudaHostAllocPortable));
   std::memset(host_imports_, 0, import_bytes);  // kImportPending everywhere
   DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_imports_), host_imports_, 0));
+  const size_t resolved_bytes = sizeof(uint64_t) * kNumMaxNvlPeers * kExportSlots;
+  DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&resolved_bases_), resolved_bytes));
+  // Synchronous: the zeros are in place before any kernel of this Buffer can read them.
+  DEEP_EP_CUDA_CHECK(cudaMemset(resolved_bases_, 0, resolved_bytes));
   opened_.assign(size_, std::vector<void*>(kExportSlots, nullptr));
 }
 
@@ -96,6 +100,7 @@ InputExports::~InputExports() {
   for (char* old : retired_staging_) cudaFree(old);
   if (staging_) cudaFree(staging_);
   if (host_imports_) cudaFreeHost(host_imports_);
+  if (resolved_bases_) cudaFree(resolved_bases_);
   cudaGetLastError();  // a release path reports nothing
   unmap_shared_object(shared_, shared_bytes_);
 }

@@ -42,6 +42,8 @@ class InputExports {
 
   // The import table [kNumMaxNvlPeers][kExportSlots] as the device sees it.
   const ImportEntry* device_imports() const { return device_imports_; }
+  // The kernels' cache of resolved import bases [kNumMaxNvlPeers][kExportSlots] (device memory, zeroed here).
+  uint64_t* device_resolved_bases() const { return resolved_bases_; }
 
  private:
   InputExports(int rank, int size, int device, void* shared, size_t shared_bytes);
@@ -55,6 +57,7 @@ class InputExports {
   size_t shared_bytes_;
   ImportEntry* host_imports_ = nullptr;  // cudaHostAlloc (mapped)
   ImportEntry* device_imports_ = nullptr;
+  uint64_t* resolved_bases_ = nullptr;   // cudaMalloc
   using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
   std::map<HandleKey, int> slot_of_;  // this rank's exported allocations
   int next_general_ = 0, next_staging_ = kExportSlots - kStagingSlots;
