@@ -406,7 +406,7 @@ def cases(rank_counts):
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
-        # Fewer blocks per rank: whether the DBO timeouts on a shared GPU follow the blocks the ranks keep resident.
+        # 8 SMs per rank: 8 ranks' blocks fit one per SM, the other shape than the 20-SM cases above take.
         out.append((f"{base}/dbo_streams_fp8_8_sms", dbo_streams, r, (dict(fp8=True, num_sms=8),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
