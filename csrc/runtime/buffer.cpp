@@ -320,7 +320,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // costs the others a bounded wait in the exchange instead of a mismatched group collective.
   if (!in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    in.input_exports = InputExports::create(*group_, options.device);
+    // Only intranode ops pull, and only a group of one node runs them (at most kNumMaxNvlPeers ranks).
+    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
