@@ -57,7 +57,7 @@ class InputExports {
   size_t shared_bytes_;
   ImportEntry* host_imports_ = nullptr;  // cudaHostAlloc (mapped)
   ImportEntry* device_imports_ = nullptr;
-  uint64_t* resolved_bases_ = nullptr;   // cudaMalloc
+  uint64_t* resolved_bases_ = nullptr;  // cudaMalloc
   using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
   std::map<HandleKey, int> slot_of_;  // this rank's exported allocations
   int next_general_ = 0, next_staging_ = kExportSlots - kStagingSlots;

@@ -99,7 +99,7 @@ struct PullCombineArgs {
   // the kernel's start from ControlRegion::pull_inputs and the import table (protocol/pull_inputs.hpp).
   const uint16_t* x[kNumMaxNvlPeers];
   const float* topk_weights[kNumMaxNvlPeers];
-  const ImportEntry* imports;        // [kNumMaxNvlPeers][kExportSlots], host-mapped; null: the arrays are complete
+  const ImportEntry* imports;  // [kNumMaxNvlPeers][kExportSlots], host-mapped; null: the arrays are complete
   // [kNumMaxNvlPeers][kExportSlots], device memory, zero until a kernel of this process first resolved the slot
   // through `imports`; later calls read it here (one L2 hit) instead of crossing PCIe. Valid for the
   // Buffer's life: a slot is never reused and its mapping stays open until the Buffer is released.

@@ -97,8 +97,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
             break;
           }
           if (state != static_cast<int64_t>(kImportMapped)) {  // cudaIpcOpenMemHandle failed here
-            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, kImportMapped,
-                           state);
+            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, kImportMapped, state);
             ok_shared = 0;
             break;
           }
