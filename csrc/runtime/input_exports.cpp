@@ -73,26 +73,36 @@ std::unique_ptr<InputExports> InputExports::create(Group& group, int device) {
 
 InputExports::InputExports(int rank, int size, int device, void* shared, size_t shared_bytes)
     : rank_(rank), size_(size), device_(device), shared_(shared), shared_bytes_(shared_bytes) {
-  DEEP_EP_CHECK(size <= kNumMaxNvlPeers, "the pull combine's input exports take at most ", kNumMaxNvlPeers,
-                " ranks, got ", size);
-  table(rank_)->pid = static_cast<int32_t>(getpid());
-  const size_t import_bytes = sizeof(ImportEntry) * kNumMaxNvlPeers * kExportSlots;
-  DEEP_EP_CUDA_CHECK(cudaSetDevice(device_));
-  DEEP_EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_imports_), import_bytes,
-                                   cudaHostAllocMapped | cudaHostAllocPortable));
-  std::memset(host_imports_, 0, import_bytes);  // kImportPending everywhere
-  DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_imports_), host_imports_, 0));
-  const size_t resolved_bytes = sizeof(uint64_t) * kNumMaxNvlPeers * kExportSlots;
-  DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&resolved_bases_), resolved_bytes));
-  // Synchronous: the zeros are in place before any kernel of this Buffer can read them.
-  DEEP_EP_CUDA_CHECK(cudaMemset(resolved_bases_, 0, resolved_bytes));
-  opened_.assign(size_, std::vector<void*>(kExportSlots, nullptr));
+  // A constructor that throws runs no destructor: what was made before the failure is released here.
+  try {
+    DEEP_EP_CHECK(size <= kNumMaxNvlPeers, "the pull combine's input exports take at most ", kNumMaxNvlPeers,
+                  " ranks, got ", size);
+    table(rank_)->pid = static_cast<int32_t>(getpid());
+    const size_t import_bytes = sizeof(ImportEntry) * kNumMaxNvlPeers * kExportSlots;
+    DEEP_EP_CUDA_CHECK(cudaSetDevice(device_));
+    DEEP_EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_imports_), import_bytes,
+                                     cudaHostAllocMapped | cudaHostAllocPortable));
+    std::memset(host_imports_, 0, import_bytes);  // kImportPending everywhere
+    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_imports_), host_imports_, 0));
+    const size_t resolved_bytes = sizeof(uint64_t) * kNumMaxNvlPeers * kExportSlots;
+    DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&resolved_bases_), resolved_bytes));
+    // Synchronous: the zeros are in place before any kernel of this Buffer can read them.
+    DEEP_EP_CUDA_CHECK(cudaMemset(resolved_bases_, 0, resolved_bytes));
+    opened_.assign(size_, std::vector<void*>(kExportSlots, nullptr));
+  } catch (...) {
+    release_memory();
+    throw;
+  }
 }
 
 InputExports::~InputExports() {
   stop_.store(true, std::memory_order_release);
   bump_and_wake(&table(rank_)->wake_sequence);
   if (mapper_.joinable()) mapper_.join();
+  release_memory();
+}
+
+void InputExports::release_memory() {
   cudaSetDevice(device_);
   for (auto& peer : opened_)
     for (void* base : peer)

@@ -51,6 +51,8 @@ class InputExports {
   int export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging);
   InputRef stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream);
   void serve();
+  // Closes the mappings, frees the allocations and unmaps the shared table (destructor, failed constructor).
+  void release_memory();
 
   int rank_, size_, device_;
   void* shared_;
