@@ -253,6 +253,87 @@ def combine_runs_ahead(ctx):
     teardown()
 
 
+def combine_inputs_freed(ctx, num_rounds):
+    """The host-free combine with a combine input in a new allocation every round, freed and the cache emptied
+    after it (an allocator that keeps returning memory): more rounds than there are export slots, every result
+    checked exactly, so freed allocations' slots must be retired and used again (or the inputs staged). Then the
+    memory: with every rank's input freed and one more combine run (which looks for freed allocations, after
+    which the peers close their mappings), the GPU's free memory must come back to within one input per rank
+    of what it was before the rounds."""
+    group = setup(ctx, seed_base=23)
+    hidden, num_topk = 2048, 4
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+    buffer = _buffer(group, hidden)
+    num_tokens = 64 + 7 * ctx.rank
+    x = make_x(num_tokens, hidden, False)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    received = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )
+    inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+    # Each round's input sits at the start of a 64 MiB allocation of its own (the cache is emptied before it).
+    input_bytes = 64 << 20
+    num_rows = received[0].size(0)
+    assert num_rows * hidden * 2 <= input_bytes
+
+    def free_memory():
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        return torch.cuda.mem_get_info()[0]
+
+    torch.cuda.empty_cache()
+    before = free_memory()
+    for round_idx in range(num_rounds):
+        torch.cuda.empty_cache()
+        storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+        expert_out = storage[: num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
+        expert_out.copy_(torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16))
+        combined = buffer.combine(expert_out, received[4], topk_weights=received[2])
+        assert buffer.runtime.last_combine_pulled(), "expected the pull combine"
+        expected = reference_combine(group, inputs, outputs, expert_out, received[2], None, hidden, num_topk)
+        check_combine(
+            expected[ctx.rank],
+            combined[0],
+            combined[1],
+            topk_idx,
+            topk_weights,
+            in_rank,
+            True,
+            f"rank {ctx.rank} round {round_idx}",
+        )
+        del combined, expert_out, storage
+        torch.distributed.barrier(group)
+    torch.cuda.empty_cache()
+    # One more combine from a new allocation: each rank finds its freed inputs and retires their slots.
+    storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+    expert_out = storage[: num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
+    expert_out.zero_()
+    buffer.combine(expert_out, received[4], topk_weights=received[2])
+    # The peers' mapping threads close the retired mappings on their own time: allow them a moment. The GPU's
+    # free memory is one number for every rank sharing it, so each rank polls it alone, then all meet.
+    allowed = before - 2 * ctx.num_ranks * input_bytes
+    after = free_memory()
+    deadline = time.monotonic() + 5.0
+    while after < allowed and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = torch.cuda.mem_get_info()[0]
+    torch.distributed.barrier(group)
+    assert after >= allowed, (
+        f"rank {ctx.rank}: {(before - after) / 2**20:.0f} MiB of device memory still held after {num_rounds} rounds "
+        f"of freed {input_bytes >> 20} MiB combine inputs (allowed {2 * ctx.num_ranks * input_bytes >> 20} MiB)"
+    )
+    del expert_out, storage
+    buffer.destroy()
+    teardown()
+
+
 def back_to_back(ctx, num_calls):
     """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call."""
     group = setup(ctx, seed_base=7)
@@ -464,6 +545,8 @@ def cases(rank_counts):
         out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
         # Dual-batch overlap on streams of its own (vLLM's DBO, as deep_ep calls alone): each format and combine.
         out.append((f"{base}/combine_runs_ahead", combine_runs_ahead, r, (), t))
+        # More freed inputs than export slots (64, 8 of them for staging).
+        out.append((f"{base}/combine_inputs_freed", combine_inputs_freed, r, (80,), t))
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
