@@ -199,6 +199,24 @@ def dbo_streams(ctx, opts):
     teardown()
 
 
+def _routed_dispatch(buffer, num_tokens, hidden, num_topk, num_ranks):
+    """Fresh BF16 tokens with random top-k routing, dispatched with their layout: (x, topk_idx, topk_weights,
+    is_token_in_rank, the dispatch's outputs)."""
+    x = make_x(num_tokens, hidden, False)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, num_ranks, "random")
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    received = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )
+    return x, topk_idx, topk_weights, in_rank, received
+
+
 def combine_runs_ahead(ctx):
     """The default (host-free pull) combine does not wait on the host for other ranks: while rank 0 is still busy
     (2 s on its host before its combine), every other rank's combine call returns at once and the rank goes on
@@ -215,17 +233,8 @@ def combine_runs_ahead(ctx):
     further_work()
     for round_idx in range(2):
         num_tokens = max(1, 256 - 29 * ctx.rank)
-        x = make_x(num_tokens, hidden, False)
-        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
-        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-        received = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
+        x, topk_idx, topk_weights, in_rank, received = _routed_dispatch(
+            buffer, num_tokens, hidden, num_topk, ctx.num_ranks
         )
         expert_out = torch.randn(received[0].size(0), hidden, device="cuda").to(torch.bfloat16)
         torch.cuda.synchronize()
@@ -264,18 +273,8 @@ def combine_inputs_freed(ctx, num_rounds):
     hidden, num_topk = 2048, 4
     os.environ["DEEP_EP_PULL_COMBINE"] = "1"
     buffer = _buffer(group, hidden)
-    num_tokens = 64 + 7 * ctx.rank
-    x = make_x(num_tokens, hidden, False)
-    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
-    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-    received = buffer.dispatch(
-        x,
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx,
-        topk_weights=topk_weights,
+    x, topk_idx, topk_weights, in_rank, received = _routed_dispatch(
+        buffer, 64 + 7 * ctx.rank, hidden, num_topk, ctx.num_ranks
     )
     inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
     # Each round's input sits at the start of a 64 MiB allocation of its own (the cache is emptied before it).
