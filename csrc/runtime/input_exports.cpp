@@ -109,6 +109,7 @@ void InputExports::release_memory() {
   for (auto& peer : opened_)
     for (void* base : peer)
       if (base) cudaIpcCloseMemHandle(base);
+  for (void* base : retired_mappings_) cudaIpcCloseMemHandle(base);
   for (char* old : retired_staging_) cudaFree(old);
   if (staging_) cudaFree(staging_);
   if (host_imports_) cudaFreeHost(host_imports_);
@@ -119,6 +120,9 @@ void InputExports::release_memory() {
 
 void InputExports::publish(int slot, uint32_t generation) {
   table(rank_)->generation[slot].store(generation, std::memory_order_release);
+  // A retirement's (even) store is ordered before the handle and base a later export of the slot writes (a
+  // seqlock's writer): a mapping thread that reads the new handle then reads a changed generation.
+  if (generation % 2 == 0) std::atomic_thread_fence(std::memory_order_seq_cst);
   for (int peer = 0; peer < size_; ++peer)
     if (peer != rank_) bump_and_wake(&table(peer)->wake_sequence);
 }
@@ -145,6 +149,23 @@ bool InputExports::export_allocation(char* base, const cudaIpcMemHandle_t& handl
   publish(slot, generation);
   *ref = InputRef{slot, generation, 0};
   return true;
+}
+
+void InputExports::close_retired_mappings(cudaStream_t stream) {
+  if (!has_retired_mappings_.load(std::memory_order_acquire)) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return;  // a capture may not close memory: the next call outside one does
+  }
+  std::vector<void*> closing;
+  {
+    std::lock_guard<std::mutex> lock(retired_mutex_);
+    closing.swap(retired_mappings_);
+    has_retired_mappings_.store(false, std::memory_order_release);
+  }
+  for (void* base : closing) cudaIpcCloseMemHandle(base);
+  cudaGetLastError();  // a close that fails leaves a mapping behind, not an error of this call
 }
 
 void InputExports::retire_freed() {
@@ -175,6 +196,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
                                     bool has_rows, cudaStream_t stream) {
   PullInput out{};
   out.x = out.topk_weights = InputRef{-1, 0, 0};
+  close_retired_mappings(stream);
   if (!has_rows) return out;
   if (++calls_since_scan_ >= kScanPeriod) {
     retire_freed();
@@ -251,6 +273,7 @@ void InputExports::serve() {
   // The generation of each peer slot this thread has brought its entry to (0: none yet).
   std::vector<std::vector<uint32_t>> done(size_, std::vector<uint32_t>(kExportSlots, 0));
   std::vector<std::vector<int>> failures(size_, std::vector<int>(kExportSlots, 0));
+  std::vector<std::vector<uint32_t>> attempted(size_, std::vector<uint32_t>(kExportSlots, 0));
   std::atomic<uint32_t>* wake = &table(rank_)->wake_sequence;
   while (!stop_.load(std::memory_order_acquire)) {
     // Read before the scan: an export after it changes the word, and the wait below returns at once.
@@ -264,16 +287,24 @@ void InputExports::serve() {
         if (generation == done[peer][slot]) continue;
         const cudaIpcMemHandle_t handle = theirs->handles[slot];
         const uint64_t owner_base = theirs->bases[slot];
-        if (theirs->generation[slot].load(std::memory_order_acquire) != generation) {
+        // The reads above complete before the generation is read again (a seqlock's reader).
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (theirs->generation[slot].load(std::memory_order_relaxed) != generation) {
           retry = true;  // re-exported while being read: read it again
           continue;
         }
+        if (attempted[peer][slot] != generation) {  // a new generation gets its own open attempts
+          attempted[peer][slot] = generation;
+          failures[peer][slot] = 0;
+        }
         ImportEntry& entry = host_imports_[peer * kExportSlots + slot];
         // The earlier generation's mapping: its allocation was freed, so no kernel reads through it any more
-        // (see InputExports::retire_freed).
+        // (see InputExports::retire_freed). It is closed by the calling thread at its next export_call, not here:
+        // a close may wait for this process's running kernels, one of which may be waiting for this thread.
         if (opened_[peer][slot]) {
-          cudaIpcCloseMemHandle(opened_[peer][slot]);
-          cudaGetLastError();
+          std::lock_guard<std::mutex> lock(retired_mutex_);
+          retired_mappings_.push_back(opened_[peer][slot]);
+          has_retired_mappings_.store(true, std::memory_order_release);
           opened_[peer][slot] = nullptr;
         }
         uint64_t kind = kImportRetired;
@@ -296,7 +327,6 @@ void InputExports::serve() {
             }
           }
         }
-        failures[peer][slot] = 0;
         done[peer][slot] = generation;
         found = true;
         // The kernel reads state with ld.acquire.sys, then base: base is visible first.

@@ -6,6 +6,9 @@
 // mapped. An exported allocation that its owner has since freed (a caching allocator emptying its cache) is
 // retired: the owner looks for freed ones whenever it exports a new allocation and every kScanPeriod calls, and
 // the peers close their mappings of a retired slot, so its memory is not held and the slot can be used again.
+// CUDA calls a free before the importers' close undefined; nothing tells this code of a caching allocator's
+// frees ahead of time, so the close follows the free as soon as it is seen, and only mappings no kernel reads
+// any more are closed (GPU case combine_inputs_freed checks the memory comes back).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,6 +17,7 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -55,6 +59,8 @@ class InputExports {
   // Retires the general slots whose allocation is gone (freed, or another allocation at its address).
   void retire_freed();
   void publish(int slot, uint32_t generation);
+  // Closes the mappings the mapping thread retired (on the calling thread, outside stream capture).
+  void close_retired_mappings(cudaStream_t stream);
   InputRef stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream);
   void serve();
   // Closes the mappings, frees the allocations and unmaps the shared table (destructor, failed constructor).
@@ -85,6 +91,9 @@ class InputExports {
   InputRef staging_ref_{-1, 0, 0};
   std::vector<char*> retired_staging_;      // earlier ones: peers' kernels may still read them
   std::vector<std::vector<void*>> opened_;  // [rank][slot]: mappings of the peers' allocations (mapping thread)
+  std::mutex retired_mutex_;                // guards retired_mappings_
+  std::vector<void*> retired_mappings_;     // retired by the mapping thread, closed by export_call
+  std::atomic<bool> has_retired_mappings_{false};
   std::atomic<bool> stop_{false};
   std::thread mapper_;
 };
