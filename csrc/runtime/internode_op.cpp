@@ -3,6 +3,7 @@
 // the kernel launches (csrc/kernels/internode/).
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
@@ -70,6 +71,14 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
 }
 
 // The warp roles of this op's blocks (DEEP_EP_INTERNODE_WARPS may override the defaults; read per call).
+// DEEP_EP_INTERNODE_IN_PLACE=1: the combine's forwarders read the node's inputs in place (CombineArgs::in_place),
+// where every rank's memory is mapped by CUDA IPC (ranks on one host). Read per call; the same on every rank (the
+// address exchange is collective).
+bool internode_in_place_requested() {
+  const char* value = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
+  return value != nullptr && std::string(value) == "1";
+}
+
 internode::WarpSplit warp_split(int num_ranks_per_node) {
   return internode_warp_split(num_ranks_per_node, std::getenv("DEEP_EP_INTERNODE_WARPS"));
 }
@@ -345,6 +354,22 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+  c.in_place = false;
+  if (internode_in_place_requested() && in.pull_exchange) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const auto& inputs =
+        in.peer_tensors.map(*in.pull_exchange, rank(), a.x.data, num_topk ? a.topk_weights->data : nullptr,
+                            num_topk > 0, rows > 0, capture == cudaStreamCaptureStatusNone);
+    if (!inputs.x.empty()) {  // the same on every rank: decided from the gathered records
+      c.in_place = true;
+      const int first_local = rank() / Rn * Rn;
+      for (int j = 0; j < Rn; ++j) {
+        c.local_x[j] = reinterpret_cast<const uint16_t*>(inputs.x[first_local + j]);
+        c.local_topk_weights[j] = num_topk ? reinterpret_cast<const float*>(inputs.weights[first_local + j]) : nullptr;
+      }
+    }
+  }
   prepare_internode_state(stream, "internode combine");
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);

@@ -406,6 +406,13 @@ def timeout_names_rank_peer_phase(ctx, rn):
     teardown()
 
 
+def in_place(ctx, rn, fn, *args):
+    """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, read
+    per call, set on every rank; the rank processes start each case from their first environment)."""
+    os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "1"
+    return fn(ctx, rn, *args)
+
+
 def cases(rank_counts):
     out = []
     t = 240
@@ -464,6 +471,22 @@ def cases(rank_counts):
                     dispatch_combine,
                     dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]),
                 )
+            # The in-place combine: the same checks with the forwarders reading the inputs where they are.
+            add("bf16_topk_in_place", in_place, dispatch_combine, dict(bias=1))
+            add("fp8_worst_tokens_in_place", in_place, dispatch_combine, dict(fp8=True, worst=True))
+            add(
+                "tokens_4096_small_rings_sweep_in_place",
+                in_place,
+                dispatch_combine,
+                dict(
+                    num_tokens=4096,
+                    hidden=256,
+                    bias=1,
+                    rounds=4,
+                    round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
+                ),
+            )
+            add("cuda_graph_in_place", in_place, cuda_graph)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)
