@@ -131,7 +131,8 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
 #pragma unroll
         for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
           const int local_rank = warp + owned * num_producer_warps;
-          if (local_rank >= num_ranks_per_node) continue;
+          // No entry pushed: that forwarder reads nothing of this rank here (and may never store a head).
+          if (local_rank >= num_ranks_per_node || pushed[owned] == 0) continue;
           if (!device::wait_at_least(ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank)),
                                      tagged(epoch, pushed[owned]), ctx.peers.timeout_ns, ctx.peers.diagnostics,
                                      Phase::kInternodeCombineStage, ctx.peers.rank, ctx.rank_of(ctx.node, local_rank),
