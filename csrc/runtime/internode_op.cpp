@@ -370,6 +370,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
       }
     }
   }
+  last_combine_in_place_ = c.in_place;
   prepare_internode_state(stream, "internode combine");
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);

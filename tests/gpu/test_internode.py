@@ -408,9 +408,24 @@ def timeout_names_rank_peer_phase(ctx, rn):
 
 def in_place(ctx, rn, fn, *args):
     """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, read
-    per call, set on every rank; the rank processes start each case from their first environment)."""
+    per call, set on every rank; the rank processes start each case from their first environment). Every combine
+    it makes must have run in place (an input that cannot be mapped would fall back without saying)."""
     os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "1"
-    return fn(ctx, rn, *args)
+    original = deep_ep.Buffer.combine
+    ran_in_place = []
+
+    def recording(self, *call_args, **kwargs):
+        result = original(self, *call_args, **kwargs)
+        ran_in_place.append(self.runtime.last_combine_in_place())
+        return result
+
+    deep_ep.Buffer.combine = recording
+    try:
+        result = fn(ctx, rn, *args)
+    finally:
+        deep_ep.Buffer.combine = original
+    assert ran_in_place and all(ran_in_place), f"rank {ctx.rank}: combines in place: {ran_in_place}"
+    return result
 
 
 def cases(rank_counts):
