@@ -3,7 +3,6 @@
 // the kernel launches (csrc/kernels/internode/).
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 
 #include "deep_ep/buffer.hpp"
 #include "deep_ep/error.hpp"
@@ -71,14 +70,6 @@ void check_config_matches_handle(const InternodeHandle& h, const Config& config,
 }
 
 // The warp roles of this op's blocks (DEEP_EP_INTERNODE_WARPS may override the defaults; read per call).
-// DEEP_EP_INTERNODE_IN_PLACE=1: the combine's forwarders read the node's inputs in place (CombineArgs::in_place),
-// where every rank's memory is mapped by CUDA IPC (ranks on one host). Read per call; the same on every rank (the
-// address exchange is collective).
-bool internode_in_place_requested() {
-  const char* value = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
-  return value != nullptr && std::string(value) == "1";
-}
-
 internode::WarpSplit warp_split(int num_ranks_per_node) {
   return internode_warp_split(num_ranks_per_node, std::getenv("DEEP_EP_INTERNODE_WARPS"));
 }
@@ -355,7 +346,7 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
   c.in_place = false;
-  if (internode_in_place_requested() && in.pull_exchange) {
+  if (in.internode_in_place && in.pull_exchange) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     const auto& inputs =
@@ -370,8 +361,8 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
       }
     }
   }
-  last_combine_in_place_ = c.in_place;
   prepare_internode_state(stream, "internode combine");
+  last_combine_in_place_ = c.in_place;
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);
   LaunchShape launch_shape;

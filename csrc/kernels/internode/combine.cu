@@ -126,18 +126,30 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
     }
     if (!pending) {
       // In place, the forwarders read this rank's input itself: wait until each has released every entry, which
-      // it does only after the sums that read the rows (ring_head, st.release.sys after its batch's barrier).
+      // it does only after the sums that read the rows (ring_head, st.release.sys after its batch's barrier). The
+      // bound counts from the last release seen: a forwarder may stall on remote credits several times on the way.
       if (args.in_place && lane == 0) {
-#pragma unroll
         for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
           const int local_rank = warp + owned * num_producer_warps;
           // No entry pushed: that forwarder reads nothing of this rank here (and may never store a head).
           if (local_rank >= num_ranks_per_node || pushed[owned] == 0) continue;
-          if (!device::wait_at_least(ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank)),
-                                     tagged(epoch, pushed[owned]), ctx.peers.timeout_ns, ctx.peers.diagnostics,
-                                     Phase::kInternodeCombineStage, ctx.peers.rank, ctx.rank_of(ctx.node, local_rank),
-                                     channel))
-            break;
+          const int64_t* head = ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank));
+          IdleClock released;
+          int seen = count_of(device::ld_acquire_sys(head), epoch);
+          bool failed = false;
+          while (seen < pushed[owned]) {
+            const int now = count_of(device::ld_acquire_sys(head), epoch);
+            if (now > seen) {
+              seen = now;
+              released.progressed();
+            } else if (released.expired(ctx.peers)) {
+              device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
+                             ctx.rank_of(ctx.node, local_rank), channel, -1, pushed[owned], seen);
+              failed = true;
+              break;
+            }
+          }
+          if (failed) break;
         }
       }
       __syncwarp();
