@@ -200,8 +200,10 @@ def with_low_latency_ops(ctx, rn):
     teardown()
 
 
-def back_to_back(ctx, rn, num_calls):
+def back_to_back(ctx, rn, num_calls, overwrite_input=False):
     """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call.
+    With overwrite_input, each combine's input is overwritten with NaN on the stream right after the call: a
+    peer still reading it after this rank's combine ended would sum NaNs.
 
     Small integers: the per-node partials (rounded to bf16) and their sum are exact."""
     group = _prepare(ctx, rn, seed=7)
@@ -214,6 +216,8 @@ def back_to_back(ctx, rn, num_calls):
         layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank} call {call}")
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
         combined, _, _ = buffer.combine(recv_x, handle)
+        if overwrite_input:
+            recv_x.fill_(float("nan"))
         expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
@@ -502,6 +506,16 @@ def cases(rank_counts):
                 ),
             )
             add("cuda_graph_in_place", in_place, cuda_graph)
+            add("bf16_no_topk_in_place", in_place, dispatch_combine, dict(with_topk=False, bias=2))
+            add(
+                "edges_in_place",
+                in_place,
+                dispatch_combine,
+                dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),
+            )
+            add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
+            # Fresh inputs every call (mappings past the exchange's cache) and inputs overwritten after the call.
+            add("back_to_back_in_place", in_place, back_to_back, 50, True)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)
