@@ -328,9 +328,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // intranode ops only (a group of one node, at most kNumMaxNvlPeers ranks), every peer mapped by CUDA IPC.
   // Collective, so they are made here with the rest of the buffer: a rank that skips a combine then costs the
   // others a bounded wait in the exchange instead of a mismatched group collective.
-  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
+  // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE) maps the node's inputs through the same exchange.
+  const bool pulls = in.topology.num_nodes == 1 || in.internode_in_place;
+  if (pulls && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    in.input_exports = InputExports::create(*group_, options.device);
+    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
