@@ -128,9 +128,10 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
       const float early_scale_0 = lane < args.num_scales ? token_scales[lane * args.scale_channel_stride] : 0.0f;
       const float early_scale_1 =
           lane + 32 < args.num_scales ? token_scales[(lane + 32) * args.scale_channel_stride] : 0.0f;
-      device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(ring.rows + slot * layout.row_stride),
-                                     reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
-                                     row_int4, lane, device::ld_input);
+      device::warp_copy_in_rounds<8>(
+          reinterpret_cast<int4*>(ring.rows + slot * layout.row_stride),
+          reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes), row_int4, lane,
+          device::ld_input);
       float* slot_scales = ring.scales + slot * args.num_scales;
       if (lane < args.num_scales) slot_scales[lane] = early_scale_0;
       if (lane + 32 < args.num_scales) slot_scales[lane + 32] = early_scale_1;
