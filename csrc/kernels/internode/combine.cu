@@ -117,7 +117,8 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         progressed = true;
       }
       timer.lap(0);
-      __threadfence_system();
+      // Every lane's entry stores precede lane 0's release through the __syncwarp (a release is cumulative
+      // over what its thread observed): no fence per lane.
       __syncwarp();
       if (lane == 0)
         device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, local_rank), layout.flag_ring_tail(channel, ctx.local)),
@@ -339,9 +340,9 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         }
       }
       timer.lap(2);
-      // The batch's partials are written and fenced (direct stores and staged put sources alike) before
-      // the signal; its ring entries are read before their space is handed back.
-      __threadfence_system();
+      // The batch's partials (direct stores and staged put sources alike) and its ring reads are ordered
+      // before warp 0's releases and signal by the barrier; those are cumulative (transport.cuh), so one
+      // fence in the signalling warp covers the batch instead of one per forwarder thread.
       device::named_barrier(kForwardBarrier, num_forward_warps * 32);
       if (abort_forward) break;
       if (forward_warp == 0) {
