@@ -90,9 +90,11 @@ struct GinTransport {
   }
 
   // The NIC reads the source, and a peer may read what this warp read before a signal_add, only after
-  // these accesses are visible system-wide. Each lane fences its own; NCCL's put then joins the warp
-  // (__syncwarp) before one lane posts. NCCL 2.28 also fences inside put, but whether it does depends on
-  // the backend and on its scope arguments, so the contract does not rest on it.
+  // these accesses are visible system-wide. Each posting lane fences; the fence is cumulative, so it also
+  // covers the accesses of threads that a barrier ordered before this warp (the writers of a staged batch).
+  // NCCL's put then joins the warp (__syncwarp) before one lane posts. NCCL 2.28 also fences inside put,
+  // but whether it does depends on the backend and on its scope arguments, so the contract does not rest
+  // on it.
   static __device__ __forceinline__ void release_sources() { __threadfence_system(); }
 };
 

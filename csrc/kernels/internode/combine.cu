@@ -20,8 +20,9 @@
 // credits waits for partials that come before its own.
 //
 // Ring counters (int64, (epoch + 1) << 32 | count): ring_tail(c, j) on the forwarder, written by
-// producer j with st.release.sys after a system fence of its entries; ring_head(c, l) on producer j,
-// written by forwarder l with st.release.sys after the batch that read the entries (a named barrier).
+// producer j's lane 0 with st.release.sys after a __syncwarp that orders every lane's entry stores before
+// it (the release is cumulative); ring_head(c, l) on producer j, written by forwarder l with st.release.sys
+// after the batch that read the entries (a named barrier).
 #include "deep_ep/error.hpp"
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/occupancy.cuh"
