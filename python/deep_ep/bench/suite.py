@@ -11,7 +11,7 @@ from .baselines import bench_multi_gpu_baselines
 from .internode import bench_internode
 from .intranode import bench_intranode
 from .low_latency import bench_low_latency
-from .timing import L2_FLUSH_BYTES, hbm_copy_gbps, time_op_graph, time_op_per_call
+from .timing import L2_FLUSH_BYTES, hbm_copy_gbps, time_op_graph, time_op_graph_alone, time_op_per_call
 
 
 def _op_benches(mode):
@@ -46,12 +46,15 @@ def run_rank(ctx, opts):
         host_ms = []
         eager_ms = time_op_per_call(layout, group, 50, flush, host_ms)
         graph_ms = time_op_graph(layout, group, opts["iters"], flush)
+        # Rank 0's kernel with the GPU to itself (the rows are rank 0's; the others wait at its barriers).
+        alone_ms = time_op_graph_alone(layout, group, opts["iters"], flush)
+        alone = f", alone {alone_ms * 1e3:.1f} us" if alone_ms is not None else ""
         rows.append(
             (
                 "get_dispatch_layout",
                 f"{opts['num_tokens']} tok, top-{opts['num_topk']}/{opts['num_experts']}",
                 "-",
-                f"eager {eager_ms * 1e3:.1f} us/call, graph {graph_ms * 1e3:.1f} us",
+                f"eager {eager_ms * 1e3:.1f} us/call, graph {graph_ms * 1e3:.1f} us{alone}",
                 f"host {host_ms[0] * 1e3:.0f} us/call; DeepEP V1 51-55 us/call (eager, same setting, one H100)",
             )
         )

@@ -89,6 +89,42 @@ def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
     return statistics.median(times)
 
 
+def time_op_graph_alone(fn, group, iters, flush, timed_rank=0, calls_per_graph=8):
+    """time_op_graph on `timed_rank` while the other ranks only join its barriers, for an op that talks to no
+    other rank: its device time with the GPU to itself, as on a node with a GPU per rank (ranks sharing one GPU
+    otherwise run theirs at the same time in every sample). Returns the timed rank's milliseconds, None on the
+    others."""
+    timed = dist.get_rank(group) == timed_rank
+    graph = None
+    if timed:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(group)
+        if not timed:
+            continue
+        flush.zero_()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_graph)
+    dist.barrier(group)
+    if not timed:
+        return None
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(times)
+
+
 def median_ms(fn, iters):
     """Milliseconds of one fn() call on this process alone (no barrier, no flush): the median over `iters`
     samples of one call each, after three warm-up calls."""
