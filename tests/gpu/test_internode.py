@@ -411,8 +411,9 @@ def timeout_names_rank_peer_phase(ctx, rn):
 
 
 def in_place(ctx, rn, fn, *args):
-    """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, read
-    per call, set on every rank; the rank processes start each case from their first environment). Every combine
+    """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, set on
+    every rank before `fn` makes its Buffer, which reads it; the rank processes start each case from their first
+    environment). Every combine
     it makes must have run in place (an input that cannot be mapped would fall back without saying)."""
     os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "1"
     original = deep_ep.Buffer.combine
@@ -435,6 +436,14 @@ def in_place(ctx, rn, fn, *args):
 def cases(rank_counts):
     out = []
     t = 240
+    # V1's smallest rings and chunks next to its largest, over several calls (the ring-model edge cases).
+    small_rings_sweep = dict(
+        num_tokens=4096,
+        hidden=256,
+        bias=1,
+        rounds=4,
+        round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
+    )
     for r in rank_counts:
         for layout in LAYOUTS.get(r, ()):
             _, rn = parse_layout(layout)
@@ -471,17 +480,7 @@ def cases(rank_counts):
                 dispatch_combine,
                 dict(num_tokens=4096, hidden=512, fp8=True, round_configs=[(8, 512, 16, 128)]),
             )
-            add(
-                "tokens_4096_small_rings_sweep",
-                dispatch_combine,
-                dict(
-                    num_tokens=4096,
-                    hidden=256,
-                    bias=1,
-                    rounds=4,
-                    round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
-                ),
-            )
+            add("tokens_4096_small_rings_sweep", dispatch_combine, small_rings_sweep)
             add("tokens_16384", streaming_identity, 16384, 2048, None)
             if full:
                 add("tokens_16384_v1_rings", streaming_identity, 16384, 2048, (8, 512, 16, 128))
@@ -493,18 +492,7 @@ def cases(rank_counts):
             # The in-place combine: the same checks with the forwarders reading the inputs where they are.
             add("bf16_topk_in_place", in_place, dispatch_combine, dict(bias=1))
             add("fp8_worst_tokens_in_place", in_place, dispatch_combine, dict(fp8=True, worst=True))
-            add(
-                "tokens_4096_small_rings_sweep_in_place",
-                in_place,
-                dispatch_combine,
-                dict(
-                    num_tokens=4096,
-                    hidden=256,
-                    bias=1,
-                    rounds=4,
-                    round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
-                ),
-            )
+            add("tokens_4096_small_rings_sweep_in_place", in_place, dispatch_combine, small_rings_sweep)
             add("cuda_graph_in_place", in_place, cuda_graph)
             add("bf16_no_topk_in_place", in_place, dispatch_combine, dict(with_topk=False, bias=2))
             add(

@@ -62,28 +62,41 @@ def time_op_per_call(fn, group, num_calls, flush, host_ms=None):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
-    """Milliseconds of one fn() call replayed from a CUDA graph of `calls_per_graph` back-to-back calls: the
-    median over `iters` replays, each after an L2 flush and a barrier. The device time alone, no host work."""
+def _capture(fn, calls_per_graph, group=None):
+    """Three warm-up calls of fn, then a CUDA graph of `calls_per_graph` back-to-back calls (after a barrier of
+    `group` when one is given, so every rank captures at the same point)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    dist.barrier(group)
+    if group is not None:
+        dist.barrier(group)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls_per_graph):
             fn()
+    return graph
+
+
+def _replay_ms(graph, calls_per_graph):
+    """Milliseconds of one call in one replay of `graph`, between CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls_per_graph
+
+
+def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
+    """Milliseconds of one fn() call replayed from a CUDA graph of `calls_per_graph` back-to-back calls: the
+    median over `iters` replays, each after an L2 flush and a barrier. The device time alone, no host work."""
+    graph = _capture(fn, calls_per_graph, group)
     times = []
     for _ in range(iters):
         flush.zero_()
         torch.cuda.synchronize()
         dist.barrier(group)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls_per_graph)
+        times.append(_replay_ms(graph, calls_per_graph))
     torch.cuda.synchronize()
     del graph
     return statistics.median(times)
@@ -95,15 +108,7 @@ def time_op_graph_alone(fn, group, iters, flush, timed_rank=0, calls_per_graph=8
     otherwise run theirs at the same time in every sample). Returns the timed rank's milliseconds, None on the
     others."""
     timed = dist.get_rank(group) == timed_rank
-    graph = None
-    if timed:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls_per_graph):
-                fn()
+    graph = _capture(fn, calls_per_graph) if timed else None
     times = []
     for _ in range(iters):
         dist.barrier(group)
@@ -111,12 +116,7 @@ def time_op_graph_alone(fn, group, iters, flush, timed_rank=0, calls_per_graph=8
             continue
         flush.zero_()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls_per_graph)
+        times.append(_replay_ms(graph, calls_per_graph))
     dist.barrier(group)
     if not timed:
         return None
