@@ -347,11 +347,8 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
   c.in_place = false;
   if (in.internode_in_place && in.pull_exchange) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const auto& inputs =
-        in.peer_tensors.map(*in.pull_exchange, rank(), a.x.data, num_topk ? a.topk_weights->data : nullptr,
-                            num_topk > 0, rows > 0, capture == cudaStreamCaptureStatusNone);
+    const auto& inputs = in.peer_tensors.map(*in.pull_exchange, rank(), a.x.data,
+                                             num_topk ? a.topk_weights->data : nullptr, num_topk > 0, rows > 0, stream);
     if (!inputs.x.empty()) {  // the same on every rank: decided from the gathered records
       c.in_place = true;
       const int first_local = rank() / Rn * Rn;

@@ -45,20 +45,19 @@ LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Ke
   return shape;
 }
 
-// The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring
-// combine. Read on every call (tests and benchmarks switch it), so it must be the same on every rank at
-// each call.
-bool pull_combine_requested() {
-  const char* value = std::getenv("DEEP_EP_PULL_COMBINE");
+// A default-on switch: false only when `name` is set to 0. Read on every call (tests and benchmarks switch
+// them), so each must be the same on every rank at each call.
+bool switched_on(const char* name) {
+  const char* value = std::getenv(name);
   return value == nullptr || std::string(value) != "0";
 }
 
+// The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring combine.
+bool pull_combine_requested() { return switched_on("DEEP_EP_PULL_COMBINE"); }
+
 // The pull combine finds the other ranks' inputs without the host (input_exports.hpp) unless
-// DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange. Read per call; the same on every rank.
-bool host_free_combine_requested() {
-  const char* value = std::getenv("DEEP_EP_HOST_FREE_COMBINE");
-  return value == nullptr || std::string(value) != "0";
-}
+// DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange.
+bool host_free_combine_requested() { return switched_on("DEEP_EP_HOST_FREE_COMBINE"); }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
   DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed,
@@ -290,11 +289,8 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
     return;
   }
   if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const auto& inputs =
-        in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data, num_topk ? a.topk_weights->data : nullptr, num_topk > 0,
-                            N > 0, capture == cudaStreamCaptureStatusNone);
+    const auto& inputs = in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data,
+                                             num_topk ? a.topk_weights->data : nullptr, num_topk > 0, N > 0, stream);
     if (!inputs.x.empty()) {
       intranode::PullCombineArgs pc = pull_args();
       for (int r = 0; r < R; ++r) {

@@ -72,7 +72,11 @@ const char* PeerTensorMap::open(int rank, const cudaIpcMemHandle_t& handle, uint
 }
 
 const PeerTensorMap::Inputs& PeerTensorMap::map(HostExchange& exchange, int rank, const void* x, const void* weights,
-                                                bool with_weights, bool has_rows, bool may_synchronize) {
+                                                bool with_weights, bool has_rows, cudaStream_t stream) {
+  // Trimming the cache synchronizes the device, which a stream being captured must not see.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool may_synchronize = capture == cudaStreamCaptureStatusNone;
   DEEP_EP_RUNTIME_CHECK(exchange.record_bytes() == sizeof(Record), "pull combine: exchange records of ",
                         exchange.record_bytes(), " bytes, expected ", sizeof(Record));
   Record mine{};

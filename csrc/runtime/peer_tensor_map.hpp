@@ -27,16 +27,15 @@ class PeerTensorMap {
   // when `with_weights` (the same on every rank). Both empty on every rank when some rank's memory
   // cannot be exported (e.g. memory from cudaMallocAsync pools or expandable segments): the caller then
   // uses a path that needs no mapping. `has_rows`: false when x (and weights) have no rows; nothing is
-  // read from them then, and their pointers (maybe null) are neither exported nor mapped. `may_synchronize`: false
-  // while the stream is being captured, where the cache may not be trimmed (that synchronizes the device); it then
-  // grows past kMaxMappingsPerRank, and the mappings the captured call uses stay open until the Buffer goes (a graph
-  // replays them). The result lives in this map until the next call: a call allocates nothing on the host once the
-  // group's size is known.
+  // read from them then, and their pointers (maybe null) are neither exported nor mapped. While `stream` is being
+  // captured the cache is not trimmed (that synchronizes the device); it then grows past kMaxMappingsPerRank, and
+  // the mappings the captured call uses stay open until the Buffer goes (a graph replays them). The result lives in
+  // this map until the next call: a call allocates nothing on the host once the group's size is known.
   struct Inputs {
     std::vector<const char*> x, weights;
   };
   const Inputs& map(HostExchange& exchange, int rank, const void* x, const void* weights, bool with_weights,
-                    bool has_rows, bool may_synchronize);
+                    bool has_rows, cudaStream_t stream);
 
   // Closes every mapping; only when no kernel can use them (the Buffer's release).
   void close_all();
