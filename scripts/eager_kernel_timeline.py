@@ -23,20 +23,13 @@ def rank_fn(ctx, dtype):
     import torch
     import torch.distributed as dist
 
-    import deep_ep
-    from deep_ep.bench.timing import fp8_cast
+    from deep_ep.bench.intranode import intranode_buffer
+    from deep_ep.bench.timing import capture_graph, fp8_cast
     from deep_ep.testing import destroy_process_group, init_process_group
 
     group = init_process_group(ctx)
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
-    deep_ep.Buffer.set_num_sms(16)
-    config = deep_ep.Buffer.get_dispatch_config(NUM_RANKS)
-    combine_config = deep_ep.Buffer.get_combine_config(NUM_RANKS)
-    nvl_bytes = max(
-        config.get_nvl_buffer_size_hint(hidden * 2, NUM_RANKS),
-        combine_config.get_nvl_buffer_size_hint(hidden * 2, NUM_RANKS),
-    )
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
+    buffer, config, _ = intranode_buffer(group, NUM_RANKS, hidden, 16)
     torch.manual_seed(100 + ctx.rank)
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     x_in = fp8_cast(x) if dtype == "fp8" else x
@@ -53,13 +46,7 @@ def rank_fn(ctx, dtype):
     def call():
         return buffer.dispatch(x_in, handle=handle, config=config)
 
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(NUM_CALLS):
-            call()
+    graph = capture_graph(call, NUM_CALLS)
     graph.replay()
     torch.cuda.synchronize()
 

@@ -48,14 +48,11 @@ void bump_and_wake(std::atomic<uint32_t>* word) {
   futex_wake_all(word);
 }
 
-constexpr size_t kAlign = 256;
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-}  // namespace
-
-namespace {
 // One page-aligned table per rank.
-size_t table_stride() { return (sizeof(InputExports::Table) + 4095) / 4096 * 4096; }
+size_t table_stride() { return round_up(sizeof(InputExports::Table), 4096); }
+
 }  // namespace
 
 InputExports::Table* InputExports::table(int rank) const {
@@ -235,7 +232,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
 
   // Staging: x at 0, the weights after it. The stream orders the copy after this rank's previous pull combine,
   // which ended only once every rank had read the staging allocation's earlier contents.
-  const size_t weights_offset = align_up(staged[0] ? x_bytes : 0);
+  const size_t weights_offset = round_up(staged[0] ? x_bytes : 0, 256);
   const size_t needed = weights_offset + (staged[1] ? weights_bytes : 0);
   if (needed > staging_bytes_) {
     // A larger one, exported anew; the old one stays allocated (peers' kernels may still be reading it).

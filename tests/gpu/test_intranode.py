@@ -143,18 +143,7 @@ def _dbo_round(ctx, buffer, hidden, num_topk, fp8):
             topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
             ready = buffer.capture()
         with torch.cuda.stream(comm):
-            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(
-                topk_idx, NUM_EXPERTS, previous_event=ready
-            )
-            received = buffer.dispatch(
-                x,
-                num_tokens_per_rank=per_rank,
-                is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert,
-                topk_idx=topk_idx,
-                topk_weights=topk_weights,
-                previous_event=ready,
-            )
+            in_rank, received = _layout_and_dispatch(buffer, x, topk_idx, topk_weights, previous_event=ready)
         compute.wait_stream(comm)
         batches.append((x, topk_idx, topk_weights, in_rank, received))
     combined_all = []
@@ -199,13 +188,12 @@ def dbo_streams(ctx, opts):
     teardown()
 
 
-def _routed_dispatch(buffer, num_tokens, hidden, num_topk, num_ranks):
-    """Fresh BF16 tokens with random top-k routing, dispatched with their layout: (x, topk_idx, topk_weights,
-    is_token_in_rank, the dispatch's outputs)."""
-    x = make_x(num_tokens, hidden, False)
-    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, num_ranks, "random")
-    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+def _layout_and_dispatch(buffer, x, topk_idx, topk_weights, previous_event=None):
+    """The layout of `topk_idx` and the dispatch of `x` with it (both after `previous_event` when given):
+    (is_token_in_rank, the dispatch's outputs)."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+        topk_idx, NUM_EXPERTS, previous_event=previous_event
+    )
     received = buffer.dispatch(
         x,
         num_tokens_per_rank=per_rank,
@@ -213,7 +201,18 @@ def _routed_dispatch(buffer, num_tokens, hidden, num_topk, num_ranks):
         num_tokens_per_expert=per_expert,
         topk_idx=topk_idx,
         topk_weights=topk_weights,
+        previous_event=previous_event,
     )
+    return in_rank, received
+
+
+def _routed_dispatch(buffer, num_tokens, hidden, num_topk, num_ranks):
+    """Fresh BF16 tokens with random top-k routing, dispatched with their layout: (x, topk_idx, topk_weights,
+    is_token_in_rank, the dispatch's outputs)."""
+    x = make_x(num_tokens, hidden, False)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, num_ranks, "random")
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    in_rank, received = _layout_and_dispatch(buffer, x, topk_idx, topk_weights)
     return x, topk_idx, topk_weights, in_rank, received
 
 

@@ -25,17 +25,24 @@ def _vs_scaled_reference(gbps, name, copy_gbps):
     return f"{gbps / (REFERENCE_GBPS[name] * copy_gbps / REFERENCE_COPY_GBPS):.2f}x scaled by copy"
 
 
-def bench_intranode(ctx, group, opts, flush, copy_gbps):
-    num_ranks = ctx.num_ranks
-    t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
-    deep_ep.Buffer.set_num_sms(opts["num_sms"])
+def intranode_buffer(group, num_ranks, hidden, num_sms):
+    """A Buffer sized for the recommended dispatch and combine configs of `num_ranks` ranks at `num_sms` SMs and
+    BF16 rows of `hidden`: (buffer, dispatch_config, combine_config). Destroy it with buffer.destroy()."""
+    deep_ep.Buffer.set_num_sms(num_sms)
     dispatch_config = deep_ep.Buffer.get_dispatch_config(num_ranks)
     combine_config = deep_ep.Buffer.get_combine_config(num_ranks)
     nvl_bytes = max(
-        dispatch_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
-        combine_config.get_nvl_buffer_size_hint(h * 2, num_ranks),
+        dispatch_config.get_nvl_buffer_size_hint(hidden * 2, num_ranks),
+        combine_config.get_nvl_buffer_size_hint(hidden * 2, num_ranks),
     )
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
+    return buffer, dispatch_config, combine_config
+
+
+def bench_intranode(ctx, group, opts, flush, copy_gbps):
+    num_ranks = ctx.num_ranks
+    t, h, k, e = opts["num_tokens"], opts["hidden"], opts["num_topk"], opts["num_experts"]
+    buffer, dispatch_config, combine_config = intranode_buffer(group, num_ranks, h, opts["num_sms"])
 
     torch.manual_seed(100 + ctx.rank)
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)

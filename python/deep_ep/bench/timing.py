@@ -62,7 +62,7 @@ def time_op_per_call(fn, group, num_calls, flush, host_ms=None):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def _capture(fn, calls_per_graph, group=None):
+def capture_graph(fn, calls_per_graph, group=None):
     """Three warm-up calls of fn, then a CUDA graph of `calls_per_graph` back-to-back calls (after a barrier of
     `group` when one is given, so every rank captures at the same point)."""
     for _ in range(3):
@@ -90,7 +90,7 @@ def _replay_ms(graph, calls_per_graph):
 def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
     """Milliseconds of one fn() call replayed from a CUDA graph of `calls_per_graph` back-to-back calls: the
     median over `iters` replays, each after an L2 flush and a barrier. The device time alone, no host work."""
-    graph = _capture(fn, calls_per_graph, group)
+    graph = capture_graph(fn, calls_per_graph, group)
     times = []
     for _ in range(iters):
         flush.zero_()
@@ -108,7 +108,7 @@ def time_op_graph_alone(fn, group, iters, flush, timed_rank=0, calls_per_graph=8
     otherwise run theirs at the same time in every sample). Returns the timed rank's milliseconds, None on the
     others."""
     timed = dist.get_rank(group) == timed_rank
-    graph = _capture(fn, calls_per_graph) if timed else None
+    graph = capture_graph(fn, calls_per_graph) if timed else None
     times = []
     for _ in range(iters):
         dist.barrier(group)
