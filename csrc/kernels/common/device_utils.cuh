@@ -129,18 +129,26 @@ __device__ __forceinline__ int4 ld_input(const int4* ptr) {
 // never from a possibly stale L1 line.
 __device__ __forceinline__ int4 ld_queue(const int4* ptr) { return __ldcg(ptr); }
 
-// Copies `num_int4` 16-byte words with a warp, kUnroll loads in flight per lane. `Load` picks the path.
-template <int kUnroll, typename Load>
-__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int num_int4, int lane, Load load) {
+// Stores for warp_copy. st_plain keeps the written line in L2 like any store. st_output_stream (st.global.cs,
+// evict-first) is for a kernel's output rows, written once and not read again by the kernel: hundreds of MB of
+// them would otherwise push a small ring that other ranks still read back out of L2.
+__device__ __forceinline__ void st_plain(int4* ptr, const int4& v) { *ptr = v; }
+__device__ __forceinline__ void st_output_stream(int4* ptr, const int4& v) { __stcs(ptr, v); }
+
+// Copies `num_int4` 16-byte words with a warp, kUnroll loads in flight per lane. `Load` and `Store` pick the
+// paths.
+template <int kUnroll, typename Load, typename Store = decltype(&st_plain)>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int num_int4, int lane, Load load,
+                                          Store store = st_plain) {
   int i = lane;
   for (; i + 32 * (kUnroll - 1) < num_int4; i += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) v[u] = load(src + i + 32 * u);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) dst[i + 32 * u] = v[u];
+    for (int u = 0; u < kUnroll; ++u) store(dst + i + 32 * u, v[u]);
   }
-  for (; i < num_int4; i += 32) dst[i] = load(src + i);
+  for (; i < num_int4; i += 32) store(dst + i, load(src + i));
 }
 
 // warp_copy with the remainder in the same rounds: each round issues all its loads before its first store, the
