@@ -28,19 +28,26 @@ struct PullInput {
   InputRef x, topk_weights;
 };
 
-// One entry of the import table ([rank][slot], host-mapped). state = generation << kImportKindBits | kind,
+// One entry of the import table ([rank][slot], host-mapped). state = import_state(generation, kind),
 // written last by the mapping thread (after base, behind a release fence) and read by the kernel with
 // ld.acquire.sys before base. It only grows: a kernel waiting for generation g to be mapped waits for
-// state >= g << kImportKindBits | kImportMapped and then requires equality.
+// state >= import_state(g, kImportMapped) and then requires equality.
 struct ImportEntry {
   uint64_t state;
   uint64_t base;  // the exported allocation's address in this process (kImportMapped)
 };
 constexpr int kImportKindBits = 2;
 constexpr uint64_t kImportPending = 0, kImportMapped = 1, kImportFailed = 2, kImportRetired = 3;
+constexpr uint64_t import_state(uint32_t generation, uint64_t kind) {
+  return (static_cast<uint64_t>(generation) << kImportKindBits) | kind;
+}
 
-// The kernels' cache of resolved addresses holds base | (generation & 0xffff) << kResolvedTagShift: a
-// user-space device address fits in the low 48 bits, and a live generation is odd, so an entry is never 0.
+// The kernels' cache of resolved addresses holds base | resolved_tag(generation): a user-space device address
+// fits in the low 48 bits, and a live generation is odd, so an entry is never 0.
 constexpr int kResolvedTagShift = 48;
+constexpr uint64_t kResolvedBaseMask = (uint64_t{1} << kResolvedTagShift) - 1;
+constexpr uint64_t resolved_tag(uint32_t generation) {
+  return static_cast<uint64_t>(generation & 0xffffu) << kResolvedTagShift;
+}
 
 }  // namespace deep_ep

@@ -328,8 +328,7 @@ void InputExports::serve() {
         found = true;
         // The kernel reads state with ld.acquire.sys, then base: base is visible first.
         std::atomic_thread_fence(std::memory_order_release);
-        reinterpret_cast<volatile uint64_t&>(entry.state) =
-            (static_cast<uint64_t>(generation) << kImportKindBits) | kind;
+        reinterpret_cast<volatile uint64_t&>(entry.state) = import_state(generation, kind);
       }
     }
     if (retry) {

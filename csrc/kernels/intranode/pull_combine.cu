@@ -81,20 +81,18 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       const InputRef refs[2] = {{input->x.slot, input->x.generation, input->x.offset},
                                 {input->topk_weights.slot, input->topk_weights.generation, input->topk_weights.offset}};
       const void* resolved[2] = {nullptr, nullptr};
-      constexpr uint64_t kBaseMask = (uint64_t{1} << kResolvedTagShift) - 1;
       for (int i = 0; i < 2; ++i) {
         if (refs[i].slot < 0) continue;
         // Resolved by an earlier call of this process for the same generation: plain device memory, written only
         // by this process's kernels (ordered by kernel boundaries, or racing with an equal 64-bit value within
         // one grid). Another generation's address (a retired and re-exported slot) does not match the tag.
         uint64_t* cached = args.resolved_bases + j * kExportSlots + refs[i].slot;
-        const uint64_t tag = static_cast<uint64_t>(refs[i].generation & 0xffffu) << kResolvedTagShift;
+        const uint64_t tag = resolved_tag(refs[i].generation);
         const uint64_t word = __ldcg(cached);
-        uint64_t base = (word & ~kBaseMask) == tag ? word & kBaseMask : 0;
+        uint64_t base = (word & ~kResolvedBaseMask) == tag ? word & kResolvedBaseMask : 0;
         if (base == 0) {
           const ImportEntry* entry = args.imports + j * kExportSlots + refs[i].slot;
-          const int64_t mapped =
-              static_cast<int64_t>((static_cast<uint64_t>(refs[i].generation) << kImportKindBits) | kImportMapped);
+          const int64_t mapped = static_cast<int64_t>(import_state(refs[i].generation, kImportMapped));
           int64_t state = 0;
           if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state), mapped, peers.timeout_ns,
                                      peers.diagnostics, Phase::kPullCombineMap, rank, j, block, &state)) {
@@ -109,7 +107,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
             break;
           }
           base = *reinterpret_cast<volatile const uint64_t*>(&entry->base);
-          if ((base & ~kBaseMask) == 0) *cached = base | tag;
+          if ((base & ~kResolvedBaseMask) == 0) *cached = base | tag;
         }
         resolved[i] = reinterpret_cast<const char*>(base) + refs[i].offset;
       }
