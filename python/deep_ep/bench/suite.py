@@ -11,7 +11,14 @@ from .baselines import bench_multi_gpu_baselines
 from .internode import bench_internode
 from .intranode import bench_intranode
 from .low_latency import bench_low_latency
-from .timing import L2_FLUSH_BYTES, hbm_copy_gbps, time_op_graph, time_op_graph_alone, time_op_per_call
+from .timing import (
+    L2_FLUSH_BYTES,
+    hbm_copy_gbps,
+    hbm_write_gbps,
+    time_op_graph,
+    time_op_graph_alone,
+    time_op_per_call,
+)
 
 
 def _op_benches(mode):
@@ -32,8 +39,10 @@ def run_rank(ctx, opts):
     rows = []
     # The ceiling: one rank copies while the others wait, so the copy has the GPU to itself.
     copy_gbps = hbm_copy_gbps() if ctx.rank == 0 else 0.0
+    write_gbps = hbm_write_gbps() if ctx.rank == 0 else 0.0
     dist.barrier(group)
     rows.append(("HBM copy (read+write), one process", "-", "-", f"{copy_gbps:.0f} GB/s", "ceiling"))
+    rows.append(("HBM write (fill), one process", "-", "-", f"{write_gbps:.0f} GB/s", "ceiling of write-bound ops"))
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     mode = opts.get("mode", "all")

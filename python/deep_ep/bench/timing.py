@@ -150,6 +150,14 @@ def hbm_copy_gbps(iters=20):
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def hbm_write_gbps(iters=20):
+    """Device write bandwidth (bytes written per second) of a 1 GiB fill, alone: the ceiling of an op whose HBM
+    traffic is mostly writes, as a dispatch's received rows are when its ring stays in L2."""
+    dst = torch.empty(256 << 20, device="cuda")
+    ms = median_ms(lambda: dst.fill_(1.0), iters)
+    return dst.numel() * 4 / (ms * 1e-3) / 1e9
+
+
 def fp8_cast(x):
     """Per-128-channel FP8 cast with column-major scales, as DeepEP users pass them."""
     t, h = x.shape
