@@ -10,6 +10,7 @@
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
+#include "protocol/intranode_layout.hpp"
 #include "runtime/host_exchange.hpp"
 #include "runtime/ipc_allocation.hpp"
 #include "util/cuda_check.hpp"
@@ -48,10 +49,8 @@ void bump_and_wake(std::atomic<uint32_t>* word) {
   futex_wake_all(word);
 }
 
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
 // One page-aligned table per rank.
-size_t table_stride() { return round_up(sizeof(InputExports::Table), 4096); }
+size_t table_stride() { return intranode::align_up(sizeof(InputExports::Table), 4096); }
 
 }  // namespace
 
@@ -232,7 +231,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
 
   // Staging: x at 0, the weights after it. The stream orders the copy after this rank's previous pull combine,
   // which ended only once every rank had read the staging allocation's earlier contents.
-  const size_t weights_offset = round_up(staged[0] ? x_bytes : 0, 256);
+  const size_t weights_offset = intranode::align_up(staged[0] ? x_bytes : 0, 256);
   const size_t needed = weights_offset + (staged[1] ? weights_bytes : 0);
   if (needed > staging_bytes_) {
     // A larger one, exported anew; the old one stays allocated (peers' kernels may still be reading it).
