@@ -417,9 +417,10 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
             expert = __ldcg(topk + lane);
             weight = __ldcg(weights + lane);
           }
+          // Streaming stores: the received rows, written once, would otherwise push ring slots out of L2.
           device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
                                          reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane,
-                                         device::ld_queue);
+                                         device::ld_queue, device::st_output_stream);
           float* row_scales = args.recv_x_scales + row * args.num_scales;
           if (lane < args.num_scales) row_scales[lane] = scale_lo;
           if (lane + 32 < args.num_scales) row_scales[lane + 32] = scale_hi;
