@@ -142,6 +142,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
         }
       }
       const unsigned dst_lanes = __ballot_sync(0xffffffffu, node_dst != nullptr);
+      if (dst_lanes == 0) continue;  // a token routed to no rank: nothing to read
       const auto dst_of = [&](int node) {
         return reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(node_dst), node));
       };
