@@ -148,7 +148,9 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       };
       const int4* row = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes);
       const int row_int4 = static_cast<int>(args.row_bytes / 16);
-      for (int base = lane; base < row_int4; base += 32 * 8) {
+      // The bound is the same for every lane (the stores shuffle destinations); each word's predicate stays its own.
+      for (int round = 0; round < row_int4; round += 32 * 8) {
+        const int base = round + lane;
         int4 v[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u)
