@@ -459,6 +459,9 @@ def cases(rank_counts):
                 add("bf16_no_topk", dispatch_combine, dict(with_topk=False, bias=2))
             add("fp8_worst_tokens", dispatch_combine, dict(fp8=True, worst=True))
             if full:
+                # FP8 rows of 256 bytes: fewer 16-byte words than a warp has lanes.
+                add("fp8_hidden_256", dispatch_combine, dict(fp8=True, hidden=256))
+            if full:
                 add("async", dispatch_combine, dict(mode="async", bias=2))
                 add("previous_event", dispatch_combine, dict(mode="previous_event"))
                 add("comm_alloc", dispatch_combine, dict(mode="comm_alloc"))

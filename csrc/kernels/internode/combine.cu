@@ -178,9 +178,10 @@ __shared__ const float* source_weights_of[kNumWarps][32];
 // dst[col] = bf16(the float32 sum over s = 0, 1, ... of sources[s][col]) for every 16-byte column of a row of
 // row_int4 columns. A lane keeps kCols columns x kGroup sources of loads in flight: one column per step would
 // leave the warp waiting one memory latency per 512 bytes.
-template <int kCols, int kGroup>
+// `store` writes each summed column (device::st_output_stream for the combined output, written once).
+template <int kCols, int kGroup, typename Store = decltype(&device::st_plain)>
 __device__ __forceinline__ void sum_sources(int4* dst, const int4* const* sources, int num_sources, int row_int4,
-                                            int lane) {
+                                            int lane, Store store = device::st_plain) {
   for (int col0 = lane; col0 < row_int4; col0 += 32 * kCols) {
     float acc[kCols][8];
 #pragma unroll
@@ -202,7 +203,7 @@ __device__ __forceinline__ void sum_sources(int4* dst, const int4* const* source
     }
 #pragma unroll
     for (int u = 0; u < kCols; ++u)
-      if (col0 + 32 * u < row_int4) dst[col0 + 32 * u] = pack_bf16x8(acc[u]);
+      if (col0 + 32 * u < row_int4) store(dst + col0 + 32 * u, pack_bf16x8(acc[u]));
   }
 }
 
@@ -441,7 +442,7 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
         const int num_sources = num_partials + (args.bias_0 != nullptr) + (args.bias_1 != nullptr);
         sum_sources<kSumCols, kSumGroup>(
             reinterpret_cast<int4*>(args.combined_x + static_cast<int64_t>(token) * args.hidden), sources, num_sources,
-            row_int4, lane);
+            row_int4, lane, device::st_output_stream);
         for (int k = lane; k < args.num_topk; k += 32)
           args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] =
               sum_weights(sources, num_partials, args.hidden, k);

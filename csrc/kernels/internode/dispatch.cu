@@ -110,11 +110,13 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     timer.lap(0);
     if (send_failed) return;
 
-    // A row for `node` lands in forwarder (node, my local index), ring (my node, channel).
+    // A row for `node` lands in forwarder (node, my local index), ring (my node, channel). The token's row is
+    // loaded once, in predicated rounds of 8 words per lane (a 7 KB FP8 row in 2 round trips), and each round is
+    // stored to every node the token goes to; lane n finds node n's destination and writes its metadata.
     for (int token = round_begin + warp; token < round_end; token += kNumSenderWarps) {
       const int64_t* topk = args.topk_idx ? args.topk_idx + static_cast<int64_t>(token) * args.num_topk : nullptr;
-      // The token's first 64 scales and 32 top-k slots, loaded once before its rows are copied to the nodes and
-      // stored after each copy (their round trips overlap the first row's).
+      // The token's first 64 scales and 32 top-k slots, loaded before its row (their round trips overlap the row's)
+      // and stored after it.
       const int64_t scale_base = token * args.scale_token_stride;
       float scale_lo = 0.0f, scale_hi = 0.0f, weight = 0.0f;
       int expert = -1;
@@ -124,22 +126,44 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
         expert = static_cast<int>(topk[lane]);
         weight = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane];
       }
-      for (int node = 0; node < num_nodes; ++node) {
-        const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node];
-        if (head < 0) continue;
-        const int64_t slot = layout.slot(ctx.node, channel, head);
-        char* dst;
-        if (node == ctx.node) {
-          dst = ctx.row(ctx.peers.rank, slot);
-        } else if (char* direct =
-                       net.direct_ptr(ctx.rank_of(node, ctx.local), layout.rows_offset + slot * layout.row_stride)) {
-          dst = direct;
-        } else {
-          dst = ctx.send_row(layout.slot(node, channel, head));
+      char* node_dst = nullptr;  // lane n < num_nodes: node n's destination row, or null
+      if (lane < num_nodes) {
+        const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + lane];
+        if (head >= 0) {
+          const int64_t slot = layout.slot(ctx.node, channel, head);
+          if (lane == ctx.node) {
+            node_dst = ctx.row(ctx.peers.rank, slot);
+          } else if (char* direct =
+                         net.direct_ptr(ctx.rank_of(lane, ctx.local), layout.rows_offset + slot * layout.row_stride)) {
+            node_dst = direct;
+          } else {
+            node_dst = ctx.send_row(layout.slot(lane, channel, head));
+          }
         }
-        device::warp_copy<8>(reinterpret_cast<int4*>(dst),
-                             reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
-                             args.row_bytes / 16, lane, device::ld_input);
+      }
+      const unsigned dst_lanes = __ballot_sync(0xffffffffu, node_dst != nullptr);
+      if (dst_lanes == 0) continue;  // a token routed to no rank: nothing to read
+      const auto dst_of = [&](int node) {
+        return reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(node_dst), node));
+      };
+      const int4* row = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes);
+      const int row_int4 = static_cast<int>(args.row_bytes / 16);
+      // The bound is the same for every lane (the stores shuffle destinations); each word's predicate stays its own.
+      for (int round = 0; round < row_int4; round += 32 * 8) {
+        const int base = round + lane;
+        int4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (base + 32 * u < row_int4) v[u] = device::ld_input(row + base + 32 * u);
+        for (unsigned pending = dst_lanes; pending != 0; pending &= pending - 1) {
+          int4* dst = reinterpret_cast<int4*>(dst_of(__ffs(pending) - 1));
+#pragma unroll
+          for (int u = 0; u < 8; ++u)
+            if (base + 32 * u < row_int4) dst[base + 32 * u] = v[u];
+        }
+      }
+      for (unsigned pending = dst_lanes; pending != 0; pending &= pending - 1) {
+        char* dst = dst_of(__ffs(pending) - 1);
         float* scales = reinterpret_cast<float*>(dst + row_layout.scales_offset);
         if (lane < args.num_scales) scales[lane] = scale_lo;
         if (lane + 32 < args.num_scales) scales[lane + 32] = scale_hi;
@@ -155,11 +179,11 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
           topk_dst[k] = static_cast<int>(topk[k]);
           weights_dst[k] = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + k];
         }
-        if (lane == 0) {
-          *reinterpret_cast<int*>(dst + row_layout.src_token_offset) = token;
-          *reinterpret_cast<uint32_t*>(dst + row_layout.mask_offset) =
-              node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, node);
-        }
+      }
+      if (node_dst != nullptr) {
+        *reinterpret_cast<int*>(node_dst + row_layout.src_token_offset) = token;
+        *reinterpret_cast<uint32_t*>(node_dst + row_layout.mask_offset) =
+            node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, lane);
       }
     }
     timer.lap(1);
@@ -417,9 +441,10 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
             expert = __ldcg(topk + lane);
             weight = __ldcg(weights + lane);
           }
+          // Streaming stores: the received rows, written once, would otherwise push ring slots out of L2.
           device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
                                          reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane,
-                                         device::ld_queue);
+                                         device::ld_queue, device::st_output_stream);
           float* row_scales = args.recv_x_scales + row * args.num_scales;
           if (lane < args.num_scales) row_scales[lane] = scale_lo;
           if (lane + 32 < args.num_scales) row_scales[lane + 32] = scale_hi;
