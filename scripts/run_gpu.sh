@@ -3,16 +3,18 @@
 # and the benchmark, and print a short summary table last. Every stage runs whatever the previous ones did, so
 # one call always tells as much as it can; the exit code is non-zero when any stage failed.
 #
-# Usage: scripts/run_gpu.sh [--tests-only | --bench-only] [--filter PATTERN] [--fresh-processes]
+# Usage: scripts/run_gpu.sh [--tests-only | --bench-only] [--filter PATTERN] [--shard K/N] [--fresh-processes]
 #   --tests-only       build, then the GPU tests (no benchmark)
 #   --bench-only       build, then the benchmark (no tests)
 #   --filter PATTERN   passed to tests/gpu/run_all.py as --filter (substrings of case names, comma-separated)
+#   --shard K/N        passed to tests/gpu/run_all.py: part K of N of the suite (parts of similar length)
 #   --fresh-processes  passed to tests/gpu/run_all.py: new rank processes for every case
 # DEEP_EP_BENCH_ARGS holds options for `python -m deep_ep.bench` (e.g. "--mode internode"); DEEP_EP_BUILD_DEFINES
 # holds CMake definitions for the build (e.g. "DEEP_EP_PROFILE_ROLES=ON"), each passed as -C cmake.define.NAME=VALUE.
 # Logs go to $OUT when it is set, else ./build/gpu_logs. Stage time limits in seconds:
 #   DEEP_EP_BUILD_TIMEOUT_S (300), DEEP_EP_TESTS_TIMEOUT_S (1800: the whole suite at 2, 4 and 8 ranks on one
-#   GPU took about 25 minutes with new processes per case; DEEP_EP_TEST_RANKS and --filter run a part),
+#   H100 takes about 15 minutes with rank processes reused, 25 with new ones per case; --shard 1/3 .. 3/3 runs
+#   it in three parts meant to take about 5 minutes each; DEEP_EP_TEST_RANKS and --filter run a part),
 #   DEEP_EP_BENCH_TIMEOUT_S (300).
 set -uo pipefail
 
@@ -21,6 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 run_tests=1
 run_bench=1
 filter=""
+shard=""
 fresh_processes=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -31,8 +34,13 @@ while [ $# -gt 0 ]; do
             filter="$2"
             shift ;;
         --filter=*) filter="${1#--filter=}" ;;
+        --shard)
+            if [ $# -lt 2 ]; then echo "run_gpu.sh: --shard needs K/N" >&2; exit 2; fi
+            shard="$2"
+            shift ;;
+        --shard=*) shard="${1#--shard=}" ;;
         --fresh-processes) fresh_processes=1 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run_gpu.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -140,6 +148,7 @@ if [ "$run_tests" = 1 ]; then
     fi
     test_args=()
     if [ -n "$filter" ]; then test_args=(--filter "$filter"); fi
+    if [ -n "$shard" ]; then test_args+=(--shard "$shard"); fi
     if [ "$fresh_processes" = 1 ]; then test_args+=(--fresh-processes); fi
     run_stage tests "$TESTS_TIMEOUT_S" "$LOGDIR/gpu_tests.log" python3 tests/gpu/run_all.py ${test_args[@]+"${test_args[@]}"}
     if [ "${stage_status[tests]}" = PASS ] && grep -q '^RESULT [^ ]* FAIL' "$LOGDIR/gpu_tests.log"; then

@@ -5,6 +5,7 @@ allocator on the right stream, and orders streams with events. Validation, layou
 in C++.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -36,12 +37,25 @@ _ANY_STREAM = "any"
 _COMM_STREAM_PRIORITY = -1
 
 
-def _current_raw_stream(device_index: int) -> int:
-    """The current stream's handle (torch.cuda.Stream.cuda_stream) without building a Stream object."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is None:  # a torch without the private accessor
-        return torch.cuda.current_stream(device_index).cuda_stream
-    return raw(device_index)
+def _comm_stream_priority() -> int:
+    """The comm stream's priority: -1 (high), or DEEP_EP_COMM_STREAM_PRIORITY (a diagnostic aid; 0 is torch's
+    default priority)."""
+    value = os.environ.get("DEEP_EP_COMM_STREAM_PRIORITY")
+    if value is None or value == "":
+        return _COMM_STREAM_PRIORITY
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"DEEP_EP_COMM_STREAM_PRIORITY must be an integer, got {value!r}") from None
+
+
+def _current_stream_handle(device_index: int) -> int:
+    """The current stream's handle through torch.cuda.Stream, for a torch without the raw accessor below."""
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+# The current stream's handle (torch.cuda.Stream.cuda_stream) without building a Stream object.
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_handle)
 
 
 class Buffer:
@@ -104,7 +118,7 @@ class Buffer:
         self._device_index = self.runtime.device
         # High priority, as DeepEP V1's: the scheduler places a comm kernel's blocks before the pending blocks of
         # compute kernels, so a large compute grid launched first cannot hold back a kernel that peers wait for.
-        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_COMM_STREAM_PRIORITY)
+        self._comm_stream = torch.cuda.Stream(device=self._device, priority=_comm_stream_priority())
         # The stream (cuda_stream handle) that waited for all the comm stream's work so far, or _ANY_STREAM while
         # the comm stream has had none: a call made on that stream is already ordered after every earlier op.
         self._comm_joined_by = _ANY_STREAM

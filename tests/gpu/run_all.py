@@ -3,11 +3,15 @@ present, under one private MPS daemon for the whole suite. Prints `RESULT <name>
 <seconds> <detail>` per test and a summary table last (SKIP: no GPU, or a rank raised
 deep_ep.testing.Skip). Collects tests/gpu and tests/clients. Needs torch and a CUDA device; no pytest.
 
-    python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--list] [--fresh-processes]
+    python3 tests/gpu/run_all.py [--filter SUBSTRING[,SUBSTRING...]] [--ranks 2,4,8] [--shard K/N] [--list]
+                                 [--fresh-processes]
 
-The cases of one rank count run one after another on the same rank processes (deep_ep.testing.RankPool: each case
-from the processes' starting environment, with common.between_cases after it; after a failed case, new processes),
-which saves the start-up of a process per rank and case. --fresh-processes starts new processes for every case.
+Cases run grouped by rank count (in module order within a count), and the cases of one rank count run one after
+another on the same rank processes (deep_ep.testing.RankPool: each case from the processes' starting environment,
+with common.between_cases after it; after a failed case, new processes), which saves the start-up of a process
+per rank and case. --fresh-processes starts new processes for every case. --shard K/N runs the K-th of N parts
+(every N-th case of that order, from the K-th): the parts take similar time, so a suite longer than one sitting
+runs as N calls.
 
 Exit status: 0 when every case that ran passed; 1 when a case failed; 2 when no case ran at all (no CUDA
 device, the filter matched no case, or every case skipped), since a run that tested nothing must not pass.
@@ -65,6 +69,17 @@ def new_pool(num_ranks, num_gpus):
     return RankPool(num_ranks, num_gpus=num_gpus, between_runs=between_cases)
 
 
+def parse_shard(parser, text):
+    """(K, N) of a --shard K/N argument, or a usage error naming what was expected."""
+    try:
+        shard, num_shards = (int(v) for v in text.split("/"))
+    except ValueError:
+        parser.error(f"--shard expects K/N with integers 1 <= K <= N, got {text!r}")
+    if not 1 <= shard <= num_shards:
+        parser.error(f"--shard expects K/N with 1 <= K <= N, got {text!r}")
+    return shard, num_shards
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -78,6 +93,12 @@ def main() -> int:
         default=os.environ.get("DEEP_EP_TEST_RANKS", "2,4,8"),
         help="comma-separated rank counts (default: $DEEP_EP_TEST_RANKS or 2,4,8)",
     )
+    parser.add_argument(
+        "--shard",
+        default="",
+        metavar="K/N",
+        help="run only part K of N (1 <= K <= N): every N-th selected case, from the K-th",
+    )
     parser.add_argument("--list", action="store_true")
     parser.add_argument(
         "--fresh-processes", action="store_true", help="new rank processes for every case (no process reuse)"
@@ -89,17 +110,23 @@ def main() -> int:
     rank_counts = [int(r) for r in args.ranks.split(",") if r]
     patterns = args.filter.split(",")
     cases = [c for c in collect(rank_counts) if any(p in c[0] for p in patterns)]
+    cases.sort(key=lambda case: case[2])  # stable: one pool per rank count, module order within it
+    num_selected = len(cases)
+    if args.shard:
+        shard, num_shards = parse_shard(parser, args.shard)
+        cases = cases[shard - 1 :: num_shards]
     if args.list:
         for c in cases:
             print(c[0])
         return 0
     if not cases:
         print_summary([])
-        print(
-            f"run_all: no GPU case ran: no case name matches --filter {args.filter!r} (see --list)",
-            file=sys.stderr,
-            flush=True,
+        why = (
+            f"part --shard {args.shard} of the {num_selected} selected case(s) is empty"
+            if num_selected
+            else f"no case name matches --filter {args.filter!r} (see --list)"
         )
+        print(f"run_all: no GPU case ran: {why}", file=sys.stderr, flush=True)
         return EXIT_NOTHING_RAN
     num_gpus = visible_gpu_count()
     results = []

@@ -142,9 +142,9 @@ def test_every_case_skipped_fails_and_a_skip_next_to_a_pass_does_not(run, capsys
 
 def test_cases_of_one_rank_count_share_a_pool_and_a_failure_replaces_it(run, capsys):
     status, out, _, launched = run(capsys, [], gpus=4, ranks_from_names=True)
-    assert status == 0 and launched == CASES
-    # intranode/r2, then r4, then low_latency/r2: a pool per change of rank count, each closed after its cases.
-    assert run.pools == [("new", 2), ("close", 2), ("new", 4), ("close", 4), ("new", 2), ("close", 2)]
+    # Grouped by rank count (module order within it): one pool per rank count, closed after its cases.
+    assert status == 0 and launched == ["intranode/r2", "low_latency/r2", "intranode/r4"]
+    assert run.pools == [("new", 2), ("close", 2), ("new", 4), ("close", 4)]
 
     status, out, _, _ = run(
         capsys,
@@ -158,4 +158,24 @@ def test_cases_of_one_rank_count_share_a_pool_and_a_failure_replaces_it(run, cap
 
 def test_fresh_processes_launch_every_case_on_its_own(run, capsys):
     status, _, _, launched = run(capsys, ["--fresh-processes"], gpus=4, ranks_from_names=True)
-    assert status == 0 and launched == CASES and run.pools == []
+    assert status == 0 and launched == ["intranode/r2", "low_latency/r2", "intranode/r4"] and run.pools == []
+
+
+def test_shards_split_the_grouped_order_round_robin_and_cover_every_case(run, capsys):
+    parts = []
+    for shard in ("1/2", "2/2"):
+        status, out, _, launched = run(capsys, ["--shard", shard], gpus=4, ranks_from_names=True)
+        assert status == 0 and [name for name, *_ in _results(out)] == launched
+        parts.append(launched)
+    assert parts == [["intranode/r2", "intranode/r4"], ["low_latency/r2"]]
+    # More parts than cases: an empty part tested nothing, so it fails and says why.
+    status, _, err, launched = run(capsys, ["--shard", "3/3", "--filter", "intranode"])
+    assert status == 2 and launched == [] and "no GPU case ran" in err and "--shard 3/3" in err
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_a_bad_shard_is_a_usage_error_naming_the_argument(run, capsys, shard):
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, ["--shard", shard])
+    assert exit_info.value.code == 2
+    assert "--shard expects K/N" in capsys.readouterr().err

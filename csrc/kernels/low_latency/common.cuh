@@ -55,7 +55,9 @@ __device__ __forceinline__ int receive_tag(const Peers& peers, int op) {
 // One lane. Polls `poll(observed)` until it returns a value >= 0 (returned) or -2 (it reported an
 // error; returned). Returns -1 when the peer is (or becomes) masked. A timeout masks the peer under
 // enable_shrink, and is reported otherwise, naming `expected` and the last `observed` (then -2: the
-// caller unwinds). `waited_cycles` gets the clock cycles spent when the first poll was not enough.
+// caller unwinds). `waited_cycles` gets the clock cycles from the call to the poll that succeeded (or timed
+// out), the first poll included, as V1's wait-cost statistics count them: a signal already present still costs the
+// cycles of one poll, so the statistic of a peer that was reached always grows.
 template <typename Poll>
 __device__ __forceinline__ int wait_for_peer(const Peers& peers, int peer, Phase phase, int channel, long long expected,
                                              Poll poll, long long& waited_cycles) {
@@ -64,7 +66,10 @@ __device__ __forceinline__ int wait_for_peer(const Peers& peers, int peer, Phase
   if (is_masked(peers, peer)) return -1;
   long long observed = 0;
   int result = poll(observed);
-  if (result != -1) return result;
+  if (result != -1) {
+    waited_cycles = clock64() - start_clock;
+    return result;
+  }
   const uint64_t start = device::global_timer_ns();
   for (int polls = 1;; ++polls) {
     result = poll(observed);

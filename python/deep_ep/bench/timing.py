@@ -66,19 +66,6 @@ def time_op_per_call(fn, group, num_calls, flush, host_ms=None):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def time_op_back_to_back(fn, group, num_calls, flush):
-    """Milliseconds of one fn() call over `num_calls` eager calls back to back with events around all of them
-    only: the eager loop's device time without the per-call events and their stream hops."""
-    _warm_up_then_align(fn, group, flush)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(num_calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / num_calls
-
-
 def time_op_graph(fn, group, iters, flush, calls_per_graph=8):
     """Milliseconds of one fn() call replayed from a CUDA graph of `calls_per_graph` back-to-back calls: the
     median over `iters` replays, each after an L2 flush and a barrier. The device time alone, no host work."""
