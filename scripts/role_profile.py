@@ -15,7 +15,11 @@ def main(paths):
         with open(path, errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) != 19 or fields[0] != "role":
+                # Ranks print from several processes into one log: a line another process cut into is skipped.
+                expected = ("role", None, None, "rank", None, "block", None, "warp", None, "total")
+                if len(fields) != 19 or any(e is not None and fields[i] != e for i, e in enumerate(expected)):
+                    continue
+                if not all(fields[i].isdigit() for i in (4, 6, 8, 10, 12, 14, 16, 18)):
                     continue
                 kernel, role, rank = fields[1], fields[2], int(fields[4])
                 values = [int(fields[i]) for i in (10, 12, 14, 16, 18)]

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "deep_ep/config.hpp"
+#include "protocol/pull_inputs.hpp"
 
 namespace deep_ep {
 
@@ -66,6 +67,10 @@ struct ControlRegion {
   int pull_arrivals;
   int pull_ready[kNumMaxNvlPeers];
   int pull_done[kNumMaxNvlPeers];
+  // pull_inputs[i]: where rank i's inputs of the current pull combine live (host-free form), written by rank
+  // i's block 0 before its system fence and pull_ready release, read here after the acquire of pull_ready[i].
+  // Rank i rewrites it only in its next pull combine, which starts after every rank's pull_done of this one.
+  PullInput pull_inputs[kNumMaxNvlPeers];
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

@@ -36,6 +36,7 @@ enum class Phase : int {
   kPullCombineDone,           // pull combine waiting for a home rank to finish reading this rank's outputs
   kInternodeDispatchSend,     // internode dispatch sender waiting for a forwarder's credits (ring space)
   kInternodeCombineSend,      // internode combine forwarder waiting for a home rank's credits (ring space)
+  kPullCombineMap,            // pull combine waiting for an expert rank's input to be mapped here
 };
 
 inline const char* phase_name(Phase phase) {
@@ -95,6 +96,8 @@ inline const char* phase_name(Phase phase) {
       return "combine (waiting for an expert rank's outputs to be ready)";
     case Phase::kPullCombineDone:
       return "combine (waiting for a home rank to finish reading this rank's outputs)";
+    case Phase::kPullCombineMap:
+      return "combine (waiting for an expert rank's input to be mapped into this process)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

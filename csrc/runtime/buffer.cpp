@@ -318,8 +318,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // The pull combine's per-call address exchange, where that combine can run (every peer mapped by CUDA
   // IPC). Collective, so it is made here with the rest of the buffer: a rank that skips a combine then
   // costs the others a bounded wait in the exchange instead of a mismatched group collective.
-  if (!in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0)
+  if (!in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
+    // Only intranode ops pull, and only a group of one node runs them (at most kNumMaxNvlPeers ranks).
+    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
+  }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
   available_ = true;
@@ -352,6 +355,7 @@ void Buffer::release(bool collective) {
   }
   in.peer_tensors.close_all();
   in.pull_exchange.reset();
+  in.input_exports.reset();  // after the synchronize above: no kernel reads through its mappings
   for (int r = 0; r < num_ranks_; ++r)
     if (in.peer_is_ipc[r]) cudaIpcCloseMemHandle(in.peer_bases[r]);
   if (in.peer_bases_device) cudaFree(in.peer_bases_device);

@@ -14,6 +14,7 @@
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "runtime/gin_signals.hpp"
+#include "runtime/input_exports.hpp"
 #include "runtime/peer_tensor_map.hpp"
 #include "runtime/rdma_payload_users.hpp"
 
@@ -58,6 +59,9 @@ struct Buffer::Internals {
   // Their addresses, per call (made with the buffer); null where some peer is not mapped by CUDA IPC
   // (GIN window, fabric memory, another host) or shared memory is unusable: the ring combine runs.
   std::unique_ptr<HostExchange> pull_exchange;
+  // The host-free form of the same (runtime/input_exports.hpp): this rank's input exports and the mapping
+  // thread; made with pull_exchange where shared memory works. DEEP_EP_HOST_FREE_COMBINE=0 keeps the exchange.
+  std::unique_ptr<InputExports> input_exports;
   RdmaPayloadUsers rdma_payload_users;  // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;

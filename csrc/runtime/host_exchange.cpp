@@ -41,19 +41,14 @@ void* map_object(const std::string& name, size_t bytes, bool create) {
 
 }  // namespace
 
-std::unique_ptr<HostExchange> HostExchange::create(Group& group, size_t record_bytes, double timeout_s) {
-  DEEP_EP_CHECK(record_bytes > 0, "HostExchange record_bytes must be positive");
-  DEEP_EP_CHECK(timeout_s > 0, "HostExchange timeout_s must be positive, got ", timeout_s);
-  const int rank = group.rank(), size = group.size();
-  const size_t slot_bytes = kLine + 2 * round_up(record_bytes, kLine);
-  const size_t bytes = slot_bytes * size;
-
+void* map_shared_object(Group& group, size_t bytes) {
+  const int rank = group.rank();
   std::string name;
   void* base = nullptr;
   if (rank == 0) {
     std::random_device entropy;
-    name = "/deep_ep_exchange_" + std::to_string(getpid()) + "_" + std::to_string(entropy());
-    base = map_object(name, bytes, true);  // ftruncate zero-fills: every round starts at 0
+    name = "/deep_ep_shared_" + std::to_string(getpid()) + "_" + std::to_string(entropy());
+    base = map_object(name, bytes, true);  // ftruncate zero-fills
     if (!base) name.clear();
   }
   const std::string shared_name = group.all_gather(name)[0];
@@ -66,6 +61,21 @@ std::unique_ptr<HostExchange> HostExchange::create(Group& group, size_t record_b
     if (base) munmap(base, bytes);
     return nullptr;
   }
+  return base;
+}
+
+void unmap_shared_object(void* base, size_t bytes) {
+  if (base) munmap(base, bytes);
+}
+
+std::unique_ptr<HostExchange> HostExchange::create(Group& group, size_t record_bytes, double timeout_s) {
+  DEEP_EP_CHECK(record_bytes > 0, "HostExchange record_bytes must be positive");
+  DEEP_EP_CHECK(timeout_s > 0, "HostExchange timeout_s must be positive, got ", timeout_s);
+  const int rank = group.rank(), size = group.size();
+  const size_t slot_bytes = kLine + 2 * round_up(record_bytes, kLine);
+  const size_t bytes = slot_bytes * size;
+  void* base = map_shared_object(group, bytes);  // zero-filled: every round starts at 0
+  if (!base) return nullptr;
   return std::unique_ptr<HostExchange>(new HostExchange(rank, size, record_bytes, timeout_s, base, bytes));
 }
 
@@ -78,7 +88,7 @@ HostExchange::HostExchange(int rank, int size, size_t record_bytes, double timeo
       base_(base),
       mapped_bytes_(mapped_bytes) {}
 
-HostExchange::~HostExchange() { munmap(base_, mapped_bytes_); }
+HostExchange::~HostExchange() { unmap_shared_object(base_, mapped_bytes_); }
 
 char* HostExchange::slot(int rank) const { return static_cast<char*>(base_) + slot_bytes_ * rank; }
 

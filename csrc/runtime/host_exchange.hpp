@@ -19,6 +19,11 @@
 
 namespace deep_ep {
 
+// Maps one POSIX shared-memory object of `bytes` zero-filled bytes on every rank of `group` (collective; the
+// name is unlinked once all have mapped it), or returns null on every rank when some rank cannot.
+void* map_shared_object(Group& group, size_t bytes);
+void unmap_shared_object(void* base, size_t bytes);
+
 class HostExchange {
  public:
   // Collective over `group`: rank 0 creates the object, every rank maps it, and it is unlinked once

@@ -53,6 +53,13 @@ bool pull_combine_requested() {
   return value == nullptr || std::string(value) != "0";
 }
 
+// The pull combine finds the other ranks' inputs without the host (input_exports.hpp) unless
+// DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange. Read per call; the same on every rank.
+bool host_free_combine_requested() {
+  const char* value = std::getenv("DEEP_EP_HOST_FREE_COMBINE");
+  return value == nullptr || std::string(value) != "0";
+}
+
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
   DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed,
                 " bytes of NVLink buffer (num_sms=", config.num_sms,
@@ -251,6 +258,37 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   const int pull_blocks =
       std::min(C, num_device_sms() * intranode::max_resident_blocks_per_sm(intranode::Kernel::kPullCombine, {}) /
                       num_ranks_per_device());
+  const auto pull_args = [&]() {
+    intranode::PullCombineArgs pc{};
+    pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
+    pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
+    pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
+    pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
+    pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
+    pc.num_tokens = static_cast<int>(T);
+    pc.hidden = static_cast<int>(H);
+    pc.num_topk = num_topk;
+    pc.num_channels = C;
+    pc.combined_x = combined_x.ptr<uint16_t>();
+    pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+    return pc;
+  };
+  LaunchShape pull_shape;
+  pull_shape.num_blocks = pull_blocks;
+  if (pull_combine_requested() && host_free_combine_requested() && in.input_exports && pull_blocks >= 1) {
+    // Host-free: this rank's inputs are exported (or staged) here; the kernel finds the others'.
+    intranode::PullCombineArgs pc = pull_args();
+    pc.x[rank_] = a.x.ptr<uint16_t>();
+    pc.topk_weights[rank_] = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+    pc.imports = in.input_exports->device_imports();
+    pc.resolved_bases = in.input_exports->device_resolved_bases();
+    pc.own_input = in.input_exports->export_call(a.x.data, static_cast<size_t>(N * H * 2),
+                                                 num_topk ? a.topk_weights->data : nullptr,
+                                                 static_cast<size_t>(N * num_topk * 4), N > 0, stream);
+    intranode::launch_pull_combine(peers, pc, pull_shape, stream);
+    last_combine_pulled_ = true;
+    return;
+  }
   if (pull_combine_requested() && in.pull_exchange && pull_blocks >= 1) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
@@ -258,24 +296,11 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
         in.peer_tensors.map(*in.pull_exchange, rank_, a.x.data, num_topk ? a.topk_weights->data : nullptr, num_topk > 0,
                             N > 0, capture == cudaStreamCaptureStatusNone);
     if (!inputs.x.empty()) {
-      intranode::PullCombineArgs pc{};
+      intranode::PullCombineArgs pc = pull_args();
       for (int r = 0; r < R; ++r) {
         pc.x[r] = reinterpret_cast<const uint16_t*>(inputs.x[r]);
         pc.topk_weights[r] = num_topk ? reinterpret_cast<const float*>(inputs.weights[r]) : nullptr;
       }
-      pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;
-      pc.bias_1 = a.bias_1 ? a.bias_1->ptr<uint16_t>() : nullptr;
-      pc.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
-      pc.rank_prefix_matrix = h.rank_prefix_matrix.ptr<int>();
-      pc.channel_prefix_matrix = h.channel_prefix_matrix.ptr<int>();
-      pc.num_tokens = static_cast<int>(T);
-      pc.hidden = static_cast<int>(H);
-      pc.num_topk = num_topk;
-      pc.num_channels = C;
-      pc.combined_x = combined_x.ptr<uint16_t>();
-      pc.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-      LaunchShape pull_shape;
-      pull_shape.num_blocks = pull_blocks;
       intranode::launch_pull_combine(peers, pc, pull_shape, stream);
       last_combine_pulled_ = true;
       return;

@@ -1,11 +1,11 @@
 #include "runtime/peer_tensor_map.hpp"
 
-#include <cuda.h>
 #include <unistd.h>
 
 #include <cstring>
 
 #include "deep_ep/error.hpp"
+#include "runtime/ipc_allocation.hpp"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep {
@@ -28,38 +28,15 @@ struct Record {
   TensorRecord x, weights;
 };
 
-// The allocation holding `ptr` (its base), through the driver's cuMemGetAddressRange, reached from the
-// runtime so that the library does not link the driver.
-bool allocation_base(const void* ptr, char** base) {
-  using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
-  static GetAddressRange get_range = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess)
-      fn = nullptr;
-    return reinterpret_cast<GetAddressRange>(fn);
-  }();
-  if (!get_range) return false;
-  CUdeviceptr start = 0;
-  size_t size = 0;
-  if (get_range(&start, &size, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS) return false;
-  *base = reinterpret_cast<char*>(start);
-  return true;
-}
-
 // Fills `out` for `ptr`; false when its allocation cannot be exported.
 bool describe(const void* ptr, bool has_rows, TensorRecord* out) {
   out->pointer = reinterpret_cast<uint64_t>(ptr);
   out->has_rows = has_rows;
   if (!has_rows) return true;
-  char* base = nullptr;
-  if (!allocation_base(ptr, &base) || cudaIpcGetMemHandle(&out->handle, base) != cudaSuccess) {
-    cudaGetLastError();  // the failed query is not an error of the next call
-    return false;
-  }
-  out->offset = static_cast<uint64_t>(static_cast<const char*>(ptr) - base);
+  IpcAllocation allocation;
+  if (!find_ipc_allocation(ptr, &allocation)) return false;
+  out->handle = allocation.handle;
+  out->offset = allocation.offset;
   return true;
 }
 

@@ -55,21 +55,22 @@ def buffer_create_destroy(ctx):
     teardown()
 
 
-def layout_matches_reference(ctx, num_tokens):
-    group = _setup(ctx, seed_base=num_tokens)
+def layout_matches_reference(ctx, num_tokens, num_topk=NUM_TOPK, num_experts=NUM_EXPERTS):
+    """Every output of get_dispatch_layout against the CPU reference, in each stream mode."""
+    group = _setup(ctx, seed_base=num_tokens + num_topk)
     buffer = _buffer(ctx, group, 1 << 20, explicitly_destroy=True)
     for mode in ("sync", "async", "previous_event", "comm_alloc"):
-        topk_idx = random_topk_idx(num_tokens, NUM_EXPERTS, NUM_TOPK)
+        topk_idx = random_topk_idx(num_tokens, num_experts, num_topk)
         if mode == "sync":
-            out = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+            out = buffer.get_dispatch_layout(topk_idx, num_experts)
         elif mode == "async":
-            out = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS, async_finish=True)
+            out = buffer.get_dispatch_layout(topk_idx, num_experts, async_finish=True)
             out[4].current_stream_wait()
         elif mode == "previous_event":
-            out = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS, previous_event=buffer.capture())
+            out = buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=buffer.capture())
         else:
             out = buffer.get_dispatch_layout(
-                topk_idx, NUM_EXPERTS, previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True
+                topk_idx, num_experts, previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True
             )
             out[4].current_stream_wait()
         per_rank, per_rdma_rank, per_expert, in_rank, _ = out
@@ -79,7 +80,7 @@ def layout_matches_reference(ctx, num_tokens):
             assert per_rdma_rank is None, "num_tokens_per_rdma_rank must be None within one node"
         assert per_rank.dtype == torch.int32 and per_expert.dtype == torch.int32 and in_rank.dtype == torch.bool
         assert tuple(in_rank.shape) == (num_tokens, ctx.num_ranks)
-        ref = deep_ep.reference.get_dispatch_layout(topk_idx.cpu().numpy(), ctx.num_ranks, NUM_EXPERTS)
+        ref = deep_ep.reference.get_dispatch_layout(topk_idx.cpu().numpy(), ctx.num_ranks, num_experts)
         assert_equal(f"num_tokens_per_rank ({mode})", to_numpy(per_rank), ref.num_tokens_per_rank)
         assert_equal(f"num_tokens_per_expert ({mode})", to_numpy(per_expert), ref.num_tokens_per_expert)
         assert_equal(f"is_token_in_rank ({mode})", to_numpy(in_rank), ref.is_token_in_rank)
@@ -148,6 +149,11 @@ def cases(rank_counts):
         out.append((f"foundation/buffer_create_destroy/r{r}", buffer_create_destroy, r, (), 180))
         for t in (0, 1, 127, 4096):
             out.append((f"foundation/layout_matches_reference/r{r}/t{t}", layout_matches_reference, r, (t,), 180))
+        # Prefill size and V3's top-9 of 288 (a token's ids in two load rounds); top-16 of 64 experts (many slots
+        # of a token on one rank, compared across rounds); top-1.
+        for t, k, e in ((16384, 9, 288), (333, 16, 64), (1000, 1, 64)):
+            name = f"foundation/layout_matches_reference/r{r}/t{t}_top{k}_e{e}"
+            out.append((name, layout_matches_reference, r, (t, k, e), 180))
         out.append((f"foundation/bad_inputs_raise_before_launch/r{r}", bad_inputs_raise_before_launch, r, (), 180))
         out.append((f"foundation/out_of_range_expert_is_reported/r{r}", out_of_range_expert_is_reported, r, (), 180))
     return out

@@ -2,6 +2,7 @@
 present; several ranks share a GPU under MPS)."""
 
 import os
+import time
 
 import torch
 
@@ -198,6 +199,60 @@ def dbo_streams(ctx, opts):
     teardown()
 
 
+def combine_runs_ahead(ctx):
+    """The default (host-free pull) combine does not wait on the host for other ranks: while rank 0 is still busy
+    (2 s on its host before its combine), every other rank's combine call returns at once and the rank goes on
+    enqueueing work; then all results are checked exactly. Twice: the first call maps the inputs' allocations,
+    the second reuses the mappings. The work enqueued behind the combine runs once before: with CUDA's lazy
+    module loading, the first launch of a kernel waits for the process's work in flight, the spinning combine
+    included, which is the loader's wait and not the combine's."""
+    group = setup(ctx, seed_base=11)
+    hidden, num_topk = 4096, 8
+    deep_ep.Buffer.set_num_sms(20)
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+    buffer = _buffer(group, hidden)
+    further_work = lambda: torch.ones(1024, device="cuda").sum()  # noqa: E731
+    further_work()
+    for round_idx in range(2):
+        num_tokens = max(1, 256 - 29 * ctx.rank)
+        x = make_x(num_tokens, hidden, False)
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        received = buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+        )
+        expert_out = torch.randn(received[0].size(0), hidden, device="cuda").to(torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        if ctx.rank == 0:
+            time.sleep(2.0)
+        start = time.monotonic()
+        combined = buffer.combine(expert_out, received[4], topk_weights=received[2])
+        combine_s = time.monotonic() - start
+        after = further_work()  # enqueued behind the combine
+        enqueued_s = time.monotonic() - start
+        assert buffer.runtime.last_combine_pulled(), "expected the pull combine"
+        if ctx.rank != 0:
+            assert enqueued_s < 1.0, (
+                f"rank {ctx.rank} round {round_idx}: combine held the host {enqueued_s:.2f} s while rank 0 was busy "
+                f"({combine_s:.2f} s in the combine call)"
+            )
+        torch.cuda.synchronize()
+        assert float(after) == 1024.0
+        label = f"rank {ctx.rank} round {round_idx}"
+        inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+        expected = reference_combine(group, inputs, outputs, expert_out, received[2], None, hidden, num_topk)
+        check_combine(expected[ctx.rank], combined[0], combined[1], topk_idx, topk_weights, in_rank, True, label)
+    buffer.destroy()
+    teardown()
+
+
 def back_to_back(ctx, num_calls):
     """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call."""
     group = setup(ctx, seed_base=7)
@@ -304,7 +359,9 @@ def with_ring_combine(ctx, fn, *args):
 
 
 def combine_timeout_names_rank_peer_phase(ctx):
-    """A rank that skips a combine: the others' pull combine times out on the host naming rank, peer, phase."""
+    """A rank that skips a combine: the others' combine times out naming rank, peer and phase. The host-free
+    pull combine returns at once and its kernel times out on the device (raised at the next check); the
+    per-call host exchange (DEEP_EP_HOST_FREE_COMBINE=0) times out in the call, before launching."""
     os.environ["DEEP_EP_TIMEOUT_S"] = "4"
     group = setup(ctx)
     buffer = _buffer(group, 2048)
@@ -317,11 +374,14 @@ def combine_timeout_names_rank_peer_phase(ctx):
     if ctx.rank != 0:
         try:
             buffer.combine(recv_x, handle)
+            torch.cuda.synchronize()  # the device timeout ends the kernel: the process and its context survive
+            buffer.runtime.check_device_errors()
             raise AssertionError("combine without rank 0 must time out")
         except TimeoutError as error:
             text = str(error)
             assert f"rank {ctx.rank}" in text and "peer rank 0" in text and "combine" in text, text
-        torch.cuda.synchronize()  # nothing was launched: the process and its CUDA context survive
+        torch.cuda.synchronize()
+        expect_raises(RuntimeError, "unusable", lambda: buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS))
     torch.distributed.barrier(group)
     buffer.destroy()
     teardown()
@@ -403,10 +463,11 @@ def cases(rank_counts):
         )
         out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
         # Dual-batch overlap on streams of its own (vLLM's DBO, as deep_ep calls alone): each format and combine.
+        out.append((f"{base}/combine_runs_ahead", combine_runs_ahead, r, (), t))
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
-        # Fewer blocks per rank: whether the DBO timeouts on a shared GPU follow the blocks the ranks keep resident.
+        # 8 SMs per rank: 8 ranks' blocks fit one per SM, the other shape than the 20-SM cases above take.
         out.append((f"{base}/dbo_streams_fp8_8_sms", dbo_streams, r, (dict(fp8=True, num_sms=8),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))

@@ -97,10 +97,15 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         }
         const int64_t row = first + offset[owned];
         char* entry = ring + static_cast<int64_t>(pushed[owned] % ring_slots) * stride;
-        device::warp_copy<8>(reinterpret_cast<int4*>(entry), reinterpret_cast<const int4*>(args.x + row * args.hidden),
-                             row_int4, lane, device::ld_input);
+        // The row's first 32 top-k weights are loaded before it is copied (their round trip overlaps the row's).
+        const float* row_weights = args.topk_weights + row * args.num_topk;
+        const float weight = lane < args.num_topk ? row_weights[lane] : 0.0f;
+        device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(entry),
+                                       reinterpret_cast<const int4*>(args.x + row * args.hidden), row_int4, lane,
+                                       device::ld_input);
         float* weights = reinterpret_cast<float*>(entry + args.hidden * 2);
-        for (int k = lane; k < args.num_topk; k += 32) weights[k] = args.topk_weights[row * args.num_topk + k];
+        if (lane < args.num_topk) weights[lane] = weight;
+        for (int k = lane + 32; k < args.num_topk; k += 32) weights[k] = row_weights[k];
         ++offset[owned];
         ++pushed[owned];
         --budget;

@@ -113,6 +113,17 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     // A row for `node` lands in forwarder (node, my local index), ring (my node, channel).
     for (int token = round_begin + warp; token < round_end; token += kNumSenderWarps) {
       const int64_t* topk = args.topk_idx ? args.topk_idx + static_cast<int64_t>(token) * args.num_topk : nullptr;
+      // The token's first 64 scales and 32 top-k slots, loaded once before its rows are copied to the nodes and
+      // stored after each copy (their round trips overlap the first row's).
+      const int64_t scale_base = token * args.scale_token_stride;
+      float scale_lo = 0.0f, scale_hi = 0.0f, weight = 0.0f;
+      int expert = -1;
+      if (lane < args.num_scales) scale_lo = args.x_scales[scale_base + lane * args.scale_channel_stride];
+      if (lane + 32 < args.num_scales) scale_hi = args.x_scales[scale_base + (lane + 32) * args.scale_channel_stride];
+      if (topk && lane < args.num_topk) {
+        expert = static_cast<int>(topk[lane]);
+        weight = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane];
+      }
       for (int node = 0; node < num_nodes; ++node) {
         const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node];
         if (head < 0) continue;
@@ -130,11 +141,17 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
                              reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
                              args.row_bytes / 16, lane, device::ld_input);
         float* scales = reinterpret_cast<float*>(dst + row_layout.scales_offset);
-        for (int k = lane; k < args.num_scales; k += 32)
-          scales[k] = args.x_scales[token * args.scale_token_stride + k * args.scale_channel_stride];
+        if (lane < args.num_scales) scales[lane] = scale_lo;
+        if (lane + 32 < args.num_scales) scales[lane + 32] = scale_hi;
+        for (int k = lane + 64; k < args.num_scales; k += 32)
+          scales[k] = args.x_scales[scale_base + k * args.scale_channel_stride];
         int* topk_dst = reinterpret_cast<int*>(dst + row_layout.topk_idx_offset);
         float* weights_dst = reinterpret_cast<float*>(dst + row_layout.topk_weights_offset);
-        for (int k = lane; topk && k < args.num_topk; k += 32) {
+        if (topk && lane < args.num_topk) {
+          topk_dst[lane] = expert;
+          weights_dst[lane] = weight;
+        }
+        for (int k = lane + 32; topk && k < args.num_topk; k += 32) {
           topk_dst[k] = static_cast<int>(topk[k]);
           weights_dst[k] = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + k];
         }
@@ -386,20 +403,35 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
                              channel, -1, args.num_rows, row + 1);
             continue;
           }
-          device::warp_copy<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
-                               reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane, device::ld_queue);
+          // The row's first 64 scales and 32 top-k slots are loaded before it is copied and stored after it
+          // (their round trips overlap the row's).
           const float* scales = reinterpret_cast<const float*>(src + row_layout.scales_offset);
-          for (int k = lane; k < args.num_scales; k += 32)
-            args.recv_x_scales[row * args.num_scales + k] = __ldcg(scales + k);
-          if (args.num_topk > 0 && args.recv_topk_idx) {
-            const int* topk = reinterpret_cast<const int*>(src + row_layout.topk_idx_offset);
-            const float* weights = reinterpret_cast<const float*>(src + row_layout.topk_weights_offset);
-            for (int k = lane; k < args.num_topk; k += 32) {
-              const int expert = __ldcg(topk + k);
-              const bool local = expert >= first_expert && expert < first_expert + num_local_experts;
-              args.recv_topk_idx[row * args.num_topk + k] = local ? expert - first_expert : -1;
-              args.recv_topk_weights[row * args.num_topk + k] = local ? __ldcg(weights + k) : 0.0f;
-            }
+          const int* topk = reinterpret_cast<const int*>(src + row_layout.topk_idx_offset);
+          const float* weights = reinterpret_cast<const float*>(src + row_layout.topk_weights_offset);
+          const bool with_topk = args.num_topk > 0 && args.recv_topk_idx;
+          float scale_lo = 0.0f, scale_hi = 0.0f, weight = 0.0f;
+          int expert = -1;
+          if (lane < args.num_scales) scale_lo = __ldcg(scales + lane);
+          if (lane + 32 < args.num_scales) scale_hi = __ldcg(scales + lane + 32);
+          if (with_topk && lane < args.num_topk) {
+            expert = __ldcg(topk + lane);
+            weight = __ldcg(weights + lane);
+          }
+          device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
+                                         reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane,
+                                         device::ld_queue);
+          float* row_scales = args.recv_x_scales + row * args.num_scales;
+          if (lane < args.num_scales) row_scales[lane] = scale_lo;
+          if (lane + 32 < args.num_scales) row_scales[lane + 32] = scale_hi;
+          for (int k = lane + 64; k < args.num_scales; k += 32) row_scales[k] = __ldcg(scales + k);
+          if (with_topk) {
+            auto store_topk = [&](int k, int slot_expert, float slot_weight) {
+              const bool local = slot_expert >= first_expert && slot_expert < first_expert + num_local_experts;
+              args.recv_topk_idx[row * args.num_topk + k] = local ? slot_expert - first_expert : -1;
+              args.recv_topk_weights[row * args.num_topk + k] = local ? slot_weight : 0.0f;
+            };
+            if (lane < args.num_topk) store_topk(lane, expert, weight);
+            for (int k = lane + 32; k < args.num_topk; k += 32) store_topk(k, __ldcg(topk + k), __ldcg(weights + k));
           }
           if (lane == 0) {
             args.recv_src_meta[row * 2] = __ldcg(reinterpret_cast<const int*>(src + row_layout.src_token_offset));

@@ -30,11 +30,15 @@ namespace {
 // token in flight, so the receivers, not HBM, bounded the combine with 8 + 8 warps (timed apart, the
 // receivers alone took 1.8 ms of the 2.4 ms call; 16 of them made the call 7-9% faster on an H200, and
 // 24, or two columns per lane, less so).
+// kCopyInRounds: senders copy a row's remainder in the same rounds as the rest (device::warp_copy_in_rounds),
+// which Wide's register budget takes without spilling more and Narrow's does not.
 struct Wide {
   static constexpr int kSendWarps = 8, kRecvWarps = 16, kMinBlocksPerSm = 1;
+  static constexpr bool kCopyInRounds = true;
 };
 struct Narrow {
   static constexpr int kSendWarps = 4, kRecvWarps = 8, kMinBlocksPerSm = 2;
+  static constexpr bool kCopyInRounds = false;
 };
 constexpr int kRecvBarrier = 1;
 
@@ -51,7 +55,7 @@ __device__ __forceinline__ Ring ring_of(const Peers& peers, const CombineQueueLa
 
 // Each sender warp serves home ranks warp, warp + kSendWarps, ... in turn, a chunk at a time, so that
 // no home rank waits behind another's whole channel.
-template <int kSendWarps>
+template <int kSendWarps, bool kCopyInRounds>
 __device__ void run_sender(const Peers& peers, const CombineArgs& args, const CombineQueueLayout& layout, int channel,
                            int warp, int lane) {
   constexpr int kMaxOwned = (kNumMaxNvlPeers + kSendWarps - 1) / kSendWarps;
@@ -88,9 +92,12 @@ __device__ void run_sender(const Peers& peers, const CombineArgs& args, const Co
       for (int k = 0; k < num_to_push; ++k) {
         const int64_t row = first_row[owned] + pushed[owned] + k;
         const int64_t slot = queue * ring_slots + (pushed[owned] + k) % ring_slots;
-        device::warp_copy<8>(reinterpret_cast<int4*>(ring.rows + slot * (layout.row_stride / 2)),
-                             reinterpret_cast<const int4*>(args.x + row * args.hidden), row_int4, lane,
-                             device::ld_input);
+        auto* dst = reinterpret_cast<int4*>(ring.rows + slot * (layout.row_stride / 2));
+        const auto* src = reinterpret_cast<const int4*>(args.x + row * args.hidden);
+        if constexpr (kCopyInRounds)
+          device::warp_copy_in_rounds<8>(dst, src, row_int4, lane, device::ld_input);
+        else
+          device::warp_copy<8>(dst, src, row_int4, lane, device::ld_input);
         for (int k2 = lane; k2 < args.num_topk; k2 += 32)
           ring.topk_weights[slot * args.num_topk + k2] = args.topk_weights[row * args.num_topk + k2];
       }
@@ -203,7 +210,7 @@ __global__ void __launch_bounds__(32 * (Shape::kSendWarps + Shape::kRecvWarps), 
     combine(Peers peers, CombineArgs args, CombineQueueLayout layout) {
   const int warp = threadIdx.x / 32, lane = device::lane_id();
   if (warp < Shape::kSendWarps) {
-    run_sender<Shape::kSendWarps>(peers, args, layout, blockIdx.x, warp, lane);
+    run_sender<Shape::kSendWarps, Shape::kCopyInRounds>(peers, args, layout, blockIdx.x, warp, lane);
   } else {
     run_receiver<Shape::kRecvWarps>(peers, args, layout, blockIdx.x, warp - Shape::kSendWarps, lane);
   }

@@ -19,6 +19,7 @@
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "protocol/intranode_layout.hpp"
+#include "protocol/pull_inputs.hpp"
 
 namespace deep_ep::intranode {
 
@@ -93,13 +94,22 @@ void launch_combine(const Peers& peers, const CombineQueueLayout& layout, const 
 // Pull combine: the home rank reads its tokens' rows straight out of every expert rank's combine
 // input (mapped here; pull_combine.cu), one pass over the rows instead of three.
 struct PullCombineArgs {
-  const uint16_t* x[kNumMaxNvlPeers];          // rank j's [N_j, hidden] bf16 combine input, mapped here
-  const float* topk_weights[kNumMaxNvlPeers];  // rank j's [N_j, K], mapped here; null without top-k
-  const uint16_t* bias_0;                      // [T, hidden] or null
-  const uint16_t* bias_1;                      // [T, hidden] or null
-  const bool* is_token_in_rank;                // [T, R] of this rank's tokens
-  const int* rank_prefix_matrix;               // [R, R]
-  const int* channel_prefix_matrix;            // [R, C]: this rank's tokens to rank j before channel c
+  // Rank j's [N_j, hidden] bf16 combine input and [N_j, K] top-k weights (null without top-k), mapped here.
+  // Host-free form (imports != null): only this rank's own entries are given; every other rank's are found at
+  // the kernel's start from ControlRegion::pull_inputs and the import table (protocol/pull_inputs.hpp).
+  const uint16_t* x[kNumMaxNvlPeers];
+  const float* topk_weights[kNumMaxNvlPeers];
+  const ImportEntry* imports;  // [kNumMaxNvlPeers][kExportSlots], host-mapped; null: the arrays are complete
+  // [kNumMaxNvlPeers][kExportSlots], device memory, zero until a kernel of this process first resolved the slot
+  // through `imports`; later calls read it here (one L2 hit) instead of crossing PCIe. Valid for the
+  // Buffer's life: a slot is never reused and its mapping stays open until the Buffer is released.
+  uint64_t* resolved_bases;
+  PullInput own_input;               // this rank's export refs, published to every rank (host-free form)
+  const uint16_t* bias_0;            // [T, hidden] or null
+  const uint16_t* bias_1;            // [T, hidden] or null
+  const bool* is_token_in_rank;      // [T, R] of this rank's tokens
+  const int* rank_prefix_matrix;     // [R, R]
+  const int* channel_prefix_matrix;  // [R, C]: this rank's tokens to rank j before channel c
   int num_tokens, hidden, num_topk, num_channels;
   uint16_t* combined_x;          // [T, hidden]
   float* combined_topk_weights;  // [T, K] or null

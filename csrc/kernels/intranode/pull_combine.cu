@@ -21,6 +21,7 @@
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/occupancy.cuh"
+#include "kernels/common/role_timer.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
 #include "protocol/control_region.hpp"
@@ -45,9 +46,20 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
   ControlRegion* mine = control_of(peers, rank);
   __shared__ int epoch_shared, ok_shared;
+  // Every rank's inputs as this process reaches them.
+  __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
+  __shared__ const float* weights_of[kNumMaxNvlPeers];
+  // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 the start barrier, 1 finding the peers' inputs,
+  // 2 summing rows, 3 the end barrier (block 0's lines on rank 0).
+  device::RoleTimer timer;
+  timer.begin();
+  device::report_block_start("pull_combine", rank, timer.start);
   if (threadIdx.x == 0) {
     const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
     if (block == 0) {
+      // Host-free form: where this rank's inputs live, for every rank, ordered before pull_ready by the fence.
+      if (args.imports)
+        for (int peer = 0; peer < num_ranks; ++peer) control_of(peers, peer)->pull_inputs[rank] = args.own_input;
       __threadfence_system();
       for (int peer = 0; peer < num_ranks; ++peer)
         device::st_release_sys(&control_of(peers, peer)->pull_ready[rank], epoch + 1);
@@ -56,6 +68,52 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     ok_shared = wait_all_ranks(peers, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
   }
   __syncthreads();
+  timer.lap(0);
+  // Thread j resolves rank j's inputs: given, or (host-free form) at the slot rank j published (read after the
+  // acquire of its pull_ready above, ordered by the barrier), once this process's mapping thread has mapped it.
+  if (threadIdx.x < num_ranks) {
+    const int j = threadIdx.x;
+    x_of[j] = args.x[j];
+    weights_of[j] = args.topk_weights[j];
+    if (args.imports && j != rank && ok_shared) {
+      // Volatile: another process wrote it; read at L2, never from an L1 copy.
+      const volatile PullInput* input = &mine->pull_inputs[j];
+      const InputRef refs[2] = {{input->x.slot, 0, input->x.offset},
+                                {input->topk_weights.slot, 0, input->topk_weights.offset}};
+      const void* resolved[2] = {nullptr, nullptr};
+      for (int i = 0; i < 2; ++i) {
+        if (refs[i].slot < 0) continue;
+        // Resolved by an earlier call of this process: plain device memory, written only by this process's
+        // kernels (ordered by kernel boundaries, or racing with an equal 64-bit value within one grid).
+        uint64_t* cached = args.resolved_bases + j * kExportSlots + refs[i].slot;
+        uint64_t base = __ldcg(cached);
+        if (base == 0) {
+          const ImportEntry* entry = args.imports + j * kExportSlots + refs[i].slot;
+          int64_t state = 0;
+          if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state),
+                                     static_cast<int64_t>(kImportMapped), peers.timeout_ns, peers.diagnostics,
+                                     Phase::kPullCombineMap, rank, j, block, &state)) {
+            ok_shared = 0;
+            break;
+          }
+          if (state != static_cast<int64_t>(kImportMapped)) {  // cudaIpcOpenMemHandle failed here
+            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, kImportMapped, state);
+            ok_shared = 0;
+            break;
+          }
+          base = *reinterpret_cast<volatile const uint64_t*>(&entry->base);
+          *cached = base;
+        }
+        resolved[i] = reinterpret_cast<const char*>(base) + refs[i].offset;
+      }
+      x_of[j] = static_cast<const uint16_t*>(resolved[0]);
+      // By num_topk, not by this rank's own pointer: a rank that received no rows has a null one while its
+      // peers' weights are real.
+      weights_of[j] = args.num_topk > 0 ? static_cast<const float*>(resolved[1]) : nullptr;
+    }
+  }
+  __syncthreads();
+  timer.lap(1);
 
   // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
   // GPU); a block then takes channels block, block + gridDim.x, ...
@@ -78,19 +136,22 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
         const int token = batch_begin + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
         int row_of[kNumMaxNvlPeers];
+        // The token's row at each rank, read out of shared memory once per token rather than per column.
+        const int4* row_ptr[kNumMaxNvlPeers];
 #pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j) row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+          row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
+          row_ptr[j] = ((token_mask >> j) & 1u)
+                           ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
+                           : nullptr;
+        }
         // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
         // call's rows at the same address must not be read.
         sum_token(
             lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
-            args.combined_topk_weights,
-            [&](int j, int col) {
-              return __ldcg(reinterpret_cast<const int4*>(args.x[j] + static_cast<int64_t>(row_of[j]) * args.hidden) +
-                            col);
-            },
+            args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
             [&](int j, int k2) {
-              return __ldcg(&args.topk_weights[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
+              return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
             });
       }
 #pragma unroll
@@ -99,6 +160,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   }
 
   // Every read of this block is done before it counts itself; the last block tells every rank.
+  timer.lap(2);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -112,6 +174,8 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       __threadfence();
     }
   }
+  timer.lap(3);
+  timer.report("pull_combine", "warp", rank, kNumMaxNvlPeers, 0);
 }
 
 }  // namespace

@@ -18,6 +18,8 @@ namespace deep_ep::low_latency {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
+// Top-k slots whose rows a receiving lane loads before it sums any of them.
+constexpr int kTopkGroup = 4;
 constexpr int kOctetsPerGroup = kLogfmtGroup / 8;
 
 using device::float_to_bf16_bits;
@@ -148,7 +150,7 @@ __device__ void run_send(const Peers& peers, const HalfLayout& layout, const Tra
         reinterpret_cast<const int4*>(args.x + local_expert * args.x_expert_stride + expert_row * args.x_row_stride);
     if (!args.use_logfmt) {
       if (reinterpret_cast<const char*>(src) != dst)
-        device::warp_copy<8>(reinterpret_cast<int4*>(dst), src, num_octets, lane, device::ld_input);
+        device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(dst), src, num_octets, lane, device::ld_input);
     } else {
       // In place (zero copy) is safe too: a pass reads its 32 octets before it writes, and writes below
       // the next pass's first source byte (88 encoded bytes per 128 read).
@@ -252,39 +254,68 @@ __device__ void run_receive(const Peers& peers, const HalfLayout& layout, const 
     const int octet_end = min(num_groups, (chunk + 1) * groups_per_chunk) * kOctetsPerGroup;
     const char* rows = half + layout.combine_offset +
                        static_cast<int64_t>(token) * layout.combine_slots_per_token * layout.combine_row_bytes;
-    // Two octets per lane per pass: 2 * num_topk row loads in flight.
+    // Two octets per lane per pass. Plain rows: the loads of kTopkGroup slots' rows are issued before any of them
+    // is summed (one memory round trip per group, not per slot); LogFMT rows are decoded slot by slot.
+    const int64_t* token_topk = args.topk_idx + static_cast<int64_t>(token) * num_topk;
+    const float* token_weights = args.topk_weights + static_cast<int64_t>(token) * num_topk;
+    // The slot's expert is a valid, unmasked one: its row holds data.
+    auto slot_valid = [&](int k) {
+      const int64_t expert = token_topk[k];
+      return expert >= 0 && expert < args.num_experts && !masked[expert / num_local_experts];
+    };
     for (int first = octet_begin + lane; first < octet_end; first += 64) {
       const bool has_second = first + 32 < octet_end;
       float acc[2][8] = {};
-      for (int k = 0; k < num_topk; ++k) {
-        const int64_t expert = args.topk_idx[static_cast<int64_t>(token) * num_topk + k];
-        if (expert < 0 || expert >= args.num_experts || masked[expert / num_local_experts]) continue;
-        const float weight = args.topk_weights[static_cast<int64_t>(token) * num_topk + k];
-        const char* row = rows + static_cast<int64_t>(k) * layout.combine_row_bytes;
-        float values[2][8];
+      if (args.use_logfmt) {
+        for (int k = 0; k < num_topk; ++k) {
+          if (!slot_valid(k)) continue;
+          const float weight = token_weights[k];
+          const char* row = rows + static_cast<int64_t>(k) * layout.combine_row_bytes;
+          float values[2][8];
 #pragma unroll
-        for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {
-          const int octet = first + 32 * octet_idx;
-          if (octet_idx == 1 && !has_second) break;
-          if (args.use_logfmt) {
+          for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {
+            const int octet = first + 32 * octet_idx;
+            if (octet_idx == 1 && !has_second) break;
             decode_octet(row + static_cast<int64_t>(octet / kOctetsPerGroup) * kLogfmtGroupBytes,
                          octet % kOctetsPerGroup, values[octet_idx]);
-          } else {
-            const int4 v = device::ld_queue(reinterpret_cast<const int4*>(row) + octet);
-            const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
-                                       static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
+          }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              values[octet_idx][2 * q] = bf16_to_float(words[q] & 0xffffu);
-              values[octet_idx][2 * q + 1] = bf16_to_float(words[q] >> 16);
+          for (int octet_idx = 0; octet_idx < 2; ++octet_idx)
+#pragma unroll
+            for (int element = 0; element < 8; ++element)
+              acc[octet_idx][element] = fmaf(weight, values[octet_idx][element], acc[octet_idx][element]);
+        }
+      } else {
+        for (int k0 = 0; k0 < num_topk; k0 += kTopkGroup) {
+          int4 raw[kTopkGroup][2];
+          float weight[kTopkGroup];
+          bool valid[kTopkGroup];
+#pragma unroll
+          for (int g = 0; g < kTopkGroup; ++g) {
+            const int k = k0 + g;
+            valid[g] = k < num_topk && slot_valid(k);
+            weight[g] = valid[g] ? token_weights[k] : 0.0f;
+            const int4* row = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * layout.combine_row_bytes);
+            if (valid[g]) raw[g][0] = device::ld_queue(row + first);
+            if (valid[g] && has_second) raw[g][1] = device::ld_queue(row + first + 32);
+          }
+#pragma unroll
+          for (int g = 0; g < kTopkGroup; ++g) {
+            if (!valid[g]) continue;
+#pragma unroll
+            for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {
+              if (octet_idx == 1 && !has_second) break;
+              const int4 v = raw[g][octet_idx];
+              const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                                         static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                acc[octet_idx][2 * q] = fmaf(weight[g], bf16_to_float(words[q] & 0xffffu), acc[octet_idx][2 * q]);
+                acc[octet_idx][2 * q + 1] = fmaf(weight[g], bf16_to_float(words[q] >> 16), acc[octet_idx][2 * q + 1]);
+              }
             }
           }
         }
-#pragma unroll
-        for (int octet_idx = 0; octet_idx < 2; ++octet_idx)
-#pragma unroll
-          for (int element = 0; element < 8; ++element)
-            acc[octet_idx][element] = fmaf(weight, values[octet_idx][element], acc[octet_idx][element]);
       }
 #pragma unroll
       for (int octet_idx = 0; octet_idx < 2; ++octet_idx) {

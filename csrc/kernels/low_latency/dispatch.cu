@@ -363,32 +363,52 @@ __device__ void run_receive(const Peers& peers, const HalfLayout& layout, const 
                        ((static_cast<int64_t>(local_expert) * num_ranks + source) * num_max_tokens + position) *
                            layout.dispatch_slot_bytes;
     const int64_t out_row = local_expert * num_slots_per_expert + row;
+    // The slot's metadata and its first scales (64 floats, or 32 packed words of UE8M0) are loaded before the row
+    // is copied and stored after it, so their round trips overlap the row's.
+    int4 meta = make_int4(0, 0, 0, 0);
+    if (lane == 0) meta = __ldcg(reinterpret_cast<const int4*>(slot + layout.dispatch_meta_offset));
     if (args.use_fp8) {
-      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint8_t*>(args.recv_x) + out_row * hidden),
-                           reinterpret_cast<const int4*>(slot), hidden / 16, lane, device::ld_queue);
       const float* scales = reinterpret_cast<const float*>(slot + layout.dispatch_scales_offset);
+      const int num_words = num_scales / 4;
+      // UE8M0: four scales' exponents per int32 word.
+      auto packed_word = [&](int word_idx) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int byte = 0; byte < 4; ++byte)
+          word |= ((__float_as_uint(__ldcg(scales + 4 * word_idx + byte)) >> 23) & 0xffu) << (8 * byte);
+        return static_cast<int>(word);
+      };
+      float scale_lo = 0.0f, scale_hi = 0.0f;
+      int word = 0;
+      if (args.use_ue8m0) {
+        if (lane < num_words) word = packed_word(lane);
+      } else {
+        if (lane < num_scales) scale_lo = __ldcg(scales + lane);
+        if (lane + 32 < num_scales) scale_hi = __ldcg(scales + lane + 32);
+      }
+      device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(static_cast<uint8_t*>(args.recv_x) + out_row * hidden),
+                                     reinterpret_cast<const int4*>(slot), hidden / 16, lane, device::ld_queue);
       if (args.use_ue8m0) {
         int* out = static_cast<int*>(args.recv_scales);
-        for (int word_idx = lane; word_idx < num_scales / 4; word_idx += 32) {
-          uint32_t word = 0;
-#pragma unroll
-          for (int byte = 0; byte < 4; ++byte)
-            word |= ((__float_as_uint(__ldcg(scales + 4 * word_idx + byte)) >> 23) & 0xffu) << (8 * byte);
-          out[(static_cast<int64_t>(local_expert) * (num_scales / 4) + word_idx) * num_slots_per_expert + row] =
-              static_cast<int>(word);
-        }
+        auto out_of = [&](int word_idx) -> int& {
+          return out[(static_cast<int64_t>(local_expert) * num_words + word_idx) * num_slots_per_expert + row];
+        };
+        if (lane < num_words) out_of(lane) = word;
+        for (int word_idx = lane + 32; word_idx < num_words; word_idx += 32) out_of(word_idx) = packed_word(word_idx);
       } else {
         float* out = static_cast<float*>(args.recv_scales);
-        for (int group = lane; group < num_scales; group += 32)
-          out[(static_cast<int64_t>(local_expert) * num_scales + group) * num_slots_per_expert + row] =
-              __ldcg(scales + group);
+        auto out_of = [&](int group) -> float& {
+          return out[(static_cast<int64_t>(local_expert) * num_scales + group) * num_slots_per_expert + row];
+        };
+        if (lane < num_scales) out_of(lane) = scale_lo;
+        if (lane + 32 < num_scales) out_of(lane + 32) = scale_hi;
+        for (int group = lane + 64; group < num_scales; group += 32) out_of(group) = __ldcg(scales + group);
       }
     } else {
-      device::warp_copy<8>(reinterpret_cast<int4*>(static_cast<uint16_t*>(args.recv_x) + out_row * hidden),
-                           reinterpret_cast<const int4*>(slot), hidden / 8, lane, device::ld_queue);
+      device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(static_cast<uint16_t*>(args.recv_x) + out_row * hidden),
+                                     reinterpret_cast<const int4*>(slot), hidden / 8, lane, device::ld_queue);
     }
     if (lane == 0) {
-      const int4 meta = __ldcg(reinterpret_cast<const int4*>(slot + layout.dispatch_meta_offset));
       args.src_info[out_row] = meta.x;
       args.src_info[num_local_experts * num_slots_per_expert + out_row] = meta.y;
     }

@@ -37,21 +37,17 @@ def time_op(fn, group, iters, flush, calls_per_sample=8):
     return statistics.median(times)
 
 
-def _warm_up_then_align(fn, group, flush):
-    """Three untimed calls, an L2 flush, and every rank leaving a barrier together: the start of an eager loop."""
-    for _ in range(3):
-        fn()
-    flush.zero_()
-    torch.cuda.synchronize()
-    dist.barrier(group)
-
-
 def time_op_per_call(fn, group, num_calls, flush, host_ms=None):
     """Milliseconds of one fn() call as training loops and DeepEP's own test loop see it: `num_calls` eager
     calls back to back, CUDA events around each one, the median of the per-call times. Host work, allocations
     and waits between calls show up here and not in a graph replay. When `host_ms` is a list, the median host
     time of one call (its Python and C++ work up to the return, launches included) is appended to it."""
-    _warm_up_then_align(fn, group, flush)
+    # Three untimed calls, an L2 flush, and every rank leaving a barrier together.
+    for _ in range(3):
+        fn()
+    flush.zero_()
+    torch.cuda.synchronize()
+    dist.barrier(group)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(num_calls)]
     host = []
     for start, end in events:

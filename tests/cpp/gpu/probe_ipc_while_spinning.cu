@@ -80,6 +80,17 @@ __global__ void spin_on(volatile int* flag) {
 
 __global__ void noop() {}
 
+// A zeroed host-mapped T and its device address, and a non-blocking stream: what each side spins a kernel with.
+template <typename T>
+T* mapped_host(T** device, cudaStream_t* stream) {
+  T* host = nullptr;
+  CHECK(cudaHostAlloc(&host, sizeof(T), cudaHostAllocMapped));
+  *host = T{};
+  CHECK(cudaHostGetDevicePointer(device, host, 0));
+  CHECK(cudaStreamCreateWithFlags(stream, cudaStreamNonBlocking));
+  return host;
+}
+
 void write_all(int fd, const void* data, size_t bytes) {
   if (write(fd, data, bytes) != static_cast<ssize_t>(bytes)) std::exit(2);
 }
@@ -95,13 +106,9 @@ int run_exporter(int to_importer, int from_importer) {
   CHECK(cudaDeviceSynchronize());
 
   // 3. Host calls while one of this process's kernels spins.
-  int* flag = nullptr;
-  CHECK(cudaHostAlloc(&flag, sizeof(int), cudaHostAllocMapped));
-  *flag = 0;
   int* flag_device = nullptr;
-  CHECK(cudaHostGetDevicePointer(&flag_device, flag, 0));
   cudaStream_t stream;
-  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int* flag = mapped_host(&flag_device, &stream);
   spin_on<<<1, 1, 0, stream>>>(flag_device);
   CHECK(cudaGetLastError());
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -140,15 +147,9 @@ int run_exporter(int to_importer, int from_importer) {
 
 int run_importer(int from_exporter, int to_exporter) {
   CHECK(cudaSetDevice(0));
-  Control* control = nullptr;
-  CHECK(cudaHostAlloc(&control, sizeof(Control), cudaHostAllocMapped));
-  control->started = control->go = control->timed_out = 0;
-  control->address = 0;
-  control->sum = 0;
   Control* control_device = nullptr;
-  CHECK(cudaHostGetDevicePointer(&control_device, control, 0));
   cudaStream_t stream;
-  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  Control* control = mapped_host(&control_device, &stream);
   spin_then_read<<<1, 1, 0, stream>>>(control_device);
   CHECK(cudaGetLastError());
   const auto wait_start = std::chrono::steady_clock::now();

@@ -106,3 +106,35 @@ TEST(HostExchange, RejectsBadArguments) {
   EXPECT_THROW(HostExchange::create(group, 0, 1.0), ValueError);
   EXPECT_THROW(HostExchange::create(group, 8, 0.0), ValueError);
 }
+
+// map_shared_object (the input exports' tables use it too): every rank maps the same zero-filled bytes, and
+// what one rank writes the others read.
+TEST(SharedObject, EveryRankMapsTheSameZeroFilledBytes) {
+  const std::string dir = fresh_test_dir("deep_ep_shared_object_");
+  constexpr int kRanks = 4;
+  constexpr size_t kBytes = 3 * 4096;
+  std::vector<int> nonzero(kRanks, -1), wrong(kRanks, -1);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r)
+    threads.emplace_back([&, r] {
+      FileGroup group(dir, r, kRanks, 20.0);
+      auto* base = static_cast<unsigned char*>(map_shared_object(group, kBytes));
+      ASSERT_NE(base, nullptr);
+      int zeros_broken = 0;
+      for (size_t i = r; i < kBytes; i += kRanks) zeros_broken += base[i] != 0;  // before anyone writes there
+      nonzero[r] = zeros_broken;
+      group.barrier();
+      base[r] = static_cast<unsigned char>(10 + r);  // each rank its own byte
+      group.barrier();
+      int mismatches = 0;
+      for (int p = 0; p < kRanks; ++p) mismatches += base[p] != 10 + p;
+      wrong[r] = mismatches;
+      group.barrier();
+      unmap_shared_object(base, kBytes);
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(nonzero[r], 0) << "rank " << r;
+    EXPECT_EQ(wrong[r], 0) << "rank " << r;
+  }
+}

@@ -1,0 +1,75 @@
+// The host side of the host-free pull combine (protocol/pull_inputs.hpp). Every rank exports the
+// allocations that hold its combine inputs into numbered slots of a table in one POSIX shared-memory object
+// (a slot is never reused while the Buffer lives), and runs a mapping thread that opens every peer's newly
+// exported allocations by CUDA IPC, ahead of use, into an import table in host-mapped memory. A combine call
+// then only looks up (or exports) its own inputs: no rank waits for another on the host. The kernel waits,
+// bounded, for an entry its peer exported moments before to be mapped.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "deep_ep/group.hpp"
+#include "protocol/pull_inputs.hpp"
+
+namespace deep_ep {
+
+class InputExports {
+ public:
+  struct Table;  // one rank's export table in the shared object (input_exports.cpp)
+
+  // Collective over `group` (a shared-memory object, like HostExchange). Null on every rank when some rank
+  // cannot map it (no /dev/shm, ranks on other hosts).
+  static std::unique_ptr<InputExports> create(Group& group, int device);
+  // Stops the mapping thread, closes the mappings and frees the staging allocations: only when no kernel
+  // reads through them (the Buffer's release).
+  ~InputExports();
+  InputExports(const InputExports&) = delete;
+  InputExports& operator=(const InputExports&) = delete;
+
+  // Where this call's inputs live, for the kernel: each input's export slot (its allocation exported on
+  // first sight) and offset. An input whose allocation cannot be exported, or that comes when the general
+  // slots are used up, is copied on `stream` into the staging allocation (grown, and exported anew, when too
+  // small). has_rows false: slot -1 (nothing is read). `topk_weights` may be null (no top-k).
+  PullInput export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes, bool has_rows,
+                        cudaStream_t stream);
+
+  // The import table [kNumMaxNvlPeers][kExportSlots] as the device sees it.
+  const ImportEntry* device_imports() const { return device_imports_; }
+  // The kernels' cache of resolved import bases [kNumMaxNvlPeers][kExportSlots] (device memory, zeroed here).
+  uint64_t* device_resolved_bases() const { return resolved_bases_; }
+
+ private:
+  InputExports(int rank, int size, int device, void* shared, size_t shared_bytes);
+  Table* table(int rank) const;
+  int export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging);
+  InputRef stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream);
+  void serve();
+  // Closes the mappings, frees the allocations and unmaps the shared table (destructor, failed constructor).
+  void release_memory();
+
+  int rank_, size_, device_;
+  void* shared_;
+  size_t shared_bytes_;
+  ImportEntry* host_imports_ = nullptr;  // cudaHostAlloc (mapped)
+  ImportEntry* device_imports_ = nullptr;
+  uint64_t* resolved_bases_ = nullptr;  // cudaMalloc
+  using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
+  std::map<HandleKey, int> slot_of_;  // this rank's exported allocations
+  int next_general_ = 0, next_staging_ = kExportSlots - kStagingSlots;
+  char* staging_ = nullptr;  // current staging allocation and its export slot
+  size_t staging_bytes_ = 0;
+  int staging_slot_ = -1;
+  std::vector<char*> retired_staging_;      // earlier ones: peers' kernels may still read them
+  std::vector<std::vector<void*>> opened_;  // [rank][slot]: mappings of the peers' allocations
+  std::atomic<bool> stop_{false};
+  std::thread mapper_;
+};
+
+}  // namespace deep_ep
