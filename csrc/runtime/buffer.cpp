@@ -315,13 +315,13 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // needs: whether any peer is unmapped, and (GIN builds) the communicator for it.
   if (!in.nccl)
     connect_network(in, *group_, options, in.first_unmapped_peer() >= 0, in.topology.num_nodes, num_device_sms_);
-  // The pull combine's per-call address exchange, where that combine can run (every peer mapped by CUDA
-  // IPC). Collective, so it is made here with the rest of the buffer: a rank that skips a combine then
-  // costs the others a bounded wait in the exchange instead of a mismatched group collective.
-  if (!in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
+  // The pull combine's per-call address exchange and its host-free input exports, where that combine can run:
+  // intranode ops only (a group of one node, at most kNumMaxNvlPeers ranks), every peer mapped by CUDA IPC.
+  // Collective, so they are made here with the rest of the buffer: a rank that skips a combine then costs the
+  // others a bounded wait in the exchange instead of a mismatched group collective.
+  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    // Only intranode ops pull, and only a group of one node runs them (at most kNumMaxNvlPeers ranks).
-    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
+    in.input_exports = InputExports::create(*group_, options.device);
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
