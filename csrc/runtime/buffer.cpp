@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "deep_ep/error.hpp"
@@ -38,6 +39,7 @@ struct PeerInfo {
   int low_latency_mode;
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
+  int internode_in_place;       // DEEP_EP_INTERNODE_IN_PLACE=1 as this rank read it
   int64_t l2_bytes;             // the device's L2 (internode dispatch ring rows, from the group's smallest)
 };
 
@@ -98,6 +100,8 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   mine.use_fabric = options.use_fabric;
   mine.ranks_per_node_override = ranks_per_node_from_env();
   mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
+  const char* in_place = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
+  mine.internode_in_place = in_place != nullptr && std::string(in_place) == "1" ? 1 : 0;
   return mine;
 }
 
@@ -194,6 +198,10 @@ void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine,
                   "all ranks must see the same DEEP_EP_RANKS_PER_NODE: rank ", rank, " has ",
                   mine.ranks_per_node_override, ", rank ", r, " has ", peers[r].ranks_per_node_override,
                   " (0 = unset)");
+    // The producers' ring entries of the two combine forms differ: every rank must run the same one.
+    DEEP_EP_CHECK(peers[r].internode_in_place == mine.internode_in_place,
+                  "all ranks must see the same DEEP_EP_INTERNODE_IN_PLACE: rank ", rank, " has ",
+                  mine.internode_in_place, ", rank ", r, " has ", peers[r].internode_in_place, " (1 = set to 1)");
   }
 }
 
@@ -298,6 +306,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   const std::vector<PeerInfo> peers = gather_peer_infos(*group_, mine, num_ranks_);
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
+  in.internode_in_place = mine.internode_in_place != 0;
   // What the internode dispatch sizes its rings with (internode_rings.hpp), the same on every rank.
   in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
   in.min_l2_bytes = mine.l2_bytes;
@@ -319,9 +328,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // intranode ops only (a group of one node, at most kNumMaxNvlPeers ranks), every peer mapped by CUDA IPC.
   // Collective, so they are made here with the rest of the buffer: a rank that skips a combine then costs the
   // others a bounded wait in the exchange instead of a mismatched group collective.
-  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
+  // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE) maps the node's inputs through the same exchange.
+  const bool pulls = in.topology.num_nodes == 1 || in.internode_in_place;
+  if (pulls && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    in.input_exports = InputExports::create(*group_, options.device);
+    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();

@@ -56,6 +56,9 @@ struct Buffer::Internals {
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
   PeerTensorMap peer_tensors;  // other ranks' pull-combine inputs, mapped here
+  // DEEP_EP_INTERNODE_IN_PLACE=1 at creation, the same on every rank: internode combines read the node's
+  // inputs in place where the address exchange maps them (CombineArgs::in_place).
+  bool internode_in_place = false;
   // Their addresses, per call (made with the buffer); null where some peer is not mapped by CUDA IPC
   // (GIN window, fabric memory, another host) or shared memory is unusable: the ring combine runs.
   std::unique_ptr<HostExchange> pull_exchange;

@@ -16,14 +16,16 @@
 
 namespace deep_ep {
 
-// exported[s] is stored (release) by the owner after handles[s] and bases[s]; the mapping threads of the
-// other ranks load it (acquire) before they read them. std::atomic<uint32_t> is lock-free, hence address-free:
-// processes mapping the object at different addresses share it.
+// generation[s] is stored (release) by the owner after handles[s] and bases[s] (odd: exported; even: retired or
+// never used); the mapping threads of the other ranks load it (acquire) before they read them, and load it again
+// after, so that handles of a slot re-exported meanwhile are not taken for the generation first read.
+// std::atomic<uint32_t> is lock-free, hence address-free: processes mapping the object at different addresses
+// share it.
 struct InputExports::Table {
-  std::atomic<uint32_t> exported[kExportSlots];
-  // Bumped by a peer after it exported a slot (then a futex wake): the owner's mapping thread sleeps on it
-  // while there is nothing to map instead of polling (8 ranks polling every few microseconds cost the hosts'
-  // cores measurable time in every other call).
+  std::atomic<uint32_t> generation[kExportSlots];
+  // Bumped by a peer after it exported or retired a slot (then a futex wake): the owner's mapping thread sleeps
+  // on it while there is nothing to map instead of polling (8 ranks polling every few microseconds cost the
+  // hosts' cores measurable time in every other call).
   std::atomic<uint32_t> wake_sequence;
   int32_t pid;
   uint64_t bases[kExportSlots];  // the owner's addresses (used by ranks of the same process)
@@ -107,6 +109,7 @@ void InputExports::release_memory() {
   for (auto& peer : opened_)
     for (void* base : peer)
       if (base) cudaIpcCloseMemHandle(base);
+  for (void* base : retired_mappings_) cudaIpcCloseMemHandle(base);
   for (char* old : retired_staging_) cudaFree(old);
   if (staging_) cudaFree(staging_);
   if (host_imports_) cudaFreeHost(host_imports_);
@@ -115,30 +118,90 @@ void InputExports::release_memory() {
   unmap_shared_object(shared_, shared_bytes_);
 }
 
-int InputExports::export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging) {
-  int& next = staging ? next_staging_ : next_general_;
-  const int end = staging ? kExportSlots : kExportSlots - kStagingSlots;
-  if (next >= end) return -1;
-  const int slot = next++;
+void InputExports::publish(int slot, uint32_t generation) {
+  table(rank_)->generation[slot].store(generation, std::memory_order_release);
+  // A retirement's (even) store is ordered before the handle and base a later export of the slot writes (a
+  // seqlock's writer): a mapping thread that reads the new handle then reads a changed generation.
+  if (generation % 2 == 0) std::atomic_thread_fence(std::memory_order_seq_cst);
+  for (int peer = 0; peer < size_; ++peer)
+    if (peer != rank_) bump_and_wake(&table(peer)->wake_sequence);
+}
+
+bool InputExports::export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging, InputRef* ref) {
+  int slot = -1;
+  uint32_t generation = 1;
+  if (staging) {
+    if (next_staging_ >= kExportSlots) return false;
+    slot = next_staging_++;
+  } else {
+    for (int s = 0; s < kGeneralSlots && slot < 0; ++s)
+      if (general_[s].generation % 2 == 0) slot = s;
+    if (slot < 0) return false;
+    GeneralSlot& general = general_[slot];
+    generation = ++general.generation;
+    general.base = base;
+    std::memcpy(general.key.data(), &handle, sizeof(handle));
+    slot_of_[general.key] = slot;
+  }
   Table* mine = table(rank_);
   mine->handles[slot] = handle;
   mine->bases[slot] = reinterpret_cast<uint64_t>(base);
-  mine->exported[slot].store(1, std::memory_order_release);
-  for (int peer = 0; peer < size_; ++peer)
-    if (peer != rank_) bump_and_wake(&table(peer)->wake_sequence);
-  return slot;
+  publish(slot, generation);
+  *ref = InputRef{slot, generation, 0};
+  return true;
+}
+
+void InputExports::close_retired_mappings(cudaStream_t stream) {
+  if (!has_retired_mappings_.load(std::memory_order_acquire)) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return;  // a capture may not close memory: the next call outside one does
+  }
+  std::vector<void*> closing;
+  {
+    std::lock_guard<std::mutex> lock(retired_mutex_);
+    closing.swap(retired_mappings_);
+    has_retired_mappings_.store(false, std::memory_order_release);
+  }
+  for (void* base : closing) cudaIpcCloseMemHandle(base);
+  cudaGetLastError();  // a close that fails leaves a mapping behind, not an error of this call
+}
+
+void InputExports::retire_freed() {
+  for (int s = 0; s < kGeneralSlots; ++s) {
+    GeneralSlot& general = general_[s];
+    if (general.generation % 2 == 0) continue;
+    // Still the same allocation at the same address? A freed one makes the query fail; a new allocation there
+    // has another base or another handle. No kernel reads a freed allocation any more: its owner's last combine
+    // that used it had ended (the free synchronizes), and that kernel ends only after every rank's reads.
+    IpcAllocation now;
+    const bool same = find_ipc_allocation(general.base, &now) && now.base == general.base &&
+                      std::memcmp(&now.handle, general.key.data(), sizeof(now.handle)) == 0;
+    if (same) continue;
+    slot_of_.erase(general.key);
+    general.base = nullptr;
+    publish(s, ++general.generation);
+  }
 }
 
 InputRef InputExports::stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream) {
   DEEP_EP_CUDA_CHECK(cudaMemcpyAsync(staging_ + offset, ptr, bytes, cudaMemcpyDeviceToDevice, stream));
-  return InputRef{staging_slot_, 0, offset};
+  InputRef ref = staging_ref_;
+  ref.offset = offset;
+  return ref;
 }
 
 PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes,
                                     bool has_rows, cudaStream_t stream) {
   PullInput out{};
   out.x = out.topk_weights = InputRef{-1, 0, 0};
+  close_retired_mappings(stream);
   if (!has_rows) return out;
+  if (++calls_since_scan_ >= kScanPeriod) {
+    retire_freed();
+    calls_since_scan_ = 0;
+  }
   const void* inputs[2] = {x, topk_weights};
   InputRef* refs[2] = {&out.x, &out.topk_weights};
   bool staged[2] = {false, false};
@@ -152,15 +215,21 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
     HandleKey key;
     std::memcpy(key.data(), &allocation.handle, sizeof(allocation.handle));
     auto it = slot_of_.find(key);
-    if (it == slot_of_.end()) {
-      const int slot = export_allocation(allocation.base, allocation.handle, false);
-      if (slot < 0) {
-        staged[i] = true;  // general slots used up
+    InputRef ref{};
+    if (it != slot_of_.end()) {
+      ref = InputRef{it->second, general_[it->second].generation, 0};
+    } else {
+      // A new allocation: a caching allocator makes one after it freed others (empty_cache, a retried
+      // allocation), so this is when freed ones are looked for, their slots and the peers' mappings released.
+      retire_freed();
+      calls_since_scan_ = 0;
+      if (!export_allocation(allocation.base, allocation.handle, false, &ref)) {
+        staged[i] = true;  // every general slot holds a live allocation
         continue;
       }
-      it = slot_of_.emplace(key, slot).first;
     }
-    *refs[i] = InputRef{it->second, 0, allocation.offset};
+    ref.offset = allocation.offset;
+    *refs[i] = ref;
   }
   if (!staged[0] && !staged[1]) return out;
 
@@ -175,8 +244,8 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
     DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&fresh), bytes));
     IpcAllocation allocation;
     const bool exportable = find_ipc_allocation(fresh, &allocation);
-    const int slot = exportable ? export_allocation(fresh, allocation.handle, true) : -1;
-    if (slot < 0) {
+    InputRef ref{};
+    if (!exportable || !export_allocation(fresh, allocation.handle, true, &ref)) {
       cudaFree(fresh);
       DEEP_EP_RUNTIME_CHECK(false, "pull combine: rank ", rank_, " cannot export a staging allocation of ", bytes,
                             " bytes (", exportable ? "its staging slots are used up" : "cudaIpcGetMemHandle failed",
@@ -185,7 +254,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
     if (staging_) retired_staging_.push_back(staging_);
     staging_ = fresh;
     staging_bytes_ = bytes;
-    staging_slot_ = slot;
+    staging_ref_ = ref;
   }
   if (staged[0]) out.x = stage(x, x_bytes, 0, stream);
   if (staged[1]) out.topk_weights = stage(topk_weights, weights_bytes, weights_offset, stream);
@@ -201,8 +270,10 @@ void InputExports::serve() {
   const int32_t my_pid = static_cast<int32_t>(getpid());
   // A failed open is retried (a transient refusal must not fail a combine) before it is reported as failed.
   constexpr int kOpenAttempts = 1000;
-  std::vector<std::vector<char>> seen(size_, std::vector<char>(kExportSlots, 0));
+  // The generation of each peer slot this thread has brought its entry to (0: none yet).
+  std::vector<std::vector<uint32_t>> done(size_, std::vector<uint32_t>(kExportSlots, 0));
   std::vector<std::vector<int>> failures(size_, std::vector<int>(kExportSlots, 0));
+  std::vector<std::vector<uint32_t>> attempted(size_, std::vector<uint32_t>(kExportSlots, 0));
   std::atomic<uint32_t>* wake = &table(rank_)->wake_sequence;
   while (!stop_.load(std::memory_order_acquire)) {
     // Read before the scan: an export after it changes the word, and the wait below returns at once.
@@ -212,36 +283,62 @@ void InputExports::serve() {
       if (peer == rank_) continue;
       Table* theirs = table(peer);
       for (int slot = 0; slot < kExportSlots; ++slot) {
-        if (seen[peer][slot] || !theirs->exported[slot].load(std::memory_order_acquire)) continue;
+        const uint32_t generation = theirs->generation[slot].load(std::memory_order_acquire);
+        if (generation == done[peer][slot]) continue;
+        const cudaIpcMemHandle_t handle = theirs->handles[slot];
+        const uint64_t owner_base = theirs->bases[slot];
+        // The reads above complete before the generation is read again (a seqlock's reader).
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (theirs->generation[slot].load(std::memory_order_relaxed) != generation) {
+          retry = true;  // re-exported while being read: read it again
+          continue;
+        }
+        if (attempted[peer][slot] != generation) {  // a new generation gets its own open attempts
+          attempted[peer][slot] = generation;
+          failures[peer][slot] = 0;
+        }
         ImportEntry& entry = host_imports_[peer * kExportSlots + slot];
-        uint64_t state = kImportMapped;
-        if (theirs->pid == my_pid) {
-          entry.base = theirs->bases[slot];
-        } else {
-          void* base = nullptr;
-          if (cudaIpcOpenMemHandle(&base, theirs->handles[slot], cudaIpcMemLazyEnablePeerAccess) == cudaSuccess) {
-            opened_[peer][slot] = base;
-            entry.base = reinterpret_cast<uint64_t>(base);
+        // The earlier generation's mapping: its allocation was freed, so no kernel reads through it any more
+        // (see InputExports::retire_freed). It is closed by the calling thread at its next export_call, not here:
+        // a close may wait for this process's running kernels, one of which may be waiting for this thread.
+        if (opened_[peer][slot]) {
+          std::lock_guard<std::mutex> lock(retired_mutex_);
+          retired_mappings_.push_back(opened_[peer][slot]);
+          has_retired_mappings_.store(true, std::memory_order_release);
+          opened_[peer][slot] = nullptr;
+        }
+        uint64_t kind = kImportRetired;
+        if (generation % 2 == 1) {
+          kind = kImportMapped;
+          if (theirs->pid == my_pid) {
+            entry.base = owner_base;
           } else {
-            cudaGetLastError();
-            if (++failures[peer][slot] < kOpenAttempts) {
-              retry = true;
-              continue;
+            void* base = nullptr;
+            if (cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess) == cudaSuccess) {
+              opened_[peer][slot] = base;
+              entry.base = reinterpret_cast<uint64_t>(base);
+            } else {
+              cudaGetLastError();
+              if (++failures[peer][slot] < kOpenAttempts) {
+                retry = true;
+                continue;
+              }
+              kind = kImportFailed;
             }
-            state = kImportFailed;
           }
         }
-        seen[peer][slot] = 1;
+        done[peer][slot] = generation;
         found = true;
         // The kernel reads state with ld.acquire.sys, then base: base is visible first.
         std::atomic_thread_fence(std::memory_order_release);
-        reinterpret_cast<volatile uint64_t&>(entry.state) = state;
+        reinterpret_cast<volatile uint64_t&>(entry.state) =
+            (static_cast<uint64_t>(generation) << kImportKindBits) | kind;
       }
     }
     if (retry) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));  // a refused open, tried again shortly
     } else if (!found) {
-      // Woken by a peer's export or by the destructor; the timeout only bounds a missed wake.
+      // Woken by a peer's export or retirement, or by the destructor; the timeout only bounds a missed wake.
       futex_wait(wake, sequence, 100'000'000L);
     }
   }

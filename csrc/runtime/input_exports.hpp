@@ -1,9 +1,14 @@
 // The host side of the host-free pull combine (protocol/pull_inputs.hpp). Every rank exports the
-// allocations that hold its combine inputs into numbered slots of a table in one POSIX shared-memory object
-// (a slot is never reused while the Buffer lives), and runs a mapping thread that opens every peer's newly
-// exported allocations by CUDA IPC, ahead of use, into an import table in host-mapped memory. A combine call
-// then only looks up (or exports) its own inputs: no rank waits for another on the host. The kernel waits,
-// bounded, for an entry its peer exported moments before to be mapped.
+// allocations that hold its combine inputs into numbered slots of a table in one POSIX shared-memory object,
+// and runs a mapping thread that opens every peer's newly exported allocations by CUDA IPC, ahead of use, into
+// an import table in host-mapped memory. A combine call then only looks up (or exports) its own inputs: no rank
+// waits for another on the host. The kernel waits, bounded, for an entry its peer exported moments before to be
+// mapped. An exported allocation that its owner has since freed (a caching allocator emptying its cache) is
+// retired: the owner looks for freed ones whenever it exports a new allocation and every kScanPeriod calls, and
+// the peers close their mappings of a retired slot, so its memory is not held and the slot can be used again.
+// CUDA calls a free before the importers' close undefined; nothing tells this code of a caching allocator's
+// frees ahead of time, so the close follows the free as soon as it is seen, and only mappings no kernel reads
+// any more are closed (GPU case combine_inputs_freed checks the memory comes back).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,6 +17,7 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -33,10 +39,10 @@ class InputExports {
   InputExports(const InputExports&) = delete;
   InputExports& operator=(const InputExports&) = delete;
 
-  // Where this call's inputs live, for the kernel: each input's export slot (its allocation exported on
-  // first sight) and offset. An input whose allocation cannot be exported, or that comes when the general
-  // slots are used up, is copied on `stream` into the staging allocation (grown, and exported anew, when too
-  // small). has_rows false: slot -1 (nothing is read). `topk_weights` may be null (no top-k).
+  // Where this call's inputs live, for the kernel: each input's export slot and generation (its allocation
+  // exported on first sight) and offset. An input whose allocation cannot be exported, or that comes when every
+  // general slot holds a live allocation, is copied on `stream` into the staging allocation (grown, and exported
+  // anew, when too small). has_rows false: slot -1 (nothing is read). `topk_weights` may be null (no top-k).
   PullInput export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes, bool has_rows,
                         cudaStream_t stream);
 
@@ -48,7 +54,13 @@ class InputExports {
  private:
   InputExports(int rank, int size, int device, void* shared, size_t shared_bytes);
   Table* table(int rank) const;
-  int export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging);
+  // Exports `base` into a free slot (general or staging); false when there is none.
+  bool export_allocation(char* base, const cudaIpcMemHandle_t& handle, bool staging, InputRef* ref);
+  // Retires the general slots whose allocation is gone (freed, or another allocation at its address).
+  void retire_freed();
+  void publish(int slot, uint32_t generation);
+  // Closes the mappings the mapping thread retired (on the calling thread, outside stream capture).
+  void close_retired_mappings(cudaStream_t stream);
   InputRef stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream);
   void serve();
   // Closes the mappings, frees the allocations and unmaps the shared table (destructor, failed constructor).
@@ -61,13 +73,27 @@ class InputExports {
   ImportEntry* device_imports_ = nullptr;
   uint64_t* resolved_bases_ = nullptr;  // cudaMalloc
   using HandleKey = std::array<char, sizeof(cudaIpcMemHandle_t)>;
-  std::map<HandleKey, int> slot_of_;  // this rank's exported allocations
-  int next_general_ = 0, next_staging_ = kExportSlots - kStagingSlots;
+  // This rank's general slots: the allocation each holds while live, and the slot's generation.
+  struct GeneralSlot {
+    char* base = nullptr;
+    HandleKey key{};
+    uint32_t generation = 0;  // odd: exported (live), even: never used or retired
+  };
+  static constexpr int kGeneralSlots = kExportSlots - kStagingSlots;
+  // Calls between two looks for freed allocations (a look costs two driver queries per live slot).
+  static constexpr int kScanPeriod = 256;
+  std::array<GeneralSlot, kGeneralSlots> general_;
+  std::map<HandleKey, int> slot_of_;  // live general slots by allocation
+  int calls_since_scan_ = 0;
+  int next_staging_ = kGeneralSlots;
   char* staging_ = nullptr;  // current staging allocation and its export slot
   size_t staging_bytes_ = 0;
-  int staging_slot_ = -1;
+  InputRef staging_ref_{-1, 0, 0};
   std::vector<char*> retired_staging_;      // earlier ones: peers' kernels may still read them
-  std::vector<std::vector<void*>> opened_;  // [rank][slot]: mappings of the peers' allocations
+  std::vector<std::vector<void*>> opened_;  // [rank][slot]: mappings of the peers' allocations (mapping thread)
+  std::mutex retired_mutex_;                // guards retired_mappings_
+  std::vector<void*> retired_mappings_;     // retired by the mapping thread, closed by export_call
+  std::atomic<bool> has_retired_mappings_{false};
   std::atomic<bool> stop_{false};
   std::thread mapper_;
 };

@@ -345,7 +345,24 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
+  c.in_place = false;
+  if (in.internode_in_place && in.pull_exchange) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const auto& inputs =
+        in.peer_tensors.map(*in.pull_exchange, rank(), a.x.data, num_topk ? a.topk_weights->data : nullptr,
+                            num_topk > 0, rows > 0, capture == cudaStreamCaptureStatusNone);
+    if (!inputs.x.empty()) {  // the same on every rank: decided from the gathered records
+      c.in_place = true;
+      const int first_local = rank() / Rn * Rn;
+      for (int j = 0; j < Rn; ++j) {
+        c.local_x[j] = reinterpret_cast<const uint16_t*>(inputs.x[first_local + j]);
+        c.local_topk_weights[j] = num_topk ? reinterpret_cast<const float*>(inputs.weights[first_local + j]) : nullptr;
+      }
+    }
+  }
   prepare_internode_state(stream, "internode combine");
+  last_combine_in_place_ = c.in_place;
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);
   LaunchShape launch_shape;

@@ -60,9 +60,10 @@
 //       Where a transport maps the peers' windows (P2P), the peer's address of `offset`: a kernel may
 //       store there directly instead of staging and putting, saving a copy. Such stores count as puts
 //       of the storing thread: a signal_add (or put_with_signal) covers them once every storing thread
-//       has made them visible at system scope (__threadfence_system) and is ordered before the
-//       signalling warp (by a barrier, or by being that warp). nullptr where no mapping exists (GIN):
-//       the kernel then stages and puts.
+//       is ordered before the signalling warp (by a barrier, or by being that warp): the signalling
+//       lanes' system fence and release add are cumulative over what the barrier ordered before them,
+//       so the storing threads need no fence of their own. nullptr where no mapping exists (GIN): the
+//       kernel then stages and puts.
 // ================================================================================================
 
 namespace deep_ep::transport {

@@ -166,6 +166,8 @@ class Buffer {
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
   // Whether the last intranode_combine pulled (false before the first, or when it ran the ring combine).
   bool last_combine_pulled() const { return last_combine_pulled_; }
+  // Whether the last internode combine read the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE).
+  bool last_combine_in_place() const { return last_combine_in_place_; }
 
   // Nodes of this group (1 = every op is intranode). Internode ops need num_nodes() > 1.
   int num_nodes() const;
@@ -213,6 +215,7 @@ class Buffer {
   int num_device_sms_ = 0;
   int num_ranks_per_device_ = 1;
   bool last_combine_pulled_ = false;
+  bool last_combine_in_place_ = false;
   bool available_ = false;
   std::unique_ptr<Internals> internals_;
 };

@@ -171,6 +171,7 @@ void bind_buffer(nb::module_& m) {
           nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
       .def("num_nodes", &Buffer::num_nodes)
       .def("last_combine_pulled", &Buffer::last_combine_pulled)
+      .def("last_combine_in_place", &Buffer::last_combine_in_place)
       .def("num_ranks_per_node", &Buffer::num_ranks_per_node)
       .def(
           "internode_dispatch",

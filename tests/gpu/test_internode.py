@@ -200,8 +200,10 @@ def with_low_latency_ops(ctx, rn):
     teardown()
 
 
-def back_to_back(ctx, rn, num_calls):
+def back_to_back(ctx, rn, num_calls, overwrite_input=False):
     """Many dispatch/combine pairs with fresh data; combine(dispatch(x)) == x * ranks reached, checked every call.
+    With overwrite_input, each combine's input is overwritten with NaN on the stream right after the call: a
+    peer still reading it after this rank's combine ended would sum NaNs.
 
     Small integers: the per-node partials (rounded to bf16) and their sum are exact."""
     group = _prepare(ctx, rn, seed=7)
@@ -214,6 +216,8 @@ def back_to_back(ctx, rn, num_calls):
         layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank} call {call}")
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
         combined, _, _ = buffer.combine(recv_x, handle)
+        if overwrite_input:
+            recv_x.fill_(float("nan"))
         expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
@@ -406,6 +410,28 @@ def timeout_names_rank_peer_phase(ctx, rn):
     teardown()
 
 
+def in_place(ctx, rn, fn, *args):
+    """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, read
+    per call, set on every rank; the rank processes start each case from their first environment). Every combine
+    it makes must have run in place (an input that cannot be mapped would fall back without saying)."""
+    os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "1"
+    original = deep_ep.Buffer.combine
+    ran_in_place = []
+
+    def recording(self, *call_args, **kwargs):
+        result = original(self, *call_args, **kwargs)
+        ran_in_place.append(self.runtime.last_combine_in_place())
+        return result
+
+    deep_ep.Buffer.combine = recording
+    try:
+        result = fn(ctx, rn, *args)
+    finally:
+        deep_ep.Buffer.combine = original
+    assert ran_in_place and all(ran_in_place), f"rank {ctx.rank}: combines in place: {ran_in_place}"
+    return result
+
+
 def cases(rank_counts):
     out = []
     t = 240
@@ -464,6 +490,32 @@ def cases(rank_counts):
                     dispatch_combine,
                     dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]),
                 )
+            # The in-place combine: the same checks with the forwarders reading the inputs where they are.
+            add("bf16_topk_in_place", in_place, dispatch_combine, dict(bias=1))
+            add("fp8_worst_tokens_in_place", in_place, dispatch_combine, dict(fp8=True, worst=True))
+            add(
+                "tokens_4096_small_rings_sweep_in_place",
+                in_place,
+                dispatch_combine,
+                dict(
+                    num_tokens=4096,
+                    hidden=256,
+                    bias=1,
+                    rounds=4,
+                    round_configs=[(4, 288, 4, 16), (44, 288, 32, 128), (8, 16, 6, 24), (20, 480, 12, 128)],
+                ),
+            )
+            add("cuda_graph_in_place", in_place, cuda_graph)
+            add("bf16_no_topk_in_place", in_place, dispatch_combine, dict(with_topk=False, bias=2))
+            add(
+                "edges_in_place",
+                in_place,
+                dispatch_combine,
+                dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),
+            )
+            add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
+            # Fresh inputs every call (mappings past the exchange's cache) and inputs overwritten after the call.
+            add("back_to_back_in_place", in_place, back_to_back, 50, True)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)

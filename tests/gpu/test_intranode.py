@@ -199,6 +199,24 @@ def dbo_streams(ctx, opts):
     teardown()
 
 
+def _routed_dispatch(buffer, num_tokens, hidden, num_topk, num_ranks):
+    """Fresh BF16 tokens with random top-k routing, dispatched with their layout: (x, topk_idx, topk_weights,
+    is_token_in_rank, the dispatch's outputs)."""
+    x = make_x(num_tokens, hidden, False)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, num_ranks, "random")
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    received = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )
+    return x, topk_idx, topk_weights, in_rank, received
+
+
 def combine_runs_ahead(ctx):
     """The default (host-free pull) combine does not wait on the host for other ranks: while rank 0 is still busy
     (2 s on its host before its combine), every other rank's combine call returns at once and the rank goes on
@@ -215,17 +233,8 @@ def combine_runs_ahead(ctx):
     further_work()
     for round_idx in range(2):
         num_tokens = max(1, 256 - 29 * ctx.rank)
-        x = make_x(num_tokens, hidden, False)
-        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
-        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-        received = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
+        x, topk_idx, topk_weights, in_rank, received = _routed_dispatch(
+            buffer, num_tokens, hidden, num_topk, ctx.num_ranks
         )
         expert_out = torch.randn(received[0].size(0), hidden, device="cuda").to(torch.bfloat16)
         torch.cuda.synchronize()
@@ -249,6 +258,80 @@ def combine_runs_ahead(ctx):
         inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
         expected = reference_combine(group, inputs, outputs, expert_out, received[2], None, hidden, num_topk)
         check_combine(expected[ctx.rank], combined[0], combined[1], topk_idx, topk_weights, in_rank, True, label)
+    buffer.destroy()
+    teardown()
+
+
+def combine_inputs_freed(ctx, num_rounds):
+    """The host-free combine with a combine input in a new allocation every round, freed and the cache emptied
+    after it (an allocator that keeps returning memory): more rounds than there are export slots, every result
+    checked exactly, so freed allocations' slots must be retired and used again (or the inputs staged). Then the
+    memory: with every rank's inputs freed and three more combines (the first looks for freed allocations, the
+    later ones close the peers' retired mappings), the GPU's free memory must come back to within two inputs per rank
+    of what it was before the rounds (every rank's last input is still allocated)."""
+    group = setup(ctx, seed_base=23)
+    hidden, num_topk = 2048, 4
+    os.environ["DEEP_EP_PULL_COMBINE"] = "1"
+    buffer = _buffer(group, hidden)
+    x, topk_idx, topk_weights, in_rank, received = _routed_dispatch(
+        buffer, 64 + 7 * ctx.rank, hidden, num_topk, ctx.num_ranks
+    )
+    inputs, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+    # Each round's input sits at the start of a 64 MiB allocation of its own (the cache is emptied before it).
+    input_bytes = 64 << 20
+    num_rows = received[0].size(0)
+    assert num_rows * hidden * 2 <= input_bytes
+
+    def free_memory():
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        return torch.cuda.mem_get_info()[0]
+
+    torch.cuda.empty_cache()
+    before = free_memory()
+    torch.distributed.barrier(group)  # every rank has read it before any allocates again
+    for round_idx in range(num_rounds):
+        torch.cuda.empty_cache()
+        storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+        expert_out = storage[: num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
+        expert_out.copy_(torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16))
+        combined = buffer.combine(expert_out, received[4], topk_weights=received[2])
+        assert buffer.runtime.last_combine_pulled(), "expected the pull combine"
+        expected = reference_combine(group, inputs, outputs, expert_out, received[2], None, hidden, num_topk)
+        check_combine(
+            expected[ctx.rank],
+            combined[0],
+            combined[1],
+            topk_idx,
+            topk_weights,
+            in_rank,
+            True,
+            f"rank {ctx.rank} round {round_idx}",
+        )
+        del combined, expert_out, storage
+        torch.distributed.barrier(group)
+    torch.cuda.empty_cache()
+    # More combines from one new allocation: the first makes each rank look for its freed inputs and retire their
+    # slots; the peers' mapping threads then retire their mappings, which each rank closes at its next combine.
+    storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+    expert_out = storage[: num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
+    expert_out.zero_()
+    for _ in range(3):
+        buffer.combine(expert_out, received[4], topk_weights=received[2])
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        time.sleep(0.2)
+    # Every rank's last input is still allocated: allow that, and as much again.
+    allowed = before - 2 * ctx.num_ranks * input_bytes
+    after = free_memory()
+    held_ok = torch.tensor([1 if after >= allowed else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(held_ok, op=torch.distributed.ReduceOp.MIN, group=group)
+    assert held_ok.item() == 1, (
+        f"rank {ctx.rank}: {(before - after) / 2**20:.0f} MiB of device memory still held after {num_rounds} rounds "
+        f"of freed {input_bytes >> 20} MiB combine inputs (allowed {2 * ctx.num_ranks * input_bytes >> 20} MiB; "
+        f"some rank's GPU held more)"
+    )
+    del expert_out, storage
     buffer.destroy()
     teardown()
 
@@ -464,6 +547,8 @@ def cases(rank_counts):
         out.append((f"{base}/back_to_back_200", back_to_back, r, (200,), t))
         # Dual-batch overlap on streams of its own (vLLM's DBO, as deep_ep calls alone): each format and combine.
         out.append((f"{base}/combine_runs_ahead", combine_runs_ahead, r, (), t))
+        # More freed inputs than export slots (64, 8 of them for staging).
+        out.append((f"{base}/combine_inputs_freed", combine_inputs_freed, r, (80,), t))
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
         out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))

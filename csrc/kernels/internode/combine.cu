@@ -97,22 +97,28 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         }
         const int64_t row = first + offset[owned];
         char* entry = ring + static_cast<int64_t>(pushed[owned] % ring_slots) * stride;
-        // The row's first 32 top-k weights are loaded before it is copied (their round trip overlaps the row's).
-        const float* row_weights = args.topk_weights + row * args.num_topk;
-        const float weight = lane < args.num_topk ? row_weights[lane] : 0.0f;
-        device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(entry),
-                                       reinterpret_cast<const int4*>(args.x + row * args.hidden), row_int4, lane,
-                                       device::ld_input);
-        float* weights = reinterpret_cast<float*>(entry + args.hidden * 2);
-        if (lane < args.num_topk) weights[lane] = weight;
-        for (int k = lane + 32; k < args.num_topk; k += 32) weights[k] = row_weights[k];
+        if (args.in_place) {
+          // The forwarder reads the row where it is: the entry carries its index only.
+          if (lane == 0) *reinterpret_cast<int*>(entry) = static_cast<int>(row);
+        } else {
+          // The row's first 32 top-k weights are loaded before it is copied (their round trip overlaps the row's).
+          const float* row_weights = args.topk_weights + row * args.num_topk;
+          const float weight = lane < args.num_topk ? row_weights[lane] : 0.0f;
+          device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(entry),
+                                         reinterpret_cast<const int4*>(args.x + row * args.hidden), row_int4, lane,
+                                         device::ld_input);
+          float* weights = reinterpret_cast<float*>(entry + args.hidden * 2);
+          if (lane < args.num_topk) weights[lane] = weight;
+          for (int k = lane + 32; k < args.num_topk; k += 32) weights[k] = row_weights[k];
+        }
         ++offset[owned];
         ++pushed[owned];
         --budget;
         progressed = true;
       }
       timer.lap(0);
-      __threadfence_system();
+      // Every lane's entry stores precede lane 0's release through the __syncwarp (a release is cumulative
+      // over what its thread observed): no fence per lane.
       __syncwarp();
       if (lane == 0)
         device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, local_rank), layout.flag_ring_tail(channel, ctx.local)),
@@ -120,6 +126,34 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       timer.lap(2);
     }
     if (!pending) {
+      // In place, the forwarders read this rank's input itself: wait until each has released every entry, which
+      // it does only after the sums that read the rows (ring_head, st.release.sys after its batch's barrier). The
+      // bound counts from the last release seen: a forwarder may stall on remote credits several times on the way.
+      if (args.in_place && lane == 0) {
+        for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
+          const int local_rank = warp + owned * num_producer_warps;
+          // No entry pushed: that forwarder reads nothing of this rank here (and may never store a head).
+          if (local_rank >= num_ranks_per_node || pushed[owned] == 0) continue;
+          const int64_t* head = ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank));
+          IdleClock released;
+          int seen = count_of(device::ld_acquire_sys(head), epoch);
+          bool failed = false;
+          while (seen < pushed[owned]) {
+            const int now = count_of(device::ld_acquire_sys(head), epoch);
+            if (now > seen) {
+              seen = now;
+              released.progressed();
+            } else if (released.expired(ctx.peers)) {
+              device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
+                             ctx.rank_of(ctx.node, local_rank), channel, -1, pushed[owned], seen);
+              failed = true;
+              break;
+            }
+          }
+          if (failed) break;
+        }
+      }
+      __syncwarp();
       timer.report("combine", "producer", ctx.peers.rank, num_ranks_per_node, 0);
       return;
     }
@@ -137,6 +171,8 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
 // Per warp: the rows being summed, in summation order (forwarder: entries by local rank; home: partials by node,
 // then the biases).
 __shared__ const int4* sources_of[kNumWarps][32];
+// Where each of those sources' top-k weights are (after the row in a ring entry, or the input's own weights).
+__shared__ const float* source_weights_of[kNumWarps][32];
 
 // dst[col] = bf16(the float32 sum over s = 0, 1, ... of sources[s][col]) for every 16-byte column of a row of
 // row_int4 columns. A lane keeps kCols columns x kGroup sources of loads in flight: one column per step would
@@ -174,6 +210,13 @@ __device__ __forceinline__ float sum_weights(const int4* const* sources, int num
   float acc = 0.0f;
   for (int s = 0; s < num_sources; ++s)
     acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(sources[s]) + hidden * 2) + k);
+  return acc;
+}
+
+// The float32 sum over s of weights[s][k], in order.
+__device__ __forceinline__ float sum_source_weights(const float* const* weights, int num_sources, int k) {
+  float acc = 0.0f;
+  for (int s = 0; s < num_sources; ++s) acc += __ldcg(weights[s] + k);
   return acc;
 }
 
@@ -276,9 +319,20 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           // The entries, compacted in local-rank order (the reference's order of additions).
           const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
           const int4** sources = sources_of[threadIdx.x / 32];
-          if (position >= 0)
-            sources[__popc(present & ((1u << lane) - 1u))] =
-                reinterpret_cast<const int4*>(ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride);
+          const float** source_weights = source_weights_of[threadIdx.x / 32];
+          if (position >= 0) {
+            const int index = __popc(present & ((1u << lane) - 1u));
+            const char* entry = ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride;
+            if (args.in_place) {
+              // The entry names the row of local rank `lane`'s input (read after the tail's acquire above).
+              const int64_t row = __ldcg(reinterpret_cast<const int*>(entry));
+              sources[index] = reinterpret_cast<const int4*>(args.local_x[lane] + row * args.hidden);
+              source_weights[index] = args.num_topk > 0 ? args.local_topk_weights[lane] + row * args.num_topk : nullptr;
+            } else {
+              sources[index] = reinterpret_cast<const int4*>(entry);
+              source_weights[index] = reinterpret_cast<const float*>(entry + args.hidden * 2);
+            }
+          }
           __syncwarp();
           const int num_sources = __popc(present);
           const int64_t home_slot = layout.slot(ctx.node, channel, i);
@@ -292,14 +346,14 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           }
           sum_sources<kSumCols, kSumGroup>(reinterpret_cast<int4*>(dst), sources, num_sources, row_int4, lane);
           for (int k = lane; k < args.num_topk; k += 32)
-            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = sum_weights(sources, num_sources, args.hidden, k);
+            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = sum_source_weights(source_weights, num_sources, k);
           __syncwarp();  // sources_of is rewritten by the warp's next position
         }
         timer.lap(2);
       }
-      // The batch's partials are written and fenced (direct stores and staged put sources alike) before
-      // the signal; its ring entries are read before their space is handed back.
-      __threadfence_system();
+      // The batch's partials (direct stores and staged put sources alike) and its ring reads are ordered
+      // before warp 0's releases and signal by the barrier; those are cumulative (transport.cuh), so one
+      // fence in the signalling warp covers the batch instead of one per forwarder thread.
       device::named_barrier(kForwardBarrier, num_forward_warps * 32);
       if (abort_forward) break;
       if (forward_warp == 0) {

@@ -163,9 +163,9 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       }
     }
     timer.lap(1);
-    // In-place and direct stores count as puts once fenced and ordered before the signalling warp by
-    // the barrier; staged rows are a put's source, written before the barrier.
-    __threadfence_system();
+    // In-place and direct stores count as puts once ordered before the signalling warp by the barrier
+    // (its fence and release are cumulative: transport.cuh); staged rows are a put's source, written
+    // before the barrier. One fence per round in the signalling warp, not one per sender thread.
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
     // dispatch(my node, channel) on forwarder (node, my local): one add per round with the round's rows,

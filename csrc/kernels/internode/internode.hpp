@@ -108,6 +108,12 @@ struct CombineArgs {
   int num_producer_warps, num_forward_warps;  // of the block's 16; the rest sum for the home rank
   uint16_t* combined_x;                       // [T, hidden]
   float* combined_topk_weights;               // [T, K] or null
+  // In-place form (in_place): every rank of this node's x and top-k weights, mapped into this process, by local
+  // rank. Producers then push row indices into the rings instead of rows, forwarders read the rows where they are,
+  // and a producer ends only once its forwarders have released every entry (so no input is freed while read).
+  bool in_place;
+  const uint16_t* local_x[32];
+  const float* local_topk_weights[32];
 };
 
 // shape.num_blocks: one block per channel (layout.num_channels).

@@ -6,8 +6,9 @@
 //
 // Ring counters (ControlRegion, owner = the rank whose buffer holds them):
 //   dispatch_tail[c][i] in receiver j's region: slots rank i has staged in ring c. Written by sender i
-//     (st.release.sys after a system fence of every sender thread); read by j with ld.acquire.sys
-//     before it reads those slots.
+//     (st.release.sys by warp 0 after a named barrier of every sender warp: the release is cumulative
+//     over the batch the barrier ordered before it); read by j with ld.acquire.sys before it reads
+//     those slots.
 //   dispatch_head[c][j] in sender i's region: slots receiver j is done with (kDone when j needs no
 //     more). Written by j (st.release.sys after its reads); read by i before reusing slots.
 #include <algorithm>
@@ -121,12 +122,21 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
       const int token = batch_begin + src_lane;
       const unsigned token_mask = __shfl_sync(0xffffffffu, mask, src_lane);
       const int64_t slot = static_cast<int64_t>(channel) * ring_slots + (staged + k) % ring_slots;
-      device::warp_copy<4>(reinterpret_cast<int4*>(ring.rows + slot * layout.row_stride),
-                           reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes),
-                           row_int4, lane, device::ld_input);
-      for (int scale = lane; scale < args.num_scales; scale += 32)
-        ring.scales[slot * args.num_scales + scale] =
-            args.x_scales[token * args.scale_token_stride + scale * args.scale_channel_stride];
+      // A token's first 64 FP8 scales are loaded before its row is copied and stored after it: their round
+      // trip (strided loads when the scales are column-major) overlaps the row's instead of following it.
+      const float* token_scales = args.x_scales + token * args.scale_token_stride;
+      const float early_scale_0 = lane < args.num_scales ? token_scales[lane * args.scale_channel_stride] : 0.0f;
+      const float early_scale_1 =
+          lane + 32 < args.num_scales ? token_scales[(lane + 32) * args.scale_channel_stride] : 0.0f;
+      device::warp_copy_in_rounds<8>(
+          reinterpret_cast<int4*>(ring.rows + slot * layout.row_stride),
+          reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes), row_int4, lane,
+          device::ld_input);
+      float* slot_scales = ring.scales + slot * args.num_scales;
+      if (lane < args.num_scales) slot_scales[lane] = early_scale_0;
+      if (lane + 32 < args.num_scales) slot_scales[lane + 32] = early_scale_1;
+      for (int scale = 64 + lane; scale < args.num_scales; scale += 32)
+        slot_scales[scale] = token_scales[scale * args.scale_channel_stride];
       for (int k2 = lane; k2 < args.num_topk; k2 += 32) {
         ring.topk_idx[slot * args.num_topk + k2] =
             static_cast<int>(args.topk_idx[static_cast<int64_t>(token) * args.num_topk + k2]);
@@ -137,7 +147,9 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
     }
     staged += num_staged;
     timer.lap(0);
-    __threadfence_system();
+    // One fence per batch, not one per thread: every sender thread's slot writes precede the barrier, and
+    // the publishing lanes' st.release.sys is cumulative over what their threads observed through it, so a
+    // receiver that acquires the tail sees the whole batch.
     device::named_barrier(kSendBarrier, kSendWarps * 32);
     if (warp == 0 && lane < num_ranks)
       device::st_release_sys(&control_of(peers, lane)->dispatch_tail[channel][rank], staged);

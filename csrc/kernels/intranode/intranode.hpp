@@ -101,8 +101,8 @@ struct PullCombineArgs {
   const float* topk_weights[kNumMaxNvlPeers];
   const ImportEntry* imports;  // [kNumMaxNvlPeers][kExportSlots], host-mapped; null: the arrays are complete
   // [kNumMaxNvlPeers][kExportSlots], device memory, zero until a kernel of this process first resolved the slot
-  // through `imports`; later calls read it here (one L2 hit) instead of crossing PCIe. Valid for the
-  // Buffer's life: a slot is never reused and its mapping stays open until the Buffer is released.
+  // through `imports`; later calls of the same generation read it here (one L2 hit) instead of crossing PCIe.
+  // Each word is tagged with the generation it was resolved for (protocol/pull_inputs.hpp).
   uint64_t* resolved_bases;
   PullInput own_input;               // this rank's export refs, published to every rank (host-free form)
   const uint16_t* bias_0;            // [T, hidden] or null

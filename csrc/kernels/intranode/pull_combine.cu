@@ -78,31 +78,38 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     if (args.imports && j != rank && ok_shared) {
       // Volatile: another process wrote it; read at L2, never from an L1 copy.
       const volatile PullInput* input = &mine->pull_inputs[j];
-      const InputRef refs[2] = {{input->x.slot, 0, input->x.offset},
-                                {input->topk_weights.slot, 0, input->topk_weights.offset}};
+      const InputRef refs[2] = {{input->x.slot, input->x.generation, input->x.offset},
+                                {input->topk_weights.slot, input->topk_weights.generation, input->topk_weights.offset}};
       const void* resolved[2] = {nullptr, nullptr};
+      constexpr uint64_t kBaseMask = (uint64_t{1} << kResolvedTagShift) - 1;
       for (int i = 0; i < 2; ++i) {
         if (refs[i].slot < 0) continue;
-        // Resolved by an earlier call of this process: plain device memory, written only by this process's
-        // kernels (ordered by kernel boundaries, or racing with an equal 64-bit value within one grid).
+        // Resolved by an earlier call of this process for the same generation: plain device memory, written only
+        // by this process's kernels (ordered by kernel boundaries, or racing with an equal 64-bit value within
+        // one grid). Another generation's address (a retired and re-exported slot) does not match the tag.
         uint64_t* cached = args.resolved_bases + j * kExportSlots + refs[i].slot;
-        uint64_t base = __ldcg(cached);
+        const uint64_t tag = static_cast<uint64_t>(refs[i].generation & 0xffffu) << kResolvedTagShift;
+        const uint64_t word = __ldcg(cached);
+        uint64_t base = (word & ~kBaseMask) == tag ? word & kBaseMask : 0;
         if (base == 0) {
           const ImportEntry* entry = args.imports + j * kExportSlots + refs[i].slot;
+          const int64_t mapped =
+              static_cast<int64_t>((static_cast<uint64_t>(refs[i].generation) << kImportKindBits) | kImportMapped);
           int64_t state = 0;
-          if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state),
-                                     static_cast<int64_t>(kImportMapped), peers.timeout_ns, peers.diagnostics,
-                                     Phase::kPullCombineMap, rank, j, block, &state)) {
+          if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state), mapped, peers.timeout_ns,
+                                     peers.diagnostics, Phase::kPullCombineMap, rank, j, block, &state)) {
             ok_shared = 0;
             break;
           }
-          if (state != static_cast<int64_t>(kImportMapped)) {  // cudaIpcOpenMemHandle failed here
-            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, kImportMapped, state);
+          // Anything else: cudaIpcOpenMemHandle failed for this generation, or the slot moved on (a protocol
+          // error: a published slot stays exported until its owner's kernel, which waits for every reader, ends).
+          if (state != mapped) {
+            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, mapped, state);
             ok_shared = 0;
             break;
           }
           base = *reinterpret_cast<volatile const uint64_t*>(&entry->base);
-          *cached = base;
+          if ((base & ~kBaseMask) == 0) *cached = base | tag;
         }
         resolved[i] = reinterpret_cast<const char*>(base) + refs[i].offset;
       }
