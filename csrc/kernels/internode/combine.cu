@@ -225,6 +225,11 @@ __device__ __forceinline__ float sum_source_weights(const float* const* weights,
 // Columns x sources of loads a lane keeps in flight in the sums.
 constexpr int kSumCols = 4;
 constexpr int kSumGroup = 2;
+// Positions a forwarder warp sums per batch: a batch pays one system fence per thread, two barriers, the
+// ring-head stores and the signal, whatever its size (about a quarter of a forwarder's time at one position
+// per warp). At most half of the smaller ring per batch, so that neither ring can fill with entries of the
+// batch that is waiting for them.
+constexpr int kMaxPositionsPerWarp = 4;
 
 template <typename Transport>
 __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int64_t stride, int epoch, int channel) {
@@ -244,6 +249,9 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   if (forward_warp == 0 && lane == 0) abort_forward = 0;
   device::named_barrier(kForwardBarrier, num_forward_warps * 32);
   const int row_int4 = args.hidden * 2 / 16;
+  const int positions_per_warp =
+      max(1, min(kMaxPositionsPerWarp, min(ring_capacity, ring_slots) / (2 * num_forward_warps)));
+  const int batch_width = num_forward_warps * positions_per_warp;
   const Transport& net = ctx.net;
   // Buckets: 0 waiting for the home rank's credits, 1 waiting for the producers' entries, 2 summing, 3 fencing
   // and signalling.
@@ -259,8 +267,8 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         (node > 0 ? args.recv_rdma_rank_prefix_sum[node - 1] : 0) + (channel > 0 ? prefix[channel - 1] : 0);
     const int home_rank = ctx.rank_of(node, ctx.local);
     const bool staged = node != ctx.node && net.direct_ptr(home_rank, layout.rows_offset) == nullptr;
-    for (int batch_begin = 0; batch_begin < count; batch_begin += num_forward_warps) {
-      const int batch = min(num_forward_warps, count - batch_begin);
+    for (int batch_begin = 0; batch_begin < count; batch_begin += batch_width) {
+      const int batch = min(batch_width, count - batch_begin);
       // combine_credit(node, channel): adds of home rank (node, my local); position i overwrites position
       // i - ring_capacity.
       if (forward_warp == 0 && lane == 0 && batch_begin + batch - ring_capacity > 0) {
@@ -276,8 +284,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       device::named_barrier(kForwardBarrier, num_forward_warps * 32);
       timer.lap(0);
       if (abort_forward) break;
-      const int i = batch_begin + forward_warp;
-      if (i < count) {
+      // Warp w sums positions batch_begin + w, + num_forward_warps, ...: each warp's positions in stream order.
+      for (int p = 0; p < positions_per_warp; ++p) {
+        const int i = batch_begin + p * num_forward_warps + forward_warp;
+        if (i >= count) break;
         const int64_t nvl_row = row_base + i;
         __syncwarp();
         const int position = lane < num_ranks_per_node && nvl_row < args.num_rdma_rows
@@ -306,6 +316,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         timer.lap(1);
         if (!all_ok) {
           abort_forward = 1;
+          break;  // this warp's later positions wait on the same producers
         } else {
           // The entries, compacted in local-rank order (the reference's order of additions).
           const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
@@ -340,8 +351,8 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
             reinterpret_cast<float*>(dst + args.hidden * 2)[k] = sum_source_weights(source_weights, num_sources, k);
           __syncwarp();  // sources_of is rewritten by the warp's next position
         }
+        timer.lap(2);
       }
-      timer.lap(2);
       // The batch's partials (direct stores and staged put sources alike) and its ring reads are ordered
       // before warp 0's releases and signal by the barrier; those are cumulative (transport.cuh), so one
       // fence in the signalling warp covers the batch instead of one per forwarder thread.
