@@ -63,7 +63,12 @@ InputExports::Table* InputExports::table(int rank) const {
 std::unique_ptr<InputExports> InputExports::create(Group& group, int device) {
   const size_t bytes = table_stride() * group.size();
   void* shared = map_shared_object(group, bytes);  // zero-filled: nothing exported yet
-  if (!shared) return nullptr;
+  if (!shared) {
+    // The barrier below is taken on this path too: a NodeGroup's collectives are the whole group's, and another
+    // node may have succeeded.
+    group.barrier();
+    return nullptr;
+  }
   std::unique_ptr<InputExports> exports(new InputExports(group.rank(), group.size(), device, shared, bytes));
   group.barrier();  // every pid is written before any mapping thread reads one
   exports->mapper_ = std::thread([raw = exports.get()] { raw->serve(); });

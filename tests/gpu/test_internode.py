@@ -4,6 +4,7 @@ present: DEEP_EP_RANKS_PER_NODE groups the ranks into nodes of consecutive ranks
 
 import os
 import re
+import time
 
 import torch
 
@@ -222,6 +223,69 @@ def back_to_back(ctx, rn, num_calls, overwrite_input=False):
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
             raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
+def inputs_freed(ctx, rn, num_rounds):
+    """Every round's combine input in a fresh 64 MiB allocation, freed and the cache emptied after the combine: more
+    rounds than the input exports have slots, every result checked exactly, so the freed inputs' slots must be
+    retired and used again. Then, after three more combines (the first finds the freed inputs, the next ones close
+    the peers' retired mappings), the GPU's free memory must be back to within two inputs per rank of what it was
+    before the rounds. Small integers: combine(dispatch(x)) == x * ranks reached is exact."""
+    group = _prepare(ctx, rn, seed=29)
+    hidden = 2048
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    num_tokens = 96 + 5 * ctx.rank
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+    layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    reached = layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    input_bytes = 64 << 20
+    assert recv_x.numel() * 2 <= input_bytes
+
+    def free_memory():
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        return torch.cuda.mem_get_info()[0]
+
+    def fresh_input(sign):
+        storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+        expert_out = storage[: recv_x.numel() * 2].view(torch.bfloat16).view_as(recv_x)
+        expert_out.copy_(recv_x * sign)
+        return storage, expert_out
+
+    torch.cuda.empty_cache()
+    before = free_memory()
+    torch.distributed.barrier(group)  # every rank has read it before any allocates again
+    for round_idx in range(num_rounds):
+        torch.cuda.empty_cache()
+        sign = 1 if round_idx % 2 == 0 else -1
+        storage, expert_out = fresh_input(sign)
+        combined, _, _ = buffer.combine(expert_out, handle)
+        if not torch.equal(combined.float(), x.float() * reached * sign):
+            bad = (combined.float() != x.float() * reached * sign).nonzero()[0].tolist()
+            raise AssertionError(f"rank {ctx.rank} round {round_idx}: combine(dispatch(x)) differs at {bad}")
+        del combined, expert_out, storage
+        torch.distributed.barrier(group)
+    torch.cuda.empty_cache()
+    storage, expert_out = fresh_input(1)
+    for _ in range(3):
+        buffer.combine(expert_out, handle)
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        time.sleep(0.2)
+    allowed = before - 2 * ctx.num_ranks * input_bytes
+    after = free_memory()
+    held_ok = torch.tensor([1 if after >= allowed else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(held_ok, op=torch.distributed.ReduceOp.MIN, group=group)
+    assert held_ok.item() == 1, (
+        f"rank {ctx.rank}: {(before - after) / 2**20:.0f} MiB of device memory still held after {num_rounds} rounds "
+        f"of freed {input_bytes >> 20} MiB combine inputs (allowed {2 * ctx.num_ranks * input_bytes >> 20} MiB; "
+        f"some rank's GPU held more)"
+    )
+    del expert_out, storage
     buffer.destroy()
     teardown()
 
@@ -504,6 +568,8 @@ def cases(rank_counts):
             add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
             # Fresh inputs every call (mappings past the exchange's cache) and inputs overwritten after the call.
             add("back_to_back_in_place", in_place, back_to_back, 50, True)
+            if full:
+                add("inputs_freed_in_place", in_place, inputs_freed, 80)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)
