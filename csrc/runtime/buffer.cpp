@@ -334,11 +334,13 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     in.input_exports = InputExports::create(*group_, options.device);
   }
   // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE=1): the same exports over each node's ranks, where
-  // every rank maps its node's buffers by CUDA IPC. Every rank takes part in the decision and in each node's
-  // creation (collectives over the whole group), so a node that cannot never leaves the others waiting.
+  // every rank maps its node's buffers by CUDA IPC and every node can make them. Every rank takes part in the
+  // decision and in each node's creation (collectives over the whole group), so a node that cannot never leaves
+  // the others waiting.
   if (in.topology.num_nodes > 1 && in.internode_in_place) {
     const int Rn = in.topology.num_ranks_per_node, first_local = rank_ / Rn * Rn;
-    bool node_mapped = !in.gin_window && !options.use_fabric;
+    // The exports' tables hold kNumMaxNvlPeers ranks: larger nodes push rows.
+    bool node_mapped = !in.gin_window && !options.use_fabric && Rn <= kNumMaxNvlPeers;
     for (int r = first_local; r < first_local + Rn; ++r) node_mapped = node_mapped && in.peer_bases[r] != nullptr;
     bool every_node_mapped = true;
     for (const std::string& flag : group_->all_gather(node_mapped ? "1" : "0"))
@@ -346,6 +348,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     if (every_node_mapped) {
       NodeGroup node_group(*group_, Rn);
       in.input_exports = InputExports::create(node_group, options.device);
+      // Shared memory may fail on one node only: then every node pushes rows, so the choice is one answer.
+      bool everyone_exports = true;
+      for (const std::string& flag : group_->all_gather(in.input_exports ? "1" : "0"))
+        everyone_exports = everyone_exports && flag == "1";
+      if (!everyone_exports) in.input_exports.reset();
     }
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
@@ -497,6 +504,16 @@ void Buffer::check_device_errors() {
     in.poisoned = true;
     in.poison_message = msg;
     throw TimeoutError(msg);
+  }
+  if (phase == Phase::kPullCombineMap || phase == Phase::kInternodeCombineMap) {
+    // The combine stopped without reading that peer's input, so the peers' next waits would fail: unusable.
+    msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": the input of peer rank ",
+                         d->peer, " could not be mapped into this process (import state ", d->observed, ", expected ",
+                         d->expected, "; cudaIpcOpenMemHandle failed or the export moved on); the buffer must be ",
+                         "re-created");
+    in.poisoned = true;
+    in.poison_message = msg;
+    throw std::runtime_error(msg);
   }
   if (phase == Phase::kLowLatencyOverrun) {
     // The ranks' low-latency state no longer agrees: only a collective clean recovers it.

@@ -239,9 +239,11 @@ def inputs_freed(ctx, rn, num_rounds):
     num_tokens = 96 + 5 * ctx.rank
     topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
     x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+    weights = torch.rand(num_tokens, 8, device="cuda")
     layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
     reached = layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    routed = layout["is_token_in_rank"].any(dim=1, keepdim=True) & (topk_idx >= 0)
     input_bytes = 64 << 20
     assert recv_x.numel() * 2 <= input_bytes
 
@@ -263,16 +265,19 @@ def inputs_freed(ctx, rn, num_rounds):
         torch.cuda.empty_cache()
         sign = 1 if round_idx % 2 == 0 else -1
         storage, expert_out = fresh_input(sign)
-        combined, _, _ = buffer.combine(expert_out, handle)
+        combined, combined_w, _ = buffer.combine(expert_out, handle, topk_weights=recv_w.clone())
         if not torch.equal(combined.float(), x.float() * reached * sign):
             bad = (combined.float() != x.float() * reached * sign).nonzero()[0].tolist()
             raise AssertionError(f"rank {ctx.rank} round {round_idx}: combine(dispatch(x)) differs at {bad}")
-        del combined, expert_out, storage
+        assert torch.equal(torch.where(routed, weights, 0.0), torch.where(routed, combined_w, 0.0)), (
+            f"rank {ctx.rank} round {round_idx}: combined_topk_weights must restore the routed weights"
+        )
+        del combined, combined_w, expert_out, storage
         torch.distributed.barrier(group)
     torch.cuda.empty_cache()
     storage, expert_out = fresh_input(1)
     for _ in range(3):
-        buffer.combine(expert_out, handle)
+        buffer.combine(expert_out, handle, topk_weights=recv_w)
         torch.cuda.synchronize()
         torch.distributed.barrier(group)
         time.sleep(0.2)
@@ -566,7 +571,7 @@ def cases(rank_counts):
                 dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),
             )
             add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
-            # Fresh inputs every call (mappings past the exchange's cache) and inputs overwritten after the call.
+            # Fresh inputs every call (new exports and mappings) and inputs overwritten after the call.
             add("back_to_back_in_place", in_place, back_to_back, 50, True)
             if full:
                 add("inputs_freed_in_place", in_place, inputs_freed, 80)

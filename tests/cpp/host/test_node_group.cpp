@@ -51,12 +51,12 @@ TEST(NodeGroup, SharedObjectIsOnePerNode) {
     threads.emplace_back([&, r] {
       FileGroup group(dir, r, kRanks, 10.0);
       NodeGroup node(group, kRanksPerNode);
+      // A failed map is recorded, not asserted here: this thread still makes every collective the others wait on.
       void* shared = map_shared_object(node, 4096);
-      ASSERT_NE(shared, nullptr);
       auto* word = static_cast<std::atomic<int64_t>*>(shared);
-      if (node.rank() == 0) word->store(100 + r / kRanksPerNode, std::memory_order_release);
+      if (word && node.rank() == 0) word->store(100 + r / kRanksPerNode, std::memory_order_release);
       group.barrier();
-      seen[r] = word->load(std::memory_order_acquire);
+      seen[r] = word ? word->load(std::memory_order_acquire) : -2;
       group.barrier();  // every rank has read before any unmaps
       unmap_shared_object(shared, 4096);
     });
