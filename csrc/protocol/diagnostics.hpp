@@ -37,6 +37,7 @@ enum class Phase : int {
   kInternodeDispatchSend,     // internode dispatch sender waiting for a forwarder's credits (ring space)
   kInternodeCombineSend,      // internode combine forwarder waiting for a home rank's credits (ring space)
   kPullCombineMap,            // pull combine waiting for an expert rank's input to be mapped here
+  kInternodeCombineMap,       // internode combine forwarder waiting for a local rank's input to be mapped here
 };
 
 inline const char* phase_name(Phase phase) {
@@ -98,6 +99,8 @@ inline const char* phase_name(Phase phase) {
       return "combine (waiting for a home rank to finish reading this rank's outputs)";
     case Phase::kPullCombineMap:
       return "combine (waiting for an expert rank's input to be mapped into this process)";
+    case Phase::kInternodeCombineMap:
+      return "internode combine (waiting for a local rank's input to be mapped into this process, in place)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

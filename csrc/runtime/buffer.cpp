@@ -13,6 +13,7 @@
 
 #include "deep_ep/error.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/node_group.hpp"
 #include "util/cuda_check.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
@@ -328,11 +329,31 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // intranode ops only (a group of one node, at most kNumMaxNvlPeers ranks), every peer mapped by CUDA IPC.
   // Collective, so they are made here with the rest of the buffer: a rank that skips a combine then costs the
   // others a bounded wait in the exchange instead of a mismatched group collective.
-  // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE) maps the node's inputs through the same exchange.
-  const bool pulls = in.topology.num_nodes == 1 || in.internode_in_place;
-  if (pulls && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
+  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    if (in.topology.num_nodes == 1) in.input_exports = InputExports::create(*group_, options.device);
+    in.input_exports = InputExports::create(*group_, options.device);
+  }
+  // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE=1): the same exports over each node's ranks, where
+  // every rank maps its node's buffers by CUDA IPC and every node can make them. Every rank takes part in the
+  // decision and in each node's creation (collectives over the whole group), so a node that cannot never leaves
+  // the others waiting.
+  if (in.topology.num_nodes > 1 && in.internode_in_place) {
+    const int Rn = in.topology.num_ranks_per_node, first_local = rank_ / Rn * Rn;
+    // The exports' tables hold kNumMaxNvlPeers ranks: larger nodes push rows.
+    bool node_mapped = !in.gin_window && !options.use_fabric && Rn <= kNumMaxNvlPeers;
+    for (int r = first_local; r < first_local + Rn; ++r) node_mapped = node_mapped && in.peer_bases[r] != nullptr;
+    bool every_node_mapped = true;
+    for (const std::string& flag : group_->all_gather(node_mapped ? "1" : "0"))
+      every_node_mapped = every_node_mapped && flag == "1";
+    if (every_node_mapped) {
+      NodeGroup node_group(*group_, Rn);
+      in.input_exports = InputExports::create(node_group, options.device);
+      // Shared memory may fail on one node only: then every node pushes rows, so the choice is one answer.
+      bool everyone_exports = true;
+      for (const std::string& flag : group_->all_gather(in.input_exports ? "1" : "0"))
+        everyone_exports = everyone_exports && flag == "1";
+      if (!everyone_exports) in.input_exports.reset();
+    }
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
   group_->barrier();
@@ -483,6 +504,16 @@ void Buffer::check_device_errors() {
     in.poisoned = true;
     in.poison_message = msg;
     throw TimeoutError(msg);
+  }
+  if (phase == Phase::kPullCombineMap || phase == Phase::kInternodeCombineMap) {
+    // The combine stopped without reading that peer's input, so the peers' next waits would fail: unusable.
+    msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": the input of peer rank ",
+                         d->peer, " could not be mapped into this process (import state ", d->observed, ", expected ",
+                         d->expected, "; cudaIpcOpenMemHandle failed or the export moved on); the buffer must be ",
+                         "re-created");
+    in.poisoned = true;
+    in.poison_message = msg;
+    throw std::runtime_error(msg);
   }
   if (phase == Phase::kLowLatencyOverrun) {
     // The ranks' low-latency state no longer agrees: only a collective clean recovers it.

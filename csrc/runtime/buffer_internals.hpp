@@ -57,13 +57,15 @@ struct Buffer::Internals {
   bool ll_receive_pending[2] = {false, false};
   PeerTensorMap peer_tensors;  // other ranks' pull-combine inputs, mapped here
   // DEEP_EP_INTERNODE_IN_PLACE=1 at creation, the same on every rank: internode combines read the node's
-  // inputs in place where the address exchange maps them (CombineArgs::in_place).
+  // inputs in place where input_exports (over each node's ranks) exists (CombineArgs::in_place).
   bool internode_in_place = false;
-  // Their addresses, per call (made with the buffer); null where some peer is not mapped by CUDA IPC
-  // (GIN window, fabric memory, another host) or shared memory is unusable: the ring combine runs.
+  // The pull combine's input addresses, exchanged per call (one node only; made with the buffer); null where some
+  // peer is not mapped by CUDA IPC (GIN window, fabric memory, another host) or shared memory is unusable: the
+  // ring combine runs.
   std::unique_ptr<HostExchange> pull_exchange;
-  // The host-free form of the same (runtime/input_exports.hpp): this rank's input exports and the mapping
-  // thread; made with pull_exchange where shared memory works. DEEP_EP_HOST_FREE_COMBINE=0 keeps the exchange.
+  // The host-free form (runtime/input_exports.hpp): this rank's input exports and the mapping thread. One node:
+  // over the group, made with pull_exchange (DEEP_EP_HOST_FREE_COMBINE=0 keeps the exchange). Several nodes with
+  // internode_in_place: over this rank's node, where every node can make them.
   std::unique_ptr<InputExports> input_exports;
   RdmaPayloadUsers rdma_payload_users;  // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;

@@ -62,8 +62,20 @@ InputExports::Table* InputExports::table(int rank) const {
 std::unique_ptr<InputExports> InputExports::create(Group& group, int device) {
   const size_t bytes = table_stride() * group.size();
   void* shared = map_shared_object(group, bytes);  // zero-filled: nothing exported yet
-  if (!shared) return nullptr;
-  std::unique_ptr<InputExports> exports(new InputExports(group.rank(), group.size(), device, shared, bytes));
+  if (!shared) {
+    // The barrier below is taken on this path too: a NodeGroup's collectives are the whole group's, and another
+    // node may have succeeded.
+    group.barrier();
+    return nullptr;
+  }
+  std::unique_ptr<InputExports> exports;
+  try {
+    exports.reset(new InputExports(group.rank(), group.size(), device, shared, bytes));
+  } catch (...) {
+    // The constructor released what it made, the shared object included.
+    group.barrier();  // the other ranks' barrier below is still met; this rank's Buffer then fails
+    throw;
+  }
   group.barrier();  // every pid is written before any mapping thread reads one
   exports->mapper_ = std::thread([raw = exports.get()] { raw->serve(); });
   return exports;
@@ -245,7 +257,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
       cudaFree(fresh);
       DEEP_EP_RUNTIME_CHECK(false, "pull combine: rank ", rank_, " cannot export a staging allocation of ", bytes,
                             " bytes (", exportable ? "its staging slots are used up" : "cudaIpcGetMemHandle failed",
-                            "); set DEEP_EP_PULL_COMBINE=0 on every rank");
+                            "); set DEEP_EP_PULL_COMBINE=0 (internode: DEEP_EP_INTERNODE_IN_PLACE=0) on every rank");
     }
     if (staging_) retired_staging_.push_back(staging_);
     staging_ = fresh;

@@ -345,18 +345,15 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   c.num_topk = num_topk;
   c.combined_x = combined_x.ptr<uint16_t>();
   c.combined_topk_weights = num_topk ? combined_topk_weights.ptr<float>() : nullptr;
-  c.in_place = false;
-  if (in.internode_in_place && in.pull_exchange) {
-    const auto& inputs = in.peer_tensors.map(*in.pull_exchange, rank(), a.x.data,
-                                             num_topk ? a.topk_weights->data : nullptr, num_topk > 0, rows > 0, stream);
-    if (!inputs.x.empty()) {  // the same on every rank: decided from the gathered records
-      c.in_place = true;
-      const int first_local = rank() / Rn * Rn;
-      for (int j = 0; j < Rn; ++j) {
-        c.local_x[j] = reinterpret_cast<const uint16_t*>(inputs.x[first_local + j]);
-        c.local_topk_weights[j] = num_topk ? reinterpret_cast<const float*>(inputs.weights[first_local + j]) : nullptr;
-      }
-    }
+  // In place where the buffer made the node's input exports (the same on every rank of a node): this call's
+  // inputs are exported, or staged, here; the forwarders of the node find them without the host.
+  c.in_place = in.internode_in_place && in.input_exports != nullptr && stride >= internode::kInPlaceEntryBytes;
+  if (c.in_place) {
+    c.imports = in.input_exports->device_imports();
+    c.resolved_bases = in.input_exports->device_resolved_bases();
+    c.own_input = in.input_exports->export_call(a.x.data, static_cast<size_t>(rows * H * 2),
+                                                num_topk ? a.topk_weights->data : nullptr,
+                                                static_cast<size_t>(rows * num_topk * 4), rows > 0, stream);
   }
   prepare_internode_state(stream, "internode combine");
   last_combine_in_place_ = c.in_place;

@@ -125,3 +125,25 @@ class StallWatchdog:
         faulthandler.cancel_dump_traceback_later()
         self._done.set()
         return False
+
+
+def free_device_memory(group):
+    """This GPU's free memory once every rank's queued work is done (mem_get_info counts every process on it)."""
+    torch.cuda.synchronize()
+    torch.distributed.barrier(group)
+    return torch.cuda.mem_get_info()[0]
+
+
+def check_freed_inputs_returned(group, ctx, before, input_bytes, num_rounds):
+    """After rounds of combine inputs freed with the cache emptied (input exports retired, peers' mappings closed),
+    the GPU's free memory must be back to within two inputs per rank of `before`: each rank's last input is still
+    allocated, and as much again is allowed. Fails on every rank when any rank's GPU holds more."""
+    allowed = before - 2 * ctx.num_ranks * input_bytes
+    after = free_device_memory(group)
+    held_ok = torch.tensor([1 if after >= allowed else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(held_ok, op=torch.distributed.ReduceOp.MIN, group=group)
+    assert held_ok.item() == 1, (
+        f"rank {ctx.rank}: {(before - after) / 2**20:.0f} MiB of device memory still held after {num_rounds} rounds "
+        f"of freed {input_bytes >> 20} MiB combine inputs (allowed {2 * ctx.num_ranks * input_bytes >> 20} MiB; "
+        f"some rank's GPU held more)"
+    )

@@ -4,11 +4,20 @@ present: DEEP_EP_RANKS_PER_NODE groups the ranks into nodes of consecutive ranks
 
 import os
 import re
+import time
 
 import torch
 
 import deep_ep
-from common import assert_equal, expect_raises, setup, teardown, to_numpy
+from common import (
+    assert_equal,
+    check_freed_inputs_returned,
+    expect_raises,
+    free_device_memory,
+    setup,
+    teardown,
+    to_numpy,
+)
 from intranode_cases import (
     check_combine,
     check_dispatch,
@@ -222,6 +231,61 @@ def back_to_back(ctx, rn, num_calls, overwrite_input=False):
         if not torch.equal(combined.float(), expected):
             bad = (combined.float() != expected).nonzero()[0].tolist()
             raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
+def inputs_freed(ctx, rn, num_rounds):
+    """Every round's combine input in a fresh 64 MiB allocation, freed and the cache emptied after the combine: more
+    rounds than the input exports have slots, every result checked exactly, so the freed inputs' slots must be
+    retired and used again. Then, after three more combines (the first finds the freed inputs, the next ones close
+    the peers' retired mappings), the GPU's free memory must be back to within two inputs per rank of what it was
+    before the rounds. Small integers: combine(dispatch(x)) == x * ranks reached is exact."""
+    group = _prepare(ctx, rn, seed=29)
+    hidden = 2048
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    num_tokens = 96 + 5 * ctx.rank
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+    weights = torch.rand(num_tokens, 8, device="cuda")
+    layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
+    reached = layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    routed = layout["is_token_in_rank"].any(dim=1, keepdim=True) & (topk_idx >= 0)
+    input_bytes = 64 << 20
+    assert recv_x.numel() * 2 <= input_bytes
+
+    def fresh_input(sign):
+        storage = torch.empty(input_bytes, dtype=torch.uint8, device="cuda")
+        expert_out = storage[: recv_x.numel() * 2].view(torch.bfloat16).view_as(recv_x)
+        expert_out.copy_(recv_x * sign)
+        return storage, expert_out
+
+    torch.cuda.empty_cache()
+    before = free_device_memory(group)
+    torch.distributed.barrier(group)  # every rank has read it before any allocates again
+    for round_idx in range(num_rounds):
+        torch.cuda.empty_cache()
+        sign = 1 if round_idx % 2 == 0 else -1
+        storage, expert_out = fresh_input(sign)
+        combined, combined_w, _ = buffer.combine(expert_out, handle, topk_weights=recv_w.clone())
+        if not torch.equal(combined.float(), x.float() * reached * sign):
+            bad = (combined.float() != x.float() * reached * sign).nonzero()[0].tolist()
+            raise AssertionError(f"rank {ctx.rank} round {round_idx}: combine(dispatch(x)) differs at {bad}")
+        assert torch.equal(torch.where(routed, weights, 0.0), torch.where(routed, combined_w, 0.0)), (
+            f"rank {ctx.rank} round {round_idx}: combined_topk_weights must restore the routed weights"
+        )
+        del combined, combined_w, expert_out, storage
+        torch.distributed.barrier(group)
+    torch.cuda.empty_cache()
+    storage, expert_out = fresh_input(1)
+    for _ in range(3):
+        buffer.combine(expert_out, handle, topk_weights=recv_w)
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group)
+        time.sleep(0.2)
+    check_freed_inputs_returned(group, ctx, before, input_bytes, num_rounds)
+    del expert_out, storage
     buffer.destroy()
     teardown()
 
@@ -505,8 +569,10 @@ def cases(rank_counts):
                 dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),
             )
             add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
-            # Fresh inputs every call (mappings past the exchange's cache) and inputs overwritten after the call.
+            # Fresh inputs every call (new exports and mappings) and inputs overwritten after the call.
             add("back_to_back_in_place", in_place, back_to_back, 50, True)
+            if full:
+                add("inputs_freed_in_place", in_place, inputs_freed, 80)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)

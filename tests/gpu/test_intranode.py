@@ -7,7 +7,16 @@ import time
 import torch
 
 import deep_ep
-from common import StallWatchdog, assert_equal, expect_raises, setup, teardown, to_numpy
+from common import (
+    StallWatchdog,
+    assert_equal,
+    check_freed_inputs_returned,
+    expect_raises,
+    free_device_memory,
+    setup,
+    teardown,
+    to_numpy,
+)
 from intranode_cases import (
     check_combine,
     check_dispatch,
@@ -281,13 +290,8 @@ def combine_inputs_freed(ctx, num_rounds):
     num_rows = received[0].size(0)
     assert num_rows * hidden * 2 <= input_bytes
 
-    def free_memory():
-        torch.cuda.synchronize()
-        torch.distributed.barrier(group)
-        return torch.cuda.mem_get_info()[0]
-
     torch.cuda.empty_cache()
-    before = free_memory()
+    before = free_device_memory(group)
     torch.distributed.barrier(group)  # every rank has read it before any allocates again
     for round_idx in range(num_rounds):
         torch.cuda.empty_cache()
@@ -320,16 +324,7 @@ def combine_inputs_freed(ctx, num_rounds):
         torch.cuda.synchronize()
         torch.distributed.barrier(group)
         time.sleep(0.2)
-    # Every rank's last input is still allocated: allow that, and as much again.
-    allowed = before - 2 * ctx.num_ranks * input_bytes
-    after = free_memory()
-    held_ok = torch.tensor([1 if after >= allowed else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(held_ok, op=torch.distributed.ReduceOp.MIN, group=group)
-    assert held_ok.item() == 1, (
-        f"rank {ctx.rank}: {(before - after) / 2**20:.0f} MiB of device memory still held after {num_rounds} rounds "
-        f"of freed {input_bytes >> 20} MiB combine inputs (allowed {2 * ctx.num_ranks * input_bytes >> 20} MiB; "
-        f"some rank's GPU held more)"
-    )
+    check_freed_inputs_returned(group, ctx, before, input_bytes, num_rounds)
     del expert_out, storage
     buffer.destroy()
     teardown()

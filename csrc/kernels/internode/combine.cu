@@ -25,6 +25,7 @@
 // after the batch that read the entries (a named barrier).
 #include "deep_ep/error.hpp"
 #include "kernels/common/bf16.cuh"
+#include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/common/role_timer.cuh"
 #include "kernels/internode/common.cuh"
@@ -45,6 +46,14 @@ constexpr int kForwardBarrier = 2;
 
 using device::add_bf16x8;
 using device::pack_bf16x8;
+
+// A ring entry of the in-place form: the row's index in the producer's input, and where that input is in the
+// producer's exports (the same for every entry of a call; the forwarder resolves it at the first).
+struct InPlaceEntry {
+  int64_t row;
+  PullInput input;
+};
+static_assert(sizeof(InPlaceEntry) <= kInPlaceEntryBytes, "an in-place entry must fit kInPlaceEntryBytes");
 
 // Rows [first, first + count) of this rank's input that `source` brought in `channel`.
 __device__ __forceinline__ void source_rows(const CombineArgs& args, int source, int channel, int num_channels,
@@ -99,8 +108,8 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         const int64_t row = first + offset[owned];
         char* entry = ring + static_cast<int64_t>(pushed[owned] % ring_slots) * stride;
         if (args.in_place) {
-          // The forwarder reads the row where it is: the entry carries its index only.
-          if (lane == 0) *reinterpret_cast<int*>(entry) = static_cast<int>(row);
+          // The forwarder reads the row where it is: the entry carries its index and where the input is.
+          if (lane == 0) *reinterpret_cast<InPlaceEntry*>(entry) = InPlaceEntry{row, args.own_input};
         } else {
           // The row's first 32 top-k weights are loaded before it is copied (their round trip overlaps the row's).
           const float* row_weights = args.topk_weights + row * args.num_topk;
@@ -253,6 +262,11 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       max(1, min(kMaxPositionsPerWarp, min(ring_capacity, ring_slots) / (2 * num_forward_warps)));
   const int batch_width = num_forward_warps * positions_per_warp;
   const Transport& net = ctx.net;
+  // In place, lane j's view of local rank j's inputs in this process: this rank's own, or found through the import
+  // table at the first entry of rank j that this warp reads (every entry of a call names the same exports).
+  const bool own_lane = lane == ctx.local;
+  const char* local_x = own_lane ? reinterpret_cast<const char*>(args.x) : nullptr;
+  const char* local_weights = own_lane ? reinterpret_cast<const char*>(args.topk_weights) : nullptr;
   // Buckets: 0 waiting for the home rank's credits, 1 waiting for the producers' entries, 2 summing, 3 fencing
   // and signalling.
   device::RoleTimer timer;
@@ -312,6 +326,28 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           }
           atomicMax(&consumed[lane], position + 1);
         }
+        // In place: the entry (read after the tail's acquire above, by the same lane) names the row, and at the
+        // first entry of a peer, where its inputs are.
+        int64_t in_place_row = 0;
+        if (ok && position >= 0 && args.in_place) {
+          const InPlaceEntry* entry = reinterpret_cast<const InPlaceEntry*>(
+              ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride);
+          in_place_row = __ldcg(&entry->row);
+          if (local_x == nullptr) {
+            InputRef refs[2];
+            const int* words = reinterpret_cast<const int*>(&entry->input);
+            int* ref_words = reinterpret_cast<int*>(refs);
+            for (int w = 0; w < static_cast<int>(sizeof(refs) / sizeof(int)); ++w) ref_words[w] = __ldcg(words + w);
+            local_x = device::resolve_import(args.imports, args.resolved_bases, lane, refs[0], ctx.peers.timeout_ns,
+                                             ctx.peers.diagnostics, Phase::kInternodeCombineMap, ctx.peers.rank,
+                                             ctx.rank_of(ctx.node, lane), channel);
+            if (local_x != nullptr && args.num_topk > 0)
+              local_weights = device::resolve_import(
+                  args.imports, args.resolved_bases, lane, refs[1], ctx.peers.timeout_ns, ctx.peers.diagnostics,
+                  Phase::kInternodeCombineMap, ctx.peers.rank, ctx.rank_of(ctx.node, lane), channel);
+            ok = local_x != nullptr && (args.num_topk == 0 || local_weights != nullptr);
+          }
+        }
         const bool all_ok = __all_sync(0xffffffffu, ok);
         timer.lap(1);
         if (!all_ok) {
@@ -326,10 +362,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
             const int index = __popc(present & ((1u << lane) - 1u));
             const char* entry = ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride;
             if (args.in_place) {
-              // The entry names the row of local rank `lane`'s input (read after the tail's acquire above).
-              const int64_t row = __ldcg(reinterpret_cast<const int*>(entry));
-              sources[index] = reinterpret_cast<const int4*>(args.local_x[lane] + row * args.hidden);
-              source_weights[index] = args.num_topk > 0 ? args.local_topk_weights[lane] + row * args.num_topk : nullptr;
+              sources[index] = reinterpret_cast<const int4*>(local_x + in_place_row * args.hidden * 2);
+              source_weights[index] = args.num_topk > 0
+                                          ? reinterpret_cast<const float*>(local_weights) + in_place_row * args.num_topk
+                                          : nullptr;
             } else {
               sources[index] = reinterpret_cast<const int4*>(entry);
               source_weights[index] = reinterpret_cast<const float*>(entry + args.hidden * 2);

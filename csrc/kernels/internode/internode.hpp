@@ -25,6 +25,7 @@
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
 #include "protocol/internode_layout.hpp"
+#include "protocol/pull_inputs.hpp"
 
 namespace deep_ep::internode {
 
@@ -108,13 +109,19 @@ struct CombineArgs {
   int num_producer_warps, num_forward_warps;  // of the block's 16; the rest sum for the home rank
   uint16_t* combined_x;                       // [T, hidden]
   float* combined_topk_weights;               // [T, K] or null
-  // In-place form (in_place): every rank of this node's x and top-k weights, mapped into this process, by local
-  // rank. Producers then push row indices into the rings instead of rows, forwarders read the rows where they are,
-  // and a producer ends only once its forwarders have released every entry (so no input is freed while read).
-  bool in_place;
-  const uint16_t* local_x[32];
-  const float* local_topk_weights[32];
+  // In-place form (in_place): the node's ranks export their inputs to each other (runtime/input_exports.hpp, over
+  // the node's ranks). Producers push, instead of rows, each row's index with where this rank's x and top-k weights
+  // are in its exports (own_input); forwarders find them in this process through the import table and read the rows
+  // where they are; a producer ends only once its forwarders have released every entry (so no input is freed or
+  // retired while read).
+  bool in_place;  // only where a ring entry holds kInPlaceEntryBytes (combine_row_stride)
+  PullInput own_input;
+  const ImportEntry* imports;  // [local rank][kExportSlots], host-mapped
+  uint64_t* resolved_bases;    // [local rank][kExportSlots], this process's cache of resolved addresses
 };
+
+// The ring entry of the in-place combine: a row index and the producer's PullInput.
+constexpr int64_t kInPlaceEntryBytes = 48;
 
 // shape.num_blocks: one block per channel (layout.num_channels).
 void launch_combine(const Peers& peers, const Layout& layout, const CombineArgs& args, const LaunchShape& shape,

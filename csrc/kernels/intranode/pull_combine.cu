@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/common/bf16.cuh"
+#include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/common/role_timer.cuh"
 #include "kernels/intranode/prologue.cuh"
@@ -83,33 +84,12 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       const void* resolved[2] = {nullptr, nullptr};
       for (int i = 0; i < 2; ++i) {
         if (refs[i].slot < 0) continue;
-        // Resolved by an earlier call of this process for the same generation: plain device memory, written only
-        // by this process's kernels (ordered by kernel boundaries, or racing with an equal 64-bit value within
-        // one grid). Another generation's address (a retired and re-exported slot) does not match the tag.
-        uint64_t* cached = args.resolved_bases + j * kExportSlots + refs[i].slot;
-        const uint64_t tag = resolved_tag(refs[i].generation);
-        const uint64_t word = __ldcg(cached);
-        uint64_t base = (word & ~kResolvedBaseMask) == tag ? word & kResolvedBaseMask : 0;
-        if (base == 0) {
-          const ImportEntry* entry = args.imports + j * kExportSlots + refs[i].slot;
-          const int64_t mapped = static_cast<int64_t>(import_state(refs[i].generation, kImportMapped));
-          int64_t state = 0;
-          if (!device::wait_at_least(reinterpret_cast<const int64_t*>(&entry->state), mapped, peers.timeout_ns,
-                                     peers.diagnostics, Phase::kPullCombineMap, rank, j, block, &state)) {
-            ok_shared = 0;
-            break;
-          }
-          // Anything else: cudaIpcOpenMemHandle failed for this generation, or the slot moved on (a protocol
-          // error: a published slot stays exported until its owner's kernel, which waits for every reader, ends).
-          if (state != mapped) {
-            device::report(peers.diagnostics, Phase::kPullCombineMap, false, rank, j, block, -1, mapped, state);
-            ok_shared = 0;
-            break;
-          }
-          base = *reinterpret_cast<volatile const uint64_t*>(&entry->base);
-          if ((base & ~kResolvedBaseMask) == 0) *cached = base | tag;
+        resolved[i] = device::resolve_import(args.imports, args.resolved_bases, j, refs[i], peers.timeout_ns,
+                                             peers.diagnostics, Phase::kPullCombineMap, rank, j, block);
+        if (resolved[i] == nullptr) {
+          ok_shared = 0;
+          break;
         }
-        resolved[i] = reinterpret_cast<const char*>(base) + refs[i].offset;
       }
       x_of[j] = static_cast<const uint16_t*>(resolved[0]);
       // By num_topk, not by this rank's own pointer: a rank that received no rows has a null one while its
