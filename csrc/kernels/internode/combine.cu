@@ -216,18 +216,12 @@ __device__ __forceinline__ void sum_sources(int4* dst, const int4* const* source
   }
 }
 
-// The float32 sum over s of the float `k` that follows the hidden bf16 values of sources[s], in order.
-__device__ __forceinline__ float sum_weights(const int4* const* sources, int num_sources, int hidden, int k) {
+// The float32 sum over s = 0, 1, ... of weights_of(s)[k], in order: the combined top-k weight `k` of a row whose
+// sources keep their weights after their hidden values (ring entries, partials) or beside them (in-place inputs).
+template <typename WeightsOf>
+__device__ __forceinline__ float sum_weights(int num_sources, int k, WeightsOf weights_of) {
   float acc = 0.0f;
-  for (int s = 0; s < num_sources; ++s)
-    acc += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(sources[s]) + hidden * 2) + k);
-  return acc;
-}
-
-// The float32 sum over s of weights[s][k], in order.
-__device__ __forceinline__ float sum_source_weights(const float* const* weights, int num_sources, int k) {
-  float acc = 0.0f;
-  for (int s = 0; s < num_sources; ++s) acc += __ldcg(weights[s] + k);
+  for (int s = 0; s < num_sources; ++s) acc += __ldcg(weights_of(s) + k);
   return acc;
 }
 
@@ -384,7 +378,8 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
           }
           sum_sources<kSumCols, kSumGroup>(reinterpret_cast<int4*>(dst), sources, num_sources, row_int4, lane);
           for (int k = lane; k < args.num_topk; k += 32)
-            reinterpret_cast<float*>(dst + args.hidden * 2)[k] = sum_source_weights(source_weights, num_sources, k);
+            reinterpret_cast<float*>(dst + args.hidden * 2)[k] =
+                sum_weights(num_sources, k, [&](int s) { return source_weights[s]; });
           __syncwarp();  // sources_of is rewritten by the warp's next position
         }
         timer.lap(2);
@@ -492,7 +487,9 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
             row_int4, lane, device::st_output_stream);
         for (int k = lane; k < args.num_topk; k += 32)
           args.combined_topk_weights[static_cast<int64_t>(token) * args.num_topk + k] =
-              sum_weights(sources, num_partials, args.hidden, k);
+              sum_weights(num_partials, k, [&](int s) {
+                return reinterpret_cast<const float*>(reinterpret_cast<const char*>(sources[s]) + args.hidden * 2);
+              });
         __syncwarp();  // sources_of is rewritten by the warp's next token
       }
     }
