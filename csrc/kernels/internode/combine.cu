@@ -64,6 +64,30 @@ __device__ __forceinline__ void source_rows(const CombineArgs& args, int source,
   count = prefix[channel] - before;
 }
 
+// Lane-0 helper of an in-place producer: waits until the forwarder `local_rank` of this node has released the
+// `pushed` entries of `channel` this rank pushed to it, i.e. finished the sums that read this rank's input rows
+// (its ring head is stored st.release.sys after its batch's barrier; this acquire pairs with it). The bound
+// counts from the last release seen: a forwarder may stall on remote credits several times on the way. False,
+// with the stall reported, when the forwarder stopped releasing.
+template <typename Transport>
+__device__ bool wait_entries_released(const Ctx<Transport>& ctx, int channel, int local_rank, int pushed, int epoch) {
+  const int64_t* head = ctx.flag(ctx.peers.rank, ctx.layout.flag_ring_head(channel, local_rank));
+  IdleClock released;
+  int seen = count_of(device::ld_acquire_sys(head), epoch);
+  while (seen < pushed) {
+    const int now = count_of(device::ld_acquire_sys(head), epoch);
+    if (now > seen) {
+      seen = now;
+      released.progressed();
+    } else if (released.expired(ctx.peers)) {
+      device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
+                     ctx.rank_of(ctx.node, local_rank), channel, -1, pushed, seen);
+      return false;
+    }
+  }
+  return true;
+}
+
 template <typename Transport>
 __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int64_t stride, int epoch, int channel) {
   const Layout& layout = ctx.layout;
@@ -136,31 +160,14 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       timer.lap(2);
     }
     if (!pending) {
-      // In place, the forwarders read this rank's input itself: wait until each has released every entry, which
-      // it does only after the sums that read the rows (ring_head, st.release.sys after its batch's barrier). The
-      // bound counts from the last release seen: a forwarder may stall on remote credits several times on the way.
+      // In place, the forwarders read this rank's input itself: the kernel may end only once each has released
+      // every entry this rank pushed to it.
       if (args.in_place && lane == 0) {
         for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) {
           const int local_rank = warp + owned * num_producer_warps;
           // No entry pushed: that forwarder reads nothing of this rank here (and may never store a head).
           if (local_rank >= num_ranks_per_node || pushed[owned] == 0) continue;
-          const int64_t* head = ctx.flag(ctx.peers.rank, layout.flag_ring_head(channel, local_rank));
-          IdleClock released;
-          int seen = count_of(device::ld_acquire_sys(head), epoch);
-          bool failed = false;
-          while (seen < pushed[owned]) {
-            const int now = count_of(device::ld_acquire_sys(head), epoch);
-            if (now > seen) {
-              seen = now;
-              released.progressed();
-            } else if (released.expired(ctx.peers)) {
-              device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
-                             ctx.rank_of(ctx.node, local_rank), channel, -1, pushed[owned], seen);
-              failed = true;
-              break;
-            }
-          }
-          if (failed) break;
+          if (!wait_entries_released(ctx, channel, local_rank, pushed[owned], epoch)) break;
         }
       }
       __syncwarp();
