@@ -235,8 +235,8 @@ __device__ __forceinline__ float sum_weights(int num_sources, int k, WeightsOf w
 // Columns x sources of loads a lane keeps in flight in the sums.
 constexpr int kSumCols = 4;
 constexpr int kSumGroup = 2;
-// Positions a forwarder warp sums per batch: a batch pays one system fence per thread, two barriers, the
-// ring-head stores and the signal, whatever its size (about a quarter of a forwarder's time at one position
+// Positions a forwarder warp sums per batch: a batch pays the signalling warp's system fence, two barriers,
+// the ring-head stores and the signal, whatever its size (about a quarter of a forwarder's time at one position
 // per warp). At most half of the smaller ring per batch, so that neither ring can fill with entries of the
 // batch that is waiting for them.
 constexpr int kMaxPositionsPerWarp = 4;
