@@ -185,10 +185,12 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   }
 }
 
-// Per warp: the rows being summed, in summation order (forwarder: entries by local rank; home: partials by node,
-// then the biases).
-__shared__ const int4* sources_of[kNumWarps][32];
-// Where each of those sources' top-k weights are (after the row in a ring entry, or the input's own weights).
+// Per warp: the rows being summed, in summation order (forwarder: entries by local rank, at most 32; home:
+// partials by node, at most kMaxInternodeNodes, then up to two biases).
+constexpr int kMaxSourcesPerRow = kMaxInternodeNodes + 2;
+static_assert(kMaxSourcesPerRow >= 32, "a forwarder sums up to 32 local ranks' entries");
+__shared__ const int4* sources_of[kNumWarps][kMaxSourcesPerRow];
+// Where each forwarder source's top-k weights are (after the row in a ring entry, or the input's own weights).
 __shared__ const float* source_weights_of[kNumWarps][32];
 
 // dst[col] = bf16(the float32 sum over s = 0, 1, ... of sources[s][col]) for every 16-byte column of a row of

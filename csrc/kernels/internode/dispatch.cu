@@ -290,7 +290,9 @@ __device__ void forward(const Ctx<Transport>& ctx, const DispatchArgs& args, con
         progressed = true;
       }
     }
-    // send_nvl_head of the rows that arrived since the last pass, node by node with the whole warp.
+    // send_nvl_head of the rows that arrived since the last pass, node by node with the whole warp. Lane n's
+    // signal read (acquire) is ordered before the other lanes' reads of node n's rows by the __syncwarp.
+    __syncwarp();
     if (!args.cached) {
       for (int source_node = 0; source_node < num_nodes; ++source_node) {
         const int from = __shfl_sync(0xffffffffu, recorded, source_node);
@@ -401,6 +403,7 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
       int64_t ready_value = 0;
       if (lane == 0)
         ready_value = device::ld_acquire_sys(ctx.flag(forwarder, layout.flag_rows_ready(source_node, channel)));
+      __syncwarp();  // the other lanes' ring reads below follow lane 0's acquire
       const int ready = count_of(__shfl_sync(0xffffffffu, ready_value, 0), epoch);
       int position = scanned[source];
       if (ready <= position) continue;
