@@ -106,6 +106,29 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   return mine;
 }
 
+// Combine input exports over `over` (the whole group, or this rank's node) on every rank of `group`, or on none:
+// one answer everywhere, since a rank that pushes rows and one that reads in place cannot pair. A rank whose
+// creation throws (memory, CUDA) has met the creation's collectives and meets the all_gather here too, so no
+// rank is left waiting; every rank then raises, naming it.
+std::unique_ptr<InputExports> make_input_exports(Group& group, Group& over, int device) {
+  std::unique_ptr<InputExports> exports;
+  bool failed = false;
+  std::string failure;
+  try {
+    exports = InputExports::create(over, device);
+  } catch (const std::exception& error) {
+    failed = true;
+    failure = error.what();
+  }
+  const std::vector<std::string> flags = group.all_gather(failed ? "E" : exports ? "1" : "0");
+  for (int r = 0; r < static_cast<int>(flags.size()); ++r)
+    DEEP_EP_RUNTIME_CHECK(flags[r] != "E", "Buffer creation: rank ", r, " could not make its combine input exports",
+                          r == group.rank() ? ": " + failure : std::string(" (that rank raised the cause)"));
+  for (const std::string& flag : flags)
+    if (flag != "1") return nullptr;  // shared memory failed somewhere: every rank goes without
+  return exports;
+}
+
 // GIN builds: a group that spans hosts (and is not mapped through fabric memory) needs the network before
 // the memory: where NCCL reports GIN, the buffer must be NCCL window memory (cuMem), so the hosts, the
 // communicator and GIN support are settled first. Collective: every rank runs this build. Sets
@@ -331,7 +354,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // others a bounded wait in the exchange instead of a mismatched group collective.
   if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
-    in.input_exports = InputExports::create(*group_, options.device);
+    in.input_exports = make_input_exports(*group_, *group_, options.device);
   }
   // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE=1): the same exports over each node's ranks, where
   // every rank maps its node's buffers by CUDA IPC and every node can make them. Every rank takes part in the
@@ -347,12 +370,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
       every_node_mapped = every_node_mapped && flag == "1";
     if (every_node_mapped) {
       NodeGroup node_group(*group_, Rn);
-      in.input_exports = InputExports::create(node_group, options.device);
-      // Shared memory may fail on one node only: then every node pushes rows, so the choice is one answer.
-      bool everyone_exports = true;
-      for (const std::string& flag : group_->all_gather(in.input_exports ? "1" : "0"))
-        everyone_exports = everyone_exports && flag == "1";
-      if (!everyone_exports) in.input_exports.reset();
+      // Shared memory may fail on one node only: then every node pushes rows.
+      in.input_exports = make_input_exports(*group_, node_group, options.device);
     }
   }
   // Every rank's memory is zeroed and opened before anyone launches a kernel that touches a peer.
@@ -501,8 +520,7 @@ void Buffer::check_device_errors() {
                          d->channel, " in phase ", phase_name(phase), " (expected ", d->expected, ", observed ",
                          d->observed, "); the buffer must be re-created",
                          control_snapshot(in.peer_bases, rank_, phase, d->peer, d->channel));
-    in.poisoned = true;
-    in.poison_message = msg;
+    in.poison(msg);
     throw TimeoutError(msg);
   }
   if (phase == Phase::kPullCombineMap || phase == Phase::kInternodeCombineMap) {
@@ -511,8 +529,7 @@ void Buffer::check_device_errors() {
                          d->peer, " could not be mapped into this process (import state ", d->observed, ", expected ",
                          d->expected, "; cudaIpcOpenMemHandle failed or the export moved on); the buffer must be ",
                          "re-created");
-    in.poisoned = true;
-    in.poison_message = msg;
+    in.poison(msg);
     throw std::runtime_error(msg);
   }
   if (phase == Phase::kLowLatencyOverrun) {
@@ -521,8 +538,7 @@ void Buffer::check_device_errors() {
                          " signalled op ", d->observed, " while op ", d->expected,
                          " was expected; the buffer must be "
                          "re-created");
-    in.poisoned = true;
-    in.poison_message = msg;
+    in.poison(msg);
     throw std::runtime_error(msg);
   }
   if (phase == Phase::kInternodeTooManyRows) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,22 @@ struct Buffer::Internals {
   RdmaPayloadUsers rdma_payload_users;  // internode and low-latency ops on one low_latency_mode Buffer
   bool poisoned = false;
   std::string poison_message;
+  // After an error that leaves this rank's ops out of step with its peers': every later call raises `message`.
+  void poison(const std::string& message) {
+    poisoned = true;
+    poison_message = message;
+  }
+  // This call's input, exported for the peers that read it in place. The peers launch their half of the op
+  // whatever happens here, so a failure (staging memory, its slots, an IPC handle) also poisons the buffer.
+  PullInput export_or_poison(const char* op, const void* x, size_t x_bytes, const void* weights, size_t weight_bytes,
+                             bool has_rows, cudaStream_t stream) {
+    try {
+      return input_exports->export_call(x, x_bytes, weights, weight_bytes, has_rows, stream);
+    } catch (const std::exception& error) {
+      poison(std::string(op) + ": " + error.what());
+      throw;
+    }
+  }
   // The network side of the transport choice (runtime/network.cpp): set up only when a peer is on
   // another host, in GIN builds. `network` carries gin_compiled, nccl_available, nccl_reports_gin.
   std::shared_ptr<NcclCommunicator> nccl;

@@ -96,8 +96,10 @@ InputExports::InputExports(int rank, int size, int device, void* shared, size_t 
     DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_imports_), host_imports_, 0));
     const size_t resolved_bytes = sizeof(uint64_t) * kNumMaxNvlPeers * kExportSlots;
     DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&resolved_bases_), resolved_bytes));
-    // Synchronous: the zeros are in place before any kernel of this Buffer can read them.
+    // The zeros are in place before any kernel of this Buffer can read them: cudaMemset returns before it is done
+    // and orders nothing against a non-blocking stream, so the device is synchronized (once, at creation).
     DEEP_EP_CUDA_CHECK(cudaMemset(resolved_bases_, 0, resolved_bytes));
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
     opened_.assign(size_, std::vector<void*>(kExportSlots, nullptr));
   } catch (...) {
     release_memory();

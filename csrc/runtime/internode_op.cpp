@@ -348,14 +348,15 @@ void Buffer::internode_combine(const InternodeCombineArgs& a, const Allocator& a
   // In place where the buffer made the node's input exports (the same on every rank of a node): this call's
   // inputs are exported, or staged, here; the forwarders of the node find them without the host.
   c.in_place = in.internode_in_place && in.input_exports != nullptr && stride >= internode::kInPlaceEntryBytes;
+  // The state first: its barrier (after low-latency ops) must be met by every rank, whatever the export does.
+  prepare_internode_state(stream, "internode combine");
   if (c.in_place) {
     c.imports = in.input_exports->device_imports();
     c.resolved_bases = in.input_exports->device_resolved_bases();
-    c.own_input = in.input_exports->export_call(a.x.data, static_cast<size_t>(rows * H * 2),
-                                                num_topk ? a.topk_weights->data : nullptr,
-                                                static_cast<size_t>(rows * num_topk * 4), rows > 0, stream);
+    c.own_input = in.export_or_poison("internode combine", a.x.data, static_cast<size_t>(rows * H * 2),
+                                      num_topk ? a.topk_weights->data : nullptr,
+                                      static_cast<size_t>(rows * num_topk * 4), rows > 0, stream);
   }
-  prepare_internode_state(stream, "internode combine");
   last_combine_in_place_ = c.in_place;
   const auto peers = peers_of(*this, in);
   transport_launch::internode_cached_notify(in, peers, layout, stream);

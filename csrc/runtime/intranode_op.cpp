@@ -281,9 +281,9 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
     pc.topk_weights[rank_] = num_topk ? a.topk_weights->ptr<float>() : nullptr;
     pc.imports = in.input_exports->device_imports();
     pc.resolved_bases = in.input_exports->device_resolved_bases();
-    pc.own_input = in.input_exports->export_call(a.x.data, static_cast<size_t>(N * H * 2),
-                                                 num_topk ? a.topk_weights->data : nullptr,
-                                                 static_cast<size_t>(N * num_topk * 4), N > 0, stream);
+    pc.own_input = in.export_or_poison("pull combine", a.x.data, static_cast<size_t>(N * H * 2),
+                                       num_topk ? a.topk_weights->data : nullptr, static_cast<size_t>(N * num_topk * 4),
+                                       N > 0, stream);
     intranode::launch_pull_combine(peers, pc, pull_shape, stream);
     last_combine_pulled_ = true;
     return;

@@ -79,7 +79,7 @@ __device__ bool wait_entries_released(const Ctx<Transport>& ctx, int channel, in
     if (now > seen) {
       seen = now;
       released.progressed();
-    } else if (released.expired(ctx.peers)) {
+    } else if (released.expired_or_timeout_reported(ctx.peers)) {
       device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
                      ctx.rank_of(ctx.node, local_rank), channel, -1, pushed, seen);
       return false;
@@ -101,6 +101,7 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
 #pragma unroll
   for (int owned = 0; owned < kMaxRingsPerProducer; ++owned) node[owned] = offset[owned] = pushed[owned] = 0;
   IdleClock clock;
+  int starved_local_rank = warp;  // the last owned ring found without credits: the one a stall names
   // Buckets: 0 copying rows, 1 reading credits, 2 fencing and publishing.
   device::RoleTimer timer;
   timer.begin();
@@ -118,7 +119,10 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       const int free_slots = count_of(__shfl_sync(0xffffffffu, head_value, 0), epoch) + ring_slots - pushed[owned];
       int budget = min(free_slots, args.ring_chunk);
       timer.lap(1);
-      if (budget <= 0) continue;
+      if (budget <= 0) {
+        starved_local_rank = local_rank;
+        continue;
+      }
       char* ring = ctx.rings(ctx.peers.rank) +
                    (static_cast<int64_t>(channel) * num_ranks_per_node + local_rank) * ring_slots * stride;
       while (budget > 0 && node[owned] < num_nodes) {
@@ -179,7 +183,7 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
     } else if (clock.expired(ctx.peers)) {
       if (lane == 0)
         device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
-                       ctx.rank_of(ctx.node, warp), channel, -1, 0, 0);
+                       ctx.rank_of(ctx.node, starved_local_rank), channel, -1, 0, 0);
       return;
     }
   }

@@ -213,6 +213,17 @@ struct IdleClock {
     return device::error_reported(peers.diagnostics) ||
            device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
   }
+  // As expired, but another thread's report ends the wait only if it is a timeout: a wait whose end lets memory
+  // be reused that peers may still read (an in-place producer's inputs) must outlast a value error (e.g. too
+  // few num_worst_tokens rows), which leaves the peers running. A report's is_timeout is written after its
+  // claim: read 0 meanwhile, the wait goes on to its own bound.
+  __device__ __forceinline__ bool expired_or_timeout_reported(const Peers& peers) {
+    device::poll_pause();
+    if (++polls % device::kPollsPerSlowCheck != 0) return false;
+    const volatile DeviceDiagnostics* diag = peers.diagnostics;
+    return (diag->claimed != 0 && diag->is_timeout != 0) ||
+           device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
+  }
 };
 
 }  // namespace deep_ep::internode
