@@ -107,6 +107,14 @@ inline const char* phase_name(Phase phase) {
   return "unknown";
 }
 
+// Value errors: the kernel that meets one skips the offending entries and runs on, its op completes with the
+// peers, and the host raises a ValueError with the buffer still usable. Every other report ends the op.
+constexpr bool is_value_error(Phase phase) {
+  return phase == Phase::kLayoutExpertRange || phase == Phase::kDispatchExpertRange ||
+         phase == Phase::kLowLatencyExpertRange || phase == Phase::kLowLatencyTooManyRows ||
+         phase == Phase::kInternodeTooManyRows;
+}
+
 // `claimed` is taken with atomicCAS by the first reporter, which fills the fields and then publishes
 // `ready = 1` after a system-scope fence; the host reads the fields only after it sees `ready`.
 struct DeviceDiagnostics {
@@ -116,6 +124,11 @@ struct DeviceDiagnostics {
   int is_timeout;
   int rank, peer, channel, token;
   long long expected, observed;
+  // Set by every report that ends the op (not by value errors), whether or not it claimed the record: the
+  // waits of this rank's kernels abort on it. A value error leaves it 0, so the op's other threads keep the
+  // protocol going (aborting them would leave the peers waiting, or let an in-place input be reused while
+  // peers still read it). Never cleared: a buffer that saw it is re-created.
+  int abort_waits;
 };
 
 }  // namespace deep_ep

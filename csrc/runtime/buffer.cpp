@@ -556,6 +556,13 @@ void Buffer::check_device_errors() {
                          " has expert id ", d->observed, ", expected -1 or a value in [0, ", d->expected,
                          "); the invalid entries were skipped, outputs of that call are incomplete");
   }
+  if (d->abort_waits) {
+    // An error that ends the op came after the value error and found the record taken: the waits of this rank's
+    // kernels were abandoned, so the ranks' ops no longer pair.
+    msg += "; an error that ended a later wait on this rank was reported after it, so the buffer must be re-created";
+    in.poison(msg);
+    throw std::runtime_error(msg);
+  }
   // A value error is reported once; the buffer stays usable.
   d->ready = 0;
   d->claimed = 0;

@@ -451,6 +451,35 @@ def bad_inputs(ctx, rn):
     teardown()
 
 
+def too_few_worst_tokens(ctx, rn):
+    """A dispatch whose num_worst_tokens is below the rows every rank receives: each rank raises a ValueError naming
+    num_worst_tokens at its next call, the op itself completes on every rank (a value error does not end the
+    rank's other waits, so no peer times out), and the next round is exact on every rank: the buffers stay usable.
+    Small integers: combine(dispatch(x)) == x * ranks reached is exact."""
+    group = _prepare(ctx, rn, seed=31)
+    hidden = 2048
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    num_tokens = 96
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
+    x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
+    weights = torch.rand(num_tokens, 8, device="cuda")
+    layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
+    received = int(layout["num_tokens_per_rank"].sum().item())  # rows from this rank, a lower bound elsewhere
+    assert received > 8, f"rank {ctx.rank}: {received} rows leave num_worst_tokens=8 nothing to drop"
+    buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=8, **layout)
+    torch.cuda.synchronize()
+    expect_raises(ValueError, "num_worst_tokens", buffer.runtime.check_device_errors)
+    torch.distributed.barrier(group)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    if not torch.equal(combined.float(), expected):
+        bad = (combined.float() != expected).nonzero()[0].tolist()
+        raise AssertionError(f"rank {ctx.rank}: the round after the value error differs at {bad}")
+    buffer.destroy()
+    teardown()
+
+
 def timeout_names_rank_peer_phase(ctx, rn):
     """A rank that never joins: the others get TimeoutError naming rank, peer and internode; the process survives."""
     os.environ["DEEP_EP_TIMEOUT_S"] = "4"
@@ -580,4 +609,5 @@ def cases(rank_counts):
             if full:
                 add("bad_inputs", bad_inputs)
                 add("timeout", timeout_names_rank_peer_phase)
+                add("too_few_worst_tokens", too_few_worst_tokens)
     return out

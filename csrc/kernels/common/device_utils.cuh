@@ -52,6 +52,8 @@ using transport::detail::poll_pause;
 // First reporter wins; see DeviceDiagnostics for the publication protocol.
 __device__ __forceinline__ void report(DeviceDiagnostics* diag, Phase phase, bool is_timeout, int rank, int peer,
                                        int channel, int token, long long expected, long long observed) {
+  // Relaxed is enough: the waits that read it only stop early, and the host reads it after `ready`'s fence.
+  if (is_timeout || !is_value_error(phase)) atomicExch(&diag->abort_waits, 1);
   if (atomicCAS(&diag->claimed, 0, 1) != 0) return;
   diag->phase = static_cast<int>(phase);
   diag->is_timeout = is_timeout;
@@ -65,10 +67,11 @@ __device__ __forceinline__ void report(DeviceDiagnostics* diag, Phase phase, boo
   *reinterpret_cast<volatile int*>(&diag->ready) = 1;
 }
 
-// Whether some thread already reported an error. The record lives in host memory: reading it crosses
-// PCIe, so spinning code checks it only every kPollsPerSlowCheck polls.
+// Whether some thread of this rank already reported an error that ends the op (a value error does not). The
+// record lives in host memory: reading it crosses PCIe, so spinning code checks it only every
+// kPollsPerSlowCheck polls.
 __device__ __forceinline__ bool error_reported(DeviceDiagnostics* diag) {
-  return *reinterpret_cast<volatile int*>(&diag->claimed) != 0;
+  return *reinterpret_cast<volatile int*>(&diag->abort_waits) != 0;
 }
 
 using transport::kPollsPerSlowCheck;

@@ -79,7 +79,7 @@ __device__ bool wait_entries_released(const Ctx<Transport>& ctx, int channel, in
     if (now > seen) {
       seen = now;
       released.progressed();
-    } else if (released.expired_or_timeout_reported(ctx.peers)) {
+    } else if (released.expired(ctx.peers)) {
       device::report(ctx.peers.diagnostics, Phase::kInternodeCombineStage, true, ctx.peers.rank,
                      ctx.rank_of(ctx.node, local_rank), channel, -1, pushed, seen);
       return false;
@@ -296,7 +296,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         uint64_t observed = 0;
         if (!net.wait_signal(layout.signal_combine_credit(node, channel),
                              static_cast<uint64_t>(batch_begin + batch - ring_capacity), ctx.peers.timeout_ns,
-                             &ctx.peers.diagnostics->claimed, &observed)) {
+                             &ctx.peers.diagnostics->abort_waits, &observed)) {
           device::report(ctx.peers.diagnostics, Phase::kInternodeCombineSend, true, ctx.peers.rank, home_rank, channel,
                          -1, batch_begin + batch - ring_capacity, static_cast<long long>(observed));
           abort_forward = 1;
@@ -424,7 +424,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       const int count = channel_count(args.recv_rdma_channel_prefix_matrix + node * num_channels, channel);
       uint64_t observed = 0;
       if (count > 0 && !net.wait_signal(layout.signal_combine_credit(node, channel), static_cast<uint64_t>(count),
-                                        ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed)) {
+                                        ctx.peers.timeout_ns, &ctx.peers.diagnostics->abort_waits, &observed)) {
         device::report(ctx.peers.diagnostics, Phase::kInternodeCombineSend, true, ctx.peers.rank,
                        ctx.rank_of(node, ctx.local), channel, -1, count, static_cast<long long>(observed));
         continue;
@@ -469,7 +469,7 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
       if (head >= 0) {
         uint64_t observed = 0;
         ok = net.wait_signal(layout.signal_combine(lane, channel), static_cast<uint64_t>(head) + 1,
-                             ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed);
+                             ctx.peers.timeout_ns, &ctx.peers.diagnostics->abort_waits, &observed);
         if (!ok)
           device::report(ctx.peers.diagnostics, Phase::kInternodeCombineRecv, true, ctx.peers.rank,
                          ctx.rank_of(lane, ctx.local), channel, token, head + 1, static_cast<long long>(observed));

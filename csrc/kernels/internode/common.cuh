@@ -101,7 +101,7 @@ struct Ctx {
   // One thread. Waits for one add to this rank's signal `idx`, then resets it (see the contract above).
   __device__ __forceinline__ bool wait_signal_once(int idx, Phase phase, int peer, int channel) const {
     uint64_t observed = 0;
-    if (!net.wait_signal(idx, 1, peers.timeout_ns, &peers.diagnostics->claimed, &observed)) {
+    if (!net.wait_signal(idx, 1, peers.timeout_ns, &peers.diagnostics->abort_waits, &observed)) {
       device::report(peers.diagnostics, phase, true, peers.rank, peer, channel, -1, 1,
                      static_cast<long long>(observed));
       return false;
@@ -120,8 +120,8 @@ __device__ __forceinline__ int begin_op(const Ctx<Transport>& ctx) {
     const int epoch = *reinterpret_cast<volatile int*>(&ctx.control()->internode_ops);
     uint64_t observed = 0;
     const uint64_t target = static_cast<uint64_t>(epoch) * ctx.peers.num_ranks;
-    if (!ctx.net.wait_signal(ctx.layout.signal_done(), target, ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed,
-                             &observed)) {
+    if (!ctx.net.wait_signal(ctx.layout.signal_done(), target, ctx.peers.timeout_ns,
+                             &ctx.peers.diagnostics->abort_waits, &observed)) {
       // The slowest rank is unknown here; name the count instead.
       device::report(ctx.peers.diagnostics, Phase::kInternodeBarrier, true, ctx.peers.rank, -1, -1, -1,
                      static_cast<long long>(target), static_cast<long long>(observed));
@@ -211,17 +211,6 @@ struct IdleClock {
     device::poll_pause();
     if (++polls % device::kPollsPerSlowCheck != 0) return false;
     return device::error_reported(peers.diagnostics) ||
-           device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
-  }
-  // As expired, but another thread's report ends the wait only if it is a timeout: a wait whose end lets memory
-  // be reused that peers may still read (an in-place producer's inputs) must outlast a value error (e.g. too
-  // few num_worst_tokens rows), which leaves the peers running. A report's is_timeout is written after its
-  // claim: read 0 meanwhile, the wait goes on to its own bound.
-  __device__ __forceinline__ bool expired_or_timeout_reported(const Peers& peers) {
-    device::poll_pause();
-    if (++polls % device::kPollsPerSlowCheck != 0) return false;
-    const volatile DeviceDiagnostics* diag = peers.diagnostics;
-    return (diag->claimed != 0 && diag->is_timeout != 0) ||
            device::global_timer_ns() - since > static_cast<uint64_t>(peers.timeout_ns);
   }
 };

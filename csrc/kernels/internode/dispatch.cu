@@ -97,7 +97,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
           // overwrite.
           if (!net.wait_signal(layout.signal_dispatch_credit(node, channel),
                                static_cast<uint64_t>(need - ring_capacity), ctx.peers.timeout_ns,
-                               &ctx.peers.diagnostics->claimed, &observed)) {
+                               &ctx.peers.diagnostics->abort_waits, &observed)) {
             device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchSend, true, ctx.peers.rank,
                            ctx.rank_of(node, ctx.local), channel, -1, need - ring_capacity,
                            static_cast<long long>(observed));
@@ -220,7 +220,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       uint64_t observed = 0;
       if (sent[node] > 0 &&
           !net.wait_signal(layout.signal_dispatch_credit(node, channel), static_cast<uint64_t>(sent[node]),
-                           ctx.peers.timeout_ns, &ctx.peers.diagnostics->claimed, &observed)) {
+                           ctx.peers.timeout_ns, &ctx.peers.diagnostics->abort_waits, &observed)) {
         device::report(ctx.peers.diagnostics, Phase::kInternodeDispatchSend, true, ctx.peers.rank,
                        ctx.rank_of(node, ctx.local), channel, -1, sent[node], static_cast<long long>(observed));
         continue;
