@@ -42,12 +42,15 @@ constexpr uint64_t import_state(uint32_t generation, uint64_t kind) {
   return (static_cast<uint64_t>(generation) << kImportKindBits) | kind;
 }
 
-// The kernels' cache of resolved addresses holds base | resolved_tag(generation): a user-space device address
-// fits in the low 48 bits, and a live generation is odd, so an entry is never 0.
-constexpr int kResolvedTagShift = 48;
-constexpr uint64_t kResolvedBaseMask = (uint64_t{1} << kResolvedTagShift) - 1;
+// The kernels' cache of resolved addresses holds, per (peer, slot), one 64-bit word: the mapped base and 24 bits
+// of its generation. A user-space device address fits in the low 48 bits and a mapped allocation starts on a
+// 256-byte boundary, so the generation's low 8 bits fill the base's zero bits and its next 16 bits sit above bit
+// 47. A stale word could match only after 2^23 exports of one slot that this process never resolved in between.
+// A live generation is odd, so a word is never 0 (the cache's "unresolved").
+constexpr uint64_t kResolvedBaseMask = ((uint64_t{1} << 48) - 1) & ~uint64_t{0xff};
+constexpr bool is_cacheable_base(uint64_t base) { return (base & ~kResolvedBaseMask) == 0; }
 constexpr uint64_t resolved_tag(uint32_t generation) {
-  return static_cast<uint64_t>(generation & 0xffffu) << kResolvedTagShift;
+  return static_cast<uint64_t>(generation & 0xffu) | (static_cast<uint64_t>((generation >> 8) & 0xffffu) << 48);
 }
 
 }  // namespace deep_ep

@@ -40,7 +40,7 @@ __device__ __forceinline__ const char* resolve_import(const ImportEntry* imports
       return nullptr;
     }
     base = *reinterpret_cast<volatile const uint64_t*>(&entry->base);
-    if ((base & ~kResolvedBaseMask) == 0) *cached = base | tag;
+    if (is_cacheable_base(base)) *cached = base | tag;
   }
   return reinterpret_cast<const char*>(base) + ref.offset;
 }
