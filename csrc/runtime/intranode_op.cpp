@@ -8,6 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/intranode_rings.hpp"
 #include "runtime/normal_inputs.hpp"
 #include "util/cuda_check.hpp"
 
@@ -125,9 +126,16 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     DEEP_EP_CHECK(a.num_worst_tokens == 0 || a.topk_idx, "num_worst_tokens > 0 requires topk_idx and topk_weights");
   }
 
-  const auto layout = intranode::DispatchQueueLayout::make(
+  // The buffer must hold the config's rings (the size hints promise no more); a call may cycle through fewer slots.
+  const auto capacity_layout = intranode::DispatchQueueLayout::make(
       config.num_channels(), config.num_max_nvl_chunked_recv_tokens, row_bytes, num_scales, num_topk);
-  check_fits(*this, layout.total_bytes, config, row_bytes, "dispatch");
+  check_fits(*this, capacity_layout.total_bytes, config, row_bytes, "dispatch");
+  const IntranodeDispatchRing ring =
+      intranode_dispatch_ring(in.max_ranks_per_device, config.num_max_nvl_chunked_recv_tokens,
+                              config.num_max_nvl_chunked_send_tokens, config.num_channels(),
+                              capacity_layout.row_stride, in.min_l2_bytes);
+  const auto layout =
+      intranode::DispatchQueueLayout::make(config.num_channels(), ring.num_slots, row_bytes, num_scales, num_topk);
   const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
@@ -204,8 +212,8 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   d.num_topk = num_topk;
   d.num_experts = num_experts;
   d.num_channels = C;
-  d.num_slots = config.num_max_nvl_chunked_recv_tokens;
-  d.send_chunk = config.num_max_nvl_chunked_send_tokens;
+  d.num_slots = ring.num_slots;
+  d.send_chunk = ring.send_chunk;
   d.num_rows = static_cast<int>(N);
   d.recv_x = recv_x.ptr<uint8_t>();
   d.recv_x_scales = fp8 ? recv_x_scales.ptr<float>() : nullptr;

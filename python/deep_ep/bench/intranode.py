@@ -208,28 +208,33 @@ def _eager_breakdown(ctx, group, flush, comm_stream, ops, modes, size, num_sms):
 
 
 def _sweep(ctx, group, opts, flush, buffer_args):
-    """Time cached dispatch (BF16) and combine over queue shapes (send chunk, ring slots) at fixed num_sms."""
-    x, _, recv_x, handle, num_recv = buffer_args
+    """Time cached dispatch (BF16 and FP8) and combine over queue shapes (send chunk, ring slots) at fixed num_sms.
+    Where ranks share a GPU the dispatch cycles through fewer slots than a shape asks for
+    (runtime/intranode_rings.hpp)."""
+    x, x_fp8, recv_x, handle, num_recv = buffer_args
     num_sms, h = opts["num_sms"], opts["hidden"]
-    shapes = [(1, 2), (2, 4), (2, 8), (4, 8), (4, 16), (8, 32), (8, 64), (16, 128)]
+    shapes = [(1, 2), (2, 4), (2, 6), (3, 6), (2, 8), (4, 8), (3, 9), (4, 12), (6, 12), (4, 16), (8, 16), (8, 32)]
     biggest = max(deep_ep.Config(num_sms, s, q).get_nvl_buffer_size_hint(h * 2, ctx.num_ranks) for s, q in shapes)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=biggest, explicitly_destroy=True)
     rows = []
     for send, slots in shapes:
         config = deep_ep.Config(num_sms, send, slots)
         d = time_op(lambda: buffer.dispatch(x, handle=handle, config=config), group, 5, flush)
+        f = time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=config), group, 5, flush)
         c = time_op(lambda: buffer.combine(recv_x, handle, config=config), group, 5, flush)
         gathered = [None] * ctx.num_ranks
-        dist.all_gather_object(gathered, (d, c), group=group)
+        dist.all_gather_object(gathered, (d, c, f), group=group)
         d = sum(g[0] for g in gathered) / len(gathered)
         c = sum(g[1] for g in gathered) / len(gathered)
+        f = sum(g[2] for g in gathered) / len(gathered)
         gb = num_recv * h * 2 / 1e9
         rows.append(
             (
                 f"sweep send={send} slots={slots}",
                 "BF16",
                 str(num_sms),
-                f"dispatch {gb / (d * 1e-3):.0f} GB/s, combine {gb / (c * 1e-3):.0f} GB/s",
+                f"dispatch {gb / (d * 1e-3):.0f} GB/s (FP8 {gb / 2 / (f * 1e-3):.0f}), "
+                f"combine {gb / (c * 1e-3):.0f} GB/s",
                 "-",
             )
         )
