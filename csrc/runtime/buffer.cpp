@@ -101,8 +101,9 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   mine.use_fabric = options.use_fabric;
   mine.ranks_per_node_override = ranks_per_node_from_env();
   mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
+  // The internode combine reads each node's inputs in place unless DEEP_EP_INTERNODE_IN_PLACE=0.
   const char* in_place = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
-  mine.internode_in_place = in_place != nullptr && std::string(in_place) == "1" ? 1 : 0;
+  mine.internode_in_place = in_place == nullptr || std::string(in_place) != "0" ? 1 : 0;
   return mine;
 }
 
@@ -225,7 +226,7 @@ void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine,
     // The producers' ring entries of the two combine forms differ: every rank must run the same one.
     DEEP_EP_CHECK(peers[r].internode_in_place == mine.internode_in_place,
                   "all ranks must see the same DEEP_EP_INTERNODE_IN_PLACE: rank ", rank, " has ",
-                  mine.internode_in_place, ", rank ", r, " has ", peers[r].internode_in_place, " (1 = set to 1)");
+                  mine.internode_in_place, ", rank ", r, " has ", peers[r].internode_in_place, " (0 = set to 0)");
   }
 }
 
@@ -356,10 +357,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
     in.input_exports = make_input_exports(*group_, *group_, options.device);
   }
-  // The internode combine in place (DEEP_EP_INTERNODE_IN_PLACE=1): the same exports over each node's ranks, where
-  // every rank maps its node's buffers by CUDA IPC and every node can make them. Every rank takes part in the
-  // decision and in each node's creation (collectives over the whole group), so a node that cannot never leaves
-  // the others waiting.
+  // The internode combine in place (the default; DEEP_EP_INTERNODE_IN_PLACE=0 pushes rows): the same exports over
+  // each node's ranks, where every rank maps its node's buffers by CUDA IPC and every node can make them. Every
+  // rank takes part in the decision and in each node's creation (collectives over the whole group), so a node
+  // that cannot never leaves the others waiting.
   if (in.topology.num_nodes > 1 && in.internode_in_place) {
     const int Rn = in.topology.num_ranks_per_node, first_local = rank_ / Rn * Rn;
     // The exports' tables hold kNumMaxNvlPeers ranks: larger nodes push rows.

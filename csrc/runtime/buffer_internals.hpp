@@ -57,8 +57,8 @@ struct Buffer::Internals {
   int ll_next_half = 0;
   bool ll_receive_pending[2] = {false, false};
   PeerTensorMap peer_tensors;  // other ranks' pull-combine inputs, mapped here
-  // DEEP_EP_INTERNODE_IN_PLACE=1 at creation, the same on every rank: internode combines read the node's
-  // inputs in place where input_exports (over each node's ranks) exists (CombineArgs::in_place).
+  // DEEP_EP_INTERNODE_IN_PLACE unset or not 0 at creation, the same on every rank: internode combines read the
+  // node's inputs in place where input_exports (over each node's ranks) exists (CombineArgs::in_place).
   bool internode_in_place = false;
   // The pull combine's input addresses, exchanged per call (one node only; made with the buffer); null where some
   // peer is not mapped by CUDA IPC (GIN window, fabric memory, another host) or shared memory is unusable: the

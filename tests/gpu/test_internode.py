@@ -503,18 +503,21 @@ def timeout_names_rank_peer_phase(ctx, rn):
     teardown()
 
 
-def in_place(ctx, rn, fn, *args):
-    """`fn` with the combine's forwarders reading the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE=1, set on
-    every rank before `fn` makes its Buffer, which reads it; the rank processes start each case from their first
-    environment). Every combine
-    it makes must have run in place (an input that cannot be mapped would fall back without saying)."""
-    os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "1"
+def combine_form(ctx, rn, setting, expect_in_place, fn, *args):
+    """`fn` with DEEP_EP_INTERNODE_IN_PLACE set to `setting` (None: unset, the default) on every rank before `fn`
+    makes its Buffer, which reads it (the rank processes start each case from their first environment). Every
+    combine `fn` makes must have read the node's inputs in place if `expect_in_place`, else pushed rows: an input
+    that cannot be mapped would fall back without saying, and the default must be the in-place form."""
+    if setting is None:
+        os.environ.pop("DEEP_EP_INTERNODE_IN_PLACE", None)
+    else:
+        os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = setting
     original = deep_ep.Buffer.combine
-    ran_in_place = []
+    forms = []
 
     def recording(self, *call_args, **kwargs):
         result = original(self, *call_args, **kwargs)
-        ran_in_place.append(self.runtime.last_combine_in_place())
+        forms.append(self.runtime.last_combine_in_place())
         return result
 
     deep_ep.Buffer.combine = recording
@@ -522,8 +525,21 @@ def in_place(ctx, rn, fn, *args):
         result = fn(ctx, rn, *args)
     finally:
         deep_ep.Buffer.combine = original
-    assert ran_in_place and all(ran_in_place), f"rank {ctx.rank}: combines in place: {ran_in_place}"
+    assert forms, f"rank {ctx.rank}: no combine ran"
+    assert all(form == expect_in_place for form in forms), (
+        f"rank {ctx.rank}: combines in place {forms}, expected {'all' if expect_in_place else 'none'}"
+    )
     return result
+
+
+def in_place(ctx, rn, fn, *args):
+    """`fn` with the default setting: the forwarders read the node's inputs where they are."""
+    return combine_form(ctx, rn, None, True, fn, *args)
+
+
+def pushed(ctx, rn, fn, *args):
+    """`fn` with DEEP_EP_INTERNODE_IN_PLACE=0: the producers push their rows into the forwarders' rings."""
+    return combine_form(ctx, rn, "0", False, fn, *args)
 
 
 def cases(rank_counts):
@@ -546,7 +562,8 @@ def cases(rank_counts):
                 out.append((f"{base}/{name}", fn, r, (rn,) + args, t))
 
             full = layout == "2x4"
-            add("bf16_topk", dispatch_combine, dict(bias=1))
+            # The default combine form is in place (asserted here; the other cases take it without asserting).
+            add("bf16_topk", in_place, dispatch_combine, dict(bias=1))
             add("fp8_topk", dispatch_combine, dict(fp8=True, alignment=4))
             if full:
                 add("bf16_no_topk", dispatch_combine, dict(with_topk=False, bias=2))
@@ -585,20 +602,22 @@ def cases(rank_counts):
                     dispatch_combine,
                     dict(num_tokens=4096, hidden=512, worst=True, round_configs=[(6, 32, 6, 32)]),
                 )
-            # The in-place combine: the same checks with the forwarders reading the inputs where they are.
-            add("bf16_topk_in_place", in_place, dispatch_combine, dict(bias=1))
-            add("fp8_worst_tokens_in_place", in_place, dispatch_combine, dict(fp8=True, worst=True))
-            add("tokens_4096_small_rings_sweep_in_place", in_place, dispatch_combine, small_rings_sweep)
-            add("cuda_graph_in_place", in_place, cuda_graph)
-            add("bf16_no_topk_in_place", in_place, dispatch_combine, dict(with_topk=False, bias=2))
+            # The pushed combine (DEEP_EP_INTERNODE_IN_PLACE=0): the same checks with the producers' rows copied
+            # into the forwarders' rings; the cases above run in place, the default.
+            add("bf16_topk_pushed", pushed, dispatch_combine, dict(bias=1))
+            add("fp8_worst_tokens_pushed", pushed, dispatch_combine, dict(fp8=True, worst=True))
+            add("tokens_4096_small_rings_sweep_pushed", pushed, dispatch_combine, small_rings_sweep)
+            add("cuda_graph_pushed", pushed, cuda_graph)
+            add("bf16_no_topk_pushed", pushed, dispatch_combine, dict(with_topk=False, bias=2))
             add(
-                "edges_in_place",
-                in_place,
+                "edges_pushed",
+                pushed,
                 dispatch_combine,
                 dict(empty_rank=r - 1, hidden=2048, num_topk=1, routing="one_rank"),
             )
-            add("zero_tokens_in_place", in_place, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
-            # Fresh inputs every call (new exports and mappings) and inputs overwritten after the call.
+            add("zero_tokens_pushed", pushed, dispatch_combine, dict(num_tokens=0, uneven=False, hidden=2048))
+            add("back_to_back_pushed", pushed, back_to_back, 50, True)
+            # In place: fresh inputs every call (new exports and mappings), each overwritten after its call.
             add("back_to_back_in_place", in_place, back_to_back, 50, True)
             if full:
                 add("inputs_freed_in_place", in_place, inputs_freed, 80)

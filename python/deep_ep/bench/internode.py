@@ -174,12 +174,19 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
         iters,
         flush,
     )
+    in_place = buffer.runtime.last_combine_in_place()
     sweep_rows = _sweep(buffer, x, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
+    torch.cuda.synchronize()
+    buffer.destroy()
+    # The pushed combine (DEEP_EP_INTERNODE_IN_PLACE=0, read when a Buffer is made) next to the default above.
+    timed["combine BF16, pushed"] = _pushed_combine_ms(
+        group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, iters, flush
+    )
     local = [timed[name] for name in timed] + [with_notify, layout_ms, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
     dist.all_gather_object(gathered, local, group=group)
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
-    mean_recv, mean_rdma = mean[-2], mean[-1]
+    mean_notify, mean_layout, mean_recv, mean_rdma = mean[len(timed) :]
     size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
     rings = (
         f"rings: dispatch RDMA {dispatch_config.num_max_rdma_chunked_recv_tokens} rows (batch "
@@ -192,9 +199,12 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
         row_bytes = h * 2 * ((1 + 4 / 128) / 2 if "FP8" in name else 1)
         logical = mean_recv * row_bytes / (ms * 1e-3) / 1e9
         rdma = mean_rdma * row_bytes / (ms * 1e-3) / 1e9
+        form = ""
+        if name == "combine BF16":
+            form = ", in place" if in_place else ", pushed"
         rows.append(
             (
-                f"internode {name} (cached)",
+                f"internode {name} (cached){form}",
                 size,
                 str(num_sms),
                 f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us",
@@ -207,7 +217,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
             "internode dispatch BF16 (with notify)",
             size,
             str(num_sms),
-            f"{mean[3] * 1e3:.0f} us",
+            f"{mean_notify * 1e3:.0f} us",
             f"{mean_recv:.0f} rows received, {mean_rdma:.0f} tokens sent across nodes per rank; {rings}",
         )
     )
@@ -216,11 +226,32 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
             "get_dispatch_layout (with num_tokens_per_rdma_rank)",
             f"{t} tok, top-{k}/{e}, {num_ranks} ranks",
             "-",
-            f"eager {mean[4] * 1e3:.1f} us/call",
+            f"eager {mean_layout * 1e3:.1f} us/call",
             "mean over ranks of the median of 50 back-to-back calls",
         )
     )
     rows += sweep_rows
+    return rows, {name: mean[i] for i, name in enumerate(timed)}
+
+
+def _pushed_combine_ms(
+    group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, iters, flush
+):
+    """Milliseconds of one cached combine on a Buffer made with DEEP_EP_INTERNODE_IN_PLACE=0 on every rank."""
+    chosen = os.environ.get("DEEP_EP_INTERNODE_IN_PLACE")
+    os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "0"
+    try:
+        buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
+    finally:
+        if chosen is None:
+            os.environ.pop("DEEP_EP_INTERNODE_IN_PLACE")
+        else:
+            os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = chosen
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout
+    )
+    ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
+    assert not buffer.runtime.last_combine_in_place(), "DEEP_EP_INTERNODE_IN_PLACE=0 must push rows"
     torch.cuda.synchronize()
     buffer.destroy()
-    return rows, {name: mean[i] for i, name in enumerate(timed)}
+    return ms
