@@ -40,8 +40,8 @@ struct PeerInfo {
   int low_latency_mode;
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
-  int internode_in_place;       // DEEP_EP_INTERNODE_IN_PLACE=1 as this rank read it
-  int64_t l2_bytes;             // the device's L2 (internode dispatch ring rows, from the group's smallest)
+  int internode_in_place;       // 0 where this rank read DEEP_EP_INTERNODE_IN_PLACE=0, else 1
+  int64_t l2_bytes;             // the device's L2 (dispatch ring sizes, from the group's smallest)
 };
 
 int64_t default_timeout_ns(double timeout_s) {
@@ -332,7 +332,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   in.internode_in_place = mine.internode_in_place != 0;
-  // What the internode dispatch sizes its rings with (internode_rings.hpp), the same on every rank.
+  // What the dispatches size their rings with (intranode_rings.hpp, internode_rings.hpp), the same on every rank.
   in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
   in.min_l2_bytes = mine.l2_bytes;
   for (const PeerInfo& peer : peers) in.min_l2_bytes = std::min(in.min_l2_bytes, peer.l2_bytes);

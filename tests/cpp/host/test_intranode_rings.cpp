@@ -20,8 +20,8 @@ TEST(IntranodeRings, AGpuOfItsOwnKeepsTheConfig) {
   expect_ring(intranode_dispatch_ring(0, 256, 6, 24, kBf16, kL2), 256, 6);
 }
 
-TEST(IntranodeRings, SharedGpusFitTheirRingsInAThirdOfL2) {
-  // 8 ranks, 16 channels: 15 MiB over 128 rings of 14 KB slots is 8.6 slots: 8, batch 4.
+TEST(IntranodeRings, SharedGpusFitTheirRingsIn30PercentOfL2) {
+  // 8 ranks, 16 channels: 30% of 50 MiB (15 MiB) over 128 rings of 14 KB slots is 8.6 slots: 8, batch 4.
   expect_ring(intranode_dispatch_ring(8, 32, 8, 16, kBf16, kL2), 8, 4);
   // FP8 rows are half as wide: 16 slots; 8 channels of BF16 rows too.
   expect_ring(intranode_dispatch_ring(8, 32, 8, 16, kFp8, kL2), 16, 8);
