@@ -75,6 +75,26 @@ def _layout(buffer, topk_idx, rn, label):
     )
 
 
+def _times_ranks_reached(x, layout):
+    """What combine(dispatch(x)) must return without weights: each token's row times the ranks it reached (exact for
+    small integers: the per-node partials and their sum are)."""
+    return x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+
+
+def _check_round_trip(buffer, x, layout, label, overwrite_input=False):
+    """One dispatch/combine round of x: asserts the combined rows are x times the ranks each token reached. With
+    overwrite_input, the combine's input is overwritten with NaN on the stream right after the call (before the
+    check's host sync): a peer still reading it after this rank's combine ended would sum NaNs."""
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    if overwrite_input:
+        recv_x.fill_(float("nan"))
+    expected = _times_ranks_reached(x, layout)
+    if not torch.equal(combined.float(), expected):
+        bad = (combined.float() != expected).nonzero()[0].tolist()
+        raise AssertionError(f"{label}: combine(dispatch(x)) differs at {bad}")
+
+
 def _round(ctx, group, buffer, rn, opts, round_idx):
     """Layout -> dispatch -> combine -> cached dispatch of fresh data, each checked exactly. Collective."""
     hidden, num_topk = opts.get("hidden", 7168), opts.get("num_topk", 8)
@@ -223,14 +243,7 @@ def back_to_back(ctx, rn, num_calls, overwrite_input=False):
         topk_idx = make_topk(num_tokens, NUM_EXPERTS, 8, ctx.num_ranks, "random")
         x = torch.randint(-8, 8, (num_tokens, hidden), device="cuda").to(torch.bfloat16)
         layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank} call {call}")
-        recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
-        combined, _, _ = buffer.combine(recv_x, handle)
-        if overwrite_input:
-            recv_x.fill_(float("nan"))
-        expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
-        if not torch.equal(combined.float(), expected):
-            bad = (combined.float() != expected).nonzero()[0].tolist()
-            raise AssertionError(f"rank {ctx.rank} call {call}: combine(dispatch(x)) differs at {bad}")
+        _check_round_trip(buffer, x, layout, f"rank {ctx.rank} call {call}", overwrite_input)
     buffer.destroy()
     teardown()
 
@@ -424,7 +437,7 @@ def bad_inputs(ctx, rn):
     # Small integers: the two-level sums are exact, so combine(dispatch(x)) == x * ranks reached.
     x = torch.randint(-8, 8, (32, hidden), device="cuda").to(torch.bfloat16)
     layout = _layout(buffer, topk_idx, rn, f"rank {ctx.rank}")
-    expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
+    expected = _times_ranks_reached(x, layout)
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
     assert isinstance(handle, tuple) and len(handle) == 10
     for short in (handle[:6], handle[:9]):
@@ -470,12 +483,7 @@ def too_few_worst_tokens(ctx, rn):
     torch.cuda.synchronize()
     expect_raises(ValueError, "num_worst_tokens", buffer.runtime.check_device_errors)
     torch.distributed.barrier(group)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
-    combined, _, _ = buffer.combine(recv_x, handle)
-    expected = x.float() * layout["is_token_in_rank"].sum(dim=1, keepdim=True).float()
-    if not torch.equal(combined.float(), expected):
-        bad = (combined.float() != expected).nonzero()[0].tolist()
-        raise AssertionError(f"rank {ctx.rank}: the round after the value error differs at {bad}")
+    _check_round_trip(buffer, x, layout, f"rank {ctx.rank}, the round after the value error")
     buffer.destroy()
     teardown()
 
