@@ -5,14 +5,12 @@ counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: 
 the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
 ranks read from their forwarders ("NVLink": one row per received row)."""
 
-import os
-
 import torch
 import torch.distributed as dist
 
 import deep_ep
 
-from .timing import fp8_cast, time_op, time_op_per_call
+from .timing import env_setting, fp8_cast, time_op, time_op_per_call
 
 
 def bench_internode(ctx, group, opts, flush, copy_gbps):
@@ -58,18 +56,20 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
     num_sms, iters = opts["num_sms"], opts["iters"]
     results = []
     for warps in _SWEEP_WARPS:
-        os.environ["DEEP_EP_INTERNODE_WARPS"] = warps
-        d = time_op(
-            lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
-            group,
-            iters,
-            flush,
-        )
-        c = time_op(
-            lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)), group, iters, flush
-        )
+        with env_setting("DEEP_EP_INTERNODE_WARPS", warps):
+            d = time_op(
+                lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
+                group,
+                iters,
+                flush,
+            )
+            c = time_op(
+                lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)),
+                group,
+                iters,
+                flush,
+            )
         results.append((f"warps {warps}", d, c))
-    os.environ.pop("DEEP_EP_INTERNODE_WARPS", None)
     for nvl_send, rdma_send in _SWEEP_BATCHES:
         d = time_op(
             lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)),
@@ -238,15 +238,8 @@ def _pushed_combine_ms(
     group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, iters, flush
 ):
     """Milliseconds of one cached combine on a Buffer made with DEEP_EP_INTERNODE_IN_PLACE=0 on every rank."""
-    chosen = os.environ.get("DEEP_EP_INTERNODE_IN_PLACE")
-    os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = "0"
-    try:
+    with env_setting("DEEP_EP_INTERNODE_IN_PLACE", "0"):
         buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
-    finally:
-        if chosen is None:
-            os.environ.pop("DEEP_EP_INTERNODE_IN_PLACE")
-        else:
-            os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = chosen
     recv_x, _, _, _, handle, _ = buffer.dispatch(
         x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout
     )

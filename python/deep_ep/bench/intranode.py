@@ -2,14 +2,12 @@
 logical bytes (dispatch: BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: bytes sent back), the
 time of one cached-handle call, SMs per rank, and the HBM copy ceiling of the same run."""
 
-import os
-
 import torch
 import torch.distributed as dist
 
 import deep_ep
 
-from .timing import fp8_cast, time_op, time_op_graph, time_op_per_call
+from .timing import env_setting, fp8_cast, time_op, time_op_graph, time_op_per_call
 
 # DeepEP V1 in exactly this setting (8 ranks on one H100 under MPS, 16 SMs per rank), GB/s per rank.
 REFERENCE_GBPS = {"dispatch FP8": 92.0, "dispatch BF16": 93.0, "combine BF16": 107.0}
@@ -90,13 +88,8 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         modes[name] = (eager_ms, time_op_graph(fn, group, iters, flush), host_ms[0])
     pulled = buffer.runtime.last_combine_pulled()
     # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
-    chosen = os.environ.get("DEEP_EP_PULL_COMBINE")
-    os.environ["DEEP_EP_PULL_COMBINE"] = "0"
-    ring_combine_ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
-    if chosen is None:
-        os.environ.pop("DEEP_EP_PULL_COMBINE")
-    else:
-        os.environ["DEEP_EP_PULL_COMBINE"] = chosen
+    with env_setting("DEEP_EP_PULL_COMBINE", "0"):
+        ring_combine_ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
     non_cached_ms = time_op(
         lambda: buffer.dispatch(
             x,

@@ -1,10 +1,13 @@
 """Helpers shared by the benchmark modules: how an op is timed (CUDA events, warm-up, medians, L2 flushed
-between samples), the HBM copy ceiling, and the FP8 input every normal-mode benchmark casts.
+between samples), the HBM copy ceiling, the FP8 input every normal-mode benchmark casts, and the environment
+settings a benchmark switches for one measurement.
 
 It imports no other module of deep_ep.bench: suite.py and the per-mode modules (intranode.py, internode.py,
 baselines.py) import from here, never from each other in both directions.
 """
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -13,6 +16,20 @@ import torch.distributed as dist
 
 # Bytes zeroed before each timed sample: larger than any GPU's L2, so no sample starts with a warm cache.
 L2_FLUSH_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def env_setting(name, value):
+    """Environment variable `name` set to `value` inside the block, and as it was (set or unset) after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def time_op(fn, group, iters, flush, calls_per_sample=8):
