@@ -185,6 +185,24 @@ __device__ __forceinline__ void named_barrier(int id, int num_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+// named_barrier that also ORs `predicate` over the `num_threads` threads: every one of them returns the same
+// answer. A shared flag read after a plain barrier can be rewritten by a fast thread before a slow one reads it,
+// and then the two leave a loop at different barriers.
+__device__ __forceinline__ bool named_barrier_or(int id, int num_threads, bool predicate) {
+  int any;
+  asm volatile(
+      "{\n"
+      ".reg .pred p, q;\n"
+      "setp.ne.s32 p, %1, 0;\n"
+      "bar.red.or.pred q, %2, %3, p;\n"
+      "selp.s32 %0, 1, 0, q;\n"
+      "}\n"
+      : "=r"(any)
+      : "r"(static_cast<int>(predicate)), "r"(id), "r"(num_threads)
+      : "memory");
+  return any != 0;
+}
+
 // [begin, end) of the tokens of `channel` among `num_channels`.
 __device__ __forceinline__ void channel_range(int channel, int num_channels, int num_tokens, int& begin, int& end) {
   begin = static_cast<int>(static_cast<int64_t>(num_tokens) * channel / num_channels);

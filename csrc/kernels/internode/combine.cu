@@ -256,13 +256,11 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   const int forward_warp = threadIdx.x / 32 - num_producer_warps, lane = device::lane_id();
   __shared__ const char* ring_of[32];  // ring (channel, my local) of each local rank
   __shared__ int consumed[32];         // per local rank: entries read by the finished batches
-  __shared__ int abort_forward;
   if (forward_warp == 0 && lane < num_ranks_per_node) {
     ring_of[lane] = ctx.rings(ctx.rank_of(ctx.node, lane)) +
                     (static_cast<int64_t>(channel) * num_ranks_per_node + ctx.local) * ring_slots * stride;
     consumed[lane] = 0;
   }
-  if (forward_warp == 0 && lane == 0) abort_forward = 0;
   device::named_barrier(kForwardBarrier, num_forward_warps * 32);
   const int row_int4 = args.hidden * 2 / 16;
   const int positions_per_warp =
@@ -281,7 +279,10 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
   // The partial of position (node, channel, i) goes to home rank (node, my local index), ring (my node,
   // channel): written in place for the own node, straight into the home rank's window where the transport
   // maps it, else staged in send_rows at the same slot and put.
-  for (int node = 0; node < num_nodes && !abort_forward; ++node) {
+  // Whether the forwarders stopped on a failed wait: the same in every forwarder thread, as it only ever comes from
+  // a barrier's OR, so that all of them leave the loops at the same barrier.
+  bool aborted = false;
+  for (int node = 0; node < num_nodes; ++node) {
     const int* prefix = args.recv_rdma_channel_prefix_matrix + node * num_channels;
     const int count = channel_count(prefix, channel);
     const int64_t row_base =
@@ -292,6 +293,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       const int batch = min(batch_width, count - batch_begin);
       // combine_credit(node, channel): adds of home rank (node, my local); position i overwrites position
       // i - ring_capacity.
+      bool credit_failed = false;
       if (forward_warp == 0 && lane == 0 && batch_begin + batch - ring_capacity > 0) {
         uint64_t observed = 0;
         if (!net.wait_signal(layout.signal_combine_credit(node, channel),
@@ -299,12 +301,13 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
                              &ctx.peers.diagnostics->abort_waits, &observed)) {
           device::report(ctx.peers.diagnostics, Phase::kInternodeCombineSend, true, ctx.peers.rank, home_rank, channel,
                          -1, batch_begin + batch - ring_capacity, static_cast<long long>(observed));
-          abort_forward = 1;
+          credit_failed = true;
         }
       }
-      device::named_barrier(kForwardBarrier, num_forward_warps * 32);
+      aborted = device::named_barrier_or(kForwardBarrier, num_forward_warps * 32, credit_failed);
       timer.lap(0);
-      if (abort_forward) break;
+      if (aborted) break;
+      bool entries_failed = false;  // warp-uniform
       // Warp w sums positions batch_begin + w, + num_forward_warps, ...: each warp's positions in stream order.
       for (int p = 0; p < positions_per_warp; ++p) {
         const int i = batch_begin + p * num_forward_warps + forward_warp;
@@ -358,7 +361,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         const bool all_ok = __all_sync(0xffffffffu, ok);
         timer.lap(1);
         if (!all_ok) {
-          abort_forward = 1;
+          entries_failed = true;
           break;  // this warp's later positions wait on the same producers
         } else {
           // The entries, compacted in local-rank order (the reference's order of additions).
@@ -400,8 +403,8 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       // The batch's partials (direct stores and staged put sources alike) and its ring reads are ordered
       // before warp 0's releases and signal by the barrier; those are cumulative (transport.cuh), so one
       // fence in the signalling warp covers the batch instead of one per forwarder thread.
-      device::named_barrier(kForwardBarrier, num_forward_warps * 32);
-      if (abort_forward) break;
+      aborted = device::named_barrier_or(kForwardBarrier, num_forward_warps * 32, entries_failed);
+      if (aborted) break;
       if (forward_warp == 0) {
         if (lane < num_ranks_per_node)
           device::st_release_sys(ctx.flag(ctx.rank_of(ctx.node, lane), layout.flag_ring_head(channel, ctx.local)),
@@ -415,11 +418,12 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
       }
       timer.lap(3);
     }
+    if (aborted) break;
   }
   timer.report("combine", "forwarder", ctx.peers.rank, num_ranks_per_node, 0);
   // Every credit of the op is in once the home ranks summed every partial: then nobody adds to the
   // credit signals any more and they are reset for the next op.
-  if (forward_warp == 0 && !abort_forward) {
+  if (forward_warp == 0 && !aborted) {
     for (int node = lane; node < num_nodes; node += 32) {
       const int count = channel_count(args.recv_rdma_channel_prefix_matrix + node * num_channels, channel);
       uint64_t observed = 0;
