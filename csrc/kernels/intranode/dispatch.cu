@@ -225,7 +225,7 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
         }
         // Streaming stores: the received rows (about 300 MB per rank for 4096 BF16 tokens of 8 ranks) would
         // otherwise evict the ring slots the other receivers still read from L2 (8-15% faster on one H100).
-        device::warp_copy<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
+        device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
                              reinterpret_cast<const int4*>(ring.rows + slot * layout.row_stride), row_int4, lane,
                              device::ld_queue, device::st_output_stream);
         for (int scale = lane; scale < args.num_scales; scale += 32)
