@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "deep_ep/config.hpp"
+#include "util/align.hpp"
 
 // Host and device both carve with these structs; plain C++ compilers see ordinary inline functions.
 #ifdef __CUDACC__
@@ -43,10 +44,6 @@ constexpr int kMaxInternodeNodes = 32;  // a warp's lanes cover every node
 // The smallest ring (num_max_rdma_chunked_recv_tokens) the kernels accept: a combine home rank sums a
 // round of tokens while the forwarders fill a batch, and both must fit in one ring.
 constexpr int kMinRingSlots = 16;
-
-DEEP_EP_INTERNODE_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
-  return (value + alignment - 1) / alignment * alignment;
-}
 
 // One dispatch row: [x: row_bytes][scales: S floats][topk_idx: K int32 (global ids)][topk_weights: K
 // floats][source token: int32][destination mask: uint32 over the node's local ranks], 16-aligned.

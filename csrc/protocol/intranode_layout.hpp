@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-namespace deep_ep::intranode {
+#include "util/align.hpp"
 
-constexpr int64_t align_up(int64_t value, int64_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+namespace deep_ep::intranode {
 
 struct DispatchQueueLayout {
   int64_t row_stride;  // bytes per staged row, 16-aligned

@@ -25,7 +25,7 @@
 #include <cstdint>
 
 #include "deep_ep/config.hpp"
-#include "protocol/intranode_layout.hpp"
+#include "util/align.hpp"
 
 // Host and device both use the signal index functions; plain C++ compilers see ordinary inline functions.
 #ifdef __CUDACC__
@@ -77,7 +77,6 @@ struct HalfLayout {
 
   static HalfLayout make(int64_t num_max_dispatch_tokens_per_rank, int64_t hidden, int64_t num_ranks,
                          int64_t num_experts) {
-    using intranode::align_up;
     HalfLayout layout{};
     const int64_t M = num_max_dispatch_tokens_per_rank;
     const int64_t local_experts = num_experts / num_ranks;

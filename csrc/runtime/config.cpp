@@ -52,11 +52,10 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, in
   check_hint_args(hidden_bytes, num_ranks, num_ranks_per_node);
   if (num_ranks > num_ranks_per_node) {
     const auto layout = internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node);
-    return internode::align_up(
-        layout.nvl_fixed_bytes +
-            internode::combine_ring_bytes(num_channels(), num_ranks_per_node, num_max_nvl_chunked_recv_tokens,
-                                          internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk)),
-        128);
+    return align_up(layout.nvl_fixed_bytes + internode::combine_ring_bytes(
+                                                 num_channels(), num_ranks_per_node, num_max_nvl_chunked_recv_tokens,
+                                                 internode::combine_row_stride(hidden_bytes / 2, kNumMaxTopk)),
+                    128);
   }
   const int nvl_ranks = std::min(num_ranks, kNumMaxNvlPeers);
   // The largest op this config can run: bf16 rows of hidden_bytes, FP8 scales for hidden_bytes / 2
@@ -66,13 +65,13 @@ int64_t Config::get_nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, in
                                                              hidden_bytes, num_scales, kNumMaxTopk);
   const auto combine = intranode::CombineQueueLayout::make(num_channels(), nvl_ranks, num_max_nvl_chunked_recv_tokens,
                                                            hidden_bytes, kNumMaxTopk);
-  return intranode::align_up(std::max(dispatch.total_bytes, combine.total_bytes), 128);
+  return align_up(std::max(dispatch.total_bytes, combine.total_bytes), 128);
 }
 
 int64_t Config::get_rdma_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int num_ranks_per_node) const {
   check_hint_args(hidden_bytes, num_ranks, num_ranks_per_node);
   if (num_ranks <= num_ranks_per_node) return 0;
-  return internode::align_up(internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node).rdma_bytes, 128);
+  return align_up(internode_hint_layout(*this, hidden_bytes, num_ranks, num_ranks_per_node).rdma_bytes, 128);
 }
 
 static void check_table_ranks(int num_ranks) {

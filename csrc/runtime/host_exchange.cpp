@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "deep_ep/error.hpp"
-#include "protocol/intranode_layout.hpp"
+#include "util/align.hpp"
 
 namespace deep_ep {
 
@@ -71,7 +71,7 @@ std::unique_ptr<HostExchange> HostExchange::create(Group& group, size_t record_b
   DEEP_EP_CHECK(record_bytes > 0, "HostExchange record_bytes must be positive");
   DEEP_EP_CHECK(timeout_s > 0, "HostExchange timeout_s must be positive, got ", timeout_s);
   const int rank = group.rank(), size = group.size();
-  const size_t slot_bytes = kLine + 2 * intranode::align_up(record_bytes, kLine);
+  const size_t slot_bytes = kLine + 2 * align_up(record_bytes, kLine);
   const size_t bytes = slot_bytes * size;
   void* base = map_shared_object(group, bytes);  // zero-filled: every round starts at 0
   if (!base) return nullptr;
@@ -82,7 +82,7 @@ HostExchange::HostExchange(int rank, int size, size_t record_bytes, double timeo
     : rank_(rank),
       size_(size),
       record_bytes_(record_bytes),
-      slot_bytes_(kLine + 2 * intranode::align_up(record_bytes, kLine)),
+      slot_bytes_(kLine + 2 * align_up(record_bytes, kLine)),
       timeout_s_(timeout_s),
       base_(base),
       mapped_bytes_(mapped_bytes) {}
@@ -94,7 +94,7 @@ char* HostExchange::slot(int rank) const { return static_cast<char*>(base_) + sl
 void HostExchange::all_gather(const void* record, void* all_records, const char* phase) {
   DEEP_EP_RUNTIME_CHECK(!broken_, "rank ", rank_, ": ", phase, " cannot run: an earlier host exchange timed out");
   const uint64_t n = ++round_;
-  const size_t record_stride = intranode::align_up(record_bytes_, kLine);
+  const size_t record_stride = align_up(record_bytes_, kLine);
   auto record_of = [&](int rank) { return slot(rank) + kLine + (n % 2) * record_stride; };
   std::memcpy(record_of(rank_), record, record_bytes_);
   round_of(slot(rank_))->store(n, std::memory_order_release);  // the record above is visible first

@@ -10,9 +10,9 @@
 
 #include "deep_ep/config.hpp"
 #include "deep_ep/error.hpp"
-#include "protocol/intranode_layout.hpp"
 #include "runtime/host_exchange.hpp"
 #include "runtime/ipc_allocation.hpp"
+#include "util/align.hpp"
 #include "util/cuda_check.hpp"
 
 namespace deep_ep {
@@ -50,7 +50,7 @@ void bump_and_wake(std::atomic<uint32_t>* word) {
 }
 
 // One page-aligned table per rank.
-size_t table_stride() { return intranode::align_up(sizeof(InputExports::Table), 4096); }
+size_t table_stride() { return align_up(sizeof(InputExports::Table), 4096); }
 
 }  // namespace
 
@@ -245,7 +245,7 @@ PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* t
 
   // Staging: x at 0, the weights after it. The stream orders the copy after this rank's previous pull combine,
   // which ended only once every rank had read the staging allocation's earlier contents.
-  const size_t weights_offset = intranode::align_up(staged[0] ? x_bytes : 0, 256);
+  const size_t weights_offset = align_up(staged[0] ? x_bytes : 0, 256);
   const size_t needed = weights_offset + (staged[1] ? weights_bytes : 0);
   if (needed > staging_bytes_) {
     // A larger one, exported anew; the old one stays allocated (peers' kernels may still be reading it).

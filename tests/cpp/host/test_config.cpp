@@ -70,10 +70,9 @@ TEST(Config, InternodeHintsMatchTheLayout) {
   const auto four_nodes = internode::Layout::make(4, 4, 8, 128, stride);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16, 4), four_nodes.rdma_bytes);
   // Combine rings: channels x ranks per node x 32 rows, whatever the token count.
-  EXPECT_EQ(
-      c.get_nvl_buffer_size_hint(hidden_bytes, 16),
-      internode::align_up(
-          two_nodes.nvl_fixed_bytes + int64_t(8) * 8 * 32 * internode::combine_row_stride(7168, kNumMaxTopk), 128));
+  EXPECT_EQ(c.get_nvl_buffer_size_hint(hidden_bytes, 16),
+            align_up(two_nodes.nvl_fixed_bytes + int64_t(8) * 8 * 32 * internode::combine_row_stride(7168, kNumMaxTopk),
+                     128));
   EXPECT_EQ(internode::combine_ring_bytes(8, 8, 32, 100), int64_t(8) * 8 * 32 * 100);
   EXPECT_EQ(c.get_rdma_buffer_size_hint(hidden_bytes, 16) % 128, 0);
 }

@@ -121,7 +121,7 @@ TEST(InternodeLayout, RowLayoutHoldsEveryField) {
   EXPECT_GE(fp8.stride, fp8.mask_offset + 4);
   // No top-k, no scales (cached BF16): x and the two trailing ints.
   const RowLayout bf16 = RowLayout::make(4096 * 2, 0, 0);
-  EXPECT_EQ(bf16.stride, internode::align_up(4096 * 2 + 8, 16));
+  EXPECT_EQ(bf16.stride, align_up(4096 * 2 + 8, 16));
   // The hint's stride covers the largest dispatch and combine rows of the same hidden.
   const int64_t hint = internode::hint_row_stride(7168 * 2);
   EXPECT_GE(hint, RowLayout::make(7168 * 2, 56, kNumMaxTopk).stride);
