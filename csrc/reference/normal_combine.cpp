@@ -50,7 +50,7 @@ std::vector<std::vector<int>> rows_by_source(const std::vector<NormalDispatchInp
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
                                                 const std::vector<NormalCombineInput>& inputs, int hidden, int num_topk,
-                                                int num_ranks_per_node) {
+                                                int num_ranks_per_node, int only_rank) {
   const int num_ranks = static_cast<int>(dispatch_inputs.size());
   DEEP_EP_CHECK(num_ranks > 0, "normal_combine: needs at least one rank");
   DEEP_EP_CHECK(dispatch_outputs.size() == dispatch_inputs.size() && inputs.size() == dispatch_inputs.size(),
@@ -59,6 +59,8 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
   DEEP_EP_CHECK(hidden >= 0, "normal_combine: hidden must be >= 0, got ", hidden);
   DEEP_EP_CHECK(num_topk >= 0, "normal_combine: num_topk must be >= 0, got ", num_topk);
   DEEP_EP_CHECK(num_ranks_per_node >= 0, "normal_combine: num_ranks_per_node must be >= 0, got ", num_ranks_per_node);
+  DEEP_EP_CHECK(only_rank >= -1 && only_rank < num_ranks, "normal_combine: only_rank must be -1 or in [0, ", num_ranks,
+                "), got ", only_rank);
   // Flat order: every rank in one group whose sum is not rounded before the bias.
   const bool hierarchical = num_ranks_per_node > 0 && num_ranks_per_node < num_ranks;
   DEEP_EP_CHECK(!hierarchical || num_ranks % num_ranks_per_node == 0, "normal_combine: num_ranks (", num_ranks,
@@ -80,6 +82,7 @@ std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatch
 
   std::vector<NormalCombineOutput> outputs(num_ranks);
   for (int r = 0; r < num_ranks; ++r) {
+    if (only_rank >= 0 && r != only_rank) continue;
     const NormalDispatchInput& home = dispatch_inputs[r];
     const size_t num_tokens = static_cast<size_t>(home.num_tokens);
     const NormalCombineInput& in = inputs[r];

@@ -22,6 +22,8 @@ void validate(const std::vector<NormalDispatchInput>& inputs, const NormalDispat
                 args.expert_alignment);
   DEEP_EP_CHECK(args.num_worst_tokens >= 0, "normal_dispatch: num_worst_tokens must be >= 0, got ",
                 args.num_worst_tokens);
+  DEEP_EP_CHECK(args.only_rank >= -1 && args.only_rank < num_ranks, "normal_dispatch: only_rank must be -1 or in [0, ",
+                num_ranks, "), got ", args.only_rank);
   if (args.num_topk > 0) {
     DEEP_EP_CHECK(args.num_experts > 0 && args.num_experts % num_ranks == 0, "normal_dispatch: num_experts (",
                   args.num_experts, ") must be a positive multiple of num_ranks (", num_ranks, ")");
@@ -87,6 +89,14 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
     out.num_recv_tokens = num_recv_tokens;
     out.num_rows = num_rows;
     out.rank_prefix_matrix = rank_prefix_matrix;
+    if (args.only_rank >= 0 && j != args.only_rank) {
+      // What normal_combine routes by, without the rows.
+      out.recv_src_idx.reserve(num_recv_tokens);
+      for (int i = 0; i < num_ranks; ++i)
+        for (int t = 0; t < inputs[i].num_tokens; ++t)
+          if (sends_to(inputs[i], t, j, num_ranks)) out.recv_src_idx.push_back(t);
+      continue;
+    }
     // Padding rows (past num_recv_tokens) keep these fill values: zero payload, no expert, zero weight.
     out.recv_x.assign(num_rows * row_bytes, 0);
     out.recv_x_scales.assign(num_rows * num_scales, 0.0f);

@@ -74,6 +74,10 @@ struct NormalDispatchArgs {
   int num_topk = 0;  // 0 when no top-k
   int expert_alignment = 1;
   int num_worst_tokens = 0;
+  // -1: every rank's outputs. A rank r >= 0 (a test that checks one rank's results): only outputs[r] gets its rows;
+  // the other ranks' outputs keep num_recv_tokens, num_rows, rank_prefix_matrix and recv_src_idx (all that
+  // normal_combine reads of them) and leave the row, top-k and expert-count vectors empty.
+  int only_rank = -1;
 };
 
 // Rows received by rank r are ordered by source rank, then by source token index. A token goes where
@@ -112,10 +116,12 @@ struct NormalCombineOutput {
 //     weights likewise from 0.0f over the nodes' partial weights;
 //   - then ((sum + bias_0) + bias_1) and one rounding to bf16, as in the flat order.
 // A token sent to no rank gets zeros (plus the bias) and weights 0 in either order.
+//
+// only_rank >= 0 combines that rank's tokens only (the other outputs stay empty); -1 combines every rank's.
 std::vector<NormalCombineOutput> normal_combine(const std::vector<NormalDispatchInput>& dispatch_inputs,
                                                 const std::vector<NormalDispatchOutput>& dispatch_outputs,
                                                 const std::vector<NormalCombineInput>& inputs, int hidden, int num_topk,
-                                                int num_ranks_per_node = 0);
+                                                int num_ranks_per_node = 0, int only_rank = -1);
 
 // ---- low-latency dispatch and combine (docs/compatibility.md section 8) ----------------------
 struct LowLatencyDispatchInput {

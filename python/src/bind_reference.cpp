@@ -84,7 +84,8 @@ void bind_reference(nb::module_& m) {
       .def_rw("num_scales", &ref::NormalDispatchArgs::num_scales)
       .def_rw("num_topk", &ref::NormalDispatchArgs::num_topk)
       .def_rw("expert_alignment", &ref::NormalDispatchArgs::expert_alignment)
-      .def_rw("num_worst_tokens", &ref::NormalDispatchArgs::num_worst_tokens);
+      .def_rw("num_worst_tokens", &ref::NormalDispatchArgs::num_worst_tokens)
+      .def_rw("only_rank", &ref::NormalDispatchArgs::only_rank);
   r.def("normal_dispatch", &ref::normal_dispatch, nb::arg("inputs"), nb::arg("args"));
 
   nb::class_<ref::NormalCombineInput> nci(r, "NormalCombineInput");
@@ -97,7 +98,8 @@ void bind_reference(nb::module_& m) {
   vector_field(nco, "combined_x", &ref::NormalCombineOutput::combined_x);
   vector_field(nco, "combined_topk_weights", &ref::NormalCombineOutput::combined_topk_weights);
   r.def("normal_combine", &ref::normal_combine, nb::arg("dispatch_inputs"), nb::arg("dispatch_outputs"),
-        nb::arg("inputs"), nb::arg("hidden"), nb::arg("num_topk"), nb::arg("num_ranks_per_node") = 0);
+        nb::arg("inputs"), nb::arg("hidden"), nb::arg("num_topk"), nb::arg("num_ranks_per_node") = 0,
+        nb::arg("only_rank") = -1);
 
   nb::class_<ref::LowLatencyDispatchInput> ldi(r, "LowLatencyDispatchInput");
   ldi.def(nb::init<>()).def_rw("num_tokens", &ref::LowLatencyDispatchInput::num_tokens);

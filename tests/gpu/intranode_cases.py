@@ -1,8 +1,9 @@
-"""Building blocks of the intranode GPU tests: random inputs per rank, the global CPU reference through
-the gloo group, and exact comparisons of every output and handle element."""
+"""Building blocks of the intranode GPU tests: random inputs per rank, the CPU reference of this rank's results
+from every rank's inputs (gathered over the gloo group), and exact comparisons of every output and handle element."""
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import deep_ep
 from common import assert_equal, gather_numpy, to_numpy
@@ -101,7 +102,7 @@ def dispatch_input(x, topk_idx, topk_weights, is_token_in_rank, with_topk):
 def reference_dispatch(
     group, ctx, x, topk_idx, topk_weights, is_token_in_rank, with_topk, num_experts, expert_alignment, num_worst_tokens
 ):
-    """(inputs of all ranks, reference outputs of all ranks)."""
+    """(inputs of all ranks, reference outputs of all ranks: this rank's complete, the others' routing only)."""
     mine = dispatch_input(x, topk_idx, topk_weights, is_token_in_rank, with_topk)
     fields = {name: getattr(mine, name) for name in ("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank")}
     fields["num_tokens"] = mine.num_tokens
@@ -122,6 +123,7 @@ def reference_dispatch(
     args.num_topk = topk_idx.size(1) if with_topk else 0
     args.expert_alignment = expert_alignment
     args.num_worst_tokens = num_worst_tokens
+    args.only_rank = ctx.rank  # the rows of the other ranks are theirs to check
     return inputs, ref.normal_dispatch(inputs, args)
 
 
@@ -159,8 +161,9 @@ def check_dispatch(
 def reference_combine(
     group, dispatch_inputs, dispatch_outputs, x, topk_weights, bias, hidden, num_topk, num_ranks_per_node=0
 ):
-    """Every rank's reference combine. num_ranks_per_node > 0 selects the internode (two-level) summation
-    order of nodes of that many consecutive ranks; 0 is the flat intranode order."""
+    """The reference combine, indexed by rank: this rank's entry is complete, the others are empty (each rank
+    checks its own). num_ranks_per_node > 0 selects the internode (two-level) summation order of nodes of that many
+    consecutive ranks; 0 is the flat intranode order."""
     item = ref.NormalCombineInput()
     item.x = to_numpy(x)
     if topk_weights is not None:
@@ -177,8 +180,12 @@ def reference_combine(
         for name, value in f.items():
             setattr(c, name, value)
         inputs.append(c)
-    if num_ranks_per_node:
-        return ref.normal_combine(
-            dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk, num_ranks_per_node=num_ranks_per_node
-        )
-    return ref.normal_combine(dispatch_inputs, dispatch_outputs, inputs, hidden, num_topk)
+    return ref.normal_combine(
+        dispatch_inputs,
+        dispatch_outputs,
+        inputs,
+        hidden,
+        num_topk,
+        num_ranks_per_node=num_ranks_per_node,
+        only_rank=dist.get_rank(group),
+    )

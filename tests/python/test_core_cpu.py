@@ -125,6 +125,39 @@ def test_reference_dispatch_then_combine_multiplies_by_ranks_reached():
         np.testing.assert_array_equal(got.reshape(x.shape), x * reached)
 
 
+def test_reference_only_rank_gives_that_rank_the_full_results():
+    # What each GPU test process asks for: its own rank's rows and sums, the others' routing only.
+    rng = np.random.default_rng(6)
+    num_ranks, hidden, num_experts, num_topk = 4, 16, 16, 3
+    prepared = _dispatch_inputs(rng, num_ranks, 5, hidden, num_experts, num_topk)
+    inputs = [p[0] for p in prepared]
+    args = ref.NormalDispatchArgs()
+    args.num_ranks, args.num_experts, args.row_bytes, args.num_topk = num_ranks, num_experts, hidden * 2, num_topk
+    full = ref.normal_dispatch(inputs, args)
+    combine_inputs = []
+    for out in full:
+        c = ref.NormalCombineInput()
+        c.x = out.recv_x.view(np.uint16)
+        c.topk_weights = out.recv_topk_weights
+        combine_inputs.append(c)
+    full_combined = ref.normal_combine(inputs, full, combine_inputs, hidden, num_topk)
+    for rank in range(num_ranks):
+        args.only_rank = rank
+        one = ref.normal_dispatch(inputs, args)
+        for j in range(num_ranks):
+            np.testing.assert_array_equal(one[j].recv_src_idx, full[j].recv_src_idx)
+            assert one[j].recv_x.size == (full[j].recv_x.size if j == rank else 0)
+        np.testing.assert_array_equal(one[rank].recv_x, full[rank].recv_x)
+        np.testing.assert_array_equal(one[rank].recv_topk_weights, full[rank].recv_topk_weights)
+        combined = ref.normal_combine(inputs, one, combine_inputs, hidden, num_topk, only_rank=rank)
+        np.testing.assert_array_equal(combined[rank].combined_x, full_combined[rank].combined_x)
+        np.testing.assert_array_equal(combined[rank].combined_topk_weights, full_combined[rank].combined_topk_weights)
+        assert all(combined[j].combined_x.size == 0 for j in range(num_ranks) if j != rank)
+    args.only_rank = num_ranks
+    with pytest.raises(ValueError, match="only_rank"):
+        ref.normal_dispatch(inputs, args)
+
+
 def test_build_reports_its_cuda_architectures():
     # The default build (CI, pip install .) targets sm_90.
     assert "90" in _C.compiled_cuda_architectures()

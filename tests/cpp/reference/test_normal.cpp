@@ -640,3 +640,76 @@ TEST(NormalCombineHierarchical, MatchesAnExplicitTwoLevelSumOnRandomInputs) {
   }
   EXPECT_GT(differs_from_flat, 0);  // the inputs do exercise the per-node rounding
 }
+
+// ---- one rank's results only (the GPU tests check one rank per process) ---------------------
+
+TEST(NormalOnlyRank, DispatchFillsThatRankAndKeepsTheOthersRouting) {
+  for (const Scenario& s : all_scenarios()) {
+    const auto full = ref::normal_dispatch(s.inputs, s.args);
+    for (int r = 0; r < s.num_ranks; ++r) {
+      ref::NormalDispatchArgs args = s.args;
+      args.only_rank = r;
+      const auto one = ref::normal_dispatch(s.inputs, args);
+      ASSERT_EQ(one.size(), full.size());
+      for (int j = 0; j < s.num_ranks; ++j) {
+        EXPECT_EQ(one[j].num_recv_tokens, full[j].num_recv_tokens);
+        EXPECT_EQ(one[j].num_rows, full[j].num_rows);
+        EXPECT_EQ(one[j].rank_prefix_matrix, full[j].rank_prefix_matrix);
+        EXPECT_EQ(one[j].recv_src_idx, full[j].recv_src_idx) << "rank " << j;
+        if (j == r) {
+          EXPECT_EQ(one[j].recv_x, full[j].recv_x);
+          EXPECT_EQ(one[j].recv_topk_idx, full[j].recv_topk_idx);
+          EXPECT_EQ(one[j].recv_topk_weights, full[j].recv_topk_weights);
+          EXPECT_EQ(one[j].num_recv_tokens_per_expert, full[j].num_recv_tokens_per_expert);
+        } else {
+          EXPECT_TRUE(one[j].recv_x.empty() && one[j].recv_topk_idx.empty() && one[j].recv_topk_weights.empty() &&
+                      one[j].num_recv_tokens_per_expert.empty());
+        }
+      }
+    }
+  }
+}
+
+TEST(NormalOnlyRank, CombineOfThatRankMatchesTheFullCombineInBothOrders) {
+  for (const Scenario& s : all_scenarios()) {
+    const auto dispatched = ref::normal_dispatch(s.inputs, s.args);
+    std::vector<ref::NormalCombineInput> inputs(s.num_ranks);
+    for (int j = 0; j < s.num_ranks; ++j) {
+      inputs[j].x = bf16_of(dispatched[j].recv_x);
+      inputs[j].topk_weights = dispatched[j].recv_topk_weights;
+    }
+    for (int ranks_per_node : {0, 2}) {
+      if (ranks_per_node > 0 && s.num_ranks % ranks_per_node != 0) continue;
+      const auto full = ref::normal_combine(s.inputs, dispatched, inputs, s.hidden, s.num_topk, ranks_per_node);
+      for (int r = 0; r < s.num_ranks; ++r) {
+        // Routing from a dispatch that filled rank r only, as the GPU tests pass it.
+        ref::NormalDispatchArgs args = s.args;
+        args.only_rank = r;
+        const auto routing = ref::normal_dispatch(s.inputs, args);
+        const auto one = ref::normal_combine(s.inputs, routing, inputs, s.hidden, s.num_topk, ranks_per_node, r);
+        for (int j = 0; j < s.num_ranks; ++j) {
+          if (j == r) {
+            EXPECT_EQ(one[j].combined_x, full[j].combined_x);
+            EXPECT_EQ(one[j].combined_topk_weights, full[j].combined_topk_weights);
+          } else {
+            EXPECT_TRUE(one[j].combined_x.empty() && one[j].combined_topk_weights.empty());
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(NormalOnlyRank, RejectsARankOutsideTheGroup) {
+  auto inputs = routing_only_inputs();
+  auto args = routing_only_args();
+  args.only_rank = 2;
+  EXPECT_THROW(ref::normal_dispatch(inputs, args), deep_ep::ValueError);
+  args.only_rank = -1;
+  auto dispatched = ref::normal_dispatch(inputs, args);
+  std::vector<ref::NormalCombineInput> combine_inputs(2);
+  combine_inputs[0].x = bf16({1, 2, 3, 4, 5, 6, 7, 8});
+  combine_inputs[1].x = bf16({1, 2, 3, 4, 5, 6});
+  EXPECT_THROW(ref::normal_combine(inputs, dispatched, combine_inputs, 2, 0, 0, -2), deep_ep::ValueError);
+  EXPECT_NO_THROW(ref::normal_combine(inputs, dispatched, combine_inputs, 2, 0, 0, 1));
+}
