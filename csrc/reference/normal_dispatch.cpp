@@ -89,20 +89,16 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
     out.num_recv_tokens = num_recv_tokens;
     out.num_rows = num_rows;
     out.rank_prefix_matrix = rank_prefix_matrix;
-    if (args.only_rank >= 0 && j != args.only_rank) {
-      // What normal_combine routes by, without the rows.
-      out.recv_src_idx.reserve(num_recv_tokens);
-      for (int i = 0; i < num_ranks; ++i)
-        for (int t = 0; t < inputs[i].num_tokens; ++t)
-          if (sends_to(inputs[i], t, j, num_ranks)) out.recv_src_idx.push_back(t);
-      continue;
-    }
-    // Padding rows (past num_recv_tokens) keep these fill values: zero payload, no expert, zero weight.
-    out.recv_x.assign(num_rows * row_bytes, 0);
-    out.recv_x_scales.assign(num_rows * num_scales, 0.0f);
-    out.recv_topk_idx.assign(static_cast<size_t>(num_rows) * num_topk, -1);
-    out.recv_topk_weights.assign(static_cast<size_t>(num_rows) * num_topk, 0.0f);
     out.recv_src_idx.assign(num_recv_tokens, 0);
+    // Another rank's outputs under only_rank: the routing normal_combine reads (recv_src_idx), without the rows.
+    const bool fill = args.only_rank < 0 || j == args.only_rank;
+    if (fill) {
+      // Padding rows (past num_recv_tokens) keep these fill values: zero payload, no expert, zero weight.
+      out.recv_x.assign(num_rows * row_bytes, 0);
+      out.recv_x_scales.assign(num_rows * num_scales, 0.0f);
+      out.recv_topk_idx.assign(static_cast<size_t>(num_rows) * num_topk, -1);
+      out.recv_topk_weights.assign(static_cast<size_t>(num_rows) * num_topk, 0.0f);
+    }
 
     const int64_t first_local_expert = static_cast<int64_t>(j) * num_local_experts;
     std::vector<int32_t> num_slots_per_local_expert(num_local_experts, 0);
@@ -111,9 +107,13 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
       const NormalDispatchInput& in = inputs[i];
       for (int t = 0; t < in.num_tokens; ++t) {
         if (!sends_to(in, t, j, num_ranks)) continue;
+        out.recv_src_idx[row] = t;
+        if (!fill) {
+          ++row;
+          continue;
+        }
         std::memcpy(out.recv_x.data() + row * row_bytes, in.x.data() + t * row_bytes, row_bytes);
         std::copy_n(in.x_scales.data() + t * num_scales, num_scales, out.recv_x_scales.data() + row * num_scales);
-        out.recv_src_idx[row] = t;
         for (int k = 0; k < num_topk; ++k) {
           const size_t src_slot = static_cast<size_t>(t) * num_topk + k;
           const size_t dst_slot = row * num_topk + k;
@@ -130,6 +130,7 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
       }
     }
 
+    if (!fill) continue;
     out.num_recv_tokens_per_expert.resize(num_local_experts);
     for (int l = 0; l < num_local_experts; ++l) {
       const int32_t alignment = args.expert_alignment;

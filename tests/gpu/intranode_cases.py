@@ -164,22 +164,21 @@ def reference_combine(
     """The reference combine, indexed by rank: this rank's entry is complete, the others are empty (each rank
     checks its own). num_ranks_per_node > 0 selects the internode (two-level) summation order of nodes of that many
     consecutive ranks; 0 is the flat intranode order."""
-    item = ref.NormalCombineInput()
-    item.x = to_numpy(x)
-    if topk_weights is not None:
-        item.topk_weights = to_numpy(topk_weights)
+    rank = dist.get_rank(group)
+    # Only this rank's biases are summed here: the other ranks' stay where they are.
+    mine = {"x": to_numpy(x), "topk_weights": None if topk_weights is None else to_numpy(topk_weights)}
+    inputs = []
+    for f in gather_numpy(group, mine):
+        c = ref.NormalCombineInput()
+        c.x = f["x"]
+        if f["topk_weights"] is not None:
+            c.topk_weights = f["topk_weights"]
+        inputs.append(c)
     if bias is not None:
         biases = bias if isinstance(bias, tuple) else (bias,)
-        item.bias_0 = to_numpy(biases[0])
+        inputs[rank].bias_0 = to_numpy(biases[0])
         if len(biases) > 1:
-            item.bias_1 = to_numpy(biases[1])
-    fields = {name: getattr(item, name) for name in ("x", "topk_weights", "bias_0", "bias_1")}
-    inputs = []
-    for f in gather_numpy(group, fields):
-        c = ref.NormalCombineInput()
-        for name, value in f.items():
-            setattr(c, name, value)
-        inputs.append(c)
+            inputs[rank].bias_1 = to_numpy(biases[1])
     return ref.normal_combine(
         dispatch_inputs,
         dispatch_outputs,
@@ -187,5 +186,5 @@ def reference_combine(
         hidden,
         num_topk,
         num_ranks_per_node=num_ranks_per_node,
-        only_rank=dist.get_rank(group),
+        only_rank=rank,
     )
