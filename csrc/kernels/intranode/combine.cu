@@ -174,7 +174,7 @@ __device__ void run_receiver(const Peers& peers, const CombineArgs& args, const 
       }
       const int64_t row_int4_stride = layout.row_stride / 16;
       const int4* rows = reinterpret_cast<const int4*>(ring.rows);
-      sum_token(
+      sum_token<1>(
           lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
           args.combined_topk_weights,
           [&](int j, int col) {

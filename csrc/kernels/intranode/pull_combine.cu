@@ -50,6 +50,8 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   // Every rank's inputs as this process reaches them.
   __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
   __shared__ const float* weights_of[kNumMaxNvlPeers];
+  // Each warp's current token: its row at every rank (-1 where it has none); written by lanes < num_ranks.
+  __shared__ int token_rows[kPullWarps][kNumMaxNvlPeers];
   // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 the start barrier, 1 finding the peers' inputs,
   // 2 summing rows, 3 the end barrier (block 0's lines on rank 0).
   device::RoleTimer timer;
@@ -105,42 +107,46 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   for (int channel = block; ok_shared && channel < num_channels; channel += gridDim.x) {
     int begin, end;
     device::channel_range(channel, num_channels, args.num_tokens, begin, end);
-    int consumed[kNumMaxNvlPeers];  // row at rank j of the next token of this channel that goes to j
-#pragma unroll
-    for (int j = 0; j < kNumMaxNvlPeers; ++j)
-      consumed[j] = j < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, j, num_ranks) +
-                                        args.channel_prefix_matrix[j * num_channels + channel]
-                                  : 0;
+    // Lane j < num_ranks: the row at rank j of the channel's next token that goes to j.
+    int consumed = lane < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, lane, num_ranks) +
+                                          args.channel_prefix_matrix[lane * num_channels + channel]
+                                    : 0;
 
     for (int batch_begin = begin; batch_begin < end; batch_begin += 32) {
       const int batch_size = min(32, end - batch_begin);
       unsigned mask, lanes_of[kNumMaxNvlPeers];
       token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
+      unsigned lanes_of_lane = 0;  // lane j: the batch's lanes whose token goes to rank j
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        if (lane == j) lanes_of_lane = lanes_of[j];
 
       for (int k = warp; k < batch_size; k += kPullWarps) {
         const int token = batch_begin + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
-        int row_of[kNumMaxNvlPeers];
-        // The token's row at each rank, read out of shared memory once per token rather than per column.
-        const int4* row_ptr[kNumMaxNvlPeers];
-#pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
-          row_of[j] = consumed[j] + __popc(lanes_of[j] & ((1u << k) - 1u));
-          row_ptr[j] = ((token_mask >> j) & 1u)
-                           ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
-                           : nullptr;
+        // The token's row at each rank, kept in shared memory (one copy per warp) rather than in 8 registers of
+        // every lane: the sum keeps two columns of every rank's row in flight and needs those registers.
+        if (lane < num_ranks) {
+          const int row = consumed + __popc(lanes_of_lane & ((1u << k) - 1u));
+          token_rows[warp][lane] = ((token_mask >> lane) & 1u) ? row : -1;
         }
+        __syncwarp();
         // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
         // call's rows at the same address must not be read.
-        sum_token(
+        sum_token<2>(
             lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
-            args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
+            args.combined_topk_weights,
+            [&](int j, int col) {
+              return __ldcg(
+                  reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(token_rows[warp][j]) * args.hidden) +
+                  col);
+            },
             [&](int j, int k2) {
-              return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
+              return __ldcg(&weights_of[j][static_cast<int64_t>(token_rows[warp][j]) * args.num_topk + k2]);
             });
+        __syncwarp();  // every lane has read token_rows[warp] before the next token overwrites it
       }
-#pragma unroll
-      for (int j = 0; j < kNumMaxNvlPeers; ++j) consumed[j] += __popc(lanes_of[j]);
+      consumed += __popc(lanes_of_lane);
     }
   }
 

@@ -28,8 +28,8 @@ __device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, 
 // One warp combines `token`: every 16-byte column of combined_x[token] is the float32 sum over the ranks
 // of token_mask, in increasing order, of load_column(j, col), then bias_0 and bias_1 when given, rounded
 // to bf16 once (the CPU reference's order); combined_topk_weights[token][k] (when given) sums
-// load_weight(j, k) the same way. All of a column's loads are issued before its sums.
-template <typename LoadColumn, typename LoadWeight>
+// load_weight(j, k) the same way. kColumns columns per lane make a step (below).
+template <int kColumns, typename LoadColumn, typename LoadWeight>
 __device__ __forceinline__ void sum_token(int lane, int token, unsigned token_mask, int hidden, int num_topk,
                                           const uint16_t* bias_0, const uint16_t* bias_1, uint16_t* combined_x,
                                           float* combined_topk_weights, LoadColumn load_column,
@@ -40,18 +40,27 @@ __device__ __forceinline__ void sum_token(int lane, int token, unsigned token_ma
       bias_0 ? reinterpret_cast<const int4*>(bias_0 + static_cast<int64_t>(token) * hidden) : nullptr;
   const int4* bias_1_row =
       bias_1 ? reinterpret_cast<const int4*>(bias_1 + static_cast<int64_t>(token) * hidden) : nullptr;
-  for (int col = lane; col < row_int4; col += 32) {
-    int4 v[kNumMaxNvlPeers];
+  // Each step issues all loads of kColumns columns per lane before the first sum: more bytes in flight per warp,
+  // for a kernel whose sums wait on the loads' round trips rather than on the GPU's bandwidth.
+  for (int col = lane; col < row_int4; col += 32 * kColumns) {
+    int4 v[kColumns * kNumMaxNvlPeers];
 #pragma unroll
-    for (int j = 0; j < kNumMaxNvlPeers; ++j)
-      if ((token_mask >> j) & 1u) v[j] = load_column(j, col);
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int c = 0; c < kColumns; ++c)
 #pragma unroll
-    for (int j = 0; j < kNumMaxNvlPeers; ++j)
-      if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[j]);
-    if (bias_0_row) device::add_bf16x8(acc, device::ld_input(bias_0_row + col));
-    if (bias_1_row) device::add_bf16x8(acc, device::ld_input(bias_1_row + col));
-    out[col] = device::pack_bf16x8(acc);
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        if (((token_mask >> j) & 1u) && (c == 0 || col + 32 * c < row_int4))
+          v[c * kNumMaxNvlPeers + j] = load_column(j, col + 32 * c);
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      if (c > 0 && col + 32 * c >= row_int4) break;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < kNumMaxNvlPeers; ++j)
+        if ((token_mask >> j) & 1u) device::add_bf16x8(acc, v[c * kNumMaxNvlPeers + j]);
+      if (bias_0_row) device::add_bf16x8(acc, device::ld_input(bias_0_row + col + 32 * c));
+      if (bias_1_row) device::add_bf16x8(acc, device::ld_input(bias_1_row + col + 32 * c));
+      out[col + 32 * c] = device::pack_bf16x8(acc);
+    }
   }
   if (combined_topk_weights) {
     for (int k = lane; k < num_topk; k += 32) {
