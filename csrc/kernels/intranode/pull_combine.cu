@@ -50,8 +50,6 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   // Every rank's inputs as this process reaches them.
   __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
   __shared__ const float* weights_of[kNumMaxNvlPeers];
-  // Each warp's current token: its row at every rank (-1 where it has none); written by lanes < num_ranks.
-  __shared__ int token_rows[kPullWarps][kNumMaxNvlPeers];
   // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 the start barrier, 1 finding the peers' inputs,
   // 2 summing rows, 3 the end barrier (block 0's lines on rank 0).
   device::RoleTimer timer;
@@ -124,27 +122,25 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       for (int k = warp; k < batch_size; k += kPullWarps) {
         const int token = batch_begin + k;
         const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
-        // The token's row at each rank, kept in shared memory (one copy per warp) rather than in 8 registers of
-        // every lane: the sum keeps two columns of every rank's row in flight and needs those registers.
-        if (lane < num_ranks) {
-          const int row = consumed + __popc(lanes_of_lane & ((1u << k) - 1u));
-          token_rows[warp][lane] = ((token_mask >> lane) & 1u) ? row : -1;
+        // Lane j < num_ranks knows the token's row at rank j; every lane takes the rows it reads by shuffle.
+        const int my_row = consumed + __popc(lanes_of_lane & ((1u << k) - 1u));
+        int row_of[kNumMaxNvlPeers];
+        const int4* row_ptr[kNumMaxNvlPeers];
+#pragma unroll
+        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+          row_of[j] = __shfl_sync(0xffffffffu, my_row, j);
+          row_ptr[j] = ((token_mask >> j) & 1u)
+                           ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
+                           : nullptr;
         }
-        __syncwarp();
         // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
         // call's rows at the same address must not be read.
         sum_token<2>(
             lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
-            args.combined_topk_weights,
-            [&](int j, int col) {
-              return __ldcg(
-                  reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(token_rows[warp][j]) * args.hidden) +
-                  col);
-            },
+            args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
             [&](int j, int k2) {
-              return __ldcg(&weights_of[j][static_cast<int64_t>(token_rows[warp][j]) * args.num_topk + k2]);
+              return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
             });
-        __syncwarp();  // every lane has read token_rows[warp] before the next token overwrites it
       }
       consumed += __popc(lanes_of_lane);
     }
