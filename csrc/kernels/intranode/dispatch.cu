@@ -24,9 +24,10 @@ namespace deep_ep::intranode {
 namespace {
 
 // Two shapes, picked per launch by the co-residency budget (docs/design.md decision 5): Wide when one block
-// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise.
+// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise. Wide's 8 sender warps keep
+// twice Narrow's input rows in flight per channel.
 struct Wide {
-  static constexpr int kSendWarps = 4, kRecvWarps = 16, kMinBlocksPerSm = 1;
+  static constexpr int kSendWarps = 8, kRecvWarps = 16, kMinBlocksPerSm = 1;
 };
 struct Narrow {
   static constexpr int kSendWarps = 4, kRecvWarps = 8, kMinBlocksPerSm = 2;
