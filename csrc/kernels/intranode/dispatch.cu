@@ -24,9 +24,10 @@ namespace deep_ep::intranode {
 namespace {
 
 // Two shapes, picked per launch by the co-residency budget (docs/design.md decision 5): Wide when one block
-// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise.
+// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise. Wide's 8 sender warps keep
+// twice Narrow's input rows in flight per channel.
 struct Wide {
-  static constexpr int kSendWarps = 4, kRecvWarps = 16, kMinBlocksPerSm = 1;
+  static constexpr int kSendWarps = 8, kRecvWarps = 16, kMinBlocksPerSm = 1;
 };
 struct Narrow {
   static constexpr int kSendWarps = 4, kRecvWarps = 8, kMinBlocksPerSm = 2;
@@ -70,13 +71,11 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
   __shared__ int abort_flag;
   if (warp == 0 && lane == 0) abort_flag = 0;
 
-  // Output row of the next token this channel sends to rank j (for send_head), same in every thread.
-  int next_row[kNumMaxNvlPeers];
-#pragma unroll
-  for (int j = 0; j < kNumMaxNvlPeers; ++j)
-    next_row[j] = j < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, j, num_ranks) +
-                                      args.channel_prefix_matrix[j * args.num_channels + channel]
-                                : 0;
+  // Lane j < num_ranks: the output row of the next token this channel sends to rank j (for send_head), the same
+  // in every warp. One value per lane instead of an array in every lane: the registers go to the row copies.
+  int next_row = lane < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, lane, num_ranks) +
+                                        args.channel_prefix_matrix[lane * args.num_channels + channel]
+                                  : 0;
   device::named_barrier(kSendBarrier, kSendWarps * 32);
 
   // Role timer buckets (DEEP_EP_PROFILE_ROLES builds only): 0 copying rows into the ring, 1 waiting for ring
@@ -94,16 +93,19 @@ __device__ void run_sender(const Peers& peers, const DispatchArgs& args, const D
     const unsigned staged_lanes = __ballot_sync(0xffffffffu, mask != 0);
     const int num_staged = __popc(staged_lanes);
 
-    // send_head: where each destination will place this token (warp 0 writes, all keep next_row).
+    // send_head: where each destination will place this token (warp 0 writes).
+    unsigned to_lane = 0;  // lane j: the batch's lanes whose token goes to rank j
 #pragma unroll
     for (int j = 0; j < kNumMaxNvlPeers; ++j) {
       if (j >= num_ranks) break;
       const unsigned to_j = __ballot_sync(0xffffffffu, (mask >> j) & 1u);
+      const int row_j = __shfl_sync(0xffffffffu, next_row, j);
       if (warp == 0 && lane < batch_size)
         args.send_head[static_cast<int64_t>(batch_begin + lane) * num_ranks + j] =
-            ((mask >> j) & 1u) ? next_row[j] + __popc(to_j & ((1u << lane) - 1u)) : -1;
-      next_row[j] += __popc(to_j);
+            ((mask >> j) & 1u) ? row_j + __popc(to_j & ((1u << lane) - 1u)) : -1;
+      if (lane == j) to_lane = to_j;
     }
+    next_row += __popc(to_lane);
     timer.lap(3);
     if (num_staged == 0) continue;
 
