@@ -13,8 +13,8 @@
 # holds CMake definitions for the build (e.g. "DEEP_EP_PROFILE_ROLES=ON"), each passed as -C cmake.define.NAME=VALUE.
 # Logs go to $OUT when it is set, else ./build/gpu_logs. Stage time limits in seconds:
 #   DEEP_EP_BUILD_TIMEOUT_S (300), DEEP_EP_TESTS_TIMEOUT_S (1800: the whole suite at 2, 4 and 8 ranks on one
-#   H100 takes about 15 minutes with rank processes reused, 25 with new ones per case; --shard 1/3 .. 3/3 runs
-#   it in three parts meant to take about 5 minutes each; DEEP_EP_TEST_RANKS and --filter run a part),
+#   H100 takes about 9 minutes with rank processes reused, longer with new ones per case; --shard 1/3 .. 3/3 runs
+#   it in three parts of about 3 minutes each; DEEP_EP_TEST_RANKS and --filter run a part),
 #   DEEP_EP_BENCH_TIMEOUT_S (300).
 set -uo pipefail
 
