@@ -24,8 +24,9 @@ namespace deep_ep::intranode {
 namespace {
 
 // Two shapes, picked per launch by the co-residency budget (docs/design.md decision 5): Wide when one block
-// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise. Wide's 8 sender warps keep
-// twice Narrow's input rows in flight per channel.
+// per SM is enough for every rank sharing the GPU, Narrow (two blocks per SM) otherwise. A sender warp copies one
+// token of a batch at a time, so Wide's 8 sender warps copy a batch of up to 8 tokens in one pass, where 4 took two
+// (batches are at most half the ring: runtime/intranode_rings.hpp).
 struct Wide {
   static constexpr int kSendWarps = 8, kRecvWarps = 16, kMinBlocksPerSm = 1;
 };
