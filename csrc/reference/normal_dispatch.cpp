@@ -102,16 +102,14 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
 
     const int64_t first_local_expert = static_cast<int64_t>(j) * num_local_experts;
     std::vector<int32_t> num_slots_per_local_expert(num_local_experts, 0);
-    size_t row = 0;
+    size_t next_row = 0;
     for (int i = 0; i < num_ranks; ++i) {
       const NormalDispatchInput& in = inputs[i];
       for (int t = 0; t < in.num_tokens; ++t) {
         if (!sends_to(in, t, j, num_ranks)) continue;
+        const size_t row = next_row++;
         out.recv_src_idx[row] = t;
-        if (!fill) {
-          ++row;
-          continue;
-        }
+        if (!fill) continue;
         std::memcpy(out.recv_x.data() + row * row_bytes, in.x.data() + t * row_bytes, row_bytes);
         std::copy_n(in.x_scales.data() + t * num_scales, num_scales, out.recv_x_scales.data() + row * num_scales);
         for (int k = 0; k < num_topk; ++k) {
@@ -126,7 +124,6 @@ std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalDispat
           // the same local expert twice counts twice.
           ++num_slots_per_local_expert[local_expert];
         }
-        ++row;
       }
     }
 
