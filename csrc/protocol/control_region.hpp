@@ -7,6 +7,7 @@
 
 #include "deep_ep/config.hpp"
 #include "protocol/pull_inputs.hpp"
+#include "protocol/push_outputs.hpp"
 
 namespace deep_ep {
 
@@ -59,10 +60,11 @@ struct ControlRegion {
   int internode_ops;
   int internode_arrivals;
 
-  // Pull combine (intranode, pull_combine.cu). pull_epoch: pull combines finished here, read by every
-  // block at its start and bumped by the last block to arrive in pull_arrivals (owner only, GPU scope).
-  // pull_ready[i] / pull_done[i]: written by rank i with st.release.sys (epoch + 1 once its expert
-  // outputs are ready to be read / once it has read every rank's), polled here with ld.acquire.sys.
+  // The op bracket of the pull combine and the push dispatch (kernels/intranode/op_bracket.cuh).
+  // pull_epoch: bracketed ops finished here, read by every block at its start and bumped by the last block to
+  // arrive in pull_arrivals (owner only, GPU scope). pull_ready[i] / pull_done[i]: written by rank i with
+  // st.release.sys (epoch + 1 once its side of the op may be touched by peers: combine inputs readable, dispatch
+  // outputs writable / once it has finished touching every rank's), polled here with ld.acquire.sys.
   int pull_epoch;
   int pull_arrivals;
   int pull_ready[kNumMaxNvlPeers];
@@ -71,6 +73,9 @@ struct ControlRegion {
   // i's block 0 before its system fence and pull_ready release, read here after the acquire of pull_ready[i].
   // Rank i rewrites it only in its next pull combine, which starts after every rank's pull_done of this one.
   PullInput pull_inputs[kNumMaxNvlPeers];
+  // push_outputs[i]: where rank i's outputs of the current push dispatch live, under the same contract as
+  // pull_inputs (the push dispatch takes the pull combine's op bracket: pull_epoch, pull_ready, pull_done).
+  PushOutputs push_outputs[kNumMaxNvlPeers];
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

@@ -38,6 +38,10 @@ enum class Phase : int {
   kInternodeCombineSend,      // internode combine forwarder waiting for a home rank's credits (ring space)
   kPullCombineMap,            // pull combine waiting for an expert rank's input to be mapped here
   kInternodeCombineMap,       // internode combine forwarder waiting for a local rank's input to be mapped here
+  kPushDispatchReady,         // push dispatch waiting for a destination rank's outputs to be allocated
+  kPushDispatchDone,          // push dispatch waiting for a source rank to finish writing this rank's outputs
+  kPushDispatchMap,           // push dispatch waiting for a destination rank's output to be mapped here
+  kDispatchTooManyRows,       // an intranode dispatch receives more rows than num_worst_tokens
 };
 
 inline const char* phase_name(Phase phase) {
@@ -101,6 +105,14 @@ inline const char* phase_name(Phase phase) {
       return "combine (waiting for an expert rank's input to be mapped into this process)";
     case Phase::kInternodeCombineMap:
       return "internode combine (waiting for a local rank's input to be mapped into this process, in place)";
+    case Phase::kPushDispatchReady:
+      return "dispatch (waiting for a destination rank's outputs to be allocated)";
+    case Phase::kPushDispatchDone:
+      return "dispatch (waiting for a source rank to finish writing this rank's outputs)";
+    case Phase::kPushDispatchMap:
+      return "dispatch (waiting for a destination rank's output to be mapped into this process)";
+    case Phase::kDispatchTooManyRows:
+      return "dispatch (more received rows than num_worst_tokens)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }
@@ -112,7 +124,7 @@ inline const char* phase_name(Phase phase) {
 constexpr bool is_value_error(Phase phase) {
   return phase == Phase::kLayoutExpertRange || phase == Phase::kDispatchExpertRange ||
          phase == Phase::kLowLatencyExpertRange || phase == Phase::kLowLatencyTooManyRows ||
-         phase == Phase::kInternodeTooManyRows;
+         phase == Phase::kInternodeTooManyRows || phase == Phase::kDispatchTooManyRows;
 }
 
 // `claimed` is taken with atomicCAS by the first reporter, which fills the fields and then publishes

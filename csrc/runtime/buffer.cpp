@@ -463,7 +463,8 @@ std::string control_snapshot(const std::vector<char*>& peer_bases, int rank, Pha
       phase == Phase::kDispatchWaitSpace || phase == Phase::kDispatchWaitData || phase == Phase::kDispatchDrain;
   const bool combine_ring = phase == Phase::kCombineWaitSpace || phase == Phase::kCombineWaitData;
   const bool intranode = dispatch_ring || combine_ring || phase == Phase::kBarrier || phase == Phase::kNotifyCounts ||
-                         phase == Phase::kPullCombineReady || phase == Phase::kPullCombineDone;
+                         phase == Phase::kPullCombineReady || phase == Phase::kPullCombineDone ||
+                         phase == Phase::kPushDispatchReady || phase == Phase::kPushDispatchDone;
   if (peer_bases.empty() || !intranode) return {};
   const bool ring = (dispatch_ring || combine_ring) && channel >= 0 && channel < kMaxChannels;
   cudaStream_t stream = nullptr;
@@ -524,9 +525,10 @@ void Buffer::check_device_errors() {
     in.poison(msg);
     throw TimeoutError(msg);
   }
-  if (phase == Phase::kPullCombineMap || phase == Phase::kInternodeCombineMap) {
-    // The combine stopped without reading that peer's input, so the peers' next waits would fail: unusable.
-    msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": the input of peer rank ",
+  if (phase == Phase::kPullCombineMap || phase == Phase::kInternodeCombineMap || phase == Phase::kPushDispatchMap) {
+    // The op stopped without touching that peer's tensors, so the peers' next waits would fail: unusable.
+    const char* what = phase == Phase::kPushDispatchMap ? "an output" : "the input";
+    msg = detail::concat("deep_ep error on rank ", d->rank, " in ", phase_name(phase), ": ", what, " of peer rank ",
                          d->peer, " could not be mapped into this process (import state ", d->observed, ", expected ",
                          d->expected, "; cudaIpcOpenMemHandle failed or the export moved on); the buffer must be ",
                          "re-created");
@@ -545,6 +547,10 @@ void Buffer::check_device_errors() {
   if (phase == Phase::kInternodeTooManyRows) {
     msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": source rank ", d->peer,
                          " brings row ", d->observed, " but num_worst_tokens=", d->expected,
+                         "; the extra rows were dropped, outputs of that call are incomplete");
+  } else if (phase == Phase::kDispatchTooManyRows) {
+    msg = detail::concat("deep_ep device error on rank ", d->rank, " in ", phase_name(phase), ": it receives at least ",
+                         d->observed, " rows but num_worst_tokens=", d->expected,
                          "; the extra rows were dropped, outputs of that call are incomplete");
   } else if (phase == Phase::kLowLatencyTooManyRows) {
     msg =

@@ -87,6 +87,16 @@ struct Buffer::Internals {
       throw;
     }
   }
+  // The same for this call's dispatch outputs, which the peers write in place.
+  OutputPlacement export_outputs_or_poison(const char* op, void* const (&outputs)[kNumPushOutputs],
+                                           const size_t (&bytes)[kNumPushOutputs], cudaStream_t stream) {
+    try {
+      return input_exports->export_outputs(outputs, bytes, stream);
+    } catch (const std::exception& error) {
+      poison(std::string(op) + ": " + error.what());
+      throw;
+    }
+  }
   // The network side of the transport choice (runtime/network.cpp): set up only when a peer is on
   // another host, in GIN builds. `network` carries gin_compiled, nccl_available, nccl_reports_gin.
   std::shared_ptr<NcclCommunicator> nccl;

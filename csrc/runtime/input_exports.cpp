@@ -202,73 +202,109 @@ InputRef InputExports::stage(const void* ptr, size_t bytes, size_t offset, cudaS
   return ref;
 }
 
-PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes,
-                                    bool has_rows, cudaStream_t stream) {
-  PullInput out{};
-  out.x = out.topk_weights = InputRef{-1, 0, 0};
+bool InputExports::find_or_export(const void* ptr, InputRef* ref) {
+  IpcAllocation allocation;
+  if (!find_ipc_allocation(ptr, &allocation)) return false;
+  HandleKey key;
+  std::memcpy(key.data(), &allocation.handle, sizeof(allocation.handle));
+  auto it = slot_of_.find(key);
+  if (it != slot_of_.end()) {
+    *ref = InputRef{it->second, general_[it->second].generation, 0};
+  } else {
+    // A new allocation: a caching allocator makes one after it freed others (empty_cache, a retried
+    // allocation), so this is when freed ones are looked for, their slots and the peers' mappings released.
+    retire_freed();
+    calls_since_scan_ = 0;
+    if (!export_allocation(allocation.base, allocation.handle, false, ref)) return false;  // every slot is live
+  }
+  ref->offset = allocation.offset;
+  return true;
+}
+
+void InputExports::begin_call(cudaStream_t stream) {
   close_retired_mappings(stream);
-  if (!has_rows) return out;
   if (++calls_since_scan_ >= kScanPeriod) {
     retire_freed();
     calls_since_scan_ = 0;
   }
-  const void* inputs[2] = {x, topk_weights};
-  InputRef* refs[2] = {&out.x, &out.topk_weights};
-  bool staged[2] = {false, false};
-  for (int i = 0; i < 2; ++i) {
-    if (!inputs[i]) continue;
-    IpcAllocation allocation;
-    if (!find_ipc_allocation(inputs[i], &allocation)) {
-      staged[i] = true;
-      continue;
-    }
-    HandleKey key;
-    std::memcpy(key.data(), &allocation.handle, sizeof(allocation.handle));
-    auto it = slot_of_.find(key);
-    InputRef ref{};
-    if (it != slot_of_.end()) {
-      ref = InputRef{it->second, general_[it->second].generation, 0};
-    } else {
-      // A new allocation: a caching allocator makes one after it freed others (empty_cache, a retried
-      // allocation), so this is when freed ones are looked for, their slots and the peers' mappings released.
-      retire_freed();
-      calls_since_scan_ = 0;
-      if (!export_allocation(allocation.base, allocation.handle, false, &ref)) {
-        staged[i] = true;  // every general slot holds a live allocation
-        continue;
-      }
-    }
-    ref.offset = allocation.offset;
-    *refs[i] = ref;
+}
+
+void InputExports::reserve_staging(size_t needed) {
+  if (needed <= staging_bytes_) return;
+  // A larger one, exported anew; the old one stays allocated (peers' kernels may still be reading it).
+  const size_t bytes = std::max(needed, 2 * staging_bytes_);
+  char* fresh = nullptr;
+  DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&fresh), bytes));
+  IpcAllocation allocation;
+  const bool exportable = find_ipc_allocation(fresh, &allocation);
+  InputRef ref{};
+  if (!exportable || !export_allocation(fresh, allocation.handle, true, &ref)) {
+    cudaFree(fresh);
+    DEEP_EP_RUNTIME_CHECK(false, "rank ", rank_, " cannot export a staging allocation of ", bytes, " bytes (",
+                          exportable ? "its staging slots are used up" : "cudaIpcGetMemHandle failed",
+                          "); set DEEP_EP_PULL_COMBINE=0 and DEEP_EP_PUSH_DISPATCH=0 (internode: ",
+                          "DEEP_EP_INTERNODE_IN_PLACE=0) on every rank");
   }
+  if (staging_) retired_staging_.push_back(staging_);
+  staging_ = fresh;
+  staging_bytes_ = bytes;
+  staging_ref_ = ref;
+}
+
+PullInput InputExports::export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes,
+                                    bool has_rows, cudaStream_t stream) {
+  PullInput out{};
+  out.x = out.topk_weights = InputRef{-1, 0, 0};
+  begin_call(stream);
+  if (!has_rows) return out;
+  const bool staged[2] = {x && !find_or_export(x, &out.x),
+                          topk_weights && !find_or_export(topk_weights, &out.topk_weights)};
   if (!staged[0] && !staged[1]) return out;
 
-  // Staging: x at 0, the weights after it. The stream orders the copy after this rank's previous pull combine,
-  // which ended only once every rank had read the staging allocation's earlier contents.
+  // Staging: x at 0, the weights after it. The stream orders the copy after this rank's previous bracketed op,
+  // which ended only once every rank had finished with the staging allocation's earlier contents.
   const size_t weights_offset = align_up(staged[0] ? x_bytes : 0, 256);
-  const size_t needed = weights_offset + (staged[1] ? weights_bytes : 0);
-  if (needed > staging_bytes_) {
-    // A larger one, exported anew; the old one stays allocated (peers' kernels may still be reading it).
-    const size_t bytes = std::max(needed, 2 * staging_bytes_);
-    char* fresh = nullptr;
-    DEEP_EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&fresh), bytes));
-    IpcAllocation allocation;
-    const bool exportable = find_ipc_allocation(fresh, &allocation);
-    InputRef ref{};
-    if (!exportable || !export_allocation(fresh, allocation.handle, true, &ref)) {
-      cudaFree(fresh);
-      DEEP_EP_RUNTIME_CHECK(false, "pull combine: rank ", rank_, " cannot export a staging allocation of ", bytes,
-                            " bytes (", exportable ? "its staging slots are used up" : "cudaIpcGetMemHandle failed",
-                            "); set DEEP_EP_PULL_COMBINE=0 (internode: DEEP_EP_INTERNODE_IN_PLACE=0) on every rank");
-    }
-    if (staging_) retired_staging_.push_back(staging_);
-    staging_ = fresh;
-    staging_bytes_ = bytes;
-    staging_ref_ = ref;
-  }
+  reserve_staging(weights_offset + (staged[1] ? weights_bytes : 0));
   if (staged[0]) out.x = stage(x, x_bytes, 0, stream);
   if (staged[1]) out.topk_weights = stage(topk_weights, weights_bytes, weights_offset, stream);
   return out;
+}
+
+OutputPlacement InputExports::export_outputs(void* const (&outputs)[kNumPushOutputs],
+                                             const size_t (&bytes)[kNumPushOutputs], cudaStream_t stream) {
+  OutputPlacement placement{};
+  begin_call(stream);
+  size_t staged_bytes = 0;
+  size_t offsets[kNumPushOutputs] = {};
+  for (int i = 0; i < kNumPushOutputs; ++i) {
+    placement.refs[i] = InputRef{-1, 0, 0};
+    placement.local[i] = outputs[i];
+    placement.staged[i] = false;
+    if (outputs[i] == nullptr || bytes[i] == 0) continue;
+    if (find_or_export(outputs[i], &placement.refs[i])) continue;
+    placement.staged[i] = true;
+    offsets[i] = staged_bytes;
+    staged_bytes = align_up(staged_bytes + bytes[i], 256);
+  }
+  if (staged_bytes == 0) return placement;
+  // Staged outputs are written in the staging allocation and copied out after the kernel (copy_staged_outputs).
+  // The stream orders both after this rank's previous bracketed op, which ended only once every rank had finished
+  // with the staging allocation's earlier contents.
+  reserve_staging(staged_bytes);
+  for (int i = 0; i < kNumPushOutputs; ++i) {
+    if (!placement.staged[i]) continue;
+    placement.refs[i] = staging_ref_;
+    placement.refs[i].offset = offsets[i];
+    placement.local[i] = staging_ + offsets[i];
+  }
+  return placement;
+}
+
+void InputExports::copy_staged_outputs(const OutputPlacement& placement, void* const (&outputs)[kNumPushOutputs],
+                                       const size_t (&bytes)[kNumPushOutputs], cudaStream_t stream) {
+  for (int i = 0; i < kNumPushOutputs; ++i)
+    if (placement.staged[i])
+      DEEP_EP_CUDA_CHECK(cudaMemcpyAsync(outputs[i], placement.local[i], bytes[i], cudaMemcpyDeviceToDevice, stream));
 }
 
 void InputExports::serve() {

@@ -1,14 +1,15 @@
-// The host side of the host-free pull combine (protocol/pull_inputs.hpp). Every rank exports the
-// allocations that hold its combine inputs into numbered slots of a table in one POSIX shared-memory object,
-// and runs a mapping thread that opens every peer's newly exported allocations by CUDA IPC, ahead of use, into
-// an import table in host-mapped memory. A combine call then only looks up (or exports) its own inputs: no rank
-// waits for another on the host. The kernel waits, bounded, for an entry its peer exported moments before to be
-// mapped. An exported allocation that its owner has since freed (a caching allocator emptying its cache) is
-// retired: the owner looks for freed ones whenever it exports a new allocation and every kScanPeriod calls, and
-// the peers close their mappings of a retired slot, so its memory is not held and the slot can be used again.
-// CUDA calls a free before the importers' close undefined; nothing tells this code of a caching allocator's
-// frees ahead of time, so the close follows the free as soon as it is seen, and only mappings no kernel reads
-// any more are closed (GPU case combine_inputs_freed checks the memory comes back).
+// The host side of the host-free pull combine (protocol/pull_inputs.hpp) and of the push dispatch
+// (protocol/push_outputs.hpp). Every rank exports the allocations that hold its combine inputs or dispatch outputs
+// into numbered slots of a table in one POSIX shared-memory object, and runs a mapping thread that opens every
+// peer's newly exported allocations by CUDA IPC, ahead of use, into an import table in host-mapped memory. A combine
+// call then only looks up (or exports) its own inputs: no rank waits for another on the host. The kernel waits,
+// bounded, for an entry its peer exported moments before to be mapped. An exported allocation that its owner has
+// since freed (a caching allocator emptying its cache) is retired: the owner looks for freed ones whenever it
+// exports a new allocation and every kScanPeriod calls, and the peers close their mappings of a retired slot, so its
+// memory is not held and the slot can be used again. CUDA calls a free before the importers' close undefined;
+// nothing tells this code of a caching allocator's frees ahead of time, so the close follows the free as soon as it
+// is seen, and only mappings no kernel reads any more are closed (GPU case combine_inputs_freed checks the memory
+// comes back).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -23,8 +24,18 @@
 
 #include "deep_ep/group.hpp"
 #include "protocol/pull_inputs.hpp"
+#include "protocol/push_outputs.hpp"
 
 namespace deep_ep {
+
+// Where the push dispatch's outputs live for this call (InputExports::export_outputs): refs[i] for the peers
+// (slot -1: absent), local[i] where this rank's kernel writes, staged[i] when that is the staging allocation
+// rather than the output itself (copied out after the kernel).
+struct OutputPlacement {
+  InputRef refs[kNumPushOutputs];
+  void* local[kNumPushOutputs];
+  bool staged[kNumPushOutputs];
+};
 
 class InputExports {
  public:
@@ -46,6 +57,14 @@ class InputExports {
   PullInput export_call(const void* x, size_t x_bytes, const void* topk_weights, size_t weights_bytes, bool has_rows,
                         cudaStream_t stream);
 
+  // The push dispatch's outputs (PushOutput order; null or 0 bytes: absent), exported like the combine's inputs.
+  // One that cannot be exported is placed in the staging allocation, for copy_staged_outputs after the kernel.
+  OutputPlacement export_outputs(void* const (&outputs)[kNumPushOutputs], const size_t (&bytes)[kNumPushOutputs],
+                                 cudaStream_t stream);
+  // After the kernel on `stream`: the staged outputs copied into the outputs.
+  void copy_staged_outputs(const OutputPlacement& placement, void* const (&outputs)[kNumPushOutputs],
+                           const size_t (&bytes)[kNumPushOutputs], cudaStream_t stream);
+
   // The import table [kNumMaxNvlPeers][kExportSlots] as the device sees it.
   const ImportEntry* device_imports() const { return device_imports_; }
   // The kernels' cache of resolved import bases [kNumMaxNvlPeers][kExportSlots] (device memory, zeroed here).
@@ -62,6 +81,13 @@ class InputExports {
   // Closes the mappings the mapping thread retired (on the calling thread, outside stream capture).
   void close_retired_mappings(cudaStream_t stream);
   InputRef stage(const void* ptr, size_t bytes, size_t offset, cudaStream_t stream);
+  // Every export call's start: close the mappings the peers retired, and look for freed allocations periodically.
+  void begin_call(cudaStream_t stream);
+  // The ref of the general slot holding ptr's allocation, exported on first sight; false when it cannot be
+  // exported or every general slot holds a live allocation.
+  bool find_or_export(const void* ptr, InputRef* ref);
+  // A staging allocation of at least `needed` bytes.
+  void reserve_staging(size_t needed);
   void serve();
   // Closes the mappings, frees the allocations and unmaps the shared table (destructor, failed constructor).
   void release_memory();

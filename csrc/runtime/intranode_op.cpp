@@ -56,6 +56,16 @@ bool switched_on(const char* name) {
 // The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring combine.
 bool pull_combine_requested() { return switched_on("DEEP_EP_PULL_COMBINE"); }
 
+// The push dispatch (push_dispatch.cu) runs wherever it can; DEEP_EP_PUSH_DISPATCH=0 selects the ring dispatch.
+bool push_dispatch_requested() { return switched_on("DEEP_EP_PUSH_DISPATCH"); }
+
+// Blocks of an in-place kernel (pull combine, push dispatch) per rank: one per channel, fewer where the ranks
+// sharing this GPU would not all fit; 0 when not even one does.
+int resident_channel_blocks(const Buffer& b, intranode::Kernel kernel, int num_channels) {
+  return std::min(num_channels,
+                  b.num_device_sms() * intranode::max_resident_blocks_per_sm(kernel, {}) / b.num_ranks_per_device());
+}
+
 // The pull combine finds the other ranks' inputs without the host (input_exports.hpp) unless
 // DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange.
 bool host_free_combine_requested() { return switched_on("DEEP_EP_HOST_FREE_COMBINE"); }
@@ -135,10 +145,15 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
       config.num_channels(), capacity_layout.row_stride, in.min_l2_bytes);
   const auto layout =
       intranode::DispatchQueueLayout::make(config.num_channels(), ring.num_slots, row_bytes, num_scales, num_topk);
-  const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
   const int C = config.num_channels();
+  // Push dispatch, unless switched off: every rank's outputs can be exported to the others (then the buffer made
+  // input_exports, on every rank or none), and some of its blocks fit beside the other ranks' on this GPU. Every
+  // condition is the same on every rank, so all ranks take the same path.
+  const int push_blocks = resident_channel_blocks(*this, intranode::Kernel::kPushDispatch, C);
+  const bool push = push_dispatch_requested() && in.input_exports && push_blocks >= 1;
+  last_dispatch_pushed_ = false;
 
   IntranodeDispatchResult result;
   TensorView rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head;
@@ -149,7 +164,8 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     recv_channel_prefix_matrix = handle->recv_channel_prefix_matrix;
     send_head = handle->send_head;
     result.num_rows = static_cast<int>(handle->recv_src_idx.size(0));
-    intranode::launch_prologue(peers, /*before_combine=*/false, stream);
+    // The push dispatch's op bracket waits for every rank itself; the ring needs its counters zeroed.
+    if (!push) intranode::launch_prologue(peers, /*before_combine=*/false, stream);
   } else {
     rank_prefix_matrix = allocate("rank_prefix_matrix", DType::kInt32, {R, R});
     channel_prefix_matrix = allocate("channel_prefix_matrix", DType::kInt32, {R, C});
@@ -194,6 +210,50 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     recv_src_idx = allocate("recv_src_idx", DType::kInt32, {N});
   }
 
+  if (push) {
+    void* outputs[kNumPushOutputs] = {
+        recv_x.data, fp8 ? recv_x_scales.data : nullptr, num_topk ? recv_topk_idx.data : nullptr,
+        num_topk ? recv_topk_weights.data : nullptr, cached ? nullptr : recv_src_idx.data};
+    const size_t bytes[kNumPushOutputs] = {static_cast<size_t>(N * row_bytes), static_cast<size_t>(N * num_scales * 4),
+                                           static_cast<size_t>(N * num_topk * 8), static_cast<size_t>(N * num_topk * 4),
+                                           static_cast<size_t>(N * 4)};
+    const OutputPlacement placement = in.export_outputs_or_poison("dispatch", outputs, bytes, stream);
+    intranode::PushDispatchArgs p{};
+    p.x = a.x.ptr<uint8_t>();
+    p.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
+    p.scale_token_stride = scale_token_stride;
+    p.scale_channel_stride = scale_channel_stride;
+    p.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
+    p.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+    p.is_token_in_rank = cached ? handle->is_token_in_rank.ptr<bool>() : a.is_token_in_rank->ptr<bool>();
+    p.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
+    p.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
+    p.num_tokens = static_cast<int>(T);
+    p.row_bytes = static_cast<int>(row_bytes);
+    p.num_scales = num_scales;
+    p.num_topk = num_topk;
+    p.num_experts = num_experts;
+    p.num_channels = C;
+    p.num_rows = static_cast<int>(N);
+    p.recv_x = static_cast<uint8_t*>(placement.local[kPushRecvX]);
+    p.recv_x_scales = static_cast<float*>(placement.local[kPushRecvScales]);
+    p.recv_topk_idx = static_cast<int64_t*>(placement.local[kPushRecvTopkIdx]);
+    p.recv_topk_weights = static_cast<float*>(placement.local[kPushRecvTopkWeights]);
+    p.recv_src_idx = static_cast<int*>(placement.local[kPushRecvSrcIdx]);
+    p.send_head = cached ? nullptr : send_head.ptr<int>();
+    p.imports = in.input_exports->device_imports();
+    p.resolved_bases = in.input_exports->device_resolved_bases();
+    for (int i = 0; i < kNumPushOutputs; ++i) p.own_outputs.refs[i] = placement.refs[i];
+    p.own_outputs.num_rows = static_cast<int32_t>(N);
+    LaunchShape push_shape;
+    push_shape.num_blocks = push_blocks;
+    intranode::launch_push_dispatch(peers, p, push_shape, stream);
+    in.input_exports->copy_staged_outputs(placement, outputs, bytes, stream);
+    last_dispatch_pushed_ = true;
+    return result;
+  }
+
+  const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   intranode::DispatchArgs d{};
   d.x = a.x.ptr<uint8_t>();
   d.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
@@ -261,9 +321,7 @@ void Buffer::intranode_combine(const IntranodeCombineArgs& a, const Allocator& a
   // buffer made pull_exchange), and some of its blocks fit beside the other ranks' on this GPU. Every
   // condition is the same on every rank, and so is the outcome of the exchange below, so all ranks take
   // the same path.
-  const int pull_blocks =
-      std::min(C, num_device_sms() * intranode::max_resident_blocks_per_sm(intranode::Kernel::kPullCombine, {}) /
-                      num_ranks_per_device());
+  const int pull_blocks = resident_channel_blocks(*this, intranode::Kernel::kPullCombine, C);
   const auto pull_args = [&]() {
     intranode::PullCombineArgs pc{};
     pc.bias_0 = a.bias_0 ? a.bias_0->ptr<uint16_t>() : nullptr;

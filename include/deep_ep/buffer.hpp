@@ -158,12 +158,17 @@ class Buffer {
   void get_dispatch_layout(const TensorView& topk_idx, int num_experts, const LayoutOutputs& outputs,
                            cudaStream_t stream);
 
-  // Allocates through `allocate` on this rank's device; kernels run on `stream`.
+  // Allocates through `allocate` on this rank's device; kernels run on `stream`. Stores each token straight into the
+  // outputs of the ranks it goes to where it can (README: "Dispatch and combine in place"), else runs the ring
+  // dispatch.
   IntranodeDispatchResult intranode_dispatch(const IntranodeDispatchArgs& args, const Allocator& allocate,
                                              cudaStream_t stream);
   // Allocates combined_x [T, H] and, with topk_weights, combined_topk_weights [T, K]. Pulls each token's
-  // rows straight out of the expert ranks' x where it can (README: "Combine"), else runs the ring combine.
+  // rows straight out of the expert ranks' x where it can (README: "Dispatch and combine in place"), else runs the ring
+  // combine.
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
+  // Whether the last intranode_dispatch pushed (false before the first, or when it ran the ring dispatch).
+  bool last_dispatch_pushed() const { return last_dispatch_pushed_; }
   // Whether the last intranode_combine pulled (false before the first, or when it ran the ring combine).
   bool last_combine_pulled() const { return last_combine_pulled_; }
   // Whether the last internode combine read the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE).
@@ -214,6 +219,7 @@ class Buffer {
   int rank_ = 0, num_ranks_ = 1;
   int num_device_sms_ = 0;
   int num_ranks_per_device_ = 1;
+  bool last_dispatch_pushed_ = false;
   bool last_combine_pulled_ = false;
   bool last_combine_in_place_ = false;
   bool available_ = false;

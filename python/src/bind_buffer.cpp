@@ -170,6 +170,7 @@ void bind_buffer(nb::module_& m) {
           nb::arg("x"), nb::arg("topk_weights").none(), nb::arg("bias_0").none(), nb::arg("bias_1").none(),
           nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
       .def("num_nodes", &Buffer::num_nodes)
+      .def("last_dispatch_pushed", &Buffer::last_dispatch_pushed)
       .def("last_combine_pulled", &Buffer::last_combine_pulled)
       .def("last_combine_in_place", &Buffer::last_combine_in_place)
       .def("num_ranks_per_node", &Buffer::num_ranks_per_node)

@@ -59,6 +59,10 @@ def dispatch_combine(ctx, opts):
     # window. combine="ring" selects the ring combine (read by each combine call, on every rank).
     pull = opts.get("combine") != "ring"
     os.environ["DEEP_EP_PULL_COMBINE"] = "1" if pull else "0"
+    # Likewise the push dispatch (the default) writes into the destinations' outputs by CUDA IPC; dispatch="ring"
+    # selects the ring dispatch.
+    pushed = opts.get("dispatch") != "ring" and not opts.get("nccl_window")
+    os.environ["DEEP_EP_PUSH_DISPATCH"] = "0" if opts.get("dispatch") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 1)):
         num_tokens = opts.get("num_tokens", 300)
@@ -83,10 +87,12 @@ def dispatch_combine(ctx, opts):
         kwargs.update(event_kwargs(buffer, mode))
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(x, **kwargs)
         wait_for_outputs(mode, event)
+        assert buffer.runtime.last_dispatch_pushed() == pushed, f"expected the {'push' if pushed else 'ring'} dispatch"
         inputs, outputs = reference_dispatch(
             group, ctx, x, topk_idx, topk_weights, in_rank, with_topk, NUM_EXPERTS, opts.get("alignment", 1), num_worst
         )
         label = f"rank {ctx.rank} round {round_idx}"
+        check_send_head(handle, in_rank, ctx.rank, label)
         check_dispatch(
             outputs[ctx.rank],
             recv_x,
@@ -129,11 +135,101 @@ def dispatch_combine(ctx, opts):
         x2 = make_x(num_tokens, hidden, fp8)
         cached = buffer.dispatch(x2, handle=handle)
         assert cached[1] is None and cached[4] is None
+        assert buffer.runtime.last_dispatch_pushed() == pushed, f"expected the {'push' if pushed else 'ring'} dispatch"
         _, outputs2 = reference_dispatch(
             group, ctx, x2, topk_idx, topk_weights, in_rank, False, NUM_EXPERTS, 1, num_worst
         )
         check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
     torch.cuda.synchronize()
+    buffer.destroy()
+    teardown()
+
+
+def check_send_head(handle, in_rank, rank, label):
+    """handle[5][t][j]: the row of this rank's token t in rank j's outputs (rows from lower ranks first, then this
+    rank's tokens in order), -1 where t does not go to j."""
+    rank_prefix_matrix, send_head = handle[0], handle[5]
+    sent = in_rank.to(torch.int32)
+    rows = torch.cumsum(sent, dim=0, dtype=torch.int32) - sent
+    if rank > 0:
+        rows += rank_prefix_matrix[rank - 1].unsqueeze(0)
+    expected = torch.where(in_rank, rows, torch.full_like(rows, -1))
+    assert_equal(f"{label} send_head", to_numpy(send_head), to_numpy(expected))
+
+
+def dispatch_outputs_kept(ctx, num_rounds):
+    """Dispatch outputs kept alive across rounds, each round's recv_x in an allocation of its own: more live
+    allocations than export slots (64, 8 of them for staging), so the push dispatch stages the later rounds'
+    outputs and copies them out. Every round is checked exactly with fresh inputs, and the first rounds' outputs
+    again at the end: no later round may have written into them."""
+    group = setup(ctx, seed_base=31)
+    hidden, num_topk = 7168, 8
+    deep_ep.Buffer.set_num_sms(20)
+    buffer = _buffer(group, hidden)
+    kept, rechecked = [], []
+    for round_idx in range(num_rounds):
+        num_tokens = 512 - 13 * ctx.rank
+        x = make_x(num_tokens, hidden, False)
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        received = buffer.dispatch(
+            x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+        )
+        assert buffer.runtime.last_dispatch_pushed(), "expected the push dispatch"
+        _, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+        label = f"rank {ctx.rank} round {round_idx}"
+        check_dispatch(outputs[ctx.rank], *received[:5], True, 0, label)
+        kept.append(received)
+        if round_idx < 2:
+            rechecked.append((round_idx, outputs[ctx.rank]))
+    torch.cuda.synchronize()
+    for round_idx, expected in rechecked:
+        check_dispatch(expected, *kept[round_idx][:5], True, 0, f"rank {ctx.rank} round {round_idx} at the end")
+    del kept
+    buffer.destroy()
+    teardown()
+
+
+def worst_tokens_too_small(ctx, dispatch):
+    """num_worst_tokens below the rows a rank receives: that rank gets a ValueError naming num_worst_tokens at its
+    next check, its first num_worst_tokens rows are still right, and the buffer stays usable (a dispatch with enough
+    rows follows, checked exactly). `dispatch`: "push" or "ring"."""
+    group = setup(ctx, seed_base=37)
+    hidden, num_topk = 2048, 8
+    os.environ["DEEP_EP_PUSH_DISPATCH"] = "1" if dispatch == "push" else "0"
+    buffer = _buffer(group, hidden)
+    num_tokens = 96 - 5 * ctx.rank
+    x = make_x(num_tokens, hidden, False)
+    topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+    topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    _, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+    num_recv = outputs[ctx.rank].num_recv_tokens
+    num_worst = 40
+    recv_x, _, _, _, _, _ = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=num_worst, **layout
+    )
+    assert buffer.runtime.last_dispatch_pushed() == (dispatch == "push")
+    torch.cuda.synchronize()
+    label = f"rank {ctx.rank} ({num_recv} rows received, num_worst_tokens={num_worst})"
+    if num_recv > num_worst:
+        expect_raises(ValueError, "num_worst_tokens", buffer.runtime.check_device_errors)
+    else:
+        buffer.runtime.check_device_errors()
+    kept = min(num_recv, num_worst)
+    row_bytes = hidden * 2
+    assert_equal(
+        f"{label} first rows", to_numpy(recv_x[:kept].view(torch.uint8)), outputs[ctx.rank].recv_x[: kept * row_bytes]
+    )
+    received = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
+    check_dispatch(outputs[ctx.rank], *received[:5], True, 0, label + " then enough rows")
     buffer.destroy()
     teardown()
 
@@ -179,6 +275,7 @@ def dbo_streams(ctx, opts):
     hidden, num_topk, fp8 = opts.get("hidden", 7168), 8, opts.get("fp8", False)
     deep_ep.Buffer.set_num_sms(opts.get("num_sms", 20))
     os.environ["DEEP_EP_PULL_COMBINE"] = "0" if opts.get("combine") == "ring" else "1"
+    os.environ["DEEP_EP_PUSH_DISPATCH"] = "0" if opts.get("dispatch") == "ring" else "1"
     buffer = _buffer(group, hidden)
     for round_idx in range(opts.get("rounds", 10)):
         with StallWatchdog(f"rank {ctx.rank} round {round_idx}", 12.0):
@@ -429,9 +526,10 @@ def timeout_names_rank_peer_phase(ctx):
     teardown()
 
 
-def with_ring_combine(ctx, fn, *args):
-    """fn(ctx, *args) with the ring combine."""
+def with_rings(ctx, fn, *args):
+    """fn(ctx, *args) with the ring dispatch and the ring combine."""
     os.environ["DEEP_EP_PULL_COMBINE"] = "0"
+    os.environ["DEEP_EP_PUSH_DISPATCH"] = "0"
     return fn(ctx, *args)
 
 
@@ -545,16 +643,22 @@ def cases(rank_counts):
         out.append((f"{base}/combine_inputs_freed", combine_inputs_freed, r, (80,), t))
         out.append((f"{base}/dbo_streams_bf16", dbo_streams, r, (dict(),), t))
         out.append((f"{base}/dbo_streams_fp8", dbo_streams, r, (dict(fp8=True),), t))
-        out.append((f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring"),), t))
+        out.append(
+            (f"{base}/dbo_streams_fp8_ring", dbo_streams, r, (dict(fp8=True, combine="ring", dispatch="ring"),), t)
+        )
         # 8 SMs per rank: 8 ranks' blocks fit one per SM, the other shape than the 20-SM cases above take.
         out.append((f"{base}/dbo_streams_fp8_8_sms", dbo_streams, r, (dict(fp8=True, num_sms=8),), t))
         out.append((f"{base}/cuda_graph", cuda_graph, r, (), t))
         out.append((f"{base}/bad_inputs", bad_dispatch_inputs, r, (), t))
         out.append((f"{base}/timeout", timeout_names_rank_peer_phase, r, (), t))
         out.append((f"{base}/combine_timeout", combine_timeout_names_rank_peer_phase, r, (), t))
-        # The ring combine (DEEP_EP_PULL_COMBINE=0, and wherever the pull combine cannot run) on the cases
-        # that reach its every branch.
-        ring = dict(combine="ring")
+        # More live dispatch outputs than export slots; num_worst_tokens too small, on both dispatches.
+        out.append((f"{base}/dispatch_outputs_kept", dispatch_outputs_kept, r, (64,), t))
+        out.append((f"{base}/worst_tokens_too_small", worst_tokens_too_small, r, ("push",), t))
+        out.append((f"{base}/ring_worst_tokens_too_small", worst_tokens_too_small, r, ("ring",), t))
+        # The ring dispatch and combine (DEEP_EP_PUSH_DISPATCH=0, DEEP_EP_PULL_COMBINE=0, and wherever the in-place
+        # paths cannot run) on the cases that reach their every branch.
+        ring = dict(combine="ring", dispatch="ring")
         out.append((f"{base}/ring_bf16_topk", dispatch_combine, r, (dict(ring, bias=1),), t))
         out.append((f"{base}/ring_bf16_no_topk", dispatch_combine, r, (dict(ring, with_topk=False, bias=2),), t))
         out.append((f"{base}/ring_fp8_worst_tokens", dispatch_combine, r, (dict(ring, fp8=True, worst=True),), t))
@@ -577,8 +681,8 @@ def cases(rank_counts):
                 t,
             )
         )
-        out.append((f"{base}/ring_back_to_back_200", with_ring_combine, r, (back_to_back, 200), t))
-        out.append((f"{base}/ring_cuda_graph", with_ring_combine, r, (cuda_graph,), t))
+        out.append((f"{base}/ring_back_to_back_200", with_rings, r, (back_to_back, 200), t))
+        out.append((f"{base}/ring_cuda_graph", with_rings, r, (cuda_graph,), t))
         out.append((f"{base}/moe_layer_example", moe_layer_example, r, (), t))
     if 8 in rank_counts:
         # 24 channels, fewer pull blocks (8 ranks x 24 do not fit): blocks take several channels.

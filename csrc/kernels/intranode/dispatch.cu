@@ -222,7 +222,7 @@ __device__ void run_receiver(const Peers& peers, const DispatchArgs& args, const
         const int64_t row = out_base + received + k;
         if (row >= args.num_rows) {
           if (lane == 0)
-            device::report(peers.diagnostics, Phase::kDispatchWaitData, false, rank, source, channel, src_idx,
+            device::report(peers.diagnostics, Phase::kDispatchTooManyRows, false, rank, source, channel, src_idx,
                            args.num_rows, row + 1);
           continue;
         }

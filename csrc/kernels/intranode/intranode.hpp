@@ -20,6 +20,7 @@
 #include "protocol/host_counts.hpp"
 #include "protocol/intranode_layout.hpp"
 #include "protocol/pull_inputs.hpp"
+#include "protocol/push_outputs.hpp"
 
 namespace deep_ep::intranode {
 
@@ -119,12 +120,46 @@ struct PullCombineArgs {
 void launch_pull_combine(const Peers& peers, const PullCombineArgs& args, const LaunchShape& shape,
                          cudaStream_t stream);
 
+// Push dispatch: each rank reads each of its tokens once and stores it straight into the outputs of every rank it
+// goes to (push_dispatch.cu), at the rows the ring dispatch would give; no ring, no receiving warps. Every rank's
+// outputs are found at the kernel's start from ControlRegion::push_outputs and the import table, as the host-free
+// pull combine finds its inputs.
+struct PushDispatchArgs {
+  const uint8_t* x;       // [T, row_bytes]
+  const float* x_scales;  // [T, num_scales] with strides below, or null
+  int64_t scale_token_stride, scale_channel_stride;
+  const int64_t* topk_idx;           // [T, K] or null
+  const float* topk_weights;         // [T, K] or null
+  const bool* is_token_in_rank;      // [T, R]
+  const int* rank_prefix_matrix;     // [R, R]
+  const int* channel_prefix_matrix;  // [R, C]
+  int num_tokens, row_bytes, num_scales, num_topk, num_experts, num_channels;
+  int num_rows;  // rows of this rank's outputs (received rows, or num_worst_tokens)
+  // This rank's outputs where this rank's kernel and its peers write them (the outputs, or their staging):
+  // recv_x [num_rows, row_bytes]; recv_x_scales, recv_topk_idx, recv_topk_weights null when absent; recv_src_idx
+  // null in a cached call (the handle holds it).
+  uint8_t* recv_x;
+  float* recv_x_scales;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int* recv_src_idx;
+  int* send_head;              // [T, R] out (null in a cached call: the handle holds it)
+  const ImportEntry* imports;  // [kNumMaxNvlPeers][kExportSlots], host-mapped
+  uint64_t* resolved_bases;    // as PullCombineArgs::resolved_bases
+  PushOutputs own_outputs;     // this rank's export refs, published to every rank
+};
+
+// shape.num_blocks: in [1, num_channels], resident beside the other ranks' blocks.
+void launch_push_dispatch(const Peers& peers, const PushDispatchArgs& args, const LaunchShape& shape,
+                          cudaStream_t stream);
+
 // Resident blocks per SM of a kernel in a shape, for the co-residency check (docs/design.md decision 5).
-enum class Kernel { kDispatch, kCombine, kPullCombine };
+enum class Kernel { kDispatch, kCombine, kPullCombine, kPushDispatch };
 int max_resident_blocks_per_sm(Kernel kernel, const LaunchShape& shape);
 // Per kernel, behind max_resident_blocks_per_sm (each next to its kernel).
 int max_resident_dispatch_blocks_per_sm(bool wide);
 int max_resident_combine_blocks_per_sm(bool wide);
 int max_resident_pull_combine_blocks_per_sm();
+int max_resident_push_dispatch_blocks_per_sm();
 
 }  // namespace deep_ep::intranode

@@ -9,20 +9,15 @@
 // [j][c] (this rank's earlier channels) + the channel's earlier tokens that go to j, as dispatch
 // placed them.
 //
-// Op bracket (ControlRegion, pull_*): the inputs of every rank must be complete before anyone reads
-// them, and stay alive until everyone has. Block 0 of rank i stores pull_ready[i] = epoch + 1 into
-// every rank's region (st.release.sys after a system fence: the kernels that wrote rank i's inputs
-// precede this one in its stream); every block waits for pull_ready[j] >= epoch + 1 of all j
-// (ld.acquire.sys). The last block of rank i to finish stores pull_done[i] = epoch + 1 everywhere the
-// same way and waits for all pull_done[j], so this kernel ends only after every rank has read rank
-// i's inputs; then it bumps pull_epoch. Values only grow, so a flag of an earlier op never satisfies
-// a later wait, in CUDA graph replays too.
+// The inputs of every rank must be complete before anyone reads them, and stay alive until everyone has: the op
+// bracket (op_bracket.cuh), which also publishes where this rank's inputs live (host-free form).
 #include <cuda_bf16.h>
 
 #include "kernels/common/bf16.cuh"
 #include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/common/role_timer.cuh"
+#include "kernels/intranode/op_bracket.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
 #include "protocol/control_region.hpp"
@@ -34,18 +29,9 @@ namespace {
 
 constexpr int kPullWarps = 16;
 
-// One thread: waits for flags[j] >= target for every rank j.
-__device__ bool wait_all_ranks(const Peers& peers, const int* flags, int target, Phase phase, int channel) {
-  for (int j = 0; j < peers.num_ranks; ++j)
-    if (!device::wait_at_least(&flags[j], target, peers.timeout_ns, peers.diagnostics, phase, peers.rank, j, channel))
-      return false;
-  return true;
-}
-
 __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullCombineArgs args) {  // V1's kernel name
   const int warp = threadIdx.x / 32, lane = device::lane_id(), block = blockIdx.x;
   const int num_ranks = peers.num_ranks, rank = peers.rank, num_channels = args.num_channels;
-  ControlRegion* mine = control_of(peers, rank);
   __shared__ int epoch_shared, ok_shared;
   // Every rank's inputs as this process reaches them.
   __shared__ const uint16_t* x_of[kNumMaxNvlPeers];
@@ -56,17 +42,10 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   timer.begin();
   device::report_block_start("pull_combine", rank, timer.start);
   if (threadIdx.x == 0) {
-    const int epoch = *reinterpret_cast<volatile int*>(&mine->pull_epoch);
-    if (block == 0) {
-      // Host-free form: where this rank's inputs live, for every rank, ordered before pull_ready by the fence.
-      if (args.imports)
-        for (int peer = 0; peer < num_ranks; ++peer) control_of(peers, peer)->pull_inputs[rank] = args.own_input;
-      __threadfence_system();
-      for (int peer = 0; peer < num_ranks; ++peer)
-        device::st_release_sys(&control_of(peers, peer)->pull_ready[rank], epoch + 1);
-    }
-    epoch_shared = epoch;
-    ok_shared = wait_all_ranks(peers, mine->pull_ready, epoch + 1, Phase::kPullCombineReady, block);
+    // Host-free form: where this rank's inputs live, for every rank.
+    ok_shared = open_op_bracket(peers, Phase::kPullCombineReady, &epoch_shared, [&](ControlRegion* peer) {
+      if (args.imports) peer->pull_inputs[rank] = args.own_input;
+    });
   }
   __syncthreads();
   timer.lap(0);
@@ -78,7 +57,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     weights_of[j] = args.topk_weights[j];
     if (args.imports && j != rank && ok_shared) {
       // Volatile: another process wrote it; read at L2, never from an L1 copy.
-      const volatile PullInput* input = &mine->pull_inputs[j];
+      const volatile PullInput* input = &control_of(peers, rank)->pull_inputs[j];
       const InputRef refs[2] = {{input->x.slot, input->x.generation, input->x.offset},
                                 {input->topk_weights.slot, input->topk_weights.generation, input->topk_weights.offset}};
       const void* resolved[2] = {nullptr, nullptr};
@@ -114,10 +93,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
       const int batch_size = min(32, end - batch_begin);
       unsigned mask, lanes_of[kNumMaxNvlPeers];
       token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
-      unsigned lanes_of_lane = 0;  // lane j: the batch's lanes whose token goes to rank j
-#pragma unroll
-      for (int j = 0; j < kNumMaxNvlPeers; ++j)
-        if (lane == j) lanes_of_lane = lanes_of[j];
+      const unsigned lanes_of_lane = lanes_of_this_lane(lanes_of, lane);
 
       for (int k = warp; k < batch_size; k += kPullWarps) {
         const int token = batch_begin + k;
@@ -149,18 +125,7 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   // Every read of this block is done before it counts itself; the last block tells every rank.
   timer.lap(2);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    const int epoch = epoch_shared;
-    if (atomicAdd(&mine->pull_arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
-      mine->pull_arrivals = 0;
-      for (int peer = 0; peer < num_ranks; ++peer)
-        device::st_release_sys(&control_of(peers, peer)->pull_done[rank], epoch + 1);
-      wait_all_ranks(peers, mine->pull_done, epoch + 1, Phase::kPullCombineDone, -1);
-      mine->pull_epoch = epoch + 1;
-      __threadfence();
-    }
-  }
+  if (threadIdx.x == 0) close_op_bracket(peers, epoch_shared, Phase::kPullCombineDone);
   timer.lap(3);
   timer.report("pull_combine", "warp", rank, kNumMaxNvlPeers, 0);
 }
@@ -183,6 +148,8 @@ int max_resident_blocks_per_sm(Kernel kernel, const LaunchShape& shape) {
       return max_resident_combine_blocks_per_sm(shape.wide);
     case Kernel::kPullCombine:
       return max_resident_pull_combine_blocks_per_sm();
+    case Kernel::kPushDispatch:
+      return max_resident_push_dispatch_blocks_per_sm();
   }
   return 0;
 }

@@ -1,5 +1,5 @@
-// The two steps the ring combine (combine.cu) and the pull combine (pull_combine.cu) share; they differ
-// only in where an expert rank's row of a token is read.
+// The steps the ring combine (combine.cu), the pull combine (pull_combine.cu) and the push dispatch
+// (push_dispatch.cu) share: the combines differ only in where an expert rank's row of a token is read.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +23,16 @@ __device__ __forceinline__ void token_group_masks(const bool* is_token_in_rank, 
 #pragma unroll
   for (int j = 0; j < kNumMaxNvlPeers; ++j)
     lanes_of[j] = __ballot_sync(0xffffffffu, j < num_ranks && ((mask >> j) & 1u));
+}
+
+// Lane j < kNumMaxNvlPeers: lanes_of[j] (the batch's lanes whose token goes to rank j); the other lanes 0. One value
+// per lane instead of the array in every lane, where a walk keeps it across the batch.
+__device__ __forceinline__ unsigned lanes_of_this_lane(const unsigned (&lanes_of)[kNumMaxNvlPeers], int lane) {
+  unsigned mine = 0;
+#pragma unroll
+  for (int j = 0; j < kNumMaxNvlPeers; ++j)
+    if (lane == j) mine = lanes_of[j];
+  return mine;
 }
 
 // One warp combines `token`: every 16-byte column of combined_x[token] is the float32 sum over the ranks

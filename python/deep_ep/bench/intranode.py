@@ -87,6 +87,10 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         eager_ms = time_op_per_call(fn, group, 50, flush, host_ms)
         modes[name] = (eager_ms, time_op_graph(fn, group, iters, flush), host_ms[0])
     pulled = buffer.runtime.last_combine_pulled()
+    pushed = buffer.runtime.last_dispatch_pushed()
+    # The ring dispatch (DEEP_EP_PUSH_DISPATCH=0, read per call on every rank), next to the default above.
+    with env_setting("DEEP_EP_PUSH_DISPATCH", "0"):
+        ring_dispatch_ms = {name: time_op(ops[name], group, iters, flush) for name in ("dispatch FP8", "dispatch BF16")}
     # The ring combine (DEEP_EP_PULL_COMBINE=0, read per call on every rank), next to the default above.
     with env_setting("DEEP_EP_PULL_COMBINE", "0"):
         ring_combine_ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
@@ -110,6 +114,7 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
         [results[name][0] for name in REFERENCE_GBPS]
         + [ring_combine_ms, non_cached_ms]
         + [ms for name in REFERENCE_GBPS for ms in modes[name]]
+        + [ring_dispatch_ms["dispatch FP8"], ring_dispatch_ms["dispatch BF16"]]
         + [float(num_recv)],
         dtype=torch.float64,
     )
@@ -145,6 +150,19 @@ def bench_intranode(ctx, group, opts, flush, copy_gbps):
             f"{'pulled' if pulled else 'did not pull'}, {mean[3] / mean[2]:.2f}x faster than this",
         )
     )
+    for i, name in enumerate(("dispatch FP8", "dispatch BF16")):
+        ms = mean[-3 + i]
+        gbps = results[name][1] / num_recv * mean_recv / (ms * 1e-3) / 1e9
+        rows.append(
+            (
+                f"{name} (cached), ring",
+                size,
+                str(opts["num_sms"]),
+                f"{gbps:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                f"DEEP_EP_PUSH_DISPATCH=0: {gbps / REFERENCE_GBPS[name]:.2f}x DeepEP; the row above "
+                f"{'pushed' if pushed else 'did not push'}, {ms / mean[list(REFERENCE_GBPS).index(name)]:.2f}x faster than this",
+            )
+        )
     rows.append(
         (
             "dispatch BF16 (with notify)",
