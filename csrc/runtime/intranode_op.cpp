@@ -140,11 +140,6 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   const auto capacity_layout = intranode::DispatchQueueLayout::make(
       config.num_channels(), config.num_max_nvl_chunked_recv_tokens, row_bytes, num_scales, num_topk);
   check_fits(*this, capacity_layout.total_bytes, config, row_bytes, "dispatch");
-  const IntranodeDispatchRing ring = intranode_dispatch_ring(
-      in.max_ranks_per_device, config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
-      config.num_channels(), capacity_layout.row_stride, in.min_l2_bytes);
-  const auto layout =
-      intranode::DispatchQueueLayout::make(config.num_channels(), ring.num_slots, row_bytes, num_scales, num_topk);
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
   const auto peers = peers_of(*this, in);
   const int C = config.num_channels();
@@ -253,6 +248,11 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     return result;
   }
 
+  // The ring dispatch: the slots a call cycles through where ranks share the GPU's L2 (intranode_rings.hpp).
+  const IntranodeDispatchRing ring =
+      intranode_dispatch_ring(in.max_ranks_per_device, config.num_max_nvl_chunked_recv_tokens,
+                              config.num_max_nvl_chunked_send_tokens, C, capacity_layout.row_stride, in.min_l2_bytes);
+  const auto layout = intranode::DispatchQueueLayout::make(C, ring.num_slots, row_bytes, num_scales, num_topk);
   const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   intranode::DispatchArgs d{};
   d.x = a.x.ptr<uint8_t>();
