@@ -168,18 +168,8 @@ def dispatch_outputs_kept(ctx, num_rounds):
     buffer = _buffer(group, hidden)
     kept, rechecked = [], []
     for round_idx in range(num_rounds):
-        num_tokens = 512 - 13 * ctx.rank
-        x = make_x(num_tokens, hidden, False)
-        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
-        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-        received = buffer.dispatch(
-            x,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
+        x, topk_idx, topk_weights, in_rank, received = _routed_dispatch(
+            buffer, 512 - 13 * ctx.rank, hidden, num_topk, ctx.num_ranks
         )
         assert buffer.runtime.last_dispatch_pushed(), "expected the push dispatch"
         _, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
