@@ -17,6 +17,7 @@
 #include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/common/role_timer.cuh"
+#include "kernels/intranode/channel_walk.cuh"
 #include "kernels/intranode/op_bracket.cuh"
 #include "kernels/intranode/prologue.cuh"
 #include "kernels/intranode/token_sum.cuh"
@@ -79,47 +80,29 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
   __syncthreads();
   timer.lap(1);
 
-  // The grid may be smaller than the channel count (it must fit beside the other ranks' grids on this
-  // GPU); a block then takes channels block, block + gridDim.x, ...
-  for (int channel = block; ok_shared && channel < num_channels; channel += gridDim.x) {
-    int begin, end;
-    device::channel_range(channel, num_channels, args.num_tokens, begin, end);
-    // Lane j < num_ranks: the row at rank j of the channel's next token that goes to j.
-    int consumed = lane < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, lane, num_ranks) +
-                                          args.channel_prefix_matrix[lane * num_channels + channel]
-                                    : 0;
-
-    for (int batch_begin = begin; batch_begin < end; batch_begin += 32) {
-      const int batch_size = min(32, end - batch_begin);
-      unsigned mask, lanes_of[kNumMaxNvlPeers];
-      token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
-      const unsigned lanes_of_lane = lanes_of_this_lane(lanes_of, lane);
-
-      for (int k = warp; k < batch_size; k += kPullWarps) {
-        const int token = batch_begin + k;
-        const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
-        // Lane j < num_ranks knows the token's row at rank j; every lane takes the rows it reads by shuffle.
-        const int my_row = consumed + __popc(lanes_of_lane & ((1u << k) - 1u));
-        int row_of[kNumMaxNvlPeers];
-        const int4* row_ptr[kNumMaxNvlPeers];
+  if (ok_shared) {
+    walk_channel_tokens<kPullWarps>(
+        args.rank_prefix_matrix, args.channel_prefix_matrix, args.is_token_in_rank, args.num_tokens, num_channels, rank,
+        num_ranks, warp, lane, [&](int token, unsigned token_mask, int my_row) {
+          // Lane j < num_ranks knows the token's row at rank j; every lane takes the rows it reads by shuffle.
+          int row_of[kNumMaxNvlPeers];
+          const int4* row_ptr[kNumMaxNvlPeers];
 #pragma unroll
-        for (int j = 0; j < kNumMaxNvlPeers; ++j) {
-          row_of[j] = __shfl_sync(0xffffffffu, my_row, j);
-          row_ptr[j] = ((token_mask >> j) & 1u)
-                           ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
-                           : nullptr;
-        }
-        // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
-        // call's rows at the same address must not be read.
-        sum_token<2>(
-            lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
-            args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
-            [&](int j, int k2) {
-              return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
-            });
-      }
-      consumed += __popc(lanes_of_lane);
-    }
+          for (int j = 0; j < kNumMaxNvlPeers; ++j) {
+            row_of[j] = __shfl_sync(0xffffffffu, my_row, j);
+            row_ptr[j] = ((token_mask >> j) & 1u)
+                             ? reinterpret_cast<const int4*>(x_of[j] + static_cast<int64_t>(row_of[j]) * args.hidden)
+                             : nullptr;
+          }
+          // At L2 (__ldcg): another process wrote these rows; a non-coherent cached copy of an earlier
+          // call's rows at the same address must not be read.
+          sum_token<2>(
+              lane, token, token_mask, args.hidden, args.num_topk, args.bias_0, args.bias_1, args.combined_x,
+              args.combined_topk_weights, [&](int j, int col) { return __ldcg(row_ptr[j] + col); },
+              [&](int j, int k2) {
+                return __ldcg(&weights_of[j][static_cast<int64_t>(row_of[j]) * args.num_topk + k2]);
+              });
+        });
   }
 
   // Every read of this block is done before it counts itself; the last block tells every rank.

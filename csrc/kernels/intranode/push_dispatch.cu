@@ -16,6 +16,7 @@
 // senders and reported by the destination.
 #include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
+#include "kernels/intranode/channel_walk.cuh"
 #include "kernels/intranode/intranode.hpp"
 #include "kernels/intranode/op_bracket.cuh"
 #include "kernels/intranode/prologue.cuh"
@@ -149,34 +150,20 @@ __global__ void __launch_bounds__(kPushWarps * 32, 1) dispatch(Peers peers, Push
   if (block == 0 && threadIdx.x == 0 && num_recv > args.num_rows)
     device::report(peers.diagnostics, Phase::kDispatchTooManyRows, false, rank, -1, -1, -1, args.num_rows, num_recv);
 
-  for (int channel = block; ok_shared && channel < num_channels; channel += gridDim.x) {
-    int begin, end;
-    device::channel_range(channel, num_channels, args.num_tokens, begin, end);
-    // Lane j < num_ranks: the row at rank j of the channel's next token that goes to j.
-    int next_row = lane < num_ranks ? rank_begin(args.rank_prefix_matrix, rank, lane, num_ranks) +
-                                          args.channel_prefix_matrix[lane * num_channels + channel]
-                                    : 0;
-    for (int batch_begin = begin; batch_begin < end; batch_begin += 32) {
-      const int batch_size = min(32, end - batch_begin);
-      unsigned mask, lanes_of[kNumMaxNvlPeers];
-      token_group_masks(args.is_token_in_rank, batch_begin, batch_size, num_ranks, lane, mask, lanes_of);
-      const unsigned lanes_of_lane = lanes_of_this_lane(lanes_of, lane);
-      for (int k = warp; k < batch_size; k += kPushWarps) {
-        const int token = batch_begin + k;
-        const unsigned token_mask = __shfl_sync(0xffffffffu, mask, k);
-        const int my_row = next_row + __popc(lanes_of_lane & ((1u << k) - 1u));
-        if (args.send_head != nullptr && lane < num_ranks)
-          args.send_head[static_cast<int64_t>(token) * num_ranks + lane] = ((token_mask >> lane) & 1u) ? my_row : -1;
-        // The destinations with room for the token's row, and its row at each (lane j's, through shared memory).
-        const unsigned to =
-            __ballot_sync(0xffffffffu, lane < num_ranks && ((token_mask >> lane) & 1u) && my_row < dest.num_rows[lane]);
-        if (lane < num_ranks) warp_rows[warp][lane] = my_row;
-        __syncwarp();
-        if (to != 0) push_token(args, dest, token, to, warp_rows[warp], num_local_experts, lane);
-        __syncwarp();  // every lane has read warp_rows before the next token's are written
-      }
-      next_row += __popc(lanes_of_lane);
-    }
+  if (ok_shared) {
+    walk_channel_tokens<kPushWarps>(
+        args.rank_prefix_matrix, args.channel_prefix_matrix, args.is_token_in_rank, args.num_tokens, num_channels, rank,
+        num_ranks, warp, lane, [&](int token, unsigned token_mask, int my_row) {
+          if (args.send_head != nullptr && lane < num_ranks)
+            args.send_head[static_cast<int64_t>(token) * num_ranks + lane] = ((token_mask >> lane) & 1u) ? my_row : -1;
+          // The destinations with room for the token's row, and its row at each (lane j's, through shared memory).
+          const unsigned to = __ballot_sync(
+              0xffffffffu, lane < num_ranks && ((token_mask >> lane) & 1u) && my_row < dest.num_rows[lane]);
+          if (lane < num_ranks) warp_rows[warp][lane] = my_row;
+          __syncwarp();
+          if (to != 0) push_token(args, dest, token, to, warp_rows[warp], num_local_experts, lane);
+          __syncwarp();  // every lane has read warp_rows before the next token's are written
+        });
   }
 
   // num_worst_tokens: this rank's rows past the real count carry no expert.
