@@ -1,0 +1,225 @@
+// The push dispatch's memory pattern alone, on a fixed number of SMs: how fast can blocks that each read a token's
+// row once and write it to every rank it goes to move data, with no communication, no flags and no peers? It is
+// the ceiling the intranode push dispatch is measured against when its ranks share one GPU (8 ranks x num_sms
+// blocks), next to a plain copy (every token to one destination) on the same SMs.
+//
+// Build and run (one GPU, one process):  nvcc -O3 -arch=sm_90a -o /tmp/push_ceiling scripts/push_ceiling.cu && /tmp/push_ceiling
+//
+// Tokens: 8 ranks x 4096, hidden 7168 BF16 (14336-byte rows), each routed to the ranks of 8 distinct random experts
+// of 256 (32 per rank), as the bench's dispatch. Block b takes a contiguous 1/grid of the tokens (a channel); its
+// warps take the block's tokens in turn. Per-rank figures divide the bytes written by 8, as the bench does.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t e = (call);                                                              \
+    if (e != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));     \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+namespace {
+
+constexpr int kRanks = 8, kTokensPerRank = 4096, kTokens = kRanks * kTokensPerRank;
+constexpr int kRowBytes = 7168 * 2, kRowInt4 = kRowBytes / 16;
+
+enum class Store { kStreaming, kPlain };
+
+struct Pattern {
+  const int4* src;
+  int4* dst[kRanks];
+  const unsigned* to;  // a bit per destination rank, per token
+  const int* rows;     // [token][rank]: the token's row at that rank
+};
+
+template <Store kStore>
+__device__ __forceinline__ void store(int4* p, const int4& v) {
+  if constexpr (kStore == Store::kStreaming)
+    __stcs(p, v);
+  else
+    *p = v;
+}
+
+__device__ __forceinline__ int4 load(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The push dispatch's loop: a round of kUnroll words per lane is loaded, then stored to every destination.
+template <int kWarps, int kUnroll, Store kStore>
+__global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
+  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  for (int t = begin + warp; t < end; t += kWarps) {
+    const unsigned to = p.to[t];
+    const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
+    for (int base = lane; base < kRowInt4; base += 32 * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + 32 * u < kRowInt4) v[u] = load(src + base + 32 * u);
+#pragma unroll
+      for (int j = 0; j < kRanks; ++j) {
+        if (!((to >> j) & 1u)) continue;
+        int4* dst = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, v[u]);
+      }
+    }
+  }
+}
+
+// The same with the next round's loads issued before the current round's stores (two register sets of kUnroll).
+template <int kWarps, int kUnroll, Store kStore>
+__global__ void __launch_bounds__(kWarps * 32, 1) push_pipelined(Pattern p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
+  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  for (int t = begin + warp; t < end; t += kWarps) {
+    const unsigned to = p.to[t];
+    const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
+    int4 cur[kUnroll], next[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (lane + 32 * u < kRowInt4) cur[u] = load(src + lane + 32 * u);
+    for (int base = lane; base < kRowInt4; base += 32 * kUnroll) {
+      const int ahead = base + 32 * kUnroll;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (ahead + 32 * u < kRowInt4) next[u] = load(src + ahead + 32 * u);
+#pragma unroll
+      for (int j = 0; j < kRanks; ++j) {
+        if (!((to >> j) & 1u)) continue;
+        int4* dst = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, cur[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) cur[u] = next[u];
+    }
+  }
+}
+
+struct Routing {
+  std::vector<unsigned> to;
+  std::vector<int> rows;
+  int rows_at[kRanks] = {};
+  int64_t rows_written = 0;
+};
+
+// fanout 0: top-8 of 256 experts; fanout 1: every token to rank (t % 8), a copy.
+Routing route(bool copy) {
+  Routing r;
+  r.to.resize(kTokens);
+  r.rows.assign(static_cast<size_t>(kTokens) * kRanks, 0);
+  std::mt19937 rng(7);
+  std::vector<int> experts(256);
+  for (int i = 0; i < 256; ++i) experts[i] = i;
+  for (int t = 0; t < kTokens; ++t) {
+    unsigned to = 0;
+    if (copy) {
+      to = 1u << (t % kRanks);
+    } else {
+      std::shuffle(experts.begin(), experts.end(), rng);
+      for (int k = 0; k < 8; ++k) to |= 1u << (experts[k] / 32);
+    }
+    r.to[t] = to;
+    for (int j = 0; j < kRanks; ++j)
+      if ((to >> j) & 1u) r.rows[static_cast<size_t>(t) * kRanks + j] = r.rows_at[j]++;
+  }
+  for (int j = 0; j < kRanks; ++j) r.rows_written += r.rows_at[j];
+  return r;
+}
+
+template <typename Kernel>
+float median_us(Kernel kernel, int grid, int threads, const Pattern& p) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) kernel<<<grid, threads>>>(p);
+  CHECK(cudaGetLastError());
+  std::vector<float> times;
+  for (int i = 0; i < 11; ++i) {
+    CHECK(cudaEventRecord(a));
+    kernel<<<grid, threads>>>(p);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    times.push_back(ms * 1e3f);
+  }
+  std::sort(times.begin(), times.end());
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return times[times.size() / 2];
+}
+
+struct Case {
+  const char* name;
+  void (*kernel)(Pattern);
+  int threads;
+};
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+
+  const Case cases[] = {
+      {"rounds 16w x8 streaming (kernel today)", push_rounds<16, 8, Store::kStreaming>, 512},
+      {"rounds 16w x8 plain", push_rounds<16, 8, Store::kPlain>, 512},
+      {"rounds 32w x4 streaming", push_rounds<32, 4, Store::kStreaming>, 1024},
+      {"pipelined 16w 2x4 streaming", push_pipelined<16, 4, Store::kStreaming>, 512},
+      {"pipelined 16w 2x8 streaming", push_pipelined<16, 8, Store::kStreaming>, 512},
+      {"pipelined 32w 2x2 streaming", push_pipelined<32, 2, Store::kStreaming>, 1024},
+  };
+  std::printf("%-42s %-6s %5s %9s %12s %12s\n", "variant", "route", "SMs", "us", "HBM GB/s", "GB/s/rank");
+  for (const bool copy : {true, false}) {
+    const Routing r = route(copy);
+    Pattern p{};
+    int4* src = nullptr;
+    unsigned* to = nullptr;
+    int* rows = nullptr;
+    CHECK(cudaMalloc(&src, static_cast<size_t>(kTokens) * kRowBytes));
+    CHECK(cudaMemset(src, 1, static_cast<size_t>(kTokens) * kRowBytes));
+    CHECK(cudaMalloc(&to, r.to.size() * sizeof(unsigned)));
+    CHECK(cudaMalloc(&rows, r.rows.size() * sizeof(int)));
+    CHECK(cudaMemcpy(to, r.to.data(), r.to.size() * sizeof(unsigned), cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(rows, r.rows.data(), r.rows.size() * sizeof(int), cudaMemcpyHostToDevice));
+    p.src = src;
+    p.to = to;
+    p.rows = rows;
+    for (int j = 0; j < kRanks; ++j) CHECK(cudaMalloc(&p.dst[j], static_cast<size_t>(r.rows_at[j]) * kRowBytes + 16));
+    const double written = static_cast<double>(r.rows_written) * kRowBytes;
+    const double moved = written + static_cast<double>(kTokens) * kRowBytes;
+    for (const Case& c : cases) {
+      for (const int sms : {64, 128, prop.multiProcessorCount}) {
+        const float us = median_us(c.kernel, sms, c.threads, p);
+        std::printf("%-42s %-6s %5d %9.1f %12.0f %12.1f\n", c.name, copy ? "copy" : "top-8", sms, us,
+                    moved / (us * 1e-6) / 1e9, written / kRanks / (us * 1e-6) / 1e9);
+      }
+    }
+    if (!copy) std::printf("top-8 routing: %.2f destinations per token\n", static_cast<double>(r.rows_written) / kTokens);
+    for (int j = 0; j < kRanks; ++j) CHECK(cudaFree(p.dst[j]));
+    CHECK(cudaFree(src));
+    CHECK(cudaFree(to));
+    CHECK(cudaFree(rows));
+  }
+  return 0;
+}
