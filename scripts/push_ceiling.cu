@@ -57,12 +57,17 @@ __device__ __forceinline__ int4 load(const int4* p) {
 }
 
 // The push dispatch's loop: a round of kUnroll words per lane is loaded, then stored to every destination.
-template <int kWarps, int kUnroll, Store kStore>
+// kDynamic: a warp takes the block's next unclaimed token (a shared counter) instead of every kWarps-th one, so
+// warps that drew tokens with fewer destinations do not idle at the end.
+template <int kWarps, int kUnroll, Store kStore, bool kDynamic = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
   const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
-  for (int t = begin + warp; t < end; t += kWarps) {
+  __shared__ int next_token;
+  if (threadIdx.x == 0) next_token = begin + kWarps;
+  __syncthreads();
+  for (int t = begin + warp; t < end;) {
     const unsigned to = p.to[t];
     const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
     for (int base = lane; base < kRowInt4; base += 32 * kUnroll) {
@@ -78,6 +83,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
         for (int u = 0; u < kUnroll; ++u)
           if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, v[u]);
       }
+    }
+    if constexpr (kDynamic) {
+      int claimed = 0;
+      if (lane == 0) claimed = atomicAdd(&next_token, 1);
+      t = __shfl_sync(0xffffffffu, claimed, 0);
+    } else {
+      t += kWarps;
     }
   }
 }
@@ -184,6 +196,7 @@ int main() {
   const Case cases[] = {
       {"rounds 16w x8 streaming (kernel today)", push_rounds<16, 8, Store::kStreaming>, 512},
       {"rounds 16w x8 plain", push_rounds<16, 8, Store::kPlain>, 512},
+      {"rounds 16w x8 streaming, dynamic", push_rounds<16, 8, Store::kStreaming, true>, 512},
       {"rounds 32w x4 streaming", push_rounds<32, 4, Store::kStreaming>, 1024},
       {"pipelined 16w 2x4 streaming", push_pipelined<16, 4, Store::kStreaming>, 512},
       {"pipelined 16w 2x8 streaming", push_pipelined<16, 8, Store::kStreaming>, 512},
