@@ -7,7 +7,8 @@
 //
 // Tokens: 8 ranks x 4096, hidden 7168 BF16 (14336-byte rows), each routed to the ranks of 8 distinct random experts
 // of 256 (32 per rank), as the bench's dispatch. Block b takes a contiguous 1/grid of the tokens (a channel); its
-// warps take the block's tokens in turn. Per-rank figures divide the bytes written by 8, as the bench does.
+// warps take the block's tokens in turn. Per-rank figures divide the rows received (the push's writes, the pull's
+// reads) by 8, as the bench does; both move the same bytes (a row per token plus a row per destination).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -36,6 +37,7 @@ enum class Store { kStreaming, kPlain };
 struct Pattern {
   const int4* src;
   int4* dst[kRanks];
+  int4* out;           // the pull's output: a row per token
   const unsigned* to;  // a bit per destination rank, per token
   const int* rows;     // [token][rank]: the token's row at that rank
 };
@@ -126,6 +128,50 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_pipelined(Pattern p) {
   }
 }
 
+// The pull combine's loop: a warp reads the token's row at every rank it went to, kColumns 16-byte columns per
+// lane per step (all loads of a step issued before the first sum), sums them in float32 and writes the token's
+// row once.
+template <int kWarps, int kColumns>
+__global__ void __launch_bounds__(kWarps * 32, 1) pull_sum(Pattern p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
+  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  for (int t = begin + warp; t < end; t += kWarps) {
+    const unsigned from = p.to[t];
+    for (int col = lane; col < kRowInt4; col += 32 * kColumns) {
+      int4 v[kRanks][kColumns];
+#pragma unroll
+      for (int j = 0; j < kRanks; ++j) {
+        const int4* row = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
+#pragma unroll
+        for (int c = 0; c < kColumns; ++c)
+          if (((from >> j) & 1u) && col + 32 * c < kRowInt4) v[j][c] = __ldcg(row + col + 32 * c);
+      }
+#pragma unroll
+      for (int c = 0; c < kColumns; ++c) {
+        if (col + 32 * c >= kRowInt4) continue;
+        float sum[8] = {};
+#pragma unroll
+        for (int j = 0; j < kRanks; ++j) {
+          if (!((from >> j) & 1u)) continue;
+          const uint32_t* w = reinterpret_cast<const uint32_t*>(&v[j][c]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            sum[2 * e] += __uint_as_float(w[e] << 16);
+            sum[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+          }
+        }
+        int4 o;
+        uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          ow[e] = (__float_as_uint(sum[2 * e]) >> 16) | (__float_as_uint(sum[2 * e + 1]) & 0xffff0000u);
+        __stcs(p.out + static_cast<int64_t>(t) * kRowInt4 + col + 32 * c, o);
+      }
+    }
+  }
+}
+
 struct Routing {
   std::vector<unsigned> to;
   std::vector<int> rows;
@@ -201,6 +247,8 @@ int main() {
       {"pipelined 16w 2x4 streaming", push_pipelined<16, 4, Store::kStreaming>, 512},
       {"pipelined 16w 2x8 streaming", push_pipelined<16, 8, Store::kStreaming>, 512},
       {"pipelined 32w 2x2 streaming", push_pipelined<32, 2, Store::kStreaming>, 1024},
+      {"pull sum 16w x2 columns (combine)", pull_sum<16, 2>, 512},
+      {"pull sum 16w x1 column", pull_sum<16, 1>, 512},
   };
   std::printf("%-42s %-6s %5s %9s %12s %12s\n", "variant", "route", "SMs", "us", "HBM GB/s", "GB/s/rank");
   for (const bool copy : {true, false}) {
@@ -210,6 +258,7 @@ int main() {
     unsigned* to = nullptr;
     int* rows = nullptr;
     CHECK(cudaMalloc(&src, static_cast<size_t>(kTokens) * kRowBytes));
+    CHECK(cudaMalloc(&p.out, static_cast<size_t>(kTokens) * kRowBytes));
     CHECK(cudaMemset(src, 1, static_cast<size_t>(kTokens) * kRowBytes));
     CHECK(cudaMalloc(&to, r.to.size() * sizeof(unsigned)));
     CHECK(cudaMalloc(&rows, r.rows.size() * sizeof(int)));
@@ -231,6 +280,7 @@ int main() {
     if (!copy) std::printf("top-8 routing: %.2f destinations per token\n", static_cast<double>(r.rows_written) / kTokens);
     for (int j = 0; j < kRanks; ++j) CHECK(cudaFree(p.dst[j]));
     CHECK(cudaFree(src));
+    CHECK(cudaFree(p.out));
     CHECK(cudaFree(to));
     CHECK(cudaFree(rows));
   }
