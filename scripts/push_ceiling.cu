@@ -3,7 +3,8 @@
 // the ceiling the intranode push dispatch is measured against when its ranks share one GPU (8 ranks x num_sms
 // blocks), next to a plain copy (every token to one destination) on the same SMs.
 //
-// Build and run (one GPU, one process):  nvcc -O3 -arch=sm_90a -o /tmp/push_ceiling scripts/push_ceiling.cu && /tmp/push_ceiling
+// Build and run (one GPU, one process):
+//   nvcc -O3 -arch=sm_90a -o /tmp/push_ceiling scripts/push_ceiling.cu && /tmp/push_ceiling
 //
 // Tokens: 8 ranks x 4096, hidden 7168 BF16 (14336-byte rows), each routed to the ranks of 8 distinct random experts
 // of 256 (32 per rank), as the bench's dispatch. Block b takes a contiguous 1/grid of the tokens (a channel); its
@@ -18,16 +19,13 @@
 #include <random>
 #include <vector>
 
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t e = (call);                                                              \
-    if (e != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));     \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
-
 namespace {
+
+void check(cudaError_t result, const char* what) {
+  if (result == cudaSuccess) return;
+  std::fprintf(stderr, "push_ceiling: %s: %s\n", what, cudaGetErrorString(result));
+  std::exit(1);
+}
 
 constexpr int kRanks = 8, kTokensPerRank = 4096, kTokens = kRanks * kTokensPerRank;
 constexpr int kRowBytes = 7168 * 2, kRowInt4 = kRowBytes / 16;
@@ -179,7 +177,7 @@ struct Routing {
   int64_t rows_written = 0;
 };
 
-// fanout 0: top-8 of 256 experts; fanout 1: every token to rank (t % 8), a copy.
+// copy: every token to one rank (t % 8); else to the ranks of 8 distinct random experts of 256, 32 per rank.
 Routing route(bool copy) {
   Routing r;
   r.to.resize(kTokens);
@@ -206,23 +204,23 @@ Routing route(bool copy) {
 template <typename Kernel>
 float median_us(Kernel kernel, int grid, int threads, const Pattern& p) {
   cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
+  check(cudaEventCreate(&a), "cudaEventCreate");
+  check(cudaEventCreate(&b), "cudaEventCreate");
   for (int i = 0; i < 3; ++i) kernel<<<grid, threads>>>(p);
-  CHECK(cudaGetLastError());
+  check(cudaGetLastError(), "cudaGetLastError");
   std::vector<float> times;
   for (int i = 0; i < 11; ++i) {
-    CHECK(cudaEventRecord(a));
+    check(cudaEventRecord(a), "cudaEventRecord");
     kernel<<<grid, threads>>>(p);
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
+    check(cudaEventRecord(b), "cudaEventRecord");
+    check(cudaEventSynchronize(b), "cudaEventSynchronize");
     float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
+    check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
     times.push_back(ms * 1e3f);
   }
   std::sort(times.begin(), times.end());
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
+  check(cudaEventDestroy(a), "cudaEventDestroy");
+  check(cudaEventDestroy(b), "cudaEventDestroy");
   return times[times.size() / 2];
 }
 
@@ -236,7 +234,7 @@ struct Case {
 
 int main() {
   cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
 
   const Case cases[] = {
@@ -257,17 +255,18 @@ int main() {
     int4* src = nullptr;
     unsigned* to = nullptr;
     int* rows = nullptr;
-    CHECK(cudaMalloc(&src, static_cast<size_t>(kTokens) * kRowBytes));
-    CHECK(cudaMalloc(&p.out, static_cast<size_t>(kTokens) * kRowBytes));
-    CHECK(cudaMemset(src, 1, static_cast<size_t>(kTokens) * kRowBytes));
-    CHECK(cudaMalloc(&to, r.to.size() * sizeof(unsigned)));
-    CHECK(cudaMalloc(&rows, r.rows.size() * sizeof(int)));
-    CHECK(cudaMemcpy(to, r.to.data(), r.to.size() * sizeof(unsigned), cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(rows, r.rows.data(), r.rows.size() * sizeof(int), cudaMemcpyHostToDevice));
+    check(cudaMalloc(&src, static_cast<size_t>(kTokens) * kRowBytes), "cudaMalloc");
+    check(cudaMalloc(&p.out, static_cast<size_t>(kTokens) * kRowBytes), "cudaMalloc");
+    check(cudaMemset(src, 1, static_cast<size_t>(kTokens) * kRowBytes), "cudaMemset");
+    check(cudaMalloc(&to, r.to.size() * sizeof(unsigned)), "cudaMalloc");
+    check(cudaMalloc(&rows, r.rows.size() * sizeof(int)), "cudaMalloc");
+    check(cudaMemcpy(to, r.to.data(), r.to.size() * sizeof(unsigned), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check(cudaMemcpy(rows, r.rows.data(), r.rows.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
     p.src = src;
     p.to = to;
     p.rows = rows;
-    for (int j = 0; j < kRanks; ++j) CHECK(cudaMalloc(&p.dst[j], static_cast<size_t>(r.rows_at[j]) * kRowBytes + 16));
+    for (int j = 0; j < kRanks; ++j)
+      check(cudaMalloc(&p.dst[j], static_cast<size_t>(r.rows_at[j]) * kRowBytes + 16), "cudaMalloc");
     const double written = static_cast<double>(r.rows_written) * kRowBytes;
     const double moved = written + static_cast<double>(kTokens) * kRowBytes;
     for (const Case& c : cases) {
@@ -277,12 +276,13 @@ int main() {
                     moved / (us * 1e-6) / 1e9, written / kRanks / (us * 1e-6) / 1e9);
       }
     }
-    if (!copy) std::printf("top-8 routing: %.2f destinations per token\n", static_cast<double>(r.rows_written) / kTokens);
-    for (int j = 0; j < kRanks; ++j) CHECK(cudaFree(p.dst[j]));
-    CHECK(cudaFree(src));
-    CHECK(cudaFree(p.out));
-    CHECK(cudaFree(to));
-    CHECK(cudaFree(rows));
+    if (!copy)
+      std::printf("top-8 routing: %.2f destinations per token\n", static_cast<double>(r.rows_written) / kTokens);
+    for (int j = 0; j < kRanks; ++j) check(cudaFree(p.dst[j]), "cudaFree");
+    check(cudaFree(src), "cudaFree");
+    check(cudaFree(p.out), "cudaFree");
+    check(cudaFree(to), "cudaFree");
+    check(cudaFree(rows), "cudaFree");
   }
   return 0;
 }
