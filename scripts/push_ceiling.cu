@@ -1,10 +1,11 @@
-// The push dispatch's memory pattern alone, on a fixed number of SMs: how fast can blocks that each read a token's
-// row once and write it to every rank it goes to move data, with no communication, no flags and no peers? It is
-// the ceiling the intranode push dispatch is measured against when its ranks share one GPU (8 ranks x num_sms
-// blocks), next to a plain copy (every token to one destination) on the same SMs.
+// The push dispatch's and the pull combine's memory patterns alone, on a fixed number of SMs: how fast can blocks
+// that read a token's row once and write it to every rank it goes to (push), or read its row at every such rank and
+// write their sum once (pull), move data, with no communication, no flags and no peers? 8 ranks sharing one GPU
+// take 8 x num_sms of its SMs, so these, next to a plain copy on the same SMs, are the ceilings of those kernels.
 //
 // Build and run (one GPU, one process):
-//   nvcc -O3 -arch=sm_90a -o /tmp/push_ceiling scripts/push_ceiling.cu && /tmp/push_ceiling
+//   nvcc -O3 -arch=sm_90a --expt-relaxed-constexpr -Icsrc -Iinclude -o /tmp/push_ceiling scripts/push_ceiling.cu &&
+//   /tmp/push_ceiling
 //
 // Tokens: 8 ranks x 4096, hidden 7168 BF16 (14336-byte rows), each routed to the ranks of 8 distinct random experts
 // of 256 (32 per rank), as the bench's dispatch. Block b takes a contiguous 1/grid of the tokens (a channel); its
@@ -18,6 +19,8 @@
 #include <cstdlib>
 #include <random>
 #include <vector>
+
+#include "kernels/common/device_utils.cuh"
 
 namespace {
 
@@ -48,12 +51,25 @@ __device__ __forceinline__ void store(int4* p, const int4& v) {
     *p = v;
 }
 
-__device__ __forceinline__ int4 load(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+// A round of kUnroll words per lane of the row at src, from word `base` on (lane's first), as the kernel loads it.
+template <int kUnroll>
+__device__ __forceinline__ void load_round(int4 (&v)[kUnroll], const int4* src, int base) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (base + 32 * u < kRowInt4) v[u] = deep_ep::device::ld_input(src + base + 32 * u);
+}
+
+// The round into token t's row at every rank of `to`.
+template <int kUnroll, Store kStore>
+__device__ __forceinline__ void store_round(const Pattern& p, int t, unsigned to, int base, const int4 (&v)[kUnroll]) {
+#pragma unroll
+  for (int j = 0; j < kRanks; ++j) {
+    if (!((to >> j) & 1u)) continue;
+    int4* dst = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, v[u]);
+  }
 }
 
 // The push dispatch's loop: a round of kUnroll words per lane is loaded, then stored to every destination.
@@ -72,17 +88,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
     const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
     for (int base = lane; base < kRowInt4; base += 32 * kUnroll) {
       int4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + 32 * u < kRowInt4) v[u] = load(src + base + 32 * u);
-#pragma unroll
-      for (int j = 0; j < kRanks; ++j) {
-        if (!((to >> j) & 1u)) continue;
-        int4* dst = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, v[u]);
-      }
+      load_round(v, src, base);
+      store_round<kUnroll, kStore>(p, t, to, base, v);
     }
     if constexpr (kDynamic) {
       int claimed = 0;
@@ -104,22 +111,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_pipelined(Pattern p) {
     const unsigned to = p.to[t];
     const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
     int4 cur[kUnroll], next[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (lane + 32 * u < kRowInt4) cur[u] = load(src + lane + 32 * u);
+    load_round(cur, src, lane);
     for (int base = lane; base < kRowInt4; base += 32 * kUnroll) {
-      const int ahead = base + 32 * kUnroll;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (ahead + 32 * u < kRowInt4) next[u] = load(src + ahead + 32 * u);
-#pragma unroll
-      for (int j = 0; j < kRanks; ++j) {
-        if (!((to >> j) & 1u)) continue;
-        int4* dst = p.dst[j] + static_cast<int64_t>(p.rows[t * kRanks + j]) * kRowInt4;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (base + 32 * u < kRowInt4) store<kStore>(dst + base + 32 * u, cur[u]);
-      }
+      load_round(next, src, base + 32 * kUnroll);
+      store_round<kUnroll, kStore>(p, t, to, base, cur);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) cur[u] = next[u];
     }
