@@ -205,6 +205,26 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
     recv_src_idx = allocate("recv_src_idx", DType::kInt32, {N});
   }
 
+  // The fields both dispatch kernels read the same way: the tokens, their routing and the output row count.
+  const auto fill_inputs = [&](auto& args) {
+    args.x = a.x.ptr<uint8_t>();
+    args.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
+    args.scale_token_stride = scale_token_stride;
+    args.scale_channel_stride = scale_channel_stride;
+    args.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
+    args.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
+    args.is_token_in_rank = cached ? handle->is_token_in_rank.ptr<bool>() : a.is_token_in_rank->ptr<bool>();
+    args.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
+    args.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
+    args.num_tokens = static_cast<int>(T);
+    args.row_bytes = static_cast<int>(row_bytes);
+    args.num_scales = num_scales;
+    args.num_topk = num_topk;
+    args.num_experts = num_experts;
+    args.num_channels = C;
+    args.num_rows = static_cast<int>(N);
+  };
+
   if (push) {
     void* outputs[kNumPushOutputs] = {
         recv_x.data, fp8 ? recv_x_scales.data : nullptr, num_topk ? recv_topk_idx.data : nullptr,
@@ -214,22 +234,7 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
                                            static_cast<size_t>(N * 4)};
     const OutputPlacement placement = in.export_outputs_or_poison("dispatch", outputs, bytes, stream);
     intranode::PushDispatchArgs p{};
-    p.x = a.x.ptr<uint8_t>();
-    p.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
-    p.scale_token_stride = scale_token_stride;
-    p.scale_channel_stride = scale_channel_stride;
-    p.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
-    p.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
-    p.is_token_in_rank = cached ? handle->is_token_in_rank.ptr<bool>() : a.is_token_in_rank->ptr<bool>();
-    p.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
-    p.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
-    p.num_tokens = static_cast<int>(T);
-    p.row_bytes = static_cast<int>(row_bytes);
-    p.num_scales = num_scales;
-    p.num_topk = num_topk;
-    p.num_experts = num_experts;
-    p.num_channels = C;
-    p.num_rows = static_cast<int>(N);
+    fill_inputs(p);
     p.recv_x = static_cast<uint8_t*>(placement.local[kPushRecvX]);
     p.recv_x_scales = static_cast<float*>(placement.local[kPushRecvScales]);
     p.recv_topk_idx = static_cast<int64_t*>(placement.local[kPushRecvTopkIdx]);
@@ -255,25 +260,10 @@ IntranodeDispatchResult Buffer::intranode_dispatch(const IntranodeDispatchArgs& 
   const auto layout = intranode::DispatchQueueLayout::make(C, ring.num_slots, row_bytes, num_scales, num_topk);
   const LaunchShape launch_shape = pick_ring_shape(*this, config, intranode::Kernel::kDispatch, "dispatch");
   intranode::DispatchArgs d{};
-  d.x = a.x.ptr<uint8_t>();
-  d.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
-  d.scale_token_stride = scale_token_stride;
-  d.scale_channel_stride = scale_channel_stride;
-  d.topk_idx = num_topk ? a.topk_idx->ptr<int64_t>() : nullptr;
-  d.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
-  d.is_token_in_rank = cached ? handle->is_token_in_rank.ptr<bool>() : a.is_token_in_rank->ptr<bool>();
-  d.rank_prefix_matrix = rank_prefix_matrix.ptr<int>();
-  d.channel_prefix_matrix = channel_prefix_matrix.ptr<int>();
+  fill_inputs(d);
   d.recv_channel_prefix_matrix = recv_channel_prefix_matrix.ptr<int>();
-  d.num_tokens = static_cast<int>(T);
-  d.row_bytes = static_cast<int>(row_bytes);
-  d.num_scales = num_scales;
-  d.num_topk = num_topk;
-  d.num_experts = num_experts;
-  d.num_channels = C;
   d.num_slots = ring.num_slots;
   d.send_chunk = ring.send_chunk;
-  d.num_rows = static_cast<int>(N);
   d.recv_x = recv_x.ptr<uint8_t>();
   d.recv_x_scales = fp8 ? recv_x_scales.ptr<float>() : nullptr;
   d.recv_topk_idx = num_topk ? recv_topk_idx.ptr<int64_t>() : nullptr;
