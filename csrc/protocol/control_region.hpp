@@ -76,6 +76,16 @@ struct ControlRegion {
   // push_outputs[i]: where rank i's outputs of the current push dispatch live, under the same contract as
   // pull_inputs (the push dispatch takes the pull combine's op bracket: pull_epoch, pull_ready, pull_done).
   PushOutputs push_outputs[kNumMaxNvlPeers];
+
+  // The internode dispatch's own-node push (kernels/internode/dispatch.cu). node_recv_x[i]: where local rank i's
+  // recv_x of the current dispatch lives in its exports, node_num_rows[i] its rows, node_first_row[i] the first row
+  // of this rank's tokens there; written by rank i's block 0, which then stores node_outputs_ready[i] = epoch + 1
+  // with st.release.sys; read here after the acquire. Rank i rewrites them only in a later internode op, which
+  // starts after every rank has ended this one (the done signal).
+  InputRef node_recv_x[kNumMaxNvlPeers];
+  int node_num_rows[kNumMaxNvlPeers];
+  int node_first_row[kNumMaxNvlPeers];
+  int64_t node_outputs_ready[kNumMaxNvlPeers];
 };
 
 constexpr int64_t kControlRegionBytes = (sizeof(ControlRegion) + 4095) / 4096 * 4096;

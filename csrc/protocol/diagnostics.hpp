@@ -42,6 +42,7 @@ enum class Phase : int {
   kPushDispatchDone,          // push dispatch waiting for a source rank to finish writing this rank's outputs
   kPushDispatchMap,           // push dispatch waiting for a destination rank's output to be mapped here
   kDispatchTooManyRows,       // an intranode dispatch receives more rows than num_worst_tokens
+  kInternodeDispatchOutputs,  // internode dispatch sender waiting for a rank of its node to publish its outputs
 };
 
 inline const char* phase_name(Phase phase) {
@@ -113,6 +114,8 @@ inline const char* phase_name(Phase phase) {
       return "dispatch (waiting for a destination rank's output to be mapped into this process)";
     case Phase::kDispatchTooManyRows:
       return "dispatch (more received rows than num_worst_tokens)";
+    case Phase::kInternodeDispatchOutputs:
+      return "internode dispatch send (waiting for a rank of this node to publish where its outputs are)";
     case Phase::kLowLatencyTooManyRows:
       return "low-latency dispatch (more than num_max_dispatch_tokens_per_rank rows to one expert)";
   }

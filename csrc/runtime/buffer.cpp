@@ -41,6 +41,7 @@ struct PeerInfo {
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
   int internode_in_place;       // 0 where this rank read DEEP_EP_INTERNODE_IN_PLACE=0, else 1
+  int internode_own_node_push;  // 0 where this rank read DEEP_EP_INTERNODE_OWN_NODE_PUSH=0, else 1
   int64_t l2_bytes;             // the device's L2 (dispatch ring sizes, from the group's smallest)
 };
 
@@ -104,6 +105,10 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   // The internode combine reads each node's inputs in place unless DEEP_EP_INTERNODE_IN_PLACE=0.
   const char* in_place = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
   mine.internode_in_place = in_place == nullptr || std::string(in_place) != "0" ? 1 : 0;
+  // The internode dispatch pushes rows for the own node into its ranks' outputs unless
+  // DEEP_EP_INTERNODE_OWN_NODE_PUSH=0.
+  const char* own_node_push = std::getenv("DEEP_EP_INTERNODE_OWN_NODE_PUSH");
+  mine.internode_own_node_push = own_node_push == nullptr || std::string(own_node_push) != "0" ? 1 : 0;
   return mine;
 }
 
@@ -227,6 +232,11 @@ void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine,
     DEEP_EP_CHECK(peers[r].internode_in_place == mine.internode_in_place,
                   "all ranks must see the same DEEP_EP_INTERNODE_IN_PLACE: rank ", rank, " has ",
                   mine.internode_in_place, ", rank ", r, " has ", peers[r].internode_in_place, " (0 = set to 0)");
+    // A receiver that expects pushed rows and a sender that stages them would drop the rows' payload.
+    DEEP_EP_CHECK(peers[r].internode_own_node_push == mine.internode_own_node_push,
+                  "all ranks must see the same DEEP_EP_INTERNODE_OWN_NODE_PUSH: rank ", rank, " has ",
+                  mine.internode_own_node_push, ", rank ", r, " has ", peers[r].internode_own_node_push,
+                  " (0 = set to 0)");
   }
 }
 
@@ -332,6 +342,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   in.internode_in_place = mine.internode_in_place != 0;
+  in.internode_own_node_push = mine.internode_own_node_push != 0;
   // What the dispatches size their rings with (intranode_rings.hpp, internode_rings.hpp), the same on every rank.
   in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
   in.min_l2_bytes = mine.l2_bytes;

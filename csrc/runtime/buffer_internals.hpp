@@ -60,6 +60,10 @@ struct Buffer::Internals {
   // DEEP_EP_INTERNODE_IN_PLACE unset or not 0 at creation, the same on every rank: internode combines read the
   // node's inputs in place where input_exports (over each node's ranks) exists (CombineArgs::in_place).
   bool internode_in_place = false;
+  // DEEP_EP_INTERNODE_OWN_NODE_PUSH unset or not 0 at creation, the same on every rank: internode dispatches store rows
+  // for the own node straight into its ranks' outputs where input_exports (over each node's ranks) exists
+  // (DispatchArgs::own_node_push).
+  bool internode_own_node_push = false;
   // The pull combine's input addresses, exchanged per call (one node only; made with the buffer); null where some
   // peer is not mapped by CUDA IPC (GIN window, fabric memory, another host) or shared memory is unusable: the
   // ring combine runs.

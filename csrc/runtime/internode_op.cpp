@@ -245,6 +245,16 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
     DEEP_EP_CUDA_CHECK(cudaMemsetAsync(h.recv_src_meta.data, 0xff, rows * 2 * sizeof(int), stream));
   }
 
+  // Own-node push where the node's ranks export their outputs to each other (the in-place combine's exports, made on
+  // every rank or none) unless DEEP_EP_INTERNODE_OWN_NODE_PUSH=0 (the same on every rank): the senders store rows
+  // for the own node straight into recv_x, exported here (or staged, and copied out after the kernel).
+  const bool own_node_push = in.internode_own_node_push && in.input_exports != nullptr && Rn <= kNumMaxNvlPeers;
+  void* pushed_outputs[kNumPushOutputs] = {recv_x.data, nullptr, nullptr, nullptr, nullptr};
+  const size_t pushed_bytes[kNumPushOutputs] = {static_cast<size_t>(rows * row_bytes), 0, 0, 0, 0};
+  OutputPlacement placement{};
+  if (own_node_push)
+    placement = in.export_outputs_or_poison("internode dispatch", pushed_outputs, pushed_bytes, stream);
+
   internode::DispatchArgs d{};
   d.x = a.x.ptr<uint8_t>();
   d.x_scales = fp8 ? a.x_scales->ptr<float>() : nullptr;
@@ -254,6 +264,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.topk_weights = num_topk ? a.topk_weights->ptr<float>() : nullptr;
   d.is_token_in_rank = h.is_token_in_rank.ptr<bool>();
   d.rdma_channel_prefix_matrix = h.rdma_channel_prefix_matrix.ptr<int>();
+  d.gbl_channel_prefix_matrix = h.gbl_channel_prefix_matrix.ptr<int>();
   d.recv_rdma_channel_prefix_matrix = h.recv_rdma_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
@@ -268,16 +279,24 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.num_experts = num_experts;
   d.cached = cached;
   d.num_rows = static_cast<int>(rows);
-  d.recv_x = recv_x.ptr<uint8_t>();
+  d.recv_x = own_node_push ? static_cast<uint8_t*>(placement.local[kPushRecvX]) : recv_x.ptr<uint8_t>();
   d.recv_x_scales = fp8 ? recv_x_scales.ptr<float>() : nullptr;
   d.recv_topk_idx = num_topk ? recv_topk_idx.ptr<int64_t>() : nullptr;
   d.recv_topk_weights = num_topk ? recv_topk_weights.ptr<float>() : nullptr;
   d.recv_src_meta = h.recv_src_meta.ptr<int>();
   d.send_rdma_head = h.send_rdma_head.ptr<int>();
   d.send_nvl_head = h.send_nvl_head.ptr<int>();
+  d.own_node_push = own_node_push;
+  if (own_node_push) {
+    d.own_recv_x = placement.refs[kPushRecvX];
+    d.imports = in.input_exports->device_imports();
+    d.resolved_bases = in.input_exports->device_resolved_bases();
+  }
   LaunchShape launch_shape;
   launch_shape.num_blocks = layout.num_channels;  // one block per channel
   transport_launch::internode_dispatch(in, peers, layout, d, launch_shape, stream);
+  if (own_node_push) in.input_exports->copy_staged_outputs(placement, pushed_outputs, pushed_bytes, stream);
+  last_dispatch_pushed_ = own_node_push;
   return result;
 }
 

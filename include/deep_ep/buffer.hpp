@@ -167,7 +167,8 @@ class Buffer {
   // rows straight out of the expert ranks' x where it can (README: "Dispatch and combine in place"), else runs the ring
   // combine.
   void intranode_combine(const IntranodeCombineArgs& args, const Allocator& allocate, cudaStream_t stream);
-  // Whether the last intranode_dispatch pushed (false before the first, or when it ran the ring dispatch).
+  // Whether the last dispatch pushed: intranode, the push dispatch ran (not the ring); internode, the own node's rows
+  // went straight into its ranks' outputs (not through the own ring). False before the first dispatch.
   bool last_dispatch_pushed() const { return last_dispatch_pushed_; }
   // Whether the last intranode_combine pulled (false before the first, or when it ran the ring combine).
   bool last_combine_pulled() const { return last_combine_pulled_; }

@@ -511,43 +511,98 @@ def timeout_names_rank_peer_phase(ctx, rn):
     teardown()
 
 
-def combine_form(ctx, rn, setting, expect_in_place, fn, *args):
-    """`fn` with DEEP_EP_INTERNODE_IN_PLACE set to `setting` (None: unset, the default) on every rank before `fn`
-    makes its Buffer, which reads it (the rank processes start each case from their first environment). Every
-    combine `fn` makes must have read the node's inputs in place if `expect_in_place`, else pushed rows: an input
-    that cannot be mapped would fall back without saying, and the default must be the in-place form."""
-    if setting is None:
-        os.environ.pop("DEEP_EP_INTERNODE_IN_PLACE", None)
-    else:
-        os.environ["DEEP_EP_INTERNODE_IN_PLACE"] = setting
-    original = deep_ep.Buffer.combine
-    forms = []
+def op_forms(ctx, rn, in_place_setting, own_push_setting, expect_in_place, expect_own_push, fn, *args):
+    """`fn` with DEEP_EP_INTERNODE_IN_PLACE and DEEP_EP_INTERNODE_OWN_NODE_PUSH set to the given settings (None:
+    unset, the default) on every rank before `fn` makes its Buffer, which reads them (the rank processes start each
+    case from their first environment). Every combine `fn` makes must have read the node's inputs in place if
+    `expect_in_place`, else pushed rows, and every dispatch must have pushed the own node's rows into its ranks'
+    outputs if `expect_own_push`, else staged them in the own ring: an allocation that cannot be mapped would fall
+    back without saying, and the defaults must be the in-place combine and the own-node push."""
+    for name, setting in (
+        ("DEEP_EP_INTERNODE_IN_PLACE", in_place_setting),
+        ("DEEP_EP_INTERNODE_OWN_NODE_PUSH", own_push_setting),
+    ):
+        if setting is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = setting
+    combine, dispatch = deep_ep.Buffer.combine, deep_ep.Buffer.dispatch
+    combine_forms, dispatch_forms = [], []
 
-    def recording(self, *call_args, **kwargs):
-        result = original(self, *call_args, **kwargs)
-        forms.append(self.runtime.last_combine_in_place())
+    def recording_combine(self, *call_args, **kwargs):
+        result = combine(self, *call_args, **kwargs)
+        combine_forms.append(self.runtime.last_combine_in_place())
         return result
 
-    deep_ep.Buffer.combine = recording
+    def recording_dispatch(self, *call_args, **kwargs):
+        result = dispatch(self, *call_args, **kwargs)
+        dispatch_forms.append(self.runtime.last_dispatch_pushed())
+        return result
+
+    deep_ep.Buffer.combine, deep_ep.Buffer.dispatch = recording_combine, recording_dispatch
     try:
         result = fn(ctx, rn, *args)
     finally:
-        deep_ep.Buffer.combine = original
-    assert forms, f"rank {ctx.rank}: no combine ran"
-    assert all(form == expect_in_place for form in forms), (
-        f"rank {ctx.rank}: combines in place {forms}, expected {'all' if expect_in_place else 'none'}"
+        deep_ep.Buffer.combine, deep_ep.Buffer.dispatch = combine, dispatch
+    assert combine_forms or dispatch_forms, f"rank {ctx.rank}: no dispatch or combine ran"
+    assert all(form == expect_in_place for form in combine_forms), (
+        f"rank {ctx.rank}: combines in place {combine_forms}, expected {'all' if expect_in_place else 'none'}"
+    )
+    assert all(form == expect_own_push for form in dispatch_forms), (
+        f"rank {ctx.rank}: dispatches with the own node pushed {dispatch_forms}, expected "
+        f"{'all' if expect_own_push else 'none'}"
     )
     return result
 
 
 def in_place(ctx, rn, fn, *args):
-    """`fn` with the default setting: the forwarders read the node's inputs where they are."""
-    return combine_form(ctx, rn, None, True, fn, *args)
+    """`fn` with the default settings: the dispatch pushes the own node's rows into its ranks' outputs, the
+    combine's forwarders read the node's inputs where they are."""
+    return op_forms(ctx, rn, None, None, True, True, fn, *args)
 
 
 def pushed(ctx, rn, fn, *args):
-    """`fn` with DEEP_EP_INTERNODE_IN_PLACE=0: the producers push their rows into the forwarders' rings."""
-    return combine_form(ctx, rn, "0", False, fn, *args)
+    """`fn` with DEEP_EP_INTERNODE_IN_PLACE=0: the combine's producers push their rows into the forwarders' rings,
+    and without the node's exports the dispatch stages the own node's rows in the own ring too."""
+    return op_forms(ctx, rn, "0", None, False, False, fn, *args)
+
+
+def own_node_ring(ctx, rn, fn, *args):
+    """`fn` with DEEP_EP_INTERNODE_OWN_NODE_PUSH=0: the dispatch stages the own node's rows in the own forwarder's
+    ring (as for other nodes), the combine stays in place."""
+    return op_forms(ctx, rn, None, "0", True, False, fn, *args)
+
+
+def dispatch_outputs_kept(ctx, rn, num_rounds):
+    """Dispatch outputs kept alive across rounds, each round's recv_x an allocation of its own: more live
+    allocations than the node's exports have slots (64, 8 of them for staging), so the own-node push writes the
+    later rounds' recv_x into the staging allocation and copies it out. Every round is checked exactly with fresh
+    inputs, and the first two rounds' outputs again at the end: no later round may have written into them."""
+    group = _prepare(ctx, rn, seed=31)
+    hidden, num_topk = 7168, 8
+    buffer = make_buffer(group, ctx.num_ranks, hidden, rn)
+    kept, rechecked = [], []
+    for round_idx in range(num_rounds):
+        label = f"rank {ctx.rank} round {round_idx}"
+        num_tokens = 256 - 5 * ctx.rank
+        x = make_x(num_tokens, hidden, False)
+        topk_idx = make_topk(num_tokens, NUM_EXPERTS, num_topk, ctx.num_ranks, "random")
+        topk_weights = torch.rand(num_tokens, num_topk, device="cuda")
+        layout = _layout(buffer, topk_idx, rn, label)
+        received = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
+        assert buffer.runtime.last_dispatch_pushed(), f"{label}: expected the own node's rows pushed"
+        in_rank = layout["is_token_in_rank"]
+        _, outputs = reference_dispatch(group, ctx, x, topk_idx, topk_weights, in_rank, True, NUM_EXPERTS, 1, 0)
+        check_dispatch(outputs[ctx.rank], *received[:4], None, True, 0, label)
+        kept.append(received[:4])
+        if round_idx < 2:
+            rechecked.append((round_idx, outputs[ctx.rank]))
+    torch.cuda.synchronize()
+    for round_idx, expected in rechecked:
+        check_dispatch(expected, *kept[round_idx], None, True, 0, f"rank {ctx.rank} round {round_idx} at the end")
+    del kept
+    buffer.destroy()
+    teardown()
 
 
 def cases(rank_counts):
@@ -572,6 +627,9 @@ def cases(rank_counts):
             full = layout == "2x4"
             # The default combine form is in place (asserted here; the other cases take it without asserting).
             add("bf16_topk", in_place, dispatch_combine, dict(bias=1))
+            # The own node's rows staged in the own ring, as before the own-node push (the combine in place).
+            add("bf16_topk_own_node_ring", own_node_ring, dispatch_combine, dict(bias=1))
+            add("fp8_worst_tokens_own_node_ring", own_node_ring, dispatch_combine, dict(fp8=True, worst=True))
             add("fp8_topk", dispatch_combine, dict(fp8=True, alignment=4))
             if full:
                 add("bf16_no_topk", dispatch_combine, dict(with_topk=False, bias=2))
@@ -629,6 +687,8 @@ def cases(rank_counts):
             add("back_to_back_in_place", in_place, back_to_back, 50, True)
             if full:
                 add("inputs_freed_in_place", in_place, inputs_freed, 80)
+                # More kept dispatch outputs than export slots: the later ones staged and copied out.
+                add("dispatch_outputs_kept", in_place, dispatch_outputs_kept, 60)
             add("with_low_latency_ops", with_low_latency_ops)
             num_calls = 50 if r == 16 else 200
             add(f"back_to_back_{num_calls}", back_to_back, num_calls)

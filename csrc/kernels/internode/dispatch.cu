@@ -5,16 +5,20 @@
 //              index): in place for the own node, through the transport's direct pointer where it maps
 //              the forwarder's window (P2P), else into this rank's send_rows followed by puts; a round
 //              first waits until the forwarder has credited the ring slots it overwrites, and ends with
-//              one signal per node carrying the round's row count;
+//              one signal per node carrying the round's row count. With own_node_push, a row for the own
+//              node goes straight into recv_x of each of its ranks the token goes to (rows as the
+//              receivers number them), and the own ring carries only its metadata;
 //   forwarder  (one warp) relays each source node's arrivals to its node (rows_ready flags), records
 //              in send_nvl_head (non-cached) where each row sits in the combine streams of the node's
 //              ranks, and credits each source the positions every rank of the node has scanned;
 //   receivers  for every source rank, scan the ring of the forwarder of this node that carries it,
 //              copy the rows whose mask names this rank into the outputs at the positions the prefix
-//              matrices give, and publish how far they have scanned (rows_scanned).
+//              matrices give (only their metadata where the sender pushed the payload), and publish how
+//              far they have scanned (rows_scanned).
 // Senders wait only for credits, which depend only on arrivals being scanned; receivers and the
 // forwarder wait only for arrivals. So every ring drains whatever its size.
 #include "deep_ep/error.hpp"
+#include "kernels/common/import_resolve.cuh"
 #include "kernels/common/occupancy.cuh"
 #include "kernels/common/role_timer.cuh"
 #include "kernels/internode/common.cuh"
@@ -27,6 +31,9 @@ namespace {
 
 // Warps: senders [0, S), the forwarder S, receivers (S, 16); S = DispatchArgs::num_sender_warps.
 constexpr int kSendBarrier = 1;
+// Tokens per sender round at most (send_chunk above it is split): the own-node push keeps a round's rows in shared
+// memory.
+constexpr int kMaxRoundTokens = 128;
 
 // Whether `token` goes to any rank of `node`, and the mask of those ranks (bit = local rank).
 __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int num_ranks, int num_ranks_per_node,
@@ -38,8 +45,65 @@ __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int 
   return mask;
 }
 
+// Own-node push, block 0, thread t < ranks per node: tells local rank t where this rank's recv_x is and at which
+// of its rows t's tokens start (recv_gbl_rank_prefix_sum: rows from lower ranks). The record is stored before the
+// release of node_outputs_ready, which t's senders acquire.
 template <typename Transport>
-__device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int channel) {
+__device__ void publish_outputs(const Ctx<Transport>& ctx, const DispatchArgs& args, int epoch, int t) {
+  const int peer = ctx.rank_of(ctx.node, t);
+  if (peer == ctx.peers.rank) return;  // the own senders read args
+  ControlRegion* control = reinterpret_cast<ControlRegion*>(ctx.peers.bases[peer]);
+  control->node_recv_x[ctx.local] = args.own_recv_x;
+  control->node_num_rows[ctx.local] = args.num_rows;
+  control->node_first_row[ctx.local] = peer > 0 ? args.recv_gbl_rank_prefix_sum[peer - 1] : 0;
+  device::st_release_sys(&control->node_outputs_ready[ctx.local], static_cast<int64_t>(epoch) + 1);
+}
+
+// Own-node push: where each rank of this node keeps this channel's rows from this rank.
+struct NodeOutputs {
+  uint8_t* x[kNumMaxNvlPeers];     // recv_x as mapped here, or null (no rows)
+  int num_rows[kNumMaxNvlPeers];   // rows allocated there: a row past them is dropped (the owner reports it)
+  int first_row[kNumMaxNvlPeers];  // row of this channel's first token there
+};
+
+// Lane l of one warp: local rank l's outputs, after its publication for this op (bounded wait). False on a
+// timeout or a mapping that did not come (reported).
+template <typename Transport>
+__device__ bool resolve_node_outputs(const Ctx<Transport>& ctx, const DispatchArgs& args, int epoch, int channel, int l,
+                                     NodeOutputs& out) {
+  const int dest = ctx.rank_of(ctx.node, l);
+  uint8_t* x = args.recv_x;
+  int num_rows = args.num_rows;
+  int first_row = ctx.peers.rank > 0 ? args.recv_gbl_rank_prefix_sum[ctx.peers.rank - 1] : 0;
+  bool ok = true;
+  if (dest != ctx.peers.rank) {
+    ControlRegion* control = ctx.control();
+    ok = ctx.wait_flag(&control->node_outputs_ready[l], static_cast<int64_t>(epoch) + 1,
+                       Phase::kInternodeDispatchOutputs, dest, channel);
+    // Volatile: rank `dest` wrote them; read at L2 after the acquire above, never from an L1 copy.
+    const volatile InputRef* published = &control->node_recv_x[l];
+    const InputRef ref{published->slot, published->generation, published->offset};
+    num_rows = *reinterpret_cast<volatile int*>(&control->node_num_rows[l]);
+    first_row = *reinterpret_cast<volatile int*>(&control->node_first_row[l]);
+    x = nullptr;
+    if (ok && ref.slot >= 0) {
+      x = reinterpret_cast<uint8_t*>(const_cast<char*>(
+          device::resolve_import(args.imports, args.resolved_bases, l, ref, ctx.peers.timeout_ns, ctx.peers.diagnostics,
+                                 Phase::kPushDispatchMap, ctx.peers.rank, dest, channel)));
+      ok = x != nullptr;
+    }
+  }
+  out.x[l] = x;
+  out.num_rows[l] = ok && x != nullptr ? num_rows : 0;
+  // This rank's earlier channels to `dest`: the sender side of dest's recv_gbl_channel_prefix_matrix.
+  out.first_row[l] =
+      first_row + (channel > 0 ? args.gbl_channel_prefix_matrix[dest * ctx.layout.num_channels + channel - 1] : 0);
+  return ok;
+}
+
+template <typename Transport>
+__device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const RowLayout& row_layout, int epoch,
+                     int channel) {
   const Layout& layout = ctx.layout;
   const int num_ranks = ctx.peers.num_ranks, num_nodes = layout.num_nodes;
   const int num_ranks_per_node = layout.num_ranks_per_node, ring_capacity = layout.capacity;
@@ -48,6 +112,12 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
   __shared__ int sent[kMaxInternodeNodes];        // stream positions written per destination node
   __shared__ int round_sent[kMaxInternodeNodes];  // ... once the current round is written
   __shared__ int send_failed;
+  __shared__ NodeOutputs node_outputs;
+  // Own-node push: row of each token of the current round at each local rank, or -1 (written by the last sender
+  // warp before the round's first barrier, read by every sender warp before its second).
+  __shared__ int round_rows[kMaxRoundTokens][kNumMaxNvlPeers];
+  const bool own_node_push = args.own_node_push;
+  const int round_tokens = min(args.send_chunk, kMaxRoundTokens);
   int begin, end;
   device::channel_range(channel, layout.num_channels, args.num_tokens, begin, end);
 
@@ -74,13 +144,41 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     if (lane == 0) send_failed = 0;
   }
   device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
+  // The last sender warp resolves the node's outputs and keeps each round's rows there.
+  const int table_warp = kNumSenderWarps - 1;
+  if (own_node_push) {
+    if (warp == table_warp && lane < num_ranks_per_node &&
+        !resolve_node_outputs(ctx, args, epoch, channel, lane, node_outputs))
+      send_failed = 1;
+    device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
+    if (send_failed) return;
+  }
+  // Own-node push, table warp, lane l: rows this channel has given local rank l so far.
+  int own_sent = 0;
 
   const Transport& net = ctx.net;
   // Buckets: 0 waiting for credits (warp 0; the others at the barrier), 1 copying rows, 2 fencing and signalling.
   device::RoleTimer timer;
   timer.begin();
-  for (int round_begin = begin; round_begin < end; round_begin += args.send_chunk) {
-    const int round_end = min(end, round_begin + args.send_chunk);
+  for (int round_begin = begin; round_begin < end; round_begin += round_tokens) {
+    const int round_end = min(end, round_begin + round_tokens);
+    // The round's rows at each local rank, as its receivers number them: after the rows of earlier tokens.
+    if (own_node_push && warp == table_warp) {
+      for (int first = round_begin; first < round_end; first += 32) {
+        const int token = first + lane;
+        const uint32_t mask =
+            token < round_end ? node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, ctx.node) : 0u;
+        for (int l = 0; l < num_ranks_per_node; ++l) {
+          const bool hit = (mask >> l) & 1u;
+          const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
+          const int sent_before = __shfl_sync(0xffffffffu, own_sent, l);
+          if (token < round_end)
+            round_rows[token - round_begin][l] =
+                hit ? node_outputs.first_row[l] + sent_before + __popc(ballot & ((1u << lane) - 1)) : -1;
+          if (lane == l) own_sent += __popc(ballot);
+        }
+      }
+    }
     // Warp 0, lane `node`: the positions this round writes for `node`, and the credit they need: position
     // i overwrites the slot of position i - ring_capacity, which every rank of `node` must have scanned.
     if (warp == 0) {
@@ -143,8 +241,22 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       }
       const unsigned dst_lanes = __ballot_sync(0xffffffffu, node_dst != nullptr);
       if (dst_lanes == 0) continue;  // a token routed to no rank: nothing to read
+      // Own-node push: lane l < ranks per node holds local rank l's output row of the token, or -1; the own
+      // node's ring slot then takes only the metadata below.
+      // (A row index, not a pointer: the stores below rebuild the address from shared memory, sparing registers.)
+      int out_row = -1;
+      if (own_node_push && lane < num_ranks_per_node) {
+        out_row = round_rows[token - round_begin][lane];
+        if (out_row >= node_outputs.num_rows[lane]) out_row = -1;
+      }
+      const unsigned out_lanes = __ballot_sync(0xffffffffu, out_row >= 0);
+      const unsigned ring_lanes = own_node_push ? dst_lanes & ~(1u << ctx.node) : dst_lanes;
       const auto dst_of = [&](int node) {
         return reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(node_dst), node));
+      };
+      const auto out_of = [&](int l) {
+        return reinterpret_cast<int4*>(node_outputs.x[l] +
+                                       static_cast<int64_t>(__shfl_sync(0xffffffffu, out_row, l)) * args.row_bytes);
       };
       const int4* row = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes);
       const int row_int4 = static_cast<int>(args.row_bytes / 16);
@@ -155,11 +267,18 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
 #pragma unroll
         for (int u = 0; u < 8; ++u)
           if (base + 32 * u < row_int4) v[u] = device::ld_input(row + base + 32 * u);
-        for (unsigned pending = dst_lanes; pending != 0; pending &= pending - 1) {
+        // Ring rows stay in L2 for the receivers that read them back soon; output rows are written once.
+        for (unsigned pending = ring_lanes; pending != 0; pending &= pending - 1) {
           int4* dst = reinterpret_cast<int4*>(dst_of(__ffs(pending) - 1));
 #pragma unroll
           for (int u = 0; u < 8; ++u)
             if (base + 32 * u < row_int4) dst[base + 32 * u] = v[u];
+        }
+        for (unsigned pending = out_lanes; pending != 0; pending &= pending - 1) {
+          int4* dst = out_of(__ffs(pending) - 1);
+#pragma unroll
+          for (int u = 0; u < 8; ++u)
+            if (base + 32 * u < row_int4) device::st_output_stream(dst + base + 32 * u, v[u]);
         }
       }
       for (unsigned pending = dst_lanes; pending != 0; pending &= pending - 1) {
@@ -189,7 +308,9 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     timer.lap(1);
     // In-place and direct stores count as puts once ordered before the signalling warp by the barrier
     // (its fence and release are cumulative: transport.cuh); staged rows are a put's source, written
-    // before the barrier. One fence per round in the signalling warp, not one per sender thread.
+    // before the barrier. One fence per round in the signalling warp, not one per sender thread. The own-node
+    // pushed rows ride on the own node's signal: the forwarder relays it with a release, and a receiver copies
+    // the rows' metadata only after acquiring that, so it ends only after the rows are in its recv_x.
     device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
 
     // dispatch(my node, channel) on forwarder (node, my local): one add per round with the round's rows,
@@ -400,6 +521,8 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
       pending = true;
       const int source_node = source / num_ranks_per_node;
       const int forwarder = ctx.rank_of(ctx.node, source % num_ranks_per_node);
+      // The source's sender stored these rows' payload here itself (own-node push): only metadata is copied.
+      const bool payload_pushed = args.own_node_push && source_node == ctx.node;
       int64_t ready_value = 0;
       if (lane == 0)
         ready_value = device::ld_acquire_sys(ctx.flag(forwarder, layout.flag_rows_ready(source_node, channel)));
@@ -445,9 +568,10 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
             weight = __ldcg(weights + lane);
           }
           // Streaming stores: the received rows, written once, would otherwise push ring slots out of L2.
-          device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
-                                         reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane,
-                                         device::ld_queue, device::st_output_stream);
+          if (!payload_pushed)
+            device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
+                                           reinterpret_cast<const int4*>(src), args.row_bytes / 16, lane,
+                                           device::ld_queue, device::st_output_stream);
           float* row_scales = args.recv_x_scales + row * args.num_scales;
           if (lane < args.num_scales) row_scales[lane] = scale_lo;
           if (lane + 32 < args.num_scales) row_scales[lane + 32] = scale_hi;
@@ -512,8 +636,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const RowLayout row_layout = RowLayout::make(args.row_bytes, args.num_scales, args.num_topk);
   const int channel = blockIdx.x;
   const int warp = threadIdx.x / 32;
+  if (args.own_node_push && blockIdx.x == 0 && threadIdx.x < layout.num_ranks_per_node)
+    publish_outputs(ctx, args, epoch, threadIdx.x);
   if (warp < args.num_sender_warps) {
-    send(ctx, args, row_layout, channel);
+    send(ctx, args, row_layout, epoch, channel);
   } else if (warp == args.num_sender_warps) {
     forward(ctx, args, row_layout, epoch, channel);
   } else {

@@ -70,6 +70,7 @@ struct DispatchArgs {
   const float* topk_weights;                   // [T, K] or null
   const bool* is_token_in_rank;                // [T, R]
   const int* rdma_channel_prefix_matrix;       // [N, C]
+  const int* gbl_channel_prefix_matrix;        // [R, C]
   const int* recv_rdma_channel_prefix_matrix;  // [N, C]
   const int* recv_gbl_channel_prefix_matrix;   // [R, C]
   const int* recv_gbl_rank_prefix_sum;         // [R]
@@ -87,6 +88,14 @@ struct DispatchArgs {
   int* recv_src_meta;        // [num_rows, 2]
   int* send_rdma_head;       // [T, N]: position in the (node, channel) stream, or -1 (computed unless cached)
   int* send_nvl_head;        // [num_rdma_rows, Rn]: position in the combine ring stream, or -1
+  // Own-node push (own_node_push): the senders store the payload of rows for this node's ranks straight into those
+  // ranks' recv_x, found through the node's output exports (runtime/input_exports.hpp), instead of into the own
+  // forwarder's ring, which then carries only the rows' metadata; the receivers skip those rows' payload copy. It
+  // saves a write and a read of every such row, where the payload was staged and read back on the same GPU.
+  bool own_node_push;
+  InputRef own_recv_x;         // where recv_x (or its staging copy) is in this rank's exports
+  const ImportEntry* imports;  // [local rank][kExportSlots], host-mapped
+  uint64_t* resolved_bases;    // [local rank][kExportSlots], this process's cache of resolved addresses
 };
 
 // shape.num_blocks: one block per channel (layout.num_channels).
