@@ -78,8 +78,8 @@ __device__ __forceinline__ void store_round(const Pattern& p, int t, unsigned to
 template <int kWarps, int kUnroll, Store kStore, bool kDynamic = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
-  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  int begin, end;
+  deep_ep::device::channel_range(blockIdx.x, gridDim.x, kTokens, begin, end);
   __shared__ int next_token;
   if (threadIdx.x == 0) next_token = begin + kWarps;
   __syncthreads();
@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_rounds(Pattern p) {
 template <int kWarps, int kUnroll, Store kStore>
 __global__ void __launch_bounds__(kWarps * 32, 1) push_pipelined(Pattern p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
-  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  int begin, end;
+  deep_ep::device::channel_range(blockIdx.x, gridDim.x, kTokens, begin, end);
   for (int t = begin + warp; t < end; t += kWarps) {
     const unsigned to = p.to[t];
     const int4* src = p.src + static_cast<int64_t>(t) * kRowInt4;
@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) push_pipelined(Pattern p) {
 template <int kWarps, int kColumns>
 __global__ void __launch_bounds__(kWarps * 32, 1) pull_sum(Pattern p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int begin = static_cast<int64_t>(kTokens) * blockIdx.x / gridDim.x;
-  const int end = static_cast<int64_t>(kTokens) * (blockIdx.x + 1) / gridDim.x;
+  int begin, end;
+  deep_ep::device::channel_range(blockIdx.x, gridDim.x, kTokens, begin, end);
   for (int t = begin + warp; t < end; t += kWarps) {
     const unsigned from = p.to[t];
     for (int col = lane; col < kRowInt4; col += 32 * kColumns) {
