@@ -45,4 +45,24 @@ __device__ __forceinline__ const char* resolve_import(const ImportEntry* imports
   return reinterpret_cast<const char*>(base) + ref.offset;
 }
 
+// A reference another process published (stored before a release this thread has acquired, or before a flag an
+// acquire ordered): read at L2, never from an L1 copy.
+__device__ __forceinline__ InputRef load_published_ref(const InputRef* published) {
+  return InputRef{__ldcg(&published->slot), __ldcg(&published->generation), __ldcg(&published->offset)};
+}
+
+// The address of a published input, or nullptr: where its slot is -1 (nothing published: no rows, no such output;
+// `ok` stays), or where its mapping did not come (reported as resolve_import does; `ok` becomes false). Does nothing
+// once `ok` is false, so a caller resolves several references in a row and checks `ok` once.
+__device__ __forceinline__ const char* resolve_published(const InputRef& ref, const ImportEntry* imports,
+                                                         uint64_t* resolved_bases, int peer, int64_t timeout_ns,
+                                                         DeviceDiagnostics* diagnostics, Phase phase, int rank,
+                                                         int report_peer, int channel, bool& ok) {
+  if (!ok || ref.slot < 0) return nullptr;
+  const char* address =
+      resolve_import(imports, resolved_bases, peer, ref, timeout_ns, diagnostics, phase, rank, report_peer, channel);
+  ok = address != nullptr;
+  return address;
+}
+
 }  // namespace deep_ep::device

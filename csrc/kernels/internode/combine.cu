@@ -344,18 +344,17 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
               ring_of[lane] + static_cast<int64_t>(position % ring_slots) * stride);
           in_place_row = __ldcg(&entry->row);
           if (local_x == nullptr) {
-            InputRef refs[2];
-            const int* words = reinterpret_cast<const int*>(&entry->input);
-            int* ref_words = reinterpret_cast<int*>(refs);
-            for (int w = 0; w < static_cast<int>(sizeof(refs) / sizeof(int)); ++w) ref_words[w] = __ldcg(words + w);
-            local_x = device::resolve_import(args.imports, args.resolved_bases, lane, refs[0], ctx.peers.timeout_ns,
-                                             ctx.peers.diagnostics, Phase::kInternodeCombineMap, ctx.peers.rank,
-                                             ctx.rank_of(ctx.node, lane), channel);
-            if (local_x != nullptr && args.num_topk > 0)
-              local_weights = device::resolve_import(
-                  args.imports, args.resolved_bases, lane, refs[1], ctx.peers.timeout_ns, ctx.peers.diagnostics,
-                  Phase::kInternodeCombineMap, ctx.peers.rank, ctx.rank_of(ctx.node, lane), channel);
-            ok = local_x != nullptr && (args.num_topk == 0 || local_weights != nullptr);
+            const int peer = ctx.rank_of(ctx.node, lane);
+            bool resolved = true;
+            local_x = device::resolve_published(device::load_published_ref(&entry->input.x), args.imports,
+                                                args.resolved_bases, lane, ctx.peers.timeout_ns, ctx.peers.diagnostics,
+                                                Phase::kInternodeCombineMap, ctx.peers.rank, peer, channel, resolved);
+            if (args.num_topk > 0)
+              local_weights =
+                  device::resolve_published(device::load_published_ref(&entry->input.topk_weights), args.imports,
+                                            args.resolved_bases, lane, ctx.peers.timeout_ns, ctx.peers.diagnostics,
+                                            Phase::kInternodeCombineMap, ctx.peers.rank, peer, channel, resolved);
+            ok = resolved && local_x != nullptr && (args.num_topk == 0 || local_weights != nullptr);
           }
         }
         const bool all_ok = __all_sync(0xffffffffu, ok);

@@ -80,18 +80,12 @@ __device__ bool resolve_node_outputs(const Ctx<Transport>& ctx, const DispatchAr
     ControlRegion* control = ctx.control();
     ok = ctx.wait_flag(&control->node_outputs_ready[l], static_cast<int64_t>(epoch) + 1,
                        Phase::kInternodeDispatchOutputs, dest, channel);
-    // Volatile: rank `dest` wrote them; read at L2 after the acquire above, never from an L1 copy.
-    const volatile InputRef* published = &control->node_recv_x[l];
-    const InputRef ref{published->slot, published->generation, published->offset};
-    num_rows = *reinterpret_cast<volatile int*>(&control->node_num_rows[l]);
-    first_row = *reinterpret_cast<volatile int*>(&control->node_first_row[l]);
-    x = nullptr;
-    if (ok && ref.slot >= 0) {
-      x = reinterpret_cast<uint8_t*>(const_cast<char*>(
-          device::resolve_import(args.imports, args.resolved_bases, l, ref, ctx.peers.timeout_ns, ctx.peers.diagnostics,
-                                 Phase::kPushDispatchMap, ctx.peers.rank, dest, channel)));
-      ok = x != nullptr;
-    }
+    // Rank `dest` wrote them: read at L2 after the acquire above.
+    num_rows = __ldcg(&control->node_num_rows[l]);
+    first_row = __ldcg(&control->node_first_row[l]);
+    x = reinterpret_cast<uint8_t*>(const_cast<char*>(device::resolve_published(
+        device::load_published_ref(&control->node_recv_x[l]), args.imports, args.resolved_bases, l,
+        ctx.peers.timeout_ns, ctx.peers.diagnostics, Phase::kPushDispatchMap, ctx.peers.rank, dest, channel, ok)));
   }
   out.x[l] = x;
   out.num_rows[l] = ok && x != nullptr ? num_rows : 0;

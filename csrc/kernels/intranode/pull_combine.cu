@@ -57,24 +57,18 @@ __global__ void __launch_bounds__(kPullWarps * 32, 1) combine(Peers peers, PullC
     x_of[j] = args.x[j];
     weights_of[j] = args.topk_weights[j];
     if (args.imports && j != rank && ok_shared) {
-      // Volatile: another process wrote it; read at L2, never from an L1 copy.
-      const volatile PullInput* input = &control_of(peers, rank)->pull_inputs[j];
-      const InputRef refs[2] = {{input->x.slot, input->x.generation, input->x.offset},
-                                {input->topk_weights.slot, input->topk_weights.generation, input->topk_weights.offset}};
-      const void* resolved[2] = {nullptr, nullptr};
-      for (int i = 0; i < 2; ++i) {
-        if (refs[i].slot < 0) continue;
-        resolved[i] = device::resolve_import(args.imports, args.resolved_bases, j, refs[i], peers.timeout_ns,
-                                             peers.diagnostics, Phase::kPullCombineMap, rank, j, block);
-        if (resolved[i] == nullptr) {
-          ok_shared = 0;
-          break;
-        }
-      }
-      x_of[j] = static_cast<const uint16_t*>(resolved[0]);
+      const PullInput& input = control_of(peers, rank)->pull_inputs[j];
+      bool ok = true;
+      x_of[j] = reinterpret_cast<const uint16_t*>(
+          device::resolve_published(device::load_published_ref(&input.x), args.imports, args.resolved_bases, j,
+                                    peers.timeout_ns, peers.diagnostics, Phase::kPullCombineMap, rank, j, block, ok));
+      const char* weights =
+          device::resolve_published(device::load_published_ref(&input.topk_weights), args.imports, args.resolved_bases,
+                                    j, peers.timeout_ns, peers.diagnostics, Phase::kPullCombineMap, rank, j, block, ok);
       // By num_topk, not by this rank's own pointer: a rank that received no rows has a null one while its
       // peers' weights are real.
-      weights_of[j] = args.num_topk > 0 ? static_cast<const float*>(resolved[1]) : nullptr;
+      weights_of[j] = args.num_topk > 0 ? reinterpret_cast<const float*>(weights) : nullptr;
+      if (!ok) ok_shared = 0;
     }
   }
   __syncthreads();

@@ -51,18 +51,12 @@ __device__ bool resolve_destination(const Peers& peers, const PushDispatchArgs& 
   int num_rows = args.num_rows;
   bool ok = true;
   if (j != peers.rank) {
-    // Volatile: another process wrote it; read at L2, never from an L1 copy.
-    const volatile PushOutputs* published = &control_of(peers, peers.rank)->push_outputs[j];
-    num_rows = published->num_rows;
-    for (int i = 0; i < kNumPushOutputs; ++i) {
-      const InputRef ref{published->refs[i].slot, published->refs[i].generation, published->refs[i].offset};
-      resolved[i] = nullptr;
-      if (ref.slot < 0 || !ok) continue;
-      resolved[i] = const_cast<char*>(device::resolve_import(args.imports, args.resolved_bases, j, ref,
-                                                             peers.timeout_ns, peers.diagnostics,
-                                                             Phase::kPushDispatchMap, peers.rank, j, blockIdx.x));
-      ok = resolved[i] != nullptr;
-    }
+    const PushOutputs& published = control_of(peers, peers.rank)->push_outputs[j];
+    num_rows = __ldcg(&published.num_rows);  // another process wrote it: read at L2, never from an L1 copy
+    for (int i = 0; i < kNumPushOutputs; ++i)
+      resolved[i] = const_cast<char*>(device::resolve_published(
+          device::load_published_ref(&published.refs[i]), args.imports, args.resolved_bases, j, peers.timeout_ns,
+          peers.diagnostics, Phase::kPushDispatchMap, peers.rank, j, blockIdx.x, ok));
   }
   dest.x[j] = static_cast<uint8_t*>(resolved[kPushRecvX]);
   dest.scales[j] = static_cast<float*>(resolved[kPushRecvScales]);
