@@ -103,12 +103,10 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   mine.ranks_per_node_override = ranks_per_node_from_env();
   mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
   // The internode combine reads each node's inputs in place unless DEEP_EP_INTERNODE_IN_PLACE=0.
-  const char* in_place = std::getenv("DEEP_EP_INTERNODE_IN_PLACE");
-  mine.internode_in_place = in_place == nullptr || std::string(in_place) != "0" ? 1 : 0;
+  mine.internode_in_place = switched_on("DEEP_EP_INTERNODE_IN_PLACE") ? 1 : 0;
   // The internode dispatch pushes rows for the own node into its ranks' outputs unless
   // DEEP_EP_INTERNODE_OWN_NODE_PUSH=0.
-  const char* own_node_push = std::getenv("DEEP_EP_INTERNODE_OWN_NODE_PUSH");
-  mine.internode_own_node_push = own_node_push == nullptr || std::string(own_node_push) != "0" ? 1 : 0;
+  mine.internode_own_node_push = switched_on("DEEP_EP_INTERNODE_OWN_NODE_PUSH") ? 1 : 0;
   return mine;
 }
 

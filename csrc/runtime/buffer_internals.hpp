@@ -163,6 +163,9 @@ struct Buffer::Internals {
 void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
                      int num_nodes, int num_device_sms, bool ask_for_gin = true);
 
+// A default-on environment switch: false only when `name` is set to 0.
+bool switched_on(const char* name);
+
 // Testing aid: DEEP_EP_FORCE_NCCL_WINDOW=1 makes a Buffer on one host take its memory as an NCCL window
 // and map its peers through NCCL, as a group spanning hosts with GIN does, while the kernels stay on
 // P2P: so that path runs on a machine without a NIC (NCCL needs one GPU per rank). GIN builds only.

@@ -46,13 +46,8 @@ LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Ke
   return shape;
 }
 
-// A default-on switch: false only when `name` is set to 0. Read on every call (tests and benchmarks switch
-// them), so each must be the same on every rank at each call.
-bool switched_on(const char* name) {
-  const char* value = std::getenv(name);
-  return value == nullptr || std::string(value) != "0";
-}
-
+// The switches below (switched_on) are read on every call, as tests and benchmarks switch them, so each must be the
+// same on every rank at each call.
 // The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring combine.
 bool pull_combine_requested() { return switched_on("DEEP_EP_PULL_COMBINE"); }
 

@@ -16,6 +16,11 @@
 
 namespace deep_ep {
 
+bool switched_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::string(value) != "0";
+}
+
 bool force_nccl_window_from_env() {
   const char* value = std::getenv(kForceNcclWindowEnv);
   if (value == nullptr || *value == '\0' || std::string(value) == "0") return false;
