@@ -13,6 +13,7 @@
 
 #include "deep_ep/error.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/ipc_allocation.hpp"
 #include "runtime/node_group.hpp"
 #include "util/cuda_check.hpp"
 
@@ -42,6 +43,7 @@ struct PeerInfo {
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
   int internode_in_place;       // 0 where this rank read DEEP_EP_INTERNODE_IN_PLACE=0, else 1
   int internode_own_node_push;  // 0 where this rank read DEEP_EP_INTERNODE_OWN_NODE_PUSH=0, else 1
+  int tensors_exportable;       // 1 where CUDA IPC exports this rank's allocator probe (BufferOptions), else 0
   int64_t l2_bytes;             // the device's L2 (dispatch ring sizes, from the group's smallest)
 };
 
@@ -107,6 +109,12 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   // The internode dispatch pushes rows for the own node into its ranks' outputs unless
   // DEEP_EP_INTERNODE_OWN_NODE_PUSH=0.
   mine.internode_own_node_push = switched_on("DEEP_EP_INTERNODE_OWN_NODE_PUSH") ? 1 : 0;
+  IpcAllocation probe;
+  mine.tensors_exportable =
+      options.allocator_probe_address == 0 ||
+              find_ipc_allocation(reinterpret_cast<const void*>(options.allocator_probe_address), &probe)
+          ? 1
+          : 0;
   return mine;
 }
 
@@ -341,6 +349,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   in.internode_in_place = mine.internode_in_place != 0;
   in.internode_own_node_push = mine.internode_own_node_push != 0;
+  in.tensors_exportable = true;
+  for (const PeerInfo& peer : peers) in.tensors_exportable = in.tensors_exportable && peer.tensors_exportable != 0;
   // What the dispatches size their rings with (intranode_rings.hpp, internode_rings.hpp), the same on every rank.
   in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
   in.min_l2_bytes = mine.l2_bytes;
@@ -362,15 +372,18 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   // intranode ops only (a group of one node, at most kNumMaxNvlPeers ranks), every peer mapped by CUDA IPC.
   // Collective, so they are made here with the rest of the buffer: a rank that skips a combine then costs the
   // others a bounded wait in the exchange instead of a mismatched group collective.
-  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0) {
+  // Neither where some rank's tensors cannot be exported (BufferOptions::allocator_probe_address): the rings run.
+  if (in.topology.num_nodes == 1 && !in.gin_window && !options.use_fabric && in.first_unmapped_peer() < 0 &&
+      in.tensors_exportable) {
     in.pull_exchange = HostExchange::create(*group_, PeerTensorMap::record_bytes(), in.timeout_ns * 1e-9);
     in.input_exports = make_input_exports(*group_, *group_, options.device);
   }
   // The internode combine in place (the default; DEEP_EP_INTERNODE_IN_PLACE=0 pushes rows): the same exports over
-  // each node's ranks, where every rank maps its node's buffers by CUDA IPC and every node can make them. Every
+  // each node's ranks, where every rank maps its node's buffers by CUDA IPC, every rank's tensors can be exported,
+  // and every node can make them. Every
   // rank takes part in the decision and in each node's creation (collectives over the whole group), so a node
   // that cannot never leaves the others waiting.
-  if (in.topology.num_nodes > 1 && in.internode_in_place) {
+  if (in.topology.num_nodes > 1 && in.internode_in_place && in.tensors_exportable) {
     const int Rn = in.topology.num_ranks_per_node, first_local = rank_ / Rn * Rn;
     // The exports' tables hold kNumMaxNvlPeers ranks: larger nodes push rows.
     bool node_mapped = !in.gin_window && !options.use_fabric && Rn <= kNumMaxNvlPeers;
@@ -388,6 +401,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   group_->barrier();
   available_ = true;
 }
+
+bool Buffer::tensors_exportable() const { return internals().tensors_exportable; }
 
 Buffer::~Buffer() {
   try {

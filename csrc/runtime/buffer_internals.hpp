@@ -64,6 +64,9 @@ struct Buffer::Internals {
   // for the own node straight into its ranks' outputs where input_exports (over each node's ranks) exists
   // (DispatchArgs::own_node_push).
   bool internode_own_node_push = false;
+  // Whether CUDA IPC exported every rank's allocator probe (BufferOptions::allocator_probe_address): without it
+  // neither pull_exchange nor input_exports is made, and every op takes the rings.
+  bool tensors_exportable = true;
   // The pull combine's input addresses, exchanged per call (one node only; made with the buffer); null where some
   // peer is not mapped by CUDA IPC (GIN window, fabric memory, another host) or shared memory is unusable: the
   // ring combine runs.

@@ -35,6 +35,12 @@ struct BufferOptions {
   bool enable_shrink = false;
   int device = 0;        // CUDA ordinal this rank runs on
   double timeout_s = 0;  // bound of every device and host wait; 0 = DEEP_EP_TIMEOUT_S or 60 s
+  // A live allocation of the framework's allocator (the Python layer passes a torch tensor's address), or 0. The
+  // in-place forms (intranode push dispatch and pull combine, internode combine in place and own-node push) reach
+  // framework tensors through CUDA IPC. Where any rank's probe cannot be exported (torch's expandable_segments,
+  // cudaMallocAsync pools) every tensor would be staged, an extra pass that makes them slower than the rings, so
+  // every rank uses the rings.
+  int64_t allocator_probe_address = 0;
   // GIN builds, asked only when a peer is on another host: the address of an ncclComm_t over the group
   // in its rank order (torch's ProcessGroupNCCL), or 0 (or no function) to create one from a unique id
   // sent over the group. Ignored by builds without GIN.
@@ -174,6 +180,9 @@ class Buffer {
   bool last_combine_pulled() const { return last_combine_pulled_; }
   // Whether the last internode combine read the node's inputs in place (DEEP_EP_INTERNODE_IN_PLACE).
   bool last_combine_in_place() const { return last_combine_in_place_; }
+  // Whether CUDA IPC exported every rank's allocator probe (BufferOptions::allocator_probe_address); where not, no
+  // op takes the in-place forms.
+  bool tensors_exportable() const;
 
   // Nodes of this group (1 = every op is intranode). Internode ops need num_nodes() > 1.
   int num_nodes() const;

@@ -100,6 +100,10 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
+        # A tensor from torch's allocator, as the ops' tensors will be: whether CUDA IPC can export its memory decides
+        # whether the ops may read and write peers' tensors in place (not with expandable_segments or cudaMallocAsync).
+        # Large enough for the large-block pool, where outputs and inputs of real sizes live.
+        allocator_probe = torch.empty(4 << 20, dtype=torch.uint8, device=f"cuda:{torch.cuda.current_device()}")
         self.runtime = _C.Buffer(
             core_group,
             num_nvl_bytes,
@@ -113,7 +117,9 @@ class Buffer:
             enable_shrink,
             torch.cuda.current_device(),
             nccl_comm_address=lambda: nccl_comm_address(group),
+            allocator_probe_address=allocator_probe.data_ptr(),
         )
+        del allocator_probe
         self._device = torch.device("cuda", self.runtime.device)
         self._device_index = self.runtime.device
         # High priority, as DeepEP V1's: the scheduler places a comm kernel's blocks before the pending blocks of

@@ -73,7 +73,7 @@ void bind_buffer(nb::module_& m) {
           [](Buffer* self, std::shared_ptr<Group> group, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
              bool low_latency_mode, int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
              bool use_fabric, bool explicitly_destroy, bool enable_shrink, int device, double timeout_s,
-             std::function<int64_t()> nccl_comm_address) {
+             std::function<int64_t()> nccl_comm_address, int64_t allocator_probe_address) {
             BufferOptions o;
             o.num_nvl_bytes = num_nvl_bytes;
             o.num_rdma_bytes = num_rdma_bytes;
@@ -87,12 +87,13 @@ void bind_buffer(nb::module_& m) {
             o.device = device;
             o.timeout_s = timeout_s;
             o.nccl_comm_address = std::move(nccl_comm_address);
+            o.allocator_probe_address = allocator_probe_address;
             new (self) Buffer(std::move(group), o);
           },
           nb::arg("group"), nb::arg("num_nvl_bytes"), nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"),
           nb::arg("num_qps_per_rank"), nb::arg("allow_nvlink_for_low_latency_mode"), nb::arg("allow_mnnvl"),
           nb::arg("use_fabric"), nb::arg("explicitly_destroy"), nb::arg("enable_shrink"), nb::arg("device"),
-          nb::arg("timeout_s") = 0.0, nb::arg("nccl_comm_address") = nb::none())
+          nb::arg("timeout_s") = 0.0, nb::arg("nccl_comm_address") = nb::none(), nb::arg("allocator_probe_address") = 0)
       .def("destroy", &Buffer::destroy, nb::call_guard<nb::gil_scoped_release>())
       .def("is_available", &Buffer::is_available)
       .def_prop_ro("rank", &Buffer::rank)
@@ -171,6 +172,7 @@ void bind_buffer(nb::module_& m) {
           nb::arg("handle"), nb::arg("config"), nb::arg("allocate"), nb::arg("stream"))
       .def("num_nodes", &Buffer::num_nodes)
       .def("last_dispatch_pushed", &Buffer::last_dispatch_pushed)
+      .def("tensors_exportable", &Buffer::tensors_exportable)
       .def("last_combine_pulled", &Buffer::last_combine_pulled)
       .def("last_combine_in_place", &Buffer::last_combine_in_place)
       .def("num_ranks_per_node", &Buffer::num_ranks_per_node)

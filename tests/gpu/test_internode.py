@@ -573,6 +573,21 @@ def own_node_ring(ctx, rn, fn, *args):
     return op_forms(ctx, rn, None, "0", True, False, fn, *args)
 
 
+def unexportable_allocator(ctx, rn, fn, *args):
+    """`fn` with torch's allocator on expandable_segments, whose memory CUDA IPC cannot export: the Buffer must find
+    that out when it is made and take the rings (every dispatch stages the own node's rows in the own ring, every
+    combine pushes rows), with the default settings; staging every tensor would be slower than the rings."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    torch.cuda.empty_cache()  # later allocations, the Buffer's probe first, come from expandable segments
+    try:
+        return op_forms(ctx, rn, None, None, False, False, fn, *args)
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        torch.cuda.empty_cache()
+
+
 def dispatch_outputs_kept(ctx, rn, num_rounds):
     """Dispatch outputs kept alive across rounds, each round's recv_x an allocation of its own: more live
     allocations than the node's exports have slots (64, 8 of them for staging), so the own-node push writes the
@@ -630,6 +645,7 @@ def cases(rank_counts):
             # The own node's rows staged in the own ring, as before the own-node push (the combine in place).
             add("bf16_topk_own_node_ring", own_node_ring, dispatch_combine, dict(bias=1))
             add("fp8_worst_tokens_own_node_ring", own_node_ring, dispatch_combine, dict(fp8=True, worst=True))
+            add("bf16_topk_unexportable_allocator", unexportable_allocator, dispatch_combine, dict(bias=1))
             add("fp8_topk", dispatch_combine, dict(fp8=True, alignment=4))
             if full:
                 add("bf16_no_topk", dispatch_combine, dict(with_topk=False, bias=2))

@@ -63,7 +63,16 @@ def dispatch_combine(ctx, opts):
     # selects the ring dispatch.
     pushed = opts.get("dispatch") != "ring" and not opts.get("nccl_window")
     os.environ["DEEP_EP_PUSH_DISPATCH"] = "0" if opts.get("dispatch") == "ring" else "1"
+    # torch's allocator on expandable_segments, whose memory CUDA IPC cannot export: the Buffer must find that out
+    # when it is made and take the rings with the requests above (staging every tensor would be slower).
+    unexportable = opts.get("unexportable_allocator", False)
+    if unexportable:
+        torch.cuda.synchronize()
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        torch.cuda.empty_cache()  # later allocations, the Buffer's probe first, come from expandable segments
+        pushed = pull = False
     buffer = _buffer(group, hidden)
+    assert buffer.runtime.tensors_exportable() != unexportable, f"tensors exportable: {not unexportable} expected"
     for round_idx in range(opts.get("rounds", 1)):
         num_tokens = opts.get("num_tokens", 300)
         if opts.get("uneven", True):
@@ -142,6 +151,9 @@ def dispatch_combine(ctx, opts):
         check_dispatch(outputs2[ctx.rank], cached[0], None, None, None, None, False, num_worst, label + " cached")
     torch.cuda.synchronize()
     buffer.destroy()
+    if unexportable:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        torch.cuda.empty_cache()
     teardown()
 
 
@@ -599,6 +611,7 @@ def cases(rank_counts):
         out.append((f"{base}/async", dispatch_combine, r, (dict(mode="async", bias=2),), t))
         out.append((f"{base}/previous_event", dispatch_combine, r, (dict(mode="previous_event"),), t))
         out.append((f"{base}/comm_alloc", dispatch_combine, r, (dict(mode="comm_alloc"),), t))
+        out.append((f"{base}/unexportable_allocator", dispatch_combine, r, (dict(unexportable_allocator=True),), t))
         out.append(
             (
                 f"{base}/edges",
