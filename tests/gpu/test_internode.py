@@ -2,6 +2,7 @@
 present: DEEP_EP_RANKS_PER_NODE groups the ranks into nodes of consecutive ranks (layouts 2x2, 2x4, 2x8,
 4x4 = nodes x ranks per node), so the Buffer takes the internode path with every rank on one host."""
 
+import gc
 import os
 import re
 import time
@@ -579,6 +580,7 @@ def unexportable_allocator(ctx, rn, fn, *args):
     combine pushes rows), with the default settings; staging every tensor would be slower than the rings."""
     torch.cuda.synchronize()
     torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    gc.collect()
     torch.cuda.empty_cache()  # later allocations, the Buffer's probe first, come from expandable segments
     try:
         return op_forms(ctx, rn, None, None, False, False, fn, *args)

@@ -1,6 +1,7 @@
 """GPU tests of intranode dispatch and combine against the CPU reference (2, 4, 8 ranks on the GPUs
 present; several ranks share a GPU under MPS)."""
 
+import gc
 import os
 import time
 
@@ -69,6 +70,7 @@ def dispatch_combine(ctx, opts):
     if unexportable:
         torch.cuda.synchronize()
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        gc.collect()
         torch.cuda.empty_cache()  # later allocations, the Buffer's probe first, come from expandable segments
         pushed = pull = False
     buffer = _buffer(group, hidden)
