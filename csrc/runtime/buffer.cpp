@@ -42,7 +42,7 @@ struct PeerInfo {
   int ranks_per_node_override;  // DEEP_EP_RANKS_PER_NODE as this rank read it (0 = unset)
   int force_nccl_window;        // DEEP_EP_FORCE_NCCL_WINDOW as this rank read it
   int internode_in_place;       // 0 where this rank read DEEP_EP_INTERNODE_IN_PLACE=0, else 1
-  int internode_own_node_push;  // 0 where this rank read DEEP_EP_INTERNODE_OWN_NODE_PUSH=0, else 1
+  int internode_own_node_push;  // OwnNodePush as this rank read DEEP_EP_INTERNODE_OWN_NODE_PUSH
   int tensors_exportable;       // 1 where CUDA IPC exports this rank's allocator probe (BufferOptions), else 0
   int64_t l2_bytes;             // the device's L2 (dispatch ring sizes, from the group's smallest)
 };
@@ -106,9 +106,8 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   mine.force_nccl_window = force_nccl_window_from_env() ? 1 : 0;
   // The internode combine reads each node's inputs in place unless DEEP_EP_INTERNODE_IN_PLACE=0.
   mine.internode_in_place = switched_on("DEEP_EP_INTERNODE_IN_PLACE") ? 1 : 0;
-  // The internode dispatch pushes rows for the own node into its ranks' outputs unless
-  // DEEP_EP_INTERNODE_OWN_NODE_PUSH=0.
-  mine.internode_own_node_push = switched_on("DEEP_EP_INTERNODE_OWN_NODE_PUSH") ? 1 : 0;
+  // Which internode dispatches push rows for the own node into its ranks' outputs (OwnNodePush).
+  mine.internode_own_node_push = static_cast<int>(own_node_push_from_env());
   IpcAllocation probe;
   mine.tensors_exportable =
       options.allocator_probe_address == 0 ||
@@ -242,7 +241,7 @@ void check_peers_agree(const std::vector<PeerInfo>& peers, const PeerInfo& mine,
     DEEP_EP_CHECK(peers[r].internode_own_node_push == mine.internode_own_node_push,
                   "all ranks must see the same DEEP_EP_INTERNODE_OWN_NODE_PUSH: rank ", rank, " has ",
                   mine.internode_own_node_push, ", rank ", r, " has ", peers[r].internode_own_node_push,
-                  " (0 = set to 0)");
+                  " (0: set to 0, 1: unset, 2: set to 1)");
   }
 }
 
@@ -348,7 +347,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   check_peers_agree(peers, mine, options, rank_);
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   in.internode_in_place = mine.internode_in_place != 0;
-  in.internode_own_node_push = mine.internode_own_node_push != 0;
+  in.internode_own_node_push = static_cast<OwnNodePush>(mine.internode_own_node_push);
   in.tensors_exportable = true;
   for (const PeerInfo& peer : peers) in.tensors_exportable = in.tensors_exportable && peer.tensors_exportable != 0;
   // What the dispatches size their rings with (intranode_rings.hpp, internode_rings.hpp), the same on every rank.

@@ -34,6 +34,14 @@ struct HostMapped {
 
 class NcclCommunicator;  // runtime/nccl_comm.hpp, GIN builds only
 
+// Which internode dispatches push the own node's rows into its ranks' outputs (DEEP_EP_INTERNODE_OWN_NODE_PUSH:
+// unset, 0 or 1). By default only BF16 ones: an FP8 row is half as long, so the traffic the push saves is smaller
+// than the time its senders spend fanning rows out, which the ring form leaves to the receivers (docs/benchmarks.md).
+enum class OwnNodePush : int { kNone = 0, kBf16 = 1, kAll = 2 };
+
+// DEEP_EP_INTERNODE_OWN_NODE_PUSH as this process reads it: kBf16 unset, kNone for 0, kAll for 1; else an error.
+OwnNodePush own_node_push_from_env();
+
 struct Buffer::Internals {
   // [ControlRegion | nvl payload | rdma payload] in one allocation: a cudaMalloc shared through one IPC
   // handle (or a fabric pool), or, when gin_window, NCCL window memory (below).
@@ -60,10 +68,10 @@ struct Buffer::Internals {
   // DEEP_EP_INTERNODE_IN_PLACE unset or not 0 at creation, the same on every rank: internode combines read the
   // node's inputs in place where input_exports (over each node's ranks) exists (CombineArgs::in_place).
   bool internode_in_place = false;
-  // DEEP_EP_INTERNODE_OWN_NODE_PUSH unset or not 0 at creation, the same on every rank: internode dispatches store rows
-  // for the own node straight into its ranks' outputs where input_exports (over each node's ranks) exists
+  // DEEP_EP_INTERNODE_OWN_NODE_PUSH at creation, the same on every rank: which internode dispatches store rows for the
+  // own node straight into its ranks' outputs, where input_exports (over each node's ranks) exists
   // (DispatchArgs::own_node_push).
-  bool internode_own_node_push = false;
+  OwnNodePush internode_own_node_push = OwnNodePush::kNone;
   // Whether CUDA IPC exported every rank's allocator probe (BufferOptions::allocator_probe_address): without it
   // neither pull_exchange nor input_exports is made, and every op takes the rings.
   bool tensors_exportable = true;

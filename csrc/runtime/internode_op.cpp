@@ -246,9 +246,12 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   }
 
   // Own-node push where the node's ranks export their outputs to each other (the in-place combine's exports, made on
-  // every rank or none) unless DEEP_EP_INTERNODE_OWN_NODE_PUSH=0 (the same on every rank): the senders store rows
-  // for the own node straight into recv_x, exported here (or staged, and copied out after the kernel).
-  const bool own_node_push = in.internode_own_node_push && in.input_exports != nullptr && Rn <= kNumMaxNvlPeers;
+  // every rank or none) and DEEP_EP_INTERNODE_OWN_NODE_PUSH asks for it for this dtype (the same on every rank): the
+  // senders store rows for the own node straight into recv_x, exported here (or staged, and copied out after the
+  // kernel).
+  const bool push_requested =
+      in.internode_own_node_push == OwnNodePush::kAll || (in.internode_own_node_push == OwnNodePush::kBf16 && !fp8);
+  const bool own_node_push = push_requested && in.input_exports != nullptr && Rn <= kNumMaxNvlPeers;
   void* pushed_outputs[kNumPushOutputs] = {recv_x.data, nullptr, nullptr, nullptr, nullptr};
   const size_t pushed_bytes[kNumPushOutputs] = {static_cast<size_t>(rows * row_bytes), 0, 0, 0, 0};
   OutputPlacement placement{};

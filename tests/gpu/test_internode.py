@@ -516,9 +516,10 @@ def op_forms(ctx, rn, in_place_setting, own_push_setting, expect_in_place, expec
     """`fn` with DEEP_EP_INTERNODE_IN_PLACE and DEEP_EP_INTERNODE_OWN_NODE_PUSH set to the given settings (None:
     unset, the default) on every rank before `fn` makes its Buffer, which reads them (the rank processes start each
     case from their first environment). Every combine `fn` makes must have read the node's inputs in place if
-    `expect_in_place`, else pushed rows, and every dispatch must have pushed the own node's rows into its ranks'
-    outputs if `expect_own_push`, else staged them in the own ring: an allocation that cannot be mapped would fall
-    back without saying, and the defaults must be the in-place combine and the own-node push."""
+    `expect_in_place`, else pushed rows, and every BF16 dispatch must have pushed the own node's rows into its ranks'
+    outputs if `expect_own_push`, else staged them in the own ring; an FP8 dispatch pushes only where
+    `expect_own_push` and the setting is 1. An allocation that cannot be mapped would fall back without saying, and
+    the defaults must be the in-place combine and the own-node push of BF16 rows."""
     for name, setting in (
         ("DEEP_EP_INTERNODE_IN_PLACE", in_place_setting),
         ("DEEP_EP_INTERNODE_OWN_NODE_PUSH", own_push_setting),
@@ -537,7 +538,9 @@ def op_forms(ctx, rn, in_place_setting, own_push_setting, expect_in_place, expec
 
     def recording_dispatch(self, *call_args, **kwargs):
         result = dispatch(self, *call_args, **kwargs)
-        dispatch_forms.append(self.runtime.last_dispatch_pushed())
+        x = call_args[0] if call_args else kwargs["x"]
+        expected = expect_own_push and (not isinstance(x, tuple) or own_push_setting == "1")
+        dispatch_forms.append((self.runtime.last_dispatch_pushed(), expected))
         return result
 
     deep_ep.Buffer.combine, deep_ep.Buffer.dispatch = recording_combine, recording_dispatch
@@ -549,16 +552,15 @@ def op_forms(ctx, rn, in_place_setting, own_push_setting, expect_in_place, expec
     assert all(form == expect_in_place for form in combine_forms), (
         f"rank {ctx.rank}: combines in place {combine_forms}, expected {'all' if expect_in_place else 'none'}"
     )
-    assert all(form == expect_own_push for form in dispatch_forms), (
-        f"rank {ctx.rank}: dispatches with the own node pushed {dispatch_forms}, expected "
-        f"{'all' if expect_own_push else 'none'}"
+    assert all(pushed == expected for pushed, expected in dispatch_forms), (
+        f"rank {ctx.rank}: dispatches (own node pushed, expected) {dispatch_forms}"
     )
     return result
 
 
 def in_place(ctx, rn, fn, *args):
-    """`fn` with the default settings: the dispatch pushes the own node's rows into its ranks' outputs, the
-    combine's forwarders read the node's inputs where they are."""
+    """`fn` with the default settings: a BF16 dispatch pushes the own node's rows into its ranks' outputs (an FP8 one
+    stages them in the own ring), the combine's forwarders read the node's inputs where they are."""
     return op_forms(ctx, rn, None, None, True, True, fn, *args)
 
 
@@ -566,6 +568,11 @@ def pushed(ctx, rn, fn, *args):
     """`fn` with DEEP_EP_INTERNODE_IN_PLACE=0: the combine's producers push their rows into the forwarders' rings,
     and without the node's exports the dispatch stages the own node's rows in the own ring too."""
     return op_forms(ctx, rn, "0", None, False, False, fn, *args)
+
+
+def own_node_push_all(ctx, rn, fn, *args):
+    """`fn` with DEEP_EP_INTERNODE_OWN_NODE_PUSH=1: FP8 dispatches push the own node's rows too."""
+    return op_forms(ctx, rn, None, "1", True, True, fn, *args)
 
 
 def own_node_ring(ctx, rn, fn, *args):
@@ -647,6 +654,9 @@ def cases(rank_counts):
             # The own node's rows staged in the own ring, as before the own-node push (the combine in place).
             add("bf16_topk_own_node_ring", own_node_ring, dispatch_combine, dict(bias=1))
             add("fp8_worst_tokens_own_node_ring", own_node_ring, dispatch_combine, dict(fp8=True, worst=True))
+            # FP8 rows take the own ring by default (asserted), and are pushed on request.
+            add("fp8_topk_default_forms", in_place, dispatch_combine, dict(fp8=True, alignment=4))
+            add("fp8_worst_tokens_own_node_push", own_node_push_all, dispatch_combine, dict(fp8=True, worst=True))
             add("bf16_topk_unexportable_allocator", unexportable_allocator, dispatch_combine, dict(bias=1))
             add("fp8_topk", dispatch_combine, dict(fp8=True, alignment=4))
             if full:

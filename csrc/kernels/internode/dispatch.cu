@@ -34,6 +34,14 @@ constexpr int kSendBarrier = 1;
 // Tokens per sender round at most (send_chunk above it is split): the own-node push keeps a round's rows in shared
 // memory.
 constexpr int kMaxRoundTokens = 128;
+// (token, node) routes a sender round keeps in shared memory: a round has at most kRouteEntries / num_nodes tokens.
+constexpr int kRouteEntries = 1024;
+
+// Where a token goes for one destination node: its stream position there (or -1), and the node's ranks it is for.
+struct Route {
+  int head;
+  uint32_t mask;
+};
 
 // Whether `token` goes to any rank of `node`, and the mask of those ranks (bit = local rank).
 __device__ __forceinline__ uint32_t node_mask(const bool* is_token_in_rank, int num_ranks, int num_ranks_per_node,
@@ -110,8 +118,11 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
   // Own-node push: row of each token of the current round at each local rank, or -1 (written by the last sender
   // warp before the round's first barrier, read by every sender warp before its second).
   __shared__ int round_rows[kMaxRoundTokens][kNumMaxNvlPeers];
+  // The current round's routes, [token - round_begin][node] (written by every sender warp at the round's start,
+  // read after its first barrier).
+  __shared__ Route round_routes[kRouteEntries];
   const bool own_node_push = args.own_node_push;
-  const int round_tokens = min(args.send_chunk, kMaxRoundTokens);
+  const int round_tokens = min(min(args.send_chunk, kMaxRoundTokens), kRouteEntries / num_nodes);
   int begin, end;
   device::channel_range(channel, layout.num_channels, args.num_tokens, begin, end);
 
@@ -151,17 +162,29 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
   int own_sent = 0;
 
   const Transport& net = ctx.net;
-  // Buckets: 0 waiting for credits (warp 0; the others at the barrier), 1 copying rows, 2 fencing and signalling.
+  // Buckets: 0 loading the round's routes and waiting for credits (warp 0; the others at the barrier), 1 copying
+  // rows, 2 fencing and signalling.
   device::RoleTimer timer;
   timer.begin();
   for (int round_begin = begin; round_begin < end; round_begin += round_tokens) {
     const int round_end = min(end, round_begin + round_tokens);
+    // The round's routes, loaded by all sender threads at once: one memory round trip per round, where a warp
+    // walking its tokens would wait for one per token (a sender is bound by such waits, not by bandwidth).
+    const int num_routes = (round_end - round_begin) * num_nodes;
+    for (int r = threadIdx.x; r < num_routes; r += kNumSenderWarps * 32) {
+      const int token = round_begin + r / num_nodes, node = r % num_nodes;
+      round_routes[r] = {args.send_rdma_head[static_cast<int64_t>(round_begin) * num_nodes + r],
+                         node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, node)};
+    }
+    device::named_barrier(kSendBarrier, kNumSenderWarps * 32);
+    const auto route_of = [&](int token, int node) -> const Route& {
+      return round_routes[(token - round_begin) * num_nodes + node];
+    };
     // The round's rows at each local rank, as its receivers number them: after the rows of earlier tokens.
     if (own_node_push && warp == table_warp) {
       for (int first = round_begin; first < round_end; first += 32) {
         const int token = first + lane;
-        const uint32_t mask =
-            token < round_end ? node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, ctx.node) : 0u;
+        const uint32_t mask = token < round_end ? route_of(token, ctx.node).mask : 0u;
         for (int l = 0; l < num_ranks_per_node; ++l) {
           const bool hit = (mask >> l) & 1u;
           const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
@@ -179,7 +202,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       for (int node = lane; node < num_nodes; node += 32) {
         int need = sent[node];
         for (int token = round_begin; token < round_end; ++token) {
-          const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + node];
+          const int head = route_of(token, node).head;
           if (head >= 0) need = head + 1;
         }
         round_sent[node] = need;
@@ -220,7 +243,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       }
       char* node_dst = nullptr;  // lane n < num_nodes: node n's destination row, or null
       if (lane < num_nodes) {
-        const int head = args.send_rdma_head[static_cast<int64_t>(token) * num_nodes + lane];
+        const int head = route_of(token, lane).head;
         if (head >= 0) {
           const int64_t slot = layout.slot(ctx.node, channel, head);
           if (lane == ctx.node) {
@@ -295,8 +318,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       }
       if (node_dst != nullptr) {
         *reinterpret_cast<int*>(node_dst + row_layout.src_token_offset) = token;
-        *reinterpret_cast<uint32_t*>(node_dst + row_layout.mask_offset) =
-            node_mask(args.is_token_in_rank, num_ranks, num_ranks_per_node, token, lane);
+        *reinterpret_cast<uint32_t*>(node_dst + row_layout.mask_offset) = route_of(token, lane).mask;
       }
     }
     timer.lap(1);
