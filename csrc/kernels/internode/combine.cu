@@ -175,7 +175,7 @@ __device__ void produce(const Ctx<Transport>& ctx, const CombineArgs& args, int6
         }
       }
       __syncwarp();
-      timer.report("combine", "producer", ctx.peers.rank, num_ranks_per_node, 0);
+      timer.report(args.in_place ? "combine" : "combine-pushed", "producer", ctx.peers.rank, num_ranks_per_node, 0);
       return;
     }
     if (progressed) {
@@ -419,7 +419,7 @@ __device__ void forward(const Ctx<Transport>& ctx, const CombineArgs& args, int6
     }
     if (aborted) break;
   }
-  timer.report("combine", "forwarder", ctx.peers.rank, num_ranks_per_node, 0);
+  timer.report(args.in_place ? "combine" : "combine-pushed", "forwarder", ctx.peers.rank, num_ranks_per_node, 0);
   // Every credit of the op is in once the home ranks summed every partial: then nobody adds to the
   // credit signals any more and they are reset for the next op.
   if (forward_warp == 0 && !aborted) {
@@ -527,7 +527,7 @@ __device__ void home_sums(const Ctx<Transport>& ctx, const CombineArgs& args, in
     device::named_barrier(kHomeBarrier, num_home_warps * 32);
     timer.lap(2);
   }
-  timer.report("combine", "home", ctx.peers.rank, layout.num_ranks_per_node, 0);
+  timer.report(args.in_place ? "combine" : "combine-pushed", "home", ctx.peers.rank, layout.num_ranks_per_node, 0);
   // Every partial of the op has landed (the token with each node's last position waited for it): no
   // add to combine(node, channel) can follow.
   if (home_warp == 0)

@@ -348,7 +348,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     }
     timer.lap(2);
   }
-  timer.report("dispatch", "sender", ctx.peers.rank, num_ranks_per_node, 0);
+  timer.report(args.num_scales > 0 ? "dispatch-fp8" : "dispatch", "sender", ctx.peers.rank, num_ranks_per_node, 0);
 
   // Every credit of the op is in once each node's ranks scanned every row: then nobody adds to the
   // credit signals any more and they are reset for the next op.
@@ -622,7 +622,8 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
       timer.lap(1);
     }
     if (!pending) {
-      timer.report("dispatch", "receiver", ctx.peers.rank, num_ranks_per_node, 0);
+      timer.report(args.num_scales > 0 ? "dispatch-fp8" : "dispatch", "receiver", ctx.peers.rank, num_ranks_per_node,
+                   0);
       return;
     }
     if (progressed) {
