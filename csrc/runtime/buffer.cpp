@@ -348,8 +348,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   in.topology = make_topology(locations_of(peers), mine.ranks_per_node_override);
   in.internode_in_place = mine.internode_in_place != 0;
   in.internode_own_node_push = static_cast<OwnNodePush>(mine.internode_own_node_push);
-  in.tensors_exportable = true;
-  for (const PeerInfo& peer : peers) in.tensors_exportable = in.tensors_exportable && peer.tensors_exportable != 0;
+  in.tensors_exportable =
+      std::all_of(peers.begin(), peers.end(), [](const PeerInfo& peer) { return peer.tensors_exportable != 0; });
   // What the dispatches size their rings with (intranode_rings.hpp, internode_rings.hpp), the same on every rank.
   in.max_ranks_per_device = *std::max_element(in.topology.ranks_per_device.begin(), in.topology.ranks_per_device.end());
   in.min_l2_bytes = mine.l2_bytes;
@@ -379,9 +379,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options)
   }
   // The internode combine in place (the default; DEEP_EP_INTERNODE_IN_PLACE=0 pushes rows): the same exports over
   // each node's ranks, where every rank maps its node's buffers by CUDA IPC, every rank's tensors can be exported,
-  // and every node can make them. Every
-  // rank takes part in the decision and in each node's creation (collectives over the whole group), so a node
-  // that cannot never leaves the others waiting.
+  // and every node can make them. Every rank takes part in the decision and in each node's creation (collectives
+  // over the whole group), so a node that cannot never leaves the others waiting.
   if (in.topology.num_nodes > 1 && in.internode_in_place && in.tensors_exportable) {
     const int Rn = in.topology.num_ranks_per_node, first_local = rank_ / Rn * Rn;
     // The exports' tables hold kNumMaxNvlPeers ranks: larger nodes push rows.
