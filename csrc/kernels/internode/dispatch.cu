@@ -34,6 +34,9 @@ constexpr int kSendBarrier = 1;
 // Tokens per sender round at most (send_chunk above it is split): the own-node push keeps a round's rows in shared
 // memory.
 constexpr int kMaxRoundTokens = 128;
+// 16-byte words per lane a sender loads before storing them: a row takes ceil(row words / (32 x this)) dependent
+// load round trips (a 7 KB FP8 row one, a 14 KB BF16 row two).
+constexpr int kSendRoundWords = 16;
 // (token, node) routes a sender round keeps in shared memory: a round has at most kRouteEntries / num_nodes tokens.
 constexpr int kRouteEntries = 1024;
 
@@ -226,7 +229,7 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
     if (send_failed) return;
 
     // A row for `node` lands in forwarder (node, my local index), ring (my node, channel). The token's row is
-    // loaded once, in predicated rounds of 8 words per lane (a 7 KB FP8 row in 2 round trips), and each round is
+    // loaded once, in predicated rounds of kSendRoundWords words per lane, and each round is
     // stored to every node the token goes to; lane n finds node n's destination and writes its metadata.
     for (int token = round_begin + warp; token < round_end; token += kNumSenderWarps) {
       const int64_t* topk = args.topk_idx ? args.topk_idx + static_cast<int64_t>(token) * args.num_topk : nullptr;
@@ -278,23 +281,23 @@ __device__ void send(const Ctx<Transport>& ctx, const DispatchArgs& args, const 
       const int4* row = reinterpret_cast<const int4*>(args.x + static_cast<int64_t>(token) * args.row_bytes);
       const int row_int4 = static_cast<int>(args.row_bytes / 16);
       // The bound is the same for every lane (the stores shuffle destinations); each word's predicate stays its own.
-      for (int round = 0; round < row_int4; round += 32 * 8) {
+      for (int round = 0; round < row_int4; round += 32 * kSendRoundWords) {
         const int base = round + lane;
-        int4 v[8];
+        int4 v[kSendRoundWords];
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
+        for (int u = 0; u < kSendRoundWords; ++u)
           if (base + 32 * u < row_int4) v[u] = device::ld_input(row + base + 32 * u);
         // Ring rows stay in L2 for the receivers that read them back soon; output rows are written once.
         for (unsigned pending = ring_lanes; pending != 0; pending &= pending - 1) {
           int4* dst = reinterpret_cast<int4*>(dst_of(__ffs(pending) - 1));
 #pragma unroll
-          for (int u = 0; u < 8; ++u)
+          for (int u = 0; u < kSendRoundWords; ++u)
             if (base + 32 * u < row_int4) dst[base + 32 * u] = v[u];
         }
         for (unsigned pending = out_lanes; pending != 0; pending &= pending - 1) {
           int4* dst = out_of(__ffs(pending) - 1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u)
+          for (int u = 0; u < kSendRoundWords; ++u)
             if (base + 32 * u < row_int4) device::st_output_stream(dst + base + 32 * u, v[u]);
         }
       }
@@ -569,8 +572,8 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
                              channel, -1, args.num_rows, row + 1);
             continue;
           }
-          // The row's first 64 scales and 32 top-k slots are loaded before it is copied and stored after it
-          // (their round trips overlap the row's).
+          // The row's first 64 scales, 32 top-k slots and source token are loaded before it is copied and stored
+          // after it (their round trips overlap the row's).
           const float* scales = reinterpret_cast<const float*>(src + row_layout.scales_offset);
           const int* topk = reinterpret_cast<const int*>(src + row_layout.topk_idx_offset);
           const float* weights = reinterpret_cast<const float*>(src + row_layout.topk_weights_offset);
@@ -583,6 +586,7 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
             expert = __ldcg(topk + lane);
             weight = __ldcg(weights + lane);
           }
+          const int src_token = lane == 0 ? __ldcg(reinterpret_cast<const int*>(src + row_layout.src_token_offset)) : 0;
           // Streaming stores: the received rows, written once, would otherwise push ring slots out of L2.
           if (!payload_pushed)
             device::warp_copy_in_rounds<8>(reinterpret_cast<int4*>(args.recv_x + row * args.row_bytes),
@@ -602,7 +606,7 @@ __device__ void receive(const Ctx<Transport>& ctx, const DispatchArgs& args, con
             for (int k = lane + 32; k < args.num_topk; k += 32) store_topk(k, __ldcg(topk + k), __ldcg(weights + k));
           }
           if (lane == 0) {
-            args.recv_src_meta[row * 2] = __ldcg(reinterpret_cast<const int*>(src + row_layout.src_token_offset));
+            args.recv_src_meta[row * 2] = src_token;
             args.recv_src_meta[row * 2 + 1] = src_position;
           }
         }
