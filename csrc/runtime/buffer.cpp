@@ -13,6 +13,7 @@
 
 #include "deep_ep/error.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/env_switches.hpp"
 #include "runtime/ipc_allocation.hpp"
 #include "runtime/node_group.hpp"
 #include "util/cuda_check.hpp"

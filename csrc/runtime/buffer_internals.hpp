@@ -14,6 +14,7 @@
 #include "protocol/control_region.hpp"
 #include "protocol/diagnostics.hpp"
 #include "protocol/host_counts.hpp"
+#include "runtime/env_switches.hpp"
 #include "runtime/gin_signals.hpp"
 #include "runtime/input_exports.hpp"
 #include "runtime/peer_tensor_map.hpp"
@@ -33,14 +34,6 @@ struct HostMapped {
 };
 
 class NcclCommunicator;  // runtime/nccl_comm.hpp, GIN builds only
-
-// Which internode dispatches push the own node's rows into its ranks' outputs (DEEP_EP_INTERNODE_OWN_NODE_PUSH:
-// unset, 0 or 1). By default only BF16 ones: an FP8 row is half as long, so the traffic the push saves is smaller
-// than the time its senders spend fanning rows out, which the ring form leaves to the receivers (docs/benchmarks.md).
-enum class OwnNodePush : int { kNone = 0, kBf16 = 1, kAll = 2 };
-
-// DEEP_EP_INTERNODE_OWN_NODE_PUSH as this process reads it: kBf16 unset, kNone for 0, kAll for 1; else an error.
-OwnNodePush own_node_push_from_env();
 
 struct Buffer::Internals {
   // [ControlRegion | nvl payload | rdma payload] in one allocation: a cudaMalloc shared through one IPC
@@ -173,9 +166,6 @@ struct Buffer::Internals {
 // ask_for_gin = false creates the device communicator without GIN (a forced window on one host).
 void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
                      int num_nodes, int num_device_sms, bool ask_for_gin = true);
-
-// A default-on environment switch: false only when `name` is set to 0.
-bool switched_on(const char* name);
 
 // Testing aid: DEEP_EP_FORCE_NCCL_WINDOW=1 makes a Buffer on one host take its memory as an NCCL window
 // and map its peers through NCCL, as a group spanning hosts with GIN does, while the kernels stay on

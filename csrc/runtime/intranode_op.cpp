@@ -8,6 +8,7 @@
 #include "deep_ep/error.hpp"
 #include "kernels/intranode/intranode.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/env_switches.hpp"
 #include "runtime/intranode_rings.hpp"
 #include "runtime/normal_inputs.hpp"
 #include "util/cuda_check.hpp"

@@ -16,20 +16,6 @@
 
 namespace deep_ep {
 
-bool switched_on(const char* name) {
-  const char* value = std::getenv(name);
-  return value == nullptr || std::string(value) != "0";
-}
-
-OwnNodePush own_node_push_from_env() {
-  const char* name = "DEEP_EP_INTERNODE_OWN_NODE_PUSH";
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return OwnNodePush::kBf16;
-  DEEP_EP_CHECK(std::string(value) == "0" || std::string(value) == "1", name,
-                " must be 0 (no dispatch pushes) or 1 (every dispatch pushes), got '", value, "'");
-  return std::string(value) == "1" ? OwnNodePush::kAll : OwnNodePush::kNone;
-}
-
 bool force_nccl_window_from_env() {
   const char* value = std::getenv(kForceNcclWindowEnv);
   if (value == nullptr || *value == '\0' || std::string(value) == "0") return false;
