@@ -109,12 +109,11 @@ PeerInfo describe_self(const BufferOptions& options, const cudaDeviceProp& prop)
   mine.internode_in_place = switched_on("DEEP_EP_INTERNODE_IN_PLACE") ? 1 : 0;
   // Which internode dispatches push rows for the own node into its ranks' outputs (OwnNodePush).
   mine.internode_own_node_push = static_cast<int>(own_node_push_from_env());
+  // No probe (C++ callers without a framework allocator): nothing to find out, the in-place forms stay.
   IpcAllocation probe;
-  mine.tensors_exportable =
-      options.allocator_probe_address == 0 ||
-              find_ipc_allocation(reinterpret_cast<const void*>(options.allocator_probe_address), &probe)
-          ? 1
-          : 0;
+  const bool exportable = options.allocator_probe_address == 0 ||
+                          find_ipc_allocation(reinterpret_cast<const void*>(options.allocator_probe_address), &probe);
+  mine.tensors_exportable = exportable ? 1 : 0;
   return mine;
 }
 

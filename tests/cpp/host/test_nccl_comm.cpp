@@ -14,8 +14,10 @@
 #include "deep_ep/group.hpp"
 #include "runtime/nccl_comm.hpp"
 #include "temp_dir.hpp"
+#include "value_error.hpp"
 
 using namespace deep_ep;
+using deep_ep::host_tests::value_error_of;
 
 namespace {
 
@@ -41,17 +43,6 @@ class CannedGroup : public Group {
  private:
   std::vector<std::string> answer_;
 };
-
-// The message of the ValueError that fn throws, or "" if it throws none.
-template <typename Fn>
-std::string value_error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const ValueError& e) {
-    return e.what();
-  }
-  return "";
-}
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

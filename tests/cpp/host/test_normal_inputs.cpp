@@ -2,14 +2,15 @@
 // 16-byte vectors (views with a storage offset), next to a well-formed call that passes.
 #include <gtest/gtest.h>
 
-#include <functional>
 #include <string>
 
 #include "deep_ep/error.hpp"
 #include "deep_ep/tensor.hpp"
 #include "runtime/normal_inputs.hpp"
+#include "value_error.hpp"
 
 using namespace deep_ep;
+using deep_ep::host_tests::value_error_of;
 
 namespace {
 
@@ -20,29 +21,20 @@ TensorView rows_at(DType dtype, int64_t rows, int64_t hidden, int offset_bytes) 
   return make_contiguous_view(storage + offset_bytes, dtype, {rows, hidden}, 0);
 }
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const ValueError& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 TEST(NormalInputs, DispatchAcceptsAlignedRowsAndNamesAMisalignedX) {
   const auto shape = check_normal_dispatch_inputs(rows_at(DType::kBFloat16, 4, 128, 0), std::nullopt, std::nullopt,
                                                   std::nullopt, 0, 1, 0);
   EXPECT_EQ(shape.row_bytes, 256);
-  const std::string text = message_of([] {
+  const std::string text = value_error_of([] {
     check_normal_dispatch_inputs(rows_at(DType::kBFloat16, 4, 128, 2), std::nullopt, std::nullopt, std::nullopt, 0, 1,
                                  0);
   });
   EXPECT_NE(text.find("x must start at a 16-byte aligned address"), std::string::npos) << text;
   EXPECT_NE(text.find("8 elements"), std::string::npos) << text;  // 16 bytes of bf16
   // FP8: one byte per element.
-  const std::string fp8 = message_of([] {
+  const std::string fp8 = value_error_of([] {
     const auto scales = make_contiguous_view(storage + 4096, DType::kFloat32, {4, 1}, 0);
     check_normal_dispatch_inputs(rows_at(DType::kFloat8E4M3, 4, 128, 1), scales, std::nullopt, std::nullopt, 0, 1, 0);
   });
@@ -53,17 +45,17 @@ TEST(NormalInputs, CombineNamesAMisalignedXOrBias) {
   const auto x = rows_at(DType::kBFloat16, 6, 64, 0);
   const auto bias = make_contiguous_view(storage + 8192, DType::kBFloat16, {3, 64}, 0);
   EXPECT_EQ(check_normal_combine_inputs(x, std::nullopt, bias, bias, 3, 0).hidden, 64);
-  EXPECT_NE(message_of([&] {
+  EXPECT_NE(value_error_of([&] {
               check_normal_combine_inputs(rows_at(DType::kBFloat16, 6, 64, 6), std::nullopt, std::nullopt, std::nullopt,
                                           3, 0);
             }).find("x must start at a 16-byte aligned address"),
             std::string::npos);
   const auto bias_off = make_contiguous_view(storage + 8192 + 2, DType::kBFloat16, {3, 64}, 0);
-  EXPECT_NE(message_of([&] {
+  EXPECT_NE(value_error_of([&] {
               check_normal_combine_inputs(x, std::nullopt, bias, bias_off, 3, 0);
             }).find("bias[1] must start at a 16-byte aligned address"),
             std::string::npos);
-  EXPECT_NE(message_of([&] {
+  EXPECT_NE(value_error_of([&] {
               check_normal_combine_inputs(x, std::nullopt, bias_off, std::nullopt, 3, 0);
             }).find("bias[0] must start"),
             std::string::npos);
