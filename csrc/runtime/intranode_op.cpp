@@ -47,13 +47,18 @@ LaunchShape pick_ring_shape(const Buffer& b, const Config& config, intranode::Ke
   return shape;
 }
 
-// The switches below (switched_on) are read on every call, as tests and benchmarks switch them, so each must be the
-// same on every rank at each call.
+// The intranode switches (switched_on) are read on every call, as tests and benchmarks switch them, so each must be
+// the same on every rank at each call.
+
 // The pull combine (pull_combine.cu) runs wherever it can; DEEP_EP_PULL_COMBINE=0 selects the ring combine.
 bool pull_combine_requested() { return switched_on("DEEP_EP_PULL_COMBINE"); }
 
 // The push dispatch (push_dispatch.cu) runs wherever it can; DEEP_EP_PUSH_DISPATCH=0 selects the ring dispatch.
 bool push_dispatch_requested() { return switched_on("DEEP_EP_PUSH_DISPATCH"); }
+
+// The pull combine finds the other ranks' inputs without the host (input_exports.hpp) unless
+// DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange.
+bool host_free_combine_requested() { return switched_on("DEEP_EP_HOST_FREE_COMBINE"); }
 
 // Blocks of an in-place kernel (pull combine, push dispatch) per rank: one per channel, fewer where the ranks
 // sharing this GPU would not all fit; 0 when not even one does.
@@ -61,10 +66,6 @@ int resident_channel_blocks(const Buffer& b, intranode::Kernel kernel, int num_c
   return std::min(num_channels,
                   b.num_device_sms() * intranode::max_resident_blocks_per_sm(kernel, {}) / b.num_ranks_per_device());
 }
-
-// The pull combine finds the other ranks' inputs without the host (input_exports.hpp) unless
-// DEEP_EP_HOST_FREE_COMBINE=0, which keeps the per-call host exchange.
-bool host_free_combine_requested() { return switched_on("DEEP_EP_HOST_FREE_COMBINE"); }
 
 void check_fits(const Buffer& b, int64_t needed, const Config& config, int64_t row_bytes, const char* op) {
   DEEP_EP_CHECK(needed <= b.options().num_nvl_bytes, op, " needs ", needed,
