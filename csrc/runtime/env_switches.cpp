@@ -4,8 +4,6 @@
 #include <cstdlib>
 #include <string>
 
-#include "deep_ep/error.hpp"
-
 namespace deep_ep {
 
 bool switched_on(const char* name) {
@@ -14,13 +12,8 @@ bool switched_on(const char* name) {
 }
 
 OwnNodePush own_node_push_from_env() {
-  const char* name = "DEEP_EP_INTERNODE_OWN_NODE_PUSH";
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return OwnNodePush::kBf16;
-  const std::string text(value);
-  DEEP_EP_CHECK(text == "0" || text == "1", name, " must be 0 (no dispatch pushes) or 1 (every dispatch pushes), got '",
-                text, "'");
-  return text == "1" ? OwnNodePush::kAll : OwnNodePush::kNone;
+  return two_setting_switch("DEEP_EP_INTERNODE_OWN_NODE_PUSH", OwnNodePush::kBf16, OwnNodePush::kNone,
+                            OwnNodePush::kAll, "no dispatch pushes", "every dispatch pushes");
 }
 
 }  // namespace deep_ep

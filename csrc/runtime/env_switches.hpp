@@ -3,10 +3,28 @@
 // ValueError naming the variable.
 #pragma once
 
+#include <cstdlib>
+#include <string>
+
+#include "deep_ep/error.hpp"
+
 namespace deep_ep {
 
 // A default-on switch: false only when `name` is set to 0.
 bool switched_on(const char* name);
+
+// A switch with two documented settings besides its default: `unset` where `name` is unset or empty, `zero` for 0,
+// `one` for 1; anything else is a ValueError naming `name` and what 0 and 1 mean.
+template <typename Setting>
+Setting two_setting_switch(const char* name, Setting unset, Setting zero, Setting one, const char* zero_means,
+                           const char* one_means) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return unset;
+  const std::string text(value);
+  DEEP_EP_CHECK(text == "0" || text == "1", name, " must be 0 (", zero_means, ") or 1 (", one_means, "), got '", text,
+                "'");
+  return text == "1" ? one : zero;
+}
 
 // Which internode dispatches push the own node's rows into its ranks' outputs (DEEP_EP_INTERNODE_OWN_NODE_PUSH:
 // unset, 0 or 1). By default only BF16 ones: an FP8 row is half as long, so the traffic the push saves is smaller

@@ -2,12 +2,11 @@
 // communicator that the GIN transport runs over, and whether NCCL reports GIN for it. Builds without
 // GIN only record that, so the transport choice names the missing piece.
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include "deep_ep/error.hpp"
 #include "protocol/control_region.hpp"
 #include "runtime/buffer_internals.hpp"
+#include "runtime/env_switches.hpp"
 #include "runtime/gin_signals.hpp"
 
 #if defined(DEEP_EP_ENABLE_GIN) && DEEP_EP_ENABLE_GIN
@@ -17,11 +16,10 @@
 namespace deep_ep {
 
 bool force_nccl_window_from_env() {
-  const char* value = std::getenv(kForceNcclWindowEnv);
-  if (value == nullptr || *value == '\0' || std::string(value) == "0") return false;
-  DEEP_EP_CHECK(std::string(value) == "1", kForceNcclWindowEnv, " must be 0 or 1, got '", value, "'");
-  DEEP_EP_CHECK(gin_compiled(), kForceNcclWindowEnv, "=1 needs a build with DEEP_EP_ENABLE_GIN=ON");
-  return true;
+  const bool forced = two_setting_switch(kForceNcclWindowEnv, false, false, true, "the transport as chosen",
+                                         "NCCL-window memory on one host");
+  DEEP_EP_CHECK(!forced || gin_compiled(), kForceNcclWindowEnv, "=1 needs a build with DEEP_EP_ENABLE_GIN=ON");
+  return forced;
 }
 
 void connect_network(Buffer::Internals& in, Group& group, const BufferOptions& options, bool needs_network,
