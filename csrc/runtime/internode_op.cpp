@@ -272,7 +272,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
   d.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
-  d.send_chunk = config.num_max_rdma_chunked_send_tokens;
+  d.send_chunk = internode_dispatch_round_tokens(layout.capacity, config.num_max_rdma_chunked_send_tokens);
   d.num_sender_warps = warp_split(Rn).dispatch_senders;
   d.num_rdma_rows = static_cast<int>(num_rdma_rows);
   d.num_tokens = static_cast<int>(T);

@@ -16,4 +16,8 @@ int internode_dispatch_ring_rows(int max_ranks_per_device, int capacity, int num
   return static_cast<int>(std::min<int64_t>(std::max(rows, floor), capacity));
 }
 
+int internode_dispatch_round_tokens(int ring_rows, int send_chunk) {
+  return std::max(1, std::min(send_chunk, ring_rows / 2));
+}
+
 }  // namespace deep_ep

@@ -28,5 +28,13 @@ TEST(InternodeRings, NeverBelowTheSendChunkNorAboveTheRing) {
   EXPECT_EQ(internode_dispatch_ring_rows(160, 24, 20, 24, kRow, 8, kL2), 24);    // a ring smaller than the floor
 }
 
+TEST(InternodeRings, ARoundTakesAtMostHalfTheRing) {
+  EXPECT_EQ(internode_dispatch_round_tokens(128, 20), 20);  // a GPU of its own: V1's configs already keep the rule
+  EXPECT_EQ(internode_dispatch_round_tokens(32, 20), 16);   // 16 ranks on one H100, BF16: the ring shrank to 32
+  EXPECT_EQ(internode_dispatch_round_tokens(55, 20), 20);   // ... FP8: 55 rows, rounds of 20 fit twice
+  EXPECT_EQ(internode_dispatch_round_tokens(44, 44), 22);   // a ring floored at the send chunk
+  EXPECT_EQ(internode_dispatch_round_tokens(1, 8), 1);      // never empty
+}
+
 }  // namespace
 }  // namespace deep_ep
