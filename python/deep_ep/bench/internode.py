@@ -5,6 +5,8 @@ counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: 
 the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
 ranks read from their forwarders ("NVLink": one row per received row)."""
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -43,16 +45,18 @@ def bench_internode(ctx, group, opts, flush, copy_gbps):
 
 # Warp splits ("senders,producers,forwarders", DEEP_EP_INTERNODE_WARPS) and ring batches the sweep times.
 _SWEEP_WARPS = ("4,4,6", "2,4,6", "6,4,6", "4,8,4", "4,6,6", "4,4,8", "4,8,6")
-_SWEEP_BATCHES = ((36, 20), (36, 32), (16, 8))  # dispatch: (nvl send, rdma send) with V1's rings
+# Dispatch batches: (nvl send, rdma send) with V1's rings (on one GPU, a round takes at most half the ring).
+_SWEEP_BATCHES = ((36, 20), (36, 16), (36, 24), (36, 32), (16, 8))
 _SWEEP_PUSH = (4, 16, 64)  # combine: NVL push batch with V1's rings
 # Ring sizes: (dispatch RDMA ring with V1's batches; combine NVL ring, combine RDMA ring). On one GPU every rank's
 # rings share its L2: smaller rings keep the rows between their writer and their reader there.
 _SWEEP_RINGS = ((128, 288, 128), (64, 64, 64), (32, 32, 32), (24, 16, 24))
 
 
-def _sweep(buffer, x, recv_x, handle, group, opts, flush):
-    """Cached dispatch BF16 and combine under other warp splits and batches (same data, same Buffer): one row per
-    setting with the mean time over ranks, for tuning the defaults."""
+def _sweep(buffer, x, x_fp8, recv_x, handle, group, opts, flush):
+    """Cached dispatch BF16 and combine under other warp splits and batches (same data, same Buffer), and the FP8
+    dispatch under other batches and rings: one row per setting with the mean time over ranks, for tuning the
+    defaults. One sweep ranks BF16 settings; FP8 calls spread by up to 20% at one setting, so compare several."""
     num_sms, iters = opts["num_sms"], opts["iters"]
     results = []
     for warps in _SWEEP_WARPS:
@@ -69,15 +73,12 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
                 iters,
                 flush,
             )
-        results.append((f"warps {warps}", d, c))
+        results.append((f"warps {warps}", d, c, float("nan")))
     for nvl_send, rdma_send in _SWEEP_BATCHES:
-        d = time_op(
-            lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)),
-            group,
-            iters,
-            flush,
-        )
-        results.append((f"dispatch batch {rdma_send}", d, float("nan")))
+        batch_config = deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)
+        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=batch_config), group, iters, flush)
+        f = time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=batch_config), group, iters, flush)
+        results.append((f"dispatch batch {rdma_send}", d, float("nan"), f))
     for push in _SWEEP_PUSH:
         c = time_op(
             lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, push, 288, 12, 128)),
@@ -85,35 +86,32 @@ def _sweep(buffer, x, recv_x, handle, group, opts, flush):
             iters,
             flush,
         )
-        results.append((f"combine push {push}", float("nan"), c))
+        results.append((f"combine push {push}", float("nan"), c, float("nan")))
     for dispatch_ring, nvl_ring, rdma_ring in _SWEEP_RINGS:
-        d = time_op(
-            lambda: buffer.dispatch(
-                x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, min(20, dispatch_ring // 2), dispatch_ring)
-            ),
-            group,
-            iters,
-            flush,
-        )
+        dispatch_config = deep_ep.Config(num_sms, 36, 288, min(20, dispatch_ring // 2), dispatch_ring)
+        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters, flush)
+        f = time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters, flush)
         c = time_op(
             lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, nvl_ring, 12, rdma_ring)),
             group,
             iters,
             flush,
         )
-        results.append((f"rings {dispatch_ring} / {nvl_ring},{rdma_ring}", d, c))
+        results.append((f"rings {dispatch_ring} / {nvl_ring},{rdma_ring}", d, c, f))
     gathered = [None] * group.size()
-    dist.all_gather_object(gathered, [(d, c) for _, d, c in results], group=group)
+    dist.all_gather_object(gathered, [(d, c, f) for _, d, c, f in results], group=group)
     rows = []
-    for i, (name, _, _) in enumerate(results):
+    for i, (name, _, _, _) in enumerate(results):
         d = sum(g[i][0] for g in gathered) / len(gathered)
         c = sum(g[i][1] for g in gathered) / len(gathered)
+        f = sum(g[i][2] for g in gathered) / len(gathered)
+        fp8 = "" if math.isnan(f) else f", dispatch FP8 {f * 1e3:.0f} us"
         rows.append(
             (
                 f"internode sweep {name}",
                 f"{x.size(0)} tok",
                 str(num_sms),
-                f"dispatch BF16 {d * 1e3:.0f} us, combine {c * 1e3:.0f} us",
+                f"dispatch BF16 {d * 1e3:.0f} us, combine {c * 1e3:.0f} us{fp8}",
                 "-",
             )
         )
@@ -175,7 +173,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
         flush,
     )
     in_place = buffer.runtime.last_combine_in_place()
-    sweep_rows = _sweep(buffer, x, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
+    sweep_rows = _sweep(buffer, x, x_fp8, recv_x, handle, group, opts, flush) if opts.get("internode_sweep") else []
     torch.cuda.synchronize()
     buffer.destroy()
     # The pushed combine (DEEP_EP_INTERNODE_IN_PLACE=0, read when a Buffer is made) next to the default above.
