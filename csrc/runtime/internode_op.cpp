@@ -172,9 +172,9 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   // The buffer holds the config's rings (the size hints say so); the op may cycle through fewer of their rows.
   const auto config_layout = internode::Layout::make(N, Rn, C, capacity, row.stride);
   check_fits(*this, config_layout, config_layout.nvl_fixed_bytes, config, "internode dispatch");
-  const int ring_rows = internode_dispatch_ring_rows(in.max_ranks_per_device, capacity, N, C, row.stride,
-                                                     config.num_max_rdma_chunked_send_tokens, in.min_l2_bytes);
-  const auto layout = internode::Layout::make(N, Rn, C, ring_rows, row.stride);
+  const InternodeDispatchRing ring = internode_dispatch_ring(in.max_ranks_per_device, capacity, N, C, row.stride,
+                                                             config.num_max_rdma_chunked_send_tokens, in.min_l2_bytes);
+  const auto layout = internode::Layout::make(N, Rn, C, ring.num_rows, row.stride);
   internals_->require_reach(rank(), "internode dispatch");
   check_co_residency(*this, std::max(C, N + 1), "internode dispatch");
   DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
@@ -272,7 +272,7 @@ IntranodeDispatchResult Buffer::internode_dispatch(const InternodeDispatchArgs& 
   d.recv_gbl_channel_prefix_matrix = h.recv_gbl_channel_prefix_matrix.ptr<int>();
   d.recv_gbl_rank_prefix_sum = h.recv_gbl_rank_prefix_sum.ptr<int>();
   d.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum.ptr<int>();
-  d.send_chunk = internode_dispatch_round_tokens(layout.capacity, config.num_max_rdma_chunked_send_tokens);
+  d.send_chunk = ring.round_tokens;
   d.num_sender_warps = warp_split(Rn).dispatch_senders;
   d.num_rdma_rows = static_cast<int>(num_rdma_rows);
   d.num_tokens = static_cast<int>(T);
