@@ -3,7 +3,8 @@
 every byte is still an HBM byte). Per rank: the time of one cached-handle call and GB/s of three logical byte
 counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: the same bytes sent back),
 the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
-ranks read from their forwarders ("NVLink": one row per received row)."""
+ranks read from their forwarders ("NVLink": one row per received row). In brackets after the time: the fastest
+and slowest sample, each sample's time averaged over the ranks."""
 
 import math
 
@@ -157,14 +158,31 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     rdma_rows = sum(n for i, n in enumerate(sent_per_node) if i != node)
 
     iters = opts["iters"]
+    # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks, since
+    # one GPU shared by all ranks varies from sample to sample more than a median of a few samples hides.
+    samples = {"dispatch FP8": [], "dispatch BF16": [], "combine BF16": []}
     timed = {
         "dispatch FP8": time_op(
-            lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters, flush
+            lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
+            group,
+            iters,
+            flush,
+            samples=samples["dispatch FP8"],
         ),
         "dispatch BF16": time_op(
-            lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters, flush
+            lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
+            group,
+            iters,
+            flush,
+            samples=samples["dispatch BF16"],
         ),
-        "combine BF16": time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush),
+        "combine BF16": time_op(
+            lambda: buffer.combine(recv_x, handle, config=combine_config),
+            group,
+            iters,
+            flush,
+            samples=samples["combine BF16"],
+        ),
     }
     with_notify = time_op(
         lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout),
@@ -185,6 +203,12 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     dist.all_gather_object(gathered, local, group=group)
     mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
     mean_notify, mean_layout, mean_recv, mean_rdma = mean[len(timed) :]
+    gathered_samples = [None] * num_ranks
+    dist.all_gather_object(gathered_samples, samples, group=group)
+    sample_means = {
+        name: [sum(g[name][i] for g in gathered_samples) / num_ranks for i in range(len(samples[name]))]
+        for name in samples
+    }
     size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
     rings = (
         f"rings: dispatch RDMA {dispatch_config.num_max_rdma_chunked_recv_tokens} rows (batch "
@@ -200,12 +224,15 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
         form = ""
         if name == "combine BF16":
             form = ", in place" if in_place else ", pushed"
+        spread = ""
+        if sample_means.get(name):
+            spread = f" ({min(sample_means[name]) * 1e3:.0f}-{max(sample_means[name]) * 1e3:.0f})"
         rows.append(
             (
                 f"internode {name} (cached){form}",
                 size,
                 str(num_sms),
-                f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us",
+                f"{logical:.0f} GB/s/rank, {ms * 1e3:.0f} us{spread}",
                 f"RDMA {rdma:.0f} GB/s, NVLink {logical:.0f} GB/s per rank; {num_ranks} ranks x {logical:.0f} "
                 f"= {num_ranks * logical:.0f} GB/s logical vs copy {copy_gbps:.0f}",
             )

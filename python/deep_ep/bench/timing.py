@@ -32,10 +32,11 @@ def env_setting(name, value):
             os.environ[name] = previous
 
 
-def time_op(fn, group, iters, flush, calls_per_sample=8):
+def time_op(fn, group, iters, flush, calls_per_sample=8, samples=None):
     """Milliseconds of one fn() call: the median over `iters` samples of `calls_per_sample` back-to-back calls,
     each sample preceded by an L2 flush and a barrier. Several calls per sample amortize the ranks' start skew
-    (processes leave the CPU barrier at slightly different times)."""
+    (processes leave the CPU barrier at slightly different times). With a list as `samples`, every sample's
+    milliseconds per call are appended to it, in order (every rank's i-th sample starts after the same barrier)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -51,6 +52,8 @@ def time_op(fn, group, iters, flush, calls_per_sample=8):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls_per_sample)
+    if samples is not None:
+        samples.extend(times)
     return statistics.median(times)
 
 
