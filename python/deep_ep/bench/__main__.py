@@ -52,6 +52,12 @@ def main() -> int:
         help="--mode internode: also time other warp splits and batches (tuning)",
     )
     parser.add_argument(
+        "--internode-barrier-start",
+        action="store_true",
+        help="--mode internode: start each timed sample at the CPU barrier, without the untimed lead-in call "
+        "(the ranks leave the barrier milliseconds apart, and that skew is then in every sample)",
+    )
+    parser.add_argument(
         "--ranks-per-node", type=int, default=8, help="--mode internode: ranks per (emulated) node; default 8"
     )
     parser.add_argument(

@@ -4,7 +4,9 @@ every byte is still an HBM byte). Per rank: the time of one cached-handle call a
 counts: DeepEP's figure (BF16 recv_x bytes, x (1 + 4/128) / 2 for FP8; combine: the same bytes sent back),
 the bytes that cross nodes ("RDMA": one row per token and remote destination node) and the bytes the node's
 ranks read from their forwarders ("NVLink": one row per received row). In brackets after the time: the fastest
-and slowest sample, each sample's time averaged over the ranks."""
+and slowest sample, each sample's time averaged over the ranks. Each sample starts with one untimed call after
+the barrier, so that the ranks' skew in leaving the barrier is in no sample (--internode-barrier-start: without
+it)."""
 
 import math
 
@@ -14,6 +16,13 @@ import torch.distributed as dist
 import deep_ep
 
 from .timing import env_setting, fp8_cast, time_op, time_op_per_call
+
+
+def _time(fn, group, opts, flush, samples=None):
+    """time_op for an internode op: --iters samples, each led in by one untimed call unless
+    --internode-barrier-start (16 processes leave a CPU barrier milliseconds apart: without the lead-in that skew
+    is in every sample)."""
+    return time_op(fn, group, opts["iters"], flush, samples=samples, lead_in=not opts.get("internode_barrier_start"))
 
 
 def bench_internode(ctx, group, opts, flush, copy_gbps):
@@ -57,45 +66,45 @@ _SWEEP_RINGS = ((128, 288, 128), (64, 64, 64), (32, 32, 32), (24, 16, 24))
 def _sweep(buffer, x, x_fp8, recv_x, handle, group, opts, flush):
     """Cached dispatch BF16 and combine under other warp splits and batches (same data, same Buffer), and the FP8
     dispatch under other batches and rings: one row per setting with the mean time over ranks, for tuning the
-    defaults. One sweep ranks BF16 settings; FP8 calls spread by up to 20% at one setting, so compare several."""
-    num_sms, iters = opts["num_sms"], opts["iters"]
+    defaults."""
+    num_sms = opts["num_sms"]
     results = []
     for warps in _SWEEP_WARPS:
         with env_setting("DEEP_EP_INTERNODE_WARPS", warps):
-            d = time_op(
+            d = _time(
                 lambda: buffer.dispatch(x, handle=handle, config=deep_ep.Config(num_sms, 36, 288, 20, 128)),
                 group,
-                iters,
+                opts,
                 flush,
             )
-            c = time_op(
+            c = _time(
                 lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, 288, 12, 128)),
                 group,
-                iters,
+                opts,
                 flush,
             )
         results.append((f"warps {warps}", d, c, float("nan")))
     for nvl_send, rdma_send in _SWEEP_BATCHES:
         batch_config = deep_ep.Config(num_sms, nvl_send, 288, rdma_send, 128)
-        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=batch_config), group, iters, flush)
-        f = time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=batch_config), group, iters, flush)
+        d = _time(lambda: buffer.dispatch(x, handle=handle, config=batch_config), group, opts, flush)
+        f = _time(lambda: buffer.dispatch(x_fp8, handle=handle, config=batch_config), group, opts, flush)
         results.append((f"dispatch batch {rdma_send}", d, float("nan"), f))
     for push in _SWEEP_PUSH:
-        c = time_op(
+        c = _time(
             lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, push, 288, 12, 128)),
             group,
-            iters,
+            opts,
             flush,
         )
         results.append((f"combine push {push}", float("nan"), c, float("nan")))
     for dispatch_ring, nvl_ring, rdma_ring in _SWEEP_RINGS:
         dispatch_config = deep_ep.Config(num_sms, 36, 288, min(20, dispatch_ring // 2), dispatch_ring)
-        d = time_op(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, iters, flush)
-        f = time_op(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, iters, flush)
-        c = time_op(
+        d = _time(lambda: buffer.dispatch(x, handle=handle, config=dispatch_config), group, opts, flush)
+        f = _time(lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config), group, opts, flush)
+        c = _time(
             lambda: buffer.combine(recv_x, handle, config=deep_ep.Config(num_sms, 4, nvl_ring, 12, rdma_ring)),
             group,
-            iters,
+            opts,
             flush,
         )
         results.append((f"rings {dispatch_ring} / {nvl_ring},{rdma_ring}", d, c, f))
@@ -157,37 +166,36 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     sent_per_node = handle[1][:, -1].tolist()  # tokens this rank sends to each node
     rdma_rows = sum(n for i, n in enumerate(sent_per_node) if i != node)
 
-    iters = opts["iters"]
-    # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks, since
-    # one GPU shared by all ranks varies from sample to sample more than a median of a few samples hides.
+    # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks (a wide
+    # one says the median hides a difference between samples).
     samples = {"dispatch FP8": [], "dispatch BF16": [], "combine BF16": []}
     timed = {
-        "dispatch FP8": time_op(
+        "dispatch FP8": _time(
             lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
             group,
-            iters,
+            opts,
             flush,
             samples=samples["dispatch FP8"],
         ),
-        "dispatch BF16": time_op(
+        "dispatch BF16": _time(
             lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
             group,
-            iters,
+            opts,
             flush,
             samples=samples["dispatch BF16"],
         ),
-        "combine BF16": time_op(
+        "combine BF16": _time(
             lambda: buffer.combine(recv_x, handle, config=combine_config),
             group,
-            iters,
+            opts,
             flush,
             samples=samples["combine BF16"],
         ),
     }
-    with_notify = time_op(
+    with_notify = _time(
         lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout),
         group,
-        iters,
+        opts,
         flush,
     )
     in_place = buffer.runtime.last_combine_in_place()
@@ -196,7 +204,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     buffer.destroy()
     # The pushed combine (DEEP_EP_INTERNODE_IN_PLACE=0, read when a Buffer is made) next to the default above.
     timed["combine BF16, pushed"] = _pushed_combine_ms(
-        group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, iters, flush
+        group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, opts, flush
     )
     local = [timed[name] for name in timed] + [with_notify, layout_ms, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
@@ -260,7 +268,7 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
 
 
 def _pushed_combine_ms(
-    group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, iters, flush
+    group, nvl_bytes, rdma_bytes, x, topk_idx, topk_weights, layout, dispatch_config, combine_config, opts, flush
 ):
     """Milliseconds of one cached combine on a Buffer made with DEEP_EP_INTERNODE_IN_PLACE=0 on every rank."""
     with env_setting("DEEP_EP_INTERNODE_IN_PLACE", "0"):
@@ -268,7 +276,7 @@ def _pushed_combine_ms(
     recv_x, _, _, _, handle, _ = buffer.dispatch(
         x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout
     )
-    ms = time_op(lambda: buffer.combine(recv_x, handle, config=combine_config), group, iters, flush)
+    ms = _time(lambda: buffer.combine(recv_x, handle, config=combine_config), group, opts, flush)
     assert not buffer.runtime.last_combine_in_place(), "DEEP_EP_INTERNODE_IN_PLACE=0 must push rows"
     torch.cuda.synchronize()
     buffer.destroy()

@@ -32,10 +32,12 @@ def env_setting(name, value):
             os.environ[name] = previous
 
 
-def time_op(fn, group, iters, flush, calls_per_sample=8, samples=None):
+def time_op(fn, group, iters, flush, calls_per_sample=8, samples=None, lead_in=False):
     """Milliseconds of one fn() call: the median over `iters` samples of `calls_per_sample` back-to-back calls,
     each sample preceded by an L2 flush and a barrier. Several calls per sample amortize the ranks' start skew
-    (processes leave the CPU barrier at slightly different times). With a list as `samples`, every sample's
+    (processes leave the CPU barrier at slightly different times). With `lead_in` (for a collective fn), one
+    untimed call follows the barrier: a rank that left it early waits inside that call for the last one, so every
+    rank's timed calls start together and the skew is in no sample. With a list as `samples`, every sample's
     milliseconds per call are appended to it, in order (every rank's i-th sample starts after the same barrier)."""
     for _ in range(3):
         fn()
@@ -45,6 +47,8 @@ def time_op(fn, group, iters, flush, calls_per_sample=8, samples=None):
         flush.zero_()
         torch.cuda.synchronize()
         dist.barrier(group)
+        if lead_in:
+            fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(calls_per_sample):
