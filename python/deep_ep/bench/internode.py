@@ -168,30 +168,13 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
 
     # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks (a wide
     # one says the median hides a difference between samples).
-    samples = {"dispatch FP8": [], "dispatch BF16": [], "combine BF16": []}
-    timed = {
-        "dispatch FP8": _time(
-            lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
-            group,
-            opts,
-            flush,
-            samples=samples["dispatch FP8"],
-        ),
-        "dispatch BF16": _time(
-            lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
-            group,
-            opts,
-            flush,
-            samples=samples["dispatch BF16"],
-        ),
-        "combine BF16": _time(
-            lambda: buffer.combine(recv_x, handle, config=combine_config),
-            group,
-            opts,
-            flush,
-            samples=samples["combine BF16"],
-        ),
+    cached_ops = {
+        "dispatch FP8": lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
+        "dispatch BF16": lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
+        "combine BF16": lambda: buffer.combine(recv_x, handle, config=combine_config),
     }
+    samples = {name: [] for name in cached_ops}
+    timed = {name: _time(fn, group, opts, flush, samples=samples[name]) for name, fn in cached_ops.items()}
     with_notify = _time(
         lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config, **layout),
         group,
