@@ -166,13 +166,13 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     sent_per_node = handle[1][:, -1].tolist()  # tokens this rank sends to each node
     rdma_rows = sum(n for i, n in enumerate(sent_per_node) if i != node)
 
-    # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks (a wide
-    # one says the median hides a difference between samples).
     cached_ops = {
         "dispatch FP8": lambda: buffer.dispatch(x_fp8, handle=handle, config=dispatch_config),
         "dispatch BF16": lambda: buffer.dispatch(x, handle=handle, config=dispatch_config),
         "combine BF16": lambda: buffer.combine(recv_x, handle, config=combine_config),
     }
+    # Each op's per-sample times on this rank: the table gives the spread of the samples' means over ranks (a wide
+    # one says the median hides a difference between samples).
     samples = {name: [] for name in cached_ops}
     timed = {name: _time(fn, group, opts, flush, samples=samples[name]) for name, fn in cached_ops.items()}
     with_notify = _time(
@@ -191,14 +191,11 @@ def _bench_tokens(ctx, group, opts, flush, copy_gbps):
     )
     local = [timed[name] for name in timed] + [with_notify, layout_ms, float(num_recv), float(rdma_rows)]
     gathered = [None] * num_ranks
-    dist.all_gather_object(gathered, local, group=group)
-    mean = torch.tensor(gathered, dtype=torch.float64).mean(dim=0).tolist()
+    dist.all_gather_object(gathered, (local, samples), group=group)
+    mean = torch.tensor([g[0] for g in gathered], dtype=torch.float64).mean(dim=0).tolist()
     mean_notify, mean_layout, mean_recv, mean_rdma = mean[len(timed) :]
-    gathered_samples = [None] * num_ranks
-    dist.all_gather_object(gathered_samples, samples, group=group)
     sample_means = {
-        name: [sum(g[name][i] for g in gathered_samples) / num_ranks for i in range(len(samples[name]))]
-        for name in samples
+        name: [sum(g[1][name][i] for g in gathered) / num_ranks for i in range(len(samples[name]))] for name in samples
     }
     size = f"{t} tok x {h}, top-{k}/{e}, {num_ranks // rn} nodes x {rn}"
     rings = (
